@@ -1,0 +1,42 @@
+"""gramopt: sample-space second-order optimizers for PyTorch.
+
+Curvature lives in a b x b Gram matrix over the mini-batch, never in a p x p matrix
+over the parameters.
+
+Optimizers
+    GGN         Gram-Gauss-Newton (regression; generalized Gauss-Newton for classification)
+
+Extending
+    register_handler, LayerHandler, LayerFactors, ExplicitFactors
+
+Errors
+    UnsupportedModuleError, NonFiniteError, SingularSystemError, CaptureError
+"""
+
+from gramopt.capture import ExplicitFactors, LayerFactors, LayerHandler, register_handler
+from gramopt.errors import (
+    CaptureError,
+    GramoptError,
+    NonFiniteError,
+    SingularSystemError,
+    UnsupportedModuleError,
+)
+from gramopt.linalg import NumericalWarning
+from gramopt.optim import GGN, StepInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GGN",
+    "CaptureError",
+    "ExplicitFactors",
+    "GramoptError",
+    "LayerFactors",
+    "LayerHandler",
+    "NonFiniteError",
+    "NumericalWarning",
+    "SingularSystemError",
+    "StepInfo",
+    "UnsupportedModuleError",
+    "register_handler",
+]

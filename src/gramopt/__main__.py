@@ -1,0 +1,5 @@
+import sys
+
+from gramopt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,18 @@
+"""Capture engine: hooks on supported layers -> per-layer sample-space factors."""
+
+from gramopt.capture.engine import CaptureEngine, Layer
+from gramopt.capture.factors import ExplicitFactors, LayerFactors
+from gramopt.capture.handlers import LayerHandler, handler_for, register_handler
+from gramopt.capture.shared_weight import EmbeddingFactors, SharedWeightFactors
+
+__all__ = [
+    "CaptureEngine",
+    "EmbeddingFactors",
+    "ExplicitFactors",
+    "Layer",
+    "LayerFactors",
+    "LayerHandler",
+    "SharedWeightFactors",
+    "handler_for",
+    "register_handler",
+]

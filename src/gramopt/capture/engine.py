@@ -1,0 +1,261 @@
+"""The capture engine: module hooks -> per-layer factors.
+
+For every module with a registered handler the engine keeps a forward hook. During a
+training forward pass (module in training mode, autograd enabled) the hook stores what
+the handler asks for (usually the input) and registers a tensor hook on the module's
+output, which receives the output-gradient of every backward pass that reaches it. A
+tensor hook sees the gradient with respect to the output *as the layer produced it*,
+also when a later in-place op (``ReLU(inplace=True)``) modifies that tensor.
+
+Two ways of running backward passes feed the same hooks:
+
+- the ordinary one, ``loss.backward()``: each layer gets one gradient per call; several
+  backward calls before a step are summed, as ``.grad`` is;
+- :meth:`CaptureEngine.backward_passes`: k passes with given output directions, as
+  Gauss-Newton needs for k outputs; each layer gets ``[b, k, ...]``. These passes go
+  only as deep as the layers' outputs, computing no weight gradients.
+
+:meth:`CaptureEngine.factors` turns what was captured into one
+:class:`~gramopt.capture.factors.LayerFactors` per layer. Hooks are removed by
+:meth:`CaptureEngine.close`, which the optimizers call on ``close()`` and when they are
+garbage-collected.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from gramopt.capture.factors import LayerFactors
+from gramopt.capture.handlers import LayerHandler, handler_for
+from gramopt.errors import CaptureError, UnsupportedModuleError
+
+_BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+UNSUPPORTED_POLICIES = ("error", "gradient")
+
+
+@dataclass
+class _Call:
+    """One forward call of a layer: what was saved and the gradients that reached it."""
+
+    saved: Any
+    output: Tensor
+    version: int
+    grads: list[tuple[int, Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class Layer:
+    """A supported module, its handler and its trainable parameters (weight, bias, ...)."""
+
+    name: str
+    module: nn.Module
+    handler: LayerHandler
+    params: list[nn.Parameter]
+
+
+class CaptureEngine:
+    """Hooks on the supported layers of ``model`` covering the parameters ``params``.
+
+    Args:
+        model: the network.
+        params: the parameters the optimizer updates; layers with none of them are
+            not hooked.
+        unsupported: ``"error"`` (default) raises :class:`UnsupportedModuleError` naming
+            every module with parameters in ``params`` and no handler; ``"gradient"``
+            leaves their parameters to the plain gradient (:attr:`plain_params`).
+    """
+
+    def __init__(self, model: nn.Module, params: Iterable[nn.Parameter], unsupported: str = "error") -> None:
+        if unsupported not in UNSUPPORTED_POLICIES:
+            raise ValueError(f"unsupported must be one of {UNSUPPORTED_POLICIES}, got {unsupported!r}")
+        wanted = {id(p) for p in params}
+        self.layers: list[Layer] = []
+        self.plain_params: list[nn.Parameter] = []
+        problems: list[str] = []
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
+            if isinstance(module, _BATCHNORM):
+                if module.training:
+                    problems.append(
+                        f"{name or 'model'} ({type(module).__name__}) is in training mode: batch "
+                        "statistics couple the samples of a batch, which breaks the per-sample math. "
+                        "Replace it with nn.GroupNorm / nn.LayerNorm, or keep it in eval mode"
+                    )
+                    continue
+            if not own:
+                continue
+            handler = handler_for(module)
+            if handler is None:
+                if unsupported == "gradient":
+                    self.plain_params.extend(own)
+                    continue
+                hint = (
+                    ": its affine parameters are not supported; freeze them (requires_grad_(False))"
+                    if isinstance(module, _BATCHNORM)
+                    else ""
+                )
+                problems.append(f"{name or 'model'} ({type(module).__name__}) has no gramopt handler{hint}")
+                continue
+            try:
+                handler.validate(module)
+            except UnsupportedModuleError as err:
+                if unsupported == "gradient":
+                    self.plain_params.extend(own)
+                    continue
+                problems.append(f"{name or 'model'}: {err}")
+                continue
+            self.layers.append(Layer(name or type(module).__name__, module, handler, own))
+        if problems:
+            raise UnsupportedModuleError(
+                "gramopt cannot handle these modules:\n  - "
+                + "\n  - ".join(problems)
+                + "\nSupported: Linear, Conv1d/Conv2d (groups=1), Embedding, LayerNorm, GroupNorm, "
+                "RMSNorm; register others with gramopt.register_handler, or pass "
+                "unsupported='gradient' to update them with the plain gradient."
+            )
+        self._calls: dict[int, list[_Call]] = {id(layer.module): [] for layer in self.layers}
+        self._pass: int | None = None  # index of the current pass in backward_passes
+        self._backward_seen = False
+        self._handles: list[RemovableHandle] = []
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
+        for module in model.modules():
+            if isinstance(module, _BATCHNORM):
+                self._handles.append(module.register_forward_pre_hook(_refuse_batchnorm_training))
+        self.closed = False
+
+    # -- hooks --------------------------------------------------------------------------
+    def _make_hook(self, layer: Layer):
+        calls = self._calls[id(layer.module)]
+        engine_ref = self  # the hook lives on the model; close() removes it
+
+        def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            if engine_ref._backward_seen:
+                engine_ref._discard_stale()
+            call = _Call(layer.handler.save(module, args, output), output, output._version)
+            calls.append(call)
+
+            def grad_hook(grad: Tensor) -> None:
+                engine_ref._backward_seen = True
+                call.grads.append((engine_ref._pass if engine_ref._pass is not None else -1, grad.detach()))
+
+            output.register_hook(grad_hook)
+
+        return forward_hook
+
+    def _discard_stale(self) -> None:
+        """A forward after a backward without step(): the earlier factors are dropped."""
+        if any(call.grads for calls in self._calls.values() for call in calls):
+            warnings.warn(
+                "gramopt: a new forward pass started after a backward pass without step(); the "
+                "factors of the earlier backward were discarded (gradient accumulation over several "
+                "backward passes is not supported: call step() after each backward)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.clear()
+
+    # -- passes -------------------------------------------------------------------------
+    def backward_passes(self, outputs: Tensor, directions: Sequence[Tensor]) -> None:
+        """Run one backward pass of ``outputs`` per direction (``grad_outputs``), keeping
+        the graph. Each captured layer then holds ``[b, len(directions), ...]``."""
+        targets = self._traversal_targets()
+        if not targets:
+            raise CaptureError(
+                "no supported layer was recorded in the forward pass: call the optimizer's backward "
+                "on outputs computed in training mode with autograd enabled"
+            )
+        try:
+            for index, direction in enumerate(directions):
+                self._pass = index
+                torch.autograd.grad(
+                    outputs, targets, grad_outputs=direction, retain_graph=True, allow_unused=True
+                )
+        finally:
+            self._pass = None
+
+    def _traversal_targets(self) -> list[Tensor]:
+        """What the passes differentiate for: the layers' outputs (no weight gradients),
+        or, if an in-place op changed one of them, the layers' parameters."""
+        calls = [call for calls in self._calls.values() for call in calls]
+        if all(call.output._version == call.version for call in calls):
+            return [call.output for call in calls]
+        return [p for layer in self.layers for p in layer.params]
+
+    # -- factors ------------------------------------------------------------------------
+    def factors(self, scale: float = 1.0, dtype: torch.dtype | None = None) -> dict[str, LayerFactors]:
+        """One :class:`LayerFactors` per layer that took part in the last backward.
+
+        Args:
+            scale: multiplies every captured output-gradient (e.g. b, to turn the
+                gradients of a mean loss into per-sample loss gradients).
+            dtype: compute dtype (default: the gradients' dtype, at least float32).
+        """
+        out: dict[str, LayerFactors] = {}
+        batch = None
+        for layer in self.layers:
+            calls = [c for c in self._calls[id(layer.module)] if c.grads]
+            if not calls:
+                continue
+            grads = [self._stack(c.grads) for c in calls]
+            target = dtype or torch.promote_types(grads[0].dtype, torch.float32)
+            grads = [g.to(target) * scale if scale != 1.0 else g.to(target) for g in grads]
+            b = grads[0].shape[0]
+            if batch is None:
+                batch = b
+            elif b != batch:
+                raise CaptureError(
+                    f"layer {layer.name} saw a batch of {b} samples, an earlier layer {batch}: every "
+                    "layer must see the same leading batch dimension"
+                )
+            out[layer.name] = layer.handler.factors(layer.module, layer.params, [c.saved for c in calls], grads)
+        return out
+
+    @staticmethod
+    def _stack(grads: list[tuple[int, Tensor]]) -> Tensor:
+        """Ordinary backward calls (index -1) are summed; passes are stacked: ``[b, k, ...]``."""
+        passes = sorted((i, g) for i, g in grads if i >= 0)
+        ordinary = [g for i, g in grads if i < 0]
+        if passes:
+            return torch.stack([g for _, g in passes], dim=1)
+        total = ordinary[0]
+        for g in ordinary[1:]:
+            total = total + g
+        return total.unsqueeze(1)
+
+    def has_factors(self) -> bool:
+        return any(c.grads for calls in self._calls.values() for c in calls)
+
+    def clear(self) -> None:
+        """Drop everything captured (after a step, or to start over)."""
+        for calls in self._calls.values():
+            calls.clear()
+        self._backward_seen = False
+
+    def close(self) -> None:
+        """Remove every hook; idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.clear()
+        self.closed = True
+
+
+def _refuse_batchnorm_training(module: nn.Module, args: tuple) -> None:
+    if module.training and torch.is_grad_enabled():
+        raise UnsupportedModuleError(
+            f"{type(module).__name__} ran in training mode under a gramopt optimizer: batch "
+            "statistics couple the samples of a batch, which breaks the per-sample math. Replace it "
+            "with nn.GroupNorm / nn.LayerNorm, or keep BatchNorm layers in eval mode (module.eval())"
+        )

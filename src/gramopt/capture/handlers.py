@@ -1,0 +1,252 @@
+"""Module handlers: what to keep from a layer's forward pass, and how to turn it and
+the captured output-gradients into :class:`~gramopt.capture.factors.LayerFactors`.
+
+A registry maps module types to handlers (BackPACK's module -> extension dict). Users
+support their own module types with :func:`register_handler`; the simplest handler
+returns :class:`~gramopt.capture.factors.ExplicitFactors` from per-sample gradients.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gramopt.capture.factors import ExplicitFactors, LayerFactors
+from gramopt.capture.shared_weight import EmbeddingFactors, SharedWeightFactors
+from gramopt.errors import UnsupportedModuleError
+
+
+class LayerHandler(ABC):
+    """How one module type takes part in the sample-space math.
+
+    ``grads`` given to :meth:`factors` is a list with one tensor per forward call of the
+    module in this step, each ``[b, k, *output_shape[1:]]``: the output-gradients of the
+    k backward passes, already multiplied by the method's scale.
+    """
+
+    def validate(self, module: nn.Module) -> None:
+        """Raise :class:`UnsupportedModuleError` for configurations the math can't handle."""
+
+    def save(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
+        """What to keep from a forward call (default: the first input, detached)."""
+        if not args or not isinstance(args[0], Tensor):
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} was called without a tensor as first input"
+            )
+        return args[0].detach()
+
+    @abstractmethod
+    def factors(
+        self,
+        module: nn.Module,
+        params: list[nn.Parameter],
+        saved: list[Any],
+        grads: list[Tensor],
+    ) -> LayerFactors:
+        """Build the layer's factors for this step."""
+
+
+def _positions(x: Tensor, batch: int, width: int) -> Tensor:
+    """View ``[b, *, width]`` as ``[b, s, width]``."""
+    return x.reshape(batch, -1, width)
+
+
+class LinearHandler(LayerHandler):
+    """``nn.Linear`` on ``[b, d_in]`` or ``[b, *, d_in]`` inputs (sequence models)."""
+
+    def save(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
+        x = super().save(module, args, output)
+        if x.dim() < 2:
+            raise UnsupportedModuleError(
+                f"Linear got an input of shape {tuple(x.shape)}: gramopt needs a leading batch dimension"
+            )
+        return x
+
+    def factors(self, module, params, saved, grads):
+        b = grads[0].shape[0]
+        k = grads[0].shape[1]
+        xs = torch.cat([_positions(x, b, module.in_features) for x in saved], dim=1)
+        zs = torch.cat([g.reshape(b, k, -1, module.out_features) for g in grads], dim=2)
+        return SharedWeightFactors(module, params, module.weight, module.bias, xs.to(zs.dtype), zs)
+
+
+class ConvHandler(LayerHandler):
+    """``nn.Conv1d`` / ``nn.Conv2d`` with groups = 1, any stride, padding, dilation and
+    padding mode: the input is unfolded into patches, after which the layer is a Linear
+    layer shared over output positions."""
+
+    def validate(self, module: nn.Module) -> None:
+        if module.groups != 1:
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} with groups={module.groups} is not supported (groups=1 only)"
+            )
+
+    def save(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
+        x = super().save(module, args, output)
+        if x.dim() != module.weight.dim():
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} got an unbatched input of shape {tuple(x.shape)}: "
+                "gramopt needs a leading batch dimension"
+            )
+        return x
+
+    @staticmethod
+    def _unfold(module: nn.Module, x: Tensor) -> Tensor:
+        """Patches ``[b, L, C_in * prod(kernel)]`` in the weight's flattening order."""
+        pads = _conv_pads(module)
+        if module.weight.dim() == 3:  # Conv1d: a unit height makes it a Conv2d
+            x = x.unsqueeze(2)
+            pads = [(0, 0)] + pads
+            kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
+        else:
+            kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+        if module.padding_mode == "zeros" and all(lo == hi for lo, hi in pads):
+            padding = tuple(lo for lo, _ in pads)
+        else:
+            flat = [p for lo_hi in reversed(pads) for p in lo_hi]
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, flat, mode=mode)
+            padding = (0, 0)
+        patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+        return patches.transpose(1, 2)
+
+    def factors(self, module, params, saved, grads):
+        b, k = grads[0].shape[:2]
+        c_out = module.out_channels
+        xs = torch.cat([self._unfold(module, x.to(grads[0].dtype)) for x in saved], dim=1)
+        zs = torch.cat([g.reshape(b, k, c_out, -1).transpose(2, 3) for g in grads], dim=2)
+        return SharedWeightFactors(module, params, module.weight, module.bias, xs, zs)
+
+
+def _conv_pads(module: nn.Module) -> list[tuple[int, int]]:
+    """(low, high) padding per spatial dim, as torch applies it (also for 'same'/'valid')."""
+    if module.padding == "valid":
+        return [(0, 0)] * len(module.kernel_size)
+    if module.padding == "same":
+        pads = []
+        for ksize, dil in zip(module.kernel_size, module.dilation):
+            total = dil * (ksize - 1)
+            pads.append((total // 2, total - total // 2))
+        return pads
+    return [(p, p) for p in module.padding]
+
+
+class EmbeddingHandler(LayerHandler):
+    """``nn.Embedding`` (dense gradients, no max_norm, no scale_grad_by_freq)."""
+
+    def validate(self, module: nn.Module) -> None:
+        if module.sparse:
+            raise UnsupportedModuleError("Embedding(sparse=True): sparse gradients are not supported")
+        if module.scale_grad_by_freq:
+            raise UnsupportedModuleError(
+                "Embedding(scale_grad_by_freq=True) couples the samples of a batch and is not supported"
+            )
+        if module.max_norm is not None:
+            raise UnsupportedModuleError(
+                "Embedding(max_norm=...) renormalizes weights in the forward pass and is not supported"
+            )
+
+    def save(self, module, args, output):
+        idx = super().save(module, args, output)
+        if idx.dim() < 1 or idx.dim() == 1 and output.dim() == 1:
+            raise UnsupportedModuleError("Embedding needs a leading batch dimension")
+        return idx
+
+    def factors(self, module, params, saved, grads):
+        b, k = grads[0].shape[:2]
+        d = module.embedding_dim
+        idx = torch.cat([i.reshape(b, -1) for i in saved], dim=1)
+        zs = torch.cat([g.reshape(b, k, -1, d) for g in grads], dim=2)
+        if module.padding_idx is not None:
+            zs = zs * (idx != module.padding_idx).view(b, 1, -1, 1).to(zs.dtype)
+        return EmbeddingFactors(module, params, idx, zs, module.num_embeddings)
+
+
+class _AffineNormHandler(LayerHandler):
+    """Norm layers whose affine parameters act elementwise on the normalized input:
+    per-sample gradients are small, so the factors are explicit."""
+
+    @abstractmethod
+    def normalize(self, module: nn.Module, x: Tensor) -> Tensor:
+        """The input normalized without the affine transform, same shape as x."""
+
+    @abstractmethod
+    def reduce_dims(self, module: nn.Module, x: Tensor) -> tuple[int, ...]:
+        """Dims of ``[b, k, *x.shape[1:]]`` summed to get per-sample parameter gradients."""
+
+    def factors(self, module, params, saved, grads):
+        b, k = grads[0].shape[:2]
+        rows = {id(p): 0.0 for p in params}
+        for x, g in zip(saved, grads):
+            x = x.to(g.dtype)
+            dims = self.reduce_dims(module, x)
+            if getattr(module, "weight", None) is not None and id(module.weight) in rows:
+                xhat = self.normalize(module, x).unsqueeze(1)
+                rows[id(module.weight)] = rows[id(module.weight)] + _sum(g * xhat, dims)
+            if getattr(module, "bias", None) is not None and id(module.bias) in rows:
+                rows[id(module.bias)] = rows[id(module.bias)] + _sum(g, dims)
+        u = torch.cat([rows[id(p)].reshape(b * k, -1) for p in params], dim=1)
+        return ExplicitFactors(module, params, u)
+
+
+def _sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Sum over ``dims``; an empty tuple sums nothing (torch's ``sum(dim=())`` sums all)."""
+    return t.sum(dim=dims) if dims else t
+
+
+class LayerNormHandler(_AffineNormHandler):
+    """``nn.LayerNorm`` (and ``nn.RMSNorm``) with elementwise affine parameters."""
+
+    def normalize(self, module, x):
+        if isinstance(module, nn.LayerNorm):
+            return F.layer_norm(x, module.normalized_shape, eps=module.eps)
+        return F.rms_norm(x, module.normalized_shape, eps=module.eps)
+
+    def reduce_dims(self, module, x):
+        # [b, k, *lead, *normalized]: sum over the leading non-normalized dims
+        lead = x.dim() - 1 - len(module.normalized_shape)
+        return tuple(range(2, 2 + lead))
+
+
+class GroupNormHandler(_AffineNormHandler):
+    """``nn.GroupNorm`` with affine parameters (per-channel weight and bias)."""
+
+    def normalize(self, module, x):
+        return F.group_norm(x, module.num_groups, eps=module.eps)
+
+    def reduce_dims(self, module, x):
+        # [b, k, C, *spatial]: sum over spatial dims
+        return tuple(range(3, x.dim() + 1))
+
+
+_REGISTRY: dict[type, LayerHandler] = {
+    nn.Linear: LinearHandler(),
+    nn.Conv1d: ConvHandler(),
+    nn.Conv2d: ConvHandler(),
+    nn.Embedding: EmbeddingHandler(),
+    nn.LayerNorm: LayerNormHandler(),
+    nn.GroupNorm: GroupNormHandler(),
+}
+if hasattr(nn, "RMSNorm"):
+    _REGISTRY[nn.RMSNorm] = LayerNormHandler()
+
+
+def register_handler(module_type: type, handler: LayerHandler) -> None:
+    """Support ``module_type`` (and its subclasses) with ``handler``."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not isinstance(handler, LayerHandler):
+        raise TypeError(f"handler must be a LayerHandler, got {type(handler).__name__}")
+    _REGISTRY[module_type] = handler
+
+
+def handler_for(module: nn.Module) -> LayerHandler | None:
+    """The handler of the most specific registered type in the module's MRO, if any."""
+    for cls in type(module).__mro__:
+        if cls in _REGISTRY:
+            return _REGISTRY[cls]
+    return None

@@ -1,0 +1,236 @@
+"""Factors of layers that apply one weight at several positions.
+
+A Linear layer on ``[b, *, d_in]`` inputs, a Conv2d on unfolded patches and an
+Embedding all compute, for sample i at position s, ``y_is = W x_is (+ c)``. With
+output-gradients z_rs (row r of U belongs to sample i = r // k), the per-sample
+gradient is a sum over positions, ``G_r = sum_s z_rs x_is^T`` (bias: ``sum_s z_rs``),
+and the Gram entries are
+
+    K_rq = sum_{s,t} (z_rs . z_qt) (x_is . x_jt)  +  (sum_s z_rs) . (sum_t z_qt)     (*)
+
+(DESIGN.md section 1). Two ways to build K:
+
+- *position pairs*: evaluate (*) directly, cost ~ (n s)^2 (d_in + d_out);
+- *explicit*: form U (n x d_out d_in) with one batched matmul, then U U^T,
+  cost ~ n s d_in d_out + n^2 d_in d_out.
+
+:class:`SharedWeightFactors` picks the cheaper per layer (plain Linear layers, s = 1,
+always use position pairs, which is the well-known ``(Z Z^T) * (X X^T + 1)``).
+Embedding inputs are one-hot, so ``x_is . x_jt`` becomes ``[idx_is == idx_jt]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from gramopt.capture.factors import LayerFactors
+
+#: Upper bound on the number of elements of one temporary of the position-pair Gram.
+PAIR_CHUNK_ELEMENTS = 2**24
+#: Explicit per-sample gradients larger than this (elements) are never formed.
+EXPLICIT_MAX_ELEMENTS = 2**27
+
+
+def position_pair_gram(
+    grads: Tensor, input_kernel: Callable[[int, int], Tensor]
+) -> Tensor:
+    """Evaluate ``K_rq = sum_{s,t} (z_rs . z_qt) A_{i s j t}`` in chunks of samples.
+
+    Args:
+        grads: Z, ``[b, k, s, d_out]``.
+        input_kernel: ``(i0, i1) -> A[i0:i1]``, the input kernel over position pairs
+            for samples ``i0 <= i < i1`` against all samples, ``[i1 - i0, s, b, s]``.
+
+    Returns:
+        K without the bias term, ``[b k, b k]``.
+    """
+    b, k, s, d_out = grads.shape
+    n = b * k
+    flat = grads.reshape(n * s, d_out)
+    per_sample = k * s * n * s
+    chunk = max(1, PAIR_CHUNK_ELEMENTS // max(per_sample, 1))
+    blocks = []
+    for i0 in range(0, b, chunk):
+        i1 = min(b, i0 + chunk)
+        c = i1 - i0
+        zz = flat[i0 * k * s : i1 * k * s] @ flat.T  # [c k s, n s]
+        zz = zz.view(c, k, s, b, k, s)
+        xx = input_kernel(i0, i1).view(c, 1, s, b, 1, s)
+        blocks.append((zz * xx).sum(dim=(2, 5)).reshape(c * k, n))
+    return torch.cat(blocks, dim=0)
+
+
+class SharedWeightFactors(LayerFactors):
+    """Factors of ``y_is = W x_is + c`` with dense inputs.
+
+    Args:
+        module: the layer.
+        params: trainable parameters covered, a subset of ``(weight, bias)`` in that order.
+        weight: the layer's weight (trainable or not); it is viewed as ``[d_out, d_in]``.
+        bias: the layer's bias or ``None``.
+        inputs: X, ``[b, s, d_in]``.
+        grads: Z, ``[b, k, s, d_out]`` (already scaled).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        params: list[nn.Parameter],
+        weight: Tensor,
+        bias: Tensor | None,
+        inputs: Tensor,
+        grads: Tensor,
+    ) -> None:
+        self.module = module
+        self.params = params
+        self.with_weight = any(p is weight for p in params)
+        self.with_bias = bias is not None and any(p is bias for p in params)
+        self.weight_shape = weight.shape
+        self.inputs = inputs
+        self.grads = grads
+        b, k, s, _ = grads.shape
+        self.batch_size, self.passes, self.positions = b, k, s
+        self.num_rows = b * k
+
+    def _dtype_source(self) -> Tensor:
+        return self.grads
+
+    # -- the Gram ---------------------------------------------------------------------
+    def gram(self) -> Tensor:
+        b, k, s, d_out = self.grads.shape
+        n = b * k
+        if not self.with_weight:
+            zsum = self.grads.sum(dim=2).reshape(n, d_out)
+            return zsum @ zsum.T
+        if s == 1:
+            z = self.grads.reshape(n, d_out)
+            x = self.inputs.reshape(b, -1)
+            xx = x @ x.T
+            if self.with_bias:
+                xx = xx + 1.0
+            return ((z @ z.T).view(b, k, b, k) * xx.view(b, 1, b, 1)).view(n, n)
+        if self.gram_strategy() == "explicit":
+            u = self.per_sample()
+            return u @ u.T
+        gram = position_pair_gram(self.grads, self._input_kernel)
+        if self.with_bias:
+            zsum = self.grads.sum(dim=2).reshape(n, d_out)
+            gram = gram + zsum @ zsum.T
+        return gram
+
+    def _input_kernel(self, i0: int, i1: int) -> Tensor:
+        b, s, d_in = self.inputs.shape
+        block = self.inputs[i0:i1].reshape(-1, d_in) @ self.inputs.reshape(-1, d_in).T
+        return block.view(i1 - i0, s, b, s)
+
+    def gram_strategy(self) -> str:
+        """``"pairs"`` or ``"explicit"``, whichever costs fewer flops (see module doc)."""
+        b, k, s, d_out = self.grads.shape
+        d_in = self.inputs.shape[-1]
+        n = b * k
+        pairs = b * b * s * s * d_in + n * n * s * s * (d_out + 2)
+        explicit = n * s * d_in * d_out + n * n * d_in * d_out
+        if n * d_in * d_out > EXPLICIT_MAX_ELEMENTS:
+            return "pairs"
+        return "explicit" if explicit < pairs else "pairs"
+
+    # -- products ---------------------------------------------------------------------
+    def _weighted_grads(self, coeffs: Tensor) -> Tensor:
+        """sum_c a_(i,c) z_(i,c), ``[b, s, d_out]``: the output-gradient of U^T a."""
+        b, k = self.batch_size, self.passes
+        a = coeffs.to(self.grads.dtype).view(b, k, 1, 1)
+        return (a * self.grads).sum(dim=1)
+
+    def rmatvec(self, coeffs: Tensor) -> list[Tensor]:
+        zbar = self._weighted_grads(coeffs)
+        d_out = zbar.shape[-1]
+        out = []
+        if self.with_weight:
+            d_in = self.inputs.shape[-1]
+            gw = zbar.reshape(-1, d_out).T @ self.inputs.reshape(-1, d_in)
+            out.append(gw.view(self.weight_shape))
+        if self.with_bias:
+            out.append(zbar.reshape(-1, d_out).sum(dim=0))
+        return out
+
+    def matvec(self, vectors: Sequence[Tensor]) -> Tensor:
+        b, k, s, d_out = self.grads.shape
+        vectors = [v.to(self.grads.dtype) for v in vectors]
+        y = torch.zeros(b, s, d_out, dtype=self.grads.dtype, device=self.grads.device)
+        i = 0
+        if self.with_weight:
+            y = y + self.inputs @ vectors[0].reshape(d_out, -1).T
+            i = 1
+        if self.with_bias:
+            y = y + vectors[i]
+        return torch.einsum("bksz,bsz->bk", self.grads, y).reshape(b * k)
+
+    def per_sample(self) -> Tensor:
+        b, k, s, d_out = self.grads.shape
+        n = b * k
+        rows = []
+        if self.with_weight:
+            rows.append(torch.einsum("bksz,bsx->bkzx", self.grads, self.inputs).reshape(n, -1))
+        if self.with_bias:
+            rows.append(self.grads.sum(dim=2).reshape(n, d_out))
+        return torch.cat(rows, dim=1)
+
+
+class EmbeddingFactors(LayerFactors):
+    """Factors of an Embedding ``y_is = W[idx_is]``: a Linear layer on one-hot inputs.
+
+    Args:
+        indices: ``[b, s]`` integer indices.
+        grads: Z, ``[b, k, s, d]``; positions at ``padding_idx`` must already be zeroed.
+        num_embeddings: V; the weight is ``[V, d]``.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        params: list[nn.Parameter],
+        indices: Tensor,
+        grads: Tensor,
+        num_embeddings: int,
+    ) -> None:
+        self.module = module
+        self.params = params
+        self.indices = indices
+        self.grads = grads
+        self.num_embeddings = num_embeddings
+        b, k, s, _ = grads.shape
+        self.batch_size, self.passes = b, k
+        self.num_rows = b * k
+
+    def _dtype_source(self) -> Tensor:
+        return self.grads
+
+    def gram(self) -> Tensor:
+        return position_pair_gram(self.grads, self._input_kernel)
+
+    def _input_kernel(self, i0: int, i1: int) -> Tensor:
+        idx = self.indices
+        return (idx[i0:i1, :, None, None] == idx[None, None, :, :]).to(self.grads.dtype)
+
+    def rmatvec(self, coeffs: Tensor) -> list[Tensor]:
+        b, k = self.batch_size, self.passes
+        d = self.grads.shape[-1]
+        zbar = (coeffs.to(self.grads.dtype).view(b, k, 1, 1) * self.grads).sum(dim=1)
+        gw = torch.zeros(self.num_embeddings, d, dtype=zbar.dtype, device=zbar.device)
+        gw.index_add_(0, self.indices.reshape(-1), zbar.reshape(-1, d))
+        return [gw]
+
+    def matvec(self, vectors: Sequence[Tensor]) -> Tensor:
+        b, k = self.batch_size, self.passes
+        y = vectors[0].to(self.grads.dtype)[self.indices]  # [b, s, d]
+        return torch.einsum("bksd,bsd->bk", self.grads, y).reshape(b * k)
+
+    def per_sample(self) -> Tensor:
+        b, k, s, d = self.grads.shape
+        u = torch.zeros(b, k, self.num_embeddings, d, dtype=self.grads.dtype, device=self.grads.device)
+        index = self.indices.view(b, 1, s, 1).expand(b, k, s, d)
+        u.scatter_add_(2, index, self.grads)
+        return u.reshape(b * k, -1)

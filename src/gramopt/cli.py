@@ -1,0 +1,86 @@
+"""Command line: ``gramopt tasks``, ``gramopt train``.
+
+Parsing only: each command builds a config and calls the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from gramopt.errors import GramoptError
+from gramopt.tasks import TASKS
+from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
+
+HYPER_FLAGS = ("lr", "damping", "momentum", "weight_decay")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gramopt", description="Sample-space second-order optimizers for PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("tasks", help="list the embedded tasks")
+
+    train = commands.add_parser("train", help="train one optimizer on one task")
+    train.add_argument("--task", default="teacher", help="a task from `gramopt tasks` (default: teacher)")
+    train.add_argument("--optimizer", default="ggn", help=f"one of {', '.join(sorted(OPTIMIZERS))} (default: ggn)")
+    train.add_argument("--epochs", type=int, help="number of epochs (default: the task's)")
+    train.add_argument("--batch-size", type=int, help="mini-batch size (default: the task's)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the split, the initialization and the data order")
+    for name in HYPER_FLAGS:
+        train.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"{name} (default: the task's setting)")
+    train.add_argument("--out", help="output folder (default: runs/TASK-OPTIMIZER-seedSEED)")
+    train.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: each epoch)")
+    train.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (optionally with a new --epochs)")
+    train.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    return parser
+
+
+def _tasks(console: Console) -> int:
+    table = Table(title="gramopt tasks")
+    for column in ("task", "loss", "metric", "epochs", "batch", "description"):
+        table.add_column(column)
+    for task in TASKS.values():
+        table.add_row(task.name, task.loss, task.metric, str(task.epochs), str(task.batch_size), task.description)
+    console.print(table)
+    return 0
+
+
+def _train(args: argparse.Namespace, console: Console) -> int:
+    hyper = {name: getattr(args, name) for name in HYPER_FLAGS if getattr(args, name) is not None}
+    if args.resume:
+        given = [flag for flag, value in (("--task", args.task != "teacher"), ("--optimizer", args.optimizer != "ggn"),
+                 ("--batch-size", args.batch_size is not None), ("--seed", args.seed != 0), ("--out", args.out is not None),
+                 ("hyper-parameters", bool(hyper))) if value]
+        if given:
+            raise ValueError(f"--resume continues a saved run with its own settings; drop {', '.join(given)}")
+        trainer = Trainer.resume(args.resume, console, not args.no_progress, epochs=args.epochs)
+    else:
+        config = TrainConfig(args.task, args.optimizer, args.epochs, args.batch_size, args.seed, hyper, args.out, args.checkpoint_every)
+        trainer = Trainer(config, console, not args.no_progress)
+    result = trainer.run()
+    if result.diverged:
+        console.print("[red]the run diverged[/]")
+        return 1
+    console.print(f"wrote {trainer.out / 'metrics.json'} and {trainer.out / 'checkpoint.pt'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "tasks":
+            return _tasks(console)
+        return _train(args, console)
+    except (GramoptError, ValueError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""The optimizers, one file per method."""
+
+from gramopt.optim.base import SampleSpaceOptimizer, StepInfo
+from gramopt.optim.ggn import GGN, SOLVERS, GaussNewtonSystem
+
+__all__ = ["GGN", "SOLVERS", "GaussNewtonSystem", "SampleSpaceOptimizer", "StepInfo"]

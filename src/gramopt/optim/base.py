@@ -1,0 +1,188 @@
+"""What every gramopt optimizer shares: the hooks' lifetime, validation, the
+decoration of a direction with weight decay and momentum, and state beyond torch's
+per-parameter state.
+
+A method computes a *direction* d per parameter; the base applies
+
+    p <- p - lr * wd * p                 (decoupled weight decay, if weight_decay > 0)
+    m <- momentum * m + d;  d <- m       (heavy-ball momentum, if momentum > 0)
+    p <- p - lr * d
+
+so with momentum and weight decay 0 a step is exactly ``delta = -lr * d``. Methods
+never touch momentum or weight decay themselves (optax's separation of direction and
+decoration).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gramopt.capture.engine import CaptureEngine
+from gramopt.errors import CaptureError, NonFiniteError
+from gramopt.linalg.dense import SolveInfo
+
+_EXTRA_KEY = "gramopt"
+
+
+@dataclass
+class StepInfo:
+    """What the last step did: its number, the loss ``backward`` returned, the solve
+    (method, fallback, iterations, residuals) and seconds per phase."""
+
+    step: int
+    loss: float | None = None
+    solve: SolveInfo | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def check_hyper(name: str, value: Any, *, low: float = 0.0, inclusive: bool = True) -> None:
+    """ValueError unless ``value`` is a finite real number >= low (> low if not inclusive)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (not inclusive and value == low):
+        raise ValueError(f"{name} must be {'>=' if inclusive else '>'} {low}, got {value!r}")
+
+
+class SampleSpaceOptimizer(torch.optim.Optimizer):
+    """Base class: takes the model (to hook its layers) and the usual parameter groups.
+
+    Args:
+        model: the network; its parameters are optimized unless ``params`` says otherwise.
+        params: optional parameters or param-group dicts (default: the model's trainable
+            parameters), all of which must belong to ``model``.
+        defaults: hyper-parameters (``lr``, ``momentum``, ``weight_decay`` and the method's).
+        unsupported: ``"error"`` or ``"gradient"``, see :class:`CaptureEngine`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[Any] | None,
+        defaults: dict[str, Any],
+        unsupported: str = "error",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} takes the model first (to hook its layers), got {type(model).__name__}"
+            )
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(params, defaults)
+        owned = {id(p) for p in model.parameters()}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in owned:
+                    raise ValueError("every parameter given to the optimizer must belong to the model")
+                if p.is_complex():
+                    raise ValueError("complex parameters are not supported")
+                if p.is_sparse:
+                    raise ValueError("sparse parameters are not supported")
+        self.model = model
+        self.engine = CaptureEngine(model, [p for g in self.param_groups for p in g["params"]], unsupported)
+        self._finalizer = weakref.finalize(self, self.engine.close)
+        self.extra_state: dict[str, Any] = {"step": 0}
+        self.last_info: StepInfo | None = None
+
+    # -- validation ----------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._validate_group(self.param_groups[-1])
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_hyper("lr", group["lr"], inclusive=False)
+        check_hyper("momentum", group["momentum"])
+        if group["momentum"] >= 1:
+            raise ValueError(f"momentum must be < 1, got {group['momentum']!r}")
+        check_hyper("weight_decay", group["weight_decay"])
+
+    # -- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove the optimizer's hooks from the model (also done on garbage collection)."""
+        self._finalizer()
+
+    def __enter__(self) -> "SampleSpaceOptimizer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require_open(self) -> None:
+        if self.engine.closed:
+            raise CaptureError(f"this {type(self).__name__} was closed: its hooks are gone")
+
+    # -- the step ------------------------------------------------------------------------
+    def apply_directions(self, directions: dict[Tensor, Tensor]) -> None:
+        """Check every direction is finite, then decorate and apply them (all or nothing)."""
+        by_id = {id(p): d for p, d in directions.items()}
+        for group in self.param_groups:
+            for p in group["params"]:
+                d = by_id.get(id(p))
+                if d is not None and not torch.isfinite(d).all():
+                    raise NonFiniteError(
+                        f"the step direction of a parameter of shape {tuple(p.shape)} has NaN or inf; "
+                        "nothing was changed"
+                    )
+        for group in self.param_groups:
+            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                d = by_id.get(id(p))
+                if d is None:
+                    continue
+                d = d.to(p.dtype)
+                if decay:
+                    p.mul_(1 - lr * decay)
+                if momentum:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.clone()
+                    else:
+                        buf.mul_(momentum).add_(d)
+                    d = buf
+                p.add_(d, alpha=-lr)
+        self.extra_state["step"] += 1
+
+    def _timed(self, seconds: dict[str, float], phase: str, start: float) -> float:
+        now = time.perf_counter()
+        seconds[phase] = seconds.get(phase, 0.0) + now - start
+        return now
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state[_EXTRA_KEY] = _clone_tree(self.extra_state)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(_EXTRA_KEY, None)
+        if extra is None:
+            raise ValueError(
+                f"this state_dict has no '{_EXTRA_KEY}' entry: it was not saved by a gramopt optimizer"
+            )
+        for group in state_dict.get("param_groups", []):
+            self._validate_group(group)
+        super().load_state_dict(state_dict)
+        self.extra_state = _clone_tree(extra)
+
+    @property
+    def steps_taken(self) -> int:
+        return int(self.extra_state["step"])
+
+
+def _clone_tree(tree: Any) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.clone()
+    if isinstance(tree, dict):
+        return {k: _clone_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_clone_tree(v) for v in tree)
+    return tree

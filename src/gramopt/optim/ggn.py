@@ -1,0 +1,276 @@
+"""Gram-Gauss-Newton (Cai et al., ``papers/000_*``), Algorithm 1 with Eq. (11):
+
+    1. fetch a mini-batch B_t; forward pass f = f(w_t, x_B)
+    2. J: per-sample output Jacobians, b k rows (one backward pass per output, Section 5)
+    3. G = J J^T, the b k x b k Gram matrix                         (never p x p)
+    4. w_{t+1} = w_t - lr * J^T (H G + damping I)^{-1} e              (Eq. 11)
+
+with lr = 1/lambda and damping = alpha/lambda in the paper's notation; damping = 0,
+lr = 1 and the full batch is the ridgeless Eq. (9). ``e_i`` is the gradient of sample
+i's own loss with respect to its outputs and H the per-sample output Hessian:
+``mse`` (e = f - y, H = I, the paper's setting) or ``cross_entropy`` (generalized
+Gauss-Newton, beyond the paper). The non-symmetric system is solved in the symmetric
+form of :mod:`gramopt.losses`: ``x = Q (Q^T G Q + damping I)^{-1} w``.
+
+Usage::
+
+    opt = gramopt.GGN(model, lr=1.0, damping=1e-3, loss="mse")
+    opt.zero_grad(); loss = opt.backward(model(x), y); opt.step()
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gramopt.capture.factors import LayerFactors
+from gramopt.errors import CaptureError, NonFiniteError
+from gramopt.linalg.dense import SolveInfo, solve_damped_psd
+from gramopt.losses import GaussNewtonLoss, get_loss
+from gramopt.optim.base import SampleSpaceOptimizer, StepInfo, check_hyper
+
+
+@dataclass
+class GaussNewtonSystem:
+    """The symmetric system ``(Q^T J J^T Q + damping I) a = w`` of one GGN step.
+
+    ``J`` is given by per-layer factors (``J = [U_1, U_2, ...]`` column blocks), so
+    solvers can either build the Gram (:meth:`dense`) or work matrix-free
+    (:meth:`matvec`: two passes over the factors, never a b k x b k matrix).
+
+    Attributes:
+        factors: layer name -> factors of J (``n = b k`` rows).
+        q: per-sample Hessian factors ``[b, k, k]``, or None for the identity.
+        rhs: w, ``[n]``.
+        damping: >= 0.
+    """
+
+    factors: dict[str, LayerFactors]
+    q: Tensor | None
+    rhs: Tensor
+    damping: float
+
+    @property
+    def size(self) -> int:
+        return self.rhs.shape[0]
+
+    def apply_q(self, a: Tensor) -> Tensor:
+        """Q a for ``a`` ``[n]``."""
+        if self.q is None:
+            return a
+        b, k, _ = self.q.shape
+        return torch.einsum("bij,bj->bi", self.q, a.view(b, k)).reshape(-1)
+
+    def apply_qt(self, a: Tensor) -> Tensor:
+        """Q^T a for ``a`` ``[n]``."""
+        if self.q is None:
+            return a
+        b, k, _ = self.q.shape
+        return torch.einsum("bji,bj->bi", self.q, a.view(b, k)).reshape(-1)
+
+    def dense(self) -> Tensor:
+        """``Q^T G Q`` with ``G = sum_l K_l``, ``[n, n]``; raises on a non-finite block."""
+        gram = None
+        for name, factor in self.factors.items():
+            block = factor.gram()
+            if not torch.isfinite(block).all():
+                raise NonFiniteError(f"the Gram block of layer {name} has NaN or inf; nothing was changed")
+            gram = block if gram is None else gram + block
+        if self.q is not None:
+            b, k, _ = self.q.shape
+            g4 = gram.view(b, k, b, k)
+            g4 = torch.einsum("iac,iajd->icjd", self.q, g4)
+            g4 = torch.einsum("icje,jed->icjd", g4, self.q)
+            gram = g4.reshape(b * k, b * k)
+        return gram
+
+    def matvec(self, a: Tensor) -> Tensor:
+        """``Q^T J J^T Q a`` without forming the Gram, ``[n]``."""
+        qa = self.apply_q(a)
+        out = torch.zeros_like(a)
+        for factor in self.factors.values():
+            out = out + factor.matvec(factor.rmatvec(qa))
+        return self.apply_qt(out)
+
+
+Solver = Callable[[GaussNewtonSystem], tuple[Tensor, SolveInfo]]
+
+
+def cholesky_solver(system: GaussNewtonSystem) -> tuple[Tensor, SolveInfo]:
+    """Build the Gram through the layers' structure, then a Cholesky solve (with the
+    jitter / eigen-solve fallbacks of :func:`~gramopt.linalg.solve_damped_psd`)."""
+    start = time.perf_counter()
+    gram = system.dense()
+    built = time.perf_counter()
+    a, info = solve_damped_psd(gram, system.rhs.to(gram.dtype), system.damping, what="GGN Gram matrix")
+    info.seconds["gram"] = built - start
+    return a, info
+
+
+#: Solvers by name; ``GGN(solver=...)`` picks one.
+SOLVERS: dict[str, Solver] = {"cholesky": cholesky_solver}
+
+
+class GGN(SampleSpaceOptimizer):
+    """Gram-Gauss-Newton: ``delta = -lr * J^T (H G + damping I)^{-1} e``, ``G = J J^T``.
+
+    Args:
+        model: the network (its supported layers are hooked).
+        lr: step size (1/lambda of the paper; 1 is the paper's advice), > 0.
+        damping: Levenberg-Marquardt damping (alpha/lambda of the paper; its experiments
+            use 0.3), >= 0. 0 is the ridgeless Eq. (9) and needs a nonsingular G;
+            ``cross_entropy`` needs damping > 0 (its H is singular: ``H_i 1 = 0``).
+        loss: ``"mse"`` or ``"cross_entropy"``.
+        solver: name in :data:`SOLVERS` (``"cholesky"``).
+        momentum: heavy-ball momentum on the direction, in [0, 1).
+        weight_decay: decoupled weight decay, >= 0.
+        params: optional parameters / param groups (default: all trainable parameters).
+        unsupported: ``"error"`` or ``"gradient"`` (plain-gradient steps for parameters of
+            modules without a handler).
+
+    ``backward(output, target)`` runs one backward pass per output dimension, leaves the
+    gradient of the returned mean loss in ``.grad`` (as ``loss.backward()`` would) and
+    returns that loss; ``step()`` solves and updates. ``last_info`` tells what the solve
+    did (method, fallbacks, seconds).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1.0,
+        damping: float = 0.3,
+        loss: str = "mse",
+        solver: str = "cholesky",
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        params: Iterable[Any] | None = None,
+        unsupported: str = "error",
+    ) -> None:
+        self.loss: GaussNewtonLoss = get_loss(loss)
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
+        self.solver = solver
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(model, params, defaults, unsupported)
+        self._pending: dict[str, Any] | None = None
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_hyper("damping", group["damping"])
+        if self.loss.name == "cross_entropy" and group["damping"] == 0:
+            raise ValueError(
+                "damping must be > 0 with loss='cross_entropy': its output Hessian is singular "
+                "(each H_i has the null vector 1), so H G + damping I is singular at damping=0"
+            )
+
+    @property
+    def damping(self) -> float:
+        values = {group["damping"] for group in self.param_groups}
+        if len(values) != 1:
+            raise ValueError(
+                f"GGN solves one system for all parameters: every param group needs the same damping, got {sorted(values)}"
+            )
+        return values.pop()
+
+    def backward(self, output: Tensor, target: Tensor) -> Tensor:
+        """Loss, Jacobian passes and ``.grad``; returns the mean loss (detached)."""
+        self._require_open()
+        self._pending = None
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        if not isinstance(output, Tensor) or not isinstance(target, Tensor):
+            raise TypeError("backward(output, target) takes two tensors")
+        if target.device != output.device:
+            raise ValueError(f"target is on {target.device}, output on {output.device}")
+        self.loss.check(output, target)
+        if output.shape[0] == 0:
+            raise ValueError("empty batch: the output has 0 samples")
+        if not torch.isfinite(output).all():
+            raise NonFiniteError("the model output has NaN or inf; nothing was changed")
+        if target.is_floating_point() and not torch.isfinite(target).all():
+            raise NonFiniteError("the target has NaN or inf; nothing was changed")
+        detached = output.detach().requires_grad_(True)
+        with torch.enable_grad():
+            value = self.loss.value(detached, target)
+        (grad_output,) = torch.autograd.grad(value, detached)
+        if not torch.isfinite(value):
+            raise NonFiniteError(f"the loss is {float(value)}; nothing was changed")
+        q, w = self.loss.residual_system(output.detach(), target)
+        b = output.shape[0]
+        k = output[0].numel()
+        flat = output.reshape(b, k)
+        directions = []
+        for c in range(k):
+            direction = torch.zeros_like(flat)
+            direction[:, c] = 1.0
+            directions.append(direction.view_as(output))
+        self.engine.backward_passes(output, directions)
+        start = self._timed(seconds, "jacobian", start)
+        factors = self.engine.factors()
+        grads: dict[Tensor, Tensor] = {}
+        coeffs = grad_output.reshape(-1)
+        for factor in factors.values():
+            for p, g in zip(factor.params, factor.rmatvec(coeffs)):
+                grads[p] = g
+        plain = [p for p in self.engine.plain_params]
+        if plain:
+            plain_grads = torch.autograd.grad(output, plain, grad_outputs=grad_output, allow_unused=True)
+            grads.update({p: g for p, g in zip(plain, plain_grads) if g is not None})
+        for p, g in grads.items():
+            g = g.to(p.dtype)
+            p.grad = g if p.grad is None else p.grad + g
+        self._timed(seconds, "gradient", start)
+        self._pending = dict(factors=factors, q=q, w=w.reshape(-1), loss=float(value.detach()), seconds=seconds, plain=plain)
+        self.engine.clear()
+        return value.detach()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Solve ``(Q^T G Q + damping I) a = w`` and move by ``-lr * J^T Q a``.
+
+        ``closure``, if given, must run the forward pass and ``opt.backward`` and return
+        the loss; it is called with autograd enabled.
+        """
+        self._require_open()
+        result = None
+        if closure is not None:
+            with torch.enable_grad():
+                result = closure()
+        if self._pending is None:
+            raise CaptureError("GGN.step() needs opt.backward(model(x), y) first")
+        pending = self._pending
+        seconds = dict(pending["seconds"])
+        factors: dict[str, LayerFactors] = pending["factors"]
+        directions: dict[Tensor, Tensor] = {}
+        info = None
+        if factors:
+            dtype = next(iter(factors.values())).dtype
+            system = GaussNewtonSystem(
+                factors,
+                None if pending["q"] is None else pending["q"].to(dtype),
+                pending["w"].to(dtype),
+                self.damping,
+            )
+            a, info = SOLVERS[self.solver](system)
+            seconds.update(info.seconds)
+            start = time.perf_counter()
+            x = system.apply_q(a)
+            for factor in factors.values():
+                for p, d in zip(factor.params, factor.rmatvec(x)):
+                    directions[p] = d
+            self._timed(seconds, "direction", start)
+        for p in pending["plain"]:
+            if p.grad is not None:
+                directions[p] = p.grad
+        start = time.perf_counter()
+        self.apply_directions(directions)
+        self._timed(seconds, "update", start)
+        self._pending = None
+        self.last_info = StepInfo(self.steps_taken, pending["loss"], info, seconds)
+        return result

@@ -1,0 +1,79 @@
+"""Embedded tasks: a model, data with a fixed split, the loss and the test metric.
+
+Every task's data is generated or ships with an installed package, so nothing is
+downloaded at run time. ``gramopt tasks`` lists them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Split:
+    """Train and test tensors; inputs ``[n, ...]``, targets ``[n]`` or ``[n, k]``."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+
+
+@dataclass
+class Task:
+    """An embedded task.
+
+    Attributes:
+        name: what ``--task`` takes.
+        description: one line for ``gramopt tasks``.
+        loss: ``"mse"`` or ``"cross_entropy"``.
+        build_model: ``seed -> model`` (the seed fixes the initialization).
+        load: ``seed -> Split`` (the seed fixes the split).
+        epochs, batch_size: defaults of ``gramopt train``.
+        hyper: per optimizer name, its default hyper-parameters on this task.
+    """
+
+    name: str
+    description: str
+    loss: str
+    build_model: Callable[[int], nn.Module]
+    load: Callable[[int], Split]
+    epochs: int
+    batch_size: int
+    hyper: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def metric(self) -> str:
+        return "test_mse" if self.loss == "mse" else "test_accuracy"
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a model under ``torch.manual_seed(seed)`` without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+# Registration: importing the task modules adds them to TASKS.
+from gramopt.tasks import regression, classification  # noqa: E402,F401
+
+__all__ = ["Split", "TASKS", "Task", "get_task", "register_task", "seeded"]

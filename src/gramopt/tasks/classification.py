@@ -1,0 +1,38 @@
+"""Classification tasks on real data that ships with installed packages."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gramopt.tasks import Split, Task, register_task, seeded
+from gramopt.tasks.regression import _split, mlp
+
+
+def load_digits(seed: int) -> Split:
+    """scikit-learn's 8x8 digits (1797 images, 10 classes), pixels scaled to [0, 1],
+    20% held out."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    data = sk_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    return _split(x, y, 0.2, seed)
+
+
+register_task(
+    Task(
+        name="digits",
+        description="scikit-learn 8x8 digits (1797 images, 10 classes), MLP 64-128-128-10",
+        loss="cross_entropy",
+        build_model=lambda seed: seeded(seed, lambda: mlp(64, 128, 10, act=nn.ReLU)),
+        load=load_digits,
+        epochs=10,
+        batch_size=128,
+        hyper={
+            "ggn": dict(lr=1.0, damping=1.0),
+            "sgd": dict(lr=0.1, momentum=0.9),
+            "adamw": dict(lr=1e-3, weight_decay=0.01),
+        },
+    )
+)

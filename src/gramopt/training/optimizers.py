@@ -1,0 +1,83 @@
+"""Optimizers by name, for the command line and the comparison harness.
+
+gramopt's methods and first-order baselines run through one step function,
+:func:`training_step`, so they are timed doing the same work: forward, the backward
+pass(es) the method needs, the update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import gramopt
+from gramopt.losses import get_loss
+from gramopt.optim.base import SampleSpaceOptimizer
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """``build(model, loss, hyper)`` makes the optimizer; ``defaults`` fill in missing
+    hyper-parameters; ``hyper_names`` are those the command line may set."""
+
+    name: str
+    description: str
+    build: Callable[[nn.Module, str, dict[str, Any]], torch.optim.Optimizer]
+    defaults: dict[str, Any]
+
+    @property
+    def hyper_names(self) -> tuple[str, ...]:
+        return tuple(self.defaults)
+
+
+def _ggn(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
+    return gramopt.GGN(model, loss=loss, **hyper)
+
+
+def _sgd(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), **hyper)
+
+
+def _adamw(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), **hyper)
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "ggn": OptimizerSpec(
+        "ggn", "gramopt Gram-Gauss-Newton", _ggn, dict(lr=1.0, damping=0.3, momentum=0.0, weight_decay=0.0)
+    ),
+    "sgd": OptimizerSpec("sgd", "torch SGD with momentum", _sgd, dict(lr=0.1, momentum=0.9, weight_decay=0.0)),
+    "adamw": OptimizerSpec("adamw", "torch AdamW", _adamw, dict(lr=1e-3, weight_decay=0.01)),
+}
+
+
+def get_optimizer_spec(name: str) -> OptimizerSpec:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(sorted(OPTIMIZERS))}")
+    return OPTIMIZERS[name]
+
+
+def build_optimizer(name: str, model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
+    """The optimizer ``name`` on ``model`` with ``hyper`` over the spec's defaults."""
+    spec = get_optimizer_spec(name)
+    unknown = set(hyper) - set(spec.defaults)
+    if unknown:
+        raise ValueError(f"{name} takes no hyper-parameter {sorted(unknown)}; it takes {sorted(spec.defaults)}")
+    return spec.build(model, loss, {**spec.defaults, **hyper})
+
+
+def training_step(optimizer: torch.optim.Optimizer, model: nn.Module, loss: str, x: Tensor, y: Tensor) -> Tensor:
+    """One step: forward, the method's backward pass(es), update. Returns the batch loss."""
+    optimizer.zero_grad(set_to_none=True)
+    output = model(x)
+    if isinstance(optimizer, SampleSpaceOptimizer):
+        value = optimizer.backward(output, y)
+    else:
+        value = get_loss(loss).value(output, y)
+        value.backward()
+    optimizer.step()
+    return value.detach()

@@ -1,0 +1,118 @@
+"""Per-layer factors against per-sample gradients built with torch.func.vmap(grad)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+from gramopt.capture import CaptureEngine, SharedWeightFactors
+from reference import per_sample_grads
+
+CASES = {
+    "mlp": (lambda: models.mlp(out=2), lambda b: torch.randn(b, 5)),
+    "cnn": (lambda: models.cnn(out=2), lambda b: torch.randn(b, 1, 8, 8)),
+    "layernorm": (lambda: models.layernorm_net(out=2), lambda b: torch.randn(b, 6)),
+    "conv1d": (lambda: models.conv1d_net(out=2), lambda b: torch.randn(b, 2, 8)),
+    "transformer": (lambda: models.TinyTransformer(out=2), lambda b: torch.randint(0, 11, (b, 5))),
+}
+
+
+def sample_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((out - y) ** 2).sum()
+
+
+def captured(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    engine = CaptureEngine(model, model.parameters())
+    sample_loss(model(x), y).backward()  # sum of per-sample losses: z_i = d l_i / d out_i
+    factors = engine.factors()
+    engine.close()
+    return factors
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_factors_match_per_sample_gradients(name, float64):
+    build, inputs = CASES[name]
+    model = build()
+    x, y = inputs(6), torch.randn(6, 2)
+    factors = captured(model, x, y)
+    covered = {id(p) for f in factors.values() for p in f.params}
+    assert covered == {id(p) for p in model.parameters()}, "every parameter belongs to a captured layer"
+    for layer, factor in factors.items():
+        ref = per_sample_grads(model, x, y, sample_loss, params=factor.params)
+        u = factor.per_sample()
+        torch.testing.assert_close(u, ref, rtol=1e-10, atol=1e-12, msg=f"per-sample grads of {layer}")
+        torch.testing.assert_close(factor.gram(), ref @ ref.T, rtol=1e-10, atol=1e-12, msg=f"Gram of {layer}")
+        a = torch.randn(u.shape[0])
+        flat = torch.cat([t.reshape(-1) for t in factor.rmatvec(a)])
+        torch.testing.assert_close(flat, ref.T @ a, rtol=1e-10, atol=1e-12, msg=f"U^T a of {layer}")
+        v = torch.randn(ref.shape[1])
+        pieces, start = [], 0
+        for p in factor.params:
+            pieces.append(v[start : start + p.numel()].view_as(p))
+            start += p.numel()
+        torch.testing.assert_close(factor.matvec(pieces), ref @ v, rtol=1e-10, atol=1e-12, msg=f"U v of {layer}")
+
+
+@pytest.mark.parametrize("strategy", ["pairs", "explicit"])
+@pytest.mark.parametrize("name", ["cnn", "conv1d", "transformer"])
+def test_both_gram_strategies_agree(name, strategy, float64, monkeypatch):
+    build, inputs = CASES[name]
+    model = build()
+    x, y = inputs(5), torch.randn(5, 2)
+    monkeypatch.setattr(SharedWeightFactors, "gram_strategy", lambda self: strategy)
+    factors = captured(model, x, y)
+    for layer, factor in factors.items():
+        ref = per_sample_grads(model, x, y, sample_loss, params=factor.params)
+        torch.testing.assert_close(factor.gram(), ref @ ref.T, rtol=1e-10, atol=1e-12, msg=layer)
+
+
+def test_strategy_choice_follows_cost():
+    """A first conv layer on a large image is cheaper explicit; a short sequence of wide
+    features is cheaper by position pairs."""
+    conv = SharedWeightFactors(nn.Conv2d(1, 8, 3), [], torch.zeros(8, 9), None, torch.zeros(16, 784, 9), torch.zeros(16, 1, 784, 8))
+    assert conv.gram_strategy() == "explicit"
+    seq = SharedWeightFactors(nn.Linear(512, 512), [], torch.zeros(512, 512), None, torch.zeros(16, 4, 512), torch.zeros(16, 1, 4, 512))
+    assert seq.gram_strategy() == "pairs"
+
+
+def test_gradients_of_several_passes_are_stacked(float64):
+    """k backward passes with one-hot directions give the rows of the output Jacobian."""
+    model = models.mlp(out=3)
+    x = torch.randn(4, 5)
+    engine = CaptureEngine(model, model.parameters())
+    out = model(x)
+    directions = [F.one_hot(torch.full((4,), c), 3).to(out.dtype) for c in range(3)]
+    engine.backward_passes(out, directions)
+    factors = engine.factors()
+    engine.close()
+    from reference import jacobian
+
+    for factor in factors.values():
+        torch.testing.assert_close(factor.per_sample(), jacobian(model, x, factor.params), rtol=1e-10, atol=1e-12)
+
+
+def test_weight_shared_over_two_calls(float64):
+    """A layer called twice in one forward: per-sample gradients sum both calls."""
+    lin = nn.Linear(3, 3)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    factors = captured(model, x, y)
+    (factor,) = factors.values()
+    ref = per_sample_grads(model, x, y, sample_loss)
+    torch.testing.assert_close(factor.per_sample(), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_weight_trainable_bias(float64):
+    model = models.mlp(out=2)
+    model[0].weight.requires_grad_(False)
+    x, y = torch.randn(5, 5), torch.randn(5, 2)
+    engine = CaptureEngine(model, [p for p in model.parameters() if p.requires_grad])
+    sample_loss(model(x), y).backward()
+    factor = engine.factors()["0"]
+    engine.close()
+    assert [p is model[0].bias for p in factor.params] == [True]
+    ref = per_sample_grads(model, x, y, sample_loss, params=[model[0].bias])
+    torch.testing.assert_close(factor.gram(), ref @ ref.T)
