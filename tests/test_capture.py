@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
-from gramopt.capture import CaptureEngine, SharedWeightFactors
+from gramopt.capture import CaptureEngine, EmbeddingFactors, SharedWeightFactors
 from reference import per_sample_grads
 
 CASES = {
@@ -63,6 +63,7 @@ def test_both_gram_strategies_agree(name, strategy, float64, monkeypatch):
     model = build()
     x, y = inputs(5), torch.randn(5, 2)
     monkeypatch.setattr(SharedWeightFactors, "gram_strategy", lambda self: strategy)
+    monkeypatch.setattr(EmbeddingFactors, "gram_strategy", lambda self: strategy)
     factors = captured(model, x, y)
     for layer, factor in factors.items():
         ref = per_sample_grads(model, x, y, sample_loss, params=factor.params)

@@ -209,7 +209,20 @@ class EmbeddingFactors(LayerFactors):
         return self.grads
 
     def gram(self) -> Tensor:
+        if self.gram_strategy() == "explicit":
+            u = self.per_sample()
+            return u @ u.T
         return position_pair_gram(self.grads, self._input_kernel)
+
+    def gram_strategy(self) -> str:
+        """``"explicit"`` (scatter into ``[n, V d]``, then U U^T) for small tables,
+        else ``"pairs"`` (equal-index position pairs), by flop count."""
+        b, k, s, d = self.grads.shape
+        n = b * k
+        size = self.num_embeddings * d
+        if n * size > EXPLICIT_MAX_ELEMENTS:
+            return "pairs"
+        return "explicit" if n * n * size < n * n * s * s * (d + 1) else "pairs"
 
     def _input_kernel(self, i0: int, i1: int) -> Tensor:
         idx = self.indices

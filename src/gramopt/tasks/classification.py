@@ -30,7 +30,7 @@ register_task(
         epochs=10,
         batch_size=128,
         hyper={
-            "ggn": dict(lr=1.0, damping=1.0),
+            "ggn": dict(lr=0.3, damping=1.0),
             "sgd": dict(lr=0.1, momentum=0.9),
             "adamw": dict(lr=1e-3, weight_decay=0.01),
         },

