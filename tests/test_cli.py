@@ -1,0 +1,64 @@
+"""`gramopt tasks` and `gramopt train`: outputs, resume, errors."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from gramopt.cli import main
+from gramopt.training import load_checkpoint
+
+
+def train(tmp_path, *extra):
+    return main(["train", "--task", "diabetes", "--no-progress", "--out", str(tmp_path), *extra])
+
+
+def test_tasks_lists_the_tasks(capsys):
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    for name in ("teacher", "diabetes", "digits", "mnist", "recall"):
+        assert name in out
+
+
+def test_train_writes_metrics_and_checkpoint(tmp_path, capsys):
+    assert train(tmp_path, "--epochs", "2") == 0
+    out = capsys.readouterr().out
+    assert "epoch   2" in out and "test_mse" in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert {"train_loss", "test_loss", "test_mse", "seconds"} <= set(metrics["epochs"][0])
+    assert metrics["config"]["optimizer"] == "ggn" and metrics["environment"]["torch"] == torch.__version__
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert set(checkpoint["model"]) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"}
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train(full, "--epochs", "3", "--optimizer", "sgd") == 0
+    assert train(part, "--epochs", "1", "--optimizer", "sgd") == 0
+    assert main(["train", "--resume", str(part), "--epochs", "3", "--no-progress"]) == 0
+    a = load_checkpoint(full / "checkpoint.pt")["model"]
+    b = load_checkpoint(part / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = json.loads((part / "metrics.json").read_text())["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+
+
+def test_bad_arguments_give_clear_errors(tmp_path, capsys):
+    assert main(["train", "--task", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().out
+    assert main(["train", "--optimizer", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown optimizer 'nope'" in capsys.readouterr().out
+    assert main(["train", "--lr", "-1", "--task", "diabetes", "--out", str(tmp_path)]) == 2
+    assert "lr must be > 0" in capsys.readouterr().out
+    assert main(["train", "--resume", str(tmp_path / "missing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().out
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert train(tmp_path, "--epochs", "1") == 0
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    assert main(["train", "--resume", str(tmp_path), "--no-progress"]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().out

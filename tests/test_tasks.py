@@ -1,0 +1,53 @@
+"""Embedded tasks: fixed splits, shapes, and a model that trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gramopt.tasks import TASKS, get_task
+from gramopt.training import build_optimizer, training_step
+
+OFFLINE = ["teacher", "diabetes", "digits", "mnist", "recall"]
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_split_is_fixed_by_seed(name):
+    task = get_task(name)
+    a, b, c = task.load(0), task.load(0), task.load(1)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert a.train_x.shape[0] > a.test_x.shape[0] > 0
+    if name not in ("teacher",):
+        assert not torch.equal(a.train_y, c.train_y)
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+@pytest.mark.parametrize("optimizer", ["ggn", "sgd", "adamw"])
+def test_each_task_trains_a_few_steps(name, optimizer):
+    task = get_task(name)
+    split = task.load(0)
+    model = task.build_model(0)
+    opt = build_optimizer(optimizer, model, task.loss, dict(task.hyper.get(optimizer, {})))
+    x, y = split.train_x[:32], split.train_y[:32]
+    losses = [float(training_step(opt, model, task.loss, x, y)) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+
+
+def test_model_init_depends_on_seed_only():
+    task = get_task("digits")
+    torch.manual_seed(123)
+    a = task.build_model(0)
+    torch.manual_seed(456)
+    b = task.build_model(0)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_unknown_task_lists_names():
+    with pytest.raises(ValueError, match="choose one of .*digits"):
+        get_task("imagenet")
+
+
+def test_registry_lists_every_task():
+    assert set(OFFLINE) <= set(TASKS)
