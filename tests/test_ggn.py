@@ -194,3 +194,21 @@ def test_unsupported_modules_left_to_the_gradient(float64):
     grad = model[1].s.grad.clone()
     opt.step()
     torch.testing.assert_close(model[1].s.detach(), scale_before - 0.5 * grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_solve_in_float32(dtype):
+    """The Gram and solve run in float32; the step is close to a float32 run's."""
+    model = models.mlp(out=2)
+    half = copy.deepcopy(model).to(dtype)
+    x, y = torch.randn(8, 5), torch.randn(8, 2)
+    steps = []
+    for m, xx, yy in ((model, x, y), (half, x.to(dtype), y.to(dtype))):
+        before = params_vector(m).float()
+        opt = gramopt.GGN(m, lr=0.5, damping=0.1)
+        opt.backward(m(xx), yy)
+        opt.step()
+        steps.append(params_vector(m).float() - before)
+        assert all(p.dtype == m[0].weight.dtype for p in m.parameters())
+    rel = (steps[1] - steps[0]).norm() / steps[0].norm()
+    assert rel < 0.05, rel

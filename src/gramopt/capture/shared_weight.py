@@ -110,8 +110,11 @@ class SharedWeightFactors(LayerFactors):
             x = self.inputs.reshape(b, -1)
             xx = x @ x.T
             if self.with_bias:
-                xx = xx + 1.0
-            return ((z @ z.T).view(b, k, b, k) * xx.view(b, 1, b, 1)).view(n, n)
+                xx += 1.0
+            zz = z @ z.T
+            if k == 1:
+                return zz.mul_(xx)
+            return (zz.view(b, k, b, k) * xx.view(b, 1, b, 1)).view(n, n)
         if self.gram_strategy() == "explicit":
             u = self.per_sample()
             return u @ u.T
@@ -141,6 +144,8 @@ class SharedWeightFactors(LayerFactors):
     def _weighted_grads(self, coeffs: Tensor) -> Tensor:
         """sum_c a_(i,c) z_(i,c), ``[b, s, d_out]``: the output-gradient of U^T a."""
         b, k = self.batch_size, self.passes
+        if k == 1:
+            return self.grads[:, 0] * coeffs.to(self.grads.dtype).view(b, 1, 1)
         a = coeffs.to(self.grads.dtype).view(b, k, 1, 1)
         return (a * self.grads).sum(dim=1)
 

@@ -201,7 +201,9 @@ class GGN(SampleSpaceOptimizer):
         (grad_output,) = torch.autograd.grad(value, detached)
         if not torch.isfinite(value):
             raise NonFiniteError(f"the loss is {float(value)}; nothing was changed")
-        q, w = self.loss.residual_system(output.detach(), target)
+        # the residual system in at least float32 (half-precision models solve in float32)
+        wide = output.detach().to(torch.promote_types(output.dtype, torch.float32))
+        q, w = self.loss.residual_system(wide, target.to(wide.dtype) if target.is_floating_point() else target)
         b = output.shape[0]
         k = output[0].numel()
         flat = output.reshape(b, k)
