@@ -1,0 +1,1 @@
+"""Benchmark helpers: interleaved timing, environment records."""
