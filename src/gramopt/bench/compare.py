@@ -244,9 +244,18 @@ def _stepper(task: Task, name: str, hyper: dict[str, Any], seed: int) -> tuple[C
     return step, errors
 
 
+def _try_stepper(task: Task, name: str, hyper: dict[str, Any], seed: int) -> tuple[Callable[[], None], list[str]] | None:
+    try:
+        return _stepper(task, name, hyper, seed)
+    except Exception:  # noqa: BLE001 - reported as failed by its runs already
+        return None
+
+
 def step_time_ratios(task: Task, winners: dict[str, dict[str, Any]], seed: int) -> dict[str, float | None]:
-    """Per method, median over rounds of (its seconds per step / SGD's in the same round)."""
-    steppers = {name: _stepper(task, name, hyper, seed) for name, hyper in winners.items()}
+    """Per method, median over rounds of (its seconds per step / SGD's in the same round);
+    None for a method that cannot be built or diverges while timed."""
+    built = {name: _try_stepper(task, name, hyper, seed) for name, hyper in winners.items()}
+    steppers = {name: stepper for name, stepper in built.items() if stepper is not None}
     if REFERENCE not in steppers:
         steppers[REFERENCE] = _stepper(task, REFERENCE, grid(REFERENCE, task)[GRID_SIZE // 2], seed)
     samples = interleaved_times(
@@ -256,16 +265,22 @@ def step_time_ratios(task: Task, winners: dict[str, dict[str, Any]], seed: int) 
     )
     ratios: dict[str, float | None] = {}
     for name in winners:
-        if steppers[name][1]:
-            ratios[name] = None  # diverged while being timed
+        if name not in steppers or steppers[name][1]:
+            ratios[name] = None  # cannot be built, or diverged while being timed
         else:
             ratios[name] = statistics.median(t / b for t, b in zip(samples[name], samples[REFERENCE]))
     return ratios
 
 
 def peak_step_memory(task: Task, name: str, hyper: dict[str, Any], seed: int) -> int | None:
-    step, _ = _stepper(task, name, hyper, seed)
-    return peak_memory(lambda: [step() for _ in range(bench_config.MEMORY_STEPS)])
+    """Peak memory of ``MEMORY_STEPS`` steps of a fresh model and optimizer (None if it
+    cannot be built or diverges)."""
+    stepper = _try_stepper(task, name, hyper, seed)
+    if stepper is None:
+        return None
+    step, errors = stepper
+    peak = peak_memory(lambda: [step() for _ in range(bench_config.MEMORY_STEPS)])
+    return None if errors else peak
 
 
 # -- a task -------------------------------------------------------------------------------

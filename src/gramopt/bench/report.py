@@ -55,7 +55,7 @@ def rows(task: dict[str, Any]) -> list[list[str]]:
     for name, method in task["optimizers"].items():
         s = method["summary"]
         label = name
-        trouble = [f"{s[k]} {k}" for k in ("diverged", "failed") if s[k]]
+        trouble = [f"{s[k]}/{s['final_train_loss']['of']} {k}" for k in ("diverged", "failed") if s[k]]
         if trouble:
             label += f" ({', '.join(trouble)})"
         out.append(
