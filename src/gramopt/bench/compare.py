@@ -22,7 +22,7 @@ goes on; so is a setting that fails for another reason (with the error).
 
 from __future__ import annotations
 
-import functools
+import datetime
 import importlib.metadata
 import json
 import math
@@ -45,7 +45,7 @@ from gramopt.bench.memory import peak_memory
 from gramopt.bench.plots import plot_curves
 from gramopt.bench.report import markdown
 from gramopt.bench.timing import interleaved_times
-from gramopt.tasks import TASKS, Task, get_task
+from gramopt.tasks import TASKS, Split, Task, get_task
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
 from gramopt.training.loop import environment, epoch_order
 from gramopt.training.optimizers import DIVERGENCE_ERRORS, build_optimizer, get_optimizer_spec, training_step
@@ -142,17 +142,19 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-@functools.lru_cache(maxsize=None)
-def _train_size(task: str, seed: int) -> int:
-    return get_task(task).load(seed).train_x.shape[0]
-
-
 def run_one(
-    task: Task, optimizer: str, hyper: dict[str, Any], seed: int, budget: Budget, console: Console, progress: Progress
+    task: Task,
+    optimizer: str,
+    hyper: dict[str, Any],
+    split: Split,
+    seed: int,
+    budget: Budget,
+    console: Console,
+    progress: Progress,
 ) -> dict[str, Any]:
-    """Train one setting for one seed; a record of what happened (never raises for a
-    diverging or failing optimizer)."""
-    steps_per_epoch = math.ceil(_train_size(task.name, seed) / task.batch_size) if budget.epochs else 0
+    """Train one setting for one seed on ``split`` (the task's data for ``seed``); a
+    record of what happened (never raises for a diverging or failing optimizer)."""
+    steps_per_epoch = math.ceil(split.train_x.shape[0] / task.batch_size)
     config = TrainConfig(
         task.name,
         optimizer,
@@ -162,18 +164,20 @@ def run_one(
         max_seconds=budget.seconds,
         eval_every_seconds=budget.seconds / bench_config.EVALUATIONS if budget.seconds else 0.0,
         eval_every_steps=max(1, budget.epochs * steps_per_epoch // bench_config.EVALUATIONS) if budget.epochs else 0,
+        eval_samples=bench_config.EVAL_SAMPLES.get(task.name, 0),
         save=False,
     )
     record: dict[str, Any] = {"seed": seed, "status": "ok", "reason": "", "history": [], "steps": 0}
     try:
-        trainer = Trainer(config, console, progress, verbose=False)
+        trainer = Trainer(config, console, progress, verbose=False, split=split)
         result = trainer.run()
     except Exception as err:  # noqa: BLE001 - a peer may fail in its own way; the comparison goes on
         record.update(status="failed", reason=f"{type(err).__name__}: {err}")
         return record
     history = result.epochs
     target = TARGETS.get(task.name)
-    seconds, epochs = time_to_target(history, target)
+    # A run that diverges counts as not having reached the target, even if it passed it first.
+    seconds, epochs = (None, None) if result.diverged else time_to_target(history, target)
     last = history[-1] if history else {}
     record.update(
         status="diverged" if result.diverged else "ok",
@@ -222,10 +226,9 @@ def to_target_spread(values: list[float | None]) -> dict[str, Any]:
 
 
 # -- measurements of the winners ----------------------------------------------------------
-def _stepper(task: Task, name: str, hyper: dict[str, Any], seed: int) -> tuple[Callable[[], None], list[str]]:
+def _stepper(task: Task, name: str, hyper: dict[str, Any], split: Split, seed: int) -> tuple[Callable[[], None], list[str]]:
     """A step function of a fresh model and optimizer cycling through the epoch-0 batches;
     the list collects a divergence error's message if one happens."""
-    split = task.load(seed)
     model = task.build_model(seed)
     optimizer = build_optimizer(name, model, task.loss, dict(hyper))
     order = epoch_order(split.train_x.shape[0], seed, 0)
@@ -244,20 +247,22 @@ def _stepper(task: Task, name: str, hyper: dict[str, Any], seed: int) -> tuple[C
     return step, errors
 
 
-def _try_stepper(task: Task, name: str, hyper: dict[str, Any], seed: int) -> tuple[Callable[[], None], list[str]] | None:
+def _try_stepper(
+    task: Task, name: str, hyper: dict[str, Any], split: Split, seed: int
+) -> tuple[Callable[[], None], list[str]] | None:
     try:
-        return _stepper(task, name, hyper, seed)
+        return _stepper(task, name, hyper, split, seed)
     except Exception:  # noqa: BLE001 - reported as failed by its runs already
         return None
 
 
-def step_time_ratios(task: Task, winners: dict[str, dict[str, Any]], seed: int) -> dict[str, float | None]:
+def step_time_ratios(task: Task, winners: dict[str, dict[str, Any]], split: Split, seed: int) -> dict[str, float | None]:
     """Per method, median over rounds of (its seconds per step / SGD's in the same round);
     None for a method that cannot be built or diverges while timed."""
-    built = {name: _try_stepper(task, name, hyper, seed) for name, hyper in winners.items()}
+    built = {name: _try_stepper(task, name, hyper, split, seed) for name, hyper in winners.items()}
     steppers = {name: stepper for name, stepper in built.items() if stepper is not None}
     if REFERENCE not in steppers:
-        steppers[REFERENCE] = _stepper(task, REFERENCE, grid(REFERENCE, task)[GRID_SIZE // 2], seed)
+        steppers[REFERENCE] = _stepper(task, REFERENCE, grid(REFERENCE, task)[GRID_SIZE // 2], split, seed)
     samples = interleaved_times(
         {name: step for name, (step, _) in steppers.items()},
         rounds=bench_config.TIMING_ROUNDS,
@@ -272,10 +277,10 @@ def step_time_ratios(task: Task, winners: dict[str, dict[str, Any]], seed: int) 
     return ratios
 
 
-def peak_step_memory(task: Task, name: str, hyper: dict[str, Any], seed: int) -> int | None:
+def peak_step_memory(task: Task, name: str, hyper: dict[str, Any], split: Split, seed: int) -> int | None:
     """Peak memory of ``MEMORY_STEPS`` steps of a fresh model and optimizer (None if it
     cannot be built or diverges)."""
-    stepper = _try_stepper(task, name, hyper, seed)
+    stepper = _try_stepper(task, name, hyper, split, seed)
     if stepper is None:
         return None
     step, errors = stepper
@@ -284,9 +289,20 @@ def peak_step_memory(task: Task, name: str, hyper: dict[str, Any], seed: int) ->
 
 
 # -- a task -------------------------------------------------------------------------------
-def compare_task(config: CompareConfig, task: Task, console: Console, progress: Progress, overall: Any) -> dict[str, Any]:
+def load_splits(task: Task, seeds: int) -> dict[int, Split]:
+    """The task's data for each seed, loaded once for all runs (a missing data set is a
+    ValueError saying how to install it, raised before anything runs)."""
+    try:
+        return {seed: task.load(seed) for seed in range(seeds)}
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from err
+
+
+def compare_task(
+    config: CompareConfig, task: Task, splits: dict[int, Split], console: Console, progress: Progress, overall: Any
+) -> dict[str, Any]:
     budget = task_budget(config, task)
-    seeds = list(range(config.seeds))
+    seeds = sorted(splits)
     methods: dict[str, dict[str, Any]] = {}
     for name in config.optimizers:
         spec = get_optimizer_spec(name)
@@ -300,7 +316,7 @@ def compare_task(config: CompareConfig, task: Task, console: Console, progress: 
             for name, method in methods.items():
                 setting = method["settings"][k]
                 progress.update(overall, status=f"{task.name}: {name} setting {k + 1}/{GRID_SIZE} seed {seed}")
-                setting["runs"].append(run_one(task, name, setting["hyper"], seed, budget, console, progress))
+                setting["runs"].append(run_one(task, name, setting["hyper"], splits[seed], seed, budget, console, progress))
                 progress.advance(overall)
     for method in methods.values():
         method["winner"] = select(method["settings"])
@@ -310,10 +326,10 @@ def compare_task(config: CompareConfig, task: Task, console: Console, progress: 
 
     winners = {name: m["settings"][m["winner"]]["hyper"] for name, m in methods.items()}
     progress.update(overall, status=f"{task.name}: interleaved step timing and peak memory of the winners")
-    ratios = [step_time_ratios(task, winners, seed) for seed in seeds]
+    ratios = [step_time_ratios(task, winners, splits[seed], seed) for seed in seeds]
     for name, method in methods.items():
         runs = method["settings"][method["winner"]]["runs"]
-        memory = [peak_step_memory(task, name, winners[name], seed) for seed in seeds]
+        memory = [peak_step_memory(task, name, winners[name], splits[seed], seed) for seed in seeds]
         method["summary"] = {
             "time_to_target": to_target_spread([r.get("time_to_target") for r in runs]),
             "epochs_to_target": to_target_spread([r.get("epochs_to_target") for r in runs]),
@@ -328,7 +344,7 @@ def compare_task(config: CompareConfig, task: Task, console: Console, progress: 
     target = TARGETS.get(task.name)
     return {
         "task": {"name": task.name, "description": task.description, "loss": task.loss, "metric": task.metric,
-                 "batch_size": task.batch_size},
+                 "batch_size": task.batch_size, "eval_samples": bench_config.EVAL_SAMPLES.get(task.name, 0)},
         "target": None if target is None else {**asdict(target), "text": target.describe()},
         "budget": {"seconds": budget.seconds, "epochs": budget.epochs, "text": budget.describe()},
         "seeds": seeds,
@@ -354,7 +370,7 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
     previous_threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     try:
         progress = Progress(
             TextColumn("[progress.description]{task.description}"),
@@ -366,12 +382,13 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
             disable=not config.progress,
             transient=True,
         )
+        data = {name: load_splits(get_task(name), config.seeds) for name in config.tasks}
         total = len(config.tasks) * len(config.optimizers) * GRID_SIZE * config.seeds
         tasks = {}
         with progress:
             overall = progress.add_task("runs", total=total, status="")
             for name in config.tasks:
-                tasks[name] = compare_task(config, get_task(name), console, progress, overall)
+                tasks[name] = compare_task(config, get_task(name), data.pop(name), console, progress, overall)
     finally:
         torch.set_num_threads(previous_threads)
     return {
@@ -384,6 +401,7 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
         "ties by smallest median final train loss",
         "tasks": tasks,
         "wall_seconds": time.perf_counter() - started,
+        "started_at": started_at,
         "environment": {
             **environment(),
             "threads": str(torch.get_num_threads() if config.threads is None else config.threads),

@@ -153,7 +153,8 @@ def markdown(results: dict[str, Any]) -> str:
         "optimizer (activations, gradients, optimizer state, temporaries; not the model or data), read from "
         "Linux's peak resident-set counter after resetting it (/proc/self/clear_refs), freed memory returned to "
         "the system first.",
-        "- Final train loss and the test metric: at the end of the budget, on the whole train and test sets.",
+        "- Final train loss and the test metric: at the end of the budget, on the whole train and test sets "
+        "(or, where a task says so, on fixed random subsets of them).",
         "",
     ]
     for task in results["tasks"].values():
@@ -163,7 +164,9 @@ def markdown(results: dict[str, Any]) -> str:
             f"## {info['name']}",
             "",
             f"{info['description']}. Loss: {info['loss']}; batch {info['batch_size']}; seeds {task['seeds']}. "
-            f"Target: {target}. Budget: {task['budget']['text']}.",
+            f"Target: {target}. Budget: {task['budget']['text']}."
+            + (f" Evaluated on fixed random subsets of {info['eval_samples']} train and test samples."
+               if info.get("eval_samples") else ""),
             "",
         ]
         lines += _markdown_table(_headers(task), rows(task))

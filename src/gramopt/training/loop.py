@@ -52,6 +52,7 @@ class TrainConfig:
     # the clock passes a multiple of S seconds (and at the end of the run).
     eval_every_steps: int = 0
     eval_every_seconds: float = 0.0
+    eval_samples: int = 0  # evaluate on at most this many samples of each set (fixed per seed; 0: all)
     save: bool = True  # write metrics.json and checkpoint.pt to `out`
 
     def resolved(self, task: Task) -> "TrainConfig":
@@ -72,8 +73,8 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
-        if self.eval_every_steps < 0 or self.eval_every_seconds < 0:
-            raise ValueError("eval_every_steps and eval_every_seconds must be >= 0")
+        if self.eval_every_steps < 0 or self.eval_every_seconds < 0 or self.eval_samples < 0:
+            raise ValueError("eval_every_steps, eval_every_seconds and eval_samples must be >= 0")
         out = self.out or f"runs/{self.task}-{self.optimizer}-seed{self.seed}"
         return replace(self, epochs=epochs, batch_size=batch, hyper=hyper, out=out)
 
@@ -114,6 +115,14 @@ def evaluate(model: nn.Module, task: Task, x: Tensor, y: Tensor, batch: int = 10
     return mean, (mean if task.loss == "mse" else correct / x.shape[0])
 
 
+def eval_subset(x: Tensor, y: Tensor, samples: int, seed: int) -> tuple[Tensor, Tensor]:
+    """At most ``samples`` rows of (x, y), the same for every run of ``seed`` (all if 0)."""
+    if not samples or samples >= x.shape[0]:
+        return x, y
+    rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]
+    return x[rows], y[rows]
+
+
 def environment() -> dict[str, str]:
     import numpy
 
@@ -132,7 +141,8 @@ class Trainer:
 
     ``progress``: True for a progress bar of its own, False for none, or a rich
     ``Progress`` to add this run's bar to (removed when the run ends). ``verbose``:
-    print a line per epoch.
+    print a line per epoch. ``split``: the task's data for this seed, if already loaded
+    (the comparison runs many settings on the same data).
     """
 
     def __init__(
@@ -142,6 +152,7 @@ class Trainer:
         progress: bool | Progress = True,
         *,
         verbose: bool = True,
+        split: Split | None = None,
     ) -> None:
         self.task = get_task(config.task)
         self.config = config.resolved(self.task)
@@ -149,7 +160,9 @@ class Trainer:
         self.progress = progress
         self.verbose = verbose
         self.out = Path(self.config.out)
-        self.split: Split = self.task.load(self.config.seed)
+        self.split: Split = split if split is not None else self.task.load(self.config.seed)
+        self.eval_train = eval_subset(self.split.train_x, self.split.train_y, self.config.eval_samples, self.config.seed)
+        self.eval_test = eval_subset(self.split.test_x, self.split.test_y, self.config.eval_samples, self.config.seed)
         self.model = self.task.build_model(self.config.seed)
         self.optimizer = build_optimizer(self.config.optimizer, self.model, self.task.loss, dict(self.config.hyper))
         self.epochs: list[dict[str, float]] = []
@@ -329,8 +342,8 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, float]:
         """Append an evaluation record (train loss and the test metric at this step)."""
-        train_loss, _ = evaluate(self.model, self.task, self.split.train_x, self.split.train_y)
-        test_loss, metric = evaluate(self.model, self.task, self.split.test_x, self.split.test_y)
+        train_loss, _ = evaluate(self.model, self.task, *self.eval_train)
+        test_loss, metric = evaluate(self.model, self.task, *self.eval_test)
         steps_per_epoch = math.ceil(self.split.train_x.shape[0] / self.config.batch_size)
         record = {
             "epoch": self.epoch + self.step_in_epoch / steps_per_epoch,
