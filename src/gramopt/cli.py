@@ -1,4 +1,4 @@
-"""Command line: ``gramopt tasks``, ``gramopt train``.
+"""Command line: ``gramopt tasks``, ``gramopt train``, ``gramopt compare``.
 
 Parsing only: each command builds a config and calls the library.
 """
@@ -8,10 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from gramopt.bench import config as bench_config
+from gramopt.bench.compare import CompareConfig, run_comparison, write_outputs
+from gramopt.bench.report import rich_table
 from gramopt.errors import GramoptError
 from gramopt.tasks import TASKS
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
@@ -37,7 +41,32 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: each epoch)")
     train.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (optionally with a new --epochs)")
     train.add_argument("--no-progress", action="store_true", help="no live progress bar")
+
+    compare = commands.add_parser(
+        "compare",
+        help="optimizers head to head: same budget, same grid size, several seeds; report.md, curves.png, results.json",
+    )
+    compare.add_argument(
+        "--task", default=bench_config.DEFAULT_TASK,
+        help=f"task(s) from `gramopt tasks`, comma-separated, or all (default: {bench_config.DEFAULT_TASK})",
+    )
+    compare.add_argument(
+        "--optimizers", type=_names,
+        help="comma-separated optimizer names, or all (default: the gramopt methods, sgd, adamw, "
+        f"{', '.join(bench_config.DEFAULT_PEERS)})",
+    )
+    compare.add_argument("--seeds", type=int, default=bench_config.DEFAULT_SEEDS, help="seeds 0..N-1 per setting (default: %(default)s)")
+    budget = compare.add_mutually_exclusive_group()
+    budget.add_argument("--budget-seconds", type=float, help="optimizer-clock seconds per run (default: the task's)")
+    budget.add_argument("--epochs", type=int, help="epochs per run, instead of a time budget")
+    compare.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
+    compare.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s, steadier timings)")
+    compare.add_argument("--no-progress", action="store_true", help="no live progress display")
     return parser
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _tasks(console: Console) -> int:
@@ -70,12 +99,27 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace, console: Console) -> int:
+    config = CompareConfig(
+        _names(args.task), args.optimizers, args.seeds, args.budget_seconds, args.epochs, args.out, args.threads,
+        not args.no_progress,
+    )
+    results = run_comparison(config, console)
+    paths = write_outputs(results, Path(args.out))
+    for task in results["tasks"].values():
+        console.print(rich_table(task))
+    console.print(f"{results['wall_seconds']:.0f} s; wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
     try:
         if args.command == "tasks":
             return _tasks(console)
+        if args.command == "compare":
+            return _compare(args, console)
         return _train(args, console)
     except (GramoptError, ValueError) as err:
         console.print(f"[red]error:[/] {err}")

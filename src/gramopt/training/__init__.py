@@ -1,8 +1,10 @@
-"""Training runs: optimizers by name, the loop behind ``gramopt train``, checkpoints."""
+"""Training runs: optimizers by name (gramopt's, torch's and installed peers'), the loop
+behind ``gramopt train`` and ``gramopt compare``, checkpoints."""
 
 from gramopt.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gramopt.training.loop import TrainConfig, Trainer, TrainResult, evaluate, train
 from gramopt.training.optimizers import OPTIMIZERS, build_optimizer, get_optimizer_spec, training_step
+from gramopt.training import peers  # noqa: E402,F401 - registers the installed peers in OPTIMIZERS
 
 __all__ = [
     "CheckpointError",

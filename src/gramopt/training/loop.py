@@ -1,6 +1,11 @@
-"""The training loop behind ``gramopt train``: fixed data order per (seed, epoch),
-per-epoch evaluation, ``metrics.json`` and an atomic ``checkpoint.pt`` from which a
-run continues bit for bit (``--resume``)."""
+"""The training loop behind ``gramopt train`` and ``gramopt compare``: fixed data order
+per (seed, epoch), evaluation at each epoch's end (and, if asked, every N steps or every
+S seconds of optimizer time), ``metrics.json`` and an atomic ``checkpoint.pt`` from
+which a run continues bit for bit (``--resume``).
+
+The clock (``seconds``) counts training steps only: forward, backward pass(es) and the
+update. Evaluation, checkpoints and the progress display are outside it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,7 @@ from gramopt.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from gramopt.training.optimizers import build_optimizer, get_optimizer_spec, training_step
+from gramopt.training.optimizers import DIVERGENCE_ERRORS, build_optimizer, get_optimizer_spec, training_step
 
 
 @dataclass
@@ -41,6 +47,13 @@ class TrainConfig:
     hyper: dict[str, Any] = field(default_factory=dict)
     out: str | None = None
     checkpoint_every: int = 0  # steps between extra checkpoints (0: at the end of each epoch only)
+    max_seconds: float | None = None  # also stop once the clock (training steps only) reaches this
+    # Evaluation: at the end of each epoch, or, if either is set, every N steps / each time
+    # the clock passes a multiple of S seconds (and at the end of the run).
+    eval_every_steps: int = 0
+    eval_every_seconds: float = 0.0
+    eval_samples: int = 0  # evaluate on at most this many samples of each set (fixed per seed; 0: all)
+    save: bool = True  # write metrics.json and checkpoint.pt to `out`
 
     def resolved(self, task: Task) -> "TrainConfig":
         spec = get_optimizer_spec(self.optimizer)
@@ -58,16 +71,25 @@ class TrainConfig:
             raise ValueError(f"batch size must be >= 1, got {batch}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
+        if self.eval_every_steps < 0 or self.eval_every_seconds < 0 or self.eval_samples < 0:
+            raise ValueError("eval_every_steps, eval_every_seconds and eval_samples must be >= 0")
         out = self.out or f"runs/{self.task}-{self.optimizer}-seed{self.seed}"
-        return TrainConfig(self.task, self.optimizer, epochs, batch, self.seed, hyper, out, self.checkpoint_every)
+        return replace(self, epochs=epochs, batch_size=batch, hyper=hyper, out=out)
 
 
 @dataclass
 class TrainResult:
+    """``epochs``: the evaluation records (step, epoch, seconds, train_loss, test_loss,
+    the task's metric); ``step_seconds``: the duration of every step this session ran."""
+
     config: TrainConfig
     epochs: list[dict[str, float]]
     diverged: bool
     model: nn.Module
+    diverged_reason: str = ""
+    step_seconds: list[float] = field(default_factory=list)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
@@ -93,6 +115,14 @@ def evaluate(model: nn.Module, task: Task, x: Tensor, y: Tensor, batch: int = 10
     return mean, (mean if task.loss == "mse" else correct / x.shape[0])
 
 
+def eval_subset(x: Tensor, y: Tensor, samples: int, seed: int) -> tuple[Tensor, Tensor]:
+    """At most ``samples`` rows of (x, y), the same for every run of ``seed`` (all if 0)."""
+    if not samples or samples >= x.shape[0]:
+        return x, y
+    rows = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:samples]
+    return x[rows], y[rows]
+
+
 def environment() -> dict[str, str]:
     import numpy
 
@@ -107,21 +137,40 @@ def environment() -> dict[str, str]:
 
 
 class Trainer:
-    """One run of ``config`` (fresh, or continued from ``out/checkpoint.pt``)."""
+    """One run of ``config`` (fresh, or continued from ``out/checkpoint.pt``).
 
-    def __init__(self, config: TrainConfig, console: Console | None = None, progress: bool = True) -> None:
+    ``progress``: True for a progress bar of its own, False for none, or a rich
+    ``Progress`` to add this run's bar to (removed when the run ends). ``verbose``:
+    print a line per epoch. ``split``: the task's data for this seed, if already loaded
+    (the comparison runs many settings on the same data).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        console: Console | None = None,
+        progress: bool | Progress = True,
+        *,
+        verbose: bool = True,
+        split: Split | None = None,
+    ) -> None:
         self.task = get_task(config.task)
         self.config = config.resolved(self.task)
         self.console = console or Console()
-        self.show_progress = progress
+        self.progress = progress
+        self.verbose = verbose
         self.out = Path(self.config.out)
-        self.split: Split = self.task.load(self.config.seed)
+        self.split: Split = split if split is not None else self.task.load(self.config.seed)
+        self.eval_train = eval_subset(self.split.train_x, self.split.train_y, self.config.eval_samples, self.config.seed)
+        self.eval_test = eval_subset(self.split.test_x, self.split.test_y, self.config.eval_samples, self.config.seed)
         self.model = self.task.build_model(self.config.seed)
         self.optimizer = build_optimizer(self.config.optimizer, self.model, self.task.loss, dict(self.config.hyper))
         self.epochs: list[dict[str, float]] = []
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.seconds = 0.0
         self.diverged = False
+        self.diverged_reason = ""
+        self.step_seconds: list[float] = []
 
     # -- checkpoints --------------------------------------------------------------------
     @property
@@ -129,6 +178,8 @@ class Trainer:
         return self.out / "checkpoint.pt"
 
     def save(self) -> None:
+        if not self.config.save:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(
             self.checkpoint_path,
@@ -170,6 +221,8 @@ class Trainer:
         return trainer
 
     def write_metrics(self) -> None:
+        if not self.config.save:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         record = {
             "config": asdict(self.config),
@@ -183,62 +236,117 @@ class Trainer:
         tmp.replace(self.out / "metrics.json")
 
     # -- the loop -----------------------------------------------------------------------
-    def run(self) -> TrainResult:
+    def finished(self) -> bool:
         cfg = self.config
-        n = self.split.train_x.shape[0]
-        steps_per_epoch = math.ceil(n / cfg.batch_size)
-        total = cfg.epochs * steps_per_epoch
-        self.console.print(
-            f"[bold]gramopt train[/]: task={cfg.task} optimizer={cfg.optimizer} {cfg.hyper} "
-            f"epochs={cfg.epochs} batch={cfg.batch_size} seed={cfg.seed} -> {self.out}"
-        )
-        progress = Progress(
+        out_of_time = cfg.max_seconds is not None and self.seconds >= cfg.max_seconds
+        return self.diverged or self.epoch >= cfg.epochs or out_of_time
+
+    def _progress(self) -> tuple[Progress, bool]:
+        """The progress display to use, and whether this run owns it."""
+        if isinstance(self.progress, Progress):
+            return self.progress, False
+        columns = (
             TextColumn("[progress.description]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("{task.fields[status]}"),
-            console=self.console,
-            disable=not self.show_progress,
-            transient=True,
         )
+        return Progress(*columns, console=self.console, disable=not self.progress, transient=True), True
+
+    def run(self) -> TrainResult:
+        cfg = self.config
+        n = self.split.train_x.shape[0]
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        if self.verbose:
+            self.console.print(
+                f"[bold]gramopt train[/]: task={cfg.task} optimizer={cfg.optimizer} {cfg.hyper} "
+                f"epochs={cfg.epochs} batch={cfg.batch_size} seed={cfg.seed} -> {self.out}"
+            )
+        progress, owned = self._progress()
+        # The bar counts steps, or seconds of the clock when the run has a time budget.
+        timed = cfg.max_seconds is not None
+        total = cfg.max_seconds if timed else cfg.epochs * steps_per_epoch
         self.model.train()
-        with progress:
-            bar = progress.add_task("training", total=total, completed=min(self.global_step, total), status="")
-            while self.epoch < cfg.epochs and not self.diverged:
+        with progress if owned else nullcontext():
+            description = f"{cfg.optimizer} seed {cfg.seed}" if not owned else "training"
+            bar = progress.add_task(description, total=total, completed=self._done(timed), status="")
+            if self._scheduled() and not self.epochs:
+                self._evaluate()  # the starting point of the curves
+            shown = 0.0
+            while not self.finished():
                 order = epoch_order(n, cfg.seed, self.epoch)
-                while self.step_in_epoch < steps_per_epoch:
+                while self.step_in_epoch < steps_per_epoch and not self.finished():
                     idx = order[self.step_in_epoch * cfg.batch_size : (self.step_in_epoch + 1) * cfg.batch_size]
-                    x, y = self.split.train_x[idx], self.split.train_y[idx]
-                    start = time.perf_counter()
-                    try:
-                        loss = float(training_step(self.optimizer, self.model, self.task.loss, x, y))
-                    except ArithmeticError as err:  # NonFiniteError, SingularSystemError
-                        self.console.print(f"[red]diverged[/] at step {self.global_step}: {err}")
-                        loss = math.nan
-                    self.seconds += time.perf_counter() - start
-                    self.step_in_epoch += 1
-                    self.global_step += 1
-                    progress.update(bar, advance=1, status=f"epoch {self.epoch + 1} loss {loss:.4g}")
-                    if not math.isfinite(loss):
-                        self.diverged = True
+                    loss = self._step(self.split.train_x[idx], self.split.train_y[idx])
+                    if time.perf_counter() - shown > 0.1:  # the display costs more than a small step
+                        shown = time.perf_counter()
+                        progress.update(bar, completed=self._done(timed), status=f"epoch {self.epoch + 1} loss {loss:.4g}")
+                    if self.diverged:
                         break
                     if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
                         self.save()
-                if self.diverged:
-                    break
-                self._end_epoch()
+                    if self._evaluation_due():
+                        self._evaluate()
+                if self.step_in_epoch == steps_per_epoch and not self.diverged:
+                    self._end_epoch()
+            if not self.diverged and (not self.epochs or self.epochs[-1]["step"] != self.global_step):
+                self._evaluate()  # the time budget ran out inside an epoch
+            progress.update(bar, completed=self._done(timed))
+            if not owned:
+                progress.remove_task(bar)
         self.write_metrics()
         self.save()
-        return TrainResult(cfg, self.epochs, self.diverged, self.model)
+        return TrainResult(
+            cfg,
+            self.epochs,
+            self.diverged,
+            self.model,
+            self.diverged_reason,
+            self.step_seconds,
+        )
 
-    def _end_epoch(self) -> None:
-        train_loss, _ = evaluate(self.model, self.task, self.split.train_x, self.split.train_y)
-        test_loss, metric = evaluate(self.model, self.task, self.split.test_x, self.split.test_y)
-        self.epoch += 1
-        self.step_in_epoch = 0
+    def _done(self, timed: bool) -> float:
+        return min(self.seconds, self.config.max_seconds) if timed else self.global_step
+
+    def _step(self, x: Tensor, y: Tensor) -> float:
+        """One timed training step; a non-finite loss or a divergence error ends the run."""
+        start = time.perf_counter()
+        try:
+            loss = float(training_step(self.optimizer, self.model, self.task.loss, x, y))
+        except DIVERGENCE_ERRORS as err:
+            loss, self.diverged_reason = math.nan, f"{type(err).__name__} at step {self.global_step}: {err}"
+        elapsed = time.perf_counter() - start
+        self.seconds += elapsed
+        self.step_seconds.append(elapsed)
+        self.step_in_epoch += 1
+        self.global_step += 1
+        if not math.isfinite(loss):
+            self.diverged = True
+            self.diverged_reason = self.diverged_reason or f"loss {loss} at step {self.global_step - 1}"
+            if self.verbose:
+                self.console.print(f"[red]diverged[/]: {self.diverged_reason}")
+        return loss
+
+    def _scheduled(self) -> bool:
+        return bool(self.config.eval_every_steps or self.config.eval_every_seconds)
+
+    def _evaluation_due(self) -> bool:
+        cfg = self.config
+        if cfg.eval_every_steps and self.global_step % cfg.eval_every_steps == 0:
+            return True
+        if cfg.eval_every_seconds:
+            last = self.epochs[-1]["seconds"] if self.epochs else 0.0
+            return math.floor(self.seconds / cfg.eval_every_seconds) > math.floor(last / cfg.eval_every_seconds)
+        return False
+
+    def _evaluate(self) -> dict[str, float]:
+        """Append an evaluation record (train loss and the test metric at this step)."""
+        train_loss, _ = evaluate(self.model, self.task, *self.eval_train)
+        test_loss, metric = evaluate(self.model, self.task, *self.eval_test)
+        steps_per_epoch = math.ceil(self.split.train_x.shape[0] / self.config.batch_size)
         record = {
-            "epoch": self.epoch,
+            "epoch": self.epoch + self.step_in_epoch / steps_per_epoch,
             "step": self.global_step,
             "train_loss": train_loss,
             "test_loss": test_loss,
@@ -246,15 +354,30 @@ class Trainer:
             "seconds": self.seconds,
         }
         self.epochs.append(record)
-        metric_text = f"{metric:.4g}" if self.task.loss == "mse" else f"{100 * metric:.2f}%"
-        self.console.print(
-            f"epoch {self.epoch:3d}  train loss {train_loss:.4g}  {self.task.metric} {metric_text}  "
-            f"{self.seconds:.2f}s"
-        )
         if not math.isfinite(train_loss):
             self.diverged = True
+            self.diverged_reason = f"train loss {train_loss} at step {self.global_step}"
+        return record
+
+    def _end_epoch(self) -> None:
+        """Evaluate (unless the run has a schedule of its own), write metrics, checkpoint."""
+        self.epoch += 1
+        self.step_in_epoch = 0
+        if not self._scheduled():
+            self._evaluate_epoch()
         self.write_metrics()
         self.save()
+
+    def _evaluate_epoch(self) -> None:
+        record = self._evaluate()
+        record["epoch"] = self.epoch
+        if self.verbose:
+            metric = record[self.task.metric]
+            metric_text = f"{metric:.4g}" if self.task.loss == "mse" else f"{100 * metric:.2f}%"
+            self.console.print(
+                f"epoch {self.epoch:3d}  train loss {record['train_loss']:.4g}  {self.task.metric} {metric_text}  "
+                f"{self.seconds:.2f}s"
+            )
 
 
 def train(config: TrainConfig, console: Console | None = None, progress: bool = True) -> TrainResult:

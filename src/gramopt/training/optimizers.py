@@ -19,15 +19,23 @@ from gramopt.losses import get_loss
 from gramopt.optim.base import SampleSpaceOptimizer
 
 
+# What a step may raise when the optimizer diverges: gramopt's NonFiniteError and
+# SingularSystemError (ArithmeticError), and torch's LinAlgError from a peer's
+# factorization of a non-finite or indefinite matrix.
+DIVERGENCE_ERRORS: tuple[type[BaseException], ...] = (ArithmeticError, torch.linalg.LinAlgError)
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     """``build(model, loss, hyper)`` makes the optimizer; ``defaults`` fill in missing
-    hyper-parameters; ``hyper_names`` are those the command line may set."""
+    hyper-parameters; ``hyper_names`` are those the command line may set; ``source``
+    says where the method comes from ("gramopt", "torch" or the peer package)."""
 
     name: str
     description: str
     build: Callable[[nn.Module, str, dict[str, Any]], torch.optim.Optimizer]
     defaults: dict[str, Any]
+    source: str = "gramopt"
 
     @property
     def hyper_names(self) -> tuple[str, ...]:
@@ -50,8 +58,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "ggn": OptimizerSpec(
         "ggn", "gramopt Gram-Gauss-Newton", _ggn, dict(lr=1.0, damping=0.3, momentum=0.0, weight_decay=0.0)
     ),
-    "sgd": OptimizerSpec("sgd", "torch SGD with momentum", _sgd, dict(lr=0.1, momentum=0.9, weight_decay=0.0)),
-    "adamw": OptimizerSpec("adamw", "torch AdamW", _adamw, dict(lr=1e-3, weight_decay=0.01)),
+    "sgd": OptimizerSpec(
+        "sgd", "torch SGD with momentum", _sgd, dict(lr=0.1, momentum=0.9, weight_decay=0.0), source="torch"
+    ),
+    "adamw": OptimizerSpec("adamw", "torch AdamW", _adamw, dict(lr=1e-3, weight_decay=0.01), source="torch"),
 }
 
 

@@ -1,0 +1,434 @@
+"""``gramopt compare``: optimizers head to head on the embedded tasks, fairly timed.
+
+For each task, each optimizer trains every setting of its grid (``config.grid``, the
+same size for all) for every seed, under the same budget: seconds of the optimizer
+clock (training steps only; evaluation is outside it) or epochs. Runs go in the order
+seed, setting, optimizer, so that load changes on a shared machine fall on all
+optimizers alike. Each run is evaluated at evenly spaced points of its budget (every
+budget/``EVALUATIONS`` seconds of the clock, or every total/``EVALUATIONS`` steps), so a
+fast method's time-to-target is as finely resolved as a slow one's.
+
+Then, for each optimizer's winning setting (``config`` module docstring):
+
+- step time: a fresh model and optimizer per method, their steps timed in turns
+  (round robin) in this process, reported as the ratio to SGD-momentum in the same
+  rounds (``gramopt.bench.timing``), per seed;
+- peak memory: ``MEMORY_STEPS`` steps of a fresh model and optimizer, measured with the
+  kernel's peak resident-set counter (``gramopt.bench.memory``), per seed.
+
+A diverged setting (NaN, or a divergence error) is reported as such and the comparison
+goes on; so is a setting that fails for another reason (with the error).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from gramopt.bench import config as bench_config
+from gramopt.bench.config import GRID_SIZE, TARGETS, Target, grid
+from gramopt.bench.memory import peak_memory
+from gramopt.bench.plots import plot_curves
+from gramopt.bench.report import markdown
+from gramopt.bench.timing import interleaved_times
+from gramopt.tasks import TASKS, Split, Task, get_task
+from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
+from gramopt.training.loop import environment, epoch_order
+from gramopt.training.optimizers import DIVERGENCE_ERRORS, build_optimizer, get_optimizer_spec, training_step
+
+REFERENCE = "sgd"  # step times are reported as ratios to this optimizer's (task default setting)
+UNBOUNDED_EPOCHS = 10**9  # a time-budgeted run stops on its clock, not on epochs
+
+
+@dataclass
+class CompareConfig:
+    """A comparison. ``optimizers=None``: :func:`default_optimizers`; ``budget_seconds``
+    and ``epochs`` both None: each task's ``BUDGET_SECONDS``."""
+
+    tasks: tuple[str, ...] = (bench_config.DEFAULT_TASK,)
+    optimizers: tuple[str, ...] | None = None
+    seeds: int = bench_config.DEFAULT_SEEDS
+    budget_seconds: float | None = None
+    epochs: int | None = None
+    out: str = "runs/compare"
+    threads: int | None = 1
+    progress: bool = True
+
+    def validated(self) -> "CompareConfig":
+        """Check every name and number before anything runs (ValueError naming the problem)."""
+        tasks = tuple(TASKS) if self.tasks == ("all",) else tuple(self.tasks)
+        for name in tasks:
+            get_task(name)
+        if not tasks:
+            raise ValueError(f"no task given; choose from {', '.join(sorted(TASKS))} or all")
+        if self.optimizers is None:
+            optimizers = default_optimizers()
+        elif tuple(self.optimizers) == ("all",):
+            optimizers = tuple(OPTIMIZERS)
+        else:
+            optimizers = tuple(dict.fromkeys(self.optimizers))
+        for name in optimizers:
+            get_optimizer_spec(name)
+        if not optimizers:
+            raise ValueError(f"no optimizer given; choose from {', '.join(sorted(OPTIMIZERS))} or all")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.budget_seconds is not None and self.epochs is not None:
+            raise ValueError("give one budget: --budget-seconds or --epochs, not both")
+        if self.budget_seconds is not None and not (self.budget_seconds > 0 and math.isfinite(self.budget_seconds)):
+            raise ValueError(f"budget seconds must be > 0, got {self.budget_seconds}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        for name in tasks:
+            for optimizer in optimizers:
+                grid(optimizer, get_task(name))
+        return CompareConfig(tasks, optimizers, self.seeds, self.budget_seconds, self.epochs, self.out, self.threads, self.progress)
+
+
+def default_optimizers() -> tuple[str, ...]:
+    """Every gramopt method, torch's SGD-momentum and AdamW, and the installed default peers."""
+    gramopt_methods = [name for name, spec in OPTIMIZERS.items() if spec.source == "gramopt"]
+    peers = [name for name in bench_config.DEFAULT_PEERS if name in OPTIMIZERS]
+    return tuple(gramopt_methods + ["sgd", "adamw"] + peers)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Per run: ``seconds`` of the optimizer clock, or ``epochs``."""
+
+    seconds: float | None
+    epochs: int | None
+
+    def describe(self) -> str:
+        if self.seconds is not None:
+            return f"{self.seconds:g} s of optimizer time per run (training steps only)"
+        return f"{self.epochs} epochs per run"
+
+
+def task_budget(config: CompareConfig, task: Task) -> Budget:
+    if config.epochs is not None:
+        return Budget(None, config.epochs)
+    seconds = config.budget_seconds or bench_config.BUDGET_SECONDS.get(task.name, bench_config.FALLBACK_BUDGET_SECONDS)
+    return Budget(seconds, None)
+
+
+# -- one run ------------------------------------------------------------------------------
+def time_to_target(history: list[dict[str, float]], target: Target | None) -> tuple[float | None, float | None]:
+    """(seconds, epochs) at the first evaluation that meets ``target``, or (None, None)."""
+    if target is not None:
+        for record in history:
+            if target.reached(record):
+                return record["seconds"], record["epoch"]
+    return None, None
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def run_one(
+    task: Task,
+    optimizer: str,
+    hyper: dict[str, Any],
+    split: Split,
+    seed: int,
+    budget: Budget,
+    console: Console,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Train one setting for one seed on ``split`` (the task's data for ``seed``); a
+    record of what happened (never raises for a diverging or failing optimizer)."""
+    steps_per_epoch = math.ceil(split.train_x.shape[0] / task.batch_size)
+    config = TrainConfig(
+        task.name,
+        optimizer,
+        epochs=budget.epochs or UNBOUNDED_EPOCHS,
+        seed=seed,
+        hyper=dict(hyper),
+        max_seconds=budget.seconds,
+        eval_every_seconds=budget.seconds / bench_config.EVALUATIONS if budget.seconds else 0.0,
+        eval_every_steps=max(1, budget.epochs * steps_per_epoch // bench_config.EVALUATIONS) if budget.epochs else 0,
+        eval_samples=bench_config.EVAL_SAMPLES.get(task.name, 0),
+        save=False,
+    )
+    record: dict[str, Any] = {"seed": seed, "status": "ok", "reason": "", "history": [], "steps": 0}
+    try:
+        trainer = Trainer(config, console, progress, verbose=False, split=split)
+        result = trainer.run()
+    except Exception as err:  # noqa: BLE001 - a peer may fail in its own way; the comparison goes on
+        record.update(status="failed", reason=f"{type(err).__name__}: {err}")
+        return record
+    history = result.epochs
+    target = TARGETS.get(task.name)
+    # A run that diverges counts as not having reached the target, even if it passed it first.
+    seconds, epochs = (None, None) if result.diverged else time_to_target(history, target)
+    last = history[-1] if history else {}
+    record.update(
+        status="diverged" if result.diverged else "ok",
+        reason=result.diverged_reason,
+        history=history,
+        steps=trainer.global_step,
+        seconds=trainer.seconds,
+        time_to_target=seconds,
+        epochs_to_target=epochs,
+        final_train_loss=None if result.diverged else _finite(last.get("train_loss")),
+        final_metric=None if result.diverged else _finite(last.get(task.metric)),
+        median_step_seconds=statistics.median(result.step_seconds) if result.step_seconds else None,
+    )
+    return record
+
+
+# -- selection ----------------------------------------------------------------------------
+def _median(values: list[float | None]) -> float:
+    """Median with None (missed, diverged) counted as +inf."""
+    return statistics.median([math.inf if v is None else v for v in values])
+
+
+def setting_score(runs: list[dict[str, Any]]) -> tuple[float, float]:
+    """(median time-to-target, median final train loss) over the seeds; smaller wins."""
+    return _median([r.get("time_to_target") for r in runs]), _median([r.get("final_train_loss") for r in runs])
+
+
+def select(settings: list[dict[str, Any]]) -> int:
+    """Index of the winning setting (the smallest score; the first on exact ties)."""
+    scores = [setting_score(s["runs"]) for s in settings]
+    return min(range(len(settings)), key=lambda i: scores[i])
+
+
+def spread(values: list[float | None]) -> dict[str, Any]:
+    """Median, min and max of the known values, and how many there are out of all."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return {"median": None, "min": None, "max": None, "n": 0, "of": len(values)}
+    return {"median": statistics.median(known), "min": min(known), "max": max(known), "n": len(known), "of": len(values)}
+
+
+def to_target_spread(values: list[float | None]) -> dict[str, Any]:
+    """:func:`spread`, plus the median counting a missed seed as infinitely slow
+    (``None`` when that median is a miss)."""
+    return {**spread(values), "median_with_misses": _finite(_median(values))}
+
+
+# -- measurements of the winners ----------------------------------------------------------
+def _stepper(task: Task, name: str, hyper: dict[str, Any], split: Split, seed: int) -> tuple[Callable[[], None], list[str]]:
+    """A step function of a fresh model and optimizer cycling through the epoch-0 batches;
+    the list collects a divergence error's message if one happens."""
+    model = task.build_model(seed)
+    optimizer = build_optimizer(name, model, task.loss, dict(hyper))
+    order = epoch_order(split.train_x.shape[0], seed, 0)
+    batches = [order[i : i + task.batch_size] for i in range(0, len(order), task.batch_size)]
+    errors: list[str] = []
+    position = [0]
+
+    def step() -> None:
+        idx = batches[position[0] % len(batches)]
+        position[0] += 1
+        try:
+            training_step(optimizer, model, task.loss, split.train_x[idx], split.train_y[idx])
+        except DIVERGENCE_ERRORS as err:
+            errors.append(f"{type(err).__name__}: {err}")
+
+    return step, errors
+
+
+def _try_stepper(
+    task: Task, name: str, hyper: dict[str, Any], split: Split, seed: int
+) -> tuple[Callable[[], None], list[str]] | None:
+    try:
+        return _stepper(task, name, hyper, split, seed)
+    except Exception:  # noqa: BLE001 - reported as failed by its runs already
+        return None
+
+
+def step_time_ratios(task: Task, winners: dict[str, dict[str, Any]], split: Split, seed: int) -> dict[str, float | None]:
+    """Per method, median over rounds of (its seconds per step / SGD's in the same round);
+    None for a method that cannot be built or diverges while timed."""
+    built = {name: _try_stepper(task, name, hyper, split, seed) for name, hyper in winners.items()}
+    steppers = {name: stepper for name, stepper in built.items() if stepper is not None}
+    if REFERENCE not in steppers:
+        steppers[REFERENCE] = _stepper(task, REFERENCE, grid(REFERENCE, task)[GRID_SIZE // 2], split, seed)
+    samples = interleaved_times(
+        {name: step for name, (step, _) in steppers.items()},
+        rounds=bench_config.TIMING_ROUNDS,
+        steps_per_round=bench_config.TIMING_STEPS,
+    )
+    ratios: dict[str, float | None] = {}
+    for name in winners:
+        if name not in steppers or steppers[name][1]:
+            ratios[name] = None  # cannot be built, or diverged while being timed
+        else:
+            ratios[name] = statistics.median(t / b for t, b in zip(samples[name], samples[REFERENCE]))
+    return ratios
+
+
+def peak_step_memory(task: Task, name: str, hyper: dict[str, Any], split: Split, seed: int) -> int | None:
+    """Peak memory of ``MEMORY_STEPS`` steps of a fresh model and optimizer (None if it
+    cannot be built or diverges)."""
+    stepper = _try_stepper(task, name, hyper, split, seed)
+    if stepper is None:
+        return None
+    step, errors = stepper
+    peak = peak_memory(lambda: [step() for _ in range(bench_config.MEMORY_STEPS)])
+    return None if errors else peak
+
+
+# -- a task -------------------------------------------------------------------------------
+def load_splits(task: Task, seeds: int) -> dict[int, Split]:
+    """The task's data for each seed, loaded once for all runs (a missing data set is a
+    ValueError saying how to install it, raised before anything runs)."""
+    try:
+        return {seed: task.load(seed) for seed in range(seeds)}
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from err
+
+
+def compare_task(
+    config: CompareConfig, task: Task, splits: dict[int, Split], console: Console, progress: Progress, overall: Any
+) -> dict[str, Any]:
+    budget = task_budget(config, task)
+    seeds = sorted(splits)
+    methods: dict[str, dict[str, Any]] = {}
+    for name in config.optimizers:
+        spec = get_optimizer_spec(name)
+        methods[name] = {
+            "description": spec.description,
+            "source": spec.source,
+            "settings": [{"hyper": hyper, "runs": []} for hyper in grid(name, task)],
+        }
+    for seed in seeds:
+        for k in range(GRID_SIZE):
+            for name, method in methods.items():
+                setting = method["settings"][k]
+                progress.update(overall, status=f"{task.name}: {name} setting {k + 1}/{GRID_SIZE} seed {seed}")
+                setting["runs"].append(run_one(task, name, setting["hyper"], splits[seed], seed, budget, console, progress))
+                progress.advance(overall)
+    for method in methods.values():
+        method["winner"] = select(method["settings"])
+        for setting in method["settings"]:
+            ttt, loss = setting_score(setting["runs"])
+            setting["score"] = {"median_time_to_target": _finite(ttt), "median_final_train_loss": _finite(loss)}
+
+    winners = {name: m["settings"][m["winner"]]["hyper"] for name, m in methods.items()}
+    progress.update(overall, status=f"{task.name}: interleaved step timing and peak memory of the winners")
+    ratios = [step_time_ratios(task, winners, splits[seed], seed) for seed in seeds]
+    for name, method in methods.items():
+        runs = method["settings"][method["winner"]]["runs"]
+        memory = [peak_step_memory(task, name, winners[name], splits[seed], seed) for seed in seeds]
+        method["summary"] = {
+            "time_to_target": to_target_spread([r.get("time_to_target") for r in runs]),
+            "epochs_to_target": to_target_spread([r.get("epochs_to_target") for r in runs]),
+            "final_train_loss": spread([r.get("final_train_loss") for r in runs]),
+            "final_metric": spread([r.get("final_metric") for r in runs]),
+            "step_time_ratio": spread([r[name] for r in ratios]),
+            "median_step_seconds": spread([r.get("median_step_seconds") for r in runs]),
+            "peak_memory_bytes": spread(memory),
+            "diverged": sum(r["status"] == "diverged" for r in runs),
+            "failed": sum(r["status"] == "failed" for r in runs),
+        }
+    target = TARGETS.get(task.name)
+    return {
+        "task": {"name": task.name, "description": task.description, "loss": task.loss, "metric": task.metric,
+                 "batch_size": task.batch_size, "eval_samples": bench_config.EVAL_SAMPLES.get(task.name, 0)},
+        "target": None if target is None else {**asdict(target), "text": target.describe()},
+        "budget": {"seconds": budget.seconds, "epochs": budget.epochs, "text": budget.describe()},
+        "seeds": seeds,
+        "optimizers": methods,
+    }
+
+
+# -- everything ---------------------------------------------------------------------------
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in ("gramopt", "torch", "numpy", "pytorch_optimizer", "heavyball", "rich", "matplotlib"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def run_comparison(config: CompareConfig, console: Console | None = None) -> dict[str, Any]:
+    """Run ``config`` (validated first) and return the results (what results.json holds)."""
+    config = config.validated()
+    console = console or Console()
+    previous_threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    started, started_at = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    try:
+        progress = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+            disable=not config.progress,
+            transient=True,
+        )
+        data = {name: load_splits(get_task(name), config.seeds) for name in config.tasks}
+        total = len(config.tasks) * len(config.optimizers) * GRID_SIZE * config.seeds
+        tasks = {}
+        with progress:
+            overall = progress.add_task("runs", total=total, status="")
+            for name in config.tasks:
+                tasks[name] = compare_task(config, get_task(name), data.pop(name), console, progress, overall)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {
+        "config": asdict(config),
+        "grid_size": GRID_SIZE,
+        "evaluations_per_run": bench_config.EVALUATIONS,
+        "timing": {"reference": REFERENCE, "rounds": bench_config.TIMING_ROUNDS, "steps_per_round": bench_config.TIMING_STEPS},
+        "memory_steps": bench_config.MEMORY_STEPS,
+        "selection": "smallest median time-to-target over seeds (missed or diverged = infinite), "
+        "ties by smallest median final train loss",
+        "tasks": tasks,
+        "wall_seconds": time.perf_counter() - started,
+        "started_at": started_at,
+        "environment": {
+            **environment(),
+            "threads": str(torch.get_num_threads() if config.threads is None else config.threads),
+            "platform": platform.platform(),
+            "cpu_count": str(os.cpu_count()),
+            "versions": _versions(),
+        },
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities (a diverged run's losses) become null: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Write report.md, curves.png and results.json to ``out``; their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out / "results.json", "report": out / "report.md", "curves": out / "curves.png"}
+    results = _json_safe(results)
+    paths["results"].write_text(json.dumps(results, indent=1, allow_nan=False))
+    paths["report"].write_text(markdown(results))
+    plot_curves(results, paths["curves"])
+    return paths

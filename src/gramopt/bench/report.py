@@ -1,0 +1,178 @@
+"""The comparison's tables: ``report.md`` and the table printed at the end.
+
+Both are made from the results dictionary alone (what ``results.json`` holds), so they
+can be made again from a saved ``results.json``. Each cell is the median over seeds
+with the spread ``[min-max]``; ``(n/N)`` tells how many seeds a value exists for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+COLUMNS = (
+    "optimizer",
+    "time to target (s)",
+    "epochs to target",
+    "final train loss",
+    "final {metric}",
+    "step time / SGD",
+    "peak memory (MiB)",
+    "winning setting",
+)
+
+
+def _number(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _spread(summary: dict[str, Any], scale: float = 1.0) -> str:
+    if summary["n"] == 0:
+        return "n/a"
+    med, low, high = (summary[k] * scale for k in ("median", "min", "max"))
+    text = f"{_number(med)} [{_number(low)}-{_number(high)}]"
+    return text if summary["n"] == summary["of"] else f"{text} ({summary['n']}/{summary['of']})"
+
+
+def _to_target(summary: dict[str, Any]) -> str:
+    """Median counting a missed seed as infinitely slow; the range over the seeds."""
+    n, of, median = summary["n"], summary["of"], summary["median_with_misses"]
+    if n == 0:
+        return f"not reached (0/{of})"
+    med = "not reached" if median is None else _number(median)
+    high = _number(summary["max"]) if n == of else "not reached"
+    return f"{med} [{_number(summary['min'])}-{high}] ({n}/{of})"
+
+
+def _setting(hyper: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hyper.items())
+
+
+def rows(task: dict[str, Any]) -> list[list[str]]:
+    """One row per optimizer (its winning setting), in the columns of :data:`COLUMNS`."""
+    out = []
+    for name, method in task["optimizers"].items():
+        s = method["summary"]
+        label = name
+        trouble = [f"{s[k]}/{s['final_train_loss']['of']} {k}" for k in ("diverged", "failed") if s[k]]
+        if trouble:
+            label += f" ({', '.join(trouble)})"
+        out.append(
+            [
+                label,
+                _to_target(s["time_to_target"]),
+                _to_target(s["epochs_to_target"]),
+                _spread(s["final_train_loss"]),
+                _spread(s["final_metric"]),
+                _spread(s["step_time_ratio"]),
+                _spread(s["peak_memory_bytes"], 1 / 2**20),
+                _setting(method["settings"][method["winner"]]["hyper"]),
+            ]
+        )
+    return out
+
+
+def _headers(task: dict[str, Any]) -> list[str]:
+    return [c.format(metric=task["task"]["metric"]) for c in COLUMNS]
+
+
+def _varied(method: dict[str, Any]) -> str:
+    """The winning values of the hyper-parameters that the grid varies."""
+    settings = [s["hyper"] for s in method["settings"]]
+    winner = settings[method["winner"]]
+    keys = [k for k in winner if len({repr(s.get(k)) for s in settings}) > 1]
+    return _setting({k: winner[k] for k in keys})
+
+
+def rich_table(task: dict[str, Any]) -> Table:
+    """The printed summary: report.md's table less the epochs column, and of the winning
+    setting only what the grid varies."""
+    target = task["target"]["text"] if task["target"] else "no target"
+    table = Table(title=f"{task['task']['name']}: target {target}; budget {task['budget']['text']}")
+    headers = _headers(task)
+    keep = [i for i, h in enumerate(headers) if h != "epochs to target"]
+    for i in keep:
+        table.add_column(headers[i])
+    for row, method in zip(rows(task), task["optimizers"].values()):
+        row[-1] = _varied(method)
+        table.add_row(*(row[i] for i in keep))
+    return table
+
+
+def _markdown_table(headers: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in body]
+    return lines
+
+
+def _grid_rows(task: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for name, method in task["optimizers"].items():
+        for i, setting in enumerate(method["settings"]):
+            runs = setting["runs"]
+            score = setting["score"]
+            statuses = {status: sum(r["status"] == status for r in runs) for status in ("diverged", "failed")}
+            reasons = sorted({r["reason"].split(":")[0] for r in runs if r["status"] != "ok" and r["reason"]})
+            out.append(
+                [
+                    name + (" (winner)" if i == method["winner"] else ""),
+                    _setting(setting["hyper"]),
+                    "not reached" if score["median_time_to_target"] is None else _number(score["median_time_to_target"]),
+                    "n/a" if score["median_final_train_loss"] is None else _number(score["median_final_train_loss"]),
+                    f"{statuses['diverged']}/{len(runs)}" + (f" ({'; '.join(reasons)})" if reasons else ""),
+                    f"{statuses['failed']}/{len(runs)}",
+                ]
+            )
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    lines = [
+        "# gramopt compare",
+        "",
+        f"Machine: {env['platform']}, {env['cpu_count']} CPUs, {env['threads']} torch thread(s); Python {env['python']}; "
+        f"{versions}. Whole comparison: {results['wall_seconds']:.0f} s of wall-clock time.",
+        "",
+        "How to read it:",
+        "",
+        "- Every cell is the median over seeds and `[min-max]` over seeds, for each optimizer's winning setting; "
+        "`(n/N)`: the number of seeds the value exists for (reached the target, did not diverge).",
+        f"- Each optimizer tried {results['grid_size']} settings (its grid; see below), every seed each. "
+        f"Winner: {results['selection']}.",
+        "- Time to target: seconds of the optimizer clock (training steps only: forward, backward pass(es), update; "
+        "evaluation, data loading and the display are outside it) at the first evaluation that meets the target. "
+        f"Each run is evaluated at {results['evaluations_per_run']} evenly spaced points of its budget; "
+        "a median counts a seed that missed the target as infinitely slow.",
+        f"- Step time / SGD: a fresh model and optimizer per method, their steps timed in turns (round robin, "
+        f"{results['timing']['rounds']} rounds of {results['timing']['steps_per_round']} steps) in one process, "
+        "the ratio to SGD-momentum's step in the same round (median over rounds), per seed.",
+        f"- Peak memory: resident memory added during {results['memory_steps']} training steps of a fresh model and "
+        "optimizer (activations, gradients, optimizer state, temporaries; not the model or data), read from "
+        "Linux's peak resident-set counter after resetting it (/proc/self/clear_refs), freed memory returned to "
+        "the system first.",
+        "- Final train loss and the test metric: at the end of the budget, on the whole train and test sets "
+        "(or, where a task says so, on fixed random subsets of them).",
+        "",
+    ]
+    for task in results["tasks"].values():
+        info = task["task"]
+        target = task["target"]["text"] if task["target"] else "none defined"
+        lines += [
+            f"## {info['name']}",
+            "",
+            f"{info['description']}. Loss: {info['loss']}; batch {info['batch_size']}; seeds {task['seeds']}. "
+            f"Target: {target}. Budget: {task['budget']['text']}."
+            + (f" Evaluated on fixed random subsets of {info['eval_samples']} train and test samples."
+               if info.get("eval_samples") else ""),
+            "",
+        ]
+        lines += _markdown_table(_headers(task), rows(task))
+        lines += ["", "Grids (median over seeds per setting):", ""]
+        lines += _markdown_table(
+            ["optimizer", "setting", "time to target (s)", "final train loss", "diverged", "failed"], _grid_rows(task)
+        )
+        lines.append("")
+    return "\n".join(lines)

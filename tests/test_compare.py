@@ -1,0 +1,212 @@
+"""`gramopt compare`: outputs, grids, selection, divergence, bad input, the loop's schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from gramopt.bench import config as bench_config
+from gramopt.bench.compare import (
+    CompareConfig,
+    default_optimizers,
+    run_comparison,
+    select,
+    time_to_target,
+    write_outputs,
+)
+from gramopt.bench.config import GRID_SIZE, TARGETS, Target, grid
+from gramopt.bench.memory import AVAILABLE, peak_memory
+from gramopt.bench.plots import _on_grid
+from gramopt.cli import _parser, main
+from gramopt.errors import SingularSystemError
+from gramopt.tasks import TASKS, get_task
+from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
+from gramopt.training.optimizers import OptimizerSpec
+
+TINY = dict(tasks=("diabetes",), seeds=2, budget_seconds=0.15, progress=False)
+
+
+def test_outputs_have_the_promised_contents(tmp_path):
+    results = run_comparison(CompareConfig(optimizers=("ggn", "sgd"), out=str(tmp_path), **TINY))
+    paths = write_outputs(results, tmp_path)
+
+    saved = json.loads(paths["results"].read_text())
+    task = saved["tasks"]["diabetes"]
+    assert task["target"]["text"] == TARGETS["diabetes"].describe()
+    assert task["budget"]["seconds"] == 0.15 and "0.15 s of optimizer time" in task["budget"]["text"]
+    for name in ("ggn", "sgd"):
+        method = task["optimizers"][name]
+        assert len(method["settings"]) == GRID_SIZE
+        assert all(len(s["runs"]) == 2 for s in method["settings"])
+        run = method["settings"][method["winner"]]["runs"][0]
+        history = run["history"]
+        assert history[0]["step"] == 0 and history[0]["seconds"] == 0.0  # the starting point
+        assert {"epoch", "step", "seconds", "train_loss", "test_loss", "test_mse"} <= set(history[-1])
+        seconds = [r["seconds"] for r in history]
+        assert seconds == sorted(seconds) and seconds[-1] == run["seconds"] >= 0.15  # the budget was used
+        summary = method["summary"]
+        for key in ("time_to_target", "final_train_loss", "final_metric", "step_time_ratio", "peak_memory_bytes"):
+            assert {"median", "min", "max", "n", "of"} <= set(summary[key]) and summary[key]["of"] == 2
+        assert summary["final_train_loss"]["min"] <= summary["final_train_loss"]["median"] <= summary["final_train_loss"]["max"]
+    # SGD is the timing reference: its ratio to itself is 1 in every round.
+    assert task["optimizers"]["sgd"]["summary"]["step_time_ratio"]["median"] == 1.0
+    assert saved["environment"]["versions"]["torch"] == torch.__version__ and saved["environment"]["threads"] == "1"
+
+    report = paths["report"].read_text()
+    assert "## diabetes" in report and TARGETS["diabetes"].describe() in report
+    for header in ("time to target (s)", "final train loss", "final test_mse", "step time / SGD", "peak memory (MiB)"):
+        assert header in report
+    winner = task["optimizers"]["ggn"]["settings"][task["optimizers"]["ggn"]["winner"]]["hyper"]
+    assert f"damping={winner['damping']:.3g}" in report and "ggn (winner)" in report
+
+    png = paths["curves"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(paths["curves"]).shape
+    assert width > 3 * height  # one row of four panels
+
+
+def test_every_optimizer_gets_a_grid_of_the_same_size_around_its_defaults():
+    for task in TASKS.values():
+        for name in OPTIMIZERS:
+            settings = grid(name, task)
+            assert len(settings) == GRID_SIZE
+            assert len({json.dumps(s, sort_keys=True) for s in settings}) == GRID_SIZE
+            base = {**OPTIMIZERS[name].defaults, **task.hyper.get(name, {})}
+            assert settings[GRID_SIZE // 2] == base  # the middle setting is the default
+
+
+def test_newly_registered_methods_are_picked_up(monkeypatch):
+    spec = OptimizerSpec("newton", "a new gramopt method", OPTIMIZERS["sgd"].build, dict(lr=0.5, momentum=0.0))
+    monkeypatch.setitem(OPTIMIZERS, "newton", spec)
+    assert "newton" in default_optimizers()
+    assert [s["lr"] for s in grid("newton", get_task("teacher"))] == pytest.approx([0.5 / 3, 0.5, 1.5])
+    assert CompareConfig(optimizers=("all",)).validated().optimizers == tuple(OPTIMIZERS)
+
+
+class _Singular(torch.optim.SGD):
+    def step(self, closure=None):
+        raise SingularSystemError("the damped system is singular")
+
+
+def _broken(model, loss, hyper):
+    raise TypeError("this optimizer cannot be built")
+
+
+def test_diverging_and_failing_optimizers_are_reported_and_the_comparison_goes_on(monkeypatch, tmp_path):
+    monkeypatch.setitem(OPTIMIZERS, "sgd-huge", OptimizerSpec("sgd-huge", "SGD, huge lr", OPTIMIZERS["sgd"].build, dict(lr=1e6)))
+    singular = OptimizerSpec("singular", "raises", lambda m, loss, h: _Singular(m.parameters(), **h), dict(lr=0.1))
+    monkeypatch.setitem(OPTIMIZERS, "singular", singular)
+    monkeypatch.setitem(OPTIMIZERS, "broken", OptimizerSpec("broken", "fails", _broken, dict(lr=0.1)))
+    config = CompareConfig(optimizers=("sgd-huge", "singular", "broken", "sgd"), out=str(tmp_path), **TINY)
+    results = run_comparison(config)
+    methods = results["tasks"]["diabetes"]["optimizers"]
+    huge = [r for s in methods["sgd-huge"]["settings"] for r in s["runs"]]
+    assert all(r["status"] == "diverged" and r["final_train_loss"] is None for r in huge)
+    assert all(r["time_to_target"] is None for r in huge)
+    singular_runs = [r for s in methods["singular"]["settings"] for r in s["runs"]]
+    assert all(r["status"] == "diverged" and "SingularSystemError" in r["reason"] for r in singular_runs)
+    broken = [r for s in methods["broken"]["settings"] for r in s["runs"]]
+    assert all(r["status"] == "failed" and "cannot be built" in r["reason"] for r in broken)
+    sgd = methods["sgd"]["settings"][methods["sgd"]["winner"]]["runs"]
+    assert all(r["status"] == "ok" and math.isfinite(r["final_train_loss"]) for r in sgd)
+    assert methods["singular"]["summary"]["step_time_ratio"]["n"] == 0  # diverged while timed: no ratio
+    paths = write_outputs(results, tmp_path)
+    report = paths["report"].read_text()
+    assert "sgd-huge (2/2 diverged)" in report and "broken (2/2 failed)" in report
+    json.loads(paths["results"].read_text())  # strict JSON despite the infinities
+
+
+def test_unknown_names_list_the_valid_ones(tmp_path, capsys):
+    assert main(["compare", "--task", "imagenet", "--out", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert "unknown task 'imagenet'" in out and "digits" in out and "Traceback" not in out
+    assert main(["compare", "--optimizers", "ggn,lbfgs", "--out", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert "unknown optimizer 'lbfgs'" in out and "adamw" in out and "Traceback" not in out
+    assert main(["compare", "--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert "seeds must be >= 1" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_default_arguments_parse_to_the_default_comparison():
+    args = _parser().parse_args(["compare"])
+    assert (args.task, args.optimizers, args.seeds, args.budget_seconds, args.epochs) == ("teacher", None, 3, None, None)
+    assert (args.out, args.threads, args.no_progress) == ("runs/compare", 1, False)
+    config = CompareConfig().validated()
+    assert config.tasks == ("teacher",) and config.seeds == bench_config.DEFAULT_SEEDS
+    assert {"ggn", "sgd", "adamw"} <= set(config.optimizers)
+    assert all(OPTIMIZERS[name].source != "gramopt" or name in config.optimizers for name in OPTIMIZERS)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["compare", "--budget-seconds", "1", "--epochs", "2"])
+
+
+def test_cli_runs_a_tiny_comparison_and_prints_the_table(tmp_path, capsys):
+    argv = ["compare", "--task", "diabetes", "--optimizers", "sgd,adamw", "--seeds", "1", "--epochs", "1",
+            "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "diabetes: target" in out and "adamw" in out and "1 epochs per run" in out
+    assert {p.name for p in tmp_path.iterdir()} == {"report.md", "curves.png", "results.json"}
+    history = json.loads((tmp_path / "results.json").read_text())["tasks"]["diabetes"]["optimizers"]["sgd"]["settings"][0]["runs"][0]["history"]
+    assert history[-1]["epoch"] == 1 and len(history) > 3  # evaluated inside the epoch, not only at its end
+
+
+def test_time_to_target_and_selection():
+    target = Target("train_loss", 0.5, below=True)
+    history = [{"seconds": 0.0, "epoch": 0, "train_loss": 1.0}, {"seconds": 0.2, "epoch": 0.5, "train_loss": 0.6},
+               {"seconds": 0.4, "epoch": 1.0, "train_loss": 0.5}, {"seconds": 0.6, "epoch": 1.5, "train_loss": 0.1}]
+    assert time_to_target(history, target) == (0.4, 1.0)
+    assert time_to_target(history[:2], target) == (None, None)
+    assert Target("test_accuracy", 0.9, below=False).reached({"test_accuracy": 0.95})
+
+    def setting(ttts, losses):
+        return {"runs": [{"time_to_target": t, "final_train_loss": x} for t, x in zip(ttts, losses)]}
+
+    # median time-to-target wins (a missed seed is infinitely slow) ...
+    assert select([setting([1.0, None, None], [0.1] * 3), setting([3.0, 3.0, None], [0.9] * 3)]) == 1
+    # ... ties (none reached) go to the smaller median final train loss.
+    assert select([setting([None] * 3, [0.3, 0.2, 9.0]), setting([None] * 3, [0.1, 0.15, None])]) == 1
+
+
+def test_curves_are_step_functions_that_stop_with_the_run():
+    histories = [[{"seconds": 0.0, "y": 4.0}, {"seconds": 1.0, "y": 2.0}], [{"seconds": 0.0, "y": 3.0}, {"seconds": 2.0, "y": 1.0}]]
+    values = _on_grid(histories, "seconds", "y", torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0]).numpy())
+    assert values[0].tolist()[:3] == [4.0, 4.0, 2.0] and all(math.isnan(v) for v in values[0].tolist()[3:])
+    assert values[1].tolist() == [3.0, 3.0, 3.0, 3.0, 1.0]
+
+
+def test_trainer_evaluates_on_a_step_or_clock_schedule_and_stops_on_its_clock():
+    base = dict(task="diabetes", optimizer="sgd", save=False)
+    by_steps = Trainer(TrainConfig(epochs=2, eval_every_steps=2, **base), progress=False, verbose=False).run()
+    assert [r["step"] for r in by_steps.epochs] == [0, 2, 4, 6, 8, 10, 12]  # 6 steps per epoch
+    assert by_steps.epochs[-1]["epoch"] == 2
+    timed = Trainer(TrainConfig(epochs=10**6, max_seconds=0.05, eval_every_seconds=0.01, **base), progress=False, verbose=False)
+    result = timed.run()
+    assert 0.05 <= timed.seconds and timed.seconds - result.step_seconds[-1] < 0.05  # stopped on the step that crossed
+    # At most one evaluation per 0.01 s of the clock (a slow step may cross several marks),
+    # each right after the step that crossed a mark, and one at the end.
+    marks = [math.floor(r["seconds"] / 0.01) for r in result.epochs]
+    assert marks == sorted(set(marks)) and result.epochs[0]["step"] == 0
+    for record in result.epochs[1:-1]:
+        before = record["seconds"] - result.step_seconds[record["step"] - 1]
+        assert math.floor(before / 0.01) < math.floor(record["seconds"] / 0.01)
+    assert result.epochs[-1]["step"] == timed.global_step
+    # A capped evaluation set is a fixed random subset per seed.
+    a, b = (Trainer(TrainConfig(eval_samples=50, **base), progress=False, verbose=False) for _ in range(2))
+    assert a.eval_train[0].shape[0] == 50 and torch.equal(a.eval_train[0], b.eval_train[0])
+    assert a.eval_test[0].shape[0] == 50 and not torch.equal(a.eval_train[0], a.split.train_x[:50])
+
+
+def test_peak_memory_sees_an_allocation_of_known_size():
+    def allocate():
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB
+        return float(x[-1])
+
+    assert AVAILABLE  # Linux: the project's machines
+    assert 60 * 2**20 <= peak_memory(allocate) <= 80 * 2**20
+    assert peak_memory(lambda: None) < 8 * 2**20
