@@ -234,6 +234,16 @@ class CaptureEngine:
             total = total + g
         return total.unsqueeze(1)
 
+    def batch_size(self) -> int | None:
+        """b, the leading dimension of the captured output-gradients (None before any
+        backward pass reached a layer). Methods that turn the gradients of a mean loss
+        into per-sample gradients need it before :meth:`factors` (``scale=b``)."""
+        for calls in self._calls.values():
+            for call in calls:
+                if call.grads:
+                    return int(call.grads[0][1].shape[0])
+        return None
+
     def has_factors(self) -> bool:
         return any(c.grads for calls in self._calls.values() for c in calls)
 
