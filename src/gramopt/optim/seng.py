@@ -180,7 +180,7 @@ class SENG(SampleSpaceOptimizer):
             value = self.loss.value(output, target)
         if not torch.isfinite(value):
             self.engine.clear()
-            raise NonFiniteError(f"the loss is {float(value)}; nothing was changed")
+            raise NonFiniteError(f"the loss is {float(value.detach())}; nothing was changed")
         value.backward()
         self._loss_value = float(value.detach())
         return value.detach()
@@ -260,6 +260,7 @@ class SENG(SampleSpaceOptimizer):
             rows = self._sketch_rows(layer, curvature)
             sampling = self.sketch.sampling if self.sketch is not None else "uniform"
             beta, info = curvature.coefficients(layer_grads, lam, rows, sampling, generator)
+            cache[name] = curvature.state()  # with the Cholesky factor it may have kept
             if info.fallback:
                 fallbacks.append(info.fallback)
             start = self._timed(seconds, "solve", start)

@@ -20,11 +20,13 @@ optimizer steps by ``-lr d``. A layer's curvature is one of:
   ones in A), optionally truncated to rank r by an SVD, optionally sketched
   (Eq. 17, 19, 21), and U^T beta by Eq. 23 or exactly.
 
-What is cached between refreshes (``extra_state["curvature"][layer]``, all tensors):
-the form of U above; the Gram ``U U^T`` ``[b, b]`` when nothing is sketched (it does
-not depend on g or the damping, so a non-refresh step costs U g, one b x b Cholesky
-solve and U^T beta); the sampling weights ``[p]`` (or ``[n_G]``, ``[n_A]``) when
-leverage sampling is used. Sketches are drawn anew every step (Algorithm 1).
+What is cached between refreshes (``extra_state["curvature"][layer]``): the form of U
+above (``b min(p, s (d_in + d_out))`` numbers; implicit: ``b r (n_G + n_A)``); when
+nothing is sketched, the Gram ``U U^T`` ``[b, b]`` and the Cholesky factor of
+``U U^T + b lam I`` with its shift (so a non-refresh step at constant damping costs U g,
+two triangular solves and U^T beta); the sampling weights ``[p]`` (or ``[n_G]``,
+``[n_A]``) when leverage sampling is used. Sketches are drawn anew every step
+(Algorithm 1), from the optimizer's generator (``extra_state["sketch_rng"]``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch import Tensor, nn
 from gramopt.capture.engine import Layer
 from gramopt.capture.factors import ExplicitFactors, LayerFactors
 from gramopt.capture.shared_weight import EmbeddingFactors, SharedWeightFactors
+from gramopt.errors import NonFiniteError
 from gramopt.linalg.dense import SolveInfo, solve_damped_psd
 from gramopt.linalg.kron_sketch import KroneckerRowSketch, RowSample, factor_gram, factor_inner
 
@@ -46,13 +49,39 @@ from gramopt.linalg.kron_sketch import KroneckerRowSketch, RowSample, factor_gra
 CHUNK_ELEMENTS = 2**24
 
 
+def solve_shifted(
+    gram: Tensor, rhs: Tensor, shift: float, cached: tuple[Tensor, float] | None, what: str
+) -> tuple[Tensor, SolveInfo, tuple[Tensor, float] | None]:
+    """``(gram + shift I)^{-1} rhs`` and the Cholesky factor to keep for the next step.
+
+    ``cached`` is ``(L, shift')`` from an earlier step with the same gram: reused when
+    ``shift' == shift`` (one triangular solve pair), so steps between curvature refreshes
+    with a constant damping cost no factorization. A failed factorization goes to
+    :func:`~gramopt.linalg.solve_damped_psd`'s fallbacks (jitter, eigen-solve) and is
+    not kept.
+    """
+    if not torch.isfinite(rhs).all():
+        raise NonFiniteError(f"the right-hand side of the {what} system has NaN or inf entries; nothing was changed")
+    if cached is not None and cached[1] == shift:
+        return torch.cholesky_solve(rhs.unsqueeze(1), cached[0]).squeeze(1), SolveInfo("cholesky (kept)"), cached
+    if not torch.isfinite(gram).all():
+        raise NonFiniteError(f"the {what} has NaN or inf entries; nothing was changed")
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    chol, failed = torch.linalg.cholesky_ex(gram + shift * eye)
+    if not failed:
+        return torch.cholesky_solve(rhs.unsqueeze(1), chol).squeeze(1), SolveInfo("cholesky"), (chol, shift)
+    beta, info = solve_damped_psd(gram, rhs, shift, what=what)
+    return beta, info, None
+
+
 # -- explicit layers ------------------------------------------------------------------
 def compact(factors: LayerFactors) -> LayerFactors:
     """U in its smaller exact form: the explicit rows ``[b, p]`` or the factors."""
     if isinstance(factors, ExplicitFactors):
         return factors
-    if isinstance(factors, SharedWeightFactors):
-        held = factors.inputs.numel() + factors.grads.numel()
+    if isinstance(factors, SharedWeightFactors):  # X [b, s, d_in] and Z [b, k, s, d_out], by their shapes
+        d_out, d_in = factors.weight_shape[0], factors.weight_shape[1:].numel()
+        held = factors.batch_size * factors.positions * (d_in + factors.passes * d_out)
     elif isinstance(factors, EmbeddingFactors):
         held = factors.indices.numel() + factors.grads.numel()
     else:  # a user's factor type: only its rows can be cached
@@ -162,8 +191,15 @@ class ExplicitCurvature:
 
     kind = "explicit"
 
-    def __init__(self, name: str, factors: LayerFactors, gram: Tensor | None, weights: Tensor | None) -> None:
-        self.name, self.factors, self.gram, self.weights = name, factors, gram, weights
+    def __init__(
+        self,
+        name: str,
+        factors: LayerFactors,
+        gram: Tensor | None,
+        weights: Tensor | None,
+        chol: tuple[Tensor, float] | None = None,
+    ) -> None:
+        self.name, self.factors, self.gram, self.weights, self.chol = name, factors, gram, weights, chol
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -182,23 +218,23 @@ class ExplicitCurvature:
 
     def state(self) -> dict[str, Any]:
         state = {"kind": self.kind, **factors_state(self.factors)}
-        if self.gram is not None:
-            state["gram"] = self.gram
-        if self.weights is not None:
-            state["weights"] = self.weights
-        return state
+        return _with_solve_state(state, self.gram, self.chol, weights=self.weights)
 
     @classmethod
     def from_state(cls, layer: Layer, state: dict[str, Any]) -> "ExplicitCurvature":
-        return cls(layer.name, factors_from_state(layer, state), state.get("gram"), state.get("weights"))
+        return cls(layer.name, factors_from_state(layer, state), state.get("gram"), state.get("weights"), _chol(state))
 
     def coefficients(
         self, grads: Sequence[Tensor], damping: float, rows: int | None, sampling: str, generator: torch.Generator | None
     ) -> tuple[Tensor, SolveInfo]:
         """beta of Eq. 9 (``rows=None``) or of the sketched Eq. 12 with q = ``rows``."""
+        what = f"SENG Gram matrix of layer {self.name}"
         if rows is None:
-            gram = self.gram if self.gram is not None else self.factors.gram()  # U U^T
+            if self.gram is None:
+                self.gram = self.factors.gram()  # U U^T
             rhs = self.factors.matvec(grads)  # U g
+            beta, info, self.chol = solve_shifted(self.gram, rhs.to(self.gram.dtype), self.batch * damping, self.chol, what)
+            return beta, info
         else:
             weights = self.weights
             if weights is None and sampling == "leverage":
@@ -209,7 +245,7 @@ class ExplicitCurvature:
             xi = sampled_columns(self.factors, index) * scale  # U Omega^T, [b, q]
             gram = xi @ xi.T
             rhs = xi @ (_flat_gather(grads, index).to(xi.dtype) * scale)  # (U Omega^T)(Omega g)
-        return solve_damped_psd(gram, rhs.to(gram.dtype), self.batch * damping, what=f"SENG Gram matrix of layer {self.name}")
+        return solve_damped_psd(gram, rhs, self.batch * damping, what=what)
 
     def combine(self, coeffs: Tensor) -> list[Tensor]:
         """``U^T beta``, parameter-shaped (fresh tensors)."""
@@ -343,9 +379,10 @@ class ImplicitCurvature:
         gram: Tensor | None,
         weights: tuple[Tensor, Tensor] | None,
         exact: bool,
+        chol: tuple[Tensor, float] | None = None,
     ) -> None:
         self.name, self.params, self.weight_shape = name, params, weight_shape
-        self.g, self.a, self.gram, self.weights, self.exact = g, a, gram, weights, exact
+        self.g, self.a, self.gram, self.weights, self.exact, self.chol = g, a, gram, weights, exact, chol
 
     @property
     def batch(self) -> int:
@@ -362,16 +399,15 @@ class ImplicitCurvature:
 
     def state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"kind": self.kind, "g": self.g, "a": self.a}
-        if self.gram is not None:
-            state["gram"] = self.gram
-        if self.weights is not None:
-            state["weights_g"], state["weights_a"] = self.weights
-        return state
+        weights = {} if self.weights is None else {"weights_g": self.weights[0], "weights_a": self.weights[1]}
+        return _with_solve_state(state, self.gram, self.chol, **weights)
 
     @classmethod
     def from_state(cls, layer: Layer, state: dict[str, Any], exact: bool) -> "ImplicitCurvature":
         weights = (state["weights_g"], state["weights_a"]) if "weights_g" in state else None
-        return cls(layer.name, layer.params, layer.module.weight.shape, state["g"], state["a"], state.get("gram"), weights, exact)
+        return cls(
+            layer.name, layer.params, layer.module.weight.shape, state["g"], state["a"], state.get("gram"), weights, exact, _chol(state)
+        )
 
     def _matrix(self, grads: Sequence[Tensor]) -> GradientMatrix:
         weight = grads[0] if self.params[0].dim() > 1 else None
@@ -389,9 +425,13 @@ class ImplicitCurvature:
         """beta from Eq. 19 and 21, unsketched (``rows=None``) or with
         ``(zeta_G, zeta_A) = rows`` (Eq. 17)."""
         m = self._matrix(grads)
+        what = f"SENG Gram matrix of layer {self.name}"
         if rows is None:
-            gram = self.gram if self.gram is not None else factor_gram(self.a, self.g)
+            if self.gram is None:
+                self.gram = factor_gram(self.a, self.g)  # Eq. 20
             rhs = (m.times_factor(self.a) * self.g).sum(dim=(1, 2))  # Eq. 18: exact U g
+            beta, info, self.chol = solve_shifted(self.gram, rhs.to(self.gram.dtype), self.batch * damping, self.chol, what)
+            return beta, info
         else:
             w_g, w_a = self.weights if self.weights is not None else (None, None)
             if w_g is None and sampling == "leverage":
@@ -406,7 +446,7 @@ class ImplicitCurvature:
             xi_g, xi_a = sketch.sketch_grads(self.g), sketch.sketch_inputs(self.a)
             rhs = factor_inner(xi_a, xi_g, xi_z)  # Eq. 19
             gram = factor_gram(xi_a, xi_g)  # Eq. 21
-        return solve_damped_psd(gram, rhs.to(gram.dtype), self.batch * damping, what=f"SENG Gram matrix of layer {self.name}")
+        return solve_damped_psd(gram, rhs, self.batch * damping, what=what)
 
     def combine(self, coeffs: Tensor) -> list[Tensor]:
         """``U^T beta`` (exact, or Eq. 23), parameter-shaped views of one fresh
@@ -421,3 +461,16 @@ class ImplicitCurvature:
         if self.params[-1].dim() == 1:
             out.append(full[:, d_in])
         return out
+
+
+def _with_solve_state(state: dict[str, Any], gram: Tensor | None, chol: tuple[Tensor, float] | None, **extra: Tensor) -> dict[str, Any]:
+    if gram is not None:
+        state["gram"] = gram
+    if chol is not None:
+        state["chol"], state["chol_shift"] = chol
+    state.update(extra)
+    return state
+
+
+def _chol(state: dict[str, Any]) -> tuple[Tensor, float] | None:
+    return (state["chol"], state["chol_shift"]) if "chol" in state else None
