@@ -147,6 +147,8 @@ class SharedWeightFactors(LayerFactors):
     def _weighted_grads(self, coeffs: Tensor) -> Tensor:
         """sum_c a_(i,c) z_(i,c), ``[b, s, d_out]``: the output-gradient of U^T a."""
         b, k = self.batch_size, self.passes
+        if k == 1:
+            return self.grads[:, 0] * coeffs.to(self.grads.dtype).view(b, 1, 1)
         a = coeffs.to(self.grads.dtype).view(b, k, 1, 1)
         return (a * self.grads).sum(dim=1)
 
@@ -165,13 +167,14 @@ class SharedWeightFactors(LayerFactors):
     def matvec(self, vectors: Sequence[Tensor]) -> Tensor:
         b, k, s, d_out = self.grads.shape
         vectors = [v.to(self.grads.dtype) for v in vectors]
-        y = torch.zeros(b, s, d_out, dtype=self.grads.dtype, device=self.grads.device)
-        i = 0
-        if self.with_weight:
-            y = y + self.inputs @ vectors[0].reshape(d_out, -1).T
-            i = 1
-        if self.with_bias:
-            y = y + vectors[i]
+        if self.with_weight:  # y_is = V x_is (+ v_b): the layer's output under weight v
+            y = self.inputs @ vectors[0].reshape(d_out, -1).T
+            if self.with_bias:
+                y = y + vectors[1]
+        else:
+            y = vectors[0].expand(b, s, d_out)
+        if k == 1:
+            return (self.grads[:, 0] * y).sum(dim=(1, 2))
         return torch.einsum("bksz,bsz->bk", self.grads, y).reshape(b * k)
 
     def per_sample(self) -> Tensor:

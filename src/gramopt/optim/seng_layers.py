@@ -61,7 +61,9 @@ def solve_shifted(
     not kept.
     """
     if not torch.isfinite(rhs).all():
-        raise NonFiniteError(f"the right-hand side of the {what} system has NaN or inf entries; nothing was changed")
+        raise NonFiniteError(
+            f"U g for the {what} has NaN or inf entries (is the loss, hence the gradient, finite?); nothing was changed"
+        )
     if cached is not None and cached[1] == shift:
         return torch.cholesky_solve(rhs.unsqueeze(1), cached[0]).squeeze(1), SolveInfo("cholesky (kept)"), cached
     if not torch.isfinite(gram).all():
@@ -291,6 +293,16 @@ def truncate(g: Tensor, a: Tensor, rank: int | None) -> tuple[Tensor, Tensor]:
     return (other, kept) if swap else (kept, other)
 
 
+def eq23_factors(coeffs: Tensor, g: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """The two weighted factor sums of Eq. 23, ``[r, n_G]`` and ``[r, n_A]``:
+    ``(sum_i sqrt|c_i| G_i, sum_i c_i / (sum_j sqrt|c_j|) A_i)`` (zeros if c = 0)."""
+    root = coeffs.abs().sqrt()
+    total = root.sum()
+    if total == 0:
+        return torch.zeros_like(g[0]), torch.zeros_like(a[0])
+    return torch.einsum("b,brg->rg", root, g), torch.einsum("b,bra->ra", coeffs / total, a)
+
+
 def eq23_product(coeffs: Tensor, g: Tensor, a: Tensor) -> Tensor:
     """Eq. 23: ``U^T c ~ (sum_i sqrt|c_i| G_i)^T (sum_i c_i / (sum_j sqrt|c_j|) A_i)``.
 
@@ -306,21 +318,21 @@ def eq23_product(coeffs: Tensor, g: Tensor, a: Tensor) -> Tensor:
         a: ``[b, r, n_A]``.
 
     Returns:
-        ``[n_G, n_A]`` (zero if c = 0).
+        ``[n_G, n_A]``.
     """
-    root = coeffs.abs().sqrt()
-    total = root.sum()
-    if total == 0:
-        return torch.zeros(g.shape[2], a.shape[2], dtype=g.dtype, device=g.device)
-    g_sum = torch.einsum("b,brg->rg", root, g)
-    a_sum = torch.einsum("b,bra->ra", coeffs / total, a)
+    g_sum, a_sum = eq23_factors(coeffs, g, a)
     return g_sum.T @ a_sum
 
 
 def exact_product(coeffs: Tensor, g: Tensor, a: Tensor) -> Tensor:
     """``U^T c = sum_i c_i G_i^T A_i``, ``[n_G, n_A]`` (one matmul of inner size b r)."""
+    left, right = _exact_factors(coeffs, g, a)
+    return left.T @ right
+
+
+def _exact_factors(coeffs: Tensor, g: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     b, r, n_g = g.shape
-    return (coeffs.view(b, 1, 1) * g).reshape(b * r, n_g).T @ a.reshape(b * r, -1)
+    return (coeffs.view(b, 1, 1) * g).reshape(b * r, n_g), a.reshape(b * r, -1)
 
 
 class GradientMatrix:
@@ -449,17 +461,18 @@ class ImplicitCurvature:
         return solve_damped_psd(gram, rhs, self.batch * damping, what=what)
 
     def combine(self, coeffs: Tensor) -> list[Tensor]:
-        """``U^T beta`` (exact, or Eq. 23), parameter-shaped views of one fresh
-        ``[n_G, n_A]`` tensor."""
+        """``U^T beta = left^T right`` (exact, or Eq. 23), parameter-shaped fresh
+        contiguous tensors: the weight and bias blocks are separate products, so no
+        ``[n_G, n_A]`` tensor is sliced or copied."""
         coeffs = coeffs.to(self.g.dtype)
-        full = exact_product(coeffs, self.g, self.a) if self.exact else eq23_product(coeffs, self.g, self.a)
+        left, right = (_exact_factors if self.exact else eq23_factors)(coeffs, self.g, self.a)
         out = []
         d_in = 0
         if self.params[0].dim() > 1:
             d_in = self.weight_shape[1:].numel()
-            out.append(full[:, :d_in].reshape(self.weight_shape))
+            out.append((left.T @ right[:, :d_in]).view(self.weight_shape))
         if self.params[-1].dim() == 1:
-            out.append(full[:, d_in])
+            out.append(left.T @ right[:, d_in])
         return out
 
 
