@@ -559,3 +559,22 @@ def test_registered_with_defaults_for_every_task():
     assert isinstance(opt, gramopt.SENG) and opt.curvature_every == 5
     loss = training_step(opt, model, "cross_entropy", torch.randn(8, 5), torch.randint(0, 3, (8,)))
     assert torch.isfinite(loss) and opt.steps_taken == 1
+
+
+def test_conv_layer_kept_as_its_inputs_and_gradients(float64):
+    """A conv layer whose per-sample gradients are larger than its input and
+    output-gradients is cached as those (``form="conv"``), and the steps that reuse it
+    match the dense reference."""
+    model = nn.Sequential(nn.Conv2d(2, 16, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(16 * 3 * 3, 3))
+    batches = [(torch.randn(4, 2, 7, 7), torch.randint(0, 3, (4,))) for _ in range(2)]
+    reference = copy.deepcopy(model)
+    opt = gramopt.SENG(model, 0.5, 0.2, curvature_every=2)
+    us = per_sample_blocks(reference, *batches[0], "cross_entropy")
+    for t, (x, y) in enumerate(batches):
+        d = reference_direction(us, gradients(reference, x, y, "cross_entropy"), 0.2)
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(params_vector(reference) - 0.5 * d, reference.parameters())
+        take_step(opt, model, x, y, "cross_entropy")
+        if t == 0:
+            assert opt.extra_state["curvature"]["0"]["form"] == "conv"
+        torch.testing.assert_close(params_vector(model), params_vector(reference), rtol=1e-8, atol=1e-11)

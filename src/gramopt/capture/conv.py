@@ -93,6 +93,12 @@ class ConvFactors(SharedWeightFactors):
     def _dtype_source(self) -> Tensor:
         return self._raw[0][1]
 
+    @property
+    def raw(self) -> list[tuple[Tensor, Tensor]]:
+        """Per forward call, the input ``[b, C_in, *spatial]`` and the output-gradients
+        ``[b, k, C_out, *spatial_out]`` the factors were built from."""
+        return self._raw
+
     # -- the SharedWeightFactors view, formed on demand ----------------------------------
     @property
     def inputs(self) -> Tensor:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gramopt.capture.conv import ConvFactors
 from gramopt.capture.engine import Layer
 from gramopt.capture.factors import ExplicitFactors, LayerFactors
 from gramopt.capture.shared_weight import EmbeddingFactors, SharedWeightFactors
@@ -81,7 +82,9 @@ def compact(factors: LayerFactors) -> LayerFactors:
     """U in its smaller exact form: the explicit rows ``[b, p]`` or the factors."""
     if isinstance(factors, ExplicitFactors):
         return factors
-    if isinstance(factors, SharedWeightFactors):  # X [b, s, d_in] and Z [b, k, s, d_out], by their shapes
+    if isinstance(factors, ConvFactors):  # the layer's inputs and output-gradients
+        held = sum(x.numel() + g.numel() for x, g in factors.raw)
+    elif isinstance(factors, SharedWeightFactors):  # X [b, s, d_in] and Z [b, k, s, d_out], by their shapes
         d_out, d_in = factors.weight_shape[0], factors.weight_shape[1:].numel()
         held = factors.batch_size * factors.positions * (d_in + factors.passes * d_out)
     elif isinstance(factors, EmbeddingFactors):
@@ -151,6 +154,8 @@ def factors_state(factors: LayerFactors) -> dict[str, Any]:
     """The tensors of a compact U, for ``extra_state``."""
     if isinstance(factors, ExplicitFactors):
         return {"form": "rows", "rows": factors.rows}
+    if isinstance(factors, ConvFactors):
+        return {"form": "conv", "inputs": [x for x, _ in factors.raw], "grads": [g for _, g in factors.raw]}
     if isinstance(factors, SharedWeightFactors):
         return {"form": "shared", "inputs": factors.inputs, "grads": factors.grads}
     if isinstance(factors, EmbeddingFactors):
@@ -162,6 +167,8 @@ def factors_from_state(layer: Layer, state: dict[str, Any]) -> LayerFactors:
     module, params = layer.module, layer.params
     if state["form"] == "rows":
         return ExplicitFactors(module, params, state["rows"])
+    if state["form"] == "conv":
+        return ConvFactors(module, params, state["inputs"], state["grads"])
     if state["form"] == "shared":
         return SharedWeightFactors(module, params, module.weight, module.bias, state["inputs"], state["grads"])
     if state["form"] == "embedding":
