@@ -62,6 +62,9 @@ def time_configs() -> dict[str, callable]:
         "seng T=1 implicit+sketch": lambda m, loss: gramopt.SENG(
             m, 0.1, 1.0, momentum=0.9, curvature_every=1, loss=loss, **implicit_sketched
         ),
+        "seng T=200 implicit+sketch": lambda m, loss: gramopt.SENG(
+            m, 0.1, 1.0, momentum=0.9, curvature_every=200, loss=loss, **implicit_sketched
+        ),
     }
 
 

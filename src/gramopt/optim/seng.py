@@ -246,6 +246,7 @@ class SENG(SampleSpaceOptimizer):
             generator = torch.Generator()
             generator.set_state(self.extra_state["sketch_rng"])
         directions: dict[Tensor, Tensor] = {}
+        methods: dict[str, None] = {}
         fallbacks: list[str] = []
         for name, layer_grads in grads.items():
             layer = layers[name]
@@ -258,6 +259,7 @@ class SENG(SampleSpaceOptimizer):
             sampling = self.sketch.sampling if self.sketch is not None else "uniform"
             beta, info = curvature.coefficients(layer_grads, lam, rows, sampling, generator)
             cache[name] = curvature.state()  # with the Cholesky factor it may have kept
+            methods[info.method] = None
             if info.fallback:
                 fallbacks.append(info.fallback)
             start = self._timed(seconds, "solve", start)
@@ -275,7 +277,7 @@ class SENG(SampleSpaceOptimizer):
         if self.damping_schedule is not None:
             for group, lam in zip(self.param_groups, per_group):
                 group["damping"] = lam
-        solve = SolveInfo("cholesky", fallback="; ".join(fallbacks) or None)
+        solve = SolveInfo(", ".join(methods) or "none", fallback="; ".join(fallbacks) or None)
         self.last_info = StepInfo(self.steps_taken, self._loss_value, solve, seconds)
 
     def _refresh(self, cache: dict[str, Any], names: list[str]) -> None:
