@@ -182,7 +182,7 @@ def plot(result: dict, path: Path) -> None:
         axes[0].bar([j + i * width for j in range(len(names))], ratios, width, label=model)
     axes[0].axhline(TARGETS["curvature_every=200"], color="green", linestyle="--", label="target T=200 (1.25)")
     axes[0].axhline(TARGETS["curvature_every=1"], color="red", linestyle="--", label="target T=1 (1.8)")
-    axes[0].set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(names))], names, fontsize=8)
+    axes[0].set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(names))], names, fontsize=7, rotation=15)
     axes[0].set_ylabel("step time / SGD-momentum step time (median)")
     axes[0].set_title("step time, batch 128, 1 thread")
     axes[0].legend(fontsize=8)

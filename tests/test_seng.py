@@ -578,3 +578,34 @@ def test_conv_layer_kept_as_its_inputs_and_gradients(float64):
         if t == 0:
             assert opt.extra_state["curvature"]["0"]["form"] == "conv"
         torch.testing.assert_close(params_vector(model), params_vector(reference), rtol=1e-8, atol=1e-11)
+
+
+def test_unsupported_modules_left_to_the_gradient(float64):
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x * self.s
+
+    model = nn.Sequential(nn.Linear(3, 4), Scale(), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(gramopt.UnsupportedModuleError, match=r"1 \(Scale\)"):
+        gramopt.SENG(model, 0.1, 0.1)
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    blocks = [[model[0].weight, model[0].bias], [model[3].weight, model[3].bias]]
+    hookless = copy.deepcopy(model)
+    us = [per_sample_grads(hookless, x, y, F.cross_entropy, params=[dict(hookless.named_parameters())[n] for n in names])
+          for names in (["0.weight", "0.bias"], ["3.weight", "3.bias"])]
+    expected = reference_direction(us, [u.mean(0) for u in us], 0.1)
+    opt = gramopt.SENG(model, 0.5, 0.1, unsupported="gradient")
+    scale = model[1].s.detach().clone()
+    before = torch.cat([p.detach().reshape(-1) for block in blocks for p in block])
+    opt.zero_grad()
+    opt.backward(model(x), y)
+    grad = model[1].s.grad.clone()
+    opt.step()
+    after = torch.cat([p.detach().reshape(-1) for block in blocks for p in block])
+    torch.testing.assert_close(model[1].s.detach(), scale - 0.5 * grad)
+    torch.testing.assert_close(after - before, -0.5 * expected, rtol=1e-8, atol=1e-11)
+    assert opt.last_info.step == 1 and opt.last_info.loss is not None and opt.last_info.solve.method == "cholesky"

@@ -21,7 +21,8 @@ optimizer steps by ``-lr d``. A layer's curvature is one of:
   (Eq. 17, 19, 21), and U^T beta by Eq. 23 or exactly.
 
 What is cached between refreshes (``extra_state["curvature"][layer]``): the form of U
-above (``b min(p, s (d_in + d_out))`` numbers; implicit: ``b r (n_G + n_A)``); when
+above (the smaller of the rows, ``b p`` numbers, and the layer's captured inputs and
+output-gradients; implicit: ``b r (n_G + n_A)``); when
 nothing is sketched, the Gram ``U U^T`` ``[b, b]`` and the Cholesky factor of
 ``U U^T + b lam I`` with its shift (so a non-refresh step at constant damping costs U g,
 two triangular solves and U^T beta); the sampling weights ``[p]`` (or ``[n_G]``,
