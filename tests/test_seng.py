@@ -16,7 +16,7 @@ from torch import nn
 import gramopt
 import models
 from gramopt.linalg.kron_sketch import KroneckerRowSketch, RowSample, factor_gram
-from gramopt.optim.seng_layers import eq23_product, exact_product, truncate
+from gramopt.optim.seng_implicit import eq23_product, exact_product, truncate
 from gramopt.training.optimizers import OPTIMIZERS, build_optimizer, training_step
 from reference import params_vector, per_sample_grads
 
@@ -320,7 +320,7 @@ def test_sampled_columns_and_weights_from_factors(name, float64):
     """The row-sampling pieces computed from the capture engine's factors (never forming
     U for Linear/Conv layers) against the explicit per-sample gradients."""
     from gramopt.capture import CaptureEngine
-    from gramopt.optim.seng_layers import column_weights, compact, sampled_columns
+    from gramopt.optim.seng_explicit import column_weights, compact, sampled_columns
 
     build, inputs, loss, k = CASES[name]
     model = build()

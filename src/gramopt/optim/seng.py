@@ -44,7 +44,8 @@ from gramopt.linalg.dense import SolveInfo
 from gramopt.losses import get_loss
 from gramopt.optim.base import SampleSpaceOptimizer, StepInfo, check_hyper
 from gramopt.optim.seng_config import ImplicitConfig, SketchConfig, sketch_rows
-from gramopt.optim.seng_layers import ExplicitCurvature, ImplicitCurvature
+from gramopt.optim.seng_explicit import ExplicitCurvature
+from gramopt.optim.seng_implicit import ImplicitCurvature
 
 Damping = float | Callable[[int], float]
 
@@ -74,7 +75,8 @@ class SENG(SampleSpaceOptimizer):
             of modules without a handler).
 
     ``last_info`` tells what the last step did; ``extra_state["curvature"]`` holds the
-    cached curvature per layer (see :mod:`gramopt.optim.seng_layers`).
+    cached curvature per layer (see :mod:`gramopt.optim.seng_explicit` and
+    :mod:`gramopt.optim.seng_implicit`).
     """
 
     def __init__(
