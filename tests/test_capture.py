@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
-from gramopt.capture import CaptureEngine, EmbeddingFactors, SharedWeightFactors
+from gramopt.capture import CaptureEngine, ConvFactors, EmbeddingFactors, SharedWeightFactors
 from reference import per_sample_grads
 
 CASES = {
@@ -63,6 +63,7 @@ def test_both_gram_strategies_agree(name, strategy, float64, monkeypatch):
     model = build()
     x, y = inputs(5), torch.randn(5, 2)
     monkeypatch.setattr(SharedWeightFactors, "gram_strategy", lambda self: strategy)
+    monkeypatch.setattr(ConvFactors, "gram_strategy", lambda self: strategy)
     monkeypatch.setattr(EmbeddingFactors, "gram_strategy", lambda self: strategy)
     factors = captured(model, x, y)
     for layer, factor in factors.items():
@@ -117,3 +118,18 @@ def test_frozen_weight_trainable_bias(float64):
     assert [p is model[0].bias for p in factor.params] == [True]
     ref = per_sample_grads(model, x, y, sample_loss, params=[model[0].bias])
     torch.testing.assert_close(factor.gram(), ref @ ref.T)
+
+
+@pytest.mark.parametrize("name", ["cnn", "conv1d"])
+def test_conv_products_never_unfold_the_input(name, float64):
+    """Conv layers' per-sample gradients, U^T a and U v come from convolutions; the
+    unfolded patches (a prod(kernel)-fold copy of the input) are not formed."""
+    build, inputs = CASES[name]
+    factors = captured(build(), inputs(4), torch.randn(4, 2))
+    convs = [f for f in factors.values() if isinstance(f, ConvFactors)]
+    assert len(convs) == 2
+    for factor in convs:
+        factor.per_sample()
+        factor.rmatvec(torch.randn(factor.num_rows))
+        factor.matvec([torch.randn_like(p) for p in factor.params])
+        assert factor._patches is None and factor._positions_major is None

@@ -5,6 +5,8 @@ over the parameters.
 
 Optimizers
     GGN         Gram-Gauss-Newton (regression; generalized Gauss-Newton for classification)
+    SENG        sketchy empirical natural gradient (SketchConfig, ImplicitConfig;
+                schedules WarmupPolyDecay, DampingDecay)
 
 Extending
     register_handler, LayerHandler, LayerFactors, ExplicitFactors
@@ -22,21 +24,34 @@ from gramopt.errors import (
     UnsupportedModuleError,
 )
 from gramopt.linalg import NumericalWarning
-from gramopt.optim import GGN, StepInfo
+from gramopt.optim import (
+    GGN,
+    SENG,
+    DampingDecay,
+    ImplicitConfig,
+    SketchConfig,
+    StepInfo,
+    WarmupPolyDecay,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GGN",
+    "SENG",
     "CaptureError",
+    "DampingDecay",
     "ExplicitFactors",
     "GramoptError",
+    "ImplicitConfig",
     "LayerFactors",
     "LayerHandler",
     "NonFiniteError",
     "NumericalWarning",
     "SingularSystemError",
+    "SketchConfig",
     "StepInfo",
     "UnsupportedModuleError",
+    "WarmupPolyDecay",
     "register_handler",
 ]

@@ -21,6 +21,7 @@ from gramopt.tasks import TASKS
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
 
 HYPER_FLAGS = ("lr", "damping", "momentum", "weight_decay")
+INT_HYPER_FLAGS = ("curvature_every",)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seed of the split, the initialization and the data order")
     for name in HYPER_FLAGS:
         train.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"{name} (default: the task's setting)")
+    for name in INT_HYPER_FLAGS:
+        train.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"{name} (default: the task's setting)")
     train.add_argument("--out", help="output folder (default: runs/TASK-OPTIMIZER-seedSEED)")
     train.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: each epoch)")
     train.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (optionally with a new --epochs)")
@@ -80,7 +83,7 @@ def _tasks(console: Console) -> int:
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
-    hyper = {name: getattr(args, name) for name in HYPER_FLAGS if getattr(args, name) is not None}
+    hyper = {name: getattr(args, name) for name in HYPER_FLAGS + INT_HYPER_FLAGS if getattr(args, name) is not None}
     if args.resume:
         given = [flag for flag, value in (("--task", args.task != "teacher"), ("--optimizer", args.optimizer != "ggn"),
                  ("--batch-size", args.batch_size is not None), ("--seed", args.seed != 0), ("--out", args.out is not None),

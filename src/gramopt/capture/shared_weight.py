@@ -63,6 +63,18 @@ def position_pair_gram(
     return torch.cat(blocks, dim=0)
 
 
+def gram_cost_strategy(b: int, k: int, s: int, d_in: int, d_out: int) -> str:
+    """``"pairs"`` or ``"explicit"`` for the Gram of b k rows over s positions of a
+    ``[d_out, d_in]`` weight: whichever costs fewer flops (see module doc); never an
+    explicit U above ``EXPLICIT_MAX_ELEMENTS`` elements."""
+    n = b * k
+    pairs = b * b * s * s * d_in + n * n * s * s * (d_out + 2)
+    explicit = n * s * d_in * d_out + n * n * d_in * d_out
+    if n * d_in * d_out > EXPLICIT_MAX_ELEMENTS:
+        return "pairs"
+    return "explicit" if explicit < pairs else "pairs"
+
+
 class SharedWeightFactors(LayerFactors):
     """Factors of ``y_is = W x_is + c`` with dense inputs.
 
@@ -132,13 +144,7 @@ class SharedWeightFactors(LayerFactors):
     def gram_strategy(self) -> str:
         """``"pairs"`` or ``"explicit"``, whichever costs fewer flops (see module doc)."""
         b, k, s, d_out = self.grads.shape
-        d_in = self.inputs.shape[-1]
-        n = b * k
-        pairs = b * b * s * s * d_in + n * n * s * s * (d_out + 2)
-        explicit = n * s * d_in * d_out + n * n * d_in * d_out
-        if n * d_in * d_out > EXPLICIT_MAX_ELEMENTS:
-            return "pairs"
-        return "explicit" if explicit < pairs else "pairs"
+        return gram_cost_strategy(b, k, s, self.inputs.shape[-1], d_out)
 
     # -- products ---------------------------------------------------------------------
     def _weighted_grads(self, coeffs: Tensor) -> Tensor:
@@ -164,13 +170,14 @@ class SharedWeightFactors(LayerFactors):
     def matvec(self, vectors: Sequence[Tensor]) -> Tensor:
         b, k, s, d_out = self.grads.shape
         vectors = [v.to(self.grads.dtype) for v in vectors]
-        y = torch.zeros(b, s, d_out, dtype=self.grads.dtype, device=self.grads.device)
-        i = 0
-        if self.with_weight:
-            y = y + self.inputs @ vectors[0].reshape(d_out, -1).T
-            i = 1
-        if self.with_bias:
-            y = y + vectors[i]
+        if self.with_weight:  # y_is = V x_is (+ v_b): the layer's output under weight v
+            y = self.inputs @ vectors[0].reshape(d_out, -1).T
+            if self.with_bias:
+                y = y + vectors[1]
+        else:
+            y = vectors[0].expand(b, s, d_out)
+        if k == 1:
+            return (self.grads[:, 0] * y).sum(dim=(1, 2))
         return torch.einsum("bksz,bsz->bk", self.grads, y).reshape(b * k)
 
     def per_sample(self) -> Tensor:

@@ -2,5 +2,19 @@
 
 from gramopt.optim.base import SampleSpaceOptimizer, StepInfo
 from gramopt.optim.ggn import GGN, SOLVERS, GaussNewtonSystem
+from gramopt.optim.schedules import DampingDecay, WarmupPolyDecay
+from gramopt.optim.seng import SENG
+from gramopt.optim.seng_config import ImplicitConfig, SketchConfig
 
-__all__ = ["GGN", "SOLVERS", "GaussNewtonSystem", "SampleSpaceOptimizer", "StepInfo"]
+__all__ = [
+    "GGN",
+    "SENG",
+    "SOLVERS",
+    "DampingDecay",
+    "GaussNewtonSystem",
+    "ImplicitConfig",
+    "SampleSpaceOptimizer",
+    "SketchConfig",
+    "StepInfo",
+    "WarmupPolyDecay",
+]

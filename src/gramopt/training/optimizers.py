@@ -46,6 +46,10 @@ def _ggn(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Opti
     return gramopt.GGN(model, loss=loss, **hyper)
 
 
+def _seng(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
+    return gramopt.SENG(model, loss=loss, **hyper)
+
+
 def _sgd(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), **hyper)
 
@@ -57,6 +61,12 @@ def _adamw(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Op
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "ggn": OptimizerSpec(
         "ggn", "gramopt Gram-Gauss-Newton", _ggn, dict(lr=1.0, damping=0.3, momentum=0.0, weight_decay=0.0)
+    ),
+    "seng": OptimizerSpec(
+        "seng",
+        "gramopt sketchy empirical natural gradient (layer-wise empirical Fisher by SMW)",
+        _seng,
+        dict(lr=0.1, damping=1.0, momentum=0.9, weight_decay=0.0, curvature_every=10),
     ),
     "sgd": OptimizerSpec(
         "sgd", "torch SGD with momentum", _sgd, dict(lr=0.1, momentum=0.9, weight_decay=0.0), source="torch"

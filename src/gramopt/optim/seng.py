@@ -1,0 +1,335 @@
+"""Sketchy empirical natural gradient (Yang et al., ``papers/001_*``), Algorithms 1-2.
+
+Per Linear/Conv layer l (weight and bias together; also Embedding and norm layers),
+with per-sample loss gradients u_i (rows of U_l) and the batch gradient g_l:
+
+    d_l = (M_l + lam_k I)^{-1} g_l,   M_l = (1/b) sum_i u_i u_i^T          (Eq. 2, 5, 7)
+        = (g_l - U_l^T beta) / lam_k,  beta = (U_l U_l^T + b lam_k I)^{-1} U_l g_l  (Eq. 8-9)
+    theta <- theta - lr d                                             (Algorithm 2)
+
+Algorithm 1, per step k and layer l:
+
+    if k mod T == 0:  rebuild U_l (explicit) or its factors G_l, A_l (implicit)
+    else:             reuse them, with the current step's g_l
+    explicit layer (fewer than ``implicit.threshold`` parameters):
+        draw Omega_k (Eq. 14), solve the sketched LS problem (Eq. 11-12), d by Eq. 13
+    implicit layer:
+        draw Omega_G, Omega_A (Eq. 17), d by Eq. 24 (U g by Eq. 19, U U^T by Eq. 21,
+        U^T beta by Eq. 23)
+
+``sketch=None`` draws no sketch (the exact Eq. 9 for explicit layers). The per-sample
+gradients come from the ordinary backward pass of a *mean* loss (the capture engine's
+output-gradients times b), so both loops work::
+
+    opt.zero_grad(); loss = opt.backward(model(x), y); opt.step()    # uniform loop
+    opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()     # ordinary loop
+
+Momentum and decoupled weight decay decorate d in the base class.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gramopt.capture.engine import Layer
+from gramopt.capture.handlers import ConvHandler, LinearHandler
+from gramopt.errors import CaptureError, NonFiniteError
+from gramopt.linalg.dense import SolveInfo
+from gramopt.losses import get_loss
+from gramopt.optim.base import SampleSpaceOptimizer, StepInfo, check_hyper
+from gramopt.optim.seng_config import ImplicitConfig, SketchConfig, sketch_rows
+from gramopt.optim.seng_explicit import ExplicitCurvature
+from gramopt.optim.seng_implicit import ImplicitCurvature
+
+Damping = float | Callable[[int], float]
+
+
+class SENG(SampleSpaceOptimizer):
+    """Sketchy empirical natural gradient: ``delta_l = -lr (M_l + damping I)^{-1} g_l``.
+
+    Args:
+        model: the network (its supported layers are hooked).
+        lr: step size alpha_k, > 0 (LR schedulers work as usual).
+        damping: lam_k > 0, or a callable ``step -> lam_k`` (e.g.
+            :class:`~gramopt.optim.schedules.DampingDecay`, Appendix A). A callable is
+            evaluated at every step and its value written to each param group's
+            ``"damping"``; ``state_dict()`` keeps the step, not the callable: pass the
+            same callable when restoring.
+        momentum: heavy-ball momentum on the direction, in [0, 1).
+        weight_decay: decoupled weight decay, >= 0.
+        curvature_every: T: U (or the factors) is rebuilt on steps 0, T, 2T, ... and
+            reused in between with the current gradient (Algorithm 1), int >= 1.
+        sketch: a :class:`SketchConfig` or None (no sketching).
+        loss: ``"cross_entropy"`` or ``"mse"`` (for :meth:`backward`; in the ordinary
+            loop use the same loss with mean reduction).
+        implicit: an :class:`ImplicitConfig` (default ``ImplicitConfig()``: layers from
+            2^20 parameters on are implicit).
+        params: optional parameters / param groups (default: all trainable ones).
+        unsupported: ``"error"`` or ``"gradient"`` (plain-gradient steps for parameters
+            of modules without a handler).
+
+    ``last_info`` tells what the last step did; ``extra_state["curvature"]`` holds the
+    cached curvature per layer (see :mod:`gramopt.optim.seng_explicit` and
+    :mod:`gramopt.optim.seng_implicit`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        damping: Damping,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        curvature_every: int = 1,
+        sketch: SketchConfig | None = None,
+        loss: str = "cross_entropy",
+        *,
+        implicit: ImplicitConfig | None = None,
+        params: Iterable[Any] | None = None,
+        unsupported: str = "error",
+    ) -> None:
+        self.loss = get_loss(loss)
+        if isinstance(curvature_every, bool) or not isinstance(curvature_every, int) or curvature_every < 1:
+            raise ValueError(f"curvature_every must be an int >= 1, got {curvature_every!r}")
+        if sketch is not None and not isinstance(sketch, SketchConfig):
+            raise ValueError(f"sketch must be a gramopt.SketchConfig or None, got {type(sketch).__name__}")
+        if implicit is None:
+            implicit = ImplicitConfig()
+        if not isinstance(implicit, ImplicitConfig):
+            raise ValueError(f"implicit must be a gramopt.ImplicitConfig or None, got {type(implicit).__name__}")
+        self.damping_schedule: Callable[[int], float] | None = damping if callable(damping) else None
+        initial = self._scheduled_damping(0) if self.damping_schedule is not None else damping
+        self.curvature_every, self.sketch, self.implicit = curvature_every, sketch, implicit
+        defaults = dict(lr=lr, damping=initial, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(model, params, defaults, unsupported)
+        self.implicit_layers = {layer.name for layer in self.engine.layers if self._is_implicit(layer)}
+        self._check_sketch_sizes()
+        self.extra_state["curvature"] = {}
+        if sketch is not None:
+            seed = sketch.seed if sketch.seed is not None else int(torch.randint(0, 2**62, (1,)))
+            self.extra_state["sketch_rng"] = torch.Generator().manual_seed(seed).get_state()
+        self._loss_value: float | None = None
+
+    # -- configuration -------------------------------------------------------------------
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_hyper("damping", group["damping"], inclusive=False)
+
+    def _scheduled_damping(self, step: int) -> float:
+        value = self.damping_schedule(step)
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"the damping schedule must return a finite number > 0, got {value!r} at step {step}")
+        return float(value)
+
+    def _is_implicit(self, layer: Layer) -> bool:
+        threshold = self.implicit.threshold
+        if threshold is None or not isinstance(layer.handler, (LinearHandler, ConvHandler)):
+            return False
+        return sum(p.numel() for p in layer.params) >= threshold
+
+    @staticmethod
+    def _factor_sides(layer: Layer) -> tuple[int, int]:
+        """(n_G, n_A) of an implicit layer: output features; input features + bias."""
+        weight = layer.module.weight
+        n_a = weight[0].numel() if any(p is weight for p in layer.params) else 0
+        n_a += int(any(p is layer.module.bias for p in layer.params))
+        return weight.shape[0], n_a
+
+    def _check_sketch_sizes(self) -> None:
+        """A sketch larger than a layer (or a factor side) is an error."""
+        sketch = self.sketch
+        if sketch is None:
+            return
+        for layer in self.engine.layers:
+            if layer.name in self.implicit_layers:
+                if isinstance(sketch.factor_size, int):
+                    n_g, n_a = self._factor_sides(layer)
+                    if sketch.factor_size > min(n_g, n_a):
+                        raise ValueError(
+                            f"SketchConfig.factor_size={sketch.factor_size} is larger than implicit layer "
+                            f"{layer.name} (factor sides n_G={n_g}, n_A={n_a}); use at most {min(n_g, n_a)} or a fraction"
+                        )
+            elif isinstance(sketch.size, int):
+                n = sum(p.numel() for p in layer.params)
+                if sketch.size > n:
+                    raise ValueError(
+                        f"SketchConfig.size={sketch.size} is larger than layer {layer.name} ({n} parameters); "
+                        f"use at most {n} rows or a fraction in (0, 1]"
+                    )
+
+    # -- the uniform loop ----------------------------------------------------------------
+    def backward(self, output: Tensor, target: Tensor) -> Tensor:
+        """The mean loss and its ordinary backward pass (``.grad`` and the per-sample
+        factors); returns the loss (detached). Non-finite loss: NonFiniteError, nothing
+        changed."""
+        self._require_open()
+        if not isinstance(output, Tensor) or not isinstance(target, Tensor):
+            raise TypeError("backward(output, target) takes two tensors")
+        if target.device != output.device:
+            raise ValueError(f"target is on {target.device}, output on {output.device}")
+        self.loss.check(output, target)
+        if output.shape[0] == 0:
+            raise ValueError("empty batch: the output has 0 samples")
+        with torch.enable_grad():
+            value = self.loss.value(output, target)
+        if not torch.isfinite(value):
+            self.engine.clear()
+            raise NonFiniteError(f"the loss is {float(value.detach())}; nothing was changed")
+        value.backward()
+        self._loss_value = float(value.detach())
+        return value.detach()
+
+    # -- the step ------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Algorithm 1 for every layer, then ``theta <- theta - lr d``.
+
+        ``closure``, if given, must run the forward and backward passes and return the
+        loss; it is called with autograd enabled. On any error nothing is changed (the
+        parameters, the cache, the sketch generator), and the captured factors are
+        dropped either way.
+        """
+        self._require_open()
+        result = None
+        if closure is not None:
+            with torch.enable_grad():
+                result = closure()
+        try:
+            self._step()
+        finally:
+            self.engine.clear()
+            self._loss_value = None
+        return result
+
+    def _layer_dampings(self, step: int) -> tuple[dict[int, float], list[float]]:
+        """lam_k per parameter (by id) and per group."""
+        per_group = [
+            self._scheduled_damping(step) if self.damping_schedule is not None else float(group["damping"])
+            for group in self.param_groups
+        ]
+        by_param = {id(p): lam for group, lam in zip(self.param_groups, per_group) for p in group["params"]}
+        return by_param, per_group
+
+    def _step(self) -> None:
+        step = self.steps_taken
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        damping_of, per_group = self._layer_dampings(step)
+        layers = {layer.name: layer for layer in self.engine.layers}
+        grads: dict[str, list[Tensor]] = {}
+        for layer in self.engine.layers:
+            present = [p.grad for p in layer.params]
+            if all(g is None for g in present):
+                continue
+            # NaN/inf in g surfaces in U g (or, sketched, in the direction): both are refused
+            grads[layer.name] = [torch.zeros_like(p) if g is None else g for p, g in zip(layer.params, present)]
+        plain = [p for p in self.engine.plain_params if p.grad is not None]
+        if not grads and not plain:
+            raise CaptureError(
+                "SENG.step() found no gradient: call loss.backward() (mean loss) or opt.backward(model(x), y) first"
+            )
+        cache = dict(self.extra_state["curvature"])
+        stale = [name for name in grads if name not in cache]
+        if step % self.curvature_every == 0:
+            stale = list(grads)
+        if stale:
+            self._refresh(cache, stale)
+            start = self._timed(seconds, "curvature", start)
+        generator = None
+        if self.sketch is not None:
+            generator = torch.Generator()
+            generator.set_state(self.extra_state["sketch_rng"])
+        directions: dict[Tensor, Tensor] = {}
+        methods: dict[str, None] = {}
+        fallbacks: list[str] = []
+        for name, layer_grads in grads.items():
+            layer = layers[name]
+            lams = {damping_of[id(p)] for p in layer.params}
+            if len(lams) != 1:
+                raise ValueError(f"layer {name} has parameters in param groups with different damping {sorted(lams)}")
+            lam = lams.pop()
+            curvature = self._curvature(layer, cache[name])
+            rows = self._sketch_rows(layer, curvature)
+            sampling = self.sketch.sampling if self.sketch is not None else "uniform"
+            beta, info = curvature.coefficients(layer_grads, lam, rows, sampling, generator)
+            cache[name] = curvature.state()  # with the Cholesky factor it may have kept
+            methods[info.method] = None
+            if info.fallback:
+                fallbacks.append(info.fallback)
+            start = self._timed(seconds, "solve", start)
+            for p, g, t in zip(curvature.params, layer_grads, curvature.combine(beta)):
+                directions[p] = t.neg_().add_(g.to(t.dtype)).div_(lam)  # (g - U^T beta) / lam
+            start = self._timed(seconds, "direction", start)
+        for p in plain:
+            directions[p] = p.grad
+        self.apply_directions(directions)
+        self._timed(seconds, "update", start)
+        # commit (apply_directions changed nothing if it raised)
+        self.extra_state["curvature"] = cache
+        if generator is not None:
+            self.extra_state["sketch_rng"] = generator.get_state()
+        if self.damping_schedule is not None:
+            for group, lam in zip(self.param_groups, per_group):
+                group["damping"] = lam
+        solve = SolveInfo(", ".join(methods) or "none", fallback="; ".join(fallbacks) or None)
+        self.last_info = StepInfo(self.steps_taken, self._loss_value, solve, seconds)
+
+    def _refresh(self, cache: dict[str, Any], names: list[str]) -> None:
+        """Rebuild the curvature of ``names`` from this step's per-sample gradients."""
+        b = self.engine.batch_size()
+        if b is None:
+            raise CaptureError(
+                "SENG needs the per-sample gradients of this step, but no backward pass reached a hooked "
+                "layer: run the forward pass in training mode with autograd enabled, then loss.backward()"
+            )
+        factors = self.engine.factors(scale=float(b))  # mean loss -> per-sample loss gradients
+        sketch = self.sketch
+        leverage = sketch is not None and sketch.sampling == "leverage"
+        for name in names:
+            if name not in factors:
+                raise CaptureError(f"layer {name} has a gradient but no captured per-sample gradients")
+            if name in self.implicit_layers:
+                sketched = sketch is not None and sketch.factor_size is not None
+                built = ImplicitCurvature.build(
+                    name, factors[name], self.implicit.rank, sketched, leverage, self.implicit.exact_product
+                )
+            else:
+                sketched = sketch is not None and sketch.size is not None
+                built = ExplicitCurvature.build(name, factors[name], sketched, leverage)
+            cache[name] = built.state()
+
+    def _curvature(self, layer: Layer, state: dict[str, Any]) -> ExplicitCurvature | ImplicitCurvature:
+        if state["kind"] == "implicit":
+            return ImplicitCurvature.from_state(layer, state, self.implicit.exact_product)
+        return ExplicitCurvature.from_state(layer, state)
+
+    def _sketch_rows(self, layer: Layer, curvature: ExplicitCurvature | ImplicitCurvature) -> Any:
+        """q (explicit), (zeta_G, zeta_A) (implicit), or None when not sketched."""
+        sketch = self.sketch
+        if sketch is None:
+            return None
+        if isinstance(curvature, ImplicitCurvature):
+            if sketch.factor_size is None:
+                return None
+            return (
+                sketch_rows(sketch.factor_size, curvature.g.shape[2]),
+                sketch_rows(sketch.factor_size, curvature.a.shape[2]),
+            )
+        if sketch.size is None:
+            return None
+        return sketch_rows(sketch.size, curvature.factors.num_params)
+
+    # -- state ---------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        extra = state_dict.get("gramopt", {})
+        if self.sketch is not None and "sketch_rng" not in extra:
+            raise ValueError("this state_dict has no sketch generator state: it was saved by a SENG without sketch")
+        super().load_state_dict(state_dict)

@@ -1,0 +1,251 @@
+"""SENG's implicit layers (``papers/001_*``, Section 3.3 and Algorithm 1).
+
+A Linear or Conv layer keeps per-sample factors ``G_i [r, n_G]`` and ``A_i [r, n_A]``
+with ``u_i = vec(G_i^T A_i)`` (Eq. 15: G from the output-gradients, A from the inputs
+with a last column of ones for the bias), truncated to rank r by an SVD when the layer
+shares its weight over kappa > r positions. From them (the direction is that of
+:mod:`gramopt.optim.seng_explicit`, ``d = (g - U^T beta) / lam``):
+
+    U g      by Eq. 18, or sketched by Eq. 19        (Omega_G, Omega_A of Eq. 17)
+    U U^T    by Eq. 20, or sketched by Eq. 21
+    U^T beta by Eq. 23 (an approximation, :func:`eq23_product`) or exactly
+
+Cached between refreshes: G and A (``b r (n_G + n_A)`` numbers); when unsketched, the
+Gram and the kept Cholesky factor; with leverage sampling, the weights ``[n_G]``,
+``[n_A]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gramopt.capture.engine import Layer
+from gramopt.capture.shared_weight import SharedWeightFactors
+from gramopt.linalg.dense import SolveInfo, solve_damped_psd
+from gramopt.linalg.kron_sketch import KroneckerRowSketch, RowSample, factor_gram, factor_inner
+from gramopt.optim.seng_solve import kept_factor, solve_shifted, with_solve_state
+
+
+def layer_factors(factors: SharedWeightFactors) -> tuple[Tensor, Tensor]:
+    """``(G, A)`` of Eq. 15 before truncation: ``G [b, kappa, n_G]`` (the output-gradients
+    z_is) and ``A [b, kappa, n_A]`` (the inputs x_is, then a column of ones for the
+    bias), so that ``u_i = vec(G_i^T A_i) = vec([weight gradient | bias gradient])``."""
+    if factors.passes != 1:
+        raise ValueError("SENG's per-sample gradients come from one backward pass (k = 1)")
+    g = factors.grads[:, 0]
+    parts = [factors.inputs] if factors.with_weight else []
+    if factors.with_bias:
+        parts.append(torch.ones(*factors.inputs.shape[:2], 1, dtype=g.dtype, device=g.device))
+    return g, torch.cat(parts, dim=2)
+
+
+def truncate(g: Tensor, a: Tensor, rank: int | None) -> tuple[Tensor, Tensor]:
+    """Rank-r factors by an SVD of the smaller factor (Eq. 15 and its footnote 1).
+
+    With ``G_i = P S Q^T`` (``[kappa, n_G]``), ``G_i^T A_i = Q S P^T A_i``: keeping the r
+    leading singular triplets gives ``G_i' = S_r Q_r^T`` ``[r, n_G]`` and
+    ``A_i' = P_r^T A_i`` ``[r, n_A]`` (symmetrically if A is the smaller factor). Exact
+    when r >= that factor's rank. Signs are fixed (each row of the SVD'd factor has a
+    positive entry of largest magnitude) so that Eq. 23, which pairs the factors' rows
+    across samples, does not depend on the SVD's sign choice.
+    """
+    kappa = g.shape[1]
+    if rank is None or kappa <= rank:
+        return g, a
+    swap = a.shape[2] < g.shape[2]
+    left, right = (a, g) if swap else (g, a)
+    p, s, qh = torch.linalg.svd(left, full_matrices=False)
+    r = min(rank, s.shape[1])
+    kept = s[:, :r, None] * qh[:, :r, :]  # [b, r, n_left]
+    other = p[:, :, :r].transpose(1, 2) @ right  # [b, r, n_right]
+    peak = kept.gather(2, kept.abs().argmax(dim=2, keepdim=True))
+    sign = torch.where(peak < 0, -1.0, 1.0).to(kept.dtype)
+    kept, other = kept * sign, other * sign
+    return (other, kept) if swap else (kept, other)
+
+
+def eq23_factors(coeffs: Tensor, g: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """The two weighted factor sums of Eq. 23, ``[r, n_G]`` and ``[r, n_A]``:
+    ``(sum_i sqrt|c_i| G_i, sum_i c_i / (sum_j sqrt|c_j|) A_i)`` (zeros if c = 0)."""
+    root = coeffs.abs().sqrt()
+    total = root.sum()
+    if total == 0:
+        return torch.zeros_like(g[0]), torch.zeros_like(a[0])
+    return torch.einsum("b,brg->rg", root, g), torch.einsum("b,bra->ra", coeffs / total, a)
+
+
+def eq23_product(coeffs: Tensor, g: Tensor, a: Tensor) -> Tensor:
+    """Eq. 23: ``U^T c ~ (sum_i sqrt|c_i| G_i)^T (sum_i c_i / (sum_j sqrt|c_j|) A_i)``.
+
+    The exact ``U^T c = sum_i c_i G_i^T A_i`` needs b products of size ``n_G x n_A``
+    (or one matmul of inner size b r); Eq. 23 replaces it by one product of inner size
+    r, treating the G_i and A_i "as independent". It is exact when all G_i are equal
+    (or all A_i are, up to the weights), and an approximation otherwise: the cross
+    terms ``sqrt|c_i| c_k / S G_i^T A_k`` (i != k) do not vanish.
+
+    Args:
+        coeffs: c, ``[b]``.
+        g: ``[b, r, n_G]``.
+        a: ``[b, r, n_A]``.
+
+    Returns:
+        ``[n_G, n_A]``.
+    """
+    g_sum, a_sum = eq23_factors(coeffs, g, a)
+    return g_sum.T @ a_sum
+
+
+def exact_product(coeffs: Tensor, g: Tensor, a: Tensor) -> Tensor:
+    """``U^T c = sum_i c_i G_i^T A_i``, ``[n_G, n_A]`` (one matmul of inner size b r)."""
+    left, right = _exact_factors(coeffs, g, a)
+    return left.T @ right
+
+
+def _exact_factors(coeffs: Tensor, g: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    b, r, n_g = g.shape
+    return (coeffs.view(b, 1, 1) * g).reshape(b * r, n_g), a.reshape(b * r, -1)
+
+
+class GradientMatrix:
+    """``mat(g) = [weight gradient as [n_G, d_in] | bias gradient]`` ``[n_G, n_A]``,
+    kept in its parts (never concatenated: for a wide layer that is a p-sized copy)."""
+
+    def __init__(self, weight: Tensor | None, bias: Tensor | None) -> None:
+        self.weight = None if weight is None else weight.reshape(weight.shape[0], -1)
+        self.bias = bias
+        self.d_in = 0 if self.weight is None else self.weight.shape[1]
+
+    def times_factor(self, a: Tensor) -> Tensor:
+        """``A_i mat(g)^T`` for all i: ``[b, r, n_A] -> [b, r, n_G]``."""
+        out = None
+        if self.weight is not None:
+            out = a[..., : self.d_in] @ self.weight.to(a.dtype).T
+        if self.bias is not None:
+            term = a[..., self.d_in :] * self.bias.to(a.dtype)
+            out = term if out is None else out + term
+        return out
+
+    def columns(self, index: Tensor, dtype: torch.dtype) -> Tensor:
+        """``mat(g)[:, index]``, ``[n_G, q]``."""
+        n_g = (self.weight if self.weight is not None else self.bias).shape[0]
+        out = torch.empty(n_g, index.numel(), dtype=dtype, device=index.device)
+        in_weight = index < self.d_in
+        if in_weight.any():
+            out[:, in_weight] = self.weight[:, index[in_weight]].to(dtype)
+        if not in_weight.all():
+            out[:, ~in_weight] = self.bias.to(dtype).unsqueeze(1)
+        return out
+
+
+class ImplicitCurvature:
+    """Per-sample factors of a Linear or Conv layer (Section 3.3).
+
+    Args:
+        name: the layer's name.
+        params: the layer's parameters covered (weight and/or bias, in that order).
+        weight_shape: the weight's shape (``[n_G, *]``).
+        g: ``[b, r, n_G]``; a: ``[b, r, n_A]`` (Eq. 15, see :func:`layer_factors`).
+        gram: Eq. 21 unsketched ``[b, b]``, or None when the factors are sketched.
+        weights: ``(weights_G [n_G], weights_A [n_A])`` for leverage sampling, or None.
+        exact: U^T beta exactly (True) or by Eq. 23 (False).
+    """
+
+    kind = "implicit"
+
+    def __init__(
+        self,
+        name: str,
+        params: list[nn.Parameter],
+        weight_shape: torch.Size,
+        g: Tensor,
+        a: Tensor,
+        gram: Tensor | None,
+        weights: tuple[Tensor, Tensor] | None,
+        exact: bool,
+        chol: tuple[Tensor, float] | None = None,
+    ) -> None:
+        self.name, self.params, self.weight_shape = name, params, weight_shape
+        self.g, self.a, self.gram, self.weights, self.exact, self.chol = g, a, gram, weights, exact, chol
+
+    @property
+    def batch(self) -> int:
+        return self.g.shape[0]
+
+    @classmethod
+    def build(
+        cls, name: str, factors: SharedWeightFactors, rank: int | None, sketched: bool, leverage: bool, exact: bool
+    ) -> "ImplicitCurvature":
+        g, a = truncate(*layer_factors(factors), rank)
+        gram = None if sketched else factor_gram(a, g)
+        weights = (g.pow(2).sum(dim=(0, 1)), a.pow(2).sum(dim=(0, 1))) if sketched and leverage else None
+        return cls(name, factors.params, factors.weight_shape, g, a, gram, weights, exact)
+
+    def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"kind": self.kind, "g": self.g, "a": self.a}
+        weights = {} if self.weights is None else {"weights_g": self.weights[0], "weights_a": self.weights[1]}
+        return with_solve_state(state, self.gram, self.chol, **weights)
+
+    @classmethod
+    def from_state(cls, layer: Layer, state: dict[str, Any], exact: bool) -> "ImplicitCurvature":
+        weights = (state["weights_g"], state["weights_a"]) if "weights_g" in state else None
+        return cls(
+            layer.name, layer.params, layer.module.weight.shape, state["g"], state["a"], state.get("gram"), weights, exact, kept_factor(state)
+        )
+
+    def _matrix(self, grads: Sequence[Tensor]) -> GradientMatrix:
+        weight = grads[0] if self.params[0].dim() > 1 else None
+        bias = grads[-1] if self.params[-1].dim() == 1 else None
+        return GradientMatrix(weight, bias)
+
+    def coefficients(
+        self,
+        grads: Sequence[Tensor],
+        damping: float,
+        rows: tuple[int, int] | None,
+        sampling: str,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, SolveInfo]:
+        """beta from Eq. 19 and 21, unsketched (``rows=None``) or with
+        ``(zeta_G, zeta_A) = rows`` (Eq. 17)."""
+        m = self._matrix(grads)
+        what = f"SENG Gram matrix of layer {self.name}"
+        if rows is None:
+            if self.gram is None:
+                self.gram = factor_gram(self.a, self.g)  # Eq. 20
+            rhs = (m.times_factor(self.a) * self.g).sum(dim=(1, 2))  # Eq. 18: exact U g
+            beta, info, self.chol = solve_shifted(self.gram, rhs.to(self.gram.dtype), self.batch * damping, self.chol, what)
+            return beta, info
+        else:
+            w_g, w_a = self.weights if self.weights is not None else (None, None)
+            if w_g is None and sampling == "leverage":
+                w_g, w_a = self.g.pow(2).sum(dim=(0, 1)), self.a.pow(2).sum(dim=(0, 1))
+            sketch = KroneckerRowSketch(
+                RowSample.draw(self.g.shape[2], rows[0], sampling, w_g, generator),
+                RowSample.draw(self.a.shape[2], rows[1], sampling, w_a, generator),
+            )
+            device = self.g.device
+            cols = m.columns(sketch.inputs.index.to(device), self.g.dtype)  # mat(g) Omega_A^T, unscaled
+            xi_z = sketch.grads.apply(cols, dim=0) * sketch.inputs.scale.to(device, self.g.dtype)
+            xi_g, xi_a = sketch.sketch_grads(self.g), sketch.sketch_inputs(self.a)
+            rhs = factor_inner(xi_a, xi_g, xi_z)  # Eq. 19
+            gram = factor_gram(xi_a, xi_g)  # Eq. 21
+        return solve_damped_psd(gram, rhs, self.batch * damping, what=what)
+
+    def combine(self, coeffs: Tensor) -> list[Tensor]:
+        """``U^T beta = left^T right`` (exact, or Eq. 23), parameter-shaped fresh
+        contiguous tensors: the weight and bias blocks are separate products, so no
+        ``[n_G, n_A]`` tensor is sliced or copied."""
+        coeffs = coeffs.to(self.g.dtype)
+        left, right = (_exact_factors if self.exact else eq23_factors)(coeffs, self.g, self.a)
+        out = []
+        d_in = 0
+        if self.params[0].dim() > 1:
+            d_in = self.weight_shape[1:].numel()
+            out.append((left.T @ right[:, :d_in]).view(self.weight_shape))
+        if self.params[-1].dim() == 1:
+            out.append(left.T @ right[:, d_in])
+        return out
