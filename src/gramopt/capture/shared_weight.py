@@ -63,6 +63,57 @@ def position_pair_gram(
     return torch.cat(blocks, dim=0)
 
 
+def gram_strategy(d_in: int, grads_shape: torch.Size) -> str:
+    """``"pairs"`` or ``"explicit"`` for the weight part of a shared-weight Gram with
+    inputs of width ``d_in`` and Z of shape ``[b, k, s, d_out]``: whichever costs fewer
+    flops (see module doc); never an explicit U above ``EXPLICIT_MAX_ELEMENTS``."""
+    b, k, s, d_out = grads_shape
+    n = b * k
+    pairs = b * b * s * s * d_in + n * n * s * s * (d_out + 2)
+    explicit = n * s * d_in * d_out + n * n * d_in * d_out
+    if n * d_in * d_out > EXPLICIT_MAX_ELEMENTS:
+        return "pairs"
+    return "explicit" if explicit < pairs else "pairs"
+
+
+def shared_weight_gram(inputs: Tensor | None, grads: Tensor, bias: bool = False, strategy: str | None = None) -> Tensor:
+    """K = U U^T for per-sample gradients ``G_r = sum_s z_rs x_is^T`` (weight) and, if
+    ``bias``, ``sum_s z_rs`` (bias), ``[b k, b k]``.
+
+    Args:
+        inputs: X ``[b, s, d_in]``, or None when the weight is not covered.
+        grads: Z ``[b, k, s, d_out]``.
+        bias: whether the bias is covered.
+        strategy: ``"pairs"`` or ``"explicit"`` for s > 1 (default: :func:`gram_strategy`).
+    """
+    b, k, s, d_out = grads.shape
+    n = b * k
+    zsum = grads.sum(dim=2).reshape(n, d_out) if bias else None
+    if inputs is None:
+        return zsum @ zsum.T
+    if s == 1:
+        z = grads.reshape(n, d_out)
+        x = inputs.reshape(b, -1)
+        xx = x @ x.T
+        if bias:
+            xx = xx + 1.0
+        return ((z @ z.T).view(b, k, b, k) * xx.view(b, 1, b, 1)).view(n, n)
+    d_in = inputs.shape[-1]
+    if (strategy or gram_strategy(d_in, grads.shape)) == "explicit":
+        u = torch.einsum("bksz,bsx->bkzx", grads, inputs).reshape(n, -1)
+        gram = u @ u.T
+    else:
+        flat_x = inputs.reshape(-1, d_in)
+
+        def input_kernel(i0: int, i1: int) -> Tensor:
+            return (inputs[i0:i1].reshape(-1, d_in) @ flat_x.T).view(i1 - i0, s, b, s)
+
+        gram = position_pair_gram(grads, input_kernel)
+    if bias:
+        gram = gram + zsum @ zsum.T
+    return gram
+
+
 class SharedWeightFactors(LayerFactors):
     """Factors of ``y_is = W x_is + c`` with dense inputs.
 
@@ -100,42 +151,13 @@ class SharedWeightFactors(LayerFactors):
 
     # -- the Gram ---------------------------------------------------------------------
     def gram(self) -> Tensor:
-        b, k, s, d_out = self.grads.shape
-        n = b * k
-        if not self.with_weight:
-            zsum = self.grads.sum(dim=2).reshape(n, d_out)
-            return zsum @ zsum.T
-        if s == 1:
-            z = self.grads.reshape(n, d_out)
-            x = self.inputs.reshape(b, -1)
-            xx = x @ x.T
-            if self.with_bias:
-                xx = xx + 1.0
-            return ((z @ z.T).view(b, k, b, k) * xx.view(b, 1, b, 1)).view(n, n)
-        if self.gram_strategy() == "explicit":
-            u = self.per_sample()
-            return u @ u.T
-        gram = position_pair_gram(self.grads, self._input_kernel)
-        if self.with_bias:
-            zsum = self.grads.sum(dim=2).reshape(n, d_out)
-            gram = gram + zsum @ zsum.T
-        return gram
-
-    def _input_kernel(self, i0: int, i1: int) -> Tensor:
-        b, s, d_in = self.inputs.shape
-        block = self.inputs[i0:i1].reshape(-1, d_in) @ self.inputs.reshape(-1, d_in).T
-        return block.view(i1 - i0, s, b, s)
+        inputs = self.inputs if self.with_weight else None
+        strategy = self.gram_strategy() if inputs is not None and self.positions > 1 else None
+        return shared_weight_gram(inputs, self.grads, self.with_bias, strategy)
 
     def gram_strategy(self) -> str:
         """``"pairs"`` or ``"explicit"``, whichever costs fewer flops (see module doc)."""
-        b, k, s, d_out = self.grads.shape
-        d_in = self.inputs.shape[-1]
-        n = b * k
-        pairs = b * b * s * s * d_in + n * n * s * s * (d_out + 2)
-        explicit = n * s * d_in * d_out + n * n * d_in * d_out
-        if n * d_in * d_out > EXPLICIT_MAX_ELEMENTS:
-            return "pairs"
-        return "explicit" if explicit < pairs else "pairs"
+        return gram_strategy(self.inputs.shape[-1], self.grads.shape)
 
     # -- products ---------------------------------------------------------------------
     def _weighted_grads(self, coeffs: Tensor) -> Tensor:
