@@ -160,16 +160,34 @@ class SharedWeightFactors(LayerFactors):
         return gram_strategy(self.inputs.shape[-1], self.grads.shape)
 
     # -- products ---------------------------------------------------------------------
+    # Both products are one GEMM with the weight. Their temporaries are either
+    # output-gradient-sized ``[b, s, d_out]`` or input-sized ``[b, k, s, d_in]``; the
+    # input-sized form is used when it is smaller (``k d_in < d_out``, e.g. the wide first
+    # layer of a two-layer network), so a product streams through Z once and allocates
+    # nothing of its size (the matrix-free Gauss-Newton solvers apply U U^T many times).
+    def _input_side(self) -> bool:
+        return self.with_weight and self.passes * self.inputs.shape[-1] < self.grads.shape[-1]
+
     def _weighted_grads(self, coeffs: Tensor) -> Tensor:
         """sum_c a_(i,c) z_(i,c), ``[b, s, d_out]``: the output-gradient of U^T a."""
         b, k = self.batch_size, self.passes
-        a = coeffs.to(self.grads.dtype).view(b, k, 1, 1)
-        return (a * self.grads).sum(dim=1)
+        if k == 1:
+            return self.grads[:, 0] * coeffs.to(self.grads.dtype).view(b, 1, 1)
+        return torch.einsum("bk,bksz->bsz", coeffs.to(self.grads.dtype).view(b, k), self.grads)
 
     def rmatvec(self, coeffs: Tensor) -> list[Tensor]:
-        zbar = self._weighted_grads(coeffs)
-        d_out = zbar.shape[-1]
+        b, k, s, d_out = self.grads.shape
         out = []
+        if self._input_side():
+            d_in = self.inputs.shape[-1]
+            a = coeffs.to(self.grads.dtype).view(b, k, 1, 1)
+            weighted = (a * self.inputs.unsqueeze(1)).reshape(-1, d_in)  # a_(i,c) x_is
+            flat_z = self.grads.reshape(-1, d_out)
+            out.append((weighted.T @ flat_z).T.reshape(self.weight_shape))
+            if self.with_bias:
+                out.append(flat_z.T @ a.expand(b, k, s, 1).reshape(-1))
+            return out
+        zbar = self._weighted_grads(coeffs)
         if self.with_weight:
             d_in = self.inputs.shape[-1]
             gw = zbar.reshape(-1, d_out).T @ self.inputs.reshape(-1, d_in)
@@ -181,10 +199,18 @@ class SharedWeightFactors(LayerFactors):
     def matvec(self, vectors: Sequence[Tensor]) -> Tensor:
         b, k, s, d_out = self.grads.shape
         vectors = [v.to(self.grads.dtype) for v in vectors]
+        if self._input_side():
+            d_in = self.inputs.shape[-1]
+            flat_z = self.grads.reshape(-1, d_out)
+            zv = (flat_z @ vectors[0].reshape(d_out, d_in)).view(b, k, s, d_in)
+            out = torch.einsum("bksx,bsx->bk", zv, self.inputs)
+            if self.with_bias:
+                out = out + (flat_z @ vectors[1]).view(b, k, s).sum(dim=2)
+            return out.reshape(b * k)
         y = torch.zeros(b, s, d_out, dtype=self.grads.dtype, device=self.grads.device)
         i = 0
         if self.with_weight:
-            y = y + self.inputs @ vectors[0].reshape(d_out, -1).T
+            y = y + (self.inputs.reshape(-1, self.inputs.shape[-1]) @ vectors[0].reshape(d_out, -1).T).view(b, s, d_out)
             i = 1
         if self.with_bias:
             y = y + vectors[i]
