@@ -78,7 +78,7 @@ class Sketch(ABC):
 
     def dense(self, dtype: torch.dtype = torch.float64) -> Tensor:
         """S as a dense ``[m, N]`` matrix (for tests)."""
-        return self.apply(torch.eye(self.cols, dtype=dtype, device=self.device))
+        return self.apply(torch.eye(self.cols, dtype=dtype, device=self.device)).contiguous()
 
 
 class GaussianSketch(Sketch):
@@ -205,8 +205,8 @@ class KroneckerSketch:
 
         U S^T = [vec(sum_s (S_G z_rs)(S_A x_is)^T)]_r            [n, m_G m_A]
 
-    cost ``n s (d_out m_G... )`` through the sketched factors ``Z S_G^T`` and ``X S_A^T``;
-    U is never formed (SENG's Eq. 17: ``Xi_G = Omega_G G``, ``Xi_A = Omega_A A``).
+    come from the sketched factors ``Z S_G^T`` and ``X S_A^T`` (cost: the two sketches,
+    then ``n s m_G m_A``) and U is never formed (SENG's Eq. 17: ``Xi_G = Omega_G G``, ``Xi_A = Omega_A A``).
     Fold a bias in by appending a column of ones to X.
 
     ``S`` is a subspace embedding of U's row space when S_G embeds the span of the
