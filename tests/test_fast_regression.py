@@ -31,7 +31,7 @@ def test_iterations_bounded_as_the_condition_number_grows(float64):
     iterations for cond(A^T A) up to 1e10, while plain CG's count grows with cond.
     (For an arbitrary y at cond 1e10 the residual of the exact solution evaluated in
     float64 is itself ~ eps cond ||x|| / ||y|| ~ 1e-6: no solver can show 1e-8 there.)"""
-    rows, cols = 8192, 96
+    rows, cols = 4096, 96
     fast, plain = [], []
     for cond in CONDS:
         a = prescribed(rows, cols, cond)
@@ -43,9 +43,10 @@ def test_iterations_bounded_as_the_condition_number_grows(float64):
             assert info.residuals[-1] == pytest.approx(relative_residual(a, x, y), rel=1e-3, abs=1e-12)
             assert set(info.seconds) == {"sketch", "factorize", "iterate"}
             fast.append(info.iterations)
-        _, info = pcg(lambda v: a.T @ (a @ v), y, tol=1e-8, max_iter=3000)
-        plain.append(info.iterations if info.converged else math.inf)
-    assert plain == sorted(plain) and plain[0] > 40 and plain[2] > 10 * max(fast), plain
+        if cond <= 1e6:  # plain CG: hundreds to thousands of iterations already
+            _, info = pcg(lambda v: a.T @ (a @ v), y, tol=1e-8, max_iter=3000)
+            plain.append(info.iterations if info.converged else math.inf)
+    assert plain == sorted(plain) and plain[0] > 40 and plain[2] > 10 * max(fast), (plain, fast)
 
 
 @pytest.mark.parametrize("damping", [1e-3, 1.0])

@@ -40,10 +40,13 @@ the sandwich with Q: the preconditioned system has condition number at most
 larger than its width) keep their exact block: sketch-pcg then costs more than
 cholesky, which is what ``auto`` weighs.
 
-``auto`` estimates flops: cholesky = exact Gram + n^3/3; sketch-pcg = sketched Gram +
-n^3/3 + ``AUTO_PCG_ITERATIONS`` products with the Gram (each ~4 times the flops of a
-weight gradient), and takes sketch-pcg when it is estimated ``AUTO_MARGIN`` times
-cheaper (matrix-free products run at a lower flop rate than one large matmul).
+``auto`` estimates the cost of both in flops of the Gram's large matmul: cholesky = exact
+Gram + n^3/3; sketch-pcg = sketched Gram + n^3/3 + the sketch's application and
+``AUTO_PCG_ITERATIONS`` products with the Gram (each ~4 times the flops of a weight
+gradient), the last two weighted by how much slower per flop they run than one large
+matmul (``PRODUCT_PENALTY``, ``SKETCH_PENALTY``: measured by benchmarks/gn_solvers.py
+on 2 CPU cores, where a product is a matmul with a narrow side of d_in columns and the
+sparse sketch a sparse-dense product). It takes the cheaper estimate.
 """
 
 from __future__ import annotations
@@ -67,10 +70,11 @@ from gramopt.linalg.sketches import SKETCHES, KroneckerSketch, make_sketch
 if TYPE_CHECKING:
     from gramopt.optim.ggn import GaussNewtonSystem
 
-#: CG iterations auto budgets for sketch-pcg (measured: 15-30 at the default sketch).
-AUTO_PCG_ITERATIONS = 30
-#: auto takes sketch-pcg only when its estimated flops are this many times fewer.
-AUTO_MARGIN = 2.0
+#: CG iterations auto budgets for sketch-pcg (measured 5-8 at float32's default tol).
+AUTO_PCG_ITERATIONS = 8
+#: Flop-rate ratios (large matmul / narrow matrix-free product, / sparse sketch).
+PRODUCT_PENALTY = 8.0
+SKETCH_PENALTY = 50.0
 #: nonzeros per column of the sparse sketch (for the cost model).
 SPARSE_ZETA = 8
 
@@ -241,7 +245,7 @@ def estimated_flops(system: "GaussNewtonSystem", oversampling: float = 4.0) -> d
     factor = n**3 / 3
     return {
         "cholesky": exact + factor,
-        "sketch-pcg": sketched + factor + AUTO_PCG_ITERATIONS * product,
+        "sketch-pcg": sketched + factor + PRODUCT_PENALTY * AUTO_PCG_ITERATIONS * product,
         "gram_product": product,
     }
 
@@ -263,21 +267,20 @@ def _layer_flops(f: LayerFactors, n: int, oversampling: float) -> tuple[float, f
 
         exact = gram_cost(d_in, d_out)
         m_g, m_a = min(target, d_out), min(target, d_in)
-        sketch = 2.0 * SPARSE_ZETA * n * s * ((d_out if m_g < d_out else 0) + (d_in if m_a < d_in else 0))
+        sketch = SKETCH_PENALTY * 2.0 * SPARSE_ZETA * n * s * ((d_out if m_g < d_out else 0) + (d_in if m_a < d_in else 0))
         sketched = exact if (m_g, m_a) == (d_out, d_in) else sketch + gram_cost(m_a, m_g)
         return exact, sketched, product
     p = f.num_params
     exact = 2.0 * n * n * p
     target = math.ceil(oversampling * n)
-    sketched = exact if target >= p else 2.0 * SPARSE_ZETA * n * p + 2.0 * n * n * target
+    sketched = exact if target >= p else SKETCH_PENALTY * 2.0 * SPARSE_ZETA * n * p + 2.0 * n * n * target
     return exact, sketched, 4.0 * n * p
 
 
 def choose_solver(system: "GaussNewtonSystem", oversampling: float = 4.0) -> str:
-    """``"sketch-pcg"`` if its estimated flops are ``AUTO_MARGIN`` times fewer than
-    cholesky's, else ``"cholesky"``."""
+    """``"sketch-pcg"`` if its estimated cost is lower than cholesky's, else ``"cholesky"``."""
     cost = estimated_flops(system, oversampling)
-    return "sketch-pcg" if AUTO_MARGIN * cost["sketch-pcg"] < cost["cholesky"] else "cholesky"
+    return "sketch-pcg" if cost["sketch-pcg"] < cost["cholesky"] else "cholesky"
 
 
 def auto_solver(
