@@ -231,3 +231,23 @@ def test_auto_picks_by_size():
     opt.backward(model(x), y)
     opt.step()
     assert opt.last_info.solve.method == "cholesky"
+
+
+def test_captured_activations_are_released_after_step():
+    """The capture engine's gradient hooks must not keep a step's layer outputs alive
+    (a reference cycle through the autograd graph that Python's GC cannot collect)."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Linear(32, 1))
+    seen = []
+    model[0].register_forward_hook(lambda m, a, out: seen.append(weakref.ref(out)))
+    opt = gramopt.GGN(model, damping=0.1, solver="sketch-pcg")
+    for _ in range(2):
+        out = model(torch.randn(8, 5))
+        opt.backward(out, torch.randn(8, 1))
+        opt.step()
+        del out
+    gc.collect()
+    assert [r() is None for r in seen] == [True, True]
+    opt.close()
