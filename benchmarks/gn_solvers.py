@@ -17,7 +17,7 @@ Nystrom-preconditioned CG. Writes benchmarks/results/gn_solvers.{json,png}.
    (A 16384 x 256, cond(A^T A) = 1e2 ... 1e10): no preconditioner, the sketch (QR)
    preconditioner of fast_regression, and Nystrom of rank 32 and 128.
 
-    python benchmarks/gn_solvers.py            # about 10 minutes on 2 shared cores
+    python benchmarks/gn_solvers.py            # about 12 minutes on 2 shared cores (728 s measured)
     python benchmarks/gn_solvers.py --quick    # smaller sizes, for a smoke run
 """
 

@@ -8,7 +8,10 @@ min_g ||J J^T g - (f - y)|| found by the sketch-preconditioned solver (Algorithm
 ``GGN(lr=1, damping=0, solver="sketch-pcg")``. Theorem 4.1: ||f - y|| at least halves
 at every step. The same steps with the exact (Cholesky) solve are shown for comparison.
 
-    python examples/faster_two_layer.py [--n 512] [--width 8192] [--dim 16] [--steps 8]
+    python examples/faster_two_layer.py [--n 512] [--width 8192] [--dim 16] [--steps 8] [--dtype float64]
+
+In float32 the error stops falling near 1e-5 (the outputs' own rounding), so the
+halving is checked only above 1e3 * eps * ||f_0 - y||.
 """
 
 from __future__ import annotations
@@ -64,11 +67,14 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=8192, help="hidden width m (>= 16 n)")
     parser.add_argument("--dim", type=int, default=16, help="input dimension d")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     args = parser.parse_args()
+    torch.set_default_dtype(getattr(torch, args.dtype))
     torch.manual_seed(0)
     fast = train("sketch-pcg", {"tol": 1e-4}, args)
     exact = train("cholesky", None, args)
-    halved = all(b <= 0.5 * a for a, b in zip(fast, fast[1:]) if a > 1e-6)
+    floor = 1e3 * torch.finfo(torch.get_default_dtype()).eps * fast[0]
+    halved = all(b <= 0.5 * a for a, b in zip(fast, fast[1:]) if a > floor)
     print(f"\nTheorem 4.1 (each step at least halves ||f - y||): {'holds' if halved else 'VIOLATED'}")
     print(f"final error sketch-pcg {fast[-1]:.2e}, cholesky {exact[-1]:.2e}")
 

@@ -196,7 +196,7 @@ def test_algorithm1_halves_the_error_each_step(float64):
         errors[solver] = []
         for _ in range(6):
             out = model(x)
-            errors[solver].append(float((out - y).norm()))
+            errors[solver].append(float((out.detach() - y).norm()))
             opt.backward(out, y)
             opt.step()
             if solver == "sketch-pcg":

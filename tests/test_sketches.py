@@ -39,7 +39,7 @@ def test_apply_is_a_fixed_linear_map_along_any_dim(kind, float64):
     torch.testing.assert_close(sketch.apply(x, dim=-1), x @ s.T)
     torch.testing.assert_close(sketch.apply(x.transpose(1, 2), dim=1), (x @ s.T).transpose(1, 2))
     # E ||S a||^2 = ||a||^2: column norms of S average to 1
-    big = make_sketch(kind, 64, 4096, generator=torch.Generator().manual_seed(4)).dense()
+    big = make_sketch(kind, 64, 1024, generator=torch.Generator().manual_seed(4)).dense()
     assert abs(float((big**2).sum(0).mean()) - 1.0) < 0.05
 
 
