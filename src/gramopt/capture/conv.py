@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gramopt.capture.shared_weight import SharedWeightFactors, gram_cost_strategy
+from gramopt.capture.shared_weight import SharedWeightFactors, gram_strategy
 
 
 def conv_pads(module: nn.Module) -> list[tuple[int, int]]:
@@ -117,7 +117,7 @@ class ConvFactors(SharedWeightFactors):
 
     def gram_strategy(self) -> str:
         d_in = self.weight_shape[1:].numel()
-        return gram_cost_strategy(self.batch_size, self.passes, self.positions, d_in, self.weight_shape[0])
+        return gram_strategy(d_in, torch.Size((self.batch_size, self.passes, self.positions, self.weight_shape[0])))
 
     # -- products by convolutions ---------------------------------------------------------
     def _conv_args(self) -> tuple[list[int], list[int]]:

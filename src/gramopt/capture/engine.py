@@ -24,6 +24,7 @@ garbage-collected.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,14 +146,21 @@ class CaptureEngine:
                 engine_ref._discard_stale()
             call = _Call(layer.handler.save(module, args, output), output, output._version)
             calls.append(call)
+            # The hook lives in the output's autograd node (C++), which Python's GC cannot
+            # see: a strong reference to the call (which holds the output) would make an
+            # uncollectable cycle keeping every step's activations and gradients alive.
+            call_ref = weakref.ref(call)
 
             def grad_hook(grad: Tensor) -> None:
+                live = call_ref()
+                if live is None:  # cleared (stale graph): nothing to record
+                    return
                 engine_ref._backward_seen = True
-                call.grads.append((engine_ref._pass if engine_ref._pass is not None else -1, grad.detach()))
+                live.grads.append((engine_ref._pass if engine_ref._pass is not None else -1, grad.detach()))
                 # Holding the output while its gradient flows back made the backward pass of
                 # a small CNN ~1.6-2x slower (convolution and ReLU backward, measured on CPU);
                 # it is only needed as a target of backward_passes, which keep their own list.
-                call.output = None
+                live.output = None
 
             output.register_hook(grad_hook)
 

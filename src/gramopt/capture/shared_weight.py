@@ -63,16 +63,58 @@ def position_pair_gram(
     return torch.cat(blocks, dim=0)
 
 
-def gram_cost_strategy(b: int, k: int, s: int, d_in: int, d_out: int) -> str:
-    """``"pairs"`` or ``"explicit"`` for the Gram of b k rows over s positions of a
-    ``[d_out, d_in]`` weight: whichever costs fewer flops (see module doc); never an
-    explicit U above ``EXPLICIT_MAX_ELEMENTS`` elements."""
+def gram_strategy(d_in: int, grads_shape: torch.Size) -> str:
+    """``"pairs"`` or ``"explicit"`` for the weight part of a shared-weight Gram with
+    inputs of width ``d_in`` and Z of shape ``[b, k, s, d_out]``: whichever costs fewer
+    flops (see module doc); never an explicit U above ``EXPLICIT_MAX_ELEMENTS``."""
+    b, k, s, d_out = grads_shape
     n = b * k
     pairs = b * b * s * s * d_in + n * n * s * s * (d_out + 2)
     explicit = n * s * d_in * d_out + n * n * d_in * d_out
     if n * d_in * d_out > EXPLICIT_MAX_ELEMENTS:
         return "pairs"
     return "explicit" if explicit < pairs else "pairs"
+
+
+def shared_weight_gram(inputs: Tensor | None, grads: Tensor, bias: bool = False, strategy: str | None = None) -> Tensor:
+    """K = U U^T for per-sample gradients ``G_r = sum_s z_rs x_is^T`` (weight) and, if
+    ``bias``, ``sum_s z_rs`` (bias), ``[b k, b k]``.
+
+    Args:
+        inputs: X ``[b, s, d_in]``, or None when the weight is not covered.
+        grads: Z ``[b, k, s, d_out]``.
+        bias: whether the bias is covered.
+        strategy: ``"pairs"`` or ``"explicit"`` for s > 1 (default: :func:`gram_strategy`).
+    """
+    b, k, s, d_out = grads.shape
+    n = b * k
+    zsum = grads.sum(dim=2).reshape(n, d_out) if bias else None
+    if inputs is None:
+        return zsum @ zsum.T
+    if s == 1:
+        z = grads.reshape(n, d_out)
+        x = inputs.reshape(b, -1)
+        xx = x @ x.T
+        if bias:
+            xx += 1.0
+        zz = z @ z.T
+        if k == 1:
+            return zz.mul_(xx)
+        return (zz.view(b, k, b, k) * xx.view(b, 1, b, 1)).view(n, n)
+    d_in = inputs.shape[-1]
+    if (strategy or gram_strategy(d_in, grads.shape)) == "explicit":
+        u = torch.einsum("bksz,bsx->bkzx", grads, inputs).reshape(n, -1)
+        gram = u @ u.T
+    else:
+        flat_x = inputs.reshape(-1, d_in)
+
+        def input_kernel(i0: int, i1: int) -> Tensor:
+            return (inputs[i0:i1].reshape(-1, d_in) @ flat_x.T).view(i1 - i0, s, b, s)
+
+        gram = position_pair_gram(grads, input_kernel)
+    if bias:
+        gram = gram + zsum @ zsum.T
+    return gram
 
 
 class SharedWeightFactors(LayerFactors):
@@ -112,53 +154,43 @@ class SharedWeightFactors(LayerFactors):
 
     # -- the Gram ---------------------------------------------------------------------
     def gram(self) -> Tensor:
-        b, k, s, d_out = self.grads.shape
-        n = b * k
-        if not self.with_weight:
-            zsum = self.grads.sum(dim=2).reshape(n, d_out)
-            return zsum @ zsum.T
-        if s == 1:
-            z = self.grads.reshape(n, d_out)
-            x = self.inputs.reshape(b, -1)
-            xx = x @ x.T
-            if self.with_bias:
-                xx += 1.0
-            zz = z @ z.T
-            if k == 1:
-                return zz.mul_(xx)
-            return (zz.view(b, k, b, k) * xx.view(b, 1, b, 1)).view(n, n)
-        if self.gram_strategy() == "explicit":
-            u = self.per_sample()
-            return u @ u.T
-        gram = position_pair_gram(self.grads, self._input_kernel)
-        if self.with_bias:
-            zsum = self.grads.sum(dim=2).reshape(n, d_out)
-            gram = gram + zsum @ zsum.T
-        return gram
-
-    def _input_kernel(self, i0: int, i1: int) -> Tensor:
-        b, s, d_in = self.inputs.shape
-        block = self.inputs[i0:i1].reshape(-1, d_in) @ self.inputs.reshape(-1, d_in).T
-        return block.view(i1 - i0, s, b, s)
+        inputs = self.inputs if self.with_weight else None
+        strategy = self.gram_strategy() if inputs is not None and self.positions > 1 else None
+        return shared_weight_gram(inputs, self.grads, self.with_bias, strategy)
 
     def gram_strategy(self) -> str:
         """``"pairs"`` or ``"explicit"``, whichever costs fewer flops (see module doc)."""
-        b, k, s, d_out = self.grads.shape
-        return gram_cost_strategy(b, k, s, self.inputs.shape[-1], d_out)
+        return gram_strategy(self.inputs.shape[-1], self.grads.shape)
 
     # -- products ---------------------------------------------------------------------
+    # Both products are one GEMM with the weight. Their temporaries are either
+    # output-gradient-sized ``[b, s, d_out]`` or input-sized ``[b, k, s, d_in]``; the
+    # input-sized form is used when it is smaller (``k d_in < d_out``, e.g. the wide first
+    # layer of a two-layer network), so a product streams through Z once and allocates
+    # nothing of its size (the matrix-free Gauss-Newton solvers apply U U^T many times).
+    def _input_side(self) -> bool:
+        return self.with_weight and self.passes * self.inputs.shape[-1] < self.grads.shape[-1]
+
     def _weighted_grads(self, coeffs: Tensor) -> Tensor:
         """sum_c a_(i,c) z_(i,c), ``[b, s, d_out]``: the output-gradient of U^T a."""
         b, k = self.batch_size, self.passes
         if k == 1:
             return self.grads[:, 0] * coeffs.to(self.grads.dtype).view(b, 1, 1)
-        a = coeffs.to(self.grads.dtype).view(b, k, 1, 1)
-        return (a * self.grads).sum(dim=1)
+        return torch.einsum("bk,bksz->bsz", coeffs.to(self.grads.dtype).view(b, k), self.grads)
 
     def rmatvec(self, coeffs: Tensor) -> list[Tensor]:
-        zbar = self._weighted_grads(coeffs)
-        d_out = zbar.shape[-1]
+        b, k, s, d_out = self.grads.shape
         out = []
+        if self._input_side():
+            d_in = self.inputs.shape[-1]
+            a = coeffs.to(self.grads.dtype).view(b, k, 1, 1)
+            weighted = (a * self.inputs.unsqueeze(1)).reshape(-1, d_in)  # a_(i,c) x_is
+            flat_z = self.grads.reshape(-1, d_out)
+            out.append((weighted.T @ flat_z).T.reshape(self.weight_shape))
+            if self.with_bias:
+                out.append(flat_z.T @ a.expand(b, k, s, 1).reshape(-1))
+            return out
+        zbar = self._weighted_grads(coeffs)
         if self.with_weight:
             d_in = self.inputs.shape[-1]
             gw = zbar.reshape(-1, d_out).T @ self.inputs.reshape(-1, d_in)
@@ -170,6 +202,14 @@ class SharedWeightFactors(LayerFactors):
     def matvec(self, vectors: Sequence[Tensor]) -> Tensor:
         b, k, s, d_out = self.grads.shape
         vectors = [v.to(self.grads.dtype) for v in vectors]
+        if self._input_side():
+            d_in = self.inputs.shape[-1]
+            flat_z = self.grads.reshape(-1, d_out)
+            zv = (flat_z @ vectors[0].reshape(d_out, d_in)).view(b, k, s, d_in)
+            out = torch.einsum("bksx,bsx->bk", zv, self.inputs)
+            if self.with_bias:
+                out = out + (flat_z @ vectors[1]).view(b, k, s).sum(dim=2)
+            return out.reshape(b * k)
         if self.with_weight:  # y_is = V x_is (+ v_b): the layer's output under weight v
             y = self.inputs @ vectors[0].reshape(d_out, -1).T
             if self.with_bias:

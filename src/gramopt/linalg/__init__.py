@@ -1,6 +1,42 @@
-"""Linear algebra of the sample-space systems: dense solves (and, later, sketches and
-sketch-preconditioned iterative solvers)."""
+"""Linear algebra of the sample-space systems: dense solves, sketches, conjugate
+gradients with sketch and Nystrom preconditioners, fast regression (Algorithm 2 of the
+near-linear-time paper) and sketched Newton (its Algorithm 3)."""
 
 from gramopt.linalg.dense import NumericalWarning, SolveInfo, solve_damped_psd
+from gramopt.linalg.krylov import nystrom_preconditioner, pcg
+from gramopt.linalg.newton import NewtonInfo, logistic_loss, newton
+from gramopt.linalg.regression import DenseOperator, LinearOperator, fast_regression
+from gramopt.linalg.sketches import (
+    SKETCHES,
+    CountSketch,
+    GaussianSketch,
+    KroneckerSketch,
+    Sketch,
+    SparseSignSketch,
+    SRHTSketch,
+    fwht,
+    make_sketch,
+)
 
-__all__ = ["NumericalWarning", "SolveInfo", "solve_damped_psd"]
+__all__ = [
+    "SKETCHES",
+    "CountSketch",
+    "DenseOperator",
+    "GaussianSketch",
+    "KroneckerSketch",
+    "LinearOperator",
+    "NewtonInfo",
+    "NumericalWarning",
+    "SRHTSketch",
+    "Sketch",
+    "SolveInfo",
+    "SparseSignSketch",
+    "fast_regression",
+    "fwht",
+    "logistic_loss",
+    "make_sketch",
+    "newton",
+    "nystrom_preconditioner",
+    "pcg",
+    "solve_damped_psd",
+]

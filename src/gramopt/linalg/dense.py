@@ -27,7 +27,9 @@ class NumericalWarning(RuntimeWarning):
 @dataclass
 class SolveInfo:
     """What a solver did. ``method`` names the path taken; ``residuals`` holds the
-    relative residual per iteration for iterative solvers; ``seconds`` the time per phase."""
+    relative residual ``||rhs - H x_t|| / ||rhs||`` per iteration for iterative solvers
+    (``residuals[0]`` at the start, the last one recomputed from scratch);
+    ``converged`` says whether it reached its tolerance; ``seconds`` the time per phase."""
 
     method: str
     jitter: float = 0.0
@@ -35,6 +37,7 @@ class SolveInfo:
     residuals: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     fallback: str | None = None
+    converged: bool = True
 
 
 def solve_damped_psd(gram: Tensor, rhs: Tensor, damping: float, *, what: str = "Gram matrix") -> tuple[Tensor, SolveInfo]:

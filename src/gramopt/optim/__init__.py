@@ -2,6 +2,7 @@
 
 from gramopt.optim.base import SampleSpaceOptimizer, StepInfo
 from gramopt.optim.ggn import GGN, SOLVERS, GaussNewtonSystem
+from gramopt.optim.gn_solvers import GaussNewtonOperator, check_solver_options, choose_solver
 from gramopt.optim.schedules import DampingDecay, WarmupPolyDecay
 from gramopt.optim.seng import SENG
 from gramopt.optim.seng_config import ImplicitConfig, SketchConfig
@@ -11,10 +12,13 @@ __all__ = [
     "SENG",
     "SOLVERS",
     "DampingDecay",
+    "GaussNewtonOperator",
     "GaussNewtonSystem",
     "ImplicitConfig",
     "SampleSpaceOptimizer",
     "SketchConfig",
     "StepInfo",
     "WarmupPolyDecay",
+    "check_solver_options",
+    "choose_solver",
 ]

@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +31,10 @@ from torch import Tensor, nn
 
 from gramopt.capture.factors import LayerFactors
 from gramopt.errors import CaptureError, NonFiniteError
-from gramopt.linalg.dense import SolveInfo, solve_damped_psd
+from gramopt.linalg.dense import NumericalWarning
 from gramopt.losses import GaussNewtonLoss, get_loss
 from gramopt.optim.base import SampleSpaceOptimizer, StepInfo, check_hyper
+from gramopt.optim.gn_solvers import SOLVERS, check_solver_options
 
 
 @dataclass
@@ -48,12 +50,15 @@ class GaussNewtonSystem:
         q: per-sample Hessian factors ``[b, k, k]``, or None for the identity.
         rhs: w, ``[n]``.
         damping: >= 0.
+        step: the optimizer's step number (randomized solvers seed their sketches with it,
+            so a step is reproducible and ``state_dict()`` round-trips).
     """
 
     factors: dict[str, LayerFactors]
     q: Tensor | None
     rhs: Tensor
     damping: float
+    step: int = 0
 
     @property
     def size(self) -> int:
@@ -81,13 +86,17 @@ class GaussNewtonSystem:
             if not torch.isfinite(block).all():
                 raise NonFiniteError(f"the Gram block of layer {name} has NaN or inf; nothing was changed")
             gram = block if gram is None else gram + block
-        if self.q is not None:
-            b, k, _ = self.q.shape
-            g4 = gram.view(b, k, b, k)
-            g4 = torch.einsum("iac,iajd->icjd", self.q, g4)
-            g4 = torch.einsum("icje,jed->icjd", g4, self.q)
-            gram = g4.reshape(b * k, b * k)
-        return gram
+        return self.sandwich(gram)
+
+    def sandwich(self, gram: Tensor) -> Tensor:
+        """``Q^T K Q`` for an ``[n, n]`` matrix K (K itself when Q is the identity)."""
+        if self.q is None:
+            return gram
+        b, k, _ = self.q.shape
+        g4 = gram.view(b, k, b, k)
+        g4 = torch.einsum("iac,iajd->icjd", self.q, g4)
+        g4 = torch.einsum("icje,jed->icjd", g4, self.q)
+        return g4.reshape(b * k, b * k)
 
     def matvec(self, a: Tensor) -> Tensor:
         """``Q^T J J^T Q a`` without forming the Gram, ``[n]``."""
@@ -96,24 +105,6 @@ class GaussNewtonSystem:
         for factor in self.factors.values():
             out = out + factor.matvec(factor.rmatvec(qa))
         return self.apply_qt(out)
-
-
-Solver = Callable[[GaussNewtonSystem], tuple[Tensor, SolveInfo]]
-
-
-def cholesky_solver(system: GaussNewtonSystem) -> tuple[Tensor, SolveInfo]:
-    """Build the Gram through the layers' structure, then a Cholesky solve (with the
-    jitter / eigen-solve fallbacks of :func:`~gramopt.linalg.solve_damped_psd`)."""
-    start = time.perf_counter()
-    gram = system.dense()
-    built = time.perf_counter()
-    a, info = solve_damped_psd(gram, system.rhs.to(gram.dtype), system.damping, what="GGN Gram matrix")
-    info.seconds["gram"] = built - start
-    return a, info
-
-
-#: Solvers by name; ``GGN(solver=...)`` picks one.
-SOLVERS: dict[str, Solver] = {"cholesky": cholesky_solver}
 
 
 class GGN(SampleSpaceOptimizer):
@@ -126,7 +117,11 @@ class GGN(SampleSpaceOptimizer):
             use 0.3), >= 0. 0 is the ridgeless Eq. (9) and needs a nonsingular G;
             ``cross_entropy`` needs damping > 0 (its H is singular: ``H_i 1 = 0``).
         loss: ``"mse"`` or ``"cross_entropy"``.
-        solver: name in :data:`SOLVERS` (``"cholesky"``).
+        solver: name in :data:`SOLVERS`: ``"cholesky"`` (the Gram, then Cholesky),
+            ``"cg"``, ``"sketch-pcg"``, ``"nystrom-pcg"`` (matrix-free, never the Gram) or
+            ``"auto"`` (see :mod:`gramopt.optim.gn_solvers`).
+        solver_options: the solver's options as a dict (e.g. ``{"tol": 1e-6}``); each
+            solver documents those it takes, anything else is a ValueError.
         momentum: heavy-ball momentum on the direction, in [0, 1).
         weight_decay: decoupled weight decay, >= 0.
         params: optional parameters / param groups (default: all trainable parameters).
@@ -151,10 +146,10 @@ class GGN(SampleSpaceOptimizer):
         *,
         params: Iterable[Any] | None = None,
         unsupported: str = "error",
+        solver_options: dict[str, Any] | None = None,
     ) -> None:
         self.loss: GaussNewtonLoss = get_loss(loss)
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
+        self.solver_options = check_solver_options(solver, solver_options)
         self.solver = solver
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model, params, defaults, unsupported)
@@ -258,8 +253,11 @@ class GGN(SampleSpaceOptimizer):
                 None if pending["q"] is None else pending["q"].to(dtype),
                 pending["w"].to(dtype),
                 self.damping,
+                self.steps_taken,
             )
-            a, info = SOLVERS[self.solver](system)
+            a, info = SOLVERS[self.solver](system, **self.solver_options)
+            if not info.converged:
+                warnings.warn(f"GGN step {self.steps_taken}: {info.fallback}", NumericalWarning, stacklevel=2)
             seconds.update(info.seconds)
             start = time.perf_counter()
             x = system.apply_q(a)
