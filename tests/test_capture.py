@@ -117,3 +117,104 @@ def test_frozen_weight_trainable_bias(float64):
     assert [p is model[0].bias for p in factor.params] == [True]
     ref = per_sample_grads(model, x, y, sample_loss, params=[model[0].bias])
     torch.testing.assert_close(factor.gram(), ref @ ref.T)
+
+
+CONV_VARIANTS = {
+    "same-asymmetric": lambda: nn.Conv2d(2, 3, (2, 3), padding="same", dilation=(2, 1)),
+    "stride-circular": lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="circular"),
+    "no-bias-replicate": lambda: nn.Conv2d(2, 3, 3, padding=(1, 2), padding_mode="replicate", bias=False),
+    "conv1d-reflect": lambda: nn.Conv1d(2, 3, 3, stride=2, padding=1, padding_mode="reflect"),
+}
+
+
+@pytest.mark.parametrize("strategy", ["pairs", "explicit"])
+@pytest.mark.parametrize("name", sorted(CONV_VARIANTS))
+def test_conv_factors_variants(name, strategy, float64, monkeypatch):
+    """ConvFactors (convolution_backward for U^T a and grouped per-sample gradients,
+    the convolution for U v, unfolded patches only for the pair Gram) on padding modes,
+    asymmetric 'same', stride, dilation, Conv1d and no bias, as first and inner layer."""
+    monkeypatch.setattr(SharedWeightFactors, "gram_strategy", lambda self: strategy)
+    conv = CONV_VARIANTS[name]()
+    spatial = (9,) if isinstance(conv, nn.Conv1d) else (7, 6)
+    pointwise = nn.Conv1d if len(spatial) == 1 else nn.Conv2d
+    first = nn.Sequential(conv, nn.Tanh(), pointwise(3, 2, 1), nn.Flatten())
+    inner = nn.Sequential(pointwise(2, 2, 1), nn.Tanh(), conv, nn.Flatten())  # its input needs a gradient
+    for net in (first, inner):
+        x = torch.randn(4, 2, *spatial)
+        out_dim = net(x).shape[1]
+        y = torch.randn(4, out_dim)
+        factors = captured(net, x, y)
+        factor = factors[next(n for n, f in factors.items() if f.module is conv)]
+        ref = per_sample_grads(net, x, y, sample_loss, params=factor.params)
+        torch.testing.assert_close(factor.per_sample(), ref, rtol=1e-10, atol=1e-12, msg=f"U of {name}")
+        torch.testing.assert_close(factor.gram(), ref @ ref.T, rtol=1e-10, atol=1e-12, msg=f"K of {name}")
+        a = torch.randn(4)
+        flat = torch.cat([t.reshape(-1) for t in factor.rmatvec(a)])
+        torch.testing.assert_close(flat, ref.T @ a, rtol=1e-10, atol=1e-12, msg=f"U^T a of {name}")
+        v = torch.randn(ref.shape[1])
+        pieces, start = [], 0
+        for p in factor.params:
+            pieces.append(v[start : start + p.numel()].view_as(p))
+            start += p.numel()
+        torch.testing.assert_close(factor.matvec(pieces), ref @ v, rtol=1e-10, atol=1e-12, msg=f"U v of {name}")
+
+
+def test_conv_called_twice_and_several_passes(float64):
+    """A conv applied twice in one forward (gradients summed over calls), with k = 3
+    backward passes (rows of the output Jacobian)."""
+    from reference import jacobian
+
+    conv = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
+    model = nn.Sequential(conv, nn.Tanh(), conv, nn.Flatten(), nn.Linear(2 * 5 * 5, 3))
+    x = torch.randn(4, 2, 5, 5)
+    engine = CaptureEngine(model, model.parameters())
+    out = model(x)
+    engine.backward_passes(out, [F.one_hot(torch.full((4,), c), 3).to(out.dtype) for c in range(3)])
+    factor = engine.factors()["0"]
+    engine.close()
+    ref = jacobian(model, x, factor.params)
+    torch.testing.assert_close(factor.per_sample(), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(factor.gram(), ref @ ref.T, rtol=1e-10, atol=1e-12)
+    a = torch.randn(12)
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in factor.rmatvec(a)]), ref.T @ a, rtol=1e-10, atol=1e-12)
+
+
+def test_backward_passes_return_gradients_of_extra_inputs(float64):
+    """``inputs`` of backward_passes get their gradients from the same pass; a
+    layer_filter leaves unhooked layers' parameters to plain_params."""
+    model = models.layernorm_net(out=2)
+    engine = CaptureEngine(model, model.parameters(), layer_filter=lambda m: isinstance(m, nn.Linear))
+    norm = model[1]
+    assert [id(p) for p in engine.plain_params] == [id(norm.weight), id(norm.bias)]
+    assert [layer.name for layer in engine.layers] == ["0", "3"]
+    x, y = torch.randn(5, 6), torch.randn(5, 2)
+    model.eval()  # not recorded: the reference gradient
+    expected = torch.autograd.grad(sample_loss(model(x), y), [norm.weight, norm.bias])
+    model.train()
+    loss = sample_loss(model(x), y)
+    ((gw, gb),) = engine.backward_passes(loss, [torch.ones(())], inputs=engine.plain_params, retain_graph=False)
+    torch.testing.assert_close(gw, expected[0])
+    torch.testing.assert_close(gb, expected[1])
+    assert set(engine.factors()) == {"0", "3"}
+    engine.close()
+
+
+def test_captured_outputs_are_freed_without_the_cycle_collector():
+    """After clear(), nothing of a step outlives it by a reference cycle (the tensor hook
+    on a layer's output must not hold the output)."""
+    import gc
+    import weakref
+
+    model = models.mlp(out=2)
+    engine = CaptureEngine(model, model.parameters())
+    gc.disable()
+    try:
+        out = model(torch.randn(4, 5))
+        probe = weakref.ref(engine._calls[id(model[0])][0].output)
+        sample_loss(out, torch.randn(4, 2)).backward()
+        engine.clear()
+        del out
+        assert probe() is None, "a layer output outlived the step"
+    finally:
+        gc.enable()
+        engine.close()

@@ -1,5 +1,6 @@
 """Capture engine: hooks on supported layers -> per-layer sample-space factors."""
 
+from gramopt.capture.conv import ConvFactors
 from gramopt.capture.engine import CaptureEngine, Layer
 from gramopt.capture.factors import ExplicitFactors, LayerFactors
 from gramopt.capture.handlers import LayerHandler, handler_for, register_handler
@@ -7,6 +8,7 @@ from gramopt.capture.shared_weight import EmbeddingFactors, SharedWeightFactors
 
 __all__ = [
     "CaptureEngine",
+    "ConvFactors",
     "EmbeddingFactors",
     "ExplicitFactors",
     "Layer",

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gramopt.capture.conv import ConvFactors
 from gramopt.capture.factors import ExplicitFactors, LayerFactors
 from gramopt.capture.shared_weight import EmbeddingFactors, SharedWeightFactors
 from gramopt.errors import UnsupportedModuleError
@@ -67,17 +68,21 @@ class LinearHandler(LayerHandler):
         return x
 
     def factors(self, module, params, saved, grads):
-        b = grads[0].shape[0]
-        k = grads[0].shape[1]
-        xs = torch.cat([_positions(x, b, module.in_features) for x in saved], dim=1)
-        zs = torch.cat([g.reshape(b, k, -1, module.out_features) for g in grads], dim=2)
+        b, k = grads[0].shape[:2]
+        xs = _cat([_positions(x, b, module.in_features) for x in saved], dim=1)
+        zs = _cat([g.reshape(b, k, -1, module.out_features) for g in grads], dim=2)
         return SharedWeightFactors(module, params, module.weight, module.bias, xs.to(zs.dtype), zs)
+
+
+def _cat(tensors: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` without the copy for a single tensor (one call per step is the rule)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 class ConvHandler(LayerHandler):
     """``nn.Conv1d`` / ``nn.Conv2d`` with groups = 1, any stride, padding, dilation and
-    padding mode: the input is unfolded into patches, after which the layer is a Linear
-    layer shared over output positions."""
+    padding mode: a Linear layer shared over output positions, whose factors work
+    through the convolution's own routines (:class:`~gramopt.capture.conv.ConvFactors`)."""
 
     def validate(self, module: nn.Module) -> None:
         if module.groups != 1:
@@ -94,45 +99,9 @@ class ConvHandler(LayerHandler):
             )
         return x
 
-    @staticmethod
-    def _unfold(module: nn.Module, x: Tensor) -> Tensor:
-        """Patches ``[b, L, C_in * prod(kernel)]`` in the weight's flattening order."""
-        pads = _conv_pads(module)
-        if module.weight.dim() == 3:  # Conv1d: a unit height makes it a Conv2d
-            x = x.unsqueeze(2)
-            pads = [(0, 0)] + pads
-            kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
-        else:
-            kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-        if module.padding_mode == "zeros" and all(lo == hi for lo, hi in pads):
-            padding = tuple(lo for lo, _ in pads)
-        else:
-            flat = [p for lo_hi in reversed(pads) for p in lo_hi]
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x = F.pad(x, flat, mode=mode)
-            padding = (0, 0)
-        patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        return patches.transpose(1, 2)
-
     def factors(self, module, params, saved, grads):
-        b, k = grads[0].shape[:2]
-        c_out = module.out_channels
-        xs = torch.cat([self._unfold(module, x.to(grads[0].dtype)) for x in saved], dim=1)
-        zs = torch.cat([g.reshape(b, k, c_out, -1).transpose(2, 3) for g in grads], dim=2)
-        return SharedWeightFactors(module, params, module.weight, module.bias, xs, zs)
-
-
-def _conv_pads(module: nn.Module) -> list[tuple[int, int]]:
-    """(low, high) padding per spatial dim, as torch applies it (also for 'same'/'valid')."""
-    if module.padding == "valid":
-        return [(0, 0)] * len(module.kernel_size)
-    if module.padding == "same":
-        pads = []
-        for ksize, dil in zip(module.kernel_size, module.dilation):
-            total = dil * (ksize - 1)
-            pads.append((total // 2, total - total // 2))
-        return pads
-    return [(p, p) for p in module.padding]
+        dtype = grads[0].dtype
+        return ConvFactors(module, params, [x.to(dtype) for x in saved], grads)
 
 
 class EmbeddingHandler(LayerHandler):

@@ -63,6 +63,15 @@ def position_pair_gram(
     return torch.cat(blocks, dim=0)
 
 
+def weighted_sum(grads: Tensor, coeffs: Tensor, b: int, k: int) -> Tensor:
+    """``sum_c a_(i,c) g_(i,c)`` for grads ``[b, k, ...]`` and coefficients ``[b k]``:
+    ``[b, ...]`` (one multiply when k = 1)."""
+    a = coeffs.view(b, k, *([1] * (grads.dim() - 2)))
+    if k == 1:
+        return grads[:, 0] * a[:, 0]
+    return (a * grads).sum(dim=1)
+
+
 class SharedWeightFactors(LayerFactors):
     """Factors of ``y_is = W x_is + c`` with dense inputs.
 
@@ -91,8 +100,9 @@ class SharedWeightFactors(LayerFactors):
         self.weight_shape = weight.shape
         self.inputs = inputs
         self.grads = grads
-        b, k, s, _ = grads.shape
+        b, k, s, d_out = grads.shape
         self.batch_size, self.passes, self.positions = b, k, s
+        self.d_in, self.d_out = inputs.shape[-1], d_out
         self.num_rows = b * k
 
     def _dtype_source(self) -> Tensor:
@@ -128,8 +138,8 @@ class SharedWeightFactors(LayerFactors):
 
     def gram_strategy(self) -> str:
         """``"pairs"`` or ``"explicit"``, whichever costs fewer flops (see module doc)."""
-        b, k, s, d_out = self.grads.shape
-        d_in = self.inputs.shape[-1]
+        b, k, s = self.batch_size, self.passes, self.positions
+        d_in, d_out = self.d_in, self.d_out
         n = b * k
         pairs = b * b * s * s * d_in + n * n * s * s * (d_out + 2)
         explicit = n * s * d_in * d_out + n * n * d_in * d_out
@@ -140,9 +150,7 @@ class SharedWeightFactors(LayerFactors):
     # -- products ---------------------------------------------------------------------
     def _weighted_grads(self, coeffs: Tensor) -> Tensor:
         """sum_c a_(i,c) z_(i,c), ``[b, s, d_out]``: the output-gradient of U^T a."""
-        b, k = self.batch_size, self.passes
-        a = coeffs.to(self.grads.dtype).view(b, k, 1, 1)
-        return (a * self.grads).sum(dim=1)
+        return weighted_sum(self.grads, coeffs.to(self.grads.dtype), self.batch_size, self.passes)
 
     def rmatvec(self, coeffs: Tensor) -> list[Tensor]:
         zbar = self._weighted_grads(coeffs)
@@ -229,9 +237,8 @@ class EmbeddingFactors(LayerFactors):
         return (idx[i0:i1, :, None, None] == idx[None, None, :, :]).to(self.grads.dtype)
 
     def rmatvec(self, coeffs: Tensor) -> list[Tensor]:
-        b, k = self.batch_size, self.passes
         d = self.grads.shape[-1]
-        zbar = (coeffs.to(self.grads.dtype).view(b, k, 1, 1) * self.grads).sum(dim=1)
+        zbar = weighted_sum(self.grads, coeffs.to(self.grads.dtype), self.batch_size, self.passes)
         gw = torch.zeros(self.num_embeddings, d, dtype=zbar.dtype, device=zbar.device)
         gw.index_add_(0, self.indices.reshape(-1), zbar.reshape(-1, d))
         return [gw]

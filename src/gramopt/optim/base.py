@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,8 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             parameters), all of which must belong to ``model``.
         defaults: hyper-parameters (``lr``, ``momentum``, ``weight_decay`` and the method's).
         unsupported: ``"error"`` or ``"gradient"``, see :class:`CaptureEngine`.
+        layer_filter: optional ``module -> bool`` choosing the layers the method hooks;
+            the parameters of the others follow the plain gradient (see :class:`CaptureEngine`).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         params: Iterable[Any] | None,
         defaults: dict[str, Any],
         unsupported: str = "error",
+        layer_filter: Callable[[nn.Module], bool] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -86,7 +89,9 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 if p.is_sparse:
                     raise ValueError("sparse parameters are not supported")
         self.model = model
-        self.engine = CaptureEngine(model, [p for g in self.param_groups for p in g["params"]], unsupported)
+        self.engine = CaptureEngine(
+            model, [p for g in self.param_groups for p in g["params"]], unsupported, layer_filter
+        )
         self._finalizer = weakref.finalize(self, self.engine.close)
         self.extra_state: dict[str, Any] = {"step": 0}
         self.last_info: StepInfo | None = None
