@@ -5,6 +5,8 @@ over the parameters.
 
 Optimizers
     GGN         Gram-Gauss-Newton (regression; generalized Gauss-Newton for classification)
+    FNGD        inverse-free fast natural gradient (per-layer weighted per-sample gradients,
+                coefficients shared after an estimation phase)
 
 Extending
     register_handler, LayerHandler, LayerFactors, ExplicitFactors
@@ -22,11 +24,12 @@ from gramopt.errors import (
     UnsupportedModuleError,
 )
 from gramopt.linalg import NumericalWarning
-from gramopt.optim import GGN, StepInfo
+from gramopt.optim import FNGD, GGN, StepInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FNGD",
     "GGN",
     "CaptureError",
     "ExplicitFactors",
