@@ -218,3 +218,16 @@ def test_captured_outputs_are_freed_without_the_cycle_collector():
     finally:
         gc.enable()
         engine.close()
+
+
+def test_deep_copy_of_a_hooked_model_feeds_nothing(float64):
+    """copy.deepcopy(model) (an EMA copy, a reference model) carries the forward hooks
+    along; its forward passes must not be recorded as the original model's."""
+    import copy
+
+    model = models.mlp(out=2)
+    engine = CaptureEngine(model, model.parameters())
+    clone = copy.deepcopy(model)
+    sample_loss(clone(torch.randn(3, 5)), torch.randn(3, 2)).backward()
+    assert not engine.has_factors()
+    engine.close()

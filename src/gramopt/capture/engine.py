@@ -149,6 +149,8 @@ class CaptureEngine:
         engine_ref = self  # the hook lives on the model; close() removes it
 
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if module is not layer.module:  # a deep copy of the model carries the hooks along
+                return
             if not (module.training and torch.is_grad_enabled()):
                 return
             if not isinstance(output, Tensor) or not output.requires_grad:
