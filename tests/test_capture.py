@@ -42,12 +42,14 @@ def test_factors_match_per_sample_gradients(name, float64):
     assert covered == {id(p) for p in model.parameters()}, "every parameter belongs to a captured layer"
     for layer, factor in factors.items():
         ref = per_sample_grads(model, x, y, sample_loss, params=factor.params)
+        a = torch.randn(ref.shape[0])
+        structured = torch.cat([t.reshape(-1) for t in factor.rmatvec(a)])  # before U is formed
+        torch.testing.assert_close(structured, ref.T @ a, rtol=1e-10, atol=1e-12, msg=f"U^T a of {layer}")
         u = factor.per_sample()
         torch.testing.assert_close(u, ref, rtol=1e-10, atol=1e-12, msg=f"per-sample grads of {layer}")
         torch.testing.assert_close(factor.gram(), ref @ ref.T, rtol=1e-10, atol=1e-12, msg=f"Gram of {layer}")
-        a = torch.randn(u.shape[0])
-        flat = torch.cat([t.reshape(-1) for t in factor.rmatvec(a)])
-        torch.testing.assert_close(flat, ref.T @ a, rtol=1e-10, atol=1e-12, msg=f"U^T a of {layer}")
+        flat = torch.cat([t.reshape(-1) for t in factor.rmatvec(a)])  # from U where it was formed
+        torch.testing.assert_close(flat, ref.T @ a, rtol=1e-10, atol=1e-12, msg=f"U^T a of {layer} (explicit)")
         v = torch.randn(ref.shape[1])
         pieces, start = [], 0
         for p in factor.params:
@@ -124,6 +126,9 @@ CONV_VARIANTS = {
     "stride-circular": lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="circular"),
     "no-bias-replicate": lambda: nn.Conv2d(2, 3, 3, padding=(1, 2), padding_mode="replicate", bias=False),
     "conv1d-reflect": lambda: nn.Conv1d(2, 3, 3, stride=2, padding=1, padding_mode="reflect"),
+    # 2 |input| <= |output-gradient|: U^T a weights the input (with and without bias)
+    "weighted-input": lambda: nn.Conv2d(2, 5, 3, padding=1),
+    "weighted-input-conv1d-no-bias": lambda: nn.Conv1d(2, 4, 3, padding=1, bias=False),
 }
 
 
@@ -137,7 +142,7 @@ def test_conv_factors_variants(name, strategy, float64, monkeypatch):
     conv = CONV_VARIANTS[name]()
     spatial = (9,) if isinstance(conv, nn.Conv1d) else (7, 6)
     pointwise = nn.Conv1d if len(spatial) == 1 else nn.Conv2d
-    first = nn.Sequential(conv, nn.Tanh(), pointwise(3, 2, 1), nn.Flatten())
+    first = nn.Sequential(conv, nn.Tanh(), pointwise(conv.out_channels, 2, 1), nn.Flatten())
     inner = nn.Sequential(pointwise(2, 2, 1), nn.Tanh(), conv, nn.Flatten())  # its input needs a gradient
     for net in (first, inner):
         x = torch.randn(4, 2, *spatial)
@@ -146,11 +151,12 @@ def test_conv_factors_variants(name, strategy, float64, monkeypatch):
         factors = captured(net, x, y)
         factor = factors[next(n for n, f in factors.items() if f.module is conv)]
         ref = per_sample_grads(net, x, y, sample_loss, params=factor.params)
-        torch.testing.assert_close(factor.per_sample(), ref, rtol=1e-10, atol=1e-12, msg=f"U of {name}")
-        torch.testing.assert_close(factor.gram(), ref @ ref.T, rtol=1e-10, atol=1e-12, msg=f"K of {name}")
         a = torch.randn(4)
-        flat = torch.cat([t.reshape(-1) for t in factor.rmatvec(a)])
-        torch.testing.assert_close(flat, ref.T @ a, rtol=1e-10, atol=1e-12, msg=f"U^T a of {name}")
+        for when in ("structured", "explicit"):  # before and after U is formed
+            flat = torch.cat([t.reshape(-1) for t in factor.rmatvec(a)])
+            torch.testing.assert_close(flat, ref.T @ a, rtol=1e-10, atol=1e-12, msg=f"U^T a of {name} ({when})")
+            torch.testing.assert_close(factor.gram(), ref @ ref.T, rtol=1e-10, atol=1e-12, msg=f"K of {name}")
+        torch.testing.assert_close(factor.per_sample(), ref, rtol=1e-10, atol=1e-12, msg=f"U of {name}")
         v = torch.randn(ref.shape[1])
         pieces, start = [], 0
         for p in factor.params:

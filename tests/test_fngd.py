@@ -151,15 +151,17 @@ def test_float32_model_matches_float64_reference():
 
 
 # -- what the two phases compute ------------------------------------------------------------
-def test_sharing_phase_builds_no_gram_no_solve_no_im2col(float64, monkeypatch):
+def test_sharing_phase_builds_no_gram_no_solve_no_per_sample_gradients(float64, monkeypatch):
     model = models.cnn(out=3)
     opt = gramopt.FNGD(model, lr=0.1, damping=0.05, coefficient_steps=1)
     uniform_step(opt, model, *batch("cnn", 4))
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("the sharing phase must not build a Gram, solve or unfold")
+        raise AssertionError("the sharing phase must not build a Gram, solve, form U or unfold")
 
     monkeypatch.setattr(SharedWeightFactors, "gram", forbidden)
+    monkeypatch.setattr(SharedWeightFactors, "_form_rows", forbidden)
+    monkeypatch.setattr(ConvFactors, "_form_rows", forbidden)
     monkeypatch.setattr(ConvFactors, "inputs", property(forbidden))
     monkeypatch.setattr("gramopt.optim.fngd.solve_damped_psd", forbidden)
     before = params_vector(model)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gramopt.capture.shared_weight import SharedWeightFactors, weighted_sum
+from gramopt.capture.shared_weight import SharedWeightFactors, weight_inputs, weighted_sum
 
 
 def conv_pads(module: nn.Module) -> list[tuple[int, int]]:
@@ -119,35 +119,56 @@ class ConvFactors(SharedWeightFactors):
         return gw, gb
 
     def rmatvec(self, coeffs: Tensor) -> list[Tensor]:
+        """``U^T a``: the convolution's weight gradient with the coefficients applied to
+        the smaller of the input and the output-gradient (U^T a is linear in both), or
+        one GEMV per parameter if U was formed this step for the Gram."""
+        explicit = self._rmatvec_explicit(coeffs)
+        if explicit is not None:
+            return explicit
+        b = self.batch_size
         dtype = self.raw_grads[0].dtype
         weight = self._weight(dtype)
         coeffs = coeffs.to(dtype)
         gw_total = gb_total = None
         for (x, padding), g in zip(self.calls, self.raw_grads):
-            zbar = weighted_sum(g, coeffs, self.batch_size, self.passes)  # [b, C_out, *out_spatial]
-            gw, gb = self._weight_grads(zbar, x, padding, weight, 1, self.with_bias)
+            if weight_inputs(x.numel(), g.numel(), self.passes, self.with_weight):
+                xw = x * coeffs.view(b, *([1] * (x.dim() - 1)))
+                gw, _ = self._weight_grads(g[:, 0], xw, padding, weight, 1, False)
+                gb = (coeffs @ g.reshape(b, -1)).view(self.d_out, -1).sum(dim=1) if self.with_bias else None
+            else:
+                zbar = weighted_sum(g, coeffs, b, self.passes)  # [b, C_out, *out_spatial]
+                gw, gb = self._weight_grads(zbar, x, padding, weight, 1, self.with_bias)
             if self.with_weight:
                 gw_total = gw if gw_total is None else gw_total + gw
             if self.with_bias:
                 gb_total = gb if gb_total is None else gb_total + gb
         return [t for t in (gw_total, gb_total) if t is not None]
 
-    def per_sample(self) -> Tensor:
+    def _form_rows(self) -> list[Tensor]:
+        """Per-sample weight gradients with the batch as groups, and bias sums."""
         b, k, n = self.batch_size, self.passes, self.num_rows
-        c_out = self.d_out
-        rows_w = rows_b = None
-        for (x, padding), g in zip(self.calls, self.raw_grads):
-            if self.with_weight:
-                grouped = g.reshape(1, b * k * c_out, *g.shape[3:])
+        rows = []
+        if self.with_weight:
+            total = None
+            for (x, padding), g in zip(self.calls, self.raw_grads):
+                grouped = g.reshape(1, n * self.d_out, *g.shape[3:])
                 xg = x.reshape(1, b * x.shape[1], *x.shape[2:])
-                weight = x.new_empty(b * k * c_out, *self.weight_shape[1:])
+                weight = x.new_empty(n * self.d_out, *self.weight_shape[1:])
                 gw, _ = self._weight_grads(grouped, xg, padding, weight, b, False)
                 gw = gw.reshape(n, -1)
-                rows_w = gw if rows_w is None else rows_w + gw
-            if self.with_bias:
-                gb = g.reshape(n, c_out, -1).sum(dim=2)
-                rows_b = gb if rows_b is None else rows_b + gb
-        return torch.cat([r for r in (rows_w, rows_b) if r is not None], dim=1)
+                total = gw if total is None else total + gw
+            rows.append(total)
+        if self.with_bias:
+            rows.append(self._bias_rows())
+        return rows
+
+    def _bias_rows(self) -> Tensor:
+        n, c = self.num_rows, self.d_out
+        total = None
+        for g in self.raw_grads:
+            part = g.reshape(n, c, -1).sum(dim=2)
+            total = part if total is None else total + part
+        return total
 
     def matvec(self, vectors: Sequence[Tensor]) -> Tensor:
         b, k = self.batch_size, self.passes

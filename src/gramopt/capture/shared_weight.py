@@ -72,6 +72,13 @@ def weighted_sum(grads: Tensor, coeffs: Tensor, b: int, k: int) -> Tensor:
     return (a * grads).sum(dim=1)
 
 
+def weight_inputs(inputs: int, grads: int, passes: int, with_weight: bool) -> bool:
+    """Whether ``U^T a`` should weight the inputs rather than the output-gradients
+    (FNGD's Algorithm 1, line 12): possible with one pass, worth it when the inputs have
+    at most half as many elements (the bias gradient then costs one more reduction)."""
+    return passes == 1 and with_weight and 2 * inputs <= grads
+
+
 class SharedWeightFactors(LayerFactors):
     """Factors of ``y_is = W x_is + c`` with dense inputs.
 
@@ -110,10 +117,10 @@ class SharedWeightFactors(LayerFactors):
 
     # -- the Gram ---------------------------------------------------------------------
     def gram(self) -> Tensor:
-        b, k, s, d_out = self.grads.shape
+        b, k, s, d_out = self.batch_size, self.passes, self.positions, self.d_out
         n = b * k
         if not self.with_weight:
-            zsum = self.grads.sum(dim=2).reshape(n, d_out)
+            zsum = self._bias_rows()
             return zsum @ zsum.T
         if s == 1:
             z = self.grads.reshape(n, d_out)
@@ -123,13 +130,49 @@ class SharedWeightFactors(LayerFactors):
                 xx = xx + 1.0
             return ((z @ z.T).view(b, k, b, k) * xx.view(b, 1, b, 1)).view(n, n)
         if self.gram_strategy() == "explicit":
-            u = self.per_sample()
-            return u @ u.T
+            rows = self.explicit_rows()
+            gram = rows[0] @ rows[0].T
+            for u in rows[1:]:
+                gram = gram + u @ u.T
+            return gram
         gram = position_pair_gram(self.grads, self._input_kernel)
         if self.with_bias:
-            zsum = self.grads.sum(dim=2).reshape(n, d_out)
+            zsum = self._bias_rows()
             gram = gram + zsum @ zsum.T
         return gram
+
+    # -- explicit per-sample gradients ----------------------------------------------------
+    def explicit_rows(self) -> list[Tensor]:
+        """Per parameter (weight, then bias) its block of U, ``[n, numel]``. Formed once
+        per step; once formed, :meth:`rmatvec` uses it (one GEMV per parameter)."""
+        rows = self.__dict__.get("_rows")
+        if rows is None:
+            rows = self._rows = self._form_rows()
+        return rows
+
+    def _form_rows(self) -> list[Tensor]:
+        rows = []
+        if self.with_weight:
+            n = self.num_rows
+            rows.append(torch.einsum("bksz,bsx->bkzx", self.grads, self.inputs).reshape(n, -1))
+        if self.with_bias:
+            rows.append(self._bias_rows())
+        return rows
+
+    def _bias_rows(self) -> Tensor:
+        """Per-sample bias gradients, the output-gradients summed over positions, ``[n, d_out]``."""
+        return self.grads.sum(dim=2).reshape(self.num_rows, self.d_out)
+
+    def _param_shapes(self) -> list[torch.Size]:
+        return ([self.weight_shape] if self.with_weight else []) + ([torch.Size([self.d_out])] if self.with_bias else [])
+
+    def _rmatvec_explicit(self, coeffs: Tensor) -> list[Tensor] | None:
+        """U^T a from the explicit rows if they were formed this step, else None."""
+        rows = self.__dict__.get("_rows")
+        if rows is None:
+            return None
+        a = coeffs.to(rows[0].dtype)
+        return [(a @ u).view(shape) for u, shape in zip(rows, self._param_shapes())]
 
     def _input_kernel(self, i0: int, i1: int) -> Tensor:
         b, s, d_in = self.inputs.shape
@@ -148,20 +191,29 @@ class SharedWeightFactors(LayerFactors):
         return "explicit" if explicit < pairs else "pairs"
 
     # -- products ---------------------------------------------------------------------
-    def _weighted_grads(self, coeffs: Tensor) -> Tensor:
-        """sum_c a_(i,c) z_(i,c), ``[b, s, d_out]``: the output-gradient of U^T a."""
-        return weighted_sum(self.grads, coeffs.to(self.grads.dtype), self.batch_size, self.passes)
-
     def rmatvec(self, coeffs: Tensor) -> list[Tensor]:
-        zbar = self._weighted_grads(coeffs)
-        d_out = zbar.shape[-1]
+        """``U^T a = Z^T diag(a) X``: one weight-gradient matmul, with the coefficients
+        applied to the smaller of the inputs and the output-gradients (or one GEMV per
+        parameter if U was formed this step for the Gram)."""
+        explicit = self._rmatvec_explicit(coeffs)
+        if explicit is not None:
+            return explicit
+        b, d_in, d_out = self.batch_size, self.d_in, self.d_out
+        coeffs = coeffs.to(self.grads.dtype)
+        z = self.grads
+        if weight_inputs(self.inputs.numel(), z.numel(), self.passes, self.with_weight):
+            xw = self.inputs * coeffs.view(b, 1, 1)
+            gw = z.reshape(-1, d_out).T @ xw.reshape(-1, d_in)
+            out = [gw.view(self.weight_shape)]
+            if self.with_bias:
+                out.append((coeffs @ z.reshape(b, -1)).view(-1, d_out).sum(dim=0))
+            return out
+        zbar = weighted_sum(z, coeffs, b, self.passes).reshape(-1, d_out)
         out = []
         if self.with_weight:
-            d_in = self.inputs.shape[-1]
-            gw = zbar.reshape(-1, d_out).T @ self.inputs.reshape(-1, d_in)
-            out.append(gw.view(self.weight_shape))
+            out.append((zbar.T @ self.inputs.reshape(-1, d_in)).view(self.weight_shape))
         if self.with_bias:
-            out.append(zbar.reshape(-1, d_out).sum(dim=0))
+            out.append(zbar.sum(dim=0))
         return out
 
     def matvec(self, vectors: Sequence[Tensor]) -> Tensor:
@@ -177,14 +229,8 @@ class SharedWeightFactors(LayerFactors):
         return torch.einsum("bksz,bsz->bk", self.grads, y).reshape(b * k)
 
     def per_sample(self) -> Tensor:
-        b, k, s, d_out = self.grads.shape
-        n = b * k
-        rows = []
-        if self.with_weight:
-            rows.append(torch.einsum("bksz,bsx->bkzx", self.grads, self.inputs).reshape(n, -1))
-        if self.with_bias:
-            rows.append(self.grads.sum(dim=2).reshape(n, d_out))
-        return torch.cat(rows, dim=1)
+        rows = self.explicit_rows()
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
 
 
 class EmbeddingFactors(LayerFactors):

@@ -52,6 +52,7 @@ Usage (uniform loop, or ``loss.backward(); opt.step()`` with a mean loss)::
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from collections.abc import Callable, Iterable
@@ -161,6 +162,7 @@ class FNGD(SampleSpaceOptimizer):
         self.extra_state.update(coefficient_batch=None, coefficients={}, coefficient_counts={})
         self._loss: float | None = None
         self._seconds: dict[str, float] = {}
+        self._weights_cache: dict[tuple[str, int], Tensor] = {}
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -187,11 +189,10 @@ class FNGD(SampleSpaceOptimizer):
             self.loss.check(output, target)
             if output.shape[0] == 0:
                 raise ValueError("empty batch: the output has 0 samples")
-            if target.is_floating_point() and not torch.isfinite(target).all():
-                raise NonFiniteError("the target has NaN or inf; nothing was changed")
             value = self.loss.value(output, target)
-            if not torch.isfinite(value):
-                raise NonFiniteError(f"the loss is {float(value.detach())}; nothing was changed")
+            loss = float(value.detach())
+            if not math.isfinite(loss):
+                raise NonFiniteError(f"the loss is {loss} (a NaN or inf in the output or target?); nothing was changed")
             plain = [p for p in self.engine.plain_params if p.requires_grad]
             (grads,) = self.engine.backward_passes(value, [torch.ones_like(value)], inputs=plain, retain_graph=False)
         except BaseException:
@@ -199,9 +200,9 @@ class FNGD(SampleSpaceOptimizer):
             raise
         for p, g in zip(plain, grads):
             if g is not None:
-                g = g.to(p.dtype)
+                g = g if g.dtype == p.dtype else g.to(p.dtype)
                 p.grad = g if p.grad is None else p.grad + g
-        self._loss = float(value.detach())
+        self._loss = loss
         self._seconds = {"backward": time.perf_counter() - start}
         return value.detach()
 
@@ -230,25 +231,26 @@ class FNGD(SampleSpaceOptimizer):
                     "FNGD.step() needs a backward pass of a training-mode forward first: "
                     "opt.backward(model(x), y), or loss.backward() with a mean loss"
                 )
-            phase = self.phase
-            directions: dict[Tensor, Tensor] = {}
-            estimated: dict[str, Tensor] = {}
             batch = next(iter(factors.values())).num_rows if factors else 0
-            for name, factor in factors.items():
-                if phase == "estimate":
-                    coeffs = estimated[name] = self._estimate(name, factor)
-                    start = self._timed(seconds, "coefficients", start)
-                else:
-                    coeffs = self._shared(name, batch, factor)
+            start = self._timed(seconds, "factors", start)
+            estimating = self.phase == "estimate"
+            if estimating:
+                estimated = {name: self._estimate(name, factor) for name, factor in factors.items()}
                 # Rows captured from the mean loss are U_l / M: U_l^T v = (U_l / M)^T (M v).
-                for p, d in zip(factor.params, factor.rmatvec(coeffs * batch)):
+                weights = {name: v * batch for name, v in estimated.items()}
+                start = self._timed(seconds, "coefficients", start)
+            else:
+                weights = {name: self._shared_weights(name, batch, factor) for name, factor in factors.items()}
+            directions: dict[Tensor, Tensor] = {}
+            for name, factor in factors.items():
+                for p, d in zip(factor.params, factor.rmatvec(weights[name])):
                     directions[p] = d
-                start = self._timed(seconds, "direction", start)
             for p in self.engine.plain_params:
                 if p.grad is not None:
                     directions[p] = p.grad
+            start = self._timed(seconds, "direction", start)
             self.apply_directions(directions)
-            if estimated and self.coefficient_steps is not None:
+            if estimating and self.coefficient_steps is not None:
                 self._accumulate(estimated, batch)
             self._timed(seconds, "update", start)
         finally:
@@ -269,13 +271,20 @@ class FNGD(SampleSpaceOptimizer):
             )
         return values.pop()
 
-    def _shared(self, name: str, batch: int, factor: LayerFactors) -> Tensor:
-        """The shared v_l for a batch of ``batch`` samples; a layer never seen during
-        estimation takes the plain mean-gradient weights 1/M."""
-        mean = self.extra_state["coefficients"].get(name)
-        if mean is None:
-            return torch.full((batch,), 1.0 / batch, dtype=factor.dtype)
-        return share_coefficients(mean, batch)
+    def _shared_weights(self, name: str, batch: int, factor: LayerFactors) -> Tensor:
+        """M' times the shared v_l for a batch of M' = ``batch`` samples (cached: derived
+        from ``extra_state``); a layer never seen during estimation takes the plain
+        mean-gradient weights 1/M'."""
+        key = (name, batch)
+        weights = self._weights_cache.get(key)
+        if weights is None:
+            mean = self.extra_state["coefficients"].get(name)
+            if mean is None:
+                weights = torch.ones(batch, dtype=factor.dtype, device=factor.params[0].device)
+            else:
+                weights = share_coefficients(mean, batch) * batch
+            self._weights_cache[key] = weights
+        return weights
 
     def _accumulate(self, estimated: dict[str, Tensor], batch: int) -> None:
         """Running mean (Algorithm 1, line 7) over estimation batches of the first size."""
@@ -290,3 +299,8 @@ class FNGD(SampleSpaceOptimizer):
             mean = means.get(name)
             means[name] = v.clone() if mean is None else mean + (v - mean) / count
             counts[name] = count
+        self._weights_cache.clear()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._weights_cache.clear()

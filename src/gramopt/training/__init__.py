@@ -2,7 +2,13 @@
 
 from gramopt.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gramopt.training.loop import TrainConfig, Trainer, TrainResult, evaluate, train
-from gramopt.training.optimizers import OPTIMIZERS, build_optimizer, get_optimizer_spec, training_step
+from gramopt.training.optimizers import (
+    OPTIMIZERS,
+    build_optimizer,
+    get_optimizer_spec,
+    training_step,
+    with_epoch_defaults,
+)
 
 __all__ = [
     "CheckpointError",
@@ -17,4 +23,5 @@ __all__ = [
     "save_checkpoint",
     "train",
     "training_step",
+    "with_epoch_defaults",
 ]

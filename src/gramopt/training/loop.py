@@ -26,7 +26,7 @@ from gramopt.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from gramopt.training.optimizers import build_optimizer, get_optimizer_spec, training_step
+from gramopt.training.optimizers import build_optimizer, get_optimizer_spec, training_step, with_epoch_defaults
 
 
 @dataclass
@@ -116,6 +116,8 @@ class Trainer:
         self.show_progress = progress
         self.out = Path(self.config.out)
         self.split: Split = self.task.load(self.config.seed)
+        steps_per_epoch = math.ceil(self.split.train_x.shape[0] / self.config.batch_size)
+        self.config.hyper = with_epoch_defaults(self.config.optimizer, self.config.hyper, steps_per_epoch)
         self.model = self.task.build_model(self.config.seed)
         self.optimizer = build_optimizer(self.config.optimizer, self.model, self.task.loss, dict(self.config.hyper))
         self.epochs: list[dict[str, float]] = []
