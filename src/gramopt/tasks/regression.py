@@ -78,6 +78,7 @@ register_task(
         batch_size=128,
         hyper={
             "ggn": dict(lr=1.0, damping=0.1),
+            "fngd": dict(lr=0.1, damping=1e-3, momentum=0.9),
             "sgd": dict(lr=0.1, momentum=0.9),
             "adamw": dict(lr=1e-3, weight_decay=0.0),
         },
@@ -95,6 +96,7 @@ register_task(
         batch_size=64,
         hyper={
             "ggn": dict(lr=0.5, damping=1.0),
+            "fngd": dict(lr=0.01, damping=1e-2, momentum=0.9),
             "sgd": dict(lr=0.01, momentum=0.9),
             "adamw": dict(lr=1e-3, weight_decay=0.0),
         },

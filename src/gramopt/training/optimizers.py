@@ -61,7 +61,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "fngd",
         "gramopt fast natural gradient (coefficients estimated in the first epoch, then shared)",
         _fngd,
-        dict(lr=0.05, damping=1e-3, momentum=0.9, weight_decay=0.0, coefficient_steps=None),
+        dict(lr=0.1, damping=1e-3, momentum=0.9, weight_decay=0.0, coefficient_steps=None),
         per_epoch=("coefficient_steps",),
     ),
     "sgd": OptimizerSpec("sgd", "torch SGD with momentum", _sgd, dict(lr=0.1, momentum=0.9, weight_decay=0.0)),
