@@ -77,7 +77,7 @@ def _preconditioned(module: nn.Module) -> bool:
 
 def fngd_coefficients(gram: Tensor, damping: float, *, what: str = "FNGD Gram matrix") -> Tensor:
     """v = (1/M) (1 - (lam I + K/M)^{-1} K 1 / M) with lam = damping ||K||_F (Eq. 9, 14),
-    computed as ``damping (K / ||K||_F + damping M I)^{-1} 1``.
+    computed as ``lam (K + lam M I)^{-1} 1`` (one Cholesky solve).
 
     Args:
         gram: K, ``[M, M]`` (any positive multiple of it gives the same v).
@@ -87,11 +87,14 @@ def fngd_coefficients(gram: Tensor, damping: float, *, what: str = "FNGD Gram ma
         v, ``[M]``. A zero Gram (all per-sample gradients zero) gives the limit 1/M.
     """
     m = gram.shape[0]
-    norm = torch.linalg.matrix_norm(gram)
-    if bool(norm > 0):
-        gram = gram / norm
-    rhs = torch.full((m,), damping, dtype=gram.dtype, device=gram.device)
-    v, _ = solve_damped_psd(gram, rhs, damping * m, what=what)
+    norm = float(torch.linalg.matrix_norm(gram))
+    if not math.isfinite(norm):
+        raise NonFiniteError(f"the {what} has NaN or inf entries; nothing was changed")
+    if norm == 0.0:
+        return torch.full((m,), 1.0 / m, dtype=gram.dtype, device=gram.device)
+    lam = damping * norm
+    rhs = torch.full((m,), lam, dtype=gram.dtype, device=gram.device)
+    v, _ = solve_damped_psd(gram, rhs, lam * m, what=what)
     return v
 
 
