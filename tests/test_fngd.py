@@ -35,7 +35,7 @@ def batch(name: str, b: int, loss: str = "cross_entropy") -> tuple[torch.Tensor,
 def expected_delta(model: nn.Module, x, y, loss: str, lr: float, damping: float) -> torch.Tensor:
     model = copy.deepcopy(model)  # the reference never runs the optimizer's hooks
     directions, _ = fngd_directions(model, x, y, loss, damping)
-    return -lr * torch.cat([directions[id(p)].reshape(-1) for p in model.parameters()])
+    return -lr * torch.cat([directions[id(p)].reshape(-1) for p in model.parameters() if p.requires_grad])
 
 
 def uniform_step(opt: gramopt.FNGD, model: nn.Module, x, y) -> torch.Tensor:
@@ -300,3 +300,36 @@ def test_step_without_backward_is_a_clear_error():
     opt = gramopt.FNGD(model, lr=0.1, damping=0.01)
     with pytest.raises(gramopt.CaptureError, match="backward"):
         opt.step()
+
+
+def test_frozen_weight_and_param_groups(float64):
+    """A layer with a frozen weight is a bias-only block; param groups scale their part."""
+    model = models.mlp(out=3)
+    model[0].weight.requires_grad_(False)
+    x, y = batch("mlp", 6)
+    expected = expected_delta(model, x, y, "cross_entropy", lr=1.0, damping=0.05)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    first, rest = trainable[:1], trainable[1:]
+    before = params_vector(model)
+    opt = gramopt.FNGD(model, lr=1.0, damping=0.05, params=[{"params": first, "lr": 0.5}, {"params": rest, "lr": 2.0}])
+    uniform_step(opt, model, x, y)
+    delta = params_vector(model) - before
+    n_first = first[0].numel()
+    torch.testing.assert_close(delta[:n_first], 0.5 * expected[:n_first], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(delta[n_first:], 2.0 * expected[n_first:], rtol=1e-9, atol=1e-12)
+
+
+def test_step_with_closure(float64):
+    model = models.mlp(out=3)
+    x, y = batch("mlp", 6)
+    expected = expected_delta(model, x, y, "cross_entropy", lr=0.3, damping=0.05)
+    opt = gramopt.FNGD(model, lr=0.3, damping=0.05)
+    before = params_vector(model)
+
+    def closure():
+        opt.zero_grad()
+        return opt.backward(model(x), y)
+
+    loss = opt.step(closure)
+    assert math.isfinite(float(loss))
+    torch.testing.assert_close(params_vector(model) - before, expected, rtol=1e-9, atol=1e-12)
