@@ -32,8 +32,17 @@ def captured(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return factors
 
 
+@pytest.fixture(params=["weight-outputs", "weight-inputs"])
+def weighting(request, monkeypatch):
+    """U^T a weights the output-gradients, or (where the inputs are at most half as
+    large) the inputs: both branches on the tests' small layers."""
+    saving = 0 if request.param == "weight-inputs" else 2**62
+    monkeypatch.setattr("gramopt.capture.shared_weight.WEIGHT_INPUTS_MIN_SAVING", saving)
+    return request.param
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_factors_match_per_sample_gradients(name, float64):
+def test_factors_match_per_sample_gradients(name, float64, weighting):
     build, inputs = CASES[name]
     model = build()
     x, y = inputs(6), torch.randn(6, 2)
@@ -139,6 +148,7 @@ def test_conv_factors_variants(name, strategy, float64, monkeypatch):
     the convolution for U v, unfolded patches only for the pair Gram) on padding modes,
     asymmetric 'same', stride, dilation, Conv1d and no bias, as first and inner layer."""
     monkeypatch.setattr(SharedWeightFactors, "gram_strategy", lambda self: strategy)
+    monkeypatch.setattr("gramopt.capture.shared_weight.WEIGHT_INPUTS_MIN_SAVING", 0)  # the "weighted-input" cases
     conv = CONV_VARIANTS[name]()
     spatial = (9,) if isinstance(conv, nn.Conv1d) else (7, 6)
     pointwise = nn.Conv1d if len(spatial) == 1 else nn.Conv2d

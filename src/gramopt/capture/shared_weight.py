@@ -72,11 +72,17 @@ def weighted_sum(grads: Tensor, coeffs: Tensor, b: int, k: int) -> Tensor:
     return (a * grads).sum(dim=1)
 
 
+#: Weighting the inputs instead of the output-gradients must save at least this many
+#: multiplications to pay for the extra reduction it needs for the bias.
+WEIGHT_INPUTS_MIN_SAVING = 2**16
+
+
 def weight_inputs(inputs: int, grads: int, passes: int, with_weight: bool) -> bool:
     """Whether ``U^T a`` should weight the inputs rather than the output-gradients
     (FNGD's Algorithm 1, line 12): possible with one pass, worth it when the inputs have
-    at most half as many elements (the bias gradient then costs one more reduction)."""
-    return passes == 1 and with_weight and 2 * inputs <= grads
+    at most half as many elements and that saves enough work (the bias gradient then
+    costs one more reduction)."""
+    return passes == 1 and with_weight and 2 * inputs <= grads and grads - inputs >= WEIGHT_INPUTS_MIN_SAVING
 
 
 class SharedWeightFactors(LayerFactors):
