@@ -137,16 +137,15 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             params, ds = [], []
             for p in group["params"]:
                 d = by_id.get(id(p))
-                if d is None:
-                    continue
-                params.append(p)
-                ds.append(d if d.dtype == p.dtype else d.to(p.dtype))
+                if d is not None:
+                    params.append(p)
+                    ds.append(d if d.dtype == p.dtype else d.to(p.dtype))
             if params:
                 work.append((group, params, ds))
         # One multi-tensor 2-norm finds any NaN or inf (an overflowing norm of finite
         # entries is then told apart by the exact per-tensor check).
         checked = [d for _, _, ds in work for d in ds if d.numel()]
-        if checked and not bool(torch.stack(torch._foreach_norm(checked)).isfinite().all()):
+        if checked and not all(math.isfinite(float(norm)) for norm in torch._foreach_norm(checked)):
             bad = [tuple(d.shape) for d in checked if not torch.isfinite(d).all()]
             if bad:
                 raise NonFiniteError(
@@ -157,18 +156,20 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             if decay:
                 torch._foreach_mul_(params, 1 - lr * decay)
             if momentum:
-                old, new = [], []
+                buffers, old, new = [], [], []
                 for p, d in zip(params, ds):
                     state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = d.clone()
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.clone()
                     else:
-                        old.append(state["momentum_buffer"])
+                        old.append(buf)
                         new.append(d)
+                    buffers.append(buf)
                 if old:
                     torch._foreach_mul_(old, momentum)
                     torch._foreach_add_(old, new)
-                ds = [self.state[p]["momentum_buffer"] for p in params]
+                ds = buffers
             torch._foreach_add_(params, ds, alpha=-lr)
         self.extra_state["step"] += 1
 
