@@ -333,3 +333,32 @@ def test_step_with_closure(float64):
     loss = opt.step(closure)
     assert math.isfinite(float(loss))
     torch.testing.assert_close(params_vector(model) - before, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_layer_first_used_in_the_sharing_phase_takes_the_plain_gradient(float64):
+    """A layer that took no part in estimation has no shared coefficients: its step in
+    the sharing phase is the plain mean gradient (weights 1/M)."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(5, 6)
+            self.a, self.b = nn.Linear(6, 3), nn.Linear(6, 3)
+            self.use_b = False
+
+        def forward(self, x):
+            h = torch.tanh(self.body(x))
+            return self.b(h) if self.use_b else self.a(h)
+
+    model = TwoHeads()
+    opt = gramopt.FNGD(model, lr=0.3, damping=0.05, coefficient_steps=1)
+    uniform_step(opt, model, torch.randn(6, 5), torch.randint(0, 3, (6,)))
+    assert set(opt.extra_state["coefficients"]) == {"body", "a"}
+    model.use_b = True
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    reference = copy.deepcopy(model)
+    expected = torch.autograd.grad(F.cross_entropy(reference(x), y), [reference.b.weight, reference.b.bias])
+    before = [model.b.weight.detach().clone(), model.b.bias.detach().clone()]
+    uniform_step(opt, model, x, y)
+    torch.testing.assert_close(model.b.weight.detach(), before[0] - 0.3 * expected[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model.b.bias.detach(), before[1] - 0.3 * expected[1], rtol=1e-10, atol=1e-12)
