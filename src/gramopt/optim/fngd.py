@@ -296,10 +296,11 @@ class FNGD(SampleSpaceOptimizer):
         weights = self._weights_cache.get(key)
         if weights is None:
             mean = self.extra_state["coefficients"].get(name)
+            device = factor.params[0].device
             if mean is None:
-                weights = torch.ones(batch, dtype=factor.dtype, device=factor.params[0].device)
-            else:
-                weights = share_coefficients(mean, batch) * batch
+                weights = torch.ones(batch, dtype=factor.dtype, device=device)
+            else:  # (a state_dict may have been loaded from another device)
+                weights = share_coefficients(mean.to(device), batch) * batch
             self._weights_cache[key] = weights
         return weights
 
@@ -314,7 +315,7 @@ class FNGD(SampleSpaceOptimizer):
         for name, v in estimated.items():
             count = counts.get(name, 0) + 1
             mean = means.get(name)
-            means[name] = v.clone() if mean is None else mean + (v - mean) / count
+            means[name] = v.clone() if mean is None else mean.to(v.device) + (v - mean.to(v.device)) / count
             counts[name] = count
         self._weights_cache.clear()
 
