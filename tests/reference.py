@@ -87,3 +87,87 @@ def ggn_delta(
 
 def params_vector(model: nn.Module, params: Sequence[nn.Parameter] | None = None) -> Tensor:
     return flatten(named_trainable(model, params)).clone()
+
+
+# -- FNGD (papers/003_*) ----------------------------------------------------------------
+FNGD_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def fngd_blocks(model: nn.Module) -> tuple[list[list[nn.Parameter]], list[nn.Parameter]]:
+    """(per Linear/Conv layer its trainable parameters, the other trainable parameters)."""
+    blocks, plain = [], []
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        (blocks.append(own) if isinstance(module, FNGD_LAYERS) else plain.extend(own))
+    return blocks, plain
+
+
+def sample_loss_fn(loss: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The loss of one sample such that the batch's mean loss is their mean."""
+    return F.cross_entropy if loss == "cross_entropy" else F.mse_loss
+
+
+def fngd_v(u: Tensor, damping: float) -> Tensor:
+    """Eq. (9), (14) literally: v = (1/M)(1 - (lam I + K/M)^{-1} K 1 / M), lam = damping ||K||_F."""
+    m = u.shape[0]
+    k = u @ u.T
+    lam = damping * torch.linalg.matrix_norm(k)
+    ones = torch.ones(m, dtype=u.dtype)
+    return (ones - torch.linalg.solve(lam * torch.eye(m, dtype=u.dtype) + k / m, k @ ones / m)) / m
+
+
+def fngd_directions(
+    model: nn.Module, x: Tensor, y: Tensor, loss: str, damping: float, shared: list[Tensor] | None = None
+) -> tuple[dict[int, Tensor], list[Tensor]]:
+    """Per parameter (by id) the FNGD direction U_l^T v_l (plain gradient for others), and
+    the v_l used. ``shared``: coefficients per layer to use instead of Eq. (9), adapted
+    to the batch size by (M / M') v[i mod M]."""
+    blocks, plain = fngd_blocks(model)
+    fn = sample_loss_fn(loss)
+    out: dict[int, Tensor] = {}
+    used = []
+    for index, params in enumerate(blocks):
+        u = per_sample_grads(model, x, y, fn, params=params)
+        m = u.shape[0]
+        if shared is None:
+            v = fngd_v(u, damping)
+        else:
+            mean = shared[index]
+            v = torch.stack([mean[i % mean.shape[0]] for i in range(m)]) * (mean.shape[0] / m)
+        used.append(v)
+        flat, start = u.T @ v, 0
+        for p in params:
+            out[id(p)] = flat[start : start + p.numel()].view_as(p)
+            start += p.numel()
+    if plain:
+        g = per_sample_grads(model, x, y, fn, params=plain).mean(dim=0)
+        start = 0
+        for p in plain:
+            out[id(p)] = g[start : start + p.numel()].view_as(p)
+            start += p.numel()
+    return out, used
+
+
+def fngd_trajectory(
+    model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], loss: str, lr: float, damping: float, steps: int | None
+) -> list[Tensor]:
+    """Algorithm 1 on ``model`` (updated in place, no momentum): estimation for the first
+    ``steps`` batches (running mean over batches of the first batch's size), then sharing.
+    Returns the parameter vector after each step."""
+    history, estimates = [], []
+    for t, (x, y) in enumerate(batches):
+        sharing = steps is not None and t >= steps
+        mean = None
+        if sharing:
+            mean = [torch.stack(vs).mean(dim=0) for vs in zip(*estimates)]
+        directions, used = fngd_directions(model, x, y, loss, damping, shared=mean)
+        if not sharing and used and used[0].shape[0] == batches[0][0].shape[0]:
+            estimates.append(used)
+        with torch.no_grad():
+            for p in model.parameters():
+                if id(p) in directions:
+                    p.sub_(lr * directions[id(p)])
+        history.append(params_vector(model))
+    return history

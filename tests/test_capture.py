@@ -32,8 +32,17 @@ def captured(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return factors
 
 
+@pytest.fixture(params=["weight-outputs", "weight-inputs"])
+def weighting(request, monkeypatch):
+    """U^T a weights the output-gradients, or (where the inputs are at most half as
+    large) the inputs: both branches on the tests' small layers."""
+    saving = 0 if request.param == "weight-inputs" else 2**62
+    monkeypatch.setattr("gramopt.capture.shared_weight.WEIGHT_INPUTS_MIN_SAVING", saving)
+    return request.param
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_factors_match_per_sample_gradients(name, float64):
+def test_factors_match_per_sample_gradients(name, float64, weighting):
     build, inputs = CASES[name]
     model = build()
     x, y = inputs(6), torch.randn(6, 2)
@@ -42,12 +51,14 @@ def test_factors_match_per_sample_gradients(name, float64):
     assert covered == {id(p) for p in model.parameters()}, "every parameter belongs to a captured layer"
     for layer, factor in factors.items():
         ref = per_sample_grads(model, x, y, sample_loss, params=factor.params)
+        a = torch.randn(ref.shape[0])
+        structured = torch.cat([t.reshape(-1) for t in factor.rmatvec(a)])  # before U is formed
+        torch.testing.assert_close(structured, ref.T @ a, rtol=1e-10, atol=1e-12, msg=f"U^T a of {layer}")
         u = factor.per_sample()
         torch.testing.assert_close(u, ref, rtol=1e-10, atol=1e-12, msg=f"per-sample grads of {layer}")
         torch.testing.assert_close(factor.gram(), ref @ ref.T, rtol=1e-10, atol=1e-12, msg=f"Gram of {layer}")
-        a = torch.randn(u.shape[0])
-        flat = torch.cat([t.reshape(-1) for t in factor.rmatvec(a)])
-        torch.testing.assert_close(flat, ref.T @ a, rtol=1e-10, atol=1e-12, msg=f"U^T a of {layer}")
+        flat = torch.cat([t.reshape(-1) for t in factor.rmatvec(a)])  # from U where it was formed
+        torch.testing.assert_close(flat, ref.T @ a, rtol=1e-10, atol=1e-12, msg=f"U^T a of {layer} (explicit)")
         v = torch.randn(ref.shape[1])
         pieces, start = [], 0
         for p in factor.params:
@@ -132,4 +143,121 @@ def test_conv_products_never_unfold_the_input(name, float64):
         factor.per_sample()
         factor.rmatvec(torch.randn(factor.num_rows))
         factor.matvec([torch.randn_like(p) for p in factor.params])
-        assert factor._patches is None and factor._positions_major is None
+        assert "inputs" not in factor.__dict__ and "grads" not in factor.__dict__  # never unfolded
+CONV_VARIANTS = {
+    "same-asymmetric": lambda: nn.Conv2d(2, 3, (2, 3), padding="same", dilation=(2, 1)),
+    "stride-circular": lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="circular"),
+    "no-bias-replicate": lambda: nn.Conv2d(2, 3, 3, padding=(1, 2), padding_mode="replicate", bias=False),
+    "conv1d-reflect": lambda: nn.Conv1d(2, 3, 3, stride=2, padding=1, padding_mode="reflect"),
+    # 2 |input| <= |output-gradient|: U^T a weights the input (with and without bias)
+    "weighted-input": lambda: nn.Conv2d(2, 5, 3, padding=1),
+    "weighted-input-conv1d-no-bias": lambda: nn.Conv1d(2, 4, 3, padding=1, bias=False),
+}
+
+
+@pytest.mark.parametrize("strategy", ["pairs", "explicit"])
+@pytest.mark.parametrize("name", sorted(CONV_VARIANTS))
+def test_conv_factors_variants(name, strategy, float64, monkeypatch):
+    """ConvFactors (convolution_backward for U^T a and grouped per-sample gradients,
+    the convolution for U v, unfolded patches only for the pair Gram) on padding modes,
+    asymmetric 'same', stride, dilation, Conv1d and no bias, as first and inner layer."""
+    monkeypatch.setattr(SharedWeightFactors, "gram_strategy", lambda self: strategy)
+    monkeypatch.setattr("gramopt.capture.shared_weight.WEIGHT_INPUTS_MIN_SAVING", 0)  # the "weighted-input" cases
+    conv = CONV_VARIANTS[name]()
+    spatial = (9,) if isinstance(conv, nn.Conv1d) else (7, 6)
+    pointwise = nn.Conv1d if len(spatial) == 1 else nn.Conv2d
+    first = nn.Sequential(conv, nn.Tanh(), pointwise(conv.out_channels, 2, 1), nn.Flatten())
+    inner = nn.Sequential(pointwise(2, 2, 1), nn.Tanh(), conv, nn.Flatten())  # its input needs a gradient
+    for net in (first, inner):
+        x = torch.randn(4, 2, *spatial)
+        out_dim = net(x).shape[1]
+        y = torch.randn(4, out_dim)
+        factors = captured(net, x, y)
+        factor = factors[next(n for n, f in factors.items() if f.module is conv)]
+        ref = per_sample_grads(net, x, y, sample_loss, params=factor.params)
+        a = torch.randn(4)
+        for when in ("structured", "explicit"):  # before and after U is formed
+            flat = torch.cat([t.reshape(-1) for t in factor.rmatvec(a)])
+            torch.testing.assert_close(flat, ref.T @ a, rtol=1e-10, atol=1e-12, msg=f"U^T a of {name} ({when})")
+            torch.testing.assert_close(factor.gram(), ref @ ref.T, rtol=1e-10, atol=1e-12, msg=f"K of {name}")
+        torch.testing.assert_close(factor.per_sample(), ref, rtol=1e-10, atol=1e-12, msg=f"U of {name}")
+        v = torch.randn(ref.shape[1])
+        pieces, start = [], 0
+        for p in factor.params:
+            pieces.append(v[start : start + p.numel()].view_as(p))
+            start += p.numel()
+        torch.testing.assert_close(factor.matvec(pieces), ref @ v, rtol=1e-10, atol=1e-12, msg=f"U v of {name}")
+
+
+def test_conv_called_twice_and_several_passes(float64):
+    """A conv applied twice in one forward (gradients summed over calls), with k = 3
+    backward passes (rows of the output Jacobian)."""
+    from reference import jacobian
+
+    conv = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
+    model = nn.Sequential(conv, nn.Tanh(), conv, nn.Flatten(), nn.Linear(2 * 5 * 5, 3))
+    x = torch.randn(4, 2, 5, 5)
+    engine = CaptureEngine(model, model.parameters())
+    out = model(x)
+    engine.backward_passes(out, [F.one_hot(torch.full((4,), c), 3).to(out.dtype) for c in range(3)])
+    factor = engine.factors()["0"]
+    engine.close()
+    ref = jacobian(model, x, factor.params)
+    torch.testing.assert_close(factor.per_sample(), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(factor.gram(), ref @ ref.T, rtol=1e-10, atol=1e-12)
+    a = torch.randn(12)
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in factor.rmatvec(a)]), ref.T @ a, rtol=1e-10, atol=1e-12)
+
+
+def test_backward_passes_return_gradients_of_extra_inputs(float64):
+    """``inputs`` of backward_passes get their gradients from the same pass; a
+    layer_filter leaves unhooked layers' parameters to plain_params."""
+    model = models.layernorm_net(out=2)
+    engine = CaptureEngine(model, model.parameters(), layer_filter=lambda m: isinstance(m, nn.Linear))
+    norm = model[1]
+    assert [id(p) for p in engine.plain_params] == [id(norm.weight), id(norm.bias)]
+    assert [layer.name for layer in engine.layers] == ["0", "3"]
+    x, y = torch.randn(5, 6), torch.randn(5, 2)
+    model.eval()  # not recorded: the reference gradient
+    expected = torch.autograd.grad(sample_loss(model(x), y), [norm.weight, norm.bias])
+    model.train()
+    loss = sample_loss(model(x), y)
+    ((gw, gb),) = engine.backward_passes(loss, [torch.ones(())], inputs=engine.plain_params, retain_graph=False)
+    torch.testing.assert_close(gw, expected[0])
+    torch.testing.assert_close(gb, expected[1])
+    assert set(engine.factors()) == {"0", "3"}
+    engine.close()
+
+
+def test_captured_outputs_are_freed_without_the_cycle_collector():
+    """After clear(), nothing of a step outlives it by a reference cycle (the tensor hook
+    on a layer's output must not hold the output)."""
+    import gc
+    import weakref
+
+    model = models.mlp(out=2)
+    engine = CaptureEngine(model, model.parameters())
+    gc.disable()
+    try:
+        out = model(torch.randn(4, 5))
+        probe = weakref.ref(engine._calls[id(model[0])][0].output)
+        sample_loss(out, torch.randn(4, 2)).backward()
+        engine.clear()
+        del out
+        assert probe() is None, "a layer output outlived the step"
+    finally:
+        gc.enable()
+        engine.close()
+
+
+def test_deep_copy_of_a_hooked_model_feeds_nothing(float64):
+    """copy.deepcopy(model) (an EMA copy, a reference model) carries the forward hooks
+    along; its forward passes must not be recorded as the original model's."""
+    import copy
+
+    model = models.mlp(out=2)
+    engine = CaptureEngine(model, model.parameters())
+    clone = copy.deepcopy(model)
+    sample_loss(clone(torch.randn(3, 5)), torch.randn(3, 2)).backward()
+    assert not engine.has_factors()
+    engine.close()

@@ -7,6 +7,8 @@ Optimizers
     GGN         Gram-Gauss-Newton (regression; generalized Gauss-Newton for classification)
     SENG        sketchy empirical natural gradient (SketchConfig, ImplicitConfig;
                 schedules WarmupPolyDecay, DampingDecay)
+    FNGD        inverse-free fast natural gradient (per-layer weighted per-sample gradients,
+                coefficients shared after an estimation phase)
 
 Extending
     register_handler, LayerHandler, LayerFactors, ExplicitFactors
@@ -25,6 +27,7 @@ from gramopt.errors import (
 )
 from gramopt.linalg import NumericalWarning
 from gramopt.optim import (
+    FNGD,
     GGN,
     SENG,
     DampingDecay,
@@ -37,6 +40,7 @@ from gramopt.optim import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FNGD",
     "GGN",
     "SENG",
     "CaptureError",

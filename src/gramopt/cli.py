@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
         train.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"{name} (default: the task's setting)")
     for name in INT_HYPER_FLAGS:
         train.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"{name} (default: the task's setting)")
+    train.add_argument(
+        "--coefficient-steps",
+        type=_coefficient_steps,
+        help="fngd: estimation steps before its coefficients are shared (default: one epoch, "
+        "ceil(n_train / batch size), as in the paper; 'none': estimate on every step)",
+    )
     train.add_argument("--out", help="output folder (default: runs/TASK-OPTIMIZER-seedSEED)")
     train.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: each epoch)")
     train.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (optionally with a new --epochs)")
@@ -70,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
+def _coefficient_steps(text: str) -> int | str:
+    if text.lower() == "none":
+        return "none"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'none', got {text!r}") from None
 
 
 def _tasks(console: Console) -> int:
@@ -84,6 +97,8 @@ def _tasks(console: Console) -> int:
 
 def _train(args: argparse.Namespace, console: Console) -> int:
     hyper = {name: getattr(args, name) for name in HYPER_FLAGS + INT_HYPER_FLAGS if getattr(args, name) is not None}
+    if args.coefficient_steps is not None:
+        hyper["coefficient_steps"] = None if args.coefficient_steps == "none" else args.coefficient_steps
     if args.resume:
         given = [flag for flag, value in (("--task", args.task != "teacher"), ("--optimizer", args.optimizer != "ggn"),
                  ("--batch-size", args.batch_size is not None), ("--seed", args.seed != 0), ("--out", args.out is not None),

@@ -95,11 +95,12 @@ class CrossEntropyLoss(GaussNewtonLoss):
                 f"cross_entropy needs integer class targets of shape [{output.shape[0]}], got "
                 f"target shape {tuple(target.shape)} ({target.dtype}) for output shape {tuple(output.shape)}"
             )
-        if target.numel() and (target.min() < 0 or target.max() >= output.shape[1]):
-            raise ValueError(
-                f"cross_entropy targets must lie in [0, {output.shape[1] - 1}], got "
-                f"[{int(target.min())}, {int(target.max())}]"
-            )
+        if target.numel():
+            low, high = (int(t) for t in torch.aminmax(target))
+            if low < 0 or high >= output.shape[1]:
+                raise ValueError(
+                    f"cross_entropy targets must lie in [0, {output.shape[1] - 1}], got [{low}, {high}]"
+                )
 
     def value(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output, target)

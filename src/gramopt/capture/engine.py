@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,9 +71,18 @@ class CaptureEngine:
         unsupported: ``"error"`` (default) raises :class:`UnsupportedModuleError` naming
             every module with parameters in ``params`` and no handler; ``"gradient"``
             leaves their parameters to the plain gradient (:attr:`plain_params`).
+        layer_filter: optional ``module -> bool``; modules for which it returns False are
+            not hooked and their parameters go to :attr:`plain_params` (a method that
+            preconditions only some layer types, e.g. FNGD's Linear/Conv layers).
     """
 
-    def __init__(self, model: nn.Module, params: Iterable[nn.Parameter], unsupported: str = "error") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[nn.Parameter],
+        unsupported: str = "error",
+        layer_filter: Callable[[nn.Module], bool] | None = None,
+    ) -> None:
         if unsupported not in UNSUPPORTED_POLICIES:
             raise ValueError(f"unsupported must be one of {UNSUPPORTED_POLICIES}, got {unsupported!r}")
         wanted = {id(p) for p in params}
@@ -91,6 +100,9 @@ class CaptureEngine:
                     )
                     continue
             if not own:
+                continue
+            if layer_filter is not None and not layer_filter(module):
+                self.plain_params.extend(own)
                 continue
             handler = handler_for(module)
             if handler is None:
@@ -138,6 +150,8 @@ class CaptureEngine:
         engine_ref = self  # the hook lives on the model; close() removes it
 
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if module is not layer.module:  # a deep copy of the model carries the hooks along
+                return
             if not (module.training and torch.is_grad_enabled()):
                 return
             if not isinstance(output, Tensor) or not output.requires_grad:
@@ -179,23 +193,48 @@ class CaptureEngine:
         self.clear()
 
     # -- passes -------------------------------------------------------------------------
-    def backward_passes(self, outputs: Tensor, directions: Sequence[Tensor]) -> None:
-        """Run one backward pass of ``outputs`` per direction (``grad_outputs``), keeping
-        the graph. Each captured layer then holds ``[b, len(directions), ...]``."""
+    def backward_passes(
+        self,
+        outputs: Tensor,
+        directions: Sequence[Tensor],
+        inputs: Sequence[Tensor] = (),
+        retain_graph: bool = True,
+    ) -> list[tuple[Tensor | None, ...]]:
+        """Run one backward pass of ``outputs`` per direction (``grad_outputs``). Each
+        captured layer then holds ``[b, len(directions), ...]``.
+
+        Args:
+            outputs: what to differentiate (model outputs, or a scalar loss).
+            directions: one ``grad_outputs`` per pass, each shaped like ``outputs``.
+            inputs: further tensors (e.g. :attr:`plain_params`) whose gradients the same
+                passes compute, so that no second backward pass is needed for them.
+            retain_graph: keep the graph after the last pass (earlier passes always keep it).
+
+        Returns:
+            per pass, the gradients of ``inputs`` (None where one is not reached).
+        """
         targets = self._traversal_targets()
-        if not targets:
+        inputs = list(inputs)
+        if not targets and (self.layers or not inputs):
             raise CaptureError(
                 "no supported layer was recorded in the forward pass: call the optimizer's backward "
                 "on outputs computed in training mode with autograd enabled"
             )
+        results = []
         try:
             for index, direction in enumerate(directions):
                 self._pass = index
-                torch.autograd.grad(
-                    outputs, targets, grad_outputs=direction, retain_graph=True, allow_unused=True
+                grads = torch.autograd.grad(
+                    outputs,
+                    targets + inputs,
+                    grad_outputs=direction,
+                    retain_graph=retain_graph or index < len(directions) - 1,
+                    allow_unused=True,
                 )
+                results.append(tuple(grads[len(targets) :]))
         finally:
             self._pass = None
+        return results
 
     def _traversal_targets(self) -> list[Tensor]:
         """What the passes differentiate for: the layers' outputs (no weight gradients),
@@ -237,8 +276,10 @@ class CaptureEngine:
     @staticmethod
     def _stack(grads: list[tuple[int, Tensor]]) -> Tensor:
         """Ordinary backward calls (index -1) are summed; passes are stacked: ``[b, k, ...]``."""
-        passes = sorted((i, g) for i, g in grads if i >= 0)
+        passes = sorted(((i, g) for i, g in grads if i >= 0), key=lambda pair: pair[0])
         ordinary = [g for i, g in grads if i < 0]
+        if len(passes) == 1:
+            return passes[0][1].unsqueeze(1)
         if passes:
             return torch.stack([g for _, g in passes], dim=1)
         total = ordinary[0]

@@ -68,17 +68,21 @@ class LinearHandler(LayerHandler):
         return x
 
     def factors(self, module, params, saved, grads):
-        b = grads[0].shape[0]
-        k = grads[0].shape[1]
-        xs = torch.cat([_positions(x, b, module.in_features) for x in saved], dim=1)
-        zs = torch.cat([g.reshape(b, k, -1, module.out_features) for g in grads], dim=2)
+        b, k = grads[0].shape[:2]
+        xs = _cat([_positions(x, b, module.in_features) for x in saved], dim=1)
+        zs = _cat([g.reshape(b, k, -1, module.out_features) for g in grads], dim=2)
         return SharedWeightFactors(module, params, module.weight, module.bias, xs.to(zs.dtype), zs)
+
+
+def _cat(tensors: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` without the copy for a single tensor (one call per step is the rule)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 class ConvHandler(LayerHandler):
     """``nn.Conv1d`` / ``nn.Conv2d`` with groups = 1, any stride, padding, dilation and
-    padding mode: a Linear layer shared over output positions, whose products are
-    computed by convolutions (:class:`~gramopt.capture.conv.ConvFactors`)."""
+    padding mode: a Linear layer shared over output positions, whose factors work
+    through the convolution's own routines (:class:`~gramopt.capture.conv.ConvFactors`)."""
 
     def validate(self, module: nn.Module) -> None:
         if module.groups != 1:
@@ -96,7 +100,8 @@ class ConvHandler(LayerHandler):
         return x
 
     def factors(self, module, params, saved, grads):
-        return ConvFactors(module, params, saved, grads)
+        dtype = grads[0].dtype
+        return ConvFactors(module, params, [x.to(dtype) for x in saved], grads)
 
 
 class EmbeddingHandler(LayerHandler):

@@ -117,6 +117,29 @@ def shared_weight_gram(inputs: Tensor | None, grads: Tensor, bias: bool = False,
     return gram
 
 
+def weighted_sum(grads: Tensor, coeffs: Tensor, b: int, k: int) -> Tensor:
+    """``sum_c a_(i,c) g_(i,c)`` for grads ``[b, k, ...]`` and coefficients ``[b k]``:
+    ``[b, ...]`` (one multiply when k = 1)."""
+    a = coeffs.view(b, k, *([1] * (grads.dim() - 2)))
+    if k == 1:
+        return grads[:, 0] * a[:, 0]
+    return (a * grads).sum(dim=1)
+
+
+#: Weighting the inputs instead of the output-gradients must save at least this many
+#: multiplications to pay for the extra reduction it needs for the bias.
+WEIGHT_INPUTS_MIN_SAVING = 2**16
+
+
+def weight_inputs(input_side: int, output_side: int, with_weight: bool) -> bool:
+    """Whether a product with U should put its coefficients on the inputs (a temporary
+    of ``input_side`` elements, ``[b, k, s, d_in]``) rather than on the output-gradients
+    (``output_side`` elements, ``[b, s, d_out]``): FNGD's "weighted inputs" (its
+    Algorithm 1), worth it when the input side is at most half as large and that saves
+    enough work (e.g. a wide first layer, or the first convolution of a CNN)."""
+    return with_weight and 2 * input_side <= output_side and output_side - input_side >= WEIGHT_INPUTS_MIN_SAVING
+
+
 class SharedWeightFactors(LayerFactors):
     """Factors of ``y_is = W x_is + c`` with dense inputs.
 
@@ -145,8 +168,9 @@ class SharedWeightFactors(LayerFactors):
         self.weight_shape = weight.shape
         self.inputs = inputs
         self.grads = grads
-        b, k, s, _ = grads.shape
+        b, k, s, d_out = grads.shape
         self.batch_size, self.passes, self.positions = b, k, s
+        self.d_in, self.d_out = inputs.shape[-1], d_out
         self.num_rows = b * k
 
     def _dtype_source(self) -> Tensor:
@@ -154,56 +178,88 @@ class SharedWeightFactors(LayerFactors):
 
     # -- the Gram ---------------------------------------------------------------------
     def gram(self) -> Tensor:
-        inputs = self.inputs if self.with_weight else None
-        strategy = self.gram_strategy() if inputs is not None and self.positions > 1 else None
-        return shared_weight_gram(inputs, self.grads, self.with_bias, strategy)
+        if self.with_weight and self.positions > 1 and self.gram_strategy() == "explicit":
+            rows = self.explicit_rows()  # kept: U^T a then needs one GEMV per parameter
+            gram = rows[0] @ rows[0].T
+            for u in rows[1:]:
+                gram = gram + u @ u.T
+            return gram
+        return shared_weight_gram(self.inputs if self.with_weight else None, self.grads, self.with_bias, "pairs")
+
+    # -- explicit per-sample gradients ----------------------------------------------------
+    def explicit_rows(self) -> list[Tensor]:
+        """Per parameter (weight, then bias) its block of U, ``[n, numel]``. Formed once
+        per step; once formed, :meth:`rmatvec` uses it (one GEMV per parameter)."""
+        rows = self.__dict__.get("_rows")
+        if rows is None:
+            rows = self._rows = self._form_rows()
+        return rows
+
+    def _form_rows(self) -> list[Tensor]:
+        rows = []
+        if self.with_weight:
+            n = self.num_rows
+            rows.append(torch.einsum("bksz,bsx->bkzx", self.grads, self.inputs).reshape(n, -1))
+        if self.with_bias:
+            rows.append(self._bias_rows())
+        return rows
+
+    def _bias_rows(self) -> Tensor:
+        """Per-sample bias gradients, the output-gradients summed over positions, ``[n, d_out]``."""
+        return self.grads.sum(dim=2).reshape(self.num_rows, self.d_out)
+
+    def _param_shapes(self) -> list[torch.Size]:
+        return ([self.weight_shape] if self.with_weight else []) + ([torch.Size([self.d_out])] if self.with_bias else [])
+
+    def _rmatvec_explicit(self, coeffs: Tensor) -> list[Tensor] | None:
+        """U^T a from the explicit rows if they were formed this step, else None."""
+        rows = self.__dict__.get("_rows")
+        if rows is None:
+            return None
+        a = coeffs.to(rows[0].dtype)
+        return [(a @ u).view(shape) for u, shape in zip(rows, self._param_shapes())]
 
     def gram_strategy(self) -> str:
         """``"pairs"`` or ``"explicit"``, whichever costs fewer flops (see module doc)."""
-        return gram_strategy(self.inputs.shape[-1], self.grads.shape)
+        return gram_strategy(self.d_in, torch.Size((self.batch_size, self.passes, self.positions, self.d_out)))
 
     # -- products ---------------------------------------------------------------------
     # Both products are one GEMM with the weight. Their temporaries are either
     # output-gradient-sized ``[b, s, d_out]`` or input-sized ``[b, k, s, d_in]``; the
-    # input-sized form is used when it is smaller (``k d_in < d_out``, e.g. the wide first
-    # layer of a two-layer network), so a product streams through Z once and allocates
-    # nothing of its size (the matrix-free Gauss-Newton solvers apply U U^T many times).
+    # input side is used when it is much smaller (:func:`weight_inputs`), so a product
+    # streams through Z once (the matrix-free Gauss-Newton solvers apply U U^T many times).
     def _input_side(self) -> bool:
-        return self.with_weight and self.passes * self.inputs.shape[-1] < self.grads.shape[-1]
-
-    def _weighted_grads(self, coeffs: Tensor) -> Tensor:
-        """sum_c a_(i,c) z_(i,c), ``[b, s, d_out]``: the output-gradient of U^T a."""
-        b, k = self.batch_size, self.passes
-        if k == 1:
-            return self.grads[:, 0] * coeffs.to(self.grads.dtype).view(b, 1, 1)
-        return torch.einsum("bk,bksz->bsz", coeffs.to(self.grads.dtype).view(b, k), self.grads)
+        b, k, s = self.batch_size, self.passes, self.positions
+        return weight_inputs(k * b * s * self.d_in, b * s * self.d_out, self.with_weight)
 
     def rmatvec(self, coeffs: Tensor) -> list[Tensor]:
-        b, k, s, d_out = self.grads.shape
-        out = []
+        """``U^T a = Z^T diag(a) X``: one weight-gradient matmul, with the coefficients
+        applied to the smaller of the inputs and the output-gradients (or one GEMV per
+        parameter if U was formed this step for the Gram)."""
+        explicit = self._rmatvec_explicit(coeffs)
+        if explicit is not None:
+            return explicit
+        b, k, s, d_in, d_out = self.batch_size, self.passes, self.positions, self.d_in, self.d_out
+        coeffs = coeffs.to(self.grads.dtype)
+        flat_z = self.grads.reshape(-1, d_out)
         if self._input_side():
-            d_in = self.inputs.shape[-1]
-            a = coeffs.to(self.grads.dtype).view(b, k, 1, 1)
-            weighted = (a * self.inputs.unsqueeze(1)).reshape(-1, d_in)  # a_(i,c) x_is
-            flat_z = self.grads.reshape(-1, d_out)
-            out.append((weighted.T @ flat_z).T.reshape(self.weight_shape))
+            weighted = (coeffs.view(b, k, 1, 1) * self.inputs.unsqueeze(1)).reshape(-1, d_in)  # a_(i,c) x_is
+            out = [(flat_z.T @ weighted).view(self.weight_shape)]
             if self.with_bias:
-                out.append(flat_z.T @ a.expand(b, k, s, 1).reshape(-1))
+                out.append(flat_z.T @ coeffs.view(b, k, 1).expand(b, k, s).reshape(-1))
             return out
-        zbar = self._weighted_grads(coeffs)
+        zbar = weighted_sum(self.grads, coeffs, b, k).reshape(-1, d_out)
+        out = []
         if self.with_weight:
-            d_in = self.inputs.shape[-1]
-            gw = zbar.reshape(-1, d_out).T @ self.inputs.reshape(-1, d_in)
-            out.append(gw.view(self.weight_shape))
+            out.append((zbar.T @ self.inputs.reshape(-1, d_in)).view(self.weight_shape))
         if self.with_bias:
-            out.append(zbar.reshape(-1, d_out).sum(dim=0))
+            out.append(zbar.sum(dim=0))
         return out
 
     def matvec(self, vectors: Sequence[Tensor]) -> Tensor:
-        b, k, s, d_out = self.grads.shape
+        b, k, s, d_in, d_out = self.batch_size, self.passes, self.positions, self.d_in, self.d_out
         vectors = [v.to(self.grads.dtype) for v in vectors]
         if self._input_side():
-            d_in = self.inputs.shape[-1]
             flat_z = self.grads.reshape(-1, d_out)
             zv = (flat_z @ vectors[0].reshape(d_out, d_in)).view(b, k, s, d_in)
             out = torch.einsum("bksx,bsx->bk", zv, self.inputs)
@@ -221,14 +277,8 @@ class SharedWeightFactors(LayerFactors):
         return torch.einsum("bksz,bsz->bk", self.grads, y).reshape(b * k)
 
     def per_sample(self) -> Tensor:
-        b, k, s, d_out = self.grads.shape
-        n = b * k
-        rows = []
-        if self.with_weight:
-            rows.append(torch.einsum("bksz,bsx->bkzx", self.grads, self.inputs).reshape(n, -1))
-        if self.with_bias:
-            rows.append(self.grads.sum(dim=2).reshape(n, d_out))
-        return torch.cat(rows, dim=1)
+        rows = self.explicit_rows()
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
 
 
 class EmbeddingFactors(LayerFactors):
@@ -281,9 +331,8 @@ class EmbeddingFactors(LayerFactors):
         return (idx[i0:i1, :, None, None] == idx[None, None, :, :]).to(self.grads.dtype)
 
     def rmatvec(self, coeffs: Tensor) -> list[Tensor]:
-        b, k = self.batch_size, self.passes
         d = self.grads.shape[-1]
-        zbar = (coeffs.to(self.grads.dtype).view(b, k, 1, 1) * self.grads).sum(dim=1)
+        zbar = weighted_sum(self.grads, coeffs.to(self.grads.dtype), self.batch_size, self.passes)
         gw = torch.zeros(self.num_embeddings, d, dtype=zbar.dtype, device=zbar.device)
         gw.index_add_(0, self.indices.reshape(-1), zbar.reshape(-1, d))
         return [gw]

@@ -53,17 +53,23 @@ def solve_damped_psd(gram: Tensor, rhs: Tensor, damping: float, *, what: str = "
         ``(x, info)`` with x shaped like rhs.
     """
     start = time.perf_counter()
-    if not torch.isfinite(gram).all():
-        raise NonFiniteError(f"the {what} has NaN or inf entries; nothing was changed")
-    if not torch.isfinite(rhs).all():
-        raise NonFiniteError(f"the right-hand side of the {what} system has NaN or inf entries; nothing was changed")
     n = gram.shape[0]
-    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
-    system = gram + damping * eye
+    system = gram.clone()
+    system.diagonal().add_(damping)
     column = rhs.unsqueeze(-1) if rhs.dim() == 1 else rhs
     eps = torch.finfo(gram.dtype).eps
     chol, failed = torch.linalg.cholesky_ex(system)
-    if not failed:
+    # Happy path: NaN or inf in gram or rhs shows in x ([n], cheap to check), so the
+    # [n, n] finiteness check runs only when something went wrong.
+    x = None if failed else torch.cholesky_solve(column, chol)
+    if x is None or not bool(torch.isfinite(x).all()):
+        if not torch.isfinite(gram).all():
+            raise NonFiniteError(f"the {what} has NaN or inf entries; nothing was changed")
+        if not torch.isfinite(rhs).all():
+            raise NonFiniteError(
+                f"the right-hand side of the {what} system has NaN or inf entries; nothing was changed"
+            )
+    if x is not None and not failed:
         if damping == 0:
             diag = chol.diagonal()
             if (diag.min() / diag.max()) ** 2 < n * eps:
@@ -71,12 +77,12 @@ def solve_damped_psd(gram: Tensor, rhs: Tensor, damping: float, *, what: str = "
                     f"the {what} is singular to working precision (damping=0, estimated condition "
                     f"number {float((diag.max() / diag.min()) ** 2):.2e}); use damping > 0"
                 )
-        x = torch.cholesky_solve(column, chol)
         return _shape(x, rhs), SolveInfo("cholesky", seconds={"solve": time.perf_counter() - start})
     if damping == 0:
         raise SingularSystemError(
             f"the {what} is singular (Cholesky failed with damping=0); use damping > 0"
         )
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
     scale = float(system.diagonal().abs().max().clamp_min(torch.finfo(gram.dtype).tiny))
     jitter = 10 * n * eps * scale
     for _ in range(5):

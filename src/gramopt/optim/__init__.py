@@ -1,6 +1,7 @@
 """The optimizers, one file per method."""
 
 from gramopt.optim.base import SampleSpaceOptimizer, StepInfo
+from gramopt.optim.fngd import FNGD
 from gramopt.optim.ggn import GGN, SOLVERS, GaussNewtonSystem
 from gramopt.optim.gn_solvers import GaussNewtonOperator, check_solver_options, choose_solver
 from gramopt.optim.schedules import DampingDecay, WarmupPolyDecay
@@ -8,6 +9,7 @@ from gramopt.optim.seng import SENG
 from gramopt.optim.seng_config import ImplicitConfig, SketchConfig
 
 __all__ = [
+    "FNGD",
     "GGN",
     "SENG",
     "SOLVERS",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,8 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             parameters), all of which must belong to ``model``.
         defaults: hyper-parameters (``lr``, ``momentum``, ``weight_decay`` and the method's).
         unsupported: ``"error"`` or ``"gradient"``, see :class:`CaptureEngine`.
+        layer_filter: optional ``module -> bool`` choosing the layers the method hooks;
+            the parameters of the others follow the plain gradient (see :class:`CaptureEngine`).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         params: Iterable[Any] | None,
         defaults: dict[str, Any],
         unsupported: str = "error",
+        layer_filter: Callable[[nn.Module], bool] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -96,7 +99,9 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 if p.is_sparse:
                     raise ValueError("sparse parameters are not supported")
         self.model = model
-        self.engine = CaptureEngine(model, [p for g in self.param_groups for p in g["params"]], unsupported)
+        self.engine = CaptureEngine(
+            model, [p for g in self.param_groups for p in g["params"]], unsupported, layer_filter
+        )
         self._finalizer = weakref.finalize(self, self.engine.close)
         self.extra_state: dict[str, Any] = {"step": 0}
         self.last_info: StepInfo | None = None
@@ -130,34 +135,52 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
 
     # -- the step ------------------------------------------------------------------------
     def apply_directions(self, directions: dict[Tensor, Tensor]) -> None:
-        """Check every direction is finite, then decorate and apply them (all or nothing)."""
+        """Check every direction is finite, then decorate and apply them (all or nothing).
+
+        Multi-tensor (``torch._foreach_*``) kernels: one finiteness check for all
+        directions and a few calls per param group, with the arithmetic of the
+        per-tensor formulas in the module docstring.
+        """
         by_id = {id(p): d for p, d in directions.items()}
+        work = []
         for group in self.param_groups:
+            params, ds = [], []
             for p in group["params"]:
                 d = by_id.get(id(p))
-                if d is not None and not all_finite(d):
-                    raise NonFiniteError(
-                        f"the step direction of a parameter of shape {tuple(p.shape)} has NaN or inf; "
-                        "nothing was changed"
-                    )
-        for group in self.param_groups:
+                if d is not None:
+                    params.append(p)
+                    ds.append(d if d.dtype == p.dtype else d.to(p.dtype))
+            if params:
+                work.append((group, params, ds))
+        # One multi-tensor 2-norm finds any NaN or inf (an overflowing norm of finite
+        # entries is then told apart by the exact per-tensor check).
+        checked = [d for _, _, ds in work for d in ds if d.numel()]
+        if checked and not all(math.isfinite(float(norm)) for norm in torch._foreach_norm(checked)):
+            bad = [tuple(d.shape) for d in checked if not all_finite(d)]
+            if bad:
+                raise NonFiniteError(
+                    f"the step direction of a parameter of shape {bad[0]} has NaN or inf; nothing was changed"
+                )
+        for group, params, ds in work:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                d = by_id.get(id(p))
-                if d is None:
-                    continue
-                d = d.to(p.dtype)
-                if decay:
-                    p.mul_(1 - lr * decay)
-                if momentum:
+            if decay:
+                torch._foreach_mul_(params, 1 - lr * decay)
+            if momentum:
+                buffers, old, new = [], [], []
+                for p, d in zip(params, ds):
                     state = self.state[p]
                     buf = state.get("momentum_buffer")
                     if buf is None:
                         buf = state["momentum_buffer"] = d.clone()
                     else:
-                        buf.mul_(momentum).add_(d)
-                    d = buf
-                p.add_(d, alpha=-lr)
+                        old.append(buf)
+                        new.append(d)
+                    buffers.append(buf)
+                if old:
+                    torch._foreach_mul_(old, momentum)
+                    torch._foreach_add_(old, new)
+                ds = buffers
+            torch._foreach_add_(params, ds, alpha=-lr)
         self.extra_state["step"] += 1
 
     def _timed(self, seconds: dict[str, float], phase: str, start: float) -> float:

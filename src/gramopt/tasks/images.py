@@ -89,6 +89,7 @@ def load_mnist_subset(seed: int) -> Split:
 CNN_HYPER = {
     "ggn": dict(lr=0.3, damping=1.0),
     "seng": dict(lr=0.1, damping=1.0, curvature_every=10),
+    "fngd": dict(lr=0.3, damping=1e-3, momentum=0.9),
     "sgd": dict(lr=0.05, momentum=0.9),
     "adamw": dict(lr=2e-3, weight_decay=0.01),
 }

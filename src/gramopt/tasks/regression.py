@@ -79,6 +79,7 @@ register_task(
         hyper={
             "ggn": dict(lr=1.0, damping=0.1),
             "seng": dict(lr=0.1, damping=1.0, curvature_every=10),
+            "fngd": dict(lr=0.1, damping=1e-3, momentum=0.9),
             "sgd": dict(lr=0.1, momentum=0.9),
             "adamw": dict(lr=1e-3, weight_decay=0.0),
         },
@@ -97,6 +98,7 @@ register_task(
         hyper={
             "ggn": dict(lr=0.5, damping=1.0),
             "seng": dict(lr=0.03, damping=1.0, curvature_every=10),
+            "fngd": dict(lr=0.01, damping=1e-2, momentum=0.9),
             "sgd": dict(lr=0.01, momentum=0.9),
             "adamw": dict(lr=1e-3, weight_decay=0.0),
         },

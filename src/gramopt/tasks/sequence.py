@@ -78,6 +78,7 @@ register_task(
         hyper={
             "ggn": dict(lr=0.3, damping=1.0),
             "seng": dict(lr=0.3, damping=1.0, curvature_every=10),
+            "fngd": dict(lr=0.3, damping=1e-2, momentum=0.9),
             "sgd": dict(lr=0.1, momentum=0.9),
             "adamw": dict(lr=3e-3, weight_decay=0.01),
         },

@@ -3,7 +3,13 @@ behind ``gramopt train`` and ``gramopt compare``, checkpoints."""
 
 from gramopt.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gramopt.training.loop import TrainConfig, Trainer, TrainResult, evaluate, train
-from gramopt.training.optimizers import OPTIMIZERS, build_optimizer, get_optimizer_spec, training_step
+from gramopt.training.optimizers import (
+    OPTIMIZERS,
+    build_optimizer,
+    get_optimizer_spec,
+    training_step,
+    with_epoch_defaults,
+)
 from gramopt.training import peers  # noqa: E402,F401 - registers the installed peers in OPTIMIZERS
 
 __all__ = [
@@ -19,4 +25,5 @@ __all__ = [
     "save_checkpoint",
     "train",
     "training_step",
+    "with_epoch_defaults",
 ]

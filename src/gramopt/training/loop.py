@@ -32,7 +32,13 @@ from gramopt.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from gramopt.training.optimizers import DIVERGENCE_ERRORS, build_optimizer, get_optimizer_spec, training_step
+from gramopt.training.optimizers import (
+    DIVERGENCE_ERRORS,
+    build_optimizer,
+    get_optimizer_spec,
+    training_step,
+    with_epoch_defaults,
+)
 
 
 @dataclass
@@ -163,6 +169,8 @@ class Trainer:
         self.split: Split = split if split is not None else self.task.load(self.config.seed)
         self.eval_train = eval_subset(self.split.train_x, self.split.train_y, self.config.eval_samples, self.config.seed)
         self.eval_test = eval_subset(self.split.test_x, self.split.test_y, self.config.eval_samples, self.config.seed)
+        steps_per_epoch = math.ceil(self.split.train_x.shape[0] / self.config.batch_size)
+        self.config.hyper = with_epoch_defaults(self.config.optimizer, self.config.hyper, steps_per_epoch)
         self.model = self.task.build_model(self.config.seed)
         self.optimizer = build_optimizer(self.config.optimizer, self.model, self.task.loss, dict(self.config.hyper))
         self.epochs: list[dict[str, float]] = []

@@ -28,13 +28,16 @@ DIVERGENCE_ERRORS: tuple[type[BaseException], ...] = (ArithmeticError, torch.lin
 @dataclass(frozen=True)
 class OptimizerSpec:
     """``build(model, loss, hyper)`` makes the optimizer; ``defaults`` fill in missing
-    hyper-parameters; ``hyper_names`` are those the command line may set; ``source``
-    says where the method comes from ("gramopt", "torch" or the peer package)."""
+    hyper-parameters; ``hyper_names`` are those the command line may set; ``per_epoch``
+    names hyper-parameters whose default is the number of steps in one epoch (see
+    :func:`with_epoch_defaults`); ``source`` says where the method comes from
+    ("gramopt", "torch" or the peer package)."""
 
     name: str
     description: str
     build: Callable[[nn.Module, str, dict[str, Any]], torch.optim.Optimizer]
     defaults: dict[str, Any]
+    per_epoch: tuple[str, ...] = ()
     source: str = "gramopt"
 
     @property
@@ -44,6 +47,10 @@ class OptimizerSpec:
 
 def _ggn(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
     return gramopt.GGN(model, loss=loss, **hyper)
+
+
+def _fngd(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
+    return gramopt.FNGD(model, loss=loss, **hyper)
 
 
 def _seng(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
@@ -62,6 +69,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "ggn": OptimizerSpec(
         "ggn", "gramopt Gram-Gauss-Newton", _ggn, dict(lr=1.0, damping=0.3, momentum=0.0, weight_decay=0.0)
     ),
+    "fngd": OptimizerSpec(
+        "fngd",
+        "gramopt fast natural gradient (coefficients estimated in the first epoch, then shared)",
+        _fngd,
+        dict(lr=0.1, damping=1e-3, momentum=0.9, weight_decay=0.0, coefficient_steps=None),
+        per_epoch=("coefficient_steps",),
+    ),
     "seng": OptimizerSpec(
         "seng",
         "gramopt sketchy empirical natural gradient (layer-wise empirical Fisher by SMW)",
@@ -79,6 +93,14 @@ def get_optimizer_spec(name: str) -> OptimizerSpec:
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(sorted(OPTIMIZERS))}")
     return OPTIMIZERS[name]
+
+
+def with_epoch_defaults(name: str, hyper: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
+    """``hyper`` with the optimizer's ``per_epoch`` hyper-parameters set to
+    ``steps_per_epoch`` where not given (an explicit value, None included, wins).
+    FNGD: ``coefficient_steps`` = ceil(n_train / batch_size), the paper's first epoch."""
+    spec = get_optimizer_spec(name)
+    return {**{key: steps_per_epoch for key in spec.per_epoch}, **hyper}
 
 
 def build_optimizer(name: str, model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:

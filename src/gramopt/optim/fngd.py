@@ -1,0 +1,324 @@
+"""Inverse-free fast natural gradient descent, FNGD (Ou et al., ``papers/003_*``).
+
+For a Linear or Conv layer l and a batch of M samples, let U_l be the M x p_l matrix of
+per-sample loss gradients (one row per sample, weight and bias together; Eq. 11, 13)
+and K_l = U_l U_l^T its M x M Gram (Eq. 12). The damped empirical-Fisher step of the
+layer (Eq. 5) is, by Sherman-Morrison-Woodbury (Eq. 7-9), a weighted sum of the
+per-sample gradients:
+
+    (lam I + U_l^T U_l / M)^{-1} g_l = (1 / lam) U_l^T v_l,
+    v_l = (1/M) (1 - (lam I + K_l / M)^{-1} K_l 1 / M),    lam = damping ||K_l||_F   (Eq. 9, 14)
+
+and, with 1/lam folded into the learning rate as Section IV-D does,
+
+    delta_l = -lr * U_l^T v_l.
+
+Since ``1 - (c I + K)^{-1} K 1 = c (c I + K)^{-1} 1``, v_l = lam (K_l + lam M I)^{-1} 1:
+one Cholesky solve of a system whose condition number is at most 1 + 1/(damping M),
+and v_l does not change when U_l is scaled. ``U_l^T v`` is one weight-gradient
+computation with output-gradients weighted per sample (``LayerFactors.rmatvec``), so
+U_l is never formed.
+
+Algorithm 1 (coefficient sharing):
+
+1. *estimation*, the first ``coefficient_steps`` steps (the paper: the first epoch):
+   build K_l, solve for v_l, step, and keep the running mean of the v_l;
+2. *sharing*, every later step: v_l = that mean with the current batch's U_l, so a step
+   is one backward pass to the layers' outputs plus one weighted weight-gradient per
+   layer: no Gram, no solve (about an SGD step).
+
+``coefficient_steps=None`` computes v_l on every step (SMW-NGD, the paper's
+"w/o sharing" ablation).
+
+A batch of another size M' than the estimation batches (the short last batch of an
+epoch): v_l = (1 - c_l) / M, where c_l = (lam I + K_l/M)^{-1} K_l 1 / M is the
+per-sample correction and 1/M the weight of the plain mean gradient. Shared weights
+keep that form with M' in place of M: v'_i = (1 - c_(i mod M)) / M' = (M / M') v_(i mod M)
+(the first M' coefficients, or the coefficients repeated, rescaled), so the step stays
+on the scale of the mean gradient of the short batch and each sample keeps a
+correction of the same relative size. During estimation a short batch gets its own
+exact v_l, which is applied but not averaged (the running mean is over batches of the
+first batch's size).
+
+Parameters of other layers (norms, embeddings, modules without handler) follow the
+plain gradient of the mean loss, as in the paper.
+
+What sharing amounts to (measured here on the digits MLP and the MNIST CNN): batches
+are shuffled, so the running mean is nearly the same at every batch position (relative
+spread 5-8% at damping 1e-3, 11-27% at 1e-4), and sum(v_l) is 0.15-0.85. The sharing
+phase therefore behaves like momentum SGD with a per-layer step lr * sum(v_l) and a
+little per-sample noise: a learning rate tuned for the preconditioned first epoch can
+be too large afterwards.
+
+Usage (uniform loop, or ``loss.backward(); opt.step()`` with a mean loss)::
+
+    opt = gramopt.FNGD(model, lr=0.1, damping=1e-3, momentum=0.9,
+                       coefficient_steps=math.ceil(n_train / batch_size))
+    opt.zero_grad(); loss = opt.backward(model(x), y); opt.step()
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gramopt.capture.factors import LayerFactors
+from gramopt.errors import CaptureError, NonFiniteError
+from gramopt.linalg.dense import solve_damped_psd
+from gramopt.losses import GaussNewtonLoss, get_loss
+from gramopt.optim.base import SampleSpaceOptimizer, StepInfo, check_hyper
+
+#: The layer types FNGD preconditions; every other parameter takes the plain gradient.
+PRECONDITIONED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _preconditioned(module: nn.Module) -> bool:
+    return isinstance(module, PRECONDITIONED)
+
+
+def fngd_coefficients(gram: Tensor, damping: float, *, what: str = "FNGD Gram matrix") -> Tensor:
+    """v = (1/M) (1 - (lam I + K/M)^{-1} K 1 / M) with lam = damping ||K||_F (Eq. 9, 14),
+    computed as ``lam (K + lam M I)^{-1} 1`` (one Cholesky solve).
+
+    Args:
+        gram: K, ``[M, M]`` (any positive multiple of it gives the same v).
+        damping: alpha of Eq. (14), > 0.
+
+    Returns:
+        v, ``[M]``. A zero Gram (all per-sample gradients zero) gives the limit 1/M.
+    """
+    m = gram.shape[0]
+    norm = float(torch.linalg.matrix_norm(gram))
+    if not math.isfinite(norm):
+        raise NonFiniteError(f"the {what} has NaN or inf entries; nothing was changed")
+    if norm == 0.0:
+        return torch.full((m,), 1.0 / m, dtype=gram.dtype, device=gram.device)
+    lam = damping * norm
+    rhs = torch.full((m,), lam, dtype=gram.dtype, device=gram.device)
+    v, _ = solve_damped_psd(gram, rhs, lam * m, what=what)
+    return v
+
+
+def share_coefficients(mean: Tensor, batch: int) -> Tensor:
+    """Shared coefficients for a batch of ``batch`` samples from the mean ``[M]`` of the
+    estimation batches: ``(M / batch) * mean[i mod M]`` (see the module docstring)."""
+    m = mean.shape[0]
+    if batch == m:
+        return mean
+    index = torch.arange(batch, device=mean.device) % m
+    return mean[index] * (m / batch)
+
+
+class FNGD(SampleSpaceOptimizer):
+    """Fast natural gradient descent: ``delta_l = -lr * U_l^T v_l`` per Linear/Conv layer.
+
+    Args:
+        model: the network; its Linear / Conv1d / Conv2d layers are hooked.
+        lr: step size (the paper's eta with its 1/lam folded in), > 0.
+        damping: alpha of Eq. (14): lam_l = damping * ||K_l||_F, > 0 (at 0 the folded-in
+            form gives v = 0). v = lam (K + lam M I)^{-1} 1 shrinks the mean-gradient
+            weights 1/M by 1 / (1 + mu / (lam M)) along each eigenvector of K (eigenvalue
+            mu): damping * M >> 1 is the plain gradient; smaller damping preconditions
+            more and shortens the step (raise lr with it).
+        momentum: heavy-ball momentum on the direction, in [0, 1).
+        weight_decay: decoupled weight decay, >= 0.
+        coefficient_steps: None (compute v_l every step) or T >= 1: estimate during the
+            first T steps, then share their mean. The paper estimates during the first
+            epoch: T = ceil(n_train / batch_size) (what ``gramopt train`` passes).
+        loss: ``"cross_entropy"`` or ``"mse"``, the mean loss :meth:`backward` computes.
+        params: optional parameters / param groups (default: all trainable parameters).
+        unsupported: ``"error"`` or ``"gradient"`` for Linear/Conv layers the capture
+            cannot handle (grouped convolutions).
+
+    :meth:`backward` runs one backward pass down to the layers' outputs (no weight
+    gradients) and fills ``.grad`` of the plain-gradient parameters only; ``.grad`` of
+    Linear/Conv parameters is left untouched (computing it would cost one more
+    weight-gradient per layer). The ordinary ``loss.backward(); opt.step()`` works as
+    well and gives the same step; its loss must be a mean over the batch (rows of U are
+    M times the captured gradients; with a summed loss the step is M times too long).
+
+    :attr:`phase` tells what the next step does; ``extra_state`` (saved in
+    ``state_dict()``) holds the running means ``coefficients`` (per layer name), their
+    ``coefficient_counts`` and ``coefficient_batch`` (M of the estimation batches).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        damping: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        coefficient_steps: int | None = None,
+        loss: str = "cross_entropy",
+        *,
+        params: Iterable[Any] | None = None,
+        unsupported: str = "error",
+    ) -> None:
+        if coefficient_steps is not None and (
+            isinstance(coefficient_steps, bool)
+            or not isinstance(coefficient_steps, numbers.Integral)
+            or coefficient_steps < 1
+        ):
+            raise ValueError(
+                "coefficient_steps must be None (no sharing) or an integer >= 1 (the number of "
+                f"estimation steps, e.g. the steps of one epoch), got {coefficient_steps!r}"
+            )
+        self.coefficient_steps = None if coefficient_steps is None else int(coefficient_steps)
+        self.loss: GaussNewtonLoss = get_loss(loss)
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(model, params, defaults, unsupported, layer_filter=_preconditioned)
+        # The running mean of Algorithm 1, line 7, per layer, over estimation batches of
+        # ``coefficient_batch`` samples (saved in state_dict()).
+        self.extra_state.update(coefficient_batch=None, coefficients={}, coefficient_counts={})
+        self._loss: float | None = None
+        self._seconds: dict[str, float] = {}
+        self._weights_cache: dict[tuple[str, int], Tensor] = {}
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_hyper("damping", group["damping"], inclusive=False)
+
+    @property
+    def phase(self) -> str:
+        """``"estimate"`` or ``"share"``: what the next step does."""
+        if self.coefficient_steps is None or self.steps_taken < self.coefficient_steps:
+            return "estimate"
+        return "share"
+
+    # -- backward ------------------------------------------------------------------------
+    def backward(self, output: Tensor, target: Tensor) -> Tensor:
+        """Mean loss, one backward pass to the layers' outputs (and to the plain-gradient
+        parameters, whose ``.grad`` it fills); returns the loss (detached)."""
+        self._require_open()
+        start = time.perf_counter()
+        try:
+            if not isinstance(output, Tensor) or not isinstance(target, Tensor):
+                raise TypeError("backward(output, target) takes two tensors")
+            if target.device != output.device:
+                raise ValueError(f"target is on {target.device}, output on {output.device}")
+            self.loss.check(output, target)
+            if output.shape[0] == 0:
+                raise ValueError("empty batch: the output has 0 samples")
+            value = self.loss.value(output, target)
+            loss = float(value.detach())
+            if not math.isfinite(loss):
+                raise NonFiniteError(f"the loss is {loss} (a NaN or inf in the output or target?); nothing was changed")
+            plain = [p for p in self.engine.plain_params if p.requires_grad]
+            (grads,) = self.engine.backward_passes(value, [torch.ones_like(value)], inputs=plain, retain_graph=False)
+        except BaseException:
+            self.engine.clear()
+            raise
+        for p, g in zip(plain, grads):
+            if g is not None:
+                g = g if g.dtype == p.dtype else g.to(p.dtype)
+                p.grad = g if p.grad is None else p.grad + g
+        self._loss = loss
+        self._seconds = {"backward": time.perf_counter() - start}
+        return value.detach()
+
+    # -- step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Compute (estimation) or reuse (sharing) the coefficients, move every
+        Linear/Conv layer by ``-lr * U_l^T v_l`` and the other parameters by their plain
+        gradient (with momentum and weight decay, see the base class).
+
+        ``closure``, if given, must run the forward pass and a backward pass
+        (``opt.backward`` or ``loss.backward()``) and return the loss.
+        """
+        self._require_open()
+        result = None
+        if closure is not None:
+            with torch.enable_grad():
+                result = closure()
+        seconds, self._seconds = self._seconds, {}
+        loss, self._loss = self._loss, None
+        try:
+            start = time.perf_counter()
+            factors = self.engine.factors()
+            if self.engine.layers and not factors:
+                raise CaptureError(
+                    "FNGD.step() needs a backward pass of a training-mode forward first: "
+                    "opt.backward(model(x), y), or loss.backward() with a mean loss"
+                )
+            batch = next(iter(factors.values())).num_rows if factors else 0
+            start = self._timed(seconds, "factors", start)
+            estimating = self.phase == "estimate"
+            if estimating:
+                estimated = {name: self._estimate(name, factor) for name, factor in factors.items()}
+                # Rows captured from the mean loss are U_l / M: U_l^T v = (U_l / M)^T (M v).
+                weights = {name: v * batch for name, v in estimated.items()}
+                start = self._timed(seconds, "coefficients", start)
+            else:
+                weights = {name: self._shared_weights(name, batch, factor) for name, factor in factors.items()}
+            directions: dict[Tensor, Tensor] = {}
+            for name, factor in factors.items():
+                for p, d in zip(factor.params, factor.rmatvec(weights[name])):
+                    directions[p] = d
+            for p in self.engine.plain_params:
+                if p.grad is not None:
+                    directions[p] = p.grad
+            start = self._timed(seconds, "direction", start)
+            self.apply_directions(directions)
+            if estimating and self.coefficient_steps is not None:
+                self._accumulate(estimated, batch)
+            self._timed(seconds, "update", start)
+        finally:
+            self.engine.clear()
+        self.last_info = StepInfo(self.steps_taken, loss, None, seconds)
+        return result
+
+    def _estimate(self, name: str, factor: LayerFactors) -> Tensor:
+        """v_l of this batch (Eq. 9, 14), ``[M]``."""
+        return fngd_coefficients(factor.gram(), self._damping(name, factor), what=f"FNGD Gram of layer {name}")
+
+    def _damping(self, name: str, factor: LayerFactors) -> float:
+        values = {g["damping"] for g in self.param_groups for p in g["params"] if any(p is q for q in factor.params)}
+        if len(values) != 1:
+            raise ValueError(
+                f"the parameters of layer {name} lie in param groups with different damping {sorted(values)}: "
+                "FNGD needs one damping per layer"
+            )
+        return values.pop()
+
+    def _shared_weights(self, name: str, batch: int, factor: LayerFactors) -> Tensor:
+        """M' times the shared v_l for a batch of M' = ``batch`` samples (cached: derived
+        from ``extra_state``); a layer never seen during estimation takes the plain
+        mean-gradient weights 1/M'."""
+        key = (name, batch)
+        weights = self._weights_cache.get(key)
+        if weights is None:
+            mean = self.extra_state["coefficients"].get(name)
+            device = factor.params[0].device
+            if mean is None:
+                weights = torch.ones(batch, dtype=factor.dtype, device=device)
+            else:  # (a state_dict may have been loaded from another device)
+                weights = share_coefficients(mean.to(device), batch) * batch
+            self._weights_cache[key] = weights
+        return weights
+
+    def _accumulate(self, estimated: dict[str, Tensor], batch: int) -> None:
+        """Running mean (Algorithm 1, line 7) over estimation batches of the first size."""
+        state = self.extra_state
+        if state["coefficient_batch"] is None:
+            state["coefficient_batch"] = batch
+        if batch != state["coefficient_batch"]:
+            return
+        means, counts = state["coefficients"], state["coefficient_counts"]
+        for name, v in estimated.items():
+            count = counts.get(name, 0) + 1
+            mean = means.get(name)
+            means[name] = v.clone() if mean is None else mean.to(v.device) + (v - mean.to(v.device)) / count
+            counts[name] = count
+        self._weights_cache.clear()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._weights_cache.clear()
