@@ -154,9 +154,10 @@ def test_randomized_solvers_are_reproducible_through_state_dict(float64):
         assert torch.equal(p, q)
 
 
-def test_shared_weight_products_with_input_sized_temporaries(float64):
+def test_shared_weight_products_with_input_sized_temporaries(float64, monkeypatch):
     """The products of a layer with k d_in < d_out (two passes, several positions, bias)
     against its explicit per-sample gradients."""
+    monkeypatch.setattr("gramopt.capture.shared_weight.WEIGHT_INPUTS_MIN_SAVING", 0)  # a small case
     layer = nn.Linear(3, 16)
     x, z = torch.randn(4, 5, 3), torch.randn(4, 2, 5, 16)
     factor = SharedWeightFactors(layer, [layer.weight, layer.bias], layer.weight, layer.bias, x, z)

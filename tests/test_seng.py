@@ -15,7 +15,8 @@ from torch import nn
 
 import gramopt
 import models
-from gramopt.linalg.kron_sketch import KroneckerRowSketch, RowSample, factor_gram
+from gramopt.linalg.sketches import KroneckerSketch, RowSampleSketch
+from gramopt.optim.seng_implicit import factor_gram
 from gramopt.optim.seng_implicit import eq23_product, exact_product, truncate
 from gramopt.training.optimizers import OPTIMIZERS, build_optimizer, training_step
 from reference import params_vector, per_sample_grads
@@ -278,33 +279,36 @@ def test_factor_sketch_error_shrinks_with_size(sampling, float64):
 
 def test_row_sample_is_eq14(float64):
     gen = torch.Generator().manual_seed(0)
-    perm = RowSample.draw(6, 6, "uniform", generator=gen).dense()
+    perm = RowSampleSketch(6, 6, generator=gen).dense()
     torch.testing.assert_close(perm.T @ perm, torch.eye(6))
     weights = torch.tensor([4.0, 1.0, 0.0, 3.0, 2.0])
-    omega = RowSample.draw(5, 3, "leverage", weights, gen)
+    omega = RowSampleSketch(3, 5, sampling="leverage", weights=weights, generator=gen)
     p = weights / weights.sum()
     torch.testing.assert_close(omega.scale, 1 / torch.sqrt(3 * p[omega.index]))
     assert 2 not in omega.index.tolist()
-    draws = [RowSample.draw(5, 3, "leverage", weights, gen).dense() for _ in range(4000)]
+    draws = [RowSampleSketch(3, 5, sampling="leverage", weights=weights, generator=gen).dense() for _ in range(4000)]
     mean = sum(o.T @ o for o in draws) / len(draws)
     expected = torch.diag(torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0]))
     torch.testing.assert_close(mean, expected, atol=0.12, rtol=0)  # E[Omega^T Omega] = I on the support
-    zero = RowSample.draw(4, 2, "leverage", torch.zeros(4), gen)  # no mass: uniform
+    zero = RowSampleSketch(2, 4, sampling="leverage", weights=torch.zeros(4), generator=gen)  # no mass: uniform
     torch.testing.assert_close(zero.scale, torch.full((2,), 2**0.5))
 
 
 def test_kronecker_row_sketch_is_the_sketch_of_the_vectors(float64):
-    """Eq. 19 and 21 equal (Omega_G (x) Omega_A) applied to the explicit vec(G_i^T A_i)."""
+    """Eq. 19 and 21 on row-sampled factors equal (Omega_G (x) Omega_A) applied to the
+    explicit vec(G_i^T A_i)."""
     gen = torch.Generator().manual_seed(1)
     b, r, n_g, n_a = 4, 3, 7, 5
     g, a, m = torch.randn(b, r, n_g), torch.randn(b, r, n_a), torch.randn(n_g, n_a)
-    sketch = KroneckerRowSketch(
-        RowSample.draw(n_g, 4, "leverage", g.pow(2).sum((0, 1)), gen), RowSample.draw(n_a, 3, "uniform", generator=gen)
+    sketch = KroneckerSketch(
+        RowSampleSketch(4, n_g, sampling="leverage", weights=g.pow(2).sum((0, 1)), generator=gen),
+        RowSampleSketch(3, n_a, generator=gen),
     )
     omega = torch.kron(sketch.grads.dense(), sketch.inputs.dense())  # row-major vec
     u = torch.einsum("brg,bra->bga", g, a).reshape(b, -1) @ omega.T
-    torch.testing.assert_close(sketch.inner(a, g, m), u @ (omega @ m.reshape(-1)))
-    torch.testing.assert_close(sketch.gram(a, g), u @ u.T)
+    xi_a, xi_g, xi_z = sketch.sketch_inputs(a), sketch.sketch_grads(g), sketch.sketch_matrix(m)
+    torch.testing.assert_close(((xi_a @ xi_z.T) * xi_g).sum(dim=(1, 2)), u @ (omega @ m.reshape(-1)))
+    torch.testing.assert_close(factor_gram(xi_a, xi_g), u @ u.T)
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 2, 2), (4, 2, 50, 50), (5, 1, 6, 3)])

@@ -7,10 +7,12 @@ from gramopt.linalg.krylov import nystrom_preconditioner, pcg
 from gramopt.linalg.newton import NewtonInfo, logistic_loss, newton
 from gramopt.linalg.regression import DenseOperator, LinearOperator, fast_regression
 from gramopt.linalg.sketches import (
+    SAMPLINGS,
     SKETCHES,
     CountSketch,
     GaussianSketch,
     KroneckerSketch,
+    RowSampleSketch,
     Sketch,
     SparseSignSketch,
     SRHTSketch,
@@ -19,6 +21,7 @@ from gramopt.linalg.sketches import (
 )
 
 __all__ = [
+    "SAMPLINGS",
     "SKETCHES",
     "CountSketch",
     "DenseOperator",
@@ -27,6 +30,7 @@ __all__ = [
     "LinearOperator",
     "NewtonInfo",
     "NumericalWarning",
+    "RowSampleSketch",
     "SRHTSketch",
     "Sketch",
     "SolveInfo",

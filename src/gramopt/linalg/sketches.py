@@ -179,6 +179,64 @@ class CountSketch(Sketch):
         return out.index_add_(-1, self.hash, a * self.signs.to(a.dtype))
 
 
+#: How :class:`RowSampleSketch` draws its coordinates.
+SAMPLINGS = ("uniform", "leverage")
+
+
+class RowSampleSketch(Sketch):
+    """Row sampling, SENG's Eq. 14 (``papers/001_*``): row t of ``Omega [q, n]`` is
+    ``e_{i_t}^T / sqrt(q p_{i_t})``, so that ``E[Omega^T Omega] = I`` (the paper prints
+    ``e_i^T / p_i``; the ``1 / sqrt(q p_i)`` scaling is the one that makes the sketched
+    least-squares problem unbiased).
+
+    - ``"uniform"``: q distinct coordinates (without replacement), scale ``sqrt(n / q)``;
+      with ``q = n`` this is a permutation and the sketch is exact;
+    - ``"leverage"``: q draws with replacement, ``p_i`` proportional to ``weights`` (the
+      squared row norms of the sketched matrix: the paper's "leverage score sampling");
+      weights without mass fall back to uniform sampling.
+
+    Attributes:
+        index: the sampled coordinates ``[q]`` (int64); ``(Omega a)_t = scale_t a[index_t]``.
+        scale: ``[q]`` (float64).
+    """
+
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        *,
+        sampling: str = "uniform",
+        weights: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        if isinstance(rows, int) and isinstance(cols, int) and not 1 <= rows <= cols:
+            raise ValueError(f"a row sample keeps 1 to {cols} of {cols} coordinates, got {rows}")
+        if sampling == "leverage" and (weights is None or weights.shape != (cols,)):
+            raise ValueError(f"leverage sampling needs weights of shape [{cols}]")
+        self.sampling, self.weights = sampling, weights
+        super().__init__(rows, cols, generator=generator, device=device)
+
+    def _draw(self, generator: torch.Generator) -> None:
+        q, n = self.rows, self.cols
+        if self.sampling == "leverage":
+            p = self.weights.detach().to(self.device, torch.float64).clamp_min(0.0)
+            total = float(p.sum())
+            if total > 0 and math.isfinite(total):
+                p = p / total
+                self.index = torch.multinomial(p, q, replacement=True, generator=generator)
+                self.scale = 1.0 / torch.sqrt(q * p[self.index])
+                return
+        self.index = torch.randperm(n, generator=generator, device=self.device)[:q]
+        self.scale = torch.full((q,), math.sqrt(n / q), dtype=torch.float64, device=self.device)
+
+    def _apply_last(self, a: Tensor) -> Tensor:
+        picked = a.index_select(-1, self.index.to(a.device))
+        return picked * self.scale.to(a.device, a.dtype)
+
+
 #: Sketches by name: ``name -> class(rows, cols, generator=..., device=...)``.
 SKETCHES: dict[str, type[Sketch]] = {
     "gaussian": GaussianSketch,
@@ -235,7 +293,14 @@ class KroneckerSketch:
         b, k = zs.shape[:2]
         return torch.einsum("bksg,bsa->bkga", zs, xs).reshape(b * k, -1)
 
+    def sketch_matrix(self, m: Tensor) -> Tensor:
+        """``S_G M S_A^T`` for a parameter-shaped ``M`` ``[d_out, d_in] -> [m_G, m_A]``
+        (SENG's ``Xi_z``): then ``(U S^T)(S vec M)`` is Eq. 19 on sketched factors."""
+        if self.grads is not None:
+            m = self.grads.apply(m, dim=0)
+        return m if self.inputs is None else self.inputs.apply(m, dim=1)
+
     def gram(self, x: Tensor, z: Tensor) -> Tensor:
         """``(U S^T)(U S^T)^T``, ``[b k, b k]``, by the cheaper of the Gram's two forms on
-        the sketched factors (``(Z~ Z~^T) * (X~ X~^T)`` when s = 1)."""
+        the sketched factors (``(Z~ Z~^T) * (X~ X~^T)`` when s = 1; SENG's Eq. 21)."""
         return shared_weight_gram(self.sketch_inputs(x), self.sketch_grads(z))

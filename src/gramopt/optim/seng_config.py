@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gramopt.linalg.kron_sketch import SAMPLINGS
+from gramopt.linalg.sketches import SAMPLINGS
 
 
 def _check_size(name: str, value: int | float | None) -> None:

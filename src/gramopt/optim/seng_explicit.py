@@ -36,7 +36,7 @@ from gramopt.capture.engine import Layer
 from gramopt.capture.factors import ExplicitFactors, LayerFactors
 from gramopt.capture.shared_weight import EmbeddingFactors, SharedWeightFactors
 from gramopt.linalg.dense import SolveInfo, solve_damped_psd
-from gramopt.linalg.kron_sketch import RowSample
+from gramopt.linalg.sketches import RowSampleSketch
 from gramopt.optim.seng_solve import kept_factor, solve_shifted, with_solve_state
 
 #: Per-sample gradients of at most this many elements are formed at once (leverage weights).
@@ -213,7 +213,7 @@ class ExplicitCurvature:
             weights = self.weights
             if weights is None and sampling == "leverage":
                 weights = column_weights(self.factors)
-            omega = RowSample.draw(self.factors.num_params, rows, sampling, weights, generator)
+            omega = RowSampleSketch(rows, self.factors.num_params, sampling=sampling, weights=weights, generator=generator)
             index = omega.index.to(grads[0].device)
             scale = omega.scale.to(grads[0].device, self.factors.dtype)
             xi = sampled_columns(self.factors, index) * scale  # U Omega^T, [b, q]

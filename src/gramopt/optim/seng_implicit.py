@@ -24,9 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from gramopt.capture.engine import Layer
-from gramopt.capture.shared_weight import SharedWeightFactors
+from gramopt.capture.shared_weight import SharedWeightFactors, shared_weight_gram
 from gramopt.linalg.dense import SolveInfo, solve_damped_psd
-from gramopt.linalg.kron_sketch import KroneckerRowSketch, RowSample, factor_gram, factor_inner
+from gramopt.linalg.sketches import KroneckerSketch, RowSampleSketch
 from gramopt.optim.seng_solve import kept_factor, solve_shifted, with_solve_state
 
 
@@ -141,6 +141,13 @@ class GradientMatrix:
         return out
 
 
+def factor_gram(a: Tensor, g: Tensor) -> Tensor:
+    """``K_ij = elesum((A_i A_j^T) * (G_i G_j^T))`` (Eq. 20-21) for factors ``[b, r, n]``:
+    the shared-weight Gram with the rank r as positions (:func:`shared_weight_gram`
+    picks the cheaper of rank pairs and explicit vectors)."""
+    return shared_weight_gram(a, g.unsqueeze(1))
+
+
 class ImplicitCurvature:
     """Per-sample factors of a Linear or Conv layer (Section 3.3).
 
@@ -180,7 +187,7 @@ class ImplicitCurvature:
         cls, name: str, factors: SharedWeightFactors, rank: int | None, sketched: bool, leverage: bool, exact: bool
     ) -> "ImplicitCurvature":
         g, a = truncate(*layer_factors(factors), rank)
-        gram = None if sketched else factor_gram(a, g)
+        gram = None if sketched else factor_gram(a, g)  # Eq. 20
         weights = (g.pow(2).sum(dim=(0, 1)), a.pow(2).sum(dim=(0, 1))) if sketched and leverage else None
         return cls(name, factors.params, factors.weight_shape, g, a, gram, weights, exact)
 
@@ -223,15 +230,15 @@ class ImplicitCurvature:
             w_g, w_a = self.weights if self.weights is not None else (None, None)
             if w_g is None and sampling == "leverage":
                 w_g, w_a = self.g.pow(2).sum(dim=(0, 1)), self.a.pow(2).sum(dim=(0, 1))
-            sketch = KroneckerRowSketch(
-                RowSample.draw(self.g.shape[2], rows[0], sampling, w_g, generator),
-                RowSample.draw(self.a.shape[2], rows[1], sampling, w_a, generator),
+            sketch = KroneckerSketch(
+                RowSampleSketch(rows[0], self.g.shape[2], sampling=sampling, weights=w_g, generator=generator),
+                RowSampleSketch(rows[1], self.a.shape[2], sampling=sampling, weights=w_a, generator=generator),
             )
             device = self.g.device
             cols = m.columns(sketch.inputs.index.to(device), self.g.dtype)  # mat(g) Omega_A^T, unscaled
             xi_z = sketch.grads.apply(cols, dim=0) * sketch.inputs.scale.to(device, self.g.dtype)
             xi_g, xi_a = sketch.sketch_grads(self.g), sketch.sketch_inputs(self.a)
-            rhs = factor_inner(xi_a, xi_g, xi_z)  # Eq. 19
+            rhs = ((xi_a @ xi_z.T) * xi_g).sum(dim=(1, 2))  # Eq. 19
             gram = factor_gram(xi_a, xi_g)  # Eq. 21
         return solve_damped_psd(gram, rhs, self.batch * damping, what=what)
 
