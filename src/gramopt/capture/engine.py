@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +136,7 @@ class CaptureEngine:
             )
         self._calls: dict[int, list[_Call]] = {id(layer.module): [] for layer in self.layers}
         self._pass: int | None = None  # index of the current pass in backward_passes
+        self._paused = False  # see paused()
         self._backward_seen = False
         self._handles: list[RemovableHandle] = []
         for layer in self.layers:
@@ -166,6 +168,8 @@ class CaptureEngine:
             call_ref = weakref.ref(call)
 
             def grad_hook(grad: Tensor) -> None:
+                if engine_ref._paused:
+                    return
                 live = call_ref()
                 if live is None:  # cleared (stale graph): nothing to record
                     return
@@ -235,6 +239,16 @@ class CaptureEngine:
         finally:
             self._pass = None
         return results
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Backward passes inside this block record nothing (e.g. a method's own pass
+        for the loss gradient after its Jacobian passes)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def _traversal_targets(self) -> list[Tensor]:
         """What the passes differentiate for: the layers' outputs (no weight gradients),

@@ -210,18 +210,17 @@ class GGN(SampleSpaceOptimizer):
         self.engine.backward_passes(output, directions)
         start = self._timed(seconds, "jacobian", start)
         factors = self.engine.factors()
-        grads: dict[Tensor, Tensor] = {}
-        coeffs = grad_output.reshape(-1)
-        for factor in factors.values():
-            for p, g in zip(factor.params, factor.rmatvec(coeffs)):
-                grads[p] = g
-        plain = [p for p in self.engine.plain_params]
-        if plain:
-            plain_grads = torch.autograd.grad(output, plain, grad_outputs=grad_output, allow_unused=True)
-            grads.update({p: g for p, g in zip(plain, plain_grads) if g is not None})
-        for p, g in grads.items():
-            g = g.to(p.dtype)
-            p.grad = g if p.grad is None else p.grad + g
+        # .grad: the loss gradient J^T (dL/df), as loss.backward() would leave it, from one
+        # more pass through the kept graph (the weight-gradient kernels of an ordinary
+        # backward), recorded by no hook; it also serves the plain-gradient parameters.
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        with self.engine.paused():
+            grads = torch.autograd.grad(output, params, grad_outputs=grad_output, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is not None:
+                g = g.to(p.dtype)
+                p.grad = g if p.grad is None else p.grad + g
+        plain = list(self.engine.plain_params)
         self._timed(seconds, "gradient", start)
         self._pending = dict(factors=factors, q=q, w=w.reshape(-1), loss=float(value.detach()), seconds=seconds, plain=plain)
         self.engine.clear()
