@@ -1,8 +1,14 @@
 """GGN step time relative to an SGD-momentum step (issue 2's speed goal).
 
-Scalar-output MLP at digits size (64-128-128-1, tanh), batch 128, mse. Timed in turns
-in one process (gramopt.bench.timing). Also times a naive GGN that builds J with
-torch.func (vmap(jacrev)) for context. Writes benchmarks/results/ggn_step_time.{json,png}.
+Scalar-output MLP at digits size (64-W-W-1, tanh), batch 128, mse, for the digits width
+W = 128 and a wide W = 1024. Timed in turns in one process (gramopt.bench.timing). Also
+times a naive GGN that builds J with torch.func (vmap(jacrev)) for context. Writes
+benchmarks/results/ggn_step_time.{json,png}.
+
+Flop count per layer with batch b, fan-in d_in, fan-out d_out: forward and each
+weight-gradient ``b d_in d_out``; the layer's Gram block ``b^2 (d_in + d_out)``. With
+b = 128 = W the Gram alone costs about three forward passes, so GGN cannot be within
+1.5x of SGD at digits width; at W = 1024 >> b it costs a fraction of one.
 
     python benchmarks/ggn_step_time.py
 """
@@ -27,17 +33,51 @@ from gramopt.bench.timing import interleaved_times, ratio_summary  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def mlp() -> nn.Module:
+def mlp(width: int) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 1))
+    return nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1))
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # steadier on shared 2-core machines; recorded below
+    record = {
+        "what": "seconds per step, MLP 64-W-W-1 (tanh), batch 128, mse; ratio to SGD-momentum per round",
+        "method": "gramopt.bench.timing.interleaved_times: 30 rounds x 5 steps, rotating order, 3 warm-up steps",
+        "widths": {},
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        },
+    }
+    for width in (128, 1024):
+        summary, samples = time_width(width)
+        record["widths"][str(width)] = {"summary": summary, "samples": samples}
+        for name, s in summary.items():
+            print(f"W={width:5d} {name:16s} {1e3 * s['median_seconds']:8.3f} ms  ratio {s['ratio_median']:.2f} [{s['ratio_min']:.2f}, {s['ratio_max']:.2f}]")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ggn_step_time.json").write_text(json.dumps(record, indent=2))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, (width, entry) in zip(axes, record["widths"].items()):
+        summary = entry["summary"]
+        labels = list(summary)
+        ax.bar(labels, [summary[n]["ratio_median"] for n in labels], color=["gray", "tab:blue", "tab:red"])
+        ax.axhline(1.5, ls="--", color="k", lw=0.8, label="target 1.5x")
+        ax.set_yscale("log")
+        ax.set_title(f"MLP 64-{width}-{width}-1, b=128")
+        ax.set_ylabel("step time / SGD step (median)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "ggn_step_time.png", dpi=120)
+
+
+def time_width(width: int) -> tuple[dict, dict]:
     torch.manual_seed(0)
     x, y = torch.randn(128, 64), torch.randn(128, 1)
     loss_fn = nn.MSELoss()
 
-    sgd_model = mlp()
+    sgd_model = mlp(width)
     sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.01, momentum=0.9)
 
     def sgd_step() -> None:
@@ -45,7 +85,7 @@ def main() -> None:
         loss_fn(sgd_model(x), y).backward()
         sgd.step()
 
-    ggn_model = mlp()
+    ggn_model = mlp(width)
     ggn = gramopt.GGN(ggn_model, lr=0.1, damping=1.0)
 
     def ggn_step() -> None:
@@ -53,7 +93,7 @@ def main() -> None:
         ggn.backward(ggn_model(x), y)
         ggn.step()
 
-    naive_model = mlp()
+    naive_model = mlp(width)
     names = [n for n, _ in naive_model.named_parameters()]
 
     def naive_step() -> None:
@@ -70,34 +110,11 @@ def main() -> None:
                 p.sub_(0.1 * delta[start : start + p.numel()].view_as(p))
                 start += p.numel()
 
-    samples = interleaved_times({"sgd": sgd_step, "ggn": ggn_step, "ggn-vmap-jacrev": naive_step}, rounds=30)
-    summary = ratio_summary(samples, "sgd")
-    record = {
-        "what": "seconds per step, MLP 64-128-128-1 (tanh), batch 128, mse; ratio to SGD-momentum per round",
-        "method": "gramopt.bench.timing.interleaved_times: 30 rounds x 5 steps, rotating order, 3 warm-up steps",
-        "summary": summary,
-        "samples": samples,
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-        },
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ggn_step_time.json").write_text(json.dumps(record, indent=2))
-    fig, ax = plt.subplots(figsize=(5, 3))
-    labels = list(summary)
-    ax.bar(labels, [summary[n]["ratio_median"] for n in labels], color=["gray", "tab:blue", "tab:red"])
-    ax.axhline(1.5, ls="--", color="k", lw=0.8, label="target 1.5x")
-    ax.set_ylabel("step time / SGD step (median)")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("GGN step time, MLP 64-128-128-1, b=128")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "ggn_step_time.png", dpi=120)
-    for name, s in summary.items():
-        print(f"{name:16s} {1e3 * s['median_seconds']:8.3f} ms  ratio {s['ratio_median']:.2f} [{s['ratio_min']:.2f}, {s['ratio_max']:.2f}]")
+    steps = {"sgd": sgd_step, "ggn": ggn_step}
+    if width <= 256:  # the naive Jacobian of the wide model takes seconds per step
+        steps["ggn-vmap-jacrev"] = naive_step
+    samples = interleaved_times(steps, rounds=30)
+    return ratio_summary(samples, "sgd"), samples
 
 
 if __name__ == "__main__":

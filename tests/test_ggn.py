@@ -54,19 +54,32 @@ def test_scalar_outputs_without_feature_dim(float64):
 
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
-def test_backward_leaves_the_loss_gradient(loss, float64):
-    model = models.mlp(out=3)
+def test_backward_returns_the_loss_and_fills_grad_of_plain_parameters_only(loss, float64):
+    """The returned loss is the usual mean loss; the preconditioned layers get no .grad
+    (their step comes from the factors), plain-gradient parameters get the loss gradient."""
+
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = nn.Parameter(torch.tensor([1.5]))
+
+        def forward(self, x):
+            return x * self.s
+
+    def build():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(5, 7), Scale(), nn.Tanh(), nn.Linear(7, 3))
+
+    model, reference = build(), build()
     x, y = torch.randn(6, 5), make_target(loss, 6, 3)
-    reference = models.mlp(out=3)
-    reference.load_state_dict(model.state_dict())
     fn = nn.MSELoss() if loss == "mse" else nn.CrossEntropyLoss()
     expected_loss = fn(reference(x), y)
     expected_loss.backward()
-    opt = gramopt.GGN(model, loss=loss, damping=0.1)
+    opt = gramopt.GGN(model, loss=loss, damping=0.1, unsupported="gradient")
     value = opt.backward(model(x), y)
     torch.testing.assert_close(value, expected_loss.detach())
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model[1].s.grad, reference[1].s.grad, rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for m in (model[0], model[3]) for p in m.parameters())
 
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
