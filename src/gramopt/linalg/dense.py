@@ -89,7 +89,9 @@ def solve_damped_psd(gram: Tensor, rhs: Tensor, damping: float, *, what: str = "
         chol, failed = torch.linalg.cholesky_ex(system + jitter * eye)
         if not failed:
             message = f"Cholesky of the damped {what} failed; added jitter {jitter:.2e}"
-            warnings.warn(message, NumericalWarning, stacklevel=3)
+            # the warning's text is constant so that Python shows it once per matrix, not
+            # once per step; the amount is in the step info
+            warnings.warn(f"Cholesky of the damped {what} failed; added jitter (see the step info)", NumericalWarning, stacklevel=3)
             x = torch.cholesky_solve(column, chol)
             info = SolveInfo("cholesky", jitter=jitter, fallback=message)
             info.seconds["solve"] = time.perf_counter() - start
@@ -100,7 +102,7 @@ def solve_damped_psd(gram: Tensor, rhs: Tensor, damping: float, *, what: str = "
     evals = evals.clamp_min(floor)
     x = evecs @ ((evecs.T @ column) / evals.unsqueeze(-1))
     message = f"Cholesky of the damped {what} failed even with jitter; used an eigen-solve (eigenvalues clamped at {floor:.2e})"
-    warnings.warn(message, NumericalWarning, stacklevel=3)
+    warnings.warn(f"Cholesky of the damped {what} failed even with jitter; used an eigen-solve", NumericalWarning, stacklevel=3)
     info = SolveInfo("eigh", fallback=message)
     info.seconds["solve"] = time.perf_counter() - start
     return _shape(x, rhs), info
