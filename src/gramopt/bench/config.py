@@ -59,9 +59,9 @@ class Target:
 
 TARGETS: dict[str, Target] = {
     "teacher": Target("train_loss", 0.05, below=True),
-    "diabetes": Target("train_loss", 0.4, below=True),
-    "digits": Target("test_accuracy", 0.95, below=False),
-    "mnist": Target("test_accuracy", 0.9, below=False),
+    "diabetes": Target("train_loss", 0.1, below=True),
+    "digits": Target("test_accuracy", 0.97, below=False),
+    "mnist": Target("test_accuracy", 0.95, below=False),
     "fashion-mnist": Target("test_accuracy", 0.85, below=False),
     "recall": Target("test_accuracy", 0.9, below=False),
 }
@@ -69,7 +69,7 @@ TARGETS: dict[str, Target] = {
 # Optimizer-clock seconds per run when neither --budget-seconds nor --epochs is given.
 BUDGET_SECONDS: dict[str, float] = {
     "teacher": 3.0,
-    "diabetes": 2.0,
+    "diabetes": 1.0,
     "digits": 3.0,
     "mnist": 15.0,
     "fashion-mnist": 60.0,
