@@ -127,12 +127,16 @@ class GGN(SampleSpaceOptimizer):
         params: optional parameters / param groups (default: all trainable parameters).
         unsupported: ``"error"`` or ``"gradient"`` (plain-gradient steps for parameters of
             modules without a handler).
+        distributed: None, ``"exact"`` (the step of all ranks' batches concatenated) or
+            ``"local"`` (the mean of the ranks' own steps), see :mod:`gramopt.distributed`.
 
     ``backward(output, target)`` runs one backward pass per output dimension, leaves the
     gradient of the returned mean loss in ``.grad`` (as ``loss.backward()`` would) and
     returns that loss; ``step()`` solves and updates. ``last_info`` tells what the solve
     did (method, fallbacks, seconds).
     """
+
+    captures_mean_loss = False  # the passes capture Jacobian rows
 
     def __init__(
         self,
@@ -147,12 +151,13 @@ class GGN(SampleSpaceOptimizer):
         params: Iterable[Any] | None = None,
         unsupported: str = "error",
         solver_options: dict[str, Any] | None = None,
+        distributed: str | None = None,
     ) -> None:
         self.loss: GaussNewtonLoss = get_loss(loss)
         self.solver_options = check_solver_options(solver, solver_options)
         self.solver = solver
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(model, params, defaults, unsupported)
+        super().__init__(model, params, defaults, unsupported, distributed=distributed)
         self._pending: dict[str, Any] | None = None
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -209,9 +214,11 @@ class GGN(SampleSpaceOptimizer):
             directions.append(direction.view_as(output))
         self.engine.backward_passes(output, directions)
         start = self._timed(seconds, "jacobian", start)
+        # distributed="exact": every rank's rows (the loss gradient rescaled to the global mean)
+        q, w, batch_grad_output = self._gather_batch(q, w, grad_output, scaled=(False, False, True))
         factors = self.engine.factors()
         grads: dict[Tensor, Tensor] = {}
-        coeffs = grad_output.reshape(-1)
+        coeffs = batch_grad_output.reshape(-1)
         for factor in factors.values():
             for p, g in zip(factor.params, factor.rmatvec(coeffs)):
                 grads[p] = g
