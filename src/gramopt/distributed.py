@@ -130,6 +130,11 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 @dataclass
 class Traffic:
     """The collectives one rank issued: per kind (``all_gather``, ``all_reduce``, ...),
