@@ -31,6 +31,18 @@ def net(out: int, norm: bool = False) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+class MeanPool(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=1)
+
+
+def token_net() -> nn.Module:
+    """Embedding -> mean over positions -> Linear: sequences of any length."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        return nn.Sequential(nn.Embedding(10, 4), MeanPool(), nn.Linear(4, 2)).double()
+
+
 @dataclass(frozen=True)
 class Case:
     name: str

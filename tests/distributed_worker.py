@@ -4,9 +4,10 @@ Joins a gloo process group on 127.0.0.1:PORT (a short timeout, one thread), runs
 MODE's work and saves what it saw to ``OUT/rank{RANK}.pt`` for ``test_distributed.py``
 to check against single-process references. Modes:
 
-- ``cases``: every case of ``distributed_cases`` for this world size, then settings
-  that differ across ranks (each must be a clear error on every rank), then a short
-  run per method and policy whose loss must fall;
+- ``cases``: every case of ``distributed_cases`` for this world size; on 2 ranks also
+  settings that differ across ranks (each must be a clear error on every rank) and a
+  step that fails on rank 1 alone (every rank must raise); then a short run per
+  method and policy whose loss must fall;
 - ``die``: rank 1 exits (``os._exit``) in the middle of its second SENG step; the
   others must fail, not hang.
 """
@@ -26,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).parent))
 
 import gramopt  # noqa: E402
-from distributed_cases import CASES_2, CASES_4, Case, batches, snapshot, train_step  # noqa: E402
+from distributed_cases import CASES_2, CASES_4, Case, batches, snapshot, token_net, train_step  # noqa: E402
 from gramopt.losses import get_loss  # noqa: E402
 
 
@@ -93,6 +94,45 @@ def loss_falls(rank: int, world: int) -> dict[str, tuple[float, float]]:
     return out
 
 
+def agreement(rank: int) -> dict[str, dict]:
+    """Rank 1 alone fails a step (a NaN in its input); every rank must raise, change
+    nothing, and take the next step together."""
+    settings = {
+        "ggn": dict(lr=0.5, damping=0.1),
+        "seng": dict(lr=0.2, damping=0.5),
+        "fngd": dict(lr=0.1, damping=1e-2, coefficient_steps=1),
+    }
+    out = {}
+    for method, options in settings.items():
+        for policy, loop in (("exact", "uniform"), ("local", "uniform"), ("local", "ordinary")):
+            if loop == "ordinary" and method != "seng":
+                continue
+            case = Case("agree", method, policy, "mse", 2, (4, 4), 0, options, norm=True, loop=loop)
+            model = case.model()
+            opt = case.optimizer(model, policy)
+            x, y = batches(case, 0)[rank]
+            if rank == 1:
+                x = x.clone()
+                x[0, 0] = float("nan")
+            try:
+                train_step(case, model, opt, x, y)
+                error = "no error"
+            except Exception as err:  # noqa: BLE001 - reported to the test
+                error = f"{type(err).__name__}: {err}"
+            train_step(case, model, opt, *batches(case, 1)[rank])
+            out[f"{method}-{policy}-{loop}"] = {"error": error, "steps": opt.steps_taken, "params": [p.detach().clone() for p in model.parameters()]}
+    # sequences of another length on rank 1: the gathered layouts differ
+    model = token_net()
+    opt = gramopt.GGN(model, lr=0.5, damping=0.1, distributed="exact")
+    tokens = torch.randint(0, 10, (3, 5 + rank), generator=torch.Generator().manual_seed(rank))
+    try:
+        opt.backward(model(tokens), torch.zeros(3, 2, dtype=torch.float64))
+        out["lengths"] = {"error": "no error"}
+    except Exception as err:  # noqa: BLE001
+        out["lengths"] = {"error": f"{type(err).__name__}: {err}"}
+    return out
+
+
 def die(rank: int) -> None:
     """SENG steps; rank 1 exits inside its second step, before the gradient all-reduce."""
     case = CASES_2[2]
@@ -128,6 +168,7 @@ def main() -> None:
                     result["cases"][case.name] = {"error": traceback.format_exc()}
             if world == 2:
                 result["mismatch"] = mismatches(rank)
+                result["agreement"] = agreement(rank)
             result["falls"] = loss_falls(rank, world)
         elif mode == "die":
             die(rank)

@@ -191,6 +191,20 @@ def test_settings_that_differ_across_ranks_are_clear_errors(ranks2):
         assert all(message.startswith(("DistributedError", "ValueError")) for message in errors.values())
 
 
+def test_a_step_that_fails_on_one_rank_fails_on_every_rank_and_changes_nothing(ranks2):
+    zero, one = (rank["agreement"] for rank in ranks2)
+    assert len(zero) == 8
+    for name in zero:
+        if name == "lengths":
+            continue
+        assert one[name]["error"].startswith("NonFiniteError") and "another rank" not in one[name]["error"], name
+        assert zero[name]["error"].startswith("NonFiniteError: another rank failed in this step (rank 1: NonFiniteError"), name
+        assert zero[name]["steps"] == one[name]["steps"] == 1, name  # the failed step changed nothing
+        assert all(torch.equal(a, b) for a, b in zip(zero[name]["params"], one[name]["params"])), name
+    for rank in (zero, one):
+        assert rank["lengths"]["error"].startswith("DistributedError") and "sequence" in rank["lengths"]["error"]
+
+
 def test_a_rank_that_dies_mid_step_fails_the_others_without_a_hang(tmp_path):
     codes, outputs, seconds = launch("die", 3, tmp_path, timeout=60)
     assert codes[1] == 17  # the rank that died
@@ -207,3 +221,39 @@ def test_policies_are_validated_without_a_process_group():
     for cls, options in ((gramopt.GGN, {}), (gramopt.SENG, dict(lr=0.1, damping=1.0)), (gramopt.FNGD, dict(lr=0.1, damping=1e-3))):
         with pytest.raises(DistributedError, match="needs an initialized torch.distributed process group"):
             cls(model, distributed="exact", **options)
+
+
+def cli(args: list[str], out: Path, processes: int) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "gramopt"]
+    if processes > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                    f"--master_port={free_port()}", "-m", "gramopt"]
+    result = subprocess.run(
+        launcher + args + ["--out", str(out), "--no-progress"], env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_train_under_torchrun_writes_what_one_process_writes(tmp_path):
+    args = ["train", "--task", "diabetes", "--epochs", "1", "--optimizer", "seng"]
+    one = cli(args, tmp_path / "one", 1)
+    two = cli(args, tmp_path / "two", 2)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert two.stdout.count("epoch   1") == 1 and two.stdout.count("wrote ") == 1  # rank 0 alone prints
+    a, b = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("one", "two"))
+    assert a.keys() == b.keys() and a["epochs"][0].keys() == b["epochs"][0].keys()
+    assert b["config"]["distributed"] == "exact" and b["environment"]["processes"] == "2"
+    for key in ("train_loss", "test_loss", "test_mse"):  # float32: the same run up to rounding
+        assert b["epochs"][0][key] == pytest.approx(a["epochs"][0][key], rel=1e-4)
+    assert "epoch   1" in one.stdout
+
+
+def test_compare_under_torchrun_writes_its_report(tmp_path):
+    cli(["compare", "--task", "diabetes", "--optimizers", "ggn,sgd", "--seeds", "1", "--epochs", "1",
+         "--distributed", "local"], tmp_path, 2)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["distributed"] == "local" and results["environment"]["processes"] == "2"
+    for name in ("ggn", "sgd"):
+        assert results["tasks"]["diabetes"]["optimizers"][name]["summary"]["failed"] == 0
+    assert (tmp_path / "report.md").exists() and (tmp_path / "curves.png").exists()
