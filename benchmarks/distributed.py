@@ -129,10 +129,33 @@ def timed(world: int, rank: int, rounds: int) -> dict:
                 step()
             seconds[v].append((time.perf_counter() - start) / STEPS)
     steps = rounds * STEPS
-    return {
+    out = {
         v: {"seconds": seconds[v], "traffic_per_step": {k: n / steps for k, n in steppers[v][1]().items()}}
         for v in VARIANTS
     }
+    if world > 1:
+        out["collectives"] = collective_seconds(world)
+    return out
+
+
+def collective_seconds(world: int, repeats: int = 50) -> dict[str, float]:
+    """Median seconds of the two collectives a gramopt step issues at least: the header
+    all-gather (4 int64) and an all-reduce of the model's parameter bytes (float32)."""
+    from gramopt.tasks import get_task
+
+    n = sum(p.numel() for p in get_task("teacher").build_model(0).parameters())
+    out = {}
+    for name, run in (
+        ("header_all_gather", lambda: dist.all_gather([torch.empty(4, dtype=torch.int64) for _ in range(world)], torch.zeros(4, dtype=torch.int64))),
+        ("parameter_all_reduce", lambda: dist.all_reduce(torch.zeros(n))),
+    ):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        out[name] = statistics.median(times)
+    return out
 
 
 def worker(rank: int, world: int, port: int, out: Path, rounds: int) -> None:
@@ -234,6 +257,7 @@ def main() -> None:
         "setup": f"teacher MLP, float32, global batch {GLOBAL_BATCH} (2 x 64), gloo on 127.0.0.1, {args.rounds} rounds x "
         f"{STEPS} steps per variant, round robin",
         **summarize(one, two),
+        "collective_seconds_2_processes": two.pop("collectives"),
         "raw": {"one_process": one, "two_processes": two},
         "machine": {
             "platform": platform.platform(),
