@@ -110,6 +110,8 @@ CASES_2 = [
     Case("ggn-ce-exact-ddp", "ggn", "exact", "cross_entropy", 3, (4, 6), 2, dict(lr=0.5, damping=0.3, weight_decay=0.01), ddp=True),
     Case("seng-exact", "seng", "exact", "cross_entropy", 3, (6, 2), 3,
          dict(lr=0.2, damping=0.5, momentum=0.9, curvature_every=2), norm=True),
+    Case("seng-sketch-exact", "seng", "exact", "cross_entropy", 3, (5, 4), 2,
+         dict(lr=0.2, damping=0.5, sketch=gramopt.SketchConfig(size=20, sampling="leverage", seed=5))),
     Case("seng-implicit-exact-ddp", "seng", "exact", "mse", 2, (3, 5), 3,
          dict(lr=0.2, damping=0.5, curvature_every=2, implicit=gramopt.ImplicitConfig(threshold=30)), loop="ordinary", ddp=True),
     Case("fngd-exact", "fngd", "exact", "mse", 2, (5, 4), 4,

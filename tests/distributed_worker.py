@@ -121,6 +121,10 @@ def agreement(rank: int) -> dict[str, dict]:
                 error = f"{type(err).__name__}: {err}"
             train_step(case, model, opt, *batches(case, 1)[rank])
             out[f"{method}-{policy}-{loop}"] = {"error": error, "steps": opt.steps_taken, "params": [p.detach().clone() for p in model.parameters()]}
+    # a sketch seed drawn at construction: rank 0's on every rank
+    torch.manual_seed(rank)
+    opt = gramopt.SENG(token_net(), lr=0.1, damping=1.0, sketch=gramopt.SketchConfig(size=4), distributed="exact")
+    out["seed"] = {"rng": opt.extra_state["sketch_rng"]}
     # sequences of another length on rank 1: the gathered layouts differ
     model = token_net()
     opt = gramopt.GGN(model, lr=0.5, damping=0.1, distributed="exact")

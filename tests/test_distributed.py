@@ -29,6 +29,7 @@ import torch
 import gramopt
 from distributed_cases import CASES_2, CASES_4, Case, batches, snapshot, train_step
 from gramopt.distributed import DistributedError
+from gramopt.training.parallel import DataParallelRun
 
 HERE = Path(__file__).parent
 SRC = HERE.parent / "src"
@@ -193,9 +194,9 @@ def test_settings_that_differ_across_ranks_are_clear_errors(ranks2):
 
 def test_a_step_that_fails_on_one_rank_fails_on_every_rank_and_changes_nothing(ranks2):
     zero, one = (rank["agreement"] for rank in ranks2)
-    assert len(zero) == 8
+    assert len(zero) == 9
     for name in zero:
-        if name == "lengths":
+        if name in ("lengths", "seed"):
             continue
         assert one[name]["error"].startswith("NonFiniteError") and "another rank" not in one[name]["error"], name
         assert zero[name]["error"].startswith("NonFiniteError: another rank failed in this step (rank 1: NonFiniteError"), name
@@ -203,6 +204,11 @@ def test_a_step_that_fails_on_one_rank_fails_on_every_rank_and_changes_nothing(r
         assert all(torch.equal(a, b) for a, b in zip(zero[name]["params"], one[name]["params"])), name
     for rank in (zero, one):
         assert rank["lengths"]["error"].startswith("DistributedError") and "sequence" in rank["lengths"]["error"]
+
+
+def test_a_seed_drawn_at_construction_is_rank_0s(ranks2):
+    zero, one = (rank["agreement"]["seed"]["rng"] for rank in ranks2)
+    assert torch.equal(zero, one)  # drawn after torch.manual_seed(rank): different draws, one seed
 
 
 def test_a_rank_that_dies_mid_step_fails_the_others_without_a_hang(tmp_path):
@@ -257,3 +263,12 @@ def test_compare_under_torchrun_writes_its_report(tmp_path):
     for name in ("ggn", "sgd"):
         assert results["tasks"]["diabetes"]["optimizers"][name]["summary"]["failed"] == 0
     assert (tmp_path / "report.md").exists() and (tmp_path / "curves.png").exists()
+
+
+def test_each_rank_takes_its_contiguous_slice_of_the_global_batch():
+    idx = torch.randperm(11)
+    parts = [DataParallelRun(rank, 3, "exact").rows(idx) for rank in range(3)]
+    assert torch.equal(torch.cat(parts), idx) and [len(p) for p in parts] == [4, 4, 3]
+    DataParallelRun(0, 2, "exact").check_batches(n=353, batch=64)  # last batch 33
+    with pytest.raises(ValueError, match="a batch of 1 sample"):
+        DataParallelRun(0, 2, "exact").check_batches(n=129, batch=64)

@@ -247,6 +247,8 @@ def _stepper(
     """A step function of a fresh model and optimizer cycling through the epoch-0 batches;
     the list collects a divergence error's message if one happens."""
     run = DataParallelRun.current(distributed)
+    if run is not None:
+        run.check_batches(split.train_x.shape[0], task.batch_size)
     model = task.build_model(seed)
     optimizer = build_optimizer(name, model, task.loss, dict(hyper), None if run is None else run.policy)
     forward = model if run is None else run.model_for(model, optimizer)

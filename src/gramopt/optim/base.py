@@ -121,6 +121,11 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                     f"the model is wrapped in DistributedDataParallel, but distributed=None: {type(self).__name__} "
                     "computes its own gradients and communicates itself; pass distributed='exact' or 'local'"
                 )
+            if wrapper.static_graph:
+                raise ValueError(
+                    "DistributedDataParallel(static_graph=True) all-reduces the gradients on its own schedule; "
+                    f"{type(self).__name__} communicates itself: wrap the model without static_graph"
+                )
             model = wrapper.module
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
