@@ -217,8 +217,10 @@ def plot(results: dict, path: Path) -> None:
     names = list(results["variants"])
     rows = [results["variants"][n] for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-    axes[0].bar(names, [r["traffic_per_step"]["sent"] / 1024 for r in rows], label="sent")
-    axes[0].bar(names, [r["traffic_per_step"]["received"] / 1024 for r in rows], alpha=0.4, label="received")
+    at = range(len(names))
+    axes[0].bar([i - 0.2 for i in at], [r["traffic_per_step"]["sent"] / 1024 for r in rows], width=0.4, label="sent")
+    axes[0].bar([i + 0.2 for i in at], [r["traffic_per_step"]["received"] / 1024 for r in rows], width=0.4, label="received")
+    axes[0].set_xticks(list(at), names)
     axes[0].axhline(results["parameter_bytes"] / 1024, color="k", ls="--", lw=1, label="parameter bytes")
     axes[0].set_ylabel("KiB per step per rank")
     axes[0].set_title("communication (2 processes)")
@@ -233,7 +235,7 @@ def plot(results: dict, path: Path) -> None:
     axes[2].set_title("scaling efficiency 1 -> 2 processes (2 shared cores)")
     for ax in axes:
         ax.tick_params(axis="x", rotation=60)
-    fig.suptitle("teacher MLP 16-256-256-1, global batch 128, gloo on one 2-core machine")
+    fig.suptitle("teacher MLP 16-256-256-1, global batch 128, gloo on one shared 2-core machine")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -281,3 +283,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def replot() -> None:
+    """Redraw the PNG from the saved JSON."""
+    plot(json.loads((RESULTS / "distributed.json").read_text()), RESULTS / "distributed.png")

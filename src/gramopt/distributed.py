@@ -57,6 +57,12 @@ layers or shapes, get a :class:`DistributedError` instead of exchanging garbage.
 that dies makes the others' collectives fail (the connection closes; otherwise the
 process group's ``timeout``), which surfaces as :class:`CollectiveError`.
 
+With a ``DistributedDataParallel`` wrapper, the optimizer hooks the wrapped module and
+sets the wrapper's ``require_backward_grad_sync = False``: DDP then neither all-reduces
+gradients nor, after the first forward pass, broadcasts buffers (gramopt's supported
+layers have none that train); its constructor's broadcast of rank 0's parameters is
+still what makes the initial parameters equal.
+
 Settings are checked at construction (:meth:`DataParallel.check_consistent`: optimizer
 type, policy, hyper-parameters, options, parameter shapes and values) so that a rank
 with another ``lr`` or model fails at once with a message naming the difference.
