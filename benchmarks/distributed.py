@@ -145,8 +145,9 @@ def collective_seconds(world: int, repeats: int = 50) -> dict[str, float]:
 
     n = sum(p.numel() for p in get_task("teacher").build_model(0).parameters())
     out = {}
+    header = torch.zeros(4, dtype=torch.int64)
     for name, run in (
-        ("header_all_gather", lambda: dist.all_gather([torch.empty(4, dtype=torch.int64) for _ in range(world)], torch.zeros(4, dtype=torch.int64))),
+        ("header_all_gather", lambda: dist.all_gather([torch.empty_like(header) for _ in range(world)], header)),
         ("parameter_all_reduce", lambda: dist.all_reduce(torch.zeros(n))),
     ):
         times = []
@@ -275,8 +276,9 @@ def main() -> None:
     (RESULTS / "distributed.json").write_text(json.dumps(results, indent=1))
     plot(results, RESULTS / "distributed.png")
     for name, row in results["variants"].items():
+        sent, share = row["traffic_per_step"]["sent"] / 1024, row["sent_per_step_over_parameter_bytes"]
         print(
-            f"{name:22s} sent/step {row['traffic_per_step']['sent'] / 1024:9.1f} KiB ({row['sent_per_step_over_parameter_bytes']:.2f} x params)"
+            f"{name:22s} sent/step {sent:9.1f} KiB ({share:.2f} x params)"
             f"  time/DDP-SGD {row['time_ratio_to_ddp_sgd']:6.2f}  efficiency {row['scaling_efficiency']:.2f}"
         )
 

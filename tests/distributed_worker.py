@@ -120,7 +120,8 @@ def agreement(rank: int) -> dict[str, dict]:
             except Exception as err:  # noqa: BLE001 - reported to the test
                 error = f"{type(err).__name__}: {err}"
             train_step(case, model, opt, *batches(case, 1)[rank])
-            out[f"{method}-{policy}-{loop}"] = {"error": error, "steps": opt.steps_taken, "params": [p.detach().clone() for p in model.parameters()]}
+            params = [p.detach().clone() for p in model.parameters()]
+            out[f"{method}-{policy}-{loop}"] = {"error": error, "steps": opt.steps_taken, "params": params}
     # a sketch seed drawn at construction: rank 0's on every rank
     torch.manual_seed(rank)
     opt = gramopt.SENG(token_net(), lr=0.1, damping=1.0, sketch=gramopt.SketchConfig(size=4), distributed="exact")

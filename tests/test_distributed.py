@@ -168,7 +168,7 @@ def test_local_communicates_one_parameter_sized_all_reduce_per_step(ranks2):
         assert calls["all_reduce"] == case.steps
         # per step: the directions (8-byte floats) and one presence flag per parameter tensor
         reduced = case.steps * 8 * (sum(p.numel() for p in params) + len(params))
-        headers = (case.steps + 0) * 4 * 8  # one 4-int64 header per step
+        headers = case.steps * 4 * 8  # one 4-int64 header per step
         assert traffic["sent"] == reduced + headers
 
 
@@ -224,7 +224,8 @@ def test_policies_are_validated_without_a_process_group():
     model = torch.nn.Linear(3, 1)
     with pytest.raises(ValueError, match="distributed must be None, 'exact' or 'local'"):
         gramopt.GGN(model, distributed="sync")
-    for cls, options in ((gramopt.GGN, {}), (gramopt.SENG, dict(lr=0.1, damping=1.0)), (gramopt.FNGD, dict(lr=0.1, damping=1e-3))):
+    methods = ((gramopt.GGN, {}), (gramopt.SENG, dict(lr=0.1, damping=1.0)), (gramopt.FNGD, dict(lr=0.1, damping=1e-3)))
+    for cls, options in methods:
         with pytest.raises(DistributedError, match="needs an initialized torch.distributed process group"):
             cls(model, distributed="exact", **options)
 

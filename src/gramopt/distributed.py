@@ -19,6 +19,10 @@ themselves, with or without a ``DistributedDataParallel`` wrapper around the mod
     only on its curvature-refresh steps and FNGD gathers them in its sharing phase too
     (its weights index the global batch).
 
+    ``.grad``: GGN's ``backward`` computes it from the gathered factors (the global
+    batch's); after ``step()`` every ``.grad`` the step read is the global one; the
+    others (FNGD's preconditioned layers in the ordinary loop) hold this rank's own.
+
 ``"local"``: each rank's own step, averaged (the block-diagonal approximation).
     Each rank computes the direction d_r that a single process would compute on B_r
     alone (its own Gram, solve, coefficients and cached state), then one all-reduce of
@@ -43,8 +47,9 @@ themselves, with or without a ``DistributedDataParallel`` wrapper around the mod
       R times too far along directions every sample shares (e.g. the output bias).
 
     Communication per step: one all-reduce of the parameter-sized directions, as a DDP
-    gradient all-reduce. Cached state (SENG's curvature, FNGD's coefficients) is each
-    rank's own; the parameters and momentum buffers are the same on every rank.
+    gradient all-reduce. Cached state (SENG's curvature, FNGD's coefficients) and
+    ``.grad`` are each rank's own; the parameters and momentum buffers are the same on
+    every rank.
 
 Agreement. Every synchronization point starts with a small header all-gather (the
 point's name, a status, b_r and a hash of the layout of what follows), so that a rank
@@ -192,7 +197,8 @@ class DataParallel:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        nccl = dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.traffic = Traffic()
 
     # -- counted collectives -------------------------------------------------------------

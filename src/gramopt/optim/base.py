@@ -159,22 +159,20 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
 
     def _fingerprint(self) -> dict[str, str]:
         """The settings every rank must share: type, policy, param groups (hyper-parameters
-        and shapes), hooked layers, the method's public options, initial parameters."""
-        params = [p for group in self.param_groups for p in group["params"]]
-        groups = {
-            f"param group {i} {key}": dp.describe(value)
-            for i, group in enumerate(self.param_groups)
-            for key, value in [*((k, v) for k, v in group.items() if k != "params"), ("shapes", [tuple(p.shape) for p in group["params"]])]
-        }
-        options = {k: dp.describe(v) for k, v in sorted(vars(self).items()) if not k.startswith("_") and k not in self._NOT_SETTINGS}
-        return {
-            "optimizer": type(self).__name__,
-            "policy": str(self.sync.policy if self.sync else None),
-            **groups,
-            "hooked layers": repr([layer.name for layer in self.engine.layers]),
-            **{f"option {k}": v for k, v in options.items()},
-            "initial parameter values (digest)": dp.parameter_digest(params),
-        }
+        and shapes), hooked layers, the method's public options (its attributes set
+        before the base class's ``__init__``), initial parameter values."""
+        print_: dict[str, str] = {"optimizer": type(self).__name__, "policy": str(self.sync.policy if self.sync else None)}
+        for i, group in enumerate(self.param_groups):
+            for key, value in group.items():
+                if key != "params":
+                    print_[f"param group {i} {key}"] = dp.describe(value)
+            print_[f"param group {i} shapes"] = repr([tuple(p.shape) for p in group["params"]])
+        print_["hooked layers"] = repr([layer.name for layer in self.engine.layers])
+        for key, value in sorted(vars(self).items()):
+            if not key.startswith("_") and key not in self._NOT_SETTINGS:
+                print_[f"option {key}"] = dp.describe(value)
+        print_["initial parameter values (digest)"] = dp.parameter_digest([p for g in self.param_groups for p in g["params"]])
+        return print_
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -211,7 +209,10 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
 
     def _synchronize_gradients(self) -> None:
         """``"exact"``: each ``.grad`` the step reads becomes ``sum_r (b_r / B) g_r``."""
-        params = [p for g in self.param_groups for p in g["params"]] if self.reads_gradients == "all" else self.engine.plain_params
+        if self.reads_gradients == "all":
+            params = [p for g in self.param_groups for p in g["params"]]
+        else:
+            params = self.engine.plain_params
         if params and self.sync is not None:
             for p, g in zip(params, self.sync.mean([p.grad for p in params], params, self._local_samples())):
                 p.grad = g
