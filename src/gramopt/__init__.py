@@ -14,10 +14,15 @@ Extending
     register_handler, LayerHandler, LayerFactors, ExplicitFactors
 
 Errors
-    UnsupportedModuleError, NonFiniteError, SingularSystemError, CaptureError
+    UnsupportedModuleError, NonFiniteError, SingularSystemError, CaptureError,
+    DistributedError, CollectiveError
+
+Data parallelism
+    distributed="exact" | "local" on every optimizer; gramopt.distributed explains both
 """
 
 from gramopt.capture import ExplicitFactors, LayerFactors, LayerHandler, register_handler
+from gramopt.distributed import CollectiveError, DistributedError
 from gramopt.errors import (
     CaptureError,
     GramoptError,
@@ -44,7 +49,9 @@ __all__ = [
     "GGN",
     "SENG",
     "CaptureError",
+    "CollectiveError",
     "DampingDecay",
+    "DistributedError",
     "ExplicitFactors",
     "GramoptError",
     "ImplicitConfig",

@@ -1,6 +1,8 @@
 """Command line: ``gramopt tasks``, ``gramopt train``, ``gramopt compare``.
 
-Parsing only: each command builds a config and calls the library.
+Parsing only: each command builds a config and calls the library. Under torchrun
+(``WORLD_SIZE`` > 1) the process joins the process group first and only rank 0 prints
+(``training.parallel``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from rich.table import Table
 from gramopt.bench import config as bench_config
 from gramopt.bench.compare import CompareConfig, run_comparison, write_outputs
 from gramopt.bench.report import rich_table
+from gramopt.distributed import POLICIES, rank
 from gramopt.errors import GramoptError
 from gramopt.tasks import TASKS
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
+from gramopt.training.parallel import DEFAULT_TIMEOUT_SECONDS, init_from_environment
 
 HYPER_FLAGS = ("lr", "damping", "momentum", "weight_decay")
 INT_HYPER_FLAGS = ("curvature_every",)
@@ -50,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: each epoch)")
     train.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (optionally with a new --epochs)")
     train.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    _distributed_flags(train)
 
     compare = commands.add_parser(
         "compare",
@@ -71,7 +76,20 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
     compare.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s, steadier timings)")
     compare.add_argument("--no-progress", action="store_true", help="no live progress display")
+    _distributed_flags(compare)
     return parser
+
+
+def _distributed_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--distributed", choices=POLICIES,
+        help="under torchrun with several processes: gramopt's methods take the step of the whole batch "
+        "('exact', the default) or average the processes' own steps ('local'); torch's optimizers use DDP",
+    )
+    parser.add_argument(
+        "--dist-timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, metavar="SECONDS",
+        help="under torchrun: how long a process waits for the others before failing (default: %(default)s)",
+    )
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -102,12 +120,15 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     if args.resume:
         given = [flag for flag, value in (("--task", args.task != "teacher"), ("--optimizer", args.optimizer != "ggn"),
                  ("--batch-size", args.batch_size is not None), ("--seed", args.seed != 0), ("--out", args.out is not None),
-                 ("hyper-parameters", bool(hyper))) if value]
+                 ("hyper-parameters", bool(hyper)), ("--distributed", args.distributed is not None)) if value]
         if given:
             raise ValueError(f"--resume continues a saved run with its own settings; drop {', '.join(given)}")
         trainer = Trainer.resume(args.resume, console, not args.no_progress, epochs=args.epochs)
     else:
-        config = TrainConfig(args.task, args.optimizer, args.epochs, args.batch_size, args.seed, hyper, args.out, args.checkpoint_every)
+        config = TrainConfig(
+            args.task, args.optimizer, args.epochs, args.batch_size, args.seed, hyper, args.out, args.checkpoint_every,
+            distributed=args.distributed,
+        )
         trainer = Trainer(config, console, not args.no_progress)
     result = trainer.run()
     if result.diverged:
@@ -120,9 +141,11 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 def _compare(args: argparse.Namespace, console: Console) -> int:
     config = CompareConfig(
         _names(args.task), args.optimizers, args.seeds, args.budget_seconds, args.epochs, args.out, args.threads,
-        not args.no_progress,
+        not args.no_progress, args.distributed,
     )
     results = run_comparison(config, console)
+    if rank() != 0:
+        return 0
     paths = write_outputs(results, Path(args.out))
     for task in results["tasks"].values():
         console.print(rich_table(task))
@@ -132,16 +155,24 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console = Console()
+    joined = args.command != "tasks" and init_from_environment(args.dist_timeout)
+    console = Console(quiet=rank() != 0)
     try:
         if args.command == "tasks":
             return _tasks(console)
         if args.command == "compare":
-            return _compare(args, console)
-        return _train(args, console)
+            code = _compare(args, console)
+        else:
+            code = _train(args, console)
     except (GramoptError, ValueError) as err:
-        console.print(f"[red]error:[/] {err}")
-        return 2
+        where = console if rank() == 0 else Console(stderr=True)  # every rank tells its own error
+        where.print(f"[red]error{f' (rank {rank()})' if rank() else ''}:[/] {err}")
+        return 2  # (a failed process group is left to the exit: destroying it could wait on the others)
+    if joined:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
+    return code
 
 
 if __name__ == "__main__":

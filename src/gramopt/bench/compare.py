@@ -18,6 +18,9 @@ Then, for each optimizer's winning setting (``config`` module docstring):
 
 A diverged setting (NaN, or a divergence error) is reported as such and the comparison
 goes on; so is a setting that fails for another reason (with the error).
+
+Under torchrun (``--distributed``), every rank runs every run on its slice of each batch
+(``training.parallel``), the step timings and memory are rank 0's, and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ from gramopt.bench.timing import interleaved_times
 from gramopt.tasks import TASKS, Split, Task, get_task
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
 from gramopt.training.loop import environment, epoch_order
+from gramopt.distributed import CollectiveError, rank, world_size
 from gramopt.training.optimizers import DIVERGENCE_ERRORS, build_optimizer, get_optimizer_spec, training_step
+from gramopt.training.parallel import DataParallelRun, check_distributed
 
 REFERENCE = "sgd"  # step times are reported as ratios to this optimizer's (task default setting)
 UNBOUNDED_EPOCHS = 10**9  # a time-budgeted run stops on its clock, not on epochs
@@ -67,6 +72,7 @@ class CompareConfig:
     out: str = "runs/compare"
     threads: int | None = 1
     progress: bool = True
+    distributed: str | None = None  # under torchrun: "exact" (default) or "local"
 
     def validated(self) -> "CompareConfig":
         """Check every name and number before anything runs (ValueError naming the problem)."""
@@ -95,10 +101,14 @@ class CompareConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        check_distributed(self.distributed)
+        distributed = None if world_size() == 1 else self.distributed or "exact"
         for name in tasks:
             for optimizer in optimizers:
                 grid(optimizer, get_task(name))
-        return CompareConfig(tasks, optimizers, self.seeds, self.budget_seconds, self.epochs, self.out, self.threads, self.progress)
+        return CompareConfig(
+            tasks, optimizers, self.seeds, self.budget_seconds, self.epochs, self.out, self.threads, self.progress, distributed
+        )
 
 
 def default_optimizers() -> tuple[str, ...]:
@@ -151,9 +161,11 @@ def run_one(
     budget: Budget,
     console: Console,
     progress: Progress,
+    distributed: str | None = None,
 ) -> dict[str, Any]:
     """Train one setting for one seed on ``split`` (the task's data for ``seed``); a
-    record of what happened (never raises for a diverging or failing optimizer)."""
+    record of what happened (never raises for a diverging or failing optimizer; a
+    failed collective of a data-parallel run ends the comparison)."""
     steps_per_epoch = math.ceil(split.train_x.shape[0] / task.batch_size)
     config = TrainConfig(
         task.name,
@@ -166,11 +178,14 @@ def run_one(
         eval_every_steps=max(1, budget.epochs * steps_per_epoch // bench_config.EVALUATIONS) if budget.epochs else 0,
         eval_samples=bench_config.EVAL_SAMPLES.get(task.name, 0),
         save=False,
+        distributed=distributed,
     )
     record: dict[str, Any] = {"seed": seed, "status": "ok", "reason": "", "history": [], "steps": 0}
     try:
         trainer = Trainer(config, console, progress, verbose=False, split=split)
         result = trainer.run()
+    except CollectiveError:
+        raise
     except Exception as err:  # noqa: BLE001 - a peer may fail in its own way; the comparison goes on
         record.update(status="failed", reason=f"{type(err).__name__}: {err}")
         return record
@@ -226,11 +241,17 @@ def to_target_spread(values: list[float | None]) -> dict[str, Any]:
 
 
 # -- measurements of the winners ----------------------------------------------------------
-def _stepper(task: Task, name: str, hyper: dict[str, Any], split: Split, seed: int) -> tuple[Callable[[], None], list[str]]:
+def _stepper(
+    task: Task, name: str, hyper: dict[str, Any], split: Split, seed: int, distributed: str | None = None
+) -> tuple[Callable[[], None], list[str]]:
     """A step function of a fresh model and optimizer cycling through the epoch-0 batches;
     the list collects a divergence error's message if one happens."""
+    run = DataParallelRun.current(distributed)
+    if run is not None:
+        run.check_batches(split.train_x.shape[0], task.batch_size)
     model = task.build_model(seed)
-    optimizer = build_optimizer(name, model, task.loss, dict(hyper))
+    optimizer = build_optimizer(name, model, task.loss, dict(hyper), None if run is None else run.policy)
+    forward = model if run is None else run.model_for(model, optimizer)
     order = epoch_order(split.train_x.shape[0], seed, 0)
     batches = [order[i : i + task.batch_size] for i in range(0, len(order), task.batch_size)]
     errors: list[str] = []
@@ -240,7 +261,10 @@ def _stepper(task: Task, name: str, hyper: dict[str, Any], split: Split, seed: i
         idx = batches[position[0] % len(batches)]
         position[0] += 1
         try:
-            training_step(optimizer, model, task.loss, split.train_x[idx], split.train_y[idx])
+            if run is None:
+                training_step(optimizer, model, task.loss, split.train_x[idx], split.train_y[idx])
+            else:
+                run.step(optimizer, forward, task.loss, split.train_x, split.train_y, idx)
         except DIVERGENCE_ERRORS as err:
             errors.append(f"{type(err).__name__}: {err}")
 
@@ -248,21 +272,25 @@ def _stepper(task: Task, name: str, hyper: dict[str, Any], split: Split, seed: i
 
 
 def _try_stepper(
-    task: Task, name: str, hyper: dict[str, Any], split: Split, seed: int
+    task: Task, name: str, hyper: dict[str, Any], split: Split, seed: int, distributed: str | None = None
 ) -> tuple[Callable[[], None], list[str]] | None:
     try:
-        return _stepper(task, name, hyper, split, seed)
+        return _stepper(task, name, hyper, split, seed, distributed)
+    except CollectiveError:
+        raise
     except Exception:  # noqa: BLE001 - reported as failed by its runs already
         return None
 
 
-def step_time_ratios(task: Task, winners: dict[str, dict[str, Any]], split: Split, seed: int) -> dict[str, float | None]:
+def step_time_ratios(
+    task: Task, winners: dict[str, dict[str, Any]], split: Split, seed: int, distributed: str | None = None
+) -> dict[str, float | None]:
     """Per method, median over rounds of (its seconds per step / SGD's in the same round);
     None for a method that cannot be built or diverges while timed."""
-    built = {name: _try_stepper(task, name, hyper, split, seed) for name, hyper in winners.items()}
+    built = {name: _try_stepper(task, name, hyper, split, seed, distributed) for name, hyper in winners.items()}
     steppers = {name: stepper for name, stepper in built.items() if stepper is not None}
     if REFERENCE not in steppers:
-        steppers[REFERENCE] = _stepper(task, REFERENCE, grid(REFERENCE, task)[GRID_SIZE // 2], split, seed)
+        steppers[REFERENCE] = _stepper(task, REFERENCE, grid(REFERENCE, task)[GRID_SIZE // 2], split, seed, distributed)
     samples = interleaved_times(
         {name: step for name, (step, _) in steppers.items()},
         rounds=bench_config.TIMING_ROUNDS,
@@ -277,10 +305,12 @@ def step_time_ratios(task: Task, winners: dict[str, dict[str, Any]], split: Spli
     return ratios
 
 
-def peak_step_memory(task: Task, name: str, hyper: dict[str, Any], split: Split, seed: int) -> int | None:
+def peak_step_memory(
+    task: Task, name: str, hyper: dict[str, Any], split: Split, seed: int, distributed: str | None = None
+) -> int | None:
     """Peak memory of ``MEMORY_STEPS`` steps of a fresh model and optimizer (None if it
     cannot be built or diverges)."""
-    stepper = _try_stepper(task, name, hyper, split, seed)
+    stepper = _try_stepper(task, name, hyper, split, seed, distributed)
     if stepper is None:
         return None
     step, errors = stepper
@@ -316,7 +346,8 @@ def compare_task(
             for name, method in methods.items():
                 setting = method["settings"][k]
                 progress.update(overall, status=f"{task.name}: {name} setting {k + 1}/{GRID_SIZE} seed {seed}")
-                setting["runs"].append(run_one(task, name, setting["hyper"], splits[seed], seed, budget, console, progress))
+                record = run_one(task, name, setting["hyper"], splits[seed], seed, budget, console, progress, config.distributed)
+                setting["runs"].append(record)
                 progress.advance(overall)
     for method in methods.values():
         method["winner"] = select(method["settings"])
@@ -326,10 +357,10 @@ def compare_task(
 
     winners = {name: m["settings"][m["winner"]]["hyper"] for name, m in methods.items()}
     progress.update(overall, status=f"{task.name}: interleaved step timing and peak memory of the winners")
-    ratios = [step_time_ratios(task, winners, splits[seed], seed) for seed in seeds]
+    ratios = [step_time_ratios(task, winners, splits[seed], seed, config.distributed) for seed in seeds]
     for name, method in methods.items():
         runs = method["settings"][method["winner"]]["runs"]
-        memory = [peak_step_memory(task, name, winners[name], splits[seed], seed) for seed in seeds]
+        memory = [peak_step_memory(task, name, winners[name], splits[seed], seed, config.distributed) for seed in seeds]
         method["summary"] = {
             "time_to_target": to_target_spread([r.get("time_to_target") for r in runs]),
             "epochs_to_target": to_target_spread([r.get("epochs_to_target") for r in runs]),
@@ -379,7 +410,7 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
             TimeElapsedColumn(),
             TextColumn("{task.fields[status]}"),
             console=console,
-            disable=not config.progress,
+            disable=not config.progress or rank() != 0,
             transient=True,
         )
         data = {name: load_splits(get_task(name), config.seeds) for name in config.tasks}

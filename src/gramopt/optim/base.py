@@ -11,20 +11,37 @@ A method computes a *direction* d per parameter; the base applies
 so with momentum and weight decay 0 a step is exactly ``delta = -lr * d``. Methods
 never touch momentum or weight decay themselves (optax's separation of direction and
 decoration).
+
+Data parallelism (``distributed="exact"`` or ``"local"``, :mod:`gramopt.distributed`)
+hooks in at four points, so that a method only marks where its captures are complete:
+
+- construction: the settings are checked across ranks; a ``DistributedDataParallel``
+  wrapper is unwrapped for hooking and its gradient all-reduce switched off
+  (``require_backward_grad_sync = False``): the optimizer communicates itself;
+- ``backward`` and ``step`` of every subclass are wrapped (:meth:`__init_subclass__`):
+  a local failure is reported to the other ranks, and under ``"exact"`` the ``.grad``
+  the step reads (:attr:`reads_gradients`) becomes the global mean-loss gradient
+  before the step;
+- :meth:`_gather_batch`, which a method calls once its captures are complete:
+  ``"exact"`` all-gathers them (and the method's per-sample extras);
+- :meth:`apply_directions`: ``"local"`` averages the directions over the ranks first.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from gramopt import distributed as dp
 from gramopt.capture.engine import CaptureEngine
 from gramopt.errors import CaptureError, NonFiniteError
 from gramopt.linalg.dense import SolveInfo
@@ -72,7 +89,16 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         unsupported: ``"error"`` or ``"gradient"``, see :class:`CaptureEngine`.
         layer_filter: optional ``module -> bool`` choosing the layers the method hooks;
             the parameters of the others follow the plain gradient (see :class:`CaptureEngine`).
+        distributed: None (one process), ``"exact"`` or ``"local"``
+            (:mod:`gramopt.distributed`; needs an initialized process group).
     """
+
+    #: Whether the output-gradients the method captures are those of a mean loss over
+    #: the batch (rescaled by b_r / B when gathered) rather than Jacobian passes (GGN).
+    captures_mean_loss: ClassVar[bool] = True
+    #: Whose ``.grad`` the step reads: ``"plain"`` (the parameters left to the plain
+    #: gradient) or ``"all"`` (SENG's g); synchronized first under ``"exact"``.
+    reads_gradients: ClassVar[str] = "plain"
 
     def __init__(
         self,
@@ -81,11 +107,26 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         defaults: dict[str, Any],
         unsupported: str = "error",
         layer_filter: Callable[[nn.Module], bool] | None = None,
+        distributed: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{type(self).__name__} takes the model first (to hook its layers), got {type(model).__name__}"
             )
+        policy = dp.check_policy(distributed)
+        wrapper = model if isinstance(model, DistributedDataParallel) else None
+        if wrapper is not None:
+            if policy is None and dp.world_size() > 1:
+                raise ValueError(
+                    f"the model is wrapped in DistributedDataParallel, but distributed=None: {type(self).__name__} "
+                    "computes its own gradients and communicates itself; pass distributed='exact' or 'local'"
+                )
+            if wrapper.static_graph:
+                raise ValueError(
+                    "DistributedDataParallel(static_graph=True) all-reduces the gradients on its own schedule; "
+                    f"{type(self).__name__} communicates itself: wrap the model without static_graph"
+                )
+            model = wrapper.module
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, defaults)
@@ -105,6 +146,83 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         self._finalizer = weakref.finalize(self, self.engine.close)
         self.extra_state: dict[str, Any] = {"step": 0}
         self.last_info: StepInfo | None = None
+        self.sync: dp.DataParallel | None = None
+        self._sync_depth = 0
+        if policy is not None:
+            self.sync = dp.DataParallel(policy)
+            self.sync.check_consistent(self._fingerprint())
+            if wrapper is not None:
+                wrapper.require_backward_grad_sync = False  # the optimizer communicates itself
+
+    # -- data parallelism ------------------------------------------------------------------
+    _NOT_SETTINGS = frozenset({"defaults", "state", "param_groups", "model", "engine", "extra_state", "last_info", "sync"})
+
+    def _fingerprint(self) -> dict[str, str]:
+        """The settings every rank must share: type, policy, param groups (hyper-parameters
+        and shapes), hooked layers, the method's public options (its attributes set
+        before the base class's ``__init__``), initial parameter values."""
+        print_: dict[str, str] = {"optimizer": type(self).__name__, "policy": str(self.sync.policy if self.sync else None)}
+        for i, group in enumerate(self.param_groups):
+            for key, value in group.items():
+                if key != "params":
+                    print_[f"param group {i} {key}"] = dp.describe(value)
+            print_[f"param group {i} shapes"] = repr([tuple(p.shape) for p in group["params"]])
+        print_["hooked layers"] = repr([layer.name for layer in self.engine.layers])
+        for key, value in sorted(vars(self).items()):
+            if not key.startswith("_") and key not in self._NOT_SETTINGS:
+                print_[f"option {key}"] = dp.describe(value)
+        print_["initial parameter values (digest)"] = dp.parameter_digest([p for g in self.param_groups for p in g["params"]])
+        return print_
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "step" in cls.__dict__:
+            cls.step = _synchronized_step(cls.__dict__["step"])
+        if "backward" in cls.__dict__:
+            cls.backward = _synchronized(cls.__dict__["backward"])
+
+    def _draw_seed(self) -> int:
+        """A random seed from torch's generator; rank 0's on every rank when distributed."""
+        seed = int(torch.randint(0, 2**62, (1,)))
+        return seed if self.sync is None else int(self.sync.broadcast(seed))
+
+    def _local_samples(self) -> int:
+        """b_r: this rank's batch size as the hooked layers saw it (1 if none did)."""
+        return self.engine.last_batch_size or 1
+
+    def _gather_batch(self, *extras: Tensor | None, scaled: Sequence[bool] = ()) -> tuple[Tensor | None, ...]:
+        """Under ``"exact"``: replace the engine's captures by the global batch's (every
+        rank's rows, in rank order) and return ``extras`` (``[b_r, ...]`` each, or None)
+        gathered likewise, those marked ``scaled`` (gradients of this rank's mean loss)
+        times b_r / B. Otherwise ``extras`` unchanged. Call it once per step, after the
+        backward pass(es) and before :meth:`CaptureEngine.factors`."""
+        if self.sync is None or self.sync.policy != "exact":
+            return extras
+        tensors, is_grad, layout = self.engine.capture_tensors()
+        present = [e for e in extras if e is not None]
+        flags = [g and self.captures_mean_loss for g in is_grad]
+        flags += [bool(s) for e, s in zip(extras, scaled) if e is not None]
+        gathered = self.sync.gather_rows(tensors + present, flags, layout)
+        self.engine.replace_capture_tensors(gathered[: len(tensors)])
+        rest = iter(gathered[len(tensors) :])
+        return tuple(None if e is None else next(rest) for e in extras)
+
+    def _synchronize_gradients(self) -> None:
+        """``"exact"``: each ``.grad`` the step reads becomes ``sum_r (b_r / B) g_r``."""
+        if self.reads_gradients == "all":
+            params = [p for g in self.param_groups for p in g["params"]]
+        else:
+            params = self.engine.plain_params
+        if params and self.sync is not None:
+            for p, g in zip(params, self.sync.mean([p.grad for p in params], params, self._local_samples())):
+                p.grad = g
+
+    def _average_directions(self, directions: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        """``"local"``: ``d = sum_r (b_r / B) d_r`` for every parameter (one all-reduce)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = {id(p): d for p, d in directions.items()}
+        means = self.sync.mean([by_id.get(id(p)) for p in params], params, self._local_samples())
+        return {p: d for p, d in zip(params, means) if d is not None}
 
     # -- validation ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -141,6 +259,8 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         directions and a few calls per param group, with the arithmetic of the
         per-tensor formulas in the module docstring.
         """
+        if self.sync is not None and self.sync.policy == "local":
+            directions = self._average_directions(directions)
         by_id = {id(p): d for p, d in directions.items()}
         work = []
         for group in self.param_groups:
@@ -219,3 +339,47 @@ def _clone_tree(tree: Any) -> Any:
     if isinstance(tree, (list, tuple)):
         return type(tree)(_clone_tree(v) for v in tree)
     return tree
+
+
+def _synchronized(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``backward``: a local failure is reported to the other ranks."""
+
+    @functools.wraps(method)
+    def wrapper(self: SampleSpaceOptimizer, *args: Any, **kwargs: Any) -> Any:
+        sync = getattr(self, "sync", None)
+        if sync is None or self._sync_depth:
+            return method(self, *args, **kwargs)
+        self._sync_depth += 1
+        try:
+            with sync.agreement():
+                return method(self, *args, **kwargs)
+        finally:
+            self._sync_depth -= 1
+
+    return wrapper
+
+
+def _synchronized_step(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step``: the closure runs first; under ``"exact"`` the gradients the step reads
+    are synchronized; a local failure is reported to the other ranks."""
+
+    @functools.wraps(step)
+    def wrapper(self: SampleSpaceOptimizer, closure: Callable[[], Any] | None = None) -> Any:
+        sync = getattr(self, "sync", None)
+        if sync is None or self._sync_depth:
+            return step(self, closure)
+        self._sync_depth += 1
+        try:
+            with sync.agreement():
+                result = None
+                if closure is not None:
+                    with torch.enable_grad():
+                        result = closure()
+                if sync.policy == "exact":
+                    self._synchronize_gradients()
+                step(self)
+                return result
+        finally:
+            self._sync_depth -= 1
+
+    return wrapper

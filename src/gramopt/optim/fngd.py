@@ -135,6 +135,9 @@ class FNGD(SampleSpaceOptimizer):
         params: optional parameters / param groups (default: all trainable parameters).
         unsupported: ``"error"`` or ``"gradient"`` for Linear/Conv layers the capture
             cannot handle (grouped convolutions).
+        distributed: None, ``"exact"`` (the step of all ranks' batches concatenated) or
+            ``"local"`` (Section VI-A: the ranks' own weighted sums, averaged), see
+            :mod:`gramopt.distributed`.
 
     :meth:`backward` runs one backward pass down to the layers' outputs (no weight
     gradients) and fills ``.grad`` of the plain-gradient parameters only; ``.grad`` of
@@ -160,6 +163,7 @@ class FNGD(SampleSpaceOptimizer):
         *,
         params: Iterable[Any] | None = None,
         unsupported: str = "error",
+        distributed: str | None = None,
     ) -> None:
         if coefficient_steps is not None and (
             isinstance(coefficient_steps, bool)
@@ -173,7 +177,7 @@ class FNGD(SampleSpaceOptimizer):
         self.coefficient_steps = None if coefficient_steps is None else int(coefficient_steps)
         self.loss: GaussNewtonLoss = get_loss(loss)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(model, params, defaults, unsupported, layer_filter=_preconditioned)
+        super().__init__(model, params, defaults, unsupported, layer_filter=_preconditioned, distributed=distributed)
         # The running mean of Algorithm 1, line 7, per layer, over estimation batches of
         # ``coefficient_batch`` samples (saved in state_dict()).
         self.extra_state.update(coefficient_batch=None, coefficients={}, coefficient_counts={})
@@ -242,6 +246,7 @@ class FNGD(SampleSpaceOptimizer):
         loss, self._loss = self._loss, None
         try:
             start = time.perf_counter()
+            self._gather_batch()  # distributed="exact": the global batch's
             factors = self.engine.factors()
             if self.engine.layers and not factors:
                 raise CaptureError(

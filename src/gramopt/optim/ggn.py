@@ -127,6 +127,8 @@ class GGN(SampleSpaceOptimizer):
         params: optional parameters / param groups (default: all trainable parameters).
         unsupported: ``"error"`` or ``"gradient"`` (plain-gradient steps for parameters of
             modules without a handler).
+        distributed: None, ``"exact"`` (the step of all ranks' batches concatenated) or
+            ``"local"`` (the mean of the ranks' own steps), see :mod:`gramopt.distributed`.
 
     ``backward(output, target)`` runs one backward pass per output dimension (down to
     the layers' outputs: no weight gradients) and returns the mean loss; ``.grad`` is
@@ -134,6 +136,8 @@ class GGN(SampleSpaceOptimizer):
     uses it. ``step()`` solves and updates. ``last_info`` tells what the solve
     did (method, fallbacks, seconds).
     """
+
+    captures_mean_loss = False  # the passes capture Jacobian rows
 
     def __init__(
         self,
@@ -148,12 +152,13 @@ class GGN(SampleSpaceOptimizer):
         params: Iterable[Any] | None = None,
         unsupported: str = "error",
         solver_options: dict[str, Any] | None = None,
+        distributed: str | None = None,
     ) -> None:
         self.loss: GaussNewtonLoss = get_loss(loss)
         self.solver_options = check_solver_options(solver, solver_options)
         self.solver = solver
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(model, params, defaults, unsupported)
+        super().__init__(model, params, defaults, unsupported, distributed=distributed)
         self._pending: dict[str, Any] | None = None
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -211,6 +216,8 @@ class GGN(SampleSpaceOptimizer):
             directions.append(direction.view_as(output))
         self.engine.backward_passes(output, directions)
         start = self._timed(seconds, "jacobian", start)
+        # distributed="exact": every rank's rows
+        q, w = self._gather_batch(q, w, scaled=(False, False))
         factors = self.engine.factors()
         # .grad only where the step uses it: the plain-gradient parameters, from one more
         # pass through the kept graph that no hook records. The preconditioned layers get

@@ -73,11 +73,15 @@ class SENG(SampleSpaceOptimizer):
         params: optional parameters / param groups (default: all trainable ones).
         unsupported: ``"error"`` or ``"gradient"`` (plain-gradient steps for parameters
             of modules without a handler).
+        distributed: None, ``"exact"`` (the step of all ranks' batches concatenated) or
+            ``"local"`` (Eq. 25-26, block-diagonal), see :mod:`gramopt.distributed`.
 
     ``last_info`` tells what the last step did; ``extra_state["curvature"]`` holds the
     cached curvature per layer (see :mod:`gramopt.optim.seng_explicit` and
     :mod:`gramopt.optim.seng_implicit`).
     """
+
+    reads_gradients = "all"  # g of every layer
 
     def __init__(
         self,
@@ -93,6 +97,7 @@ class SENG(SampleSpaceOptimizer):
         implicit: ImplicitConfig | None = None,
         params: Iterable[Any] | None = None,
         unsupported: str = "error",
+        distributed: str | None = None,
     ) -> None:
         self.loss = get_loss(loss)
         if isinstance(curvature_every, bool) or not isinstance(curvature_every, int) or curvature_every < 1:
@@ -107,12 +112,12 @@ class SENG(SampleSpaceOptimizer):
         initial = self._scheduled_damping(0) if self.damping_schedule is not None else damping
         self.curvature_every, self.sketch, self.implicit = curvature_every, sketch, implicit
         defaults = dict(lr=lr, damping=initial, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(model, params, defaults, unsupported)
+        super().__init__(model, params, defaults, unsupported, distributed=distributed)
         self.implicit_layers = {layer.name for layer in self.engine.layers if self._is_implicit(layer)}
         self._check_sketch_sizes()
         self.extra_state["curvature"] = {}
         if sketch is not None:
-            seed = sketch.seed if sketch.seed is not None else int(torch.randint(0, 2**62, (1,)))
+            seed = sketch.seed if sketch.seed is not None else self._draw_seed()
             self.extra_state["sketch_rng"] = torch.Generator().manual_seed(seed).get_state()
         self._loss_value: float | None = None
 
@@ -284,6 +289,7 @@ class SENG(SampleSpaceOptimizer):
 
     def _refresh(self, cache: dict[str, Any], names: list[str]) -> None:
         """Rebuild the curvature of ``names`` from this step's per-sample gradients."""
+        self._gather_batch()  # distributed="exact": the global batch's
         b = self.engine.batch_size()
         if b is None:
             raise CaptureError(

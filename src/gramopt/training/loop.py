@@ -5,6 +5,9 @@ which a run continues bit for bit (``--resume``).
 
 The clock (``seconds``) counts training steps only: forward, backward pass(es) and the
 update. Evaluation, checkpoints and the progress display are outside it.
+
+Under torchrun (``training.parallel``) every rank runs this loop on its slice of each
+global batch; rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from gramopt.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from gramopt.distributed import world_size
 from gramopt.training.optimizers import (
     DIVERGENCE_ERRORS,
     build_optimizer,
@@ -39,6 +43,7 @@ from gramopt.training.optimizers import (
     training_step,
     with_epoch_defaults,
 )
+from gramopt.training.parallel import DataParallelRun, check_distributed
 
 
 @dataclass
@@ -60,6 +65,9 @@ class TrainConfig:
     eval_every_seconds: float = 0.0
     eval_samples: int = 0  # evaluate on at most this many samples of each set (fixed per seed; 0: all)
     save: bool = True  # write metrics.json and checkpoint.pt to `out`
+    # Under torchrun with several processes: "exact" (default) or "local", the policy of
+    # gramopt's methods (gramopt.distributed); None in a single process.
+    distributed: str | None = None
 
     def resolved(self, task: Task) -> "TrainConfig":
         spec = get_optimizer_spec(self.optimizer)
@@ -82,7 +90,9 @@ class TrainConfig:
         if self.eval_every_steps < 0 or self.eval_every_seconds < 0 or self.eval_samples < 0:
             raise ValueError("eval_every_steps, eval_every_seconds and eval_samples must be >= 0")
         out = self.out or f"runs/{self.task}-{self.optimizer}-seed{self.seed}"
-        return replace(self, epochs=epochs, batch_size=batch, hyper=hyper, out=out)
+        check_distributed(self.distributed)
+        distributed = None if world_size() == 1 else self.distributed or "exact"
+        return replace(self, epochs=epochs, batch_size=batch, hyper=hyper, out=out, distributed=distributed)
 
 
 @dataclass
@@ -105,18 +115,25 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, x: Tensor, y: Tensor, batch: int = 1024) -> tuple[float, float]:
-    """(mean loss, metric) on (x, y): test MSE for regression, accuracy for classification."""
+def evaluate(
+    model: nn.Module, task: Task, x: Tensor, y: Tensor, batch: int = 1024, run: DataParallelRun | None = None
+) -> tuple[float, float]:
+    """(mean loss, metric) on (x, y): test MSE for regression, accuracy for classification.
+    With a data-parallel ``run``, each rank evaluates its shard and the sums are added."""
     was_training = model.training
     model.eval()
     loss_fn = get_loss(task.loss)
     total, correct = 0.0, 0
-    for i in range(0, x.shape[0], batch):
-        out = model(x[i : i + batch])
-        total += float(loss_fn.value(out, y[i : i + batch])) * out.shape[0]
+    rows = run.shard(x.shape[0]) if run is not None else None
+    part_x, part_y = (x, y) if rows is None else (x[rows], y[rows])
+    for i in range(0, part_x.shape[0], batch):
+        out = model(part_x[i : i + batch])
+        total += float(loss_fn.value(out, part_y[i : i + batch])) * out.shape[0]
         if task.loss == "cross_entropy":
-            correct += int((out.argmax(1) == y[i : i + batch]).sum())
+            correct += int((out.argmax(1) == part_y[i : i + batch]).sum())
     model.train(was_training)
+    if run is not None:
+        total, correct = run.sum([total, float(correct)])
     mean = total / x.shape[0]
     return mean, (mean if task.loss == "mse" else correct / x.shape[0])
 
@@ -139,6 +156,7 @@ def environment() -> dict[str, str]:
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "threads": str(torch.get_num_threads()),
+        "processes": str(world_size()),
     }
 
 
@@ -148,7 +166,8 @@ class Trainer:
     ``progress``: True for a progress bar of its own, False for none, or a rich
     ``Progress`` to add this run's bar to (removed when the run ends). ``verbose``:
     print a line per epoch. ``split``: the task's data for this seed, if already loaded
-    (the comparison runs many settings on the same data).
+    (the comparison runs many settings on the same data). In a data-parallel run only
+    rank 0 prints, shows progress and writes files.
     """
 
     def __init__(
@@ -162,17 +181,25 @@ class Trainer:
     ) -> None:
         self.task = get_task(config.task)
         self.config = config.resolved(self.task)
-        self.console = console or Console()
-        self.progress = progress
-        self.verbose = verbose
+        self.run_part = DataParallelRun.current(self.config.distributed)
+        self.main = self.run_part is None or self.run_part.main
+        self.console = console or Console(quiet=not self.main)
+        self.progress = progress if self.main else False
+        self.verbose = verbose and self.main
         self.out = Path(self.config.out)
         self.split: Split = split if split is not None else self.task.load(self.config.seed)
+        if self.run_part is not None:
+            self.run_part.check_batches(self.split.train_x.shape[0], self.config.batch_size)
         self.eval_train = eval_subset(self.split.train_x, self.split.train_y, self.config.eval_samples, self.config.seed)
         self.eval_test = eval_subset(self.split.test_x, self.split.test_y, self.config.eval_samples, self.config.seed)
         steps_per_epoch = math.ceil(self.split.train_x.shape[0] / self.config.batch_size)
         self.config.hyper = with_epoch_defaults(self.config.optimizer, self.config.hyper, steps_per_epoch)
         self.model = self.task.build_model(self.config.seed)
-        self.optimizer = build_optimizer(self.config.optimizer, self.model, self.task.loss, dict(self.config.hyper))
+        self.optimizer = build_optimizer(
+            self.config.optimizer, self.model, self.task.loss, dict(self.config.hyper), self.config.distributed
+        )
+        # what the forward pass runs: DistributedDataParallel around the model for torch's optimizers
+        self.forward_model = self.model if self.run_part is None else self.run_part.model_for(self.model, self.optimizer)
         self.epochs: list[dict[str, float]] = []
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.seconds = 0.0
@@ -188,12 +215,16 @@ class Trainer:
     def save(self) -> None:
         if not self.config.save:
             return
+        rank_states = None if self.run_part is None else self.run_part.rank_states(self.optimizer)
+        if not self.main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(
             self.checkpoint_path,
             {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
+                "optimizer_ranks": rank_states,  # --distributed local: each rank's own state
                 "config": asdict(self.config),
                 "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch,
@@ -218,7 +249,21 @@ class Trainer:
             config.epochs = epochs
         trainer = cls(config, console, progress)
         trainer.model.load_state_dict(payload["model"])
-        trainer.optimizer.load_state_dict(payload["optimizer"])
+        ranks = payload.get("optimizer_ranks")
+        if ranks is not None and trainer.run_part is not None:
+            if len(ranks) != trainer.run_part.world_size or trainer.run_part.policy != "local":
+                raise CheckpointError(
+                    f"{out}/checkpoint.pt holds the optimizer states of {len(ranks)} processes (--distributed local): "
+                    f"resume it with {len(ranks)} processes"
+                )
+            trainer.optimizer.load_state_dict(ranks[trainer.run_part.rank])
+        elif ranks is not None:
+            raise CheckpointError(
+                f"{out}/checkpoint.pt holds the optimizer states of {len(ranks)} processes (--distributed local): "
+                f"resume it under torchrun with {len(ranks)} processes"
+            )
+        else:
+            trainer.optimizer.load_state_dict(payload["optimizer"])
         trainer.epoch = payload["epoch"]
         trainer.step_in_epoch = payload["step_in_epoch"]
         trainer.global_step = payload["global_step"]
@@ -229,7 +274,7 @@ class Trainer:
         return trainer
 
     def write_metrics(self) -> None:
-        if not self.config.save:
+        if not self.config.save or not self.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         record = {
@@ -286,7 +331,7 @@ class Trainer:
                 order = epoch_order(n, cfg.seed, self.epoch)
                 while self.step_in_epoch < steps_per_epoch and not self.finished():
                     idx = order[self.step_in_epoch * cfg.batch_size : (self.step_in_epoch + 1) * cfg.batch_size]
-                    loss = self._step(self.split.train_x[idx], self.split.train_y[idx])
+                    loss = self._step(idx)
                     if time.perf_counter() - shown > 0.1:  # the display costs more than a small step
                         shown = time.perf_counter()
                         progress.update(bar, completed=self._done(timed), status=f"epoch {self.epoch + 1} loss {loss:.4g}")
@@ -314,17 +359,29 @@ class Trainer:
             self.step_seconds,
         )
 
+    def step_on(self, idx: Tensor) -> Tensor:
+        """Forward, backward pass(es) and update on the training rows ``idx`` (this rank's
+        slice of them in a data-parallel run); the (local) mean loss."""
+        x, y = self.split.train_x, self.split.train_y
+        if self.run_part is None:
+            return training_step(self.optimizer, self.model, self.task.loss, x[idx], y[idx])
+        return self.run_part.step(self.optimizer, self.forward_model, self.task.loss, x, y, idx)
+
     def _done(self, timed: bool) -> float:
         return min(self.seconds, self.config.max_seconds) if timed else self.global_step
 
-    def _step(self, x: Tensor, y: Tensor) -> float:
-        """One timed training step; a non-finite loss or a divergence error ends the run."""
+    def _step(self, idx: Tensor) -> float:
+        """One timed training step on the batch ``idx`` (in a data-parallel run: this rank's
+        slice of it; the time and loss are then agreed by all ranks); a non-finite loss or
+        a divergence error ends the run."""
         start = time.perf_counter()
         try:
-            loss = float(training_step(self.optimizer, self.model, self.task.loss, x, y))
+            loss = float(self.step_on(idx))
         except DIVERGENCE_ERRORS as err:
             loss, self.diverged_reason = math.nan, f"{type(err).__name__} at step {self.global_step}: {err}"
         elapsed = time.perf_counter() - start
+        if self.run_part is not None:
+            elapsed, loss = self.run_part.agree(elapsed, loss, len(self.run_part.rows(idx)))
         self.seconds += elapsed
         self.step_seconds.append(elapsed)
         self.step_in_epoch += 1
@@ -350,8 +407,8 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, float]:
         """Append an evaluation record (train loss and the test metric at this step)."""
-        train_loss, _ = evaluate(self.model, self.task, *self.eval_train)
-        test_loss, metric = evaluate(self.model, self.task, *self.eval_test)
+        train_loss, _ = evaluate(self.model, self.task, *self.eval_train, run=self.run_part)
+        test_loss, metric = evaluate(self.model, self.task, *self.eval_test, run=self.run_part)
         steps_per_epoch = math.ceil(self.split.train_x.shape[0] / self.config.batch_size)
         record = {
             "epoch": self.epoch + self.step_in_epoch / steps_per_epoch,

@@ -103,23 +103,34 @@ def with_epoch_defaults(name: str, hyper: dict[str, Any], steps_per_epoch: int) 
     return {**{key: steps_per_epoch for key in spec.per_epoch}, **hyper}
 
 
-def build_optimizer(name: str, model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
-    """The optimizer ``name`` on ``model`` with ``hyper`` over the spec's defaults."""
+def build_optimizer(
+    name: str, model: nn.Module, loss: str, hyper: dict[str, Any], distributed: str | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer ``name`` on ``model`` with ``hyper`` over the spec's defaults;
+    ``distributed`` (a policy of :mod:`gramopt.distributed`) goes to gramopt's methods
+    (the others train through DistributedDataParallel, see ``training.parallel``)."""
     spec = get_optimizer_spec(name)
     unknown = set(hyper) - set(spec.defaults)
     if unknown:
         raise ValueError(f"{name} takes no hyper-parameter {sorted(unknown)}; it takes {sorted(spec.defaults)}")
-    return spec.build(model, loss, {**spec.defaults, **hyper})
+    hyper = {**spec.defaults, **hyper}
+    if distributed is not None and spec.source == "gramopt":
+        hyper["distributed"] = distributed
+    return spec.build(model, loss, hyper)
 
 
-def training_step(optimizer: torch.optim.Optimizer, model: nn.Module, loss: str, x: Tensor, y: Tensor) -> Tensor:
-    """One step: forward, the method's backward pass(es), update. Returns the batch loss."""
+def training_step(
+    optimizer: torch.optim.Optimizer, model: nn.Module, loss: str, x: Tensor, y: Tensor, grad_scale: float = 1.0
+) -> Tensor:
+    """One step: forward, the method's backward pass(es), update. Returns the batch loss.
+    ``grad_scale`` multiplies the loss whose gradient the first-order optimizers use
+    (data-parallel runs; gramopt's methods scale their own)."""
     optimizer.zero_grad(set_to_none=True)
     output = model(x)
     if isinstance(optimizer, SampleSpaceOptimizer):
         value = optimizer.backward(output, y)
     else:
         value = get_loss(loss).value(output, y)
-        value.backward()
+        (value * grad_scale if grad_scale != 1.0 else value).backward()
     optimizer.step()
     return value.detach()
