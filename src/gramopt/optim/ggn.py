@@ -179,13 +179,7 @@ class GGN(SampleSpaceOptimizer):
         self._pending = None
         seconds: dict[str, float] = {}
         start = time.perf_counter()
-        if not isinstance(output, Tensor) or not isinstance(target, Tensor):
-            raise TypeError("backward(output, target) takes two tensors")
-        if target.device != output.device:
-            raise ValueError(f"target is on {target.device}, output on {output.device}")
-        self.loss.check(output, target)
-        if output.shape[0] == 0:
-            raise ValueError("empty batch: the output has 0 samples")
+        self._check_batch(output, target)
         if not torch.isfinite(output).all():
             raise NonFiniteError("the model output has NaN or inf; nothing was changed")
         if target.is_floating_point() and not torch.isfinite(target).all():
@@ -215,7 +209,7 @@ class GGN(SampleSpaceOptimizer):
         for factor in factors.values():
             for p, g in zip(factor.params, factor.rmatvec(coeffs)):
                 grads[p] = g
-        plain = [p for p in self.engine.plain_params]
+        plain = [p for p in self.engine.plain_params if p.requires_grad]
         if plain:
             plain_grads = torch.autograd.grad(output, plain, grad_outputs=grad_output, allow_unused=True)
             grads.update({p: g for p, g in zip(plain, plain_grads) if g is not None})
