@@ -104,6 +104,11 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
 
     # -- validation ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "engine"):
+            raise ValueError(
+                f"{type(self).__name__} hooks the layers of its parameters when it is built: pass every "
+                "param group to the constructor (parameters to train later may be frozen until then)"
+            )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         # A zero lr given by hand is a mistake; one set by a scheduler (a warmup from 0, a

@@ -33,7 +33,7 @@ from gramopt.capture.factors import LayerFactors
 from gramopt.errors import CaptureError, NonFiniteError
 from gramopt.linalg.dense import NumericalWarning
 from gramopt.losses import GaussNewtonLoss, get_loss
-from gramopt.optim.base import SampleSpaceOptimizer, StepInfo, check_hyper
+from gramopt.optim.base import SampleSpaceOptimizer, StepInfo, all_finite, check_hyper
 from gramopt.optim.gn_solvers import SOLVERS, check_solver_options
 
 
@@ -213,11 +213,16 @@ class GGN(SampleSpaceOptimizer):
         if plain:
             plain_grads = torch.autograd.grad(output, plain, grad_outputs=grad_output, allow_unused=True)
             grads.update({p: g for p, g in zip(plain, plain_grads) if g is not None})
+        # a layer whose loss gradient (U^T e) is not finite has a non-finite Jacobian block:
+        # named at step(), whatever the solver (the matrix-free ones never see the block)
+        nonfinite = [name for name, f in factors.items() if not all(all_finite(grads[p]) for p in f.params)]
         for p, g in grads.items():
             g = g.to(p.dtype)
             p.grad = g if p.grad is None else p.grad + g
         self._timed(seconds, "gradient", start)
-        self._pending = dict(factors=factors, q=q, w=w.reshape(-1), loss=float(value.detach()), seconds=seconds, plain=plain)
+        self._pending = dict(
+            factors=factors, q=q, w=w.reshape(-1), loss=float(value.detach()), seconds=seconds, plain=plain, nonfinite=nonfinite
+        )
         self.engine.clear()
         return value.detach()
 
@@ -240,6 +245,8 @@ class GGN(SampleSpaceOptimizer):
         factors: dict[str, LayerFactors] = pending["factors"]
         directions: dict[Tensor, Tensor] = {}
         info = None
+        if pending["nonfinite"]:
+            raise NonFiniteError(f"the Gram block of layer {pending['nonfinite'][0]} has NaN or inf; nothing was changed")
         if factors:
             dtype = next(iter(factors.values())).dtype
             system = GaussNewtonSystem(

@@ -334,7 +334,7 @@ class SENG(SampleSpaceOptimizer):
 
     # -- state ---------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        extra = state_dict.get("gramopt", {})
+        extra = state_dict.get("gramopt", {"sketch_rng": None})  # (no entry: the base class says so)
         if self.sketch is not None and "sketch_rng" not in extra:
             raise ValueError("this state_dict has no sketch generator state: it was saved by a SENG without sketch")
         super().load_state_dict(state_dict)
