@@ -60,7 +60,7 @@ def pcg(
     apply_m = precond if precond is not None else (lambda v: v)
     r = rhs.clone()
     restarts = 0
-    best_x, best = x, 1.0  # smallest recursive residual so far (x = 0: 1)
+    best_x, best = None, 1.0  # the iterate of smallest recursive residual (None: x = 0, residual 1)
     while True:
         z = apply_m(r)
         p = z
@@ -95,7 +95,7 @@ def pcg(
     info.converged = relative <= tol
     if not info.converged:
         kept = "the last iterate"
-        if best_x is not x:
+        if best_x is not None and best_x is not x:
             candidate = float(torch.linalg.vector_norm(rhs - matvec(best_x))) / norm_rhs
             if candidate < relative:
                 relative, kept, x = candidate, "the iterate of smallest recursive residual", best_x
