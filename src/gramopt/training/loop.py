@@ -39,6 +39,7 @@ from gramopt.training.optimizers import (
     training_step,
     with_epoch_defaults,
 )
+from gramopt.training.schedules import build_scheduler, check_schedule
 
 
 @dataclass
@@ -60,6 +61,7 @@ class TrainConfig:
     eval_every_seconds: float = 0.0
     eval_samples: int = 0  # evaluate on at most this many samples of each set (fixed per seed; 0: all)
     save: bool = True  # write metrics.json and checkpoint.pt to `out`
+    schedule: str = "constant"  # learning-rate schedule over the run's steps (gramopt.training.schedules)
 
     def resolved(self, task: Task) -> "TrainConfig":
         spec = get_optimizer_spec(self.optimizer)
@@ -81,6 +83,7 @@ class TrainConfig:
             raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
         if self.eval_every_steps < 0 or self.eval_every_seconds < 0 or self.eval_samples < 0:
             raise ValueError("eval_every_steps, eval_every_seconds and eval_samples must be >= 0")
+        check_schedule(self.schedule)
         out = self.out or f"runs/{self.task}-{self.optimizer}-seed{self.seed}"
         return replace(self, epochs=epochs, batch_size=batch, hyper=hyper, out=out)
 
@@ -173,6 +176,9 @@ class Trainer:
         self.config.hyper = with_epoch_defaults(self.config.optimizer, self.config.hyper, steps_per_epoch)
         self.model = self.task.build_model(self.config.seed)
         self.optimizer = build_optimizer(self.config.optimizer, self.model, self.task.loss, dict(self.config.hyper))
+        self.scheduler = build_scheduler(
+            self.config.schedule, self.optimizer, self.config.epochs * steps_per_epoch, steps_per_epoch
+        )
         self.epochs: list[dict[str, float]] = []
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.seconds = 0.0
@@ -194,6 +200,7 @@ class Trainer:
             {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
                 "config": asdict(self.config),
                 "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch,
@@ -201,6 +208,7 @@ class Trainer:
                 "seconds": self.seconds,
                 "epochs": self.epochs,
                 "diverged": self.diverged,
+                "diverged_reason": self.diverged_reason,
                 "rng": rng_state(),
             },
         )
@@ -219,12 +227,15 @@ class Trainer:
         trainer = cls(config, console, progress)
         trainer.model.load_state_dict(payload["model"])
         trainer.optimizer.load_state_dict(payload["optimizer"])
+        if trainer.scheduler is not None:
+            trainer.scheduler.load_state_dict(payload["scheduler"])
         trainer.epoch = payload["epoch"]
         trainer.step_in_epoch = payload["step_in_epoch"]
         trainer.global_step = payload["global_step"]
         trainer.seconds = payload["seconds"]
         trainer.epochs = list(payload["epochs"])
         trainer.diverged = payload["diverged"]
+        trainer.diverged_reason = payload.get("diverged_reason", "")
         set_rng_state(payload["rng"])
         return trainer
 
@@ -322,6 +333,8 @@ class Trainer:
         start = time.perf_counter()
         try:
             loss = float(training_step(self.optimizer, self.model, self.task.loss, x, y))
+            if self.scheduler is not None:
+                self.scheduler.step()
         except DIVERGENCE_ERRORS as err:
             loss, self.diverged_reason = math.nan, f"{type(err).__name__} at step {self.global_step}: {err}"
         elapsed = time.perf_counter() - start
