@@ -221,7 +221,7 @@ def _damaged(kind: str, good: bytes) -> bytes:
         ("last byte missing", "truncated or corrupt"),
         ("random bytes", "truncated or corrupt"),
         ("not a dict", "holds a list"),
-        ("missing entries", "no scheduler, config, epoch"),
+        ("missing entries", "no config, epoch"),
     ],
 )
 def test_damaged_checkpoint_is_a_clear_error(tmp_path, kind, match, capsys):
@@ -233,3 +233,16 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path, kind, match, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", str(tmp_path), "--no-progress"]) == 2
     assert match.split(",")[0] in capsys.readouterr().out
+
+
+def test_schedules_of_gramopt_train():
+    """The factors of ``--schedule`` over T = 40 steps (10 per epoch)."""
+    from gramopt.training.schedules import lr_factor
+
+    assert lr_factor("constant", 40, 10) is None
+    cosine = lr_factor("cosine", 40, 10)
+    assert [cosine(t) for t in (0, 20, 40, 50)] == pytest.approx([1.0, 0.5, 0.0, 0.0], abs=1e-12)
+    warm = lr_factor("warmup-poly", 40, 10)
+    assert [warm(t) for t in (0, 5, 10, 25, 40)] == pytest.approx([0.1, 0.55, 1.0, 0.25, 0.0])
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        lr_factor("linear", 40, 10)

@@ -208,3 +208,19 @@ def test_iterative_solvers_in_float32_never_return_noise(solver, kind):
     info = opt.last_info.solve
     assert not info.converged and info.residuals[-1] <= 1.0
     assert torch.isfinite(step).all()
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e6, 1e10, 1e14])
+@pytest.mark.parametrize("damping", [0.0, 1e-3])
+def test_condition_estimate_against_eigenvalues(cond, damping):
+    """The power-iteration estimate behind the singularity checks is a lower bound of
+    the condition number of ``gram + damping I`` (from eigvalsh) within a factor of 10."""
+    from gramopt.linalg.dense import condition_estimate
+
+    x, _ = linear_system(cond, n=30, p=40)
+    gram = x @ x.T
+    system = gram + damping * torch.eye(30, dtype=torch.float64)
+    evals = torch.linalg.eigvalsh(system)
+    exact = float(evals.max() / evals.min())
+    estimate = condition_estimate(gram, torch.linalg.cholesky(system), damping)
+    assert exact / 10 <= estimate <= exact * (1 + 1e-6), (estimate, exact)

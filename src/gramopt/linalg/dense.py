@@ -73,10 +73,10 @@ def solve_damped_psd(gram: Tensor, rhs: Tensor, damping: float, *, what: str = "
             raise NonFiniteError(
                 f"the right-hand side of the {what} system has NaN or inf entries; nothing was changed"
             )
-    reason = "Cholesky of the damped {what} failed"
+    reason = f"Cholesky of the damped {what} failed"
     if x is not None and not failed:
         if damping == 0:
-            cond = condition_estimate(system, chol)
+            cond = condition_estimate(gram, chol, damping)
             if cond * n * eps > 1:
                 raise SingularSystemError(
                     f"the {what} is singular to working precision (damping=0, estimated condition "
@@ -85,12 +85,11 @@ def solve_damped_psd(gram: Tensor, rhs: Tensor, damping: float, *, what: str = "
         cond = numerically_singular(gram, chol, damping)
         if cond is None:
             return _shape(x, rhs), SolveInfo("cholesky", seconds={"solve": time.perf_counter() - start})
-        reason = f"the damped {{what}} is singular to working precision (estimated condition number {cond:.2e})"
+        reason = f"the damped {what} is singular to working precision (estimated condition number {cond:.2e})"
     if damping == 0:
         raise SingularSystemError(
             f"the {what} is singular (Cholesky failed with damping=0); use damping > 0"
         )
-    reason = reason.format(what=what)
     eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
     scale = float(system.diagonal().abs().max().clamp_min(torch.finfo(gram.dtype).tiny))
     jitter = 10 * n * eps * scale
@@ -125,24 +124,24 @@ def numerically_singular(gram: Tensor, chol: Tensor, damping: float) -> float | 
     eps = torch.finfo(gram.dtype).eps
     if damping <= 0 or (float(gram.diagonal().sum()) + damping) / damping * eps <= 1:
         return None
-    system = gram + damping * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    cond = condition_estimate(system, chol)
+    cond = condition_estimate(gram, chol, damping)
     return cond if cond * eps > 1 else None
 
 
-def condition_estimate(matrix: Tensor, chol: Tensor, iterations: int = 4) -> float:
-    """A lower estimate of the 2-norm condition number ``||A|| ||A^{-1}||`` of an SPD
-    ``matrix`` A ``[n, n]`` from its Cholesky factor: power iterations with A and with
-    A^{-1} (two triangular solves), ``O(n^2)`` each, from a fixed start vector. (The ratio
-    of the factor's diagonal entries, squared, can miss a condition number of 1e16 by
-    orders of magnitude.)"""
-    n = matrix.shape[0]
-    start = torch.linspace(1.0, 2.0, n, dtype=matrix.dtype, device=matrix.device).unsqueeze(1)
+def condition_estimate(gram: Tensor, chol: Tensor, damping: float, iterations: int = 4) -> float:
+    """A lower estimate of the 2-norm condition number of ``A = gram + damping I``
+    (``gram`` ``[n, n]`` PSD, ``chol`` the Cholesky factor of A): power iterations with
+    gram and with A^{-1} (two triangular solves), ``O(n^2)`` each, from a fixed start
+    vector. (The ratio of the factor's diagonal entries, squared, can miss a condition
+    number of 1e16 by orders of magnitude.)"""
+    n = gram.shape[0]
+    start = torch.linspace(1.0, 2.0, n, dtype=gram.dtype, device=gram.device).unsqueeze(1)
     top, v = 0.0, start / start.norm()
     for _ in range(iterations):
-        w = matrix @ v
+        w = gram @ v
         top = float(w.norm())
         v = w / top if top > 0 else v
+    top += damping
     inverse, v = 0.0, start / start.norm()
     for _ in range(iterations):
         w = torch.cholesky_solve(v, chol)

@@ -23,10 +23,10 @@ class CheckpointError(GramoptError, RuntimeError):
 
 
 #: What a training checkpoint holds: the model's ``state_dict()``, the optimizer's (with
-#: its curvature state), the scheduler's (or None), the run's config, the data order
-#: position (epoch, step in epoch, global step), the clock, the evaluations so far and
-#: the torch, numpy and python RNG states.
-REQUIRED = ("model", "optimizer", "scheduler", "config", "epoch", "step_in_epoch", "global_step", "seconds", "epochs", "rng")
+#: its curvature state), the run's config, the data order position (epoch, step in epoch,
+#: global step), the clock, the evaluations so far and the torch, numpy and python RNG
+#: states; also the scheduler's state ("scheduler", None without a schedule).
+REQUIRED = ("model", "optimizer", "config", "epoch", "step_in_epoch", "global_step", "seconds", "epochs", "diverged", "rng")
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

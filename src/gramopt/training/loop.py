@@ -228,6 +228,8 @@ class Trainer:
         trainer.model.load_state_dict(payload["model"])
         trainer.optimizer.load_state_dict(payload["optimizer"])
         if trainer.scheduler is not None:
+            if payload.get("scheduler") is None:
+                raise CheckpointError(f"{out}/checkpoint.pt has no state of its {config.schedule} schedule")
             trainer.scheduler.load_state_dict(payload["scheduler"])
         trainer.epoch = payload["epoch"]
         trainer.step_in_epoch = payload["step_in_epoch"]
