@@ -191,6 +191,14 @@ def first_module_params(model: nn.Module) -> list[nn.Parameter]:
     raise ValueError("the model has no trainable parameter")
 
 
+def two_groups(model: nn.Module, **second: Any) -> list[dict[str, Any]]:
+    """Param groups: the first layer's parameters, then the others (with ``second``'s
+    options, e.g. another lr)."""
+    first = first_module_params(model)
+    rest = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in first)]
+    return [{"params": first}, {"params": rest, **second}]
+
+
 def last_module_params(model: nn.Module) -> list[nn.Parameter]:
     """The trainable parameters of the last module that has any (the output layer)."""
     found = None

@@ -15,7 +15,16 @@ import torch
 from torch import nn
 
 import gramopt
-from optim_cases import CASES, assert_same_params, first_module_params, hook_count, ids, last_module_params, snapshot
+from optim_cases import (
+    CASES,
+    assert_same_params,
+    first_module_params,
+    hook_count,
+    ids,
+    last_module_params,
+    snapshot,
+    two_groups,
+)
 
 each_case = pytest.mark.parametrize("case", CASES, ids=ids)
 
@@ -64,9 +73,7 @@ def test_param_groups_scale_their_part_of_the_step(case):
     lr = case.kwargs["lr"]
     deltas = []
     for m, scale in ((model, 1.0), (twin, 3.0)):
-        first = first_module_params(m)
-        rest = [p for p in m.parameters() if p.requires_grad and all(p is not q for q in first)]
-        opt = case.make(m, params=[{"params": first}, {"params": rest, "lr": scale * lr}])
+        opt = case.make(m, params=two_groups(m, lr=scale * lr))
         before = snapshot(m)
         case.step(opt, m, x, y)
         deltas.append([p.detach() - b for p, b in zip(m.parameters(), before)])
@@ -84,8 +91,7 @@ def test_group_with_lr_zero_from_a_scheduler_is_unchanged(case):
     others move, and the state_dict (lr = 0 in it) loads."""
     model = case.build_model()
     first = first_module_params(model)
-    rest = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in first)]
-    opt = case.make(model, params=[{"params": first}, {"params": rest}])
+    opt = case.make(model, params=two_groups(model))
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, [lambda step: 1.0, lambda step: 0.0])
     assert opt.param_groups[1]["lr"] == 0.0
     before = snapshot(model)
@@ -99,9 +105,7 @@ def test_group_with_lr_zero_from_a_scheduler_is_unchanged(case):
         case.make(copy.deepcopy(model), lr=0.0)
     state = copy.deepcopy(opt.state_dict())
     twin = copy.deepcopy(model)
-    twin_first = first_module_params(twin)
-    twin_rest = [p for p in twin.parameters() if p.requires_grad and all(p is not q for q in twin_first)]
-    other = case.make(twin, params=[{"params": twin_first}, {"params": twin_rest}])
+    other = case.make(twin, params=two_groups(twin))
     other.load_state_dict(state)
     assert other.param_groups[1]["lr"] == 0.0
 
@@ -112,8 +116,7 @@ def test_group_with_tiny_lr_is_unchanged(case):
     1e-30 |d| (nothing, in float32, for any entry not exactly 0)."""
     model = case.build_model()
     first = first_module_params(model)
-    rest = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in first)]
-    opt = case.make(model, params=[{"params": first}, {"params": rest, "lr": 1e-30}])
+    opt = case.make(model, params=two_groups(model, lr=1e-30))
     before = snapshot(model)
     for x, y in case.batches(3):
         case.step(opt, model, x, y)
