@@ -3,6 +3,9 @@ method, and invariance of a step to the order of the samples in the batch."""
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,6 +13,7 @@ from hypothesis import strategies as st
 import gramopt
 import models
 from gramopt.linalg import solve_damped_psd
+from optim_cases import CASES
 from reference import params_vector
 
 
@@ -51,3 +55,49 @@ def test_ggn_step_is_invariant_to_batch_order(seed, loss):
         opt.step()
         steps.append(params_vector(clone) - before)
     torch.testing.assert_close(steps[0], steps[1], rtol=1e-9, atol=1e-11)
+
+
+PERMUTABLE = [case for case in CASES if case.permutation_invariant]
+ITERATIVE = ("cg", "sketch-pcg", "nystrom-pcg")
+
+
+@pytest.mark.parametrize("case", PERMUTABLE, ids=[c.id for c in PERMUTABLE])
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_every_step_of_every_method_is_invariant_to_batch_order(case, seed):
+    """Three steps with each batch in its order and permuted leave the same parameters,
+    for every configuration of optim_cases.CASES but FNGD's sharing phase (below): GGN with
+    each solver (the iterative ones to their tolerance), SENG exact, sketched (the
+    sketches sample parameters, not samples), implicit and with cached curvature, FNGD's
+    estimation steps."""
+    torch.manual_seed(seed)
+    model = case.build_model(torch.float64)
+    twin = copy.deepcopy(model)
+    opt, other = case.make(model), case.make(twin)
+    generator = torch.Generator().manual_seed(seed)
+    tol = 1e-6 if case.kwargs.get("solver") in ITERATIVE else 1e-9
+    for x, y in case.batches(3, seed=seed, dtype=torch.float64):
+        order = torch.randperm(x.shape[0], generator=generator)
+        case.step(opt, model, x, y)
+        case.step(other, twin, x[order], y[order])
+        torch.testing.assert_close(params_vector(twin), params_vector(model), rtol=tol, atol=tol * 1e-2)
+
+
+def test_fngd_sharing_phase_depends_on_batch_order(float64):
+    """The exception, by design (Algorithm 1 of papers/003_*): shared coefficients are
+    tied to batch positions, so a permuted batch gets another sharing step (estimation
+    steps are invariant, above)."""
+    case = next(c for c in CASES if c.cls is gramopt.FNGD and c.kwargs.get("coefficient_steps"))
+    model = case.build_model(torch.float64)
+    twin = copy.deepcopy(model)
+    opt, other = case.make(model), case.make(twin)
+    data = case.batches(case.kwargs["coefficient_steps"] + 1, dtype=torch.float64)
+    for x, y in data[:-1]:
+        case.step(opt, model, x, y)
+        case.step(other, twin, x, y)
+    x, y = data[-1]
+    order = torch.arange(x.shape[0]).flip(0)
+    assert opt.phase == "share"
+    case.step(opt, model, x, y)
+    case.step(other, twin, x[order], y[order])
+    assert not torch.allclose(params_vector(model), params_vector(twin), rtol=1e-6, atol=0)

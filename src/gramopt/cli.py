@@ -23,6 +23,7 @@ from gramopt.errors import GramoptError
 from gramopt.tasks import TASKS
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
 from gramopt.training.parallel import DEFAULT_TIMEOUT_SECONDS, init_from_environment
+from gramopt.training.schedules import SCHEDULES
 
 HYPER_FLAGS = ("lr", "damping", "momentum", "weight_decay")
 INT_HYPER_FLAGS = ("curvature_every",)
@@ -52,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", help="output folder (default: runs/TASK-OPTIMIZER-seedSEED)")
     train.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: each epoch)")
+    train.add_argument(
+        "--schedule", choices=SCHEDULES, default="constant",
+        help="learning-rate schedule over the run's steps (default: %(default)s; see gramopt.training.schedules)",
+    )
     train.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (optionally with a new --epochs)")
     train.add_argument("--no-progress", action="store_true", help="no live progress bar")
     _distributed_flags(train)
@@ -120,7 +125,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     if args.resume:
         given = [flag for flag, value in (("--task", args.task != "teacher"), ("--optimizer", args.optimizer != "ggn"),
                  ("--batch-size", args.batch_size is not None), ("--seed", args.seed != 0), ("--out", args.out is not None),
-                 ("hyper-parameters", bool(hyper)), ("--distributed", args.distributed is not None)) if value]
+                 ("--schedule", args.schedule != "constant"), ("hyper-parameters", bool(hyper)),
+                 ("--distributed", args.distributed is not None)) if value]
         if given:
             raise ValueError(f"--resume continues a saved run with its own settings; drop {', '.join(given)}")
         trainer = Trainer.resume(args.resume, console, not args.no_progress, epochs=args.epochs)
@@ -128,6 +134,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         config = TrainConfig(
             args.task, args.optimizer, args.epochs, args.batch_size, args.seed, hyper, args.out, args.checkpoint_every,
             distributed=args.distributed,
+            schedule=args.schedule,
         )
         trainer = Trainer(config, console, not args.no_progress)
     result = trainer.run()

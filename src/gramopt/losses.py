@@ -61,8 +61,11 @@ class MSELoss(GaussNewtonLoss):
                 f"target shape {tuple(target.shape)} does not match output shape {tuple(output.shape)} "
                 "(mse needs them equal: [b] for [b] outputs, [b, k] for [b, k])"
             )
-        if not target.is_floating_point():
-            raise ValueError(f"mse needs a floating-point target, got {target.dtype}")
+        if target.dtype != output.dtype:
+            raise ValueError(
+                f"mse needs a target of the output's dtype {output.dtype}, got {target.dtype} "
+                "(convert it with target.to(output.dtype))"
+            )
 
     def value(self, output: Tensor, target: Tensor) -> Tensor:
         return F.mse_loss(output, target)
@@ -90,9 +93,9 @@ class CrossEntropyLoss(GaussNewtonLoss):
             raise ValueError(
                 f"cross_entropy needs logits of shape [b, k], got output shape {tuple(output.shape)}"
             )
-        if target.shape != output.shape[:1] or target.is_floating_point() or target.is_complex():
+        if target.shape != output.shape[:1] or target.dtype not in (torch.long, torch.uint8):
             raise ValueError(
-                f"cross_entropy needs integer class targets of shape [{output.shape[0]}], got "
+                f"cross_entropy needs integer class targets (torch.long) of shape [{output.shape[0]}], got "
                 f"target shape {tuple(target.shape)} ({target.dtype}) for output shape {tuple(output.shape)}"
             )
         if target.numel():

@@ -98,6 +98,9 @@ class ConvFactors(SharedWeightFactors):
     def _dtype_source(self) -> Tensor:
         return self.raw_grads[0]
 
+    def tensors(self) -> list[Tensor]:
+        return [*self.raw_inputs, *self.raw_grads]
+
     @property
     def raw(self) -> list[tuple[Tensor, Tensor]]:
         """Per forward call, the input ``[b, C_in, *spatial]`` and the output-gradients

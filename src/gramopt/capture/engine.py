@@ -259,11 +259,14 @@ class CaptureEngine:
         calls = [call for calls in self._calls.values() for call in calls]
         if all(call.output is not None and call.output._version == call.version for call in calls):
             return [call.output for call in calls]
-        return [p for layer in self.layers for p in layer.params]
+        return [p for layer in self.layers for p in trainable(layer)]
 
     # -- factors ------------------------------------------------------------------------
     def factors(self, scale: float = 1.0, dtype: torch.dtype | None = None) -> dict[str, LayerFactors]:
-        """One :class:`LayerFactors` per layer that took part in the last backward.
+        """One :class:`LayerFactors` per layer that took part in the last backward and
+        has a parameter that requires grad now (covering those only: a parameter frozen
+        after the optimizer was built is left alone, as torch.optim leaves a parameter
+        without ``.grad``).
 
         Args:
             scale: multiplies every captured output-gradient (e.g. b, to turn the
@@ -274,12 +277,15 @@ class CaptureEngine:
         batch = None
         for layer in self.layers:
             calls = [c for c in self._calls[id(layer.module)] if c.grads]
-            if not calls:
+            params = trainable(layer)
+            if not calls or not params:
                 continue
             grads = [self._stack(c.grads) for c in calls]
             target = dtype or torch.promote_types(grads[0].dtype, torch.float32)
             grads = [g.to(target) * scale if scale != 1.0 else g.to(target) for g in grads]
             b = grads[0].shape[0]
+            if b == 0:
+                raise ValueError(f"empty batch: layer {layer.name} saw 0 samples")
             if batch is None:
                 batch = b
             elif b != batch:
@@ -287,7 +293,7 @@ class CaptureEngine:
                     f"layer {layer.name} saw a batch of {b} samples, an earlier layer {batch}: every "
                     "layer must see the same leading batch dimension"
                 )
-            out[layer.name] = layer.handler.factors(layer.module, layer.params, [c.saved for c in calls], grads)
+            out[layer.name] = layer.handler.factors(layer.module, params, [c.saved for c in calls], grads)
         return out
 
     @staticmethod
@@ -371,6 +377,12 @@ class CaptureEngine:
         self._handles.clear()
         self.clear()
         self.closed = True
+
+
+def trainable(layer: Layer) -> list[nn.Parameter]:
+    """The layer's parameters that require grad now (all of them unless some were frozen
+    after the optimizer was built)."""
+    return [p for p in layer.params if p.requires_grad]
 
 
 def _refuse_batchnorm_training(module: nn.Module, args: tuple) -> None:

@@ -24,6 +24,17 @@ import torch
 from torch import Tensor, nn
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether ``t`` has no NaN or inf, by one min/max reduction: ``isfinite(t).all()``
+    allocates ``t.abs()`` and boolean masks, several times the memory of a wide layer's
+    gradient."""
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
+
 class LayerFactors(ABC):
     """The factors of one layer's block of U for one step.
 
@@ -64,6 +75,14 @@ class LayerFactors(ABC):
     def _dtype_source(self) -> Tensor:
         """A tensor of the factors whose dtype is the compute dtype."""
 
+    def tensors(self) -> list[Tensor]:
+        """The tensors the factors are built from (default: U itself)."""
+        return [self.per_sample()]
+
+    def is_finite(self) -> bool:
+        """Whether every entry of U is finite (checked on :meth:`tensors`)."""
+        return all(all_finite(t) for t in self.tensors() if t.is_floating_point())
+
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params)
@@ -99,6 +118,9 @@ class ExplicitFactors(LayerFactors):
 
     def _dtype_source(self) -> Tensor:
         return self.rows
+
+    def tensors(self) -> list[Tensor]:
+        return [self.rows]
 
 
 def unflatten(flat: Tensor, params: Sequence[nn.Parameter]) -> list[Tensor]:

@@ -176,6 +176,9 @@ class SharedWeightFactors(LayerFactors):
     def _dtype_source(self) -> Tensor:
         return self.grads
 
+    def tensors(self) -> list[Tensor]:
+        return [self.inputs, self.grads]
+
     # -- the Gram ---------------------------------------------------------------------
     def gram(self) -> Tensor:
         if self.with_weight and self.positions > 1 and self.gram_strategy() == "explicit":
@@ -309,6 +312,9 @@ class EmbeddingFactors(LayerFactors):
 
     def _dtype_source(self) -> Tensor:
         return self.grads
+
+    def tensors(self) -> list[Tensor]:
+        return [self.grads]
 
     def gram(self) -> Tensor:
         if self.gram_strategy() == "explicit":

@@ -5,7 +5,10 @@ Convergence is measured by the relative residual ``||rhs - H x|| / ||rhs||`` (th
 criterion of Lemma B.1 in ``papers/002_*``: ``||A^T A x - y|| <= eps ||y||``). CG updates
 its residual recursively, which can drift from the true one; when the recursive residual
 reaches the tolerance, the true residual is recomputed and, if it is still too large, CG
-restarts from there (at most ``MAX_RESTARTS`` times).
+restarts from there (at most ``MAX_RESTARTS`` times). Out of iterations, it returns the
+iterate with the smallest true residual among the last one, the one of smallest
+recursive residual and x = 0: rounding (a float32 system with condition number beyond
+1/eps) can make later iterates diverge, and a step is never worse than no step.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def pcg(
 
     Returns:
         ``(x, info)``; ``info.converged`` is False if the budget ran out (x is then the
-        last iterate) and ``info.seconds["iterate"]`` the time spent.
+        best iterate, module doc) and ``info.seconds["iterate"]`` the time spent.
     """
     start = time.perf_counter()
     norm_rhs = float(torch.linalg.vector_norm(rhs))
@@ -57,6 +60,7 @@ def pcg(
     apply_m = precond if precond is not None else (lambda v: v)
     r = rhs.clone()
     restarts = 0
+    best_x, best = None, 1.0  # the iterate of smallest recursive residual (None: x = 0, residual 1)
     while True:
         z = apply_m(r)
         p = z
@@ -79,6 +83,8 @@ def pcg(
             info.iterations += 1
             relative = float(torch.linalg.vector_norm(r)) / norm_rhs
             info.residuals.append(relative)
+            if relative < best:
+                best_x, best = x, relative
         true_r = rhs - matvec(x)
         relative = float(torch.linalg.vector_norm(true_r)) / norm_rhs
         info.residuals[-1] = relative
@@ -88,7 +94,18 @@ def pcg(
         restarts += 1
     info.converged = relative <= tol
     if not info.converged:
-        info.fallback = f"{method} stopped at relative residual {relative:.2e} > tol {tol:.1e} after {info.iterations} iterations"
+        kept = "the last iterate"
+        if best_x is not None and best_x is not x:
+            candidate = float(torch.linalg.vector_norm(rhs - matvec(best_x))) / norm_rhs
+            if candidate < relative:
+                relative, kept, x = candidate, "the iterate of smallest recursive residual", best_x
+        if relative > 1.0:
+            relative, kept, x = 1.0, "x = 0", torch.zeros_like(rhs)
+        info.residuals[-1] = relative
+        info.fallback = (
+            f"{method} stopped at relative residual {relative:.2e} > tol {tol:.1e} after "
+            f"{info.iterations} iterations (returned {kept})"
+        )
     info.seconds["iterate"] = time.perf_counter() - start
     return x, info
 

@@ -43,8 +43,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gramopt import distributed as dp
 from gramopt.capture.engine import CaptureEngine
+from gramopt.capture.factors import all_finite
 from gramopt.errors import CaptureError, NonFiniteError
 from gramopt.linalg.dense import SolveInfo
+from gramopt.losses import GaussNewtonLoss
 
 _EXTRA_KEY = "gramopt"
 
@@ -58,16 +60,6 @@ class StepInfo:
     loss: float | None = None
     solve: SolveInfo | None = None
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def all_finite(t: Tensor) -> bool:
-    """Whether ``t`` has no NaN or inf, by one min/max reduction: ``isfinite(t).all()``
-    allocates ``t.abs()`` and boolean masks, several times the memory of a wide layer's
-    gradient."""
-    if t.numel() == 0:
-        return True
-    low, high = torch.aminmax(t)
-    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def check_hyper(name: str, value: Any, *, low: float = 0.0, inclusive: bool = True) -> None:
@@ -99,6 +91,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
     #: Whose ``.grad`` the step reads: ``"plain"`` (the parameters left to the plain
     #: gradient) or ``"all"`` (SENG's g); synchronized first under ``"exact"``.
     reads_gradients: ClassVar[str] = "plain"
+    loss: GaussNewtonLoss  # the loss backward(output, target) computes, set by each method
 
     def __init__(
         self,
@@ -130,15 +123,8 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, defaults)
-        owned = {id(p) for p in model.parameters()}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) not in owned:
-                    raise ValueError("every parameter given to the optimizer must belong to the model")
-                if p.is_complex():
-                    raise ValueError("complex parameters are not supported")
-                if p.is_sparse:
-                    raise ValueError("sparse parameters are not supported")
+        self._names = {id(p): name for name, p in model.named_parameters()}
+        _check_params(self._names, [p for g in self.param_groups for p in g["params"]])
         self.model = model
         self.engine = CaptureEngine(
             model, [p for g in self.param_groups for p in g["params"]], unsupported, layer_filter
@@ -226,15 +212,36 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
 
     # -- validation ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "engine"):
+            raise ValueError(
+                f"{type(self).__name__} hooks the layers of its parameters when it is built: pass every "
+                "param group to the constructor (parameters to train later may be frozen until then)"
+            )
         super().add_param_group(param_group)
-        self._validate_group(self.param_groups[-1])
+        group = self.param_groups[-1]
+        # A zero lr given by hand is a mistake; one set by a scheduler (a warmup from 0, a
+        # cosine down to 0) is not, and a state_dict saved then loads (_validate_group).
+        check_hyper("lr", group["lr"], inclusive=False)
+        self._validate_group(group)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_hyper("lr", group["lr"], inclusive=False)
+        check_hyper("lr", group["lr"])
         check_hyper("momentum", group["momentum"])
         if group["momentum"] >= 1:
             raise ValueError(f"momentum must be < 1, got {group['momentum']!r}")
         check_hyper("weight_decay", group["weight_decay"])
+
+    # -- input ---------------------------------------------------------------------------
+    def _check_batch(self, output: Tensor, target: Tensor) -> None:
+        """What ``backward(output, target)`` checks first, for every method: two tensors on
+        one device, a target that fits the output under ``self.loss``, at least one sample."""
+        if not isinstance(output, Tensor) or not isinstance(target, Tensor):
+            raise TypeError("backward(output, target) takes two tensors")
+        if target.device != output.device:
+            raise ValueError(f"target is on {target.device}, output on {output.device}")
+        self.loss.check(output, target)
+        if output.shape[0] == 0:
+            raise ValueError("empty batch: the output has 0 samples")
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
@@ -274,12 +281,19 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 work.append((group, params, ds))
         # One multi-tensor 2-norm finds any NaN or inf (an overflowing norm of finite
         # entries is then told apart by the exact per-tensor check).
-        checked = [d for _, _, ds in work for d in ds if d.numel()]
-        if checked and not all(math.isfinite(float(norm)) for norm in torch._foreach_norm(checked)):
-            bad = [tuple(d.shape) for d in checked if not all_finite(d)]
+        for _, params, ds in work:
+            for p, d in zip(params, ds):
+                if d.is_sparse:
+                    raise ValueError(
+                        f"parameter {self._name(p)} has a sparse gradient (e.g. Embedding(sparse=True)): "
+                        "sparse gradients are not supported; nothing was changed"
+                    )
+        checked = [(p, d) for _, params, ds in work for p, d in zip(params, ds) if d.numel()]
+        if checked and not all(math.isfinite(float(n)) for n in torch._foreach_norm([d for _, d in checked])):
+            bad = [p for p, d in checked if not all_finite(d)]
             if bad:
                 raise NonFiniteError(
-                    f"the step direction of a parameter of shape {bad[0]} has NaN or inf; nothing was changed"
+                    f"the step direction of parameter {self._name(bad[0])} has NaN or inf; nothing was changed"
                 )
         for group, params, ds in work:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
@@ -302,6 +316,9 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 ds = buffers
             torch._foreach_add_(params, ds, alpha=-lr)
         self.extra_state["step"] += 1
+
+    def _name(self, p: Tensor) -> str:
+        return f"{self._names.get(id(p), '?')} (shape {tuple(p.shape)})"
 
     def _timed(self, seconds: dict[str, float], phase: str, start: float) -> float:
         now = time.perf_counter()
@@ -329,6 +346,30 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
     @property
     def steps_taken(self) -> int:
         return int(self.extra_state["step"])
+
+
+def _check_params(names: dict[int, str], params: list[Tensor]) -> None:
+    """ValueError unless every parameter belongs to the model (``names``: id -> name) and
+    all are real, dense and floating point, of one dtype on one device (the sample-space
+    systems couple the layers)."""
+    kinds: dict[tuple[torch.dtype, torch.device], str] = {}
+    for p in params:
+        if id(p) not in names:
+            raise ValueError("every parameter given to the optimizer must belong to the model")
+        name = names[id(p)]
+        if p.is_complex():
+            raise ValueError(f"complex parameters are not supported ({name} is {p.dtype})")
+        if p.is_sparse:
+            raise ValueError(f"sparse parameters are not supported ({name})")
+        if not p.is_floating_point():
+            raise ValueError(f"parameters must be floating point ({name} is {p.dtype})")
+        kinds.setdefault((p.dtype, p.device), name)
+    if len(kinds) > 1:
+        found = ", ".join(f"{name}: {dtype} on {device}" for (dtype, device), name in kinds.items())
+        raise ValueError(
+            f"all parameters must have one dtype and one device, got {found}: "
+            "convert the model with model.to(dtype, device) before building the optimizer"
+        )
 
 
 def _clone_tree(tree: Any) -> Any:

@@ -203,13 +203,7 @@ class FNGD(SampleSpaceOptimizer):
         self._require_open()
         start = time.perf_counter()
         try:
-            if not isinstance(output, Tensor) or not isinstance(target, Tensor):
-                raise TypeError("backward(output, target) takes two tensors")
-            if target.device != output.device:
-                raise ValueError(f"target is on {target.device}, output on {output.device}")
-            self.loss.check(output, target)
-            if output.shape[0] == 0:
-                raise ValueError("empty batch: the output has 0 samples")
+            self._check_batch(output, target)
             value = self.loss.value(output, target)
             loss = float(value.detach())
             if not math.isfinite(loss):

@@ -32,12 +32,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gramopt.capture.engine import Layer
+from gramopt.capture.engine import Layer, trainable
 from gramopt.capture.handlers import ConvHandler, LinearHandler
 from gramopt.errors import CaptureError, NonFiniteError
 from gramopt.linalg.dense import SolveInfo
@@ -176,13 +177,7 @@ class SENG(SampleSpaceOptimizer):
         factors); returns the loss (detached). Non-finite loss: NonFiniteError, nothing
         changed."""
         self._require_open()
-        if not isinstance(output, Tensor) or not isinstance(target, Tensor):
-            raise TypeError("backward(output, target) takes two tensors")
-        if target.device != output.device:
-            raise ValueError(f"target is on {target.device}, output on {output.device}")
-        self.loss.check(output, target)
-        if output.shape[0] == 0:
-            raise ValueError("empty batch: the output has 0 samples")
+        self._check_batch(output, target)
         with torch.enable_grad():
             value = self.loss.value(output, target)
         if not torch.isfinite(value):
@@ -228,25 +223,30 @@ class SENG(SampleSpaceOptimizer):
         seconds: dict[str, float] = {}
         start = time.perf_counter()
         damping_of, per_group = self._layer_dampings(step)
-        layers = {layer.name: layer for layer in self.engine.layers}
+        layers: dict[str, Layer] = {}
         grads: dict[str, list[Tensor]] = {}
+        covered: dict[str, list[bool]] = {}  # which of the layer's parameters require grad
         for layer in self.engine.layers:
-            present = [p.grad for p in layer.params]
+            params = trainable(layer)  # a parameter frozen after construction is left alone
+            present = [p.grad for p in params]
             if all(g is None for g in present):
                 continue
+            layers[layer.name] = replace(layer, params=params)
+            covered[layer.name] = [p.requires_grad for p in layer.params]
             # NaN/inf in g surfaces in U g (or, sketched, in the direction): both are refused
-            grads[layer.name] = [torch.zeros_like(p) if g is None else g for p, g in zip(layer.params, present)]
+            grads[layer.name] = [torch.zeros_like(p) if g is None else g for p, g in zip(params, present)]
         plain = [p for p in self.engine.plain_params if p.grad is not None]
         if not grads and not plain:
             raise CaptureError(
                 "SENG.step() found no gradient: call loss.backward() (mean loss) or opt.backward(model(x), y) first"
             )
         cache = dict(self.extra_state["curvature"])
-        stale = [name for name in grads if name not in cache]
+        # a cache built for another set of trainable parameters is stale
+        stale = [name for name in grads if cache.get(name, {}).get("covered") != covered[name]]
         if step % self.curvature_every == 0:
             stale = list(grads)
         if stale:
-            self._refresh(cache, stale)
+            self._refresh(cache, stale, covered)
             start = self._timed(seconds, "curvature", start)
         generator = None
         if self.sketch is not None:
@@ -255,6 +255,7 @@ class SENG(SampleSpaceOptimizer):
         directions: dict[Tensor, Tensor] = {}
         methods: dict[str, None] = {}
         fallbacks: list[str] = []
+        jitter = 0.0
         for name, layer_grads in grads.items():
             layer = layers[name]
             lams = {damping_of[id(p)] for p in layer.params}
@@ -265,13 +266,16 @@ class SENG(SampleSpaceOptimizer):
             rows = self._sketch_rows(layer, curvature)
             sampling = self.sketch.sampling if self.sketch is not None else "uniform"
             beta, info = curvature.coefficients(layer_grads, lam, rows, sampling, generator)
-            cache[name] = curvature.state()  # with the Cholesky factor it may have kept
+            cache[name] = {**curvature.state(), "covered": covered[name]}  # with the Cholesky factor it kept
             methods[info.method] = None
             if info.fallback:
                 fallbacks.append(info.fallback)
+            jitter = max(jitter, info.jitter)
+            # a fallback's jitter j raised b lam to b lam + j: Eq. 9 holds with that lam
+            shift = lam + info.jitter / curvature.batch
             start = self._timed(seconds, "solve", start)
             for p, g, t in zip(curvature.params, layer_grads, curvature.combine(beta)):
-                directions[p] = t.neg_().add_(g.to(t.dtype)).div_(lam)  # (g - U^T beta) / lam
+                directions[p] = t.neg_().add_(g.to(t.dtype)).div_(shift)  # (g - U^T beta) / lam
             start = self._timed(seconds, "direction", start)
         for p in plain:
             directions[p] = p.grad
@@ -284,11 +288,12 @@ class SENG(SampleSpaceOptimizer):
         if self.damping_schedule is not None:
             for group, lam in zip(self.param_groups, per_group):
                 group["damping"] = lam
-        solve = SolveInfo(", ".join(methods) or "none", fallback="; ".join(fallbacks) or None)
+        solve = SolveInfo(", ".join(methods) or "none", jitter=jitter, fallback="; ".join(fallbacks) or None)
         self.last_info = StepInfo(self.steps_taken, self._loss_value, solve, seconds)
 
-    def _refresh(self, cache: dict[str, Any], names: list[str]) -> None:
-        """Rebuild the curvature of ``names`` from this step's per-sample gradients."""
+    def _refresh(self, cache: dict[str, Any], names: list[str], covered: dict[str, list[bool]]) -> None:
+        """Rebuild the curvature of ``names`` from this step's per-sample gradients (of
+        the parameters that require grad now)."""
         self._gather_batch()  # distributed="exact": the global batch's
         b = self.engine.batch_size()
         if b is None:
@@ -310,7 +315,7 @@ class SENG(SampleSpaceOptimizer):
             else:
                 sketched = sketch is not None and sketch.size is not None
                 built = ExplicitCurvature.build(name, factors[name], sketched, leverage)
-            cache[name] = built.state()
+            cache[name] = {**built.state(), "covered": covered[name]}
 
     def _curvature(self, layer: Layer, state: dict[str, Any]) -> ExplicitCurvature | ImplicitCurvature:
         if state["kind"] == "implicit":
@@ -335,7 +340,7 @@ class SENG(SampleSpaceOptimizer):
 
     # -- state ---------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        extra = state_dict.get("gramopt", {})
+        extra = state_dict.get("gramopt", {"sketch_rng": None})  # (no entry: the base class says so)
         if self.sketch is not None and "sketch_rng" not in extra:
             raise ValueError("this state_dict has no sketch generator state: it was saved by a SENG without sketch")
         super().load_state_dict(state_dict)

@@ -25,8 +25,10 @@ from torch import Tensor, nn
 
 from gramopt.capture.engine import Layer
 from gramopt.capture.shared_weight import SharedWeightFactors, shared_weight_gram
+from gramopt.errors import NonFiniteError
 from gramopt.linalg.dense import SolveInfo, solve_damped_psd
 from gramopt.linalg.sketches import KroneckerSketch, RowSampleSketch
+from gramopt.capture.factors import all_finite
 from gramopt.optim.seng_solve import kept_factor, solve_shifted, with_solve_state
 
 
@@ -186,7 +188,10 @@ class ImplicitCurvature:
     def build(
         cls, name: str, factors: SharedWeightFactors, rank: int | None, sketched: bool, leverage: bool, exact: bool
     ) -> "ImplicitCurvature":
-        g, a = truncate(*layer_factors(factors), rank)
+        g, a = layer_factors(factors)
+        if not (all_finite(g) and all_finite(a)):
+            raise NonFiniteError(f"the per-sample gradients of layer {name} have NaN or inf entries; nothing was changed")
+        g, a = truncate(g, a, rank)
         gram = None if sketched else factor_gram(a, g)  # Eq. 20
         weights = (g.pow(2).sum(dim=(0, 1)), a.pow(2).sum(dim=(0, 1))) if sketched and leverage else None
         return cls(name, factors.params, factors.weight_shape, g, a, gram, weights, exact)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from gramopt.errors import NonFiniteError
-from gramopt.linalg.dense import SolveInfo, solve_damped_psd
+from gramopt.linalg.dense import SolveInfo, numerically_singular, solve_damped_psd
 
 
 def solve_shifted(
@@ -19,9 +19,10 @@ def solve_shifted(
 
     ``cached`` is ``(L, shift')`` from an earlier step with the same gram: reused when
     ``shift' == shift`` (one triangular solve pair), so steps between curvature refreshes
-    with a constant damping cost no factorization. A failed factorization goes to
-    :func:`~gramopt.linalg.solve_damped_psd`'s fallbacks (jitter, eigen-solve) and is
-    not kept.
+    with a constant damping cost no factorization. A failed factorization, or one of a
+    system singular to working precision (:func:`~gramopt.linalg.dense.numerically_singular`),
+    goes to :func:`~gramopt.linalg.solve_damped_psd`'s fallbacks (jitter, eigen-solve)
+    and is not kept.
     """
     if not torch.isfinite(rhs).all():
         raise NonFiniteError(
@@ -33,7 +34,7 @@ def solve_shifted(
         raise NonFiniteError(f"the {what} has NaN or inf entries; nothing was changed")
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     chol, failed = torch.linalg.cholesky_ex(gram + shift * eye)
-    if not failed:
+    if not failed and numerically_singular(gram, chol, shift) is None:
         return torch.cholesky_solve(rhs.unsqueeze(1), chol).squeeze(1), SolveInfo("cholesky"), (chol, shift)
     beta, info = solve_damped_psd(gram, rhs, shift, what=what)
     return beta, info, None

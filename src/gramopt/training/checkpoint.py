@@ -22,6 +22,13 @@ class CheckpointError(GramoptError, RuntimeError):
     """A checkpoint that is missing, truncated or not gramopt's."""
 
 
+#: What a training checkpoint holds: the model's ``state_dict()``, the optimizer's (with
+#: its curvature state), the run's config, the data order position (epoch, step in epoch,
+#: global step), the clock, the evaluations so far and the torch, numpy and python RNG
+#: states; also the scheduler's state ("scheduler", None without a schedule).
+REQUIRED = ("model", "optimizer", "config", "epoch", "step_in_epoch", "global_step", "seconds", "epochs", "diverged", "rng")
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -45,8 +52,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for damaged files
         raise CheckpointError(f"{path} is truncated or corrupt and cannot be loaded ({type(err).__name__}: {err})") from err
-    if not isinstance(payload, dict) or "model" not in payload or "optimizer" not in payload:
-        raise CheckpointError(f"{path} is not a gramopt training checkpoint")
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} is not a gramopt training checkpoint (it holds a {type(payload).__name__})")
+    missing = [key for key in REQUIRED if key not in payload]
+    if missing:
+        raise CheckpointError(f"{path} is not a gramopt training checkpoint (no {', '.join(missing)})")
     return payload
 
 

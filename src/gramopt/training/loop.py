@@ -44,6 +44,7 @@ from gramopt.training.optimizers import (
     with_epoch_defaults,
 )
 from gramopt.training.parallel import DataParallelRun, check_distributed
+from gramopt.training.schedules import build_scheduler, check_schedule
 
 
 @dataclass
@@ -68,6 +69,7 @@ class TrainConfig:
     # Under torchrun with several processes: "exact" (default) or "local", the policy of
     # gramopt's methods (gramopt.distributed); None in a single process.
     distributed: str | None = None
+    schedule: str = "constant"  # learning-rate schedule over the run's steps (gramopt.training.schedules)
 
     def resolved(self, task: Task) -> "TrainConfig":
         spec = get_optimizer_spec(self.optimizer)
@@ -89,6 +91,7 @@ class TrainConfig:
             raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
         if self.eval_every_steps < 0 or self.eval_every_seconds < 0 or self.eval_samples < 0:
             raise ValueError("eval_every_steps, eval_every_seconds and eval_samples must be >= 0")
+        check_schedule(self.schedule)
         out = self.out or f"runs/{self.task}-{self.optimizer}-seed{self.seed}"
         check_distributed(self.distributed)
         distributed = None if world_size() == 1 else self.distributed or "exact"
@@ -198,6 +201,9 @@ class Trainer:
         self.optimizer = build_optimizer(
             self.config.optimizer, self.model, self.task.loss, dict(self.config.hyper), self.config.distributed
         )
+        self.scheduler = build_scheduler(
+            self.config.schedule, self.optimizer, self.config.epochs * steps_per_epoch, steps_per_epoch
+        )
         # what the forward pass runs: DistributedDataParallel around the model for torch's optimizers
         self.forward_model = self.model if self.run_part is None else self.run_part.model_for(self.model, self.optimizer)
         self.epochs: list[dict[str, float]] = []
@@ -225,6 +231,7 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "optimizer_ranks": rank_states,  # --distributed local: each rank's own state
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
                 "config": asdict(self.config),
                 "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch,
@@ -232,6 +239,7 @@ class Trainer:
                 "seconds": self.seconds,
                 "epochs": self.epochs,
                 "diverged": self.diverged,
+                "diverged_reason": self.diverged_reason,
                 "rng": rng_state(),
             },
         )
@@ -264,12 +272,17 @@ class Trainer:
             )
         else:
             trainer.optimizer.load_state_dict(payload["optimizer"])
+        if trainer.scheduler is not None:
+            if payload.get("scheduler") is None:
+                raise CheckpointError(f"{out}/checkpoint.pt has no state of its {config.schedule} schedule")
+            trainer.scheduler.load_state_dict(payload["scheduler"])
         trainer.epoch = payload["epoch"]
         trainer.step_in_epoch = payload["step_in_epoch"]
         trainer.global_step = payload["global_step"]
         trainer.seconds = payload["seconds"]
         trainer.epochs = list(payload["epochs"])
         trainer.diverged = payload["diverged"]
+        trainer.diverged_reason = payload.get("diverged_reason", "")
         set_rng_state(payload["rng"])
         return trainer
 
@@ -377,6 +390,8 @@ class Trainer:
         start = time.perf_counter()
         try:
             loss = float(self.step_on(idx))
+            if self.scheduler is not None:
+                self.scheduler.step()
         except DIVERGENCE_ERRORS as err:
             loss, self.diverged_reason = math.nan, f"{type(err).__name__} at step {self.global_step}: {err}"
         elapsed = time.perf_counter() - start

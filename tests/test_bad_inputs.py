@@ -1,0 +1,401 @@
+"""Bad input, for every method where it applies: a clear error (the message names the
+problem, the layer or the parameter) and nothing changed (parameters, optimizer state,
+param groups). Cases from optim_cases.py."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gramopt
+from optim_cases import CASES, REPRESENTATIVE, OptimizerCase, assert_same_params, snapshot
+
+representative = pytest.mark.parametrize("case", REPRESENTATIVE, ids=[c.id for c in REPRESENTATIVE])
+
+
+def _unchanged(model: nn.Module, opt, before: tuple[list[torch.Tensor], dict]) -> None:
+    params, state = before
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), params))
+    now = opt.state_dict()
+    assert now["param_groups"] == state["param_groups"]
+    assert now["gramopt"]["step"] == state["gramopt"]["step"]
+    assert now["state"].keys() == state["state"].keys()
+
+
+def _before(model: nn.Module, opt) -> tuple[list[torch.Tensor], dict]:
+    return snapshot(model), copy.deepcopy(opt.state_dict())
+
+
+# -- hyper-parameters ------------------------------------------------------------------------
+COMMON_BAD = [
+    ("lr", 0.0, "lr must be > 0"),
+    ("lr", -1.0, "lr must be > 0"),
+    ("lr", math.nan, "lr must be a finite number"),
+    ("lr", math.inf, "lr must be a finite number"),
+    ("lr", "0.1", "lr must be a finite number"),
+    ("lr", True, "lr must be a finite number"),
+    ("momentum", 1.0, "momentum must be < 1"),
+    ("momentum", -0.1, "momentum must be >= 0"),
+    ("weight_decay", -1e-3, "weight_decay must be >= 0"),
+    ("weight_decay", math.nan, "weight_decay must be a finite number"),
+    ("damping", -1.0, "damping must be"),
+    ("damping", math.inf, "damping must be a finite number"),
+    ("loss", "hinge", "unknown loss 'hinge'"),
+]
+METHOD_BAD = {
+    gramopt.GGN: [
+        ({"solver": "magic"}, "unknown solver 'magic'"),
+        ({"solver": "cg", "solver_options": {"tol": 2.0}}, "tol must be"),
+        ({"solver_options": {"rank": 3}}, "takes no option"),
+        ({"loss": "cross_entropy", "damping": 0.0}, "damping must be > 0 with loss='cross_entropy'"),
+    ],
+    gramopt.SENG: [
+        ({"damping": 0.0}, "damping must be > 0"),
+        ({"curvature_every": 0}, "curvature_every must be an int >= 1"),
+        ({"sketch": 0.5}, "sketch must be a gramopt.SketchConfig"),
+        ({"sketch": gramopt.SketchConfig(size=10_000)}, "larger than layer"),
+    ],
+    gramopt.FNGD: [
+        ({"damping": 0.0}, "damping must be > 0"),
+        ({"coefficient_steps": 0}, "coefficient_steps must be None"),
+    ],
+}
+HYPER = [(case, {name: value}, match) for case in REPRESENTATIVE for name, value, match in COMMON_BAD]
+HYPER += [(case, kwargs, match) for case in REPRESENTATIVE for kwargs, match in METHOD_BAD[case.cls]]
+
+
+@pytest.mark.parametrize("case, kwargs, match", HYPER, ids=[f"{c.id}-{k!r}" for c, k, _ in HYPER])
+def test_invalid_hyper_parameters(case, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        case.make(case.build_model(), **kwargs)
+
+
+GROUP_BAD = [("lr", -1.0, "lr must be"), ("momentum", 1.5, "momentum must be < 1"), ("damping", -1.0, "damping must be")]
+
+
+@representative
+@pytest.mark.parametrize("name, value, match", GROUP_BAD)
+def test_invalid_param_group_in_a_state_dict(case, name, value, match):
+    """load_state_dict validates every group before changing anything."""
+    model = case.build_model()
+    opt = case.make(model)
+    x, y = case.batches(1)[0]
+    case.step(opt, model, x, y)
+    before = _before(model, opt)
+    state = copy.deepcopy(opt.state_dict())
+    state["param_groups"][0][name] = value
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state)
+    _unchanged(model, opt, before)
+    with pytest.raises(ValueError, match="no 'gramopt' entry"):
+        opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
+    _unchanged(model, opt, before)
+
+
+@representative
+def test_add_param_group_after_construction_is_refused(case):
+    """The hooks are placed at construction: a group added later would silently never be
+    preconditioned, so it is refused (freeze such parameters instead, they train once
+    unfrozen)."""
+    model = nn.Sequential(case.build_model(), nn.Linear(case.outputs, case.outputs))
+    later = list(model[1].parameters())
+    opt = case.make(model, params=list(model[0].parameters()))
+    groups = len(opt.param_groups)
+    with pytest.raises(ValueError, match="pass every param group to the constructor"):
+        opt.add_param_group({"params": later})
+    assert len(opt.param_groups) == groups
+
+
+# -- non-finite values ---------------------------------------------------------------------
+MLP_CASES = [case for case in CASES if case.model in ("mlp", "wide")]
+
+
+@pytest.mark.parametrize("case", MLP_CASES, ids=[c.id for c in MLP_CASES])
+def test_non_finite_gram_names_the_layer(case):
+    """An inf input saturates tanh, so the loss stays finite but the first layer's
+    per-sample gradients are not: the error names layer 0 (or its parameter, in FNGD's
+    sharing phase, where no Gram is built), after three steps (FNGD then shares)."""
+    model = case.build_model()
+    opt = case.make(model)
+    data = case.batches(4)
+    for x, y in data[:3]:
+        case.step(opt, model, x, y)
+    x, y = data[3]
+    x = x.clone()
+    x[0, 0] = math.inf
+    before = _before(model, opt)
+    with pytest.raises(gramopt.NonFiniteError, match=r"layer 0\b|parameter 0\.weight"):
+        case.step(opt, model, x, y)
+    _unchanged(model, opt, before)
+
+
+@representative
+@pytest.mark.parametrize("what", ["target", "output"])
+def test_non_finite_loss_target_or_output(case, what):
+    model = case.build_model()
+    opt = case.make(model)
+    x, y = case.batches(1)[0]
+    if what == "target" and case.loss == "mse":
+        y = y.clone()
+        y[0, 0] = math.nan
+    else:
+        x = x.clone()
+        x.view(x.shape[0], -1)[0, 0] = math.nan
+    before = _before(model, opt)
+    with pytest.raises(gramopt.NonFiniteError, match="NaN or inf|loss is nan"):
+        case.step(opt, model, x, y)
+    _unchanged(model, opt, before)
+
+
+GGN_MSE = [case for case in CASES if case.cls is gramopt.GGN and case.loss == "mse"]
+
+
+@pytest.mark.parametrize("case", GGN_MSE, ids=[c.id for c in GGN_MSE])
+def test_singular_system_with_zero_damping(case):
+    """More samples than parameters (J J^T singular) at damping 0: the direct solvers
+    raise SingularSystemError; CG and Nystrom-PCG cannot tell a singular system from a
+    slow one, report non-convergence (warning, last_info) and return their best iterate,
+    never worse than no step."""
+    model = nn.Linear(2, 2)
+    opt = case.make(model, damping=0.0)
+    x, y = torch.randn(8, 2), torch.randn(8, 2)
+    before = _before(model, opt)
+    opt.backward(model(x), y)
+    if case.kwargs.get("solver") in ("cg", "nystrom-pcg"):
+        with pytest.warns(gramopt.NumericalWarning, match="stopped at relative residual"):
+            opt.step()
+        assert not opt.last_info.solve.converged and opt.last_info.solve.residuals[-1] <= 1.0
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        return
+    with pytest.raises(gramopt.SingularSystemError, match="use damping > 0"):
+        opt.step()
+    _unchanged(model, opt, before)
+
+
+# -- modules ---------------------------------------------------------------------------------
+class Scale(nn.Module):
+    """A trainable module without a gramopt handler."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(k))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.s
+
+
+@representative
+def test_unsupported_trainable_modules(case):
+    """GGN and SENG refuse a trainable module without a handler, naming it (FNGD by
+    design preconditions Linear/Conv layers only and gives the others the gradient);
+    unsupported='gradient' trains it with the plain gradient. A grouped convolution
+    is refused by all three."""
+    model = nn.Sequential(case.build_model(), Scale(case.outputs))
+    if case.cls is gramopt.FNGD:
+        case.make(model)
+    else:
+        with pytest.raises(gramopt.UnsupportedModuleError, match=r"1 \(Scale\) has no gramopt handler"):
+            case.make(model)
+    opt = case.make(model, unsupported="gradient")
+    x, y = case.batches(1)[0]
+    before = model[1].s.detach().clone()
+    case.step(opt, model, x, y)
+    assert not torch.equal(model[1].s, before)
+    grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(2, case.outputs))
+    with pytest.raises(gramopt.UnsupportedModuleError, match="groups=2"):
+        case.make(grouped)
+
+
+@representative
+def test_batchnorm_in_training_mode(case):
+    def net():
+        return nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, case.outputs))
+
+    with pytest.raises(gramopt.UnsupportedModuleError, match=r"1 \(BatchNorm1d\) is in training mode"):
+        case.make(net())
+    model = net()
+    model[1].eval()
+    model[1].requires_grad_(False)
+    opt = case.make(model)
+    model.train()
+    before = _before(model, opt)
+    with pytest.raises(gramopt.UnsupportedModuleError, match="eval mode"):
+        model(torch.randn(4, 5))
+    _unchanged(model, opt, before)
+
+
+# -- batches ---------------------------------------------------------------------------------
+UNIFORM = [case for case in REPRESENTATIVE if case.loop == "uniform"]
+
+
+def _bad_targets(case: OptimizerCase, b: int):
+    if case.loss == "mse":
+        yield torch.randn(b), r"target shape \(%d,\) does not match output shape \(%d, 2\)" % (b, b)
+        yield torch.randn(b, 3), "does not match output shape"
+        yield torch.randn(b, 2, dtype=torch.float64), "target of the output's dtype torch.float32"
+    else:
+        yield torch.randn(b), "integer class targets"
+        yield torch.randint(0, 3, (b, 1)), "integer class targets"
+        yield torch.randint(0, 3, (b,), dtype=torch.int32), r"torch.long"
+        yield torch.tensor([0, 1, 2, 3, 0, 1][:b]), r"must lie in \[0, 2\]"
+
+
+TARGETS = [(case, i) for case in UNIFORM for i in range(len(list(_bad_targets(case, 6))))]
+
+
+@pytest.mark.parametrize("case, index", TARGETS, ids=[f"{c.id}-{i}" for c, i in TARGETS])
+def test_target_mismatch(case, index):
+    model = case.build_model()
+    opt = case.make(model)
+    x, _ = case.batches(1)[0]
+    target, match = list(_bad_targets(case, x.shape[0]))[index]
+    before = _before(model, opt)
+    with pytest.raises(ValueError, match=match):
+        opt.backward(model(x), target)
+    _unchanged(model, opt, before)
+
+
+@representative
+def test_empty_batch(case):
+    model = case.build_model()
+    opt = case.make(model)
+    x, y = case.batches(1)[0]
+    before = _before(model, opt)
+    with pytest.raises(ValueError, match="empty batch"):
+        case.step(opt, model, x[:0], y[:0])
+    _unchanged(model, opt, before)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_batch_of_one_sample(case):
+    model = case.build_model()
+    opt = case.make(model)
+    before = snapshot(model)
+    for x, y in case.batches(3):
+        case.step(opt, model, x[:1], y[:1])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@representative
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(case, dtype, monkeypatch):
+    """A half-precision model keeps its dtype; its Grams are factored in float32 and the
+    step is close to that of a float32 run from the same (rounded) parameters. (A step
+    100 times the usual one: the rounding of the updated bfloat16 parameters, 2^-8
+    relative, would otherwise be as large as the step itself.)"""
+    model = case.build_model().to(dtype)
+    reference = copy.deepcopy(model).float()
+    factored = []
+    cholesky = torch.linalg.cholesky_ex
+
+    def spy(matrix, *args, **kwargs):
+        factored.append(matrix.dtype)
+        return cholesky(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", spy)
+    x, y = case.batches(1)[0]
+    steps = []
+    for m, xx, yy in ((reference, x, y), (model, x.to(dtype) if x.is_floating_point() else x, y.to(dtype) if y.is_floating_point() else y)):
+        before = torch.cat([p.detach().float().reshape(-1) for p in m.parameters()])
+        opt = case.make(m, lr=100 * case.kwargs["lr"])
+        factored.clear()
+        case.step(opt, m, xx, yy)
+        steps.append(torch.cat([p.detach().float().reshape(-1) for p in m.parameters()]) - before)
+    assert factored and set(factored) == {torch.float32}
+    assert all(p.dtype == dtype for p in model.parameters())
+    error = float((steps[1] - steps[0]).norm() / steps[0].norm())
+    assert error < 0.05, error
+
+
+# -- devices and dtypes ------------------------------------------------------------------------
+@representative
+def test_parameters_of_several_dtypes_or_devices(case):
+    model = case.build_model()
+    last = list(model.modules())[-1]
+    last.double()
+    with pytest.raises(ValueError, match="one dtype and one device.*float32.*float64"):
+        case.make(model)
+    model = case.build_model()
+    list(model.modules())[-1].to("meta")
+    with pytest.raises(ValueError, match="one dtype and one device.*on meta"):
+        case.make(model)
+
+
+@representative
+def test_target_on_another_device(case):
+    model = case.build_model()
+    opt = case.make(model)
+    x, y = case.batches(1)[0]
+    before = _before(model, opt)
+    with pytest.raises(ValueError, match="target is on meta, output on cpu"):
+        opt.backward(model(x), y.to("meta"))
+    _unchanged(model, opt, before)
+
+
+@representative
+def test_input_of_another_dtype(case):
+    """torch's forward refuses it (before any hook runs): nothing captured, and the next
+    step is that of a twin that never saw it."""
+    model = case.build_model()
+    twin = copy.deepcopy(model)
+    opt, other = case.make(model), case.make(twin)
+    x, y = case.batches(1)[0]
+    x = x.double()
+    match = "dtype|type \\(double\\)"
+    with pytest.raises(RuntimeError, match=match):
+        case.step(opt, model, x, y)
+    x, y = case.batches(1)[0]
+    case.step(opt, model, x, y)
+    case.step(other, twin, x, y)
+    assert_same_params(model, twin)
+
+
+class SparseNet(nn.Module):
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 3, sparse=True)
+        self.head = nn.Linear(3, k)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens).mean(dim=1))
+
+
+@representative
+def test_sparse_gradients(case):
+    """Embedding(sparse=True): refused when hooked (GGN, SENG); a sparse gradient on the
+    plain-gradient path (FNGD, or unsupported='gradient') is refused at step by name."""
+    tokens = torch.randint(0, 7, (4, 3))
+    y = torch.randn(4, 2) if case.loss == "mse" else torch.randint(0, 3, (4,))
+    loss = F.mse_loss if case.loss == "mse" else F.cross_entropy
+    options = [{"unsupported": "gradient"}]
+    if case.cls is gramopt.FNGD:
+        options.append({})
+    else:
+        with pytest.raises(gramopt.UnsupportedModuleError, match="sparse gradients are not supported"):
+            case.make(SparseNet(case.outputs))
+    for extra in options:
+        model = SparseNet(case.outputs)
+        opt = case.make(model, **extra)
+        before = _before(model, opt)
+        opt.zero_grad()
+        if case.loop == "uniform":
+            opt.backward(model(tokens), y)
+        else:
+            loss(model(tokens), y).backward()
+        with pytest.raises(ValueError, match="embed.weight .* sparse gradient"):
+            opt.step()
+        _unchanged(model, opt, before)
+
+
+@representative
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
+def test_complex_parameters(case):
+    model = nn.Linear(3, case.outputs).to(torch.complex64)
+    with pytest.raises(ValueError, match="complex parameters are not supported"):
+        case.make(model)
