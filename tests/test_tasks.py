@@ -51,3 +51,20 @@ def test_unknown_task_lists_names():
 
 def test_registry_lists_every_task():
     assert set(OFFLINE) <= set(TASKS)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("gramopt.training", fromlist=["OPTIMIZERS"]).OPTIMIZERS))
+def test_every_registered_optimizer_builds_and_steps_with_its_defaults(name):
+    """Each registry entry (gramopt's methods, torch's, the installed peers) builds from
+    its defaults and the task's settings and takes finite steps: what `gramopt compare`
+    relies on."""
+    from gramopt.training import OPTIMIZERS, with_epoch_defaults
+
+    task = get_task("teacher")
+    split = task.load(0)
+    model = task.build_model(0)
+    hyper = with_epoch_defaults(name, dict(task.hyper.get(name, {})), 4)
+    opt = build_optimizer(name, model, task.loss, hyper)
+    assert OPTIMIZERS[name].source in ("gramopt", "torch", "pytorch-optimizer", "heavyball")
+    losses = [float(training_step(opt, model, task.loss, split.train_x[:64], split.train_y[:64])) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))

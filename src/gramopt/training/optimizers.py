@@ -8,7 +8,7 @@ pass(es) the method needs, the update.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,8 +37,13 @@ class OptimizerSpec:
     description: str
     build: Callable[[nn.Module, str, dict[str, Any]], torch.optim.Optimizer]
     defaults: dict[str, Any]
-    per_epoch: tuple[str, ...] = ()
-    source: str = "gramopt"
+    per_epoch: tuple[str, ...] = field(default=(), kw_only=True)
+    source: str = field(default="gramopt", kw_only=True)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.per_epoch) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"{self.name}: per_epoch names {sorted(unknown)}, which are not among its hyper-parameters")
 
     @property
     def hyper_names(self) -> tuple[str, ...]:

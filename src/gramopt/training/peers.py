@@ -68,15 +68,15 @@ def _psgd_kron(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.opti
 
 # Learning rates are the packages' own defaults (pytorch-optimizer 4.1.0, heavyball 3.2.1).
 PEERS: tuple[tuple[str, OptimizerSpec], ...] = (
-    ("pytorch_optimizer", OptimizerSpec("soap", "SOAP (pytorch-optimizer)", _soap, dict(lr=3e-3), "pytorch-optimizer")),
-    ("pytorch_optimizer", OptimizerSpec("shampoo", "Shampoo (pytorch-optimizer)", _shampoo, dict(lr=1e-3), "pytorch-optimizer")),
+    ("pytorch_optimizer", OptimizerSpec("soap", "SOAP (pytorch-optimizer)", _soap, dict(lr=3e-3), source="pytorch-optimizer")),
+    ("pytorch_optimizer", OptimizerSpec("shampoo", "Shampoo (pytorch-optimizer)", _shampoo, dict(lr=1e-3), source="pytorch-optimizer")),
     (
         "pytorch_optimizer",
         OptimizerSpec(
-            "muon", "Muon + AdamW for the rest (pytorch-optimizer)", _muon, dict(lr=2e-2, adamw_lr=3e-4), "pytorch-optimizer"
+            "muon", "Muon + AdamW for the rest (pytorch-optimizer)", _muon, dict(lr=2e-2, adamw_lr=3e-4), source="pytorch-optimizer"
         ),
     ),
-    ("heavyball", OptimizerSpec("psgd-kron", "PSGD-Kron (heavyball, eager)", _psgd_kron, dict(lr=1e-3), "heavyball")),
+    ("heavyball", OptimizerSpec("psgd-kron", "PSGD-Kron (heavyball, eager)", _psgd_kron, dict(lr=1e-3), source="heavyball")),
 )
 
 
