@@ -54,7 +54,7 @@ def main() -> None:
         split = task.load(SEED)
         for name in args.optimizers.split(","):
             spec = OPTIMIZERS[name]
-            base = {**spec.defaults, **task.hyper.get(name, {})}
+            base = {**spec.run_defaults, **task.hyper.get(name, {})}
             rows = []
             for hyper in settings(name, base):
                 cfg = TrainConfig(

@@ -210,3 +210,19 @@ def test_peak_memory_sees_an_allocation_of_known_size():
     assert AVAILABLE  # Linux: the project's machines
     assert 60 * 2**20 <= peak_memory(allocate) <= 80 * 2**20
     assert peak_memory(lambda: None) < 8 * 2**20
+
+
+def test_fngd_in_a_comparison_shares_its_coefficients_after_one_epoch():
+    """The grid leaves FNGD's coefficient_steps to the run, which sets it to one epoch
+    (an explicit None from the registry defaults would mean: never share)."""
+    import math
+
+    from gramopt.bench.config import grid
+    from gramopt.tasks import get_task
+    from gramopt.training import TrainConfig, Trainer
+
+    task = get_task("digits")
+    for setting in grid("fngd", task):
+        assert "coefficient_steps" not in setting
+        trainer = Trainer(TrainConfig(task="digits", optimizer="fngd", hyper=setting, save=False, epochs=1), progress=False, verbose=False)
+        assert trainer.config.hyper["coefficient_steps"] == math.ceil(trainer.split.train_x.shape[0] / trainer.config.batch_size)

@@ -94,7 +94,7 @@ MEMORY_STEPS = 10  # steps of a fresh model and optimizer measured for peak memo
 def grid(name: str, task: Task) -> list[dict[str, Any]]:
     """The :data:`GRID_SIZE` hyper-parameter settings of optimizer ``name`` on ``task``."""
     spec = get_optimizer_spec(name)
-    base = {**spec.defaults, **task.hyper.get(name, {})}
+    base = {**spec.run_defaults, **task.hyper.get(name, {})}  # FNGD's coefficient_steps: one epoch
     factors = GRIDS.get(name, LR_GRID)
     if len(factors) != GRID_SIZE:
         raise ValueError(f"the grid of {name} has {len(factors)} settings; every grid has {GRID_SIZE}")

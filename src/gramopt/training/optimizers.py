@@ -46,6 +46,12 @@ class OptimizerSpec:
             raise ValueError(f"{self.name}: per_epoch names {sorted(unknown)}, which are not among its hyper-parameters")
 
     @property
+    def run_defaults(self) -> dict[str, Any]:
+        """The defaults without the ``per_epoch`` ones, which each run fills in from its
+        epoch length (:func:`with_epoch_defaults`): the base of tuning grids."""
+        return {key: value for key, value in self.defaults.items() if key not in self.per_epoch}
+
+    @property
     def hyper_names(self) -> tuple[str, ...]:
         return tuple(self.defaults)
 
