@@ -31,10 +31,14 @@ register_task(
         batch_size=128,
         hyper={
             "ggn": dict(lr=0.3, damping=1.0),
-            "seng": dict(lr=1.0, damping=3.0, curvature_every=10),
+            "seng": dict(lr=0.33, damping=3.0, curvature_every=10),
             "fngd": dict(lr=0.3, damping=1e-3, momentum=0.9),
-            "sgd": dict(lr=0.1, momentum=0.9),
-            "adamw": dict(lr=1e-3, weight_decay=0.01),
+            "sgd": dict(lr=0.3, momentum=0.9),
+            "adamw": dict(lr=1e-2, weight_decay=0.01),
+            "soap": dict(lr=0.009),
+            "shampoo": dict(lr=0.01),
+            "muon": dict(lr=0.06, adamw_lr=0.0009),
+            "psgd-kron": dict(lr=0.01),
         },
     )
 )

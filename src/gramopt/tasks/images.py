@@ -87,11 +87,15 @@ def load_mnist_subset(seed: int) -> Split:
 
 
 CNN_HYPER = {
-    "ggn": dict(lr=0.3, damping=1.0),
+    "ggn": dict(lr=0.3, damping=3.0),
     "seng": dict(lr=0.1, damping=1.0, curvature_every=10),
     "fngd": dict(lr=0.3, damping=1e-3, momentum=0.9),
     "sgd": dict(lr=0.05, momentum=0.9),
-    "adamw": dict(lr=2e-3, weight_decay=0.01),
+    "adamw": dict(lr=2e-2, weight_decay=0.01),
+    "soap": dict(lr=0.009),
+    "shampoo": dict(lr=0.01),
+    "muon": dict(lr=0.2, adamw_lr=0.003),
+    "psgd-kron": dict(lr=0.01),
 }
 
 register_task(

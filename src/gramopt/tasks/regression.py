@@ -77,11 +77,15 @@ register_task(
         epochs=10,
         batch_size=128,
         hyper={
-            "ggn": dict(lr=1.0, damping=0.1),
+            "ggn": dict(lr=1.0, damping=1.0),
             "seng": dict(lr=0.1, damping=1.0, curvature_every=10),
             "fngd": dict(lr=0.1, damping=1e-3, momentum=0.9),
             "sgd": dict(lr=0.1, momentum=0.9),
-            "adamw": dict(lr=1e-3, weight_decay=0.0),
+            "adamw": dict(lr=1e-2, weight_decay=0.0),
+            "soap": dict(lr=0.03),
+            "shampoo": dict(lr=0.01),
+            "muon": dict(lr=0.2, adamw_lr=0.003),
+            "psgd-kron": dict(lr=0.01),
         },
     )
 )
@@ -96,11 +100,15 @@ register_task(
         epochs=30,
         batch_size=64,
         hyper={
-            "ggn": dict(lr=0.5, damping=1.0),
-            "seng": dict(lr=0.03, damping=1.0, curvature_every=10),
-            "fngd": dict(lr=0.01, damping=1e-2, momentum=0.9),
-            "sgd": dict(lr=0.01, momentum=0.9),
-            "adamw": dict(lr=1e-3, weight_decay=0.0),
+            "ggn": dict(lr=0.5, damping=0.33),
+            "seng": dict(lr=0.09, damping=1.0, curvature_every=10),
+            "fngd": dict(lr=0.1, damping=1e-2, momentum=0.9),
+            "sgd": dict(lr=0.1, momentum=0.9),
+            "adamw": dict(lr=1e-2, weight_decay=0.0),
+            "soap": dict(lr=0.03),
+            "shampoo": dict(lr=0.01),
+            "muon": dict(lr=0.2, adamw_lr=0.003),
+            "psgd-kron": dict(lr=0.01),
         },
     )
 )

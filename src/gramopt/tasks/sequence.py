@@ -76,11 +76,15 @@ register_task(
         epochs=10,
         batch_size=128,
         hyper={
-            "ggn": dict(lr=0.3, damping=1.0),
-            "seng": dict(lr=0.3, damping=1.0, curvature_every=10),
-            "fngd": dict(lr=0.3, damping=1e-2, momentum=0.9),
+            "ggn": dict(lr=0.3, damping=3.0),
+            "seng": dict(lr=0.1, damping=1.0, curvature_every=10),
+            "fngd": dict(lr=0.03, damping=1e-2, momentum=0.9),
             "sgd": dict(lr=0.1, momentum=0.9),
-            "adamw": dict(lr=3e-3, weight_decay=0.01),
+            "adamw": dict(lr=3e-2, weight_decay=0.01),
+            "soap": dict(lr=0.03),
+            "shampoo": dict(lr=0.01),
+            "muon": dict(lr=0.06, adamw_lr=0.0009),
+            "psgd-kron": dict(lr=0.01),
         },
     )
 )
