@@ -76,7 +76,7 @@ def test_every_optimizer_gets_a_grid_of_the_same_size_around_its_defaults():
             settings = grid(name, task)
             assert len(settings) == GRID_SIZE
             assert len({json.dumps(s, sort_keys=True) for s in settings}) == GRID_SIZE
-            base = {**OPTIMIZERS[name].defaults, **task.hyper.get(name, {})}
+            base = {**OPTIMIZERS[name].run_defaults, **task.hyper.get(name, {})}
             assert settings[GRID_SIZE // 2] == base  # the middle setting is the default
 
 
