@@ -121,7 +121,7 @@ def test_theorem1_quadratic_convergence(float64):
     errors = []
     for _ in range(5):
         out = model(x)
-        errors.append(float((out - y).norm()))
+        errors.append(float((out - y).detach().norm()))
         opt.zero_grad()
         opt.backward(out, y)
         opt.step()

@@ -71,7 +71,7 @@ def _panel(ax: Any, task: dict[str, Any], x_key: str, y_key: str, log_y: bool) -
 def plot_curves(results: dict[str, Any], path: Path) -> None:
     """Write the figure for every task in ``results`` to ``path`` (PNG)."""
     tasks = list(results["tasks"].values())
-    fig, axes = plt.subplots(len(tasks), 4, figsize=(18, 3.8 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), 4, figsize=(18, 3.8 * len(tasks)), squeeze=False, layout="constrained")
     for row, task in zip(axes, tasks):
         metric = task["task"]["metric"]
         metric_log = task["task"]["loss"] == "mse"
@@ -81,6 +81,5 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
         _panel(row[3], task, "epoch", metric, metric_log)
         row[0].legend(fontsize=7)
     fig.suptitle("gramopt compare: median over seeds, band = min-max over seeds (winning settings)", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
