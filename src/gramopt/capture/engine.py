@@ -40,6 +40,10 @@ from gramopt.errors import CaptureError, UnsupportedModuleError
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 UNSUPPORTED_POLICIES = ("error", "gradient")
+#: Modules whose forward uses the parameters of their submodules without calling them
+#: (``F.multi_head_attention_forward`` reads ``out_proj.weight`` directly): a hook on such
+#: a submodule never fires, so the container owns every parameter below it.
+FUNCTIONAL_CONTAINERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
 
 
 @dataclass
@@ -90,8 +94,15 @@ class CaptureEngine:
         self.layers: list[Layer] = []
         self.plain_params: list[nn.Parameter] = []
         problems: list[str] = []
+        inside: list[str] = []  # prefixes of functional containers (their submodules are skipped)
         for name, module in model.named_modules():
-            own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
+            if any(name.startswith(prefix) for prefix in inside):
+                continue
+            if isinstance(module, FUNCTIONAL_CONTAINERS):
+                inside.append(f"{name}." if name else "")
+                own = [p for p in module.parameters() if id(p) in wanted]
+            else:
+                own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
             if isinstance(module, _BATCHNORM):
                 if module.training:
                     problems.append(
@@ -360,6 +371,28 @@ class CaptureEngine:
                 call.saved = next(supply)
                 call.output = None
                 call.grads = [(index, next(supply)) for index, _ in call.grads]
+
+    def uncalled_params(self) -> list[nn.Parameter]:
+        """Trainable parameters of hooked layers whose module recorded no training forward
+        call since the last clear. A backward pass may still reach them when the model
+        uses their weights without calling the module (``F.linear(x, fc.weight)``):
+        methods differentiate for them too, so that they are not silently frozen."""
+        return [p for layer in self.layers if not self._calls[id(layer.module)] for p in trainable(layer)]
+
+    def stray_params(self) -> list[nn.Parameter]:
+        """Trainable parameters with a ``.grad`` whose hooked layer captured no
+        output-gradient since the last clear: their module's forward was bypassed, so the
+        sample-space math has nothing for them. They follow the plain gradient. Empty
+        when no layer captured anything (a forward in eval mode: a clear error elsewhere)."""
+        if not self.has_factors():
+            return []
+        return [
+            p
+            for layer in self.layers
+            if not any(call.grads for call in self._calls[id(layer.module)])
+            for p in trainable(layer)
+            if p.grad is not None
+        ]
 
     def has_factors(self) -> bool:
         return any(c.grads for calls in self._calls.values() for c in calls)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +133,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         self._finalizer = weakref.finalize(self, self.engine.close)
         self.extra_state: dict[str, Any] = {"step": 0}
         self.last_info: StepInfo | None = None
+        self._warned_stray: set[str] = set()
         self.sync: dp.DataParallel | None = None
         self._sync_depth = 0
         if policy is not None:
@@ -198,7 +200,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         if self.reads_gradients == "all":
             params = [p for g in self.param_groups for p in g["params"]]
         else:
-            params = self.engine.plain_params
+            params = self.engine.plain_params + self.stray_params()
         if params and self.sync is not None:
             for p, g in zip(params, self.sync.mean([p.grad for p in params], params, self._local_samples())):
                 p.grad = g
@@ -316,6 +318,27 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 ds = buffers
             torch._foreach_add_(params, ds, alpha=-lr)
         self.extra_state["step"] += 1
+
+    def stray_params(self) -> list[nn.Parameter]:
+        """Parameters of hooked layers that got a gradient this step although their
+        module recorded nothing (its forward was bypassed: the weights were used
+        functionally). They follow the plain gradient (see :meth:`_warn_stray`)."""
+        return self.engine.stray_params()
+
+    def _warn_stray(self, params: Sequence[Tensor]) -> None:
+        """One warning per optimizer and parameter: it has a gradient that the method
+        cannot precondition, so it follows the plain gradient (never silently frozen)."""
+        names = [self._names.get(id(p), "?") for p in params]
+        new = [n for n in names if n not in self._warned_stray]
+        if new:
+            self._warned_stray.update(new)
+            warnings.warn(
+                f"gramopt: {', '.join(new)} received a gradient, but the hooks of their module recorded "
+                "nothing (its weights were used without calling the module, e.g. F.linear(x, layer.weight)); "
+                "they follow the plain gradient of the loss",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _name(self, p: Tensor) -> str:
         return f"{self._names.get(id(p), '?')} (shape {tuple(p.shape)})"

@@ -208,7 +208,7 @@ class FNGD(SampleSpaceOptimizer):
             loss = float(value.detach())
             if not math.isfinite(loss):
                 raise NonFiniteError(f"the loss is {loss} (a NaN or inf in the output or target?); nothing was changed")
-            plain = [p for p in self.engine.plain_params if p.requires_grad]
+            plain = [p for p in self.engine.plain_params if p.requires_grad] + self.engine.uncalled_params()
             (grads,) = self.engine.backward_passes(value, [torch.ones_like(value)], inputs=plain, retain_graph=False)
         except BaseException:
             self.engine.clear()
@@ -261,7 +261,9 @@ class FNGD(SampleSpaceOptimizer):
             for name, factor in factors.items():
                 for p, d in zip(factor.params, factor.rmatvec(weights[name])):
                     directions[p] = d
-            for p in self.engine.plain_params:
+            stray = self.stray_params()
+            self._warn_stray(stray)
+            for p in self.engine.plain_params + stray:
                 if p.grad is not None:
                     directions[p] = p.grad
             start = self._timed(seconds, "direction", start)

@@ -160,6 +160,10 @@ class GGN(SampleSpaceOptimizer):
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model, params, defaults, unsupported, distributed=distributed)
         self._pending: dict[str, Any] | None = None
+        self._strays: list[nn.Parameter] = []
+
+    def stray_params(self) -> list[nn.Parameter]:
+        return list(self._strays)  # found by backward, whose Jacobian passes reach no weight
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -217,14 +221,23 @@ class GGN(SampleSpaceOptimizer):
         # pass through the kept graph that no hook records. The preconditioned layers get
         # none: their step comes from the factors, and filling .grad would cost another
         # backward pass (measured: 1.8x instead of 1.2x an SGD step on a 64-1024-1024-1 MLP).
-        plain = [p for p in self.engine.plain_params if p.requires_grad]
+        # Hooked layers whose module was not called (weights used functionally) get the
+        # plain gradient too when the pass reaches them (never silently frozen).
+        uncalled = self.engine.uncalled_params()
+        plain = [p for p in self.engine.plain_params if p.requires_grad] + uncalled
+        stray: list[nn.Parameter] = []
         if plain:
             with self.engine.paused():
                 grads = torch.autograd.grad(output, plain, grad_outputs=grad_output, allow_unused=True)
+            stray_ids = {id(p) for p in uncalled}
             for p, g in zip(plain, grads):
                 if g is not None:
                     g = g.to(p.dtype)
                     p.grad = g if p.grad is None else p.grad + g
+                    if id(p) in stray_ids:
+                        stray.append(p)
+        self._strays = stray
+        self._warn_stray(stray)
         self._timed(seconds, "gradient", start)
         self._pending = dict(
             factors=factors, q=q, w=w.reshape(-1), loss=float(value.detach()), seconds=seconds, plain=plain

@@ -235,7 +235,12 @@ class SENG(SampleSpaceOptimizer):
             covered[layer.name] = [p.requires_grad for p in layer.params]
             # NaN/inf in g surfaces in U g (or, sketched, in the direction): both are refused
             grads[layer.name] = [torch.zeros_like(p) if g is None else g for p, g in zip(params, present)]
-        plain = [p for p in self.engine.plain_params if p.grad is not None]
+        stray = self.stray_params()
+        for p in stray:
+            for name in [n for n, layer in layers.items() if any(p is q for q in layer.params)]:
+                del layers[name], grads[name], covered[name]  # its module recorded nothing
+        self._warn_stray(stray)
+        plain = [p for p in self.engine.plain_params if p.grad is not None] + stray
         if not grads and not plain:
             raise CaptureError(
                 "SENG.step() found no gradient: call loss.backward() (mean loss) or opt.backward(model(x), y) first"
