@@ -41,7 +41,7 @@ def requirement_name(requirement: str) -> str:
     return requirement.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower()
 
 
-@pytest.mark.parametrize("module", ["gramopt"])
+@pytest.mark.parametrize("module", ["gramopt", "gramopt.integrations"])
 def test_import_gramopt_loads_no_extra(module):
     done = run_python(f"import sys, json, {module}; print(json.dumps(sorted(sys.modules)))")
     assert done.returncode == 0, done.stderr
