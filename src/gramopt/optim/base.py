@@ -29,12 +29,13 @@ hooks in at four points, so that a method only marks where its captures are comp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -136,6 +137,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         self._warned_stray: set[str] = set()
         self.sync: dp.DataParallel | None = None
         self._sync_depth = 0
+        self._own_backward = False  # the last backward was opt.backward (see _mixed_precision_step)
         if policy is not None:
             self.sync = dp.DataParallel(policy)
             self.sync.check_consistent(self._fingerprint())
@@ -161,6 +163,11 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 print_[f"option {key}"] = dp.describe(value)
         print_["initial parameter values (digest)"] = dp.parameter_digest([p for g in self.param_groups for p in g["params"]])
         return print_
+
+    # torch.amp.GradScaler.step(opt) hands such an optimizer the loss scale and the inf check
+    # (attributes grad_scale, found_inf) instead of unscaling .grad itself: the per-sample
+    # captures are scaled too, and only the optimizer can unscale them (_mixed_precision_step).
+    _step_supports_amp_scaling = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -412,11 +419,15 @@ def _synchronized(method: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: SampleSpaceOptimizer, *args: Any, **kwargs: Any) -> Any:
         sync = getattr(self, "sync", None)
         if sync is None or self._sync_depth:
-            return method(self, *args, **kwargs)
+            result = method(self, *args, **kwargs)
+            self._own_backward = True
+            return result
         self._sync_depth += 1
         try:
             with sync.agreement():
-                return method(self, *args, **kwargs)
+                result = method(self, *args, **kwargs)
+                self._own_backward = True
+                return result
         finally:
             self._sync_depth -= 1
 
@@ -431,7 +442,7 @@ def _synchronized_step(step: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: SampleSpaceOptimizer, closure: Callable[[], Any] | None = None) -> Any:
         sync = getattr(self, "sync", None)
         if sync is None or self._sync_depth:
-            return step(self, closure)
+            return _mixed_precision_step(self, step, closure)
         self._sync_depth += 1
         try:
             with sync.agreement():
@@ -441,9 +452,87 @@ def _synchronized_step(step: Callable[..., Any]) -> Callable[..., Any]:
                         result = closure()
                 if sync.policy == "exact":
                     self._synchronize_gradients()
-                step(self)
+                _mixed_precision_step(self, step, None)
                 return result
         finally:
             self._sync_depth -= 1
 
     return wrapper
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_dtypes() -> dict[str, torch.dtype]:
+    """The device types for which autocast is on now, with its dtype."""
+    on = {}
+    for device in AUTOCAST_DEVICES:
+        try:
+            enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        except (TypeError, AttributeError):  # torch < 2.4
+            if device == "cpu":
+                enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+            else:
+                enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        if enabled:
+            on[device] = dtype
+    return on
+
+
+@contextlib.contextmanager
+def _autocast(dtypes: dict[str, torch.dtype | None]) -> Iterator[None]:
+    """Autocast on (a dtype) or off (None) for the given device types."""
+    with contextlib.ExitStack() as stack:
+        for device, dtype in dtypes.items():
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=dtype is not None))
+        yield
+
+
+def _mixed_precision_step(
+    self: SampleSpaceOptimizer, step: Callable[..., Any], closure: Callable[[], Any] | None
+) -> Any:
+    """Run the method's ``step`` with autocast off and, when ``torch.amp.GradScaler.step``
+    drives it, unscaled or skipped.
+
+    Autocast: a step called inside ``torch.autocast`` would run its Grams and solves in
+    bfloat16/float16; they run in the factors' dtype (at least float32) instead, while a
+    closure still runs under the caller's autocast.
+
+    GradScaler (``scaler.scale(loss).backward(); scaler.step(opt)``): the scaler sets
+    ``found_inf`` (its inf/NaN check of every ``.grad``) and ``grad_scale`` (S) on the
+    optimizer. An inf or NaN skips the step (nothing changes, the captures are dropped),
+    as torch's optimizers are skipped; otherwise ``.grad`` and the captured
+    output-gradients are multiplied by 1/S before the step. After ``opt.backward`` (which
+    computes its loss itself, unscaled) there is nothing to unscale.
+    """
+    found_inf = getattr(self, "found_inf", None)
+    grad_scale = getattr(self, "grad_scale", None)
+    own_backward, self._own_backward = self._own_backward, False
+    caller = _autocast_dtypes()
+    run_closure = None
+    if closure is not None:
+        def run_closure() -> Any:
+            with _autocast(caller):
+                return closure()
+
+    with _autocast(dict.fromkeys(caller)):
+        if found_inf is None or own_backward:
+            return step(self, run_closure)
+        if float(found_inf) > 0:
+            self.engine.clear()
+            return None
+        if grad_scale is None:
+            raise ValueError(
+                f"{type(self).__name__}: scaler.unscale_(opt) before scaler.step(opt) unscales .grad but not the "
+                "per-sample gradients the optimizer captured; call scaler.step(opt) alone (it unscales both)"
+            )
+        inverse = 1.0 / float(grad_scale)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(inverse)
+        self.engine.gradient_scale = inverse
+        try:
+            return step(self, run_closure)
+        finally:
+            self.engine.gradient_scale = 1.0
