@@ -169,6 +169,12 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
     # captures are scaled too, and only the optimizer can unscale them (_mixed_precision_step).
     _step_supports_amp_scaling = True
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; it also starts a new step for the GradScaler protocol: the
+        next backward is not ``opt.backward`` until it says so (:func:`_mixed_precision_step`)."""
+        self._own_backward = False
+        super().zero_grad(set_to_none)
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "step" in cls.__dict__:
