@@ -20,10 +20,9 @@ Usage::
 
 from __future__ import annotations
 
-import time
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,9 +30,9 @@ from torch import Tensor, nn
 
 from gramopt.capture.factors import LayerFactors
 from gramopt.errors import CaptureError, NonFiniteError
-from gramopt.linalg.dense import NumericalWarning
+from gramopt.linalg.dense import NumericalWarning, SolveInfo
 from gramopt.losses import GaussNewtonLoss, get_loss
-from gramopt.optim.base import SampleSpaceOptimizer, StepInfo, check_hyper
+from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper
 from gramopt.optim.gn_solvers import SOLVERS, check_solver_options
 
 
@@ -107,6 +106,18 @@ class GaussNewtonSystem:
         return self.apply_qt(out)
 
 
+@dataclass
+class GaussNewtonBatch(PendingBatch):
+    """What GGN's ``backward`` leaves for the step: the factors of J, the residual
+    system's Q ``[b, k, k]`` (None: the identity) and w ``[b k]``, and the parameters
+    whose ``.grad`` it filled."""
+
+    factors: dict[str, LayerFactors] = field(default_factory=dict)
+    q: Tensor | None = None
+    w: Tensor | None = None
+    plain: list[nn.Parameter] = field(default_factory=list)
+
+
 class GGN(SampleSpaceOptimizer):
     """Gram-Gauss-Newton: ``delta = -lr * J^T (H G + damping I)^{-1} e``, ``G = J J^T``.
 
@@ -159,7 +170,7 @@ class GGN(SampleSpaceOptimizer):
         self.solver = solver
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model, params, defaults, unsupported, distributed=distributed)
-        self._pending: dict[str, Any] | None = None
+        self._pending: GaussNewtonBatch | None = None
         self._strays: list[nn.Parameter] = []
 
     def stray_params(self) -> list[nn.Parameter]:
@@ -183,85 +194,75 @@ class GGN(SampleSpaceOptimizer):
             )
         return values.pop()
 
-    def backward(self, output: Tensor, target: Tensor) -> Tensor:
+    def _backward(self, output: Tensor, target: Tensor) -> Tensor:
         """Loss and Jacobian passes (``.grad`` only for plain-gradient parameters);
         returns the mean loss (detached)."""
-        self._require_open()
         self._pending = None
-        seconds: dict[str, float] = {}
-        start = time.perf_counter()
-        self._check_batch(output, target)
-        if not torch.isfinite(output).all():
-            raise NonFiniteError("the model output has NaN or inf; nothing was changed")
-        if target.is_floating_point() and not torch.isfinite(target).all():
-            raise NonFiniteError("the target has NaN or inf; nothing was changed")
-        detached = output.detach().requires_grad_(True)
-        with torch.enable_grad():
-            value = self.loss.value(detached, target)
-        (grad_output,) = torch.autograd.grad(value, detached)
-        if not torch.isfinite(value):
-            raise NonFiniteError(f"the loss is {float(value)}; nothing was changed")
-        # the residual system in at least float32 (half-precision models solve in float32)
-        wide = output.detach().to(torch.promote_types(output.dtype, torch.float32))
-        q, w = self.loss.residual_system(wide, target.to(wide.dtype) if target.is_floating_point() else target)
-        b = output.shape[0]
-        k = output[0].numel()
-        flat = output.reshape(b, k)
-        directions = []
-        for c in range(k):
-            direction = torch.zeros_like(flat)
-            direction[:, c] = 1.0
-            directions.append(direction.view_as(output))
-        self.engine.backward_passes(output, directions)
-        start = self._timed(seconds, "jacobian", start)
-        # distributed="exact": every rank's rows
-        q, w = self._gather_batch(q, w, scaled=(False, False))
-        factors = self.engine.factors()
-        # .grad only where the step uses it: the plain-gradient parameters, from one more
-        # pass through the kept graph that no hook records. The preconditioned layers get
-        # none: their step comes from the factors, and filling .grad would cost another
-        # backward pass (measured: 1.8x instead of 1.2x an SGD step on a 64-1024-1024-1 MLP).
-        # Hooked layers whose module was not called (weights used functionally) get the
-        # plain gradient too when the pass reaches them (never silently frozen).
-        uncalled = self.engine.uncalled_params()
-        plain = [p for p in self.engine.plain_params if p.requires_grad] + uncalled
-        stray: list[nn.Parameter] = []
-        if plain:
-            with self.engine.paused():
-                grads = torch.autograd.grad(output, plain, grad_outputs=grad_output, allow_unused=True)
-            stray_ids = {id(p) for p in uncalled}
-            for p, g in zip(plain, grads):
-                if g is not None:
-                    g = g.to(p.dtype)
-                    p.grad = g if p.grad is None else p.grad + g
-                    if id(p) in stray_ids:
-                        stray.append(p)
-        self._strays = stray
-        self._warn_stray(stray)
-        self._timed(seconds, "gradient", start)
-        self._pending = dict(
-            factors=factors, q=q, w=w.reshape(-1), loss=float(value.detach()), seconds=seconds, plain=plain
+        self._seconds = {}
+        with self._phase("jacobian"):
+            self._check_batch(output, target)
+            if not torch.isfinite(output).all():
+                raise NonFiniteError("the model output has NaN or inf; nothing was changed")
+            if target.is_floating_point() and not torch.isfinite(target).all():
+                raise NonFiniteError("the target has NaN or inf; nothing was changed")
+            detached = output.detach().requires_grad_(True)
+            with torch.enable_grad():
+                value = self.loss.value(detached, target)
+            (grad_output,) = torch.autograd.grad(value, detached)
+            if not torch.isfinite(value):
+                raise NonFiniteError(f"the loss is {float(value)}; nothing was changed")
+            # the residual system in at least float32 (half-precision models solve in float32)
+            wide = output.detach().to(torch.promote_types(output.dtype, torch.float32))
+            q, w = self.loss.residual_system(wide, target.to(wide.dtype) if target.is_floating_point() else target)
+            b = output.shape[0]
+            k = output[0].numel()
+            flat = output.reshape(b, k)
+            directions = []
+            for c in range(k):
+                direction = torch.zeros_like(flat)
+                direction[:, c] = 1.0
+                directions.append(direction.view_as(output))
+            self.engine.backward_passes(output, directions)
+        with self._phase("gradient"):
+            # distributed="exact": every rank's rows
+            q, w = self._gather_batch(q, w, scaled=(False, False))
+            factors = self.engine.factors()
+            # .grad only where the step uses it: the plain-gradient parameters, from one more
+            # pass through the kept graph that no hook records. The preconditioned layers get
+            # none: their step comes from the factors, and filling .grad would cost another
+            # backward pass (1.8x instead of 1.2x an SGD step, benchmarks/ggn_step_time.py).
+            # Hooked layers whose module was not called (weights used functionally) get the
+            # plain gradient too when the pass reaches them (never silently frozen).
+            uncalled = self.engine.uncalled_params()
+            plain = [p for p in self.engine.plain_params if p.requires_grad] + uncalled
+            stray: list[nn.Parameter] = []
+            if plain:
+                with self.engine.paused():
+                    grads = torch.autograd.grad(output, plain, grad_outputs=grad_output, allow_unused=True)
+                stray_ids = {id(p) for p in uncalled}
+                for p, g in zip(plain, grads):
+                    if g is not None:
+                        g = g.to(p.dtype)
+                        p.grad = g if p.grad is None else p.grad + g
+                        if id(p) in stray_ids:
+                            stray.append(p)
+            self._strays = stray
+            self._warn_stray(stray)
+        self._pending = GaussNewtonBatch(
+            float(value.detach()), self._seconds, factors=factors, q=q, w=w.reshape(-1), plain=plain
         )
         self.engine.clear()
         return value.detach()
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Solve ``(Q^T G Q + damping I) a = w`` and move by ``-lr * J^T Q a``.
+    def gradient_params(self) -> list[Tensor]:
+        """Those ``backward`` filled ``.grad`` of (and warned about)."""
+        return [] if self._pending is None else list(self._pending.plain)
 
-        ``closure``, if given, must run the forward pass and ``opt.backward`` and return
-        the loss; it is called with autograd enabled.
-        """
-        self._require_open()
-        result = None
-        if closure is not None:
-            with torch.enable_grad():
-                result = closure()
-        if self._pending is None:
+    def directions(self, pending: PendingBatch | None) -> tuple[dict[Tensor, Tensor], SolveInfo | None]:
+        """Solve ``(Q^T G Q + damping I) a = w``; the direction is ``J^T Q a``."""
+        if not isinstance(pending, GaussNewtonBatch):
             raise CaptureError("GGN.step() needs opt.backward(model(x), y) first")
-        pending = self._pending
-        seconds = dict(pending["seconds"])
-        factors: dict[str, LayerFactors] = pending["factors"]
+        factors = pending.factors
         directions: dict[Tensor, Tensor] = {}
         info = None
         if self.solver != "cholesky":  # the matrix-free solvers never see a Gram block to check
@@ -272,27 +273,18 @@ class GGN(SampleSpaceOptimizer):
             dtype = next(iter(factors.values())).dtype
             system = GaussNewtonSystem(
                 factors,
-                None if pending["q"] is None else pending["q"].to(dtype),
-                pending["w"].to(dtype),
+                None if pending.q is None else pending.q.to(dtype),
+                pending.w.to(dtype),
                 self.damping,
                 self.steps_taken,
             )
             a, info = SOLVERS[self.solver](system, **self.solver_options)
             if not info.converged:
-                warnings.warn(f"GGN step {self.steps_taken}: {info.fallback}", NumericalWarning, stacklevel=2)
-            seconds.update(info.seconds)
-            start = time.perf_counter()
-            x = system.apply_q(a)
-            for factor in factors.values():
-                for p, d in zip(factor.params, factor.rmatvec(x)):
-                    directions[p] = d
-            self._timed(seconds, "direction", start)
-        for p in pending["plain"]:
-            if p.grad is not None:
-                directions[p] = p.grad
-        start = time.perf_counter()
-        self.apply_directions(directions)
-        self._timed(seconds, "update", start)
-        self._pending = None
-        self.last_info = StepInfo(self.steps_taken, pending["loss"], info, seconds)
-        return result
+                warnings.warn(f"GGN step {self.steps_taken}: {info.fallback}", NumericalWarning, stacklevel=3)
+            self._seconds.update(info.seconds)
+            with self._phase("direction"):
+                x = system.apply_q(a)
+                for factor in factors.values():
+                    for p, d in zip(factor.params, factor.rmatvec(x)):
+                        directions[p] = d
+        return directions, info
