@@ -324,7 +324,6 @@ def test_sampled_columns_and_weights_from_factors(name, float64):
     """The row-sampling pieces computed from the capture engine's factors (never forming
     U for Linear/Conv layers) against the explicit per-sample gradients."""
     from gramopt.capture import CaptureEngine
-    from gramopt.optim.seng_explicit import column_weights, compact, sampled_columns
 
     build, inputs, loss, k = CASES[name]
     model = build()
@@ -335,11 +334,11 @@ def test_sampled_columns_and_weights_from_factors(name, float64):
     for layer, factor in factors.items():
         u = factor.per_sample()
         index = torch.randint(0, u.shape[1], (11,))
-        for form in (factor, compact(factor)):
-            torch.testing.assert_close(sampled_columns(form, index), u[:, index], msg=layer)
-            torch.testing.assert_close(column_weights(form), u.pow(2).sum(0), msg=layer)
+        for form in (factor, factor.compact()):
+            torch.testing.assert_close(form.columns(index), u[:, index], msg=layer)
+            torch.testing.assert_close(form.column_norms(), u.pow(2).sum(0), msg=layer)
         held = factor.num_rows * factor.num_params
-        assert isinstance(compact(factor), gramopt.ExplicitFactors) == (held <= _factor_numel(factor)), layer
+        assert isinstance(factor.compact(), gramopt.ExplicitFactors) == (held <= _factor_numel(factor)), layer
 
 
 def _factor_numel(factor) -> float:

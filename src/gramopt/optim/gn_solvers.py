@@ -60,8 +60,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from gramopt.capture.factors import ExplicitFactors, LayerFactors, unflatten
-from gramopt.capture.shared_weight import SharedWeightFactors, gram_strategy
+from gramopt.capture.factors import LayerFactors, unflatten
+from gramopt.capture.shared_weight import gram_strategy
 from gramopt.linalg.dense import SolveInfo, solve_damped_psd
 from gramopt.linalg.krylov import nystrom_preconditioner, pcg
 from gramopt.linalg.regression import LinearOperator, fast_regression
@@ -125,32 +125,24 @@ def _side_sketch(kind: str, target: int, dim: int, generator, device) -> Any:
     return make_sketch(kind, target, dim, generator=generator, device=device) if target < dim else None
 
 
-def _shared_weight_inputs(f: SharedWeightFactors) -> Tensor | None:
-    """X with a column of ones appended for a covered bias (None if only the bias is)."""
-    ones = torch.ones(*f.inputs.shape[:-1], 1, dtype=f.inputs.dtype, device=f.inputs.device)
-    if not f.with_weight:
-        return ones
-    return torch.cat([f.inputs, ones], dim=-1) if f.with_bias else f.inputs
-
-
 def sketched_layer_gram(f: LayerFactors, kind: str, oversampling: float, generator: torch.Generator | None) -> Tensor:
     """``(U_l S_l^T)(U_l S_l^T)^T`` ``[n, n]`` for the layer's sketch S_l (module doc);
     the exact ``U_l U_l^T`` where sketching would not make it smaller."""
     n = f.num_rows
-    if isinstance(f, SharedWeightFactors):
-        s = f.positions
-        target = math.ceil(oversampling * n * s)
-        x = _shared_weight_inputs(f)
-        device = f.grads.device
-        s_g = _side_sketch(kind, target, f.grads.shape[-1], generator, device)
-        s_a = _side_sketch(kind, target, x.shape[-1], generator, device)
+    kronecker = f.kronecker_factors()
+    if kronecker is not None:
+        x, z = kronecker
+        target = math.ceil(oversampling * n * z.shape[2])
+        s_g = _side_sketch(kind, target, z.shape[-1], generator, z.device)
+        s_a = _side_sketch(kind, target, x.shape[-1], generator, z.device)
         if s_g is None and s_a is None:
             return f.gram()
-        return KroneckerSketch(s_g, s_a).gram(x, f.grads)
-    if isinstance(f, ExplicitFactors):
+        return KroneckerSketch(s_g, s_a).gram(x, z)
+    rows = f.held_rows()
+    if rows is not None:
         target = math.ceil(oversampling * n)
         if target < f.num_params:
-            rows = make_sketch(kind, target, f.num_params, generator=generator, device=f.rows.device).apply(f.rows, dim=1)
+            rows = make_sketch(kind, target, f.num_params, generator=generator, device=rows.device).apply(rows, dim=1)
             return rows @ rows.T
     return f.gram()
 
@@ -252,9 +244,9 @@ def estimated_flops(system: "GaussNewtonSystem", oversampling: float = 4.0) -> d
 
 def _layer_flops(f: LayerFactors, n: int, oversampling: float) -> tuple[float, float, float]:
     """(exact Gram, sketched Gram incl. the sketch, one product ``U U^T a``) flops."""
-    if isinstance(f, SharedWeightFactors):
-        s, d_out = f.positions, f.grads.shape[-1]
-        d_in = f.inputs.shape[-1] + 1
+    sides = f.kronecker_sides()
+    if sides is not None:
+        s, d_in, d_out = sides
         product = 4.0 * n * s * d_in * d_out
         target = math.ceil(oversampling * n * s)
 

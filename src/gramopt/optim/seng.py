@@ -43,7 +43,7 @@ from gramopt.errors import CaptureError, NonFiniteError
 from gramopt.linalg.dense import SolveInfo
 from gramopt.losses import get_loss
 from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper
-from gramopt.optim.seng_config import ImplicitConfig, SketchConfig, sketch_rows
+from gramopt.optim.seng_config import ImplicitConfig, SketchConfig
 from gramopt.optim.seng_explicit import ExplicitCurvature
 from gramopt.optim.seng_implicit import ImplicitCurvature
 
@@ -249,7 +249,7 @@ class SENG(SampleSpaceOptimizer):
                     raise ValueError(f"layer {name} has parameters in param groups with different damping {sorted(lams)}")
                 lam = lams.pop()
                 curvature = self._curvature(layer, cache[name])
-                rows = self._sketch_rows(layer, curvature)
+                rows = curvature.sketch_rows(self.sketch)
                 sampling = self.sketch.sampling if self.sketch is not None else "uniform"
                 beta, info = curvature.coefficients(layer_grads, lam, rows, sampling, generator)
                 cache[name] = {**curvature.state(), "covered": covered[name]}  # with the Cholesky factor it kept
@@ -307,22 +307,6 @@ class SENG(SampleSpaceOptimizer):
         if state["kind"] == "implicit":
             return ImplicitCurvature.from_state(layer, state, self.implicit.exact_product)
         return ExplicitCurvature.from_state(layer, state)
-
-    def _sketch_rows(self, layer: Layer, curvature: ExplicitCurvature | ImplicitCurvature) -> Any:
-        """q (explicit), (zeta_G, zeta_A) (implicit), or None when not sketched."""
-        sketch = self.sketch
-        if sketch is None:
-            return None
-        if isinstance(curvature, ImplicitCurvature):
-            if sketch.factor_size is None:
-                return None
-            return (
-                sketch_rows(sketch.factor_size, curvature.g.shape[2]),
-                sketch_rows(sketch.factor_size, curvature.a.shape[2]),
-            )
-        if sketch.size is None:
-            return None
-        return sketch_rows(sketch.size, curvature.factors.num_params)
 
     # -- state ---------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

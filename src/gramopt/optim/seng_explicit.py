@@ -24,122 +24,18 @@ Sketches are drawn anew every step (Algorithm 1) from the optimizer's generator.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gramopt.capture.conv import ConvFactors
 from gramopt.capture.engine import Layer
-from gramopt.capture.factors import ExplicitFactors, LayerFactors
-from gramopt.capture.shared_weight import EmbeddingFactors, SharedWeightFactors
+from gramopt.capture.factors import LayerFactors
 from gramopt.linalg.dense import SolveInfo, solve_damped_psd
 from gramopt.linalg.sketches import RowSampleSketch
+from gramopt.optim.seng_config import SketchConfig, sketch_rows
 from gramopt.optim.seng_solve import kept_factor, solve_shifted, with_solve_state
-
-#: Per-sample gradients of at most this many elements are formed at once (leverage weights).
-CHUNK_ELEMENTS = 2**24
-
-
-def compact(factors: LayerFactors) -> LayerFactors:
-    """U in its smaller exact form: the explicit rows ``[b, p]`` or the factors."""
-    if isinstance(factors, ExplicitFactors):
-        return factors
-    if isinstance(factors, ConvFactors):  # the layer's inputs and output-gradients
-        held = sum(x.numel() + g.numel() for x, g in factors.raw)
-    elif isinstance(factors, SharedWeightFactors):  # X [b, s, d_in] and Z [b, k, s, d_out], by their shapes
-        d_out, d_in = factors.weight_shape[0], factors.weight_shape[1:].numel()
-        held = factors.batch_size * factors.positions * (d_in + factors.passes * d_out)
-    elif isinstance(factors, EmbeddingFactors):
-        held = factors.indices.numel() + factors.grads.numel()
-    else:  # a user's factor type: only its rows can be cached
-        held = math.inf
-    if factors.num_rows * factors.num_params <= held:
-        return ExplicitFactors(factors.module, factors.params, factors.per_sample())
-    return factors
-
-
-def sampled_columns(factors: LayerFactors, index: Tensor) -> Tensor:
-    """``U[:, index]``, ``[b, q]``, without forming U where the factors allow it."""
-    if isinstance(factors, ExplicitFactors):
-        return factors.rows[:, index]
-    if isinstance(factors, SharedWeightFactors) and factors.passes == 1:
-        z = factors.grads[:, 0]  # [b, s, d_out]
-        d_in = factors.inputs.shape[-1]
-        n_weight = factors.weight_shape.numel() if factors.with_weight else 0
-        out = torch.empty(factors.batch_size, index.numel(), dtype=z.dtype, device=z.device)
-        is_weight = index < n_weight
-        if is_weight.any():
-            w = index[is_weight]
-            out[:, is_weight] = (z[:, :, w // d_in] * factors.inputs[:, :, w % d_in]).sum(dim=1)
-        if not is_weight.all():
-            out[:, ~is_weight] = z.sum(dim=1)[:, index[~is_weight] - n_weight]
-        return out
-    return factors.per_sample()[:, index]
-
-
-def column_weights(factors: LayerFactors) -> Tensor:
-    """``||U[:, j]||^2`` for every parameter j, ``[p]``: Eq. 14's leverage weights (the
-    squared row norms of the paper's ``U_S = U^T / sqrt(b)``, up to the factor b)."""
-    if isinstance(factors, ExplicitFactors):
-        return factors.rows.pow(2).sum(dim=0)
-    if isinstance(factors, SharedWeightFactors) and factors.positions == 1 and factors.passes == 1:
-        z2 = factors.grads[:, 0, 0].pow(2)  # [b, d_out]
-        parts = []
-        if factors.with_weight:
-            parts.append((z2.T @ factors.inputs[:, 0].pow(2)).reshape(-1))
-        if factors.with_bias:
-            parts.append(z2.sum(dim=0))
-        return torch.cat(parts)
-    total = None
-    chunk = max(1, CHUNK_ELEMENTS // max(1, factors.num_params))
-    for i0 in range(0, factors.num_rows, chunk):
-        rows = _row_chunk(factors, i0, min(factors.num_rows, i0 + chunk))
-        part = rows.pow(2).sum(dim=0)
-        total = part if total is None else total + part
-    return total
-
-
-def _row_chunk(factors: LayerFactors, i0: int, i1: int) -> Tensor:
-    """Rows ``i0:i1`` of U (one row per sample)."""
-    if isinstance(factors, SharedWeightFactors) and factors.passes == 1:
-        z = factors.grads[i0:i1, 0]  # [c, s, d_out]
-        parts = []
-        if factors.with_weight:
-            parts.append(torch.einsum("bsz,bsx->bzx", z, factors.inputs[i0:i1]).reshape(i1 - i0, -1))
-        if factors.with_bias:
-            parts.append(z.sum(dim=1))
-        return torch.cat(parts, dim=1)
-    return factors.per_sample()[i0:i1]
-
-
-def factors_state(factors: LayerFactors) -> dict[str, Any]:
-    """The tensors of a compact U, for ``extra_state``."""
-    if isinstance(factors, ExplicitFactors):
-        return {"form": "rows", "rows": factors.rows}
-    if isinstance(factors, ConvFactors):
-        return {"form": "conv", "inputs": [x for x, _ in factors.raw], "grads": [g for _, g in factors.raw]}
-    if isinstance(factors, SharedWeightFactors):
-        return {"form": "shared", "inputs": factors.inputs, "grads": factors.grads}
-    if isinstance(factors, EmbeddingFactors):
-        return {"form": "embedding", "indices": factors.indices, "grads": factors.grads}
-    raise TypeError(f"cannot cache factors of type {type(factors).__name__}")
-
-
-def factors_from_state(layer: Layer, state: dict[str, Any]) -> LayerFactors:
-    module, params = layer.module, layer.params
-    if state["form"] == "rows":
-        return ExplicitFactors(module, params, state["rows"])
-    if state["form"] == "conv":
-        return ConvFactors(module, params, state["inputs"], state["grads"])
-    if state["form"] == "shared":
-        return SharedWeightFactors(module, params, module.weight, module.bias, state["inputs"], state["grads"])
-    if state["form"] == "embedding":
-        return EmbeddingFactors(module, params, state["indices"], state["grads"], module.num_embeddings)
-    raise ValueError(f"unknown cached form {state['form']!r} for layer {layer.name}")
-
 
 def _flat_gather(tensors: Sequence[Tensor], index: Tensor) -> Tensor:
     """``cat([t.reshape(-1) for t in tensors])[index]`` without the concatenation."""
@@ -158,9 +54,11 @@ class ExplicitCurvature:
 
     Args:
         name: the layer's name (for messages).
-        factors: U, compact (:func:`compact`).
+        factors: U, compact (:meth:`LayerFactors.compact`).
         gram: ``U U^T`` ``[b, b]``, or None when the least-squares problem is sketched.
-        weights: leverage weights ``[p]`` (:func:`column_weights`), or None.
+        weights: leverage weights ``[p]`` (:meth:`LayerFactors.column_norms`: Eq. 14's
+            weights, the squared row norms of the paper's ``U_S = U^T / sqrt(b)`` up to
+            the factor b), or None.
     """
 
     kind = "explicit"
@@ -185,18 +83,19 @@ class ExplicitCurvature:
 
     @classmethod
     def build(cls, name: str, factors: LayerFactors, sketched: bool, leverage: bool) -> "ExplicitCurvature":
-        u = compact(factors)
+        u = factors.compact()
         gram = None if sketched else u.gram()
-        weights = column_weights(u) if sketched and leverage else None
+        weights = u.column_norms() if sketched and leverage else None
         return cls(name, u, gram, weights)
 
     def state(self) -> dict[str, Any]:
-        state = {"kind": self.kind, **factors_state(self.factors)}
+        state = {"kind": self.kind, **self.factors.state()}
         return with_solve_state(state, self.gram, self.chol, weights=self.weights)
 
     @classmethod
     def from_state(cls, layer: Layer, state: dict[str, Any]) -> "ExplicitCurvature":
-        return cls(layer.name, factors_from_state(layer, state), state.get("gram"), state.get("weights"), kept_factor(state))
+        factors = LayerFactors.from_state(layer.module, layer.params, state, layer.name)
+        return cls(layer.name, factors, state.get("gram"), state.get("weights"), kept_factor(state))
 
     def coefficients(
         self, grads: Sequence[Tensor], damping: float, rows: int | None, sampling: str, generator: torch.Generator | None
@@ -212,14 +111,20 @@ class ExplicitCurvature:
         else:
             weights = self.weights
             if weights is None and sampling == "leverage":
-                weights = column_weights(self.factors)
+                weights = self.factors.column_norms()
             omega = RowSampleSketch(rows, self.factors.num_params, sampling=sampling, weights=weights, generator=generator)
             index = omega.index.to(grads[0].device)
             scale = omega.scale.to(grads[0].device, self.factors.dtype)
-            xi = sampled_columns(self.factors, index) * scale  # U Omega^T, [b, q]
+            xi = self.factors.columns(index) * scale  # U Omega^T, [b, q]
             gram = xi @ xi.T
             rhs = xi @ (_flat_gather(grads, index).to(xi.dtype) * scale)  # (U Omega^T)(Omega g)
         return solve_damped_psd(gram, rhs, self.batch * damping, what=what)
+
+    def sketch_rows(self, sketch: SketchConfig | None) -> int | None:
+        """q, the sampled rows of Eq. 11-12, or None when not sketched."""
+        if sketch is None or sketch.size is None:
+            return None
+        return sketch_rows(sketch.size, self.factors.num_params)
 
     def combine(self, coeffs: Tensor) -> list[Tensor]:
         """``U^T beta``, parameter-shaped (fresh tensors)."""

@@ -29,6 +29,7 @@ from gramopt.errors import NonFiniteError
 from gramopt.linalg.dense import SolveInfo, solve_damped_psd
 from gramopt.linalg.sketches import KroneckerSketch, RowSampleSketch
 from gramopt.capture.factors import all_finite
+from gramopt.optim.seng_config import SketchConfig, sketch_rows
 from gramopt.optim.seng_solve import kept_factor, solve_shifted, with_solve_state
 
 
@@ -246,6 +247,12 @@ class ImplicitCurvature:
             rhs = ((xi_a @ xi_z.T) * xi_g).sum(dim=(1, 2))  # Eq. 19
             gram = factor_gram(xi_a, xi_g)  # Eq. 21
         return solve_damped_psd(gram, rhs, self.batch * damping, what=what)
+
+    def sketch_rows(self, sketch: SketchConfig | None) -> tuple[int, int] | None:
+        """(zeta_G, zeta_A), the factor sketches' sizes of Eq. 17, or None when not sketched."""
+        if sketch is None or sketch.factor_size is None:
+            return None
+        return sketch_rows(sketch.factor_size, self.g.shape[2]), sketch_rows(sketch.factor_size, self.a.shape[2])
 
     def combine(self, coeffs: Tensor) -> list[Tensor]:
         """``U^T beta = left^T right`` (exact, or Eq. 23), parameter-shaped fresh
