@@ -41,7 +41,7 @@ from torch import nn  # noqa: E402
 
 import gramopt  # noqa: E402
 from gramopt.linalg import fast_regression, nystrom_preconditioner, pcg  # noqa: E402
-from gramopt.optim.gn_solvers import choose_solver  # noqa: E402
+from gramopt.optim.ggn.solvers import choose_solver  # noqa: E402
 from gramopt.optim.ggn import GaussNewtonSystem  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -16,9 +16,9 @@ from torch import nn
 import gramopt
 import models
 from gramopt.linalg.sketches import KroneckerSketch, RowSampleSketch
-from gramopt.optim.seng_implicit import factor_gram
-from gramopt.optim.seng_implicit import eq23_product, exact_product, truncate
-from gramopt.training.optimizers import OPTIMIZERS, build_optimizer, training_step
+from gramopt.optim.seng.implicit import factor_gram
+from gramopt.optim.seng.implicit import eq23_product, exact_product, truncate
+from gramopt.training.registry import OPTIMIZERS, build_optimizer, training_step
 from reference import params_vector, per_sample_grads
 
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gramopt.distributed import POLICIES, CollectiveError, world_size
 from gramopt.optim.base import SampleSpaceOptimizer
-from gramopt.training.optimizers import training_step
+from gramopt.training.registry import training_step
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
 

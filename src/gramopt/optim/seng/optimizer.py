@@ -43,9 +43,9 @@ from gramopt.errors import CaptureError, NonFiniteError
 from gramopt.linalg.dense import SolveInfo
 from gramopt.losses import get_loss
 from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper
-from gramopt.optim.seng_config import ImplicitConfig, SketchConfig
-from gramopt.optim.seng_explicit import ExplicitCurvature
-from gramopt.optim.seng_implicit import ImplicitCurvature
+from gramopt.optim.seng.config import ImplicitConfig, SketchConfig
+from gramopt.optim.seng.explicit import ExplicitCurvature
+from gramopt.optim.seng.implicit import ImplicitCurvature
 
 Damping = float | Callable[[int], float]
 
@@ -77,8 +77,8 @@ class SENG(SampleSpaceOptimizer):
             ``"local"`` (Eq. 25-26, block-diagonal), see :mod:`gramopt.distributed`.
 
     ``last_info`` tells what the last step did; ``extra_state["curvature"]`` holds the
-    cached curvature per layer (see :mod:`gramopt.optim.seng_explicit` and
-    :mod:`gramopt.optim.seng_implicit`).
+    cached curvature per layer (see :mod:`gramopt.optim.seng.explicit` and
+    :mod:`gramopt.optim.seng.implicit`).
     """
 
     reads_gradients = "all"  # g of every layer

@@ -79,7 +79,7 @@ class ImplicitConfig:
             keeps the r leading singular directions of the smaller factor (footnote 1);
             None: no truncation (r = kappa).
         exact_product: False: U^T c by Eq. 23, the product of two weighted factor sums
-            (an approximation, see :func:`~gramopt.optim.seng_implicit.eq23_product`);
+            (an approximation, see :func:`~gramopt.optim.seng.implicit.eq23_product`);
             True: the exact ``sum_i c_i G_i^T A_i`` (one matmul, for checking).
     """
 

@@ -34,8 +34,8 @@ from gramopt.capture.engine import Layer
 from gramopt.capture.factors import LayerFactors
 from gramopt.linalg.dense import SolveInfo, solve_damped_psd
 from gramopt.linalg.sketches import RowSampleSketch
-from gramopt.optim.seng_config import SketchConfig, sketch_rows
-from gramopt.optim.seng_solve import kept_factor, solve_shifted, with_solve_state
+from gramopt.optim.seng.config import SketchConfig, sketch_rows
+from gramopt.optim.seng.solve import kept_factor, solve_shifted, with_solve_state
 
 def _flat_gather(tensors: Sequence[Tensor], index: Tensor) -> Tensor:
     """``cat([t.reshape(-1) for t in tensors])[index]`` without the concatenation."""

@@ -4,7 +4,7 @@ A Linear or Conv layer keeps per-sample factors ``G_i [r, n_G]`` and ``A_i [r, n
 with ``u_i = vec(G_i^T A_i)`` (Eq. 15: G from the output-gradients, A from the inputs
 with a last column of ones for the bias), truncated to rank r by an SVD when the layer
 shares its weight over kappa > r positions. From them (the direction is that of
-:mod:`gramopt.optim.seng_explicit`, ``d = (g - U^T beta) / lam``):
+:mod:`gramopt.optim.seng.explicit`, ``d = (g - U^T beta) / lam``):
 
     U g      by Eq. 18, or sketched by Eq. 19        (Omega_G, Omega_A of Eq. 17)
     U U^T    by Eq. 20, or sketched by Eq. 21
@@ -29,8 +29,8 @@ from gramopt.errors import NonFiniteError
 from gramopt.linalg.dense import SolveInfo, solve_damped_psd
 from gramopt.linalg.sketches import KroneckerSketch, RowSampleSketch
 from gramopt.capture.factors import all_finite
-from gramopt.optim.seng_config import SketchConfig, sketch_rows
-from gramopt.optim.seng_solve import kept_factor, solve_shifted, with_solve_state
+from gramopt.optim.seng.config import SketchConfig, sketch_rows
+from gramopt.optim.seng.solve import kept_factor, solve_shifted, with_solve_state
 
 
 def layer_factors(factors: SharedWeightFactors) -> tuple[Tensor, Tensor]:

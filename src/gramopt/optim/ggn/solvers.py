@@ -1,6 +1,6 @@
 """Solvers of the Gauss-Newton system ``(Q^T J J^T Q + damping I) a = w`` of one GGN step.
 
-Every solver takes a :class:`~gramopt.optim.ggn.GaussNewtonSystem` and keyword options
+Every solver takes a :class:`~gramopt.optim.ggn.system.GaussNewtonSystem` and keyword options
 (``GGN(..., solver=name, solver_options={...})``) and returns ``(a, SolveInfo)``:
 
 ==============  ==========================================================  ====================
@@ -55,7 +55,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,11 +64,11 @@ from gramopt.capture.factors import LayerFactors, unflatten
 from gramopt.capture.shared_weight import gram_strategy
 from gramopt.linalg.dense import SolveInfo, solve_damped_psd
 from gramopt.linalg.krylov import nystrom_preconditioner, pcg
-from gramopt.linalg.regression import LinearOperator, fast_regression
+from gramopt.linalg.operators import LinearOperator
+from gramopt.linalg.regression import fast_regression
 from gramopt.linalg.sketches import SKETCHES, KroneckerSketch, make_sketch
+from gramopt.optim.ggn.system import GaussNewtonSystem
 
-if TYPE_CHECKING:
-    from gramopt.optim.ggn import GaussNewtonSystem
 
 #: CG iterations auto budgets for sketch-pcg (measured 5-8 at float32's default tol).
 AUTO_PCG_ITERATIONS = 8
@@ -92,7 +92,7 @@ class GaussNewtonOperator(LinearOperator):
     per-layer Kronecker sketch of the module doc.
     """
 
-    def __init__(self, system: "GaussNewtonSystem") -> None:
+    def __init__(self, system: GaussNewtonSystem) -> None:
         self.system = system
         self.factors = list(system.factors.values())
         p = sum(f.num_params for f in self.factors)
@@ -154,7 +154,7 @@ def _generator(seed: int, step: int, device: torch.device) -> torch.Generator:
 # -- the solvers -----------------------------------------------------------------------
 
 
-def cholesky_solver(system: "GaussNewtonSystem") -> tuple[Tensor, SolveInfo]:
+def cholesky_solver(system: GaussNewtonSystem) -> tuple[Tensor, SolveInfo]:
     """Build the Gram through the layers' structure, then a Cholesky solve (with the
     jitter / eigen-solve fallbacks of :func:`~gramopt.linalg.solve_damped_psd`)."""
     start = time.perf_counter()
@@ -165,19 +165,19 @@ def cholesky_solver(system: "GaussNewtonSystem") -> tuple[Tensor, SolveInfo]:
     return a, info
 
 
-def _damped(system: "GaussNewtonSystem") -> Callable[[Tensor], Tensor]:
+def _damped(system: GaussNewtonSystem) -> Callable[[Tensor], Tensor]:
     d = system.damping
     return (lambda a: system.matvec(a) + d * a) if d else system.matvec
 
 
-def cg_solver(system: "GaussNewtonSystem", *, tol: float | None = None, max_iter: int = 1000) -> tuple[Tensor, SolveInfo]:
+def cg_solver(system: GaussNewtonSystem, *, tol: float | None = None, max_iter: int = 1000) -> tuple[Tensor, SolveInfo]:
     """Unpreconditioned conjugate gradients with ``Q^T J J^T Q + damping I``."""
     tol = default_tol(system.rhs.dtype) if tol is None else tol
     return pcg(_damped(system), system.rhs, tol=tol, max_iter=max_iter, method="cg")
 
 
 def sketch_pcg_solver(
-    system: "GaussNewtonSystem",
+    system: GaussNewtonSystem,
     *,
     tol: float | None = None,
     max_iter: int = 200,
@@ -202,7 +202,7 @@ def sketch_pcg_solver(
 
 
 def nystrom_pcg_solver(
-    system: "GaussNewtonSystem", *, tol: float | None = None, max_iter: int = 200, rank: int = 64, seed: int = 0
+    system: GaussNewtonSystem, *, tol: float | None = None, max_iter: int = 200, rank: int = 64, seed: int = 0
 ) -> tuple[Tensor, SolveInfo]:
     """CG preconditioned by the rank-r randomized Nystrom approximation of the Gram
     (r products with the Gram, :func:`~gramopt.linalg.krylov.nystrom_preconditioner`)."""
@@ -227,7 +227,7 @@ def nystrom_pcg_solver(
 # -- auto --------------------------------------------------------------------------------
 
 
-def estimated_flops(system: "GaussNewtonSystem", oversampling: float = 4.0) -> dict[str, float]:
+def estimated_flops(system: GaussNewtonSystem, oversampling: float = 4.0) -> dict[str, float]:
     """Flop estimates of one solve: ``{"cholesky", "sketch-pcg", "gram_product"}``."""
     n = system.size
     exact = sketched = product = 0.0
@@ -269,14 +269,14 @@ def _layer_flops(f: LayerFactors, n: int, oversampling: float) -> tuple[float, f
     return exact, sketched, 4.0 * n * p
 
 
-def choose_solver(system: "GaussNewtonSystem", oversampling: float = 4.0) -> str:
+def choose_solver(system: GaussNewtonSystem, oversampling: float = 4.0) -> str:
     """``"sketch-pcg"`` if its estimated cost is lower than cholesky's, else ``"cholesky"``."""
     cost = estimated_flops(system, oversampling)
     return "sketch-pcg" if cost["sketch-pcg"] < cost["cholesky"] else "cholesky"
 
 
 def auto_solver(
-    system: "GaussNewtonSystem",
+    system: GaussNewtonSystem,
     *,
     tol: float | None = None,
     max_iter: int = 200,
