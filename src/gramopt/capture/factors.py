@@ -3,7 +3,7 @@
 For one layer l and one step, U_l is the n x p_l matrix whose rows are per-sample
 vectors over the layer's trainable parameters (weight and bias together): output
 Jacobian rows for Gauss-Newton, per-sample loss gradients for natural gradient
-(DESIGN.md section 1). Rows are ordered sample-major: with k backward passes over a
+(every method of :mod:`gramopt.optim` works with ``K_l = U_l U_l^T``, ``[n, n]``). Rows are ordered sample-major: with k backward passes over a
 batch of b samples, row ``r = i * k + c`` belongs to sample ``i`` and pass ``c``.
 
 A :class:`LayerFactors` never has to materialize U_l. It offers what every method needs:

@@ -8,7 +8,7 @@ and the Gram entries are
 
     K_rq = sum_{s,t} (z_rs . z_qt) (x_is . x_jt)  +  (sum_s z_rs) . (sum_t z_qt)     (*)
 
-(DESIGN.md section 1). Two ways to build K:
+(the sample-space kernel ``K = U U^T`` of :mod:`gramopt.capture.factors`). Two ways to build K:
 
 - *position pairs*: evaluate (*) directly, cost ~ (n s)^2 (d_in + d_out);
 - *explicit*: form U (n x d_out d_in) with one batched matmul, then U U^T,

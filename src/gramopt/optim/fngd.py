@@ -1,4 +1,6 @@
-"""Inverse-free fast natural gradient descent, FNGD (Ou et al., ``papers/003_*``).
+"""Inverse-free fast natural gradient descent, FNGD, of
+Xinwei Ou, Ce Zhu, Xiaolin Huang, Yipeng Liu, "Inverse-Free Fast Natural Gradient
+Descent Method for Deep Learning", arXiv:2403.03473, 2024.
 
 For a Linear or Conv layer l and a batch of M samples, let U_l be the M x p_l matrix of
 per-sample loss gradients (one row per sample, weight and bias together; Eq. 11, 13)
@@ -43,11 +45,8 @@ first batch's size).
 Parameters of other layers (norms, embeddings, modules without handler) follow the
 plain gradient of the mean loss, as in the paper.
 
-What sharing amounts to (measured here on the digits MLP and the MNIST CNN): batches
-are shuffled, so the running mean is nearly the same at every batch position (relative
-spread 5-8% at damping 1e-3, 11-27% at 1e-4), and sum(v_l) is 0.15-0.85. The sharing
-phase therefore behaves like momentum SGD with a per-layer step lr * sum(v_l) and a
-little per-sample noise: a learning rate tuned for the preconditioned first epoch can
+In practice sharing behaves like momentum SGD with a per-layer step ``lr * sum(v_l)``
+(see benchmarks/notes.md): a learning rate tuned for the preconditioned first epoch can
 be too large afterwards.
 
 Usage (uniform loop, or ``loss.backward(); opt.step()`` with a mean loss)::

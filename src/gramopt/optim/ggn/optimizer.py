@@ -1,4 +1,7 @@
-"""Gram-Gauss-Newton (Cai et al., ``papers/000_*``), Algorithm 1 with Eq. (11):
+"""Gram-Gauss-Newton, Algorithm 1 with Eq. (11) of
+Tianle Cai, Ruiqi Gao, Jikai Hou, Siyu Chen, Dong Wang, Di He, Zhihua Zhang, Liwei Wang,
+"Gram-Gauss-Newton Method: Learning Overparameterized Neural Networks for Regression
+Problems", arXiv:1905.11675, 2019:
 
     1. fetch a mini-batch B_t; forward pass f = f(w_t, x_B)
     2. J: per-sample output Jacobians, b k rows (one backward pass per output, Section 5)

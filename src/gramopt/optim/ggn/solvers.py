@@ -8,7 +8,7 @@ solver          what it does                                                opti
 ==============  ==========================================================  ====================
 ``cholesky``    the Gram through the layers' structure, then Cholesky       none
 ``cg``          conjugate gradients, matrix-free (products with J, J^T)     tol, max_iter (1000)
-``sketch-pcg``  fast regression (Algorithm 2 of ``papers/002_*``) on        tol, max_iter (200),
+``sketch-pcg``  fast regression (Algorithm 2 of [vdB]) on        tol, max_iter (200),
                 ``A = J^T Q`` [p, n]: CG preconditioned by the Cholesky     sketch ("sparse"),
                 factor of a *sketched* Gram, never the Gram itself          oversampling (4), seed (0)
 ``nystrom-pcg`` CG preconditioned by a randomized Nystrom approximation     tol, max_iter (200),
@@ -18,8 +18,11 @@ solver          what it does                                                opti
 
 ``tol`` is the relative residual ``||w - H a|| / ||w||`` (default 1e-8 in float64, 1e-4
 otherwise: in float32 the residual of a product with H is itself only accurate to about
-``eps ||H|| ||a||``, which measured 2e-5 to 2e-4 on the benchmark's MLPs). A solver that runs out of iterations returns its last iterate with
-``info.converged = False`` (GGN warns).
+``eps ||H|| ||a||``, see benchmarks/notes.md). A solver that runs out of iterations
+returns its last iterate with ``info.converged = False`` (GGN warns).
+
+[vdB]: Jan van den Brand, Binghui Peng, Zhao Song, Omri Weinstein, "Training
+(Overparametrized) Neural Networks in Near-Linear Time", ITCS 2021, arXiv:2006.11648.
 
 The sketch of ``A = J^T Q`` (Lemma 3.3) needs a subspace embedding over the parameter
 dimension p. Forming ``S J^T`` with a dense or fast transform over p costs at least
@@ -33,10 +36,12 @@ the bias folded in) is sketched down to ``m = ceil(oversampling n s)`` rows when
 and left exact otherwise. The sketched block is then the structured Gram of the
 sketched factors, e.g. ``(Z S_G^T S_G Z^T) * (X X^T + 1)`` for s = 1, at cost
 ``zeta n d_out + n^2 (m + d_in)`` instead of ``n^2 (d_out + d_in)``. Because S_G embeds
-the span of the z's, ``(1 - delta) Z Z^T <= Z S_G^T S_G Z^T <= (1 + delta) Z Z^T`` and,
-by the Schur product theorem, the same bounds hold for the layer's block, the sum and
-the sandwich with Q: the preconditioned system has condition number at most
-``(1 + delta) / (1 - delta)``. Layers too small to gain (most of a deep MLP at a batch
+the span of the z's with distortion delta (``||S_G v||`` within ``(1 +- delta) ||v||``,
+Definition 3.2 of [vdB]), ``(1 - delta)^2 Z Z^T <= Z S_G^T S_G Z^T <= (1 + delta)^2 Z Z^T``
+and, by the Schur product theorem, the same bounds hold for the layer's block, the sum
+and the sandwich with Q: the preconditioned system has condition number at most
+``((1 + delta) / (1 - delta))^2`` (as in :mod:`gramopt.linalg.regression`); with both
+sides sketched the factors of S_G and S_A multiply. Layers too small to gain (most of a deep MLP at a batch
 larger than its width) keep their exact block: sketch-pcg then costs more than
 cholesky, which is what ``auto`` weighs.
 

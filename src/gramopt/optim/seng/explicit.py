@@ -1,4 +1,6 @@
-"""SENG's explicit layers (``papers/001_*``, Section 3.2 and Algorithm 1).
+"""SENG's explicit layers (Section 3.2 and Algorithm 1 of
+Minghan Yang, Dong Xu, Zaiwen Wen, Mengyun Chen, Pengxiang Xu, "Sketchy Empirical
+Natural Gradient Methods for Deep Learning", arXiv:2006.05924, 2020).
 
 For a layer with per-sample loss gradients u_i (rows of U ``[b, p]``, from the refresh
 step) and the current batch gradient g, SENG moves along

@@ -1,4 +1,6 @@
-"""SENG's implicit layers (``papers/001_*``, Section 3.3 and Algorithm 1).
+"""SENG's implicit layers (Section 3.3 and Algorithm 1 of
+Minghan Yang, Dong Xu, Zaiwen Wen, Mengyun Chen, Pengxiang Xu, "Sketchy Empirical
+Natural Gradient Methods for Deep Learning", arXiv:2006.05924, 2020).
 
 A Linear or Conv layer keeps per-sample factors ``G_i [r, n_G]`` and ``A_i [r, n_A]``
 with ``u_i = vec(G_i^T A_i)`` (Eq. 15: G from the output-gradients, A from the inputs

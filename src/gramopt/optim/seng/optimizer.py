@@ -1,4 +1,6 @@
-"""Sketchy empirical natural gradient (Yang et al., ``papers/001_*``), Algorithms 1-2.
+"""Sketchy empirical natural gradient, Algorithms 1-2 of
+Minghan Yang, Dong Xu, Zaiwen Wen, Mengyun Chen, Pengxiang Xu, "Sketchy Empirical
+Natural Gradient Methods for Deep Learning", arXiv:2006.05924, 2020.
 
 Per Linear/Conv layer l (weight and bias together; also Embedding and norm layers),
 with per-sample loss gradients u_i (rows of U_l) and the batch gradient g_l:
