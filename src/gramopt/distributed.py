@@ -237,17 +237,8 @@ class DataParallel:
         self.traffic.add("broadcast", 0, 0)
         return box[0]
 
-    @contextmanager
-    def _collective(self, kind: str) -> Iterator[None]:
-        try:
-            yield
-        except Exception as err:
-            error = CollectiveError(
-                f"rank {self.rank}: {kind} failed ({type(err).__name__}: {err}); another rank probably "
-                "died, raised outside gramopt's agreement, or passed the process group's timeout"
-            )
-            setattr(error, _AGREED, True)
-            raise error from err
+    def _collective(self, kind: str) -> Any:
+        return collective(kind, self.rank)
 
     # -- agreement ---------------------------------------------------------------------------
     def _agree(self, phase: str, samples: int, layout: str, failure: BaseException | None = None) -> list[int]:
@@ -465,6 +456,22 @@ def settings_fingerprint(optimizer: "SampleSpaceOptimizer") -> dict[str, str]:
         [p for g in optimizer.param_groups for p in g["params"]]
     )
     return print_
+
+
+@contextmanager
+def collective(kind: str, rank: int) -> Iterator[None]:
+    """Run one collective of ``kind`` on ``rank``; its failure (a rank died, left early or
+    passed the timeout) becomes a :class:`~gramopt.errors.CollectiveError` that every rank
+    already knows of."""
+    try:
+        yield
+    except Exception as err:
+        error = CollectiveError(
+            f"rank {rank}: {kind} failed ({type(err).__name__}: {err}); another rank probably "
+            "died, raised outside gramopt's agreement, or passed the process group's timeout"
+        )
+        setattr(error, _AGREED, True)
+        raise error from err
 
 
 def _agreed(error: Exception) -> Exception:
