@@ -441,28 +441,6 @@ def test_schedules():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(damping=0.0), "damping must be > 0"),
-        (dict(damping=-1.0), "damping must be > 0"),
-        (dict(damping=float("nan")), "damping must be a finite number"),
-        (dict(damping=lambda step: 0.0), "damping schedule must return a finite number > 0"),
-        (dict(curvature_every=0), "curvature_every must be an int >= 1"),
-        (dict(curvature_every=2.5), "curvature_every must be an int >= 1"),
-        (dict(sketch=gramopt.SketchConfig(size=43)), r"size=43 is larger than layer 0 \(42 parameters\)"),
-        (dict(sketch=gramopt.SketchConfig(factor_size=4), implicit=gramopt.ImplicitConfig(threshold=1)), r"factor_size=4 is larger than implicit layer 4 .*n_G=3"),
-        (dict(sketch=0.5), "sketch must be a gramopt.SketchConfig"),
-        (dict(implicit=dict(threshold=1)), "implicit must be a gramopt.ImplicitConfig"),
-        (dict(lr=0.0), "lr must be > 0"),
-    ],
-)
-def test_bad_hyper_parameters_are_refused(kwargs, match):
-    args = dict(lr=0.1, damping=0.1) | kwargs
-    with pytest.raises(ValueError, match=match):
-        gramopt.SENG(models.mlp(out=3), **args)
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
         (dict(), "needs size"),
         (dict(size=0), "size must be >= 1"),
         (dict(size=1.5), r"fraction must lie in \(0, 1\]"),
