@@ -367,7 +367,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         functionally). They follow the plain gradient (see :meth:`_warn_stray`)."""
         return self.engine.stray_params()
 
-    def _warn_stray(self, params: Sequence[Tensor]) -> None:
+    def _warn_stray(self, params: Sequence[Tensor], stacklevel: int = 3) -> None:
         """One warning per optimizer and parameter: it has a gradient that the method
         cannot precondition, so it follows the plain gradient (never silently frozen)."""
         names = [self._names.get(id(p), "?") for p in params]
@@ -379,7 +379,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 "nothing (its weights were used without calling the module, e.g. F.linear(x, layer.weight)); "
                 "they follow the plain gradient of the loss",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
 
     def _name(self, p: Tensor) -> str:

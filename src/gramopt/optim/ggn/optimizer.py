@@ -181,7 +181,7 @@ class GGN(SampleSpaceOptimizer):
                         if id(p) in stray_ids:
                             stray.append(p)
             self._strays = stray
-            self._warn_stray(stray)
+            self._warn_stray(stray, stacklevel=4)  # user -> backward -> _backward
         self._pending = GaussNewtonBatch(
             float(value.detach()), self._seconds, factors=factors, q=q, w=w.reshape(-1), plain=plain
         )
