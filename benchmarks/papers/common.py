@@ -8,7 +8,9 @@ can run it in-process with ``--quick``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import platform
 import time
 from collections.abc import Sequence
@@ -23,7 +25,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from gramopt import NonFiniteError, SingularSystemError  # noqa: E402
-from gramopt.tasks import Split, Task  # noqa: E402
+from gramopt.tasks import Split, Task, get_task  # noqa: E402
 from gramopt.training.loop import epoch_order, evaluate  # noqa: E402
 from gramopt.training.optimizers import training_step  # noqa: E402
 
@@ -72,16 +74,29 @@ def environment() -> dict[str, str]:
 
 
 def write(out: Path, name: str, payload: dict[str, Any], figure: Any) -> dict[str, Any]:
-    """Write ``name.json`` (payload + environment) and ``name.png`` under ``out``."""
+    """Write ``name.json`` (payload + environment; NaN and inf as null) and ``name.png``
+    under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "environment": environment()}
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(_finite(payload), indent=1, allow_nan=False) + "\n")
     figure.savefig(out / f"{name}.png", dpi=110)
     import matplotlib.pyplot as plt
 
     plt.close(figure)
     print(f"wrote {out / name}.json and .png")
     return payload
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None (strict JSON: a diverged run, a
+    vacuous bound), containers recursed."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def train_epoch(
@@ -148,3 +163,18 @@ def fngd_absolute_damping() -> dict[str, Any] | None:
         if name in accepted:
             return {name: value}
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def load_split(task_name: str, seed: int) -> Split:
+    """The task's split, loaded once per process (the smoke test runs several studies)."""
+    return get_task(task_name).load(seed)
+
+
+def random_images(train: int, test: int, seed: int, classes: int = 10) -> Split:
+    """Random ``[n, 1, 28, 28]`` images with random labels: the ``--quick`` stand-in for the
+    mnist split (the smoke test checks the plumbing; loading mnist costs seconds)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(train + test, 1, 28, 28, generator=generator)
+    y = torch.randint(0, classes, (train + test,), generator=generator)
+    return Split(x[:train], y[:train], x[train:], y[train:])

@@ -39,7 +39,7 @@ import torch
 import gramopt
 from gramopt.tasks import Split, get_task
 
-from common import PAPERS, fngd_absolute_damping, parse_args, steps_per_epoch, train_epoch, write
+from common import PAPERS, load_split, random_images, fngd_absolute_damping, parse_args, steps_per_epoch, train_epoch, write
 
 CONSTANT_DAMPING = 0.3  # the paper's "w/o damping" value
 
@@ -61,11 +61,12 @@ def arms(task, split: Split, absolute: dict[str, Any] | None) -> dict[str, dict[
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(__doc__.splitlines()[0], argv)
     task = get_task("mnist")
-    split = task.load(args.seed)
     epochs, seeds = 8, 2
     if args.quick:
         epochs, seeds = 2, 1
-        split = Split(split.train_x[:384], split.train_y[:384], split.test_x[:128], split.test_y[:128])
+        split = random_images(256, 128, args.seed)
+    else:
+        split = load_split(task.name, args.seed)
     absolute = fngd_absolute_damping()
     settings = arms(task, split, absolute)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "time_per_epoch_ratio_all_epochs": statistics.median(x for r in mine for x in r["time_ratio_per_epoch"]),
         }
     fngd, plain = summary["FNGD (sharing, relative damping)"], summary["w/o sharing (relative damping)"]
-    sharing_faster = plain["time_per_epoch_ratio_after_first_epoch"] >= 1.3
+    sharing_faster = plain["time_per_epoch_ratio_after_first_epoch"] >= 1.8  # the paper: 2.0-2.1x
     sharing_accuracy_kept = fngd["mean_final_test_accuracy"] >= plain["mean_final_test_accuracy"] - 0.005
     constant = summary.get("w/o damping rule (sharing, constant 0.3)")
     damping_rule_helps = None if constant is None else constant["mean_final_test_accuracy"] < fngd["mean_final_test_accuracy"]
@@ -113,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "held_sharing_keeps_accuracy": sharing_accuracy_kept,
         "held_damping_rule_helps": damping_rule_helps,
         "held": sharing_faster and sharing_accuracy_kept and damping_rule_helps is not False,
-        "held_criterion": "w/o sharing costs at least 1.3x FNGD's time per epoch after the first epoch, FNGD's mean final accuracy at most 0.5 points below w/o sharing's, and (when run) constant damping below FNGD's accuracy",
+        "held_criterion": "w/o sharing costs at least 1.8x FNGD's time per epoch after the first epoch (the paper: 2.0-2.1x, 'by half'), FNGD's mean final accuracy at most 0.5 points below w/o sharing's, and (when run) constant damping below FNGD's accuracy",
     }
     return write(args.out, "fngd_table4_ablation", payload, _figure(runs, summary))
 

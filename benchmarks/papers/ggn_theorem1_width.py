@@ -75,7 +75,7 @@ def run_width(x: torch.Tensor, y: torch.Tensor, width: int, seed: int, steps: in
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(__doc__.splitlines()[0], argv)
-    n, widths, seeds, steps = (16, [64, 256, 1024], 1, 6) if args.quick else (32, [256, 1024, 4096, 16384, 65536], 3, 10)
+    n, widths, seeds, steps = (16, [64, 256], 1, 4) if args.quick else (32, [256, 1024, 4096, 16384, 65536], 3, 10)
     split = load_teacher(args.seed)
     x, y = split.train_x[:n].double(), split.train_y[:n].double()
     runs = [run_width(x, y, width, args.seed + s, steps) for width in widths for s in range(seeds)]

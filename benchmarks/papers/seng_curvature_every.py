@@ -25,9 +25,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import gramopt
-from gramopt.tasks import Split, get_task
+from gramopt.tasks import get_task
 
-from common import PAPERS, parse_args, steps_per_epoch, train_epoch, write
+from common import PAPERS, load_split, random_images, parse_args, steps_per_epoch, train_epoch, write
 
 FREQUENCIES = [1, 10, 50, 200]
 TARGET = 0.90
@@ -36,11 +36,12 @@ TARGET = 0.90
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(__doc__.splitlines()[0], argv)
     task = get_task("mnist")
-    split = task.load(args.seed)
     epochs, seeds = (10, 2)
     if args.quick:
         epochs, seeds = 1, 1
-        split = Split(split.train_x[:512], split.train_y[:512], split.test_x[:128], split.test_y[:128])
+        split = random_images(256, 64, args.seed)
+    else:
+        split = load_split(task.name, args.seed)
     hyper = {k: v for k, v in task.hyper["seng"].items() if k != "curvature_every"}
     runs: dict[str, Any] = {}
     for s in range(seeds):

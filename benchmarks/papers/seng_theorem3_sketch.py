@@ -9,8 +9,8 @@ d^ = (g - U b^)/lam is within ||U|| / lam of that (Eq. 37): the error is control
 sketch and vanishes as q grows; the theorem needs (sqrt(eps + eta))/(1 - eta) small.
 
 Ours: the digits MLP (64-128-128-10, float64) at initialization, one batch of b = 128, damping
-lam = 1. For each layer and sketch size q (coordinates kept, the same for every layer) and
-sampling (``uniform``, ``leverage`` = squared row norms of U, Eq. 14):
+lam = 1. For each layer and sketch size q (coordinates kept, a fraction of the layer's
+parameters: ``SketchConfig(size=fraction)``) and sampling (``uniform``, ``leverage`` = squared row norms of U, Eq. 14):
 
 - gramopt: d^ from one ``gramopt.SENG(lr=1, sketch=SketchConfig(size=q, ...))`` step and d from
   the unsketched step, relative error ||d^ - d|| / ||d|| per layer, over several sketch seeds;
@@ -41,7 +41,7 @@ from torch.func import functional_call, grad, vmap
 import gramopt
 from gramopt.tasks import get_task
 
-from common import PAPERS, parse_args, write
+from common import PAPERS, load_split, parse_args, write
 
 DAMPING = 1.0
 
@@ -116,9 +116,9 @@ def gramopt_directions(model: nn.Module, x: Tensor, y: Tensor, sketch: gramopt.S
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(__doc__.splitlines()[0], argv)
     task = get_task("digits")
-    split = task.load(args.seed)
+    split = load_split(task.name, args.seed)
     batch = 32 if args.quick else 128
-    sizes = [64, 256] if args.quick else [64, 128, 256, 512, 1024]
+    fractions = [0.05, 0.5] if args.quick else [0.01, 0.03, 0.1, 0.3, 0.6, 0.9]
     draws = 2 if args.quick else 8
     model = task.build_model(args.seed).double()
     x, y = split.train_x[:batch].double(), split.train_y[:batch]
@@ -129,17 +129,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = []
     generator = torch.Generator().manual_seed(args.seed)
     for sampling in ("uniform", "leverage"):
-        for q in sizes:
+        for i, fraction in enumerate(fractions):
             gram_errors: dict[str, list[float]] = {name: [] for name in rows}
             for s in range(draws):
-                sketched = gramopt_directions(model, x, y, gramopt.SketchConfig(size=q, sampling=sampling, seed=1000 * s + q))
+                sketched = gramopt_directions(model, x, y, gramopt.SketchConfig(size=fraction, sampling=sampling, seed=1000 * s + i))
                 for name in rows:
                     gram_errors[name].append(float((sketched[name] - exact[name]).norm() / exact[name].norm()))
             for name, r in rows.items():
+                q = math.ceil(fraction * r.shape[1])  # SketchConfig's rows for a fraction
                 dense = [dense_draw(r, q, sampling, generator) for _ in range(draws)]
                 results.append(
                     {
                         "sampling": sampling,
+                        "fraction": fraction,
                         "q": q,
                         "layer": name,
                         "layer_params": r.shape[1],
@@ -155,26 +157,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     }
                 )
     bound_ok = all(r["bound_holds_all_draws"] for r in results)
-    agree = all(0.67 <= r["gramopt_median"] / r["dense_median"] <= 1.5 for r in results if r["dense_median"] > 1e-12)
+    ratios = [r["gramopt_median"] / r["dense_median"] for r in results if r["dense_median"] > 1e-12]
+    pooled = math.exp(statistics.fmean(math.log(v) for v in ratios))
+    agree = 0.8 <= pooled <= 1.25 and all(0.5 <= v <= 2.0 for v in ratios)
     falling = all(
         _series(results, sampling, name)[-1] < _series(results, sampling, name)[0] for sampling in ("uniform", "leverage") for name in rows
     )
-    slopes = {f"{sampling}/{name}": _slope([math.log(q) for q in sizes], [math.log(max(v, 1e-16)) for v in _series(results, sampling, name)]) for sampling in ("uniform", "leverage") for name in rows}
+    slopes = {f"{sampling}/{name}": _slope([math.log(f) for f in fractions], [math.log(max(v, 1e-16)) for v in _series(results, sampling, name)]) for sampling in ("uniform", "leverage") for name in rows}
     payload = {
         "study": "SENG Theorem 3 / Lemma 5: sketched-direction error against sketch size",
         "paper": PAPERS["seng"],
         "claim": "||b^ - b|| <= (sqrt(eps) + eta) / (sqrt(h1)(1 - eta)) ||g|| (Lemma 5, Eq. 31/36); the direction error (Eq. 37) is controlled by the sketch and vanishes as it grows (Theorem 3 needs it small)",
-        "settings": {"task": "digits", "model": "MLP 64-128-128-10", "dtype": "float64", "batch": batch, "damping": DAMPING, "sizes_q": sizes, "draws": draws, "state": "initialization"},
+        "settings": {"task": "digits", "model": "MLP 64-128-128-10", "dtype": "float64", "batch": batch, "damping": DAMPING, "sketch_fractions": fractions, "draws": draws, "state": "initialization"},
         "unsketched_step_vs_dense_eq8_max_relative_gap": reference_gap,
         "results": results,
         "log_log_slope_median_error_vs_q": slopes,
+        "gramopt_over_dense_median_error_pooled": pooled,
+        "informative_bound_draws": sum(r["eta_below_one_draws"] for r in results),
+        "total_draws": draws * len(results),
         "bound_holds_every_draw": bound_ok,
         "gramopt_matches_dense_distribution": agree,
         "error_falls_with_q": falling,
         "held": bound_ok and agree and falling,
-        "held_criterion": "Lemma 5's bound holds on every dense draw, gramopt's median error within 1.5x of the dense reference's at every (sampling, q, layer), and the error at the largest q below that at the smallest",
+        "held_criterion": "Lemma 5's bound holds on every dense draw (it is finite only where eta < 1), gramopt's median errors match the dense reference's (geometric mean of the ratios in [0.8, 1.25], each in [0.5, 2]), and the error at the largest sketch is below that at the smallest",
     }
-    return write(args.out, "seng_theorem3_sketch", payload, _figure(results, rows, sizes))
+    return write(args.out, "seng_theorem3_sketch", payload, _figure(results, rows, fractions))
 
 
 def _dense_direction(rows: Tensor) -> Tensor:
@@ -192,18 +199,18 @@ def _slope(xs: list[float], ys: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
 
 
-def _figure(results, rows, sizes):
+def _figure(results, rows, fractions):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for ax, sampling in zip(axes, ("uniform", "leverage")):
         for name in rows:
             series = [r for r in results if r["sampling"] == sampling and r["layer"] == name]
-            line = ax.loglog(sizes, [r["gramopt_median"] for r in series], "o-", label=f"layer {name} ({series[0]['layer_params']} params): gramopt")[0]
-            ax.loglog(sizes, [r["dense_median"] for r in series], "x:", color=line.get_color(), label="dense reference")
+            line = ax.loglog(fractions, [r["gramopt_median"] for r in series], "o-", label=f"layer {name} ({series[0]['layer_params']} params): gramopt")[0]
+            ax.loglog(fractions, [r["dense_median"] for r in series], "x:", color=line.get_color(), label="dense reference")
             bounds = [statistics.median(b * e for b, e in zip(r["bound_over_error"], r["dense_relative_errors"])) for r in series]
-            ax.loglog(sizes, bounds, "--", color=line.get_color(), alpha=0.5, label="Lemma 5 bound (median)")
-        ax.set(xlabel="sketch size q (coordinates kept)", ylabel="||d^ - d|| / ||d||", title=f"{sampling} sampling, batch {list(rows.values())[0].shape[0]}")
+            ax.loglog(fractions, bounds, "--", color=line.get_color(), alpha=0.5, label="Lemma 5 bound (median)")
+        ax.set(xlabel="sketch size q / layer parameters", ylabel="||d^ - d|| / ||d||", title=f"{sampling} sampling, batch {list(rows.values())[0].shape[0]}")
         ax.legend(fontsize=6)
     return fig
 

@@ -13,15 +13,16 @@ Ours: ``gramopt.linalg.fast_regression(A, y, method="gradient")`` on dense A ``[
 condition numbers of A^T A of 1e2 and 1e6, for oversampling 4 ... 128 (sketch rows per column)
 and the ``sparse`` (default) and ``gaussian`` sketches, 5 sketch seeds each:
 
-- measured: the per-iteration factor of gramopt's relative residual (``info.residuals``),
-  as the geometric mean over the iterations before the residual reaches 1e-12, and the
-  largest single-iteration factor after the first three;
+- measured: the asymptotic per-iteration factor of gramopt's relative residual
+  (``info.residuals``, see :func:`measured`);
 - predicted, independently: the same sketch drawn again (``make_sketch`` with the same seed),
   our own QR of S A, B's eigenvalues, the contraction max |1 - eig(B)^2| and the distortion
   delta of A R^{-1}.
 
-Held if at the documented oversampling (64) and above, every case's predicted contraction
-and measured factor are at most 9/16.
+Held if at the documented oversampling (64) every case's predicted contraction and measured
+factor are at most 9/16. Also checked: the lemma's implication (cases whose eig(B) lie in
+[3/4, 5/4] contract by at most 9/16), and which convergence condition on delta matches the
+outcomes: the documented (1 + delta)^4 < 2 or (1 - delta)^-4 < 2.
 
     PYTHONPATH=src python benchmarks/papers/vdb_lemma_b2.py [--quick]
 """
@@ -65,13 +66,26 @@ def predicted(a: torch.Tensor, kind: str, oversampling: float, seed: int) -> dic
 
 
 def measured(a: torch.Tensor, y: torch.Tensor, kind: str, oversampling: float, seed: int) -> dict[str, Any]:
-    x, info = fast_regression(a, y, method="gradient", sketch=kind, oversampling=oversampling, generator=torch.Generator().manual_seed(seed), tol=1e-12, max_iter=300)
-    res = [v for v in info.residuals if v > 0]
-    usable = [t for t in range(1, len(res)) if res[t] > 1e-12 and math.isfinite(res[t])]
-    factors = [res[t] / res[t - 1] for t in usable]
-    rate = (res[usable[-1]] / res[0]) ** (1.0 / usable[-1]) if usable else 0.0
-    late = factors[3:] or factors
-    return {"converged": bool(info.converged), "iterations": info.iterations, "rate": rate, "max_factor_after_3": max(late) if late else 0.0, "residuals": res[:60]}
+    """gramopt's gradient iteration on the same sketch: its asymptotic per-iteration factor.
+
+    gramopt reports the unpreconditioned relative residual ||(A^T A) x_t - y|| / ||y||, which
+    is R^T times the lemma's B(z_t - z*): not monotone at first, but with the same asymptotic
+    factor. We fit it (least squares on log residuals) over the iterations with residual in
+    [1e-9, 1e-2] (past the transient, above float64's floor at cond(A^T A) = 1e6), or, for
+    a diverging run, over its last 10 iterations."""
+    x, info = fast_regression(a, y, method="gradient", sketch=kind, oversampling=oversampling, generator=torch.Generator().manual_seed(seed), tol=1e-10, max_iter=3000)
+    res = list(info.residuals)
+    window = [t for t in range(len(res)) if 1e-9 <= res[t] <= 1e-2]
+    if len(window) < 3:
+        window = list(range(max(0, len(res) - 11), len(res)))
+    logs = [math.log(max(res[t], 1e-300)) for t in window]
+    rate = math.exp(_slope([float(t) for t in window], logs)) if len(window) >= 2 else float("nan")
+    return {"converged": bool(info.converged), "iterations": info.iterations, "rate": rate, "fit_window": [window[0], window[-1]], "residuals": res[:80]}
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -91,9 +105,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 for s in range(seeds):
                     seed = 7919 * s + oversampling
                     cases.append({"condition": condition, "sketch": kind, "oversampling": oversampling, "seed": seed, **predicted(a, kind, oversampling, seed), **measured(a, y, kind, oversampling, seed)})
-    at_documented = [c for c in cases if c["oversampling"] >= DOCUMENTED_OVERSAMPLING]
-    held = all(c["contraction"] <= LEMMA and c["rate"] <= LEMMA and c["converged"] for c in at_documented)
+    def within_lemma(group: list[dict[str, Any]]) -> bool:
+        return all(c["contraction"] <= LEMMA and c["rate"] <= LEMMA and c["converged"] for c in group)
+
+    held = within_lemma([c for c in cases if c["oversampling"] == DOCUMENTED_OVERSAMPLING])
+    held_by_oversampling = {str(o): within_lemma([c for c in cases if c["oversampling"] == o]) for o in oversamplings}
+    premise = [c for c in cases if c["eig_B_min"] >= 0.75 and c["eig_B_max"] <= 1.25]
+    implication = all(c["contraction"] <= LEMMA and c["rate"] <= LEMMA * 1.02 for c in premise)
     consistent = all(c["converged"] == (c["contraction"] < 1.0) for c in cases)
+    criteria = {
+        "documented (1 + delta)^4 < 2": sum(c["converged"] == ((1 + c["delta"]) ** 4 < 2) for c in cases),
+        "corrected (1 - delta)^-4 < 2": sum(c["converged"] == ((1 - c["delta"]) ** -4 < 2) for c in cases),
+        "cases": len(cases),
+    }
     summary = []
     for kind in kinds:
         for oversampling in oversamplings:
@@ -117,8 +141,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "summary": summary,
         "cases": cases,
         "convergence_iff_predicted_contraction_below_1": consistent,
+        "convergence_criteria_agreeing_with_outcome": criteria,
+        "cases_meeting_lemma_premise": len(premise),
+        "lemma_implication_holds": implication,
+        "held_by_oversampling": held_by_oversampling,
         "held": held,
-        "held_criterion": "at oversampling >= 64, every case converges with predicted contraction max|1 - eig(B)^2| <= 9/16 and measured per-iteration residual factor <= 9/16",
+        "held_criterion": "at the documented oversampling (64), every case converges with predicted contraction max|1 - eig(B)^2| <= 9/16 and measured asymptotic residual factor <= 9/16",
     }
     return write(args.out, "vdb_lemma_b2", payload, _figure(summary, kinds))
 
