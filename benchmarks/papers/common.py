@@ -27,7 +27,7 @@ from torch import nn  # noqa: E402
 from gramopt import NonFiniteError, SingularSystemError  # noqa: E402
 from gramopt.tasks import Split, Task, get_task  # noqa: E402
 from gramopt.training.loop import epoch_order, evaluate  # noqa: E402
-from gramopt.training.optimizers import training_step  # noqa: E402
+from gramopt.training.registry import training_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "papers"
 

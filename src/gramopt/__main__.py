@@ -1,5 +1,5 @@
 import sys
 
-from gramopt.cli import main
+from gramopt.console import main
 
 sys.exit(main())

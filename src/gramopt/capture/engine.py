@@ -148,6 +148,9 @@ class CaptureEngine:
         self._calls: dict[int, list[_Call]] = {id(layer.module): [] for layer in self.layers}
         self._pass: int | None = None  # index of the current pass in backward_passes
         self._paused = False  # see paused()
+        # Multiplies every captured output-gradient in factors(): the optimizer sets it to
+        # 1 / loss scale for the step of a torch.amp.GradScaler-scaled backward pass.
+        self.gradient_scale = 1.0
         self._backward_seen = False
         #: b of the last backward pass that reached a hooked layer (kept after clear()).
         self.last_batch_size: int | None = None
@@ -284,6 +287,7 @@ class CaptureEngine:
                 gradients of a mean loss into per-sample loss gradients).
             dtype: compute dtype (default: the gradients' dtype, at least float32).
         """
+        scale = scale * self.gradient_scale
         out: dict[str, LayerFactors] = {}
         batch = None
         for layer in self.layers:

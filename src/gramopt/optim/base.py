@@ -38,7 +38,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -138,6 +138,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         self._pending: PendingBatch | None = None
         self._seconds: dict[str, float] = {}
         self.sync: dp.DataParallel | None = None
+        self._own_backward = False  # the last backward was opt.backward (nothing to unscale)
         if policy is not None:
             self.sync = dp.DataParallel(policy)
             self.sync.check_consistent(dp.settings_fingerprint(self))
@@ -240,7 +241,9 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         :meth:`_backward`."""
         with self._agreement():
             self._require_open()
-            return self._backward(output, target)
+            loss = self._backward(output, target)
+            self._own_backward = True
+            return loss
 
     def _backward(self, output: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
@@ -257,26 +260,65 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         """
         with self._agreement():
             self._require_open()
+            # torch.amp.GradScaler.step(opt) sets these (see _step_supports_amp_scaling)
+            found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+            own_backward, self._own_backward = self._own_backward, False
+            caller = _autocast_dtypes()
             result = None
             if closure is not None:
-                with torch.enable_grad():
+                with torch.enable_grad(), _autocast(caller):
                     result = closure()
-            self._synchronize_gradients()
-            pending = self._pending
-            self._seconds = dict(pending.seconds) if pending is not None else {}
-            try:
-                directions, solve = self.directions(pending)
-                for p in self.gradient_params():
-                    if p.grad is not None:
-                        directions[p] = p.grad
-                with self._phase("update"):
-                    self.apply_directions(directions)
-                    self.commit()
-            finally:
-                self.engine.clear()
-            self._pending = None
-            self.last_info = StepInfo(self.steps_taken, None if pending is None else pending.loss, solve, self._seconds)
+            # the Grams and solves run in the factors' dtype (>= float32), never autocast's
+            with _autocast(dict.fromkeys(caller)):
+                scaled = found_inf is not None and not own_backward
+                if scaled and float(found_inf) > 0:  # the scaler's inf check: skip, change nothing
+                    self.engine.clear()
+                    return result
+                if scaled:
+                    self._unscale(grad_scale)
+                try:
+                    self._step_body()
+                finally:
+                    self.engine.gradient_scale = 1.0
         return result
+
+    def _step_body(self) -> None:
+        self._synchronize_gradients()
+        pending = self._pending
+        self._seconds = dict(pending.seconds) if pending is not None else {}
+        try:
+            directions, solve = self.directions(pending)
+            for p in self.gradient_params():
+                if p.grad is not None:
+                    directions[p] = p.grad
+            with self._phase("update"):
+                self.apply_directions(directions)
+                self.commit()
+        finally:
+            self.engine.clear()
+        self._pending = None
+        self.last_info = StepInfo(self.steps_taken, None if pending is None else pending.loss, solve, self._seconds)
+
+    # torch.amp.GradScaler.step(opt) hands such an optimizer the loss scale and the inf check
+    # (attributes grad_scale, found_inf) instead of unscaling .grad itself: the per-sample
+    # captures are scaled too, and only the optimizer can unscale them.
+    _step_supports_amp_scaling = True
+
+    def _unscale(self, grad_scale: Tensor | None) -> None:
+        """GradScaler (``scaler.scale(loss).backward(); scaler.step(opt)``): multiply ``.grad``
+        and the captured output-gradients by 1/S. After ``opt.backward`` (which computes its
+        loss itself, unscaled) there is nothing to unscale."""
+        if grad_scale is None:
+            raise ValueError(
+                f"{type(self).__name__}: scaler.unscale_(opt) before scaler.step(opt) unscales .grad but not the "
+                "per-sample gradients the optimizer captured; call scaler.step(opt) alone (it unscales both)"
+            )
+        inverse = 1.0 / float(grad_scale)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(inverse)
+        self.engine.gradient_scale = inverse
 
     def directions(self, pending: PendingBatch | None) -> tuple[dict[Tensor, Tensor], SolveInfo | None]:
         """The method's algorithm: a direction d per preconditioned parameter (the step
@@ -441,3 +483,31 @@ def _clone_tree(tree: Any) -> Any:
         return type(tree)(_clone_tree(v) for v in tree)
     return tree
 
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_dtypes() -> dict[str, torch.dtype]:
+    """The device types for which autocast is on now, with its dtype."""
+    on = {}
+    for device in AUTOCAST_DEVICES:
+        try:
+            enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        except (TypeError, AttributeError):  # torch < 2.4
+            if device == "cpu":
+                enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+            else:
+                enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        if enabled:
+            on[device] = dtype
+    return on
+
+
+@contextmanager
+def _autocast(dtypes: dict[str, torch.dtype | None]) -> Iterator[None]:
+    """Autocast on (a dtype) or off (None) for the given device types."""
+    with ExitStack() as stack:
+        for device, dtype in dtypes.items():
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=dtype is not None))
+        yield
