@@ -57,7 +57,7 @@ def build(variant: str, world: int, rank: int) -> tuple[Callable[[], None], Call
     """A step function of a fresh model and optimizer for ``variant``, and a function
     returning its traffic since the last call (bytes and calls per rank)."""
     from gramopt.tasks import get_task
-    from gramopt.training.optimizers import build_optimizer, training_step
+    from gramopt.training.registry import build_optimizer, training_step
 
     task = get_task("teacher")
     split = task.load(0)

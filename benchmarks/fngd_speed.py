@@ -33,7 +33,7 @@ import torch
 
 import gramopt
 from gramopt.tasks import get_task
-from gramopt.training.optimizers import training_step
+from gramopt.training.registry import training_step
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ("digits", "mnist", "recall")

@@ -1,7 +1,7 @@
 """GGN step time relative to an SGD-momentum step (issue 2's speed goal).
 
 Scalar-output MLP at digits size (64-W-W-1, tanh), batch 128, mse, for the digits width
-W = 128 and a wide W = 1024. Timed in turns in one process (gramopt.bench.timing). Also
+W = 128 and a wide W = 1024. Timed in turns in one process (gramopt.compare.timing). Also
 times a naive GGN that builds J with torch.func (vmap(jacrev)) for context. Writes
 benchmarks/results/ggn_step_time.{json,png}.
 
@@ -28,7 +28,7 @@ from torch import nn  # noqa: E402
 from torch.func import functional_call, jacrev, vmap  # noqa: E402
 
 import gramopt  # noqa: E402
-from gramopt.bench.timing import interleaved_times, ratio_summary  # noqa: E402
+from gramopt.compare.timing import interleaved_times, ratio_summary  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -42,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(1)  # steadier on shared 2-core machines; recorded below
     record = {
         "what": "seconds per step, MLP 64-W-W-1 (tanh), batch 128, mse; ratio to SGD-momentum per round",
-        "method": "gramopt.bench.timing.interleaved_times: 30 rounds x 5 steps, rotating order, 3 warm-up steps",
+        "method": "gramopt.compare.timing.interleaved_times: 30 rounds x 5 steps, rotating order, 3 warm-up steps",
         "widths": {},
         "environment": {
             "python": platform.python_version(),

@@ -41,7 +41,7 @@ from torch import nn  # noqa: E402
 
 import gramopt  # noqa: E402
 from gramopt.linalg import fast_regression, nystrom_preconditioner, pcg  # noqa: E402
-from gramopt.optim.gn_solvers import choose_solver  # noqa: E402
+from gramopt.optim.ggn.solvers import choose_solver  # noqa: E402
 from gramopt.optim.ggn import GaussNewtonSystem  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -130,8 +130,8 @@ def auto_choice(build, loss: str, damping: float) -> str:
     opt = gramopt.GGN(model, damping=damping, loss=loss)
     opt.backward(model(x), y)
     pending = opt._pending
-    dtype = next(iter(pending["factors"].values())).dtype
-    system = GaussNewtonSystem(pending["factors"], None if pending["q"] is None else pending["q"].to(dtype), pending["w"].to(dtype), damping)
+    dtype = next(iter(pending.factors.values())).dtype
+    system = GaussNewtonSystem(pending.factors, None if pending.q is None else pending.q.to(dtype), pending.w.to(dtype), damping)
     choice = choose_solver(system)
     opt.close()
     return choice

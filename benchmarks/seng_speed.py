@@ -43,7 +43,7 @@ from torch import nn
 
 import gramopt
 from gramopt.tasks import get_task
-from gramopt.training.optimizers import training_step
+from gramopt.training.registry import training_step
 
 RESULTS = Path(__file__).parent / "results"
 SEED = 0

@@ -4,7 +4,7 @@
 (``Task.hyper``, else its own defaults). So that no optimizer's grid sits in a bad place,
 the defaults themselves come from this coarse search: for each task and optimizer, the
 grid knob (damping for GGN, the learning rate(s) for everyone else, as in
-``gramopt.bench.config.GRIDS``) times {1/10, 1/3, 1, 3, 10} around the current default, on
+``gramopt.compare.config.GRIDS``) times {1/10, 1/3, 1, 3, 10} around the current default, on
 one seed that the comparison does not use (seed 100), under the task's comparison
 budget. The best setting (smallest time-to-target, ties by final train loss) is
 reported; the maintainers copy the winners into ``Task.hyper``. Results:
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from gramopt.bench import config
-from gramopt.bench.compare import time_to_target
+from gramopt.compare import config
+from gramopt.compare.run import time_to_target
 from gramopt.tasks import get_task
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
 

@@ -13,6 +13,7 @@ steps (so that tests cross from estimation into sharing); both training loops.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,8 +64,11 @@ class OptimizerCase:
         batch: samples per step.
         permutation_invariant: whether permuting a batch leaves every step unchanged
             (not so for FNGD's sharing phase: its shared coefficients are tied to batch
-            positions, Algorithm 1 of ``papers/003_*``).
+            positions, Algorithm 1 of Ou et al., arXiv:2403.03473).
         representative: run by the per-method tests of bad inputs.
+
+    What holds for every configuration of a method (its error inputs, its capability
+    flags) is data on :data:`METHODS`, reached through the case's properties.
     """
 
     id: str
@@ -80,6 +84,15 @@ class OptimizerCase:
     @property
     def outputs(self) -> int:
         return 2 if self.loss == "mse" else 3
+
+    @property
+    def method(self) -> "MethodInfo":
+        return METHODS[self.cls]
+
+    @property
+    def error_inputs(self) -> list[tuple[dict[str, Any], str]]:
+        """Constructor arguments the method refuses with a ValueError matching ``match``."""
+        return [({name: value}, match) for name, value, match in COMMON_ERROR_INPUTS] + self.method.error_inputs
 
     @property
     def float_inputs(self) -> bool:
@@ -118,6 +131,83 @@ class OptimizerCase:
 
 GGN, SENG, FNGD = gramopt.GGN, gramopt.SENG, gramopt.FNGD
 SketchConfig, ImplicitConfig = gramopt.SketchConfig, gramopt.ImplicitConfig
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What every configuration of one method shares (torch's OptimizerInfo style).
+
+    Attributes:
+        error_inputs: ``(constructor kwargs, message pattern)`` refused with a ValueError
+            beyond :data:`COMMON_ERROR_INPUTS`; model-dependent ones assume the MLP with
+            3 outputs (``models.mlp(out=3)``) of the representative cross-entropy cases.
+        linear_conv_only: the method preconditions Linear/Conv layers only and gives
+            every other parameter the plain gradient (no handler is required).
+    """
+
+    error_inputs: list[tuple[dict[str, Any], str]]
+    linear_conv_only: bool = False
+
+
+#: ``(name, value, match)`` every method refuses.
+COMMON_ERROR_INPUTS = [
+    ("lr", 0.0, "lr must be > 0"),
+    ("lr", -1.0, "lr must be > 0"),
+    ("lr", math.nan, "lr must be a finite number"),
+    ("lr", math.inf, "lr must be a finite number"),
+    ("lr", "0.1", "lr must be a finite number"),
+    ("lr", True, "lr must be a finite number"),
+    ("momentum", 1.0, "momentum must be < 1"),
+    ("momentum", -0.1, "momentum must be >= 0"),
+    ("momentum", -0.5, "momentum must be >= 0"),
+    ("weight_decay", -1e-3, "weight_decay must be >= 0"),
+    ("weight_decay", -1.0, "weight_decay must be >= 0"),
+    ("weight_decay", math.nan, "weight_decay must be a finite number"),
+    ("damping", -1.0, "damping must be"),
+    ("damping", math.inf, "damping must be a finite number"),
+    ("damping", math.nan, "damping must be a finite number"),
+    ("loss", "hinge", "unknown loss 'hinge'"),
+]
+
+METHODS: dict[type[SampleSpaceOptimizer], MethodInfo] = {
+    GGN: MethodInfo(
+        [
+            ({"damping": -0.1}, "damping must be >= 0"),
+            ({"solver": "magic"}, "unknown solver 'magic'"),
+            ({"solver": "cg", "solver_options": {"tol": 2.0}}, "tol must be"),
+            ({"solver_options": {"rank": 3}}, "takes no option"),
+            ({"loss": "cross_entropy", "damping": 0.0}, "damping must be > 0 with loss='cross_entropy'"),
+        ]
+    ),
+    SENG: MethodInfo(
+        [
+            ({"damping": 0.0}, "damping must be > 0"),
+            ({"damping": -1.0}, "damping must be > 0"),
+            ({"damping": lambda step: 0.0}, "damping schedule must return a finite number > 0"),
+            ({"curvature_every": 0}, "curvature_every must be an int >= 1"),
+            ({"curvature_every": 2.5}, "curvature_every must be an int >= 1"),
+            ({"sketch": 0.5}, "sketch must be a gramopt.SketchConfig"),
+            ({"sketch": SketchConfig(size=10_000)}, "larger than layer"),
+            ({"sketch": SketchConfig(size=43)}, r"size=43 is larger than layer 0 \(42 parameters\)"),
+            (
+                {"sketch": SketchConfig(factor_size=4), "implicit": ImplicitConfig(threshold=1)},
+                r"factor_size=4 is larger than implicit layer 4 .*n_G=3",
+            ),
+            ({"implicit": dict(threshold=1)}, "implicit must be a gramopt.ImplicitConfig"),
+        ]
+    ),
+    FNGD: MethodInfo(
+        [
+            ({"damping": 0.0}, "damping must be > 0"),
+            ({"damping": -0.1}, "damping"),
+            ({"coefficient_steps": 0}, "coefficient_steps must be None"),
+            ({"coefficient_steps": -3}, "coefficient_steps"),
+            ({"coefficient_steps": 2.5}, "coefficient_steps"),
+            ({"coefficient_steps": True}, "coefficient_steps"),
+        ],
+        linear_conv_only=True,
+    ),
+}
 
 CASES: list[OptimizerCase] = [
     # GGN: each solver, both losses

@@ -32,41 +32,7 @@ def _before(model: nn.Module, opt) -> tuple[list[torch.Tensor], dict]:
 
 
 # -- hyper-parameters ------------------------------------------------------------------------
-COMMON_BAD = [
-    ("lr", 0.0, "lr must be > 0"),
-    ("lr", -1.0, "lr must be > 0"),
-    ("lr", math.nan, "lr must be a finite number"),
-    ("lr", math.inf, "lr must be a finite number"),
-    ("lr", "0.1", "lr must be a finite number"),
-    ("lr", True, "lr must be a finite number"),
-    ("momentum", 1.0, "momentum must be < 1"),
-    ("momentum", -0.1, "momentum must be >= 0"),
-    ("weight_decay", -1e-3, "weight_decay must be >= 0"),
-    ("weight_decay", math.nan, "weight_decay must be a finite number"),
-    ("damping", -1.0, "damping must be"),
-    ("damping", math.inf, "damping must be a finite number"),
-    ("loss", "hinge", "unknown loss 'hinge'"),
-]
-METHOD_BAD = {
-    gramopt.GGN: [
-        ({"solver": "magic"}, "unknown solver 'magic'"),
-        ({"solver": "cg", "solver_options": {"tol": 2.0}}, "tol must be"),
-        ({"solver_options": {"rank": 3}}, "takes no option"),
-        ({"loss": "cross_entropy", "damping": 0.0}, "damping must be > 0 with loss='cross_entropy'"),
-    ],
-    gramopt.SENG: [
-        ({"damping": 0.0}, "damping must be > 0"),
-        ({"curvature_every": 0}, "curvature_every must be an int >= 1"),
-        ({"sketch": 0.5}, "sketch must be a gramopt.SketchConfig"),
-        ({"sketch": gramopt.SketchConfig(size=10_000)}, "larger than layer"),
-    ],
-    gramopt.FNGD: [
-        ({"damping": 0.0}, "damping must be > 0"),
-        ({"coefficient_steps": 0}, "coefficient_steps must be None"),
-    ],
-}
-HYPER = [(case, {name: value}, match) for case in REPRESENTATIVE for name, value, match in COMMON_BAD]
-HYPER += [(case, kwargs, match) for case in REPRESENTATIVE for kwargs, match in METHOD_BAD[case.cls]]
+HYPER = [(case, kwargs, match) for case in REPRESENTATIVE for kwargs, match in case.error_inputs]
 
 
 @pytest.mark.parametrize("case, kwargs, match", HYPER, ids=[f"{c.id}-{k!r}" for c, k, _ in HYPER])
@@ -196,7 +162,7 @@ def test_unsupported_trainable_modules(case):
     unsupported='gradient' trains it with the plain gradient. A grouped convolution
     is refused by all three."""
     model = nn.Sequential(case.build_model(), Scale(case.outputs))
-    if case.cls is gramopt.FNGD:
+    if case.method.linear_conv_only:
         case.make(model)
     else:
         with pytest.raises(gramopt.UnsupportedModuleError, match=r"1 \(Scale\) has no gramopt handler"):
@@ -374,7 +340,7 @@ def test_sparse_gradients(case):
     y = torch.randn(4, 2) if case.loss == "mse" else torch.randint(0, 3, (4,))
     loss = F.mse_loss if case.loss == "mse" else F.cross_entropy
     options = [{"unsupported": "gradient"}]
-    if case.cls is gramopt.FNGD:
+    if case.method.linear_conv_only:
         options.append({})
     else:
         with pytest.raises(gramopt.UnsupportedModuleError, match="sparse gradients are not supported"):

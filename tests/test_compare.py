@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from gramopt.bench import config as bench_config
-from gramopt.bench.compare import (
+from gramopt.compare import config as bench_config
+from gramopt.compare.run import (
     CompareConfig,
     default_optimizers,
     run_comparison,
@@ -17,14 +17,14 @@ from gramopt.bench.compare import (
     time_to_target,
     write_outputs,
 )
-from gramopt.bench.config import GRID_SIZE, TARGETS, Target, grid
-from gramopt.bench.memory import AVAILABLE, peak_memory
-from gramopt.bench.plots import _on_grid
+from gramopt.compare.config import GRID_SIZE, TARGETS, Target, grid
+from gramopt.compare.memory import AVAILABLE, peak_memory
+from gramopt.compare.plots import _on_grid
 from gramopt.cli import _parser, main
 from gramopt.errors import SingularSystemError
 from gramopt.tasks import TASKS, get_task
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
-from gramopt.training.optimizers import OptimizerSpec
+from gramopt.training.registry import OptimizerSpec
 
 TINY = dict(tasks=("diabetes",), seeds=2, budget_seconds=0.15, progress=False)
 
@@ -217,7 +217,7 @@ def test_fngd_in_a_comparison_shares_its_coefficients_after_one_epoch():
     (an explicit None from the registry defaults would mean: never share)."""
     import math
 
-    from gramopt.bench.config import grid
+    from gramopt.compare.config import grid
     from gramopt.tasks import get_task
     from gramopt.training import TrainConfig, Trainer
 

@@ -13,26 +13,6 @@ import models
 from reference import params_vector
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(lr=0.0), "lr must be > 0"),
-        (dict(lr=-1.0), "lr must be > 0"),
-        (dict(lr=float("nan")), "lr must be a finite number"),
-        (dict(damping=-0.1), "damping must be >= 0"),
-        (dict(momentum=1.0), "momentum must be < 1"),
-        (dict(momentum=-0.5), "momentum must be >= 0"),
-        (dict(weight_decay=-1.0), "weight_decay must be >= 0"),
-        (dict(loss="hinge"), "unknown loss 'hinge'"),
-        (dict(solver="magic"), "unknown solver 'magic'"),
-        (dict(loss="cross_entropy", damping=0.0), "damping must be > 0 with loss='cross_entropy'"),
-    ],
-)
-def test_invalid_hyper_parameters(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        gramopt.GGN(models.mlp(), **kwargs)
-
-
 def test_model_first():
     model = models.mlp()
     with pytest.raises(TypeError, match="takes the model first"):

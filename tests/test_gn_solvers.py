@@ -214,7 +214,7 @@ def test_algorithm1_halves_the_error_each_step(float64):
 def test_auto_picks_by_size():
     """auto's cost model (shapes only): sketch-pcg for the paper's wide two-layer network
     at n = 8192, m = 2^17; cholesky there at n = 1024, and for a small MLP."""
-    from gramopt.optim.gn_solvers import choose_solver, estimated_flops
+    from gramopt.optim.ggn.solvers import choose_solver, estimated_flops
 
     def wide_system(n: int, m: int, d: int = 16) -> GaussNewtonSystem:
         layer = nn.Linear(d, m, bias=False)

@@ -16,9 +16,9 @@ from torch import nn
 import gramopt
 import models
 from gramopt.linalg.sketches import KroneckerSketch, RowSampleSketch
-from gramopt.optim.seng_implicit import factor_gram
-from gramopt.optim.seng_implicit import eq23_product, exact_product, truncate
-from gramopt.training.optimizers import OPTIMIZERS, build_optimizer, training_step
+from gramopt.optim.seng.implicit import factor_gram
+from gramopt.optim.seng.implicit import eq23_product, exact_product, truncate
+from gramopt.training.registry import OPTIMIZERS, build_optimizer, training_step
 from reference import params_vector, per_sample_grads
 
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
@@ -324,7 +324,6 @@ def test_sampled_columns_and_weights_from_factors(name, float64):
     """The row-sampling pieces computed from the capture engine's factors (never forming
     U for Linear/Conv layers) against the explicit per-sample gradients."""
     from gramopt.capture import CaptureEngine
-    from gramopt.optim.seng_explicit import column_weights, compact, sampled_columns
 
     build, inputs, loss, k = CASES[name]
     model = build()
@@ -335,11 +334,11 @@ def test_sampled_columns_and_weights_from_factors(name, float64):
     for layer, factor in factors.items():
         u = factor.per_sample()
         index = torch.randint(0, u.shape[1], (11,))
-        for form in (factor, compact(factor)):
-            torch.testing.assert_close(sampled_columns(form, index), u[:, index], msg=layer)
-            torch.testing.assert_close(column_weights(form), u.pow(2).sum(0), msg=layer)
+        for form in (factor, factor.compact()):
+            torch.testing.assert_close(form.columns(index), u[:, index], msg=layer)
+            torch.testing.assert_close(form.column_norms(), u.pow(2).sum(0), msg=layer)
         held = factor.num_rows * factor.num_params
-        assert isinstance(compact(factor), gramopt.ExplicitFactors) == (held <= _factor_numel(factor)), layer
+        assert isinstance(factor.compact(), gramopt.ExplicitFactors) == (held <= _factor_numel(factor)), layer
 
 
 def _factor_numel(factor) -> float:
@@ -439,28 +438,6 @@ def test_schedules():
 
 
 # -- errors ---------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(damping=0.0), "damping must be > 0"),
-        (dict(damping=-1.0), "damping must be > 0"),
-        (dict(damping=float("nan")), "damping must be a finite number"),
-        (dict(damping=lambda step: 0.0), "damping schedule must return a finite number > 0"),
-        (dict(curvature_every=0), "curvature_every must be an int >= 1"),
-        (dict(curvature_every=2.5), "curvature_every must be an int >= 1"),
-        (dict(sketch=gramopt.SketchConfig(size=43)), r"size=43 is larger than layer 0 \(42 parameters\)"),
-        (dict(sketch=gramopt.SketchConfig(factor_size=4), implicit=gramopt.ImplicitConfig(threshold=1)), r"factor_size=4 is larger than implicit layer 4 .*n_G=3"),
-        (dict(sketch=0.5), "sketch must be a gramopt.SketchConfig"),
-        (dict(implicit=dict(threshold=1)), "implicit must be a gramopt.ImplicitConfig"),
-        (dict(lr=0.0), "lr must be > 0"),
-    ],
-)
-def test_bad_hyper_parameters_are_refused(kwargs, match):
-    args = dict(lr=0.1, damping=0.1) | kwargs
-    with pytest.raises(ValueError, match=match):
-        gramopt.SENG(models.mlp(out=3), **args)
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [

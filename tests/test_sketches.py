@@ -13,7 +13,7 @@ import models
 from gramopt.capture import CaptureEngine, SharedWeightFactors
 from gramopt.linalg import SKETCHES, KroneckerSketch, fwht, make_sketch
 from gramopt.linalg.regression import _qr_factor
-from gramopt.optim.gn_solvers import sketched_layer_gram
+from gramopt.optim.ggn.solvers import sketched_layer_gram
 from reference import per_sample_grads
 
 KINDS = sorted(SKETCHES)

@@ -15,9 +15,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from gramopt.bench import config as bench_config
-from gramopt.bench.compare import CompareConfig, run_comparison, write_outputs
-from gramopt.bench.report import rich_table
+from gramopt.compare import config as bench_config
+from gramopt.compare.run import CompareConfig, run_comparison, write_outputs
+from gramopt.compare.report import rich_table
 from gramopt.distributed import POLICIES, rank
 from gramopt.errors import GramoptError
 from gramopt.tasks import TASKS

@@ -82,24 +82,28 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gramopt.errors import CaptureError, GramoptError, NonFiniteError, SingularSystemError, UnsupportedModuleError
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from gramopt.errors import (
+    CaptureError,
+    CollectiveError,
+    DistributedError,
+    NonFiniteError,
+    SingularSystemError,
+    UnsupportedModuleError,
+)
 
 POLICIES = ("exact", "local")
 
-
-class DistributedError(GramoptError, RuntimeError):
-    """Ranks that disagree: settings, layers, shapes or synchronization points."""
-
-
-class CollectiveError(DistributedError):
-    """A collective failed: another rank died, hung past the timeout, or left early."""
-
+if TYPE_CHECKING:
+    from gramopt.optim.base import SampleSpaceOptimizer
 
 # Failures a rank reports to the others, by code (index + 1); the others raise the same
 # class (a rank's own error, re-raised, keeps its class).
@@ -200,6 +204,7 @@ class DataParallel:
         nccl = dist.get_backend(group) == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.traffic = Traffic()
+        self._depth = 0  # agreement() blocks entered (backward inside step's closure: 2)
 
     # -- counted collectives -------------------------------------------------------------
     def _all_gather(self, tensor: Tensor) -> list[Tensor]:
@@ -232,17 +237,8 @@ class DataParallel:
         self.traffic.add("broadcast", 0, 0)
         return box[0]
 
-    @contextmanager
-    def _collective(self, kind: str) -> Iterator[None]:
-        try:
-            yield
-        except Exception as err:
-            error = CollectiveError(
-                f"rank {self.rank}: {kind} failed ({type(err).__name__}: {err}); another rank probably "
-                "died, raised outside gramopt's agreement, or passed the process group's timeout"
-            )
-            setattr(error, _AGREED, True)
-            raise error from err
+    def _collective(self, kind: str) -> Any:
+        return collective(kind, self.rank)
 
     # -- agreement ---------------------------------------------------------------------------
     def _agree(self, phase: str, samples: int, layout: str, failure: BaseException | None = None) -> list[int]:
@@ -295,12 +291,29 @@ class DataParallel:
 
     @contextmanager
     def agreement(self) -> Iterator[None]:
-        """Run a step (or backward) whose local failures the other ranks must learn of."""
+        """Run a step (or backward) whose local failures the other ranks must learn of;
+        a block inside another (``opt.backward`` in ``step``'s closure) leaves the report
+        to the outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._depth += 1
         try:
             yield
         except Exception as err:
             self.report(err)
             raise
+        finally:
+            self._depth -= 1
+
+    @property
+    def nested(self) -> bool:
+        """Whether an :meth:`agreement` block runs inside another."""
+        return self._depth > 1
 
     # -- the synchronization points ------------------------------------------------------------
     def gather_rows(self, tensors: Sequence[Tensor], scaled: Sequence[bool], layout: str = "") -> list[Tensor]:
@@ -370,6 +383,21 @@ class DataParallel:
                     out[i] = values[j].view_as(like[i]).to(like[i].device)
         return out
 
+    def synchronize_gradients(self, params: Sequence[Tensor], samples: int) -> None:
+        """``"exact"``: each ``p.grad`` becomes ``sum_r (b_r / B) g_r`` (``samples``: b_r)."""
+        if params:
+            for p, g in zip(params, self.mean([p.grad for p in params], params, samples)):
+                p.grad = g
+
+    def average_directions(
+        self, directions: dict[Tensor, Tensor], params: Sequence[Tensor], samples: int
+    ) -> dict[Tensor, Tensor]:
+        """``"local"``: ``d = sum_r (b_r / B) d_r`` for every parameter of ``params``
+        (one all-reduce); ``samples``: b_r."""
+        by_id = {id(p): d for p, d in directions.items()}
+        means = self.mean([by_id.get(id(p)) for p in params], params, samples)
+        return {p: d for p, d in zip(params, means) if d is not None}
+
     # -- construction ------------------------------------------------------------------------
     def check_consistent(self, fingerprint: dict[str, str]) -> None:
         """DistributedError on every rank unless all ranks have the same ``fingerprint``
@@ -386,6 +414,64 @@ class DataParallel:
                 "on the same model with the same initial parameters (DistributedDataParallel broadcasts rank 0's):\n  - "
                 + "\n  - ".join(problems)
             )
+
+
+def unwrap_model(model: nn.Module, policy: str | None, owner: str) -> tuple[nn.Module, DistributedDataParallel | None]:
+    """``(module to hook, DDP wrapper or None)``; ValueError for a wrapper the optimizer
+    cannot communicate for (``owner``: the optimizer's name, for messages)."""
+    if not isinstance(model, DistributedDataParallel):
+        return model, None
+    if policy is None and world_size() > 1:
+        raise ValueError(
+            f"the model is wrapped in DistributedDataParallel, but distributed=None: {owner} "
+            "computes its own gradients and communicates itself; pass distributed='exact' or 'local'"
+        )
+    if model.static_graph:
+        raise ValueError(
+            "DistributedDataParallel(static_graph=True) all-reduces the gradients on its own schedule; "
+            f"{owner} communicates itself: wrap the model without static_graph"
+        )
+    return model.module, model
+
+
+_NOT_SETTINGS = frozenset({"defaults", "state", "param_groups", "model", "engine", "extra_state", "last_info", "sync"})
+
+
+def settings_fingerprint(optimizer: "SampleSpaceOptimizer") -> dict[str, str]:
+    """The settings every rank must share: type, policy, param groups (hyper-parameters
+    and shapes), hooked layers, the method's public options (its attributes set before
+    the base class's ``__init__``), initial parameter values."""
+    sync = optimizer.sync
+    print_: dict[str, str] = {"optimizer": type(optimizer).__name__, "policy": str(sync.policy if sync else None)}
+    for i, group in enumerate(optimizer.param_groups):
+        for key, value in group.items():
+            if key != "params":
+                print_[f"param group {i} {key}"] = describe(value)
+        print_[f"param group {i} shapes"] = repr([tuple(p.shape) for p in group["params"]])
+    print_["hooked layers"] = repr([layer.name for layer in optimizer.engine.layers])
+    for key, value in sorted(vars(optimizer).items()):
+        if not key.startswith("_") and key not in _NOT_SETTINGS:
+            print_[f"option {key}"] = describe(value)
+    print_["initial parameter values (digest)"] = parameter_digest(
+        [p for g in optimizer.param_groups for p in g["params"]]
+    )
+    return print_
+
+
+@contextmanager
+def collective(kind: str, rank: int) -> Iterator[None]:
+    """Run one collective of ``kind`` on ``rank``; its failure (a rank died, left early or
+    passed the timeout) becomes a :class:`~gramopt.errors.CollectiveError` that every rank
+    already knows of."""
+    try:
+        yield
+    except Exception as err:
+        error = CollectiveError(
+            f"rank {rank}: {kind} failed ({type(err).__name__}: {err}); another rank probably "
+            "died, raised outside gramopt's agreement, or passed the process group's timeout"
+        )
+        setattr(error, _AGREED, True)
+        raise error from err
 
 
 def _agreed(error: Exception) -> Exception:

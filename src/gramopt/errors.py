@@ -19,3 +19,11 @@ class SingularSystemError(GramoptError, ArithmeticError):
 
 class CaptureError(GramoptError, RuntimeError):
     """The optimizer was used out of order (e.g. step() without a backward pass)."""
+
+
+class DistributedError(GramoptError, RuntimeError):
+    """Ranks that disagree: settings, layers, shapes or synchronization points."""
+
+
+class CollectiveError(DistributedError):
+    """A collective failed: another rank died, hung past the timeout, or left early."""

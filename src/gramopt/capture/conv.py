@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,19 @@ class ConvFactors(SharedWeightFactors):
 
     def gram_strategy(self) -> str:
         return gram_strategy(self.d_in, torch.Size((self.batch_size, self.passes, self.positions, self.d_out)))
+
+    form = "conv"
+
+    def held_numel(self) -> float:
+        """The layer's inputs and output-gradients."""
+        return sum(x.numel() + g.numel() for x, g in self.raw)
+
+    def state(self) -> dict[str, Any]:
+        return {"form": "conv", "inputs": list(self.raw_inputs), "grads": list(self.raw_grads)}
+
+    @classmethod
+    def _from_state(cls, module: nn.Module, params: list[nn.Parameter], state: dict[str, Any]) -> "ConvFactors":
+        return cls(module, params, state["inputs"], state["grads"])
 
     @cached_property
     def inputs(self) -> Tensor:  # type: ignore[override]

@@ -3,7 +3,7 @@
 For one layer l and one step, U_l is the n x p_l matrix whose rows are per-sample
 vectors over the layer's trainable parameters (weight and bias together): output
 Jacobian rows for Gauss-Newton, per-sample loss gradients for natural gradient
-(DESIGN.md section 1). Rows are ordered sample-major: with k backward passes over a
+(every method of :mod:`gramopt.optim` works with ``K_l = U_l U_l^T``, ``[n, n]``). Rows are ordered sample-major: with k backward passes over a
 batch of b samples, row ``r = i * k + c`` belongs to sample ``i`` and pass ``c``.
 
 A :class:`LayerFactors` never has to materialize U_l. It offers what every method needs:
@@ -12,13 +12,25 @@ A :class:`LayerFactors` never has to materialize U_l. It offers what every metho
 - ``rmatvec(a)``: U_l^T a for coefficients ``a`` of shape ``[n]`` (or ``[n, m]`` for m
   right-hand sides), returned parameter-shaped, one tensor per parameter;
 - ``matvec(v)``: U_l v for parameter-shaped ``v``, shape ``[n]``;
-- ``per_sample()``: U_l itself, ``[n, p_l]`` (for tests, sketches and small layers).
+- ``per_sample()``: U_l itself, ``[n, p_l]`` (for tests, sketches and small layers);
+
+and what the methods need beyond that, each with a generic default that a factor type
+overrides where its structure makes it cheaper (so a new layer type is a new handler and
+factor class, and nothing in ``gramopt.optim`` tests a factor's type):
+
+- ``compact()``: U in its smaller exact form (the rows or the factors), ``held_numel()``;
+- ``columns(index)``: ``U[:, index]``; ``column_norms()``: ``||U[:, j]||^2``; ``row_block(i0, i1)``;
+- ``held_rows()``: U when held explicitly; ``kronecker_factors()``: (X, Z) of a layer
+  ``y = W x + c`` (bias column appended to X) for Kronecker sketches;
+- ``state()`` / :meth:`LayerFactors.from_state`: the tensors, for an optimizer's state_dict.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +60,14 @@ class LayerFactors(ABC):
     module: nn.Module
     params: list[nn.Parameter]
     num_rows: int
+    #: The name of the class's :meth:`state` form (registered for :meth:`from_state`).
+    form: ClassVar[str | None] = None
+    _forms: ClassVar[dict[str, type["LayerFactors"]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("form") is not None:
+            LayerFactors._forms[cls.form] = cls
 
     @abstractmethod
     def gram(self) -> Tensor:
@@ -87,6 +107,71 @@ class LayerFactors(ABC):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    # -- structure the methods use (defaults through the rows of U) ----------------------
+    def held_numel(self) -> float:
+        """How many numbers the factors hold (inf: only their rows can be kept)."""
+        return math.inf
+
+    def compact(self) -> "LayerFactors":
+        """U in its smaller exact form: the explicit rows ``[n, p]`` or these factors."""
+        if self.num_rows * self.num_params <= self.held_numel():
+            return ExplicitFactors(self.module, self.params, self.per_sample())
+        return self
+
+    def held_rows(self) -> Tensor | None:
+        """U ``[n, p]`` when the factors hold it explicitly, else None."""
+        return None
+
+    def kronecker_factors(self) -> tuple[Tensor, Tensor] | None:
+        """For a layer ``y_is = W x_is + c``: X ``[b, s, d_in (+1 for a covered bias)]``
+        and Z ``[b, k, s, d_out]``, the sides a Kronecker sketch ``S_G (x) S_A`` acts
+        on; None for other layers."""
+        return None
+
+    def kronecker_sides(self) -> tuple[int, int, int] | None:
+        """``(s, d_in + 1, d_out)`` of :meth:`kronecker_factors` for cost estimates,
+        without forming them; None for other layers."""
+        return None
+
+    def columns(self, index: Tensor) -> Tensor:
+        """``U[:, index]``, ``[n, q]``."""
+        return self.per_sample()[:, index]
+
+    def row_block(self, i0: int, i1: int) -> Tensor:
+        """Rows ``i0:i1`` of U, ``[i1 - i0, p]``."""
+        return self.per_sample()[i0:i1]
+
+    def column_norms(self) -> Tensor:
+        """``||U[:, j]||^2`` for every parameter j, ``[p]``, forming at most
+        :data:`CHUNK_ELEMENTS` entries of U at once."""
+        total = None
+        chunk = max(1, CHUNK_ELEMENTS // max(1, self.num_params))
+        for i0 in range(0, self.num_rows, chunk):
+            part = self.row_block(i0, min(self.num_rows, i0 + chunk)).pow(2).sum(dim=0)
+            total = part if total is None else total + part
+        return total
+
+    # -- state round trip ------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The tensors of the factors with their ``"form"``, for an optimizer's state."""
+        raise TypeError(f"cannot cache factors of type {type(self).__name__}")
+
+    @classmethod
+    def _from_state(cls, module: nn.Module, params: list[nn.Parameter], state: dict[str, Any]) -> "LayerFactors":
+        raise NotImplementedError
+
+    @staticmethod
+    def from_state(module: nn.Module, params: list[nn.Parameter], state: dict[str, Any], name: str = "?") -> "LayerFactors":
+        """The factors :meth:`state` saved, for ``module`` (``name``: for messages)."""
+        cls = LayerFactors._forms.get(state["form"])
+        if cls is None:
+            raise ValueError(f"unknown cached form {state['form']!r} for layer {name}")
+        return cls._from_state(module, params, state)
+
+
+#: Per-sample gradients of at most this many elements are formed at once (column norms).
+CHUNK_ELEMENTS = 2**24
+
 
 class ExplicitFactors(LayerFactors):
     """Factors held as the explicit matrix U_l ``[n, p_l]``.
@@ -121,6 +206,30 @@ class ExplicitFactors(LayerFactors):
 
     def tensors(self) -> list[Tensor]:
         return [self.rows]
+
+    form = "rows"
+
+    def held_numel(self) -> float:
+        return self.rows.numel()
+
+    def compact(self) -> LayerFactors:
+        return self
+
+    def held_rows(self) -> Tensor:
+        return self.rows
+
+    def columns(self, index: Tensor) -> Tensor:
+        return self.rows[:, index]
+
+    def column_norms(self) -> Tensor:
+        return self.rows.pow(2).sum(dim=0)
+
+    def state(self) -> dict[str, Any]:
+        return {"form": "rows", "rows": self.rows}
+
+    @classmethod
+    def _from_state(cls, module: nn.Module, params: list[nn.Parameter], state: dict[str, Any]) -> LayerFactors:
+        return cls(module, params, state["rows"])
 
 
 def unflatten(flat: Tensor, params: Sequence[nn.Parameter]) -> list[Tensor]:

@@ -8,7 +8,7 @@ and the Gram entries are
 
     K_rq = sum_{s,t} (z_rs . z_qt) (x_is . x_jt)  +  (sum_s z_rs) . (sum_t z_qt)     (*)
 
-(DESIGN.md section 1). Two ways to build K:
+(the sample-space kernel ``K = U U^T`` of :mod:`gramopt.capture.factors`). Two ways to build K:
 
 - *position pairs*: evaluate (*) directly, cost ~ (n s)^2 (d_in + d_out);
 - *explicit*: form U (n x d_out d_in) with one batched matmul, then U U^T,
@@ -22,6 +22,7 @@ Embedding inputs are one-hot, so ``x_is . x_jt`` becomes ``[idx_is == idx_jt]``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -283,6 +284,68 @@ class SharedWeightFactors(LayerFactors):
         rows = self.explicit_rows()
         return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
 
+    # -- structure the methods use ------------------------------------------------------------
+    form = "shared"
+
+    def held_numel(self) -> float:
+        """X ``[b, s, d_in]`` and Z ``[b, k, s, d_out]``, by their shapes."""
+        d_out, d_in = self.weight_shape[0], self.weight_shape[1:].numel()
+        return self.batch_size * self.positions * (d_in + self.passes * d_out)
+
+    def kronecker_factors(self) -> tuple[Tensor, Tensor]:
+        x = self.inputs
+        ones = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+        if not self.with_weight:
+            return ones, self.grads
+        return (torch.cat([x, ones], dim=-1) if self.with_bias else x), self.grads
+
+    def kronecker_sides(self) -> tuple[int, int, int]:
+        return self.positions, self.d_in + 1, self.d_out
+
+    def columns(self, index: Tensor) -> Tensor:
+        if self.passes != 1:
+            return super().columns(index)
+        z = self.grads[:, 0]  # [b, s, d_out]
+        d_in = self.inputs.shape[-1]
+        n_weight = self.weight_shape.numel() if self.with_weight else 0
+        out = torch.empty(self.batch_size, index.numel(), dtype=z.dtype, device=z.device)
+        is_weight = index < n_weight
+        if is_weight.any():
+            w = index[is_weight]
+            out[:, is_weight] = (z[:, :, w // d_in] * self.inputs[:, :, w % d_in]).sum(dim=1)
+        if not is_weight.all():
+            out[:, ~is_weight] = z.sum(dim=1)[:, index[~is_weight] - n_weight]
+        return out
+
+    def row_block(self, i0: int, i1: int) -> Tensor:
+        if self.passes != 1:
+            return super().row_block(i0, i1)
+        z = self.grads[i0:i1, 0]  # [c, s, d_out]
+        parts = []
+        if self.with_weight:
+            parts.append(torch.einsum("bsz,bsx->bzx", z, self.inputs[i0:i1]).reshape(i1 - i0, -1))
+        if self.with_bias:
+            parts.append(z.sum(dim=1))
+        return torch.cat(parts, dim=1)
+
+    def column_norms(self) -> Tensor:
+        if self.positions != 1 or self.passes != 1:
+            return super().column_norms()
+        z2 = self.grads[:, 0, 0].pow(2)  # [b, d_out]
+        parts = []
+        if self.with_weight:
+            parts.append((z2.T @ self.inputs[:, 0].pow(2)).reshape(-1))
+        if self.with_bias:
+            parts.append(z2.sum(dim=0))
+        return torch.cat(parts)
+
+    def state(self) -> dict[str, Any]:
+        return {"form": "shared", "inputs": self.inputs, "grads": self.grads}
+
+    @classmethod
+    def _from_state(cls, module: nn.Module, params: list[nn.Parameter], state: dict[str, Any]) -> LayerFactors:
+        return cls(module, params, module.weight, module.bias, state["inputs"], state["grads"])
+
 
 class EmbeddingFactors(LayerFactors):
     """Factors of an Embedding ``y_is = W[idx_is]``: a Linear layer on one-hot inputs.
@@ -354,3 +417,15 @@ class EmbeddingFactors(LayerFactors):
         index = self.indices.view(b, 1, s, 1).expand(b, k, s, d)
         u.scatter_add_(2, index, self.grads)
         return u.reshape(b * k, -1)
+
+    form = "embedding"
+
+    def held_numel(self) -> float:
+        return self.indices.numel() + self.grads.numel()
+
+    def state(self) -> dict[str, Any]:
+        return {"form": "embedding", "indices": self.indices, "grads": self.grads}
+
+    @classmethod
+    def _from_state(cls, module: nn.Module, params: list[nn.Parameter], state: dict[str, Any]) -> LayerFactors:
+        return cls(module, params, state["indices"], state["grads"], module.num_embeddings)

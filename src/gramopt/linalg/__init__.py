@@ -5,7 +5,8 @@ near-linear-time paper) and sketched Newton (its Algorithm 3)."""
 from gramopt.linalg.dense import NumericalWarning, SolveInfo, solve_damped_psd
 from gramopt.linalg.krylov import nystrom_preconditioner, pcg
 from gramopt.linalg.newton import NewtonInfo, logistic_loss, newton
-from gramopt.linalg.regression import DenseOperator, LinearOperator, fast_regression
+from gramopt.linalg.operators import DenseOperator, LinearOperator
+from gramopt.linalg.regression import fast_regression
 from gramopt.linalg.sketches import (
     SAMPLINGS,
     SKETCHES,

@@ -2,7 +2,9 @@
 products only, and the randomized Nystrom preconditioner.
 
 Convergence is measured by the relative residual ``||rhs - H x|| / ||rhs||`` (the
-criterion of Lemma B.1 in ``papers/002_*``: ``||A^T A x - y|| <= eps ||y||``). CG updates
+criterion of Lemma B.1 in
+Jan van den Brand, Binghui Peng, Zhao Song, Omri Weinstein, "Training
+(Overparametrized) Neural Networks in Near-Linear Time", ITCS 2021, arXiv:2006.11648: ``||A^T A x - y|| <= eps ||y||``). CG updates
 its residual recursively, which can drift from the true one; when the recursive residual
 reaches the tolerance, the true residual is recomputed and, if it is still too large, CG
 restarts from there (at most ``MAX_RESTARTS`` times). Out of iterations, it returns the

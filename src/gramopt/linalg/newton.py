@@ -1,5 +1,7 @@
 """Newton's method for ``f(x) = sum_i g_i(a_i^T x) + (l2/2) ||x||^2`` with the sketched
-solve of Algorithm 3 (FASTNEWTONUPDATE, Appendix D of ``papers/002_*``), or a dense one.
+solve of Algorithm 3 (FASTNEWTONUPDATE, Appendix D of
+Jan van den Brand, Binghui Peng, Zhao Song, Omri Weinstein, "Training
+(Overparametrized) Neural Networks in Near-Linear Time", ITCS 2021, arXiv:2006.11648), or a dense one.
 
 The Hessian has the square root of Appendix D: ``grad^2 f = (D A)^T (D A) + l2 I`` with
 ``D = diag(sqrt(g_i''(a_i^T x)))``, so each step solves the regression (28)
@@ -11,6 +13,10 @@ with :func:`~gramopt.linalg.fast_regression` (``solver="sketch"``: sketch, QR, P
 solve (``solver="dense"``: ``O(N d^2)``, the baseline). Like the paper's algorithm it
 takes full steps (no line search): start it close enough to the minimizer (Theorem
 D.4), which L2-regularized logistic regression from x = 0 usually is.
+
+None of the optimizers uses it: it is the near-linear-time paper's Algorithm 3 as a
+public solver beside :func:`~gramopt.linalg.fast_regression` (its inner solve), kept in
+``gramopt.linalg`` because it is that paper's linear algebra, not a training method.
 """
 
 from __future__ import annotations

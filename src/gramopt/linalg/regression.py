@@ -1,4 +1,6 @@
-"""Fast regression (Algorithm 2 and Lemma B.1 of ``papers/002_*``): solve
+"""Fast regression (Algorithm 2 and Lemma B.1 of Jan van den Brand, Binghui Peng, Zhao
+Song, Omri Weinstein, "Training (Overparametrized) Neural Networks in Near-Linear Time",
+ITCS 2021, arXiv:2006.11648): solve
 
     (A^T A + damping I) x = y,        A [N, k], N >> k,
 
@@ -19,8 +21,8 @@ how precisely (the tolerance alone does). Iterations:
 - ``"cg"`` (default): conjugate gradients on the preconditioned system (PCG);
 - ``"gradient"``: the paper's line 7, ``z <- z - B (B z - R^{-T} y)`` with
   ``B = R^{-T} (A^T A + damping I) R^{-1}`` (gradient descent on ``||B z - R^{-T} y||^2``
-  with step 1, Lemma B.2). It converges only when ``(1 + delta)^4 < 2``, i.e. delta
-  below about 0.18: use ``oversampling >= 64`` with it.
+  with step 1, Lemma B.2). It converges only when ``(1 - delta)^{-4} < 2``, i.e. delta
+  below about 0.159: use ``oversampling >= 64`` with it.
 
 A is a dense tensor or a :class:`LinearOperator` (products with A and A^T). An operator
 may provide :meth:`LinearOperator.sketch_gram`, the Gram ``(S A)^T (S A)`` of a sketch
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import math
 import time
-from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
@@ -42,63 +43,11 @@ from torch import Tensor
 from gramopt.errors import NonFiniteError, SingularSystemError
 from gramopt.linalg.dense import SolveInfo
 from gramopt.linalg.krylov import pcg
-from gramopt.linalg.sketches import SKETCHES, Sketch, make_sketch
+from gramopt.linalg.operators import DenseOperator, LinearOperator
+from gramopt.linalg.sketches import SKETCHES, make_sketch
 
 METHODS = ("cg", "gradient")
 DEFAULT_MAX_ITER = {"cg": 200, "gradient": 1000}
-
-
-class LinearOperator(ABC):
-    """A matrix A ``[N, k]`` given by its products.
-
-    Subclasses set ``shape = (N, k)``, ``dtype`` and ``device`` and implement
-    :meth:`matmul` and :meth:`rmatmul`.
-    """
-
-    shape: tuple[int, int]
-    dtype: torch.dtype
-    device: torch.device
-
-    @abstractmethod
-    def matmul(self, v: Tensor) -> Tensor:
-        """``A v``: ``[k] -> [N]``."""
-
-    @abstractmethod
-    def rmatmul(self, u: Tensor) -> Tensor:
-        """``A^T u``: ``[N] -> [k]``."""
-
-    def normal_matvec(self, v: Tensor) -> Tensor:
-        """``A^T A v``, ``[k] -> [k]`` (override when there is a cheaper way)."""
-        return self.rmatmul(self.matmul(v))
-
-    def sketch_gram(self, kind: str, oversampling: float, generator: torch.Generator | None) -> Tensor | None:
-        """``(S A)^T (S A)`` ``[k, k]`` for a subspace embedding S of range(A) built
-        through the operator's structure, or None (then S A is formed from products)."""
-        return None
-
-    def sketch(self, sketch: Sketch) -> Tensor:
-        """``S A`` ``[s, k]`` from k products with A (override with a cheaper way)."""
-        n, k = self.shape
-        eye = torch.eye(k, dtype=self.dtype, device=self.device)
-        return torch.stack([sketch.apply(self.matmul(eye[:, j])) for j in range(k)], dim=1)
-
-
-class DenseOperator(LinearOperator):
-    """A dense ``[N, k]`` tensor as a :class:`LinearOperator`."""
-
-    def __init__(self, matrix: Tensor) -> None:
-        self.matrix = matrix
-        self.shape = (matrix.shape[0], matrix.shape[1])
-        self.dtype, self.device = matrix.dtype, matrix.device
-
-    def matmul(self, v: Tensor) -> Tensor:
-        return self.matrix @ v
-
-    def rmatmul(self, u: Tensor) -> Tensor:
-        return self.matrix.T @ u
-
-    def sketch(self, sketch: Sketch) -> Tensor:
-        return sketch.apply(self.matrix)
 
 
 def fast_regression(

@@ -3,7 +3,9 @@ explicit :class:`torch.Generator`, and the Kronecker sketch of per-sample gradie
 
 A sketch is a *subspace embedding* for a k-dimensional subspace with orthonormal basis
 U ``[N, k]`` when all singular values of ``S U`` lie in ``[1 - delta, 1 + delta]``
-(Definition 3.2 and Lemma 3.3 of the near-linear-time paper, ``papers/002_*``).
+(Definition 3.2 and Lemma 3.3 of
+Jan van den Brand, Binghui Peng, Zhao Song, Omri Weinstein, "Training
+(Overparametrized) Neural Networks in Near-Linear Time", ITCS 2021, arXiv:2006.11648).
 Documented sizes (measured in ``tests/test_sketches.py`` for k <= 256):
 
 ======================  ===========================  ================  ==============
@@ -24,7 +26,9 @@ sketch                  cost of ``S A`` (A [N, c])   rows for delta    notes
 
 All are scaled so that ``E ||S a||^2 = ||a||^2``. :class:`KroneckerSketch` applies
 ``S_G (x) S_A`` to per-sample gradients ``sum_s z_rs x_is^T`` through the factors X and Z,
-never forming them (the structure of SENG's Eq. 17, ``papers/001_*``).
+never forming them (the structure of Eq. 17 of
+Minghan Yang, Dong Xu, Zaiwen Wen, Mengyun Chen, Pengxiang Xu, "Sketchy Empirical
+Natural Gradient Methods for Deep Learning", arXiv:2006.05924, 2020).
 """
 
 from __future__ import annotations
@@ -184,7 +188,7 @@ SAMPLINGS = ("uniform", "leverage")
 
 
 class RowSampleSketch(Sketch):
-    """Row sampling, SENG's Eq. 14 (``papers/001_*``): row t of ``Omega [q, n]`` is
+    """Row sampling, Eq. 14 of Yang et al., arXiv:2006.05924 (SENG): row t of ``Omega [q, n]`` is
     ``e_{i_t}^T / sqrt(q p_{i_t})``, so that ``E[Omega^T Omega] = I`` (the paper prints
     ``e_i^T / p_i``; the ``1 / sqrt(q p_i)`` scaling is the one that makes the sketched
     least-squares problem unbiased).

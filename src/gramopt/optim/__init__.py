@@ -1,12 +1,10 @@
-"""The optimizers, one file per method."""
+"""The optimizers: the shared step (``base.py``), one module or package per method."""
 
 from gramopt.optim.base import SampleSpaceOptimizer, StepInfo
 from gramopt.optim.fngd import FNGD
-from gramopt.optim.ggn import GGN, SOLVERS, GaussNewtonSystem
-from gramopt.optim.gn_solvers import GaussNewtonOperator, check_solver_options, choose_solver
+from gramopt.optim.ggn import GGN, SOLVERS, GaussNewtonOperator, GaussNewtonSystem, check_solver_options, choose_solver
 from gramopt.optim.schedules import DampingDecay, WarmupPolyDecay
-from gramopt.optim.seng import SENG
-from gramopt.optim.seng_config import ImplicitConfig, SketchConfig
+from gramopt.optim.seng import SENG, ImplicitConfig, SketchConfig
 
 __all__ = [
     "FNGD",

@@ -12,36 +12,38 @@ so with momentum and weight decay 0 a step is exactly ``delta = -lr * d``. Metho
 never touch momentum or weight decay themselves (optax's separation of direction and
 decoration).
 
-Data parallelism (``distributed="exact"`` or ``"local"``, :mod:`gramopt.distributed`)
-hooks in at four points, so that a method only marks where its captures are complete:
+The base class owns :meth:`step`, the same for every method (kfac-pytorch's
+phase-by-phase step, torch.optim's split of the frame from the update):
 
-- construction: the settings are checked across ranks; a ``DistributedDataParallel``
-  wrapper is unwrapped for hooking and its gradient all-reduce switched off
-  (``require_backward_grad_sync = False``): the optimizer communicates itself;
-- ``backward`` and ``step`` of every subclass are wrapped (:meth:`__init_subclass__`):
-  a local failure is reported to the other ranks, and under ``"exact"`` the ``.grad``
-  the step reads (:attr:`reads_gradients`) becomes the global mean-loss gradient
-  before the step;
-- :meth:`_gather_batch`, which a method calls once its captures are complete:
-  ``"exact"`` all-gathers them (and the method's per-sample extras);
-- :meth:`apply_directions`: ``"local"`` averages the directions over the ranks first.
+    closure (if any) -> distribution: synchronize the gradients the step reads
+    -> the method's :meth:`directions` (its paper's algorithm)
+    -> the plain gradient for the parameters no layer preconditions (:meth:`gradient_params`)
+    -> :meth:`apply_directions` (decoration, update) -> the method's :meth:`commit`
+    -> :class:`StepInfo`
+
+with every phase timed by ``with self._phase(name):``. A method's ``backward`` runs the
+passes it needs and leaves a :class:`PendingBatch` (its loss, the seconds spent) for the
+step. Data parallelism (``distributed="exact"`` or ``"local"``) is a collaborator,
+:class:`gramopt.distributed.DataParallel` (``self.sync``), that the base class calls at
+fixed points: construction (:func:`gramopt.distributed.unwrap_model`, the settings
+check), ``backward`` and ``step`` (the agreement on local failures), the gradients the
+step reads (:attr:`reads_gradients`), :meth:`_gather_batch` (a method calls it once its
+captures are complete) and :meth:`apply_directions` (``"local"`` averages the directions).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from gramopt import distributed as dp
 from gramopt.capture.engine import CaptureEngine
@@ -61,6 +63,16 @@ class StepInfo:
     step: int
     loss: float | None = None
     solve: SolveInfo | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PendingBatch:
+    """What ``backward`` leaves for the next step: the mean loss it computed (None in
+    the ordinary loop) and the seconds per phase it spent. Methods whose step needs more
+    (GGN: its system) extend it."""
+
+    loss: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -109,19 +121,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} takes the model first (to hook its layers), got {type(model).__name__}"
             )
         policy = dp.check_policy(distributed)
-        wrapper = model if isinstance(model, DistributedDataParallel) else None
-        if wrapper is not None:
-            if policy is None and dp.world_size() > 1:
-                raise ValueError(
-                    f"the model is wrapped in DistributedDataParallel, but distributed=None: {type(self).__name__} "
-                    "computes its own gradients and communicates itself; pass distributed='exact' or 'local'"
-                )
-            if wrapper.static_graph:
-                raise ValueError(
-                    "DistributedDataParallel(static_graph=True) all-reduces the gradients on its own schedule; "
-                    f"{type(self).__name__} communicates itself: wrap the model without static_graph"
-                )
-            model = wrapper.module
+        model, wrapper = dp.unwrap_model(model, policy, type(self).__name__)
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, defaults)
@@ -135,52 +135,26 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         self.extra_state: dict[str, Any] = {"step": 0}
         self.last_info: StepInfo | None = None
         self._warned_stray: set[str] = set()
+        self._pending: PendingBatch | None = None
+        self._seconds: dict[str, float] = {}
         self.sync: dp.DataParallel | None = None
-        self._sync_depth = 0
-        self._own_backward = False  # the last backward was opt.backward (see _mixed_precision_step)
+        self._own_backward = False  # the last backward was opt.backward (nothing to unscale)
         if policy is not None:
             self.sync = dp.DataParallel(policy)
-            self.sync.check_consistent(self._fingerprint())
+            self.sync.check_consistent(dp.settings_fingerprint(self))
             if wrapper is not None:
                 wrapper.require_backward_grad_sync = False  # the optimizer communicates itself
 
     # -- data parallelism ------------------------------------------------------------------
-    _NOT_SETTINGS = frozenset({"defaults", "state", "param_groups", "model", "engine", "extra_state", "last_info", "sync"})
-
-    def _fingerprint(self) -> dict[str, str]:
-        """The settings every rank must share: type, policy, param groups (hyper-parameters
-        and shapes), hooked layers, the method's public options (its attributes set
-        before the base class's ``__init__``), initial parameter values."""
-        print_: dict[str, str] = {"optimizer": type(self).__name__, "policy": str(self.sync.policy if self.sync else None)}
-        for i, group in enumerate(self.param_groups):
-            for key, value in group.items():
-                if key != "params":
-                    print_[f"param group {i} {key}"] = dp.describe(value)
-            print_[f"param group {i} shapes"] = repr([tuple(p.shape) for p in group["params"]])
-        print_["hooked layers"] = repr([layer.name for layer in self.engine.layers])
-        for key, value in sorted(vars(self).items()):
-            if not key.startswith("_") and key not in self._NOT_SETTINGS:
-                print_[f"option {key}"] = dp.describe(value)
-        print_["initial parameter values (digest)"] = dp.parameter_digest([p for g in self.param_groups for p in g["params"]])
-        return print_
-
-    # torch.amp.GradScaler.step(opt) hands such an optimizer the loss scale and the inf check
-    # (attributes grad_scale, found_inf) instead of unscaling .grad itself: the per-sample
-    # captures are scaled too, and only the optimizer can unscale them (_mixed_precision_step).
-    _step_supports_amp_scaling = True
+    def _agreement(self) -> Any:
+        """Where a local failure must reach the other ranks (``backward``, ``step``)."""
+        return nullcontext() if self.sync is None else self.sync.agreement()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's ``zero_grad``; it also starts a new step for the GradScaler protocol: the
-        next backward is not ``opt.backward`` until it says so (:func:`_mixed_precision_step`)."""
+        next backward is not ``opt.backward`` until it says so (see :meth:`step`)."""
         self._own_backward = False
         super().zero_grad(set_to_none)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "step" in cls.__dict__:
-            cls.step = _synchronized_step(cls.__dict__["step"])
-        if "backward" in cls.__dict__:
-            cls.backward = _synchronized(cls.__dict__["backward"])
 
     def _draw_seed(self) -> int:
         """A random seed from torch's generator; rank 0's on every rank when distributed."""
@@ -210,20 +184,13 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
 
     def _synchronize_gradients(self) -> None:
         """``"exact"``: each ``.grad`` the step reads becomes ``sum_r (b_r / B) g_r``."""
+        if self.sync is None or self.sync.policy != "exact" or self.sync.nested:
+            return
         if self.reads_gradients == "all":
             params = [p for g in self.param_groups for p in g["params"]]
         else:
             params = self.engine.plain_params + self.stray_params()
-        if params and self.sync is not None:
-            for p, g in zip(params, self.sync.mean([p.grad for p in params], params, self._local_samples())):
-                p.grad = g
-
-    def _average_directions(self, directions: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
-        """``"local"``: ``d = sum_r (b_r / B) d_r`` for every parameter (one all-reduce)."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        by_id = {id(p): d for p, d in directions.items()}
-        means = self.sync.mean([by_id.get(id(p)) for p in params], params, self._local_samples())
-        return {p: d for p, d in zip(params, means) if d is not None}
+        self.sync.synchronize_gradients(params, self._local_samples())
 
     # -- validation ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -274,6 +241,115 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             raise CaptureError(f"this {type(self).__name__} was closed: its hooks are gone")
 
     # -- the step ------------------------------------------------------------------------
+    def backward(self, output: Tensor, target: Tensor) -> Tensor:
+        """The configured mean loss of ``output`` against ``target`` and the backward
+        pass(es) the method needs; returns the loss (detached). See the method's
+        :meth:`_backward`."""
+        with self._agreement():
+            self._require_open()
+            loss = self._backward(output, target)
+            self._own_backward = True
+            return loss
+
+    def _backward(self, output: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step: the method's directions, the plain gradient for the parameters no
+        layer preconditions, then the update (with momentum and weight decay).
+
+        ``closure``, if given, must run the forward pass and a backward pass
+        (``opt.backward`` or, for the methods that allow it, ``loss.backward()``) and
+        return the loss; it is called with autograd enabled. On an error nothing is
+        changed, and the captured factors are dropped either way.
+        """
+        with self._agreement():
+            self._require_open()
+            # torch.amp.GradScaler.step(opt) sets these (see _step_supports_amp_scaling)
+            found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+            own_backward, self._own_backward = self._own_backward, False
+            caller = _autocast_dtypes()
+            result = None
+            if closure is not None:
+                with torch.enable_grad(), _autocast(caller):
+                    result = closure()
+            # the Grams and solves run in the factors' dtype (>= float32), never autocast's
+            with _autocast(dict.fromkeys(caller)):
+                scaled = found_inf is not None and not own_backward
+                if scaled and float(found_inf) > 0:  # the scaler's inf check: skip, change nothing
+                    self.engine.clear()
+                    return result
+                if scaled:
+                    self._unscale(grad_scale)
+                try:
+                    self._step_body()
+                finally:
+                    self.engine.gradient_scale = 1.0
+        return result
+
+    def _step_body(self) -> None:
+        self._synchronize_gradients()
+        pending = self._pending
+        self._seconds = dict(pending.seconds) if pending is not None else {}
+        try:
+            directions, solve = self.directions(pending)
+            for p in self.gradient_params():
+                if p.grad is not None:
+                    directions[p] = p.grad
+            with self._phase("update"):
+                self.apply_directions(directions)
+                self.commit()
+        finally:
+            self.engine.clear()
+        self._pending = None
+        self.last_info = StepInfo(self.steps_taken, None if pending is None else pending.loss, solve, self._seconds)
+
+    # torch.amp.GradScaler.step(opt) hands such an optimizer the loss scale and the inf check
+    # (attributes grad_scale, found_inf) instead of unscaling .grad itself: the per-sample
+    # captures are scaled too, and only the optimizer can unscale them.
+    _step_supports_amp_scaling = True
+
+    def _unscale(self, grad_scale: Tensor | None) -> None:
+        """GradScaler (``scaler.scale(loss).backward(); scaler.step(opt)``): multiply ``.grad``
+        and the captured output-gradients by 1/S. After ``opt.backward`` (which computes its
+        loss itself, unscaled) there is nothing to unscale."""
+        if grad_scale is None:
+            raise ValueError(
+                f"{type(self).__name__}: scaler.unscale_(opt) before scaler.step(opt) unscales .grad but not the "
+                "per-sample gradients the optimizer captured; call scaler.step(opt) alone (it unscales both)"
+            )
+        inverse = 1.0 / float(grad_scale)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(inverse)
+        self.engine.gradient_scale = inverse
+
+    def directions(self, pending: PendingBatch | None) -> tuple[dict[Tensor, Tensor], SolveInfo | None]:
+        """The method's algorithm: a direction d per preconditioned parameter (the step
+        is ``-lr * d``) and what the solve did. ``pending``: what ``backward`` left (None
+        in the ordinary loop). Changes nothing that :meth:`commit` does not."""
+        raise NotImplementedError
+
+    def gradient_params(self) -> list[Tensor]:
+        """The parameters that follow their plain gradient (``.grad``) this step: those
+        of modules without a handler, and hooked ones whose module recorded nothing
+        (warned about, :meth:`_warn_stray`)."""
+        stray = self.stray_params()
+        self._warn_stray(stray)
+        return self.engine.plain_params + stray
+
+    def commit(self) -> None:
+        """Keep the method's state of this step, once the update succeeded."""
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """Add the seconds of the block to ``last_info.seconds[name]``."""
+        start = time.perf_counter()
+        yield
+        self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
+
     def apply_directions(self, directions: dict[Tensor, Tensor]) -> None:
         """Check every direction is finite, then decorate and apply them (all or nothing).
 
@@ -282,7 +358,8 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         per-tensor formulas in the module docstring.
         """
         if self.sync is not None and self.sync.policy == "local":
-            directions = self._average_directions(directions)
+            params = [p for g in self.param_groups for p in g["params"]]
+            directions = self.sync.average_directions(directions, params, self._local_samples())
         by_id = {id(p): d for p, d in directions.items()}
         work = []
         for group in self.param_groups:
@@ -338,7 +415,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         functionally). They follow the plain gradient (see :meth:`_warn_stray`)."""
         return self.engine.stray_params()
 
-    def _warn_stray(self, params: Sequence[Tensor]) -> None:
+    def _warn_stray(self, params: Sequence[Tensor], stacklevel: int = 3) -> None:
         """One warning per optimizer and parameter: it has a gradient that the method
         cannot precondition, so it follows the plain gradient (never silently frozen)."""
         names = [self._names.get(id(p), "?") for p in params]
@@ -350,16 +427,11 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 "nothing (its weights were used without calling the module, e.g. F.linear(x, layer.weight)); "
                 "they follow the plain gradient of the loss",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
 
     def _name(self, p: Tensor) -> str:
         return f"{self._names.get(id(p), '?')} (shape {tuple(p.shape)})"
-
-    def _timed(self, seconds: dict[str, float], phase: str, start: float) -> float:
-        now = time.perf_counter()
-        seconds[phase] = seconds.get(phase, 0.0) + now - start
-        return now
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -418,53 +490,6 @@ def _clone_tree(tree: Any) -> Any:
     return tree
 
 
-def _synchronized(method: Callable[..., Any]) -> Callable[..., Any]:
-    """``backward``: a local failure is reported to the other ranks."""
-
-    @functools.wraps(method)
-    def wrapper(self: SampleSpaceOptimizer, *args: Any, **kwargs: Any) -> Any:
-        sync = getattr(self, "sync", None)
-        if sync is None or self._sync_depth:
-            result = method(self, *args, **kwargs)
-            self._own_backward = True
-            return result
-        self._sync_depth += 1
-        try:
-            with sync.agreement():
-                result = method(self, *args, **kwargs)
-                self._own_backward = True
-                return result
-        finally:
-            self._sync_depth -= 1
-
-    return wrapper
-
-
-def _synchronized_step(step: Callable[..., Any]) -> Callable[..., Any]:
-    """``step``: the closure runs first; under ``"exact"`` the gradients the step reads
-    are synchronized; a local failure is reported to the other ranks."""
-
-    @functools.wraps(step)
-    def wrapper(self: SampleSpaceOptimizer, closure: Callable[[], Any] | None = None) -> Any:
-        sync = getattr(self, "sync", None)
-        if sync is None or self._sync_depth:
-            return _mixed_precision_step(self, step, closure)
-        self._sync_depth += 1
-        try:
-            with sync.agreement():
-                result = None
-                if closure is not None:
-                    with torch.enable_grad():
-                        result = closure()
-                if sync.policy == "exact":
-                    self._synchronize_gradients()
-                _mixed_precision_step(self, step, None)
-                return result
-        finally:
-            self._sync_depth -= 1
-
-    return wrapper
-
 
 AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -485,60 +510,10 @@ def _autocast_dtypes() -> dict[str, torch.dtype]:
     return on
 
 
-@contextlib.contextmanager
+@contextmanager
 def _autocast(dtypes: dict[str, torch.dtype | None]) -> Iterator[None]:
     """Autocast on (a dtype) or off (None) for the given device types."""
-    with contextlib.ExitStack() as stack:
+    with ExitStack() as stack:
         for device, dtype in dtypes.items():
             stack.enter_context(torch.autocast(device, dtype=dtype, enabled=dtype is not None))
         yield
-
-
-def _mixed_precision_step(
-    self: SampleSpaceOptimizer, step: Callable[..., Any], closure: Callable[[], Any] | None
-) -> Any:
-    """Run the method's ``step`` with autocast off and, when ``torch.amp.GradScaler.step``
-    drives it, unscaled or skipped.
-
-    Autocast: a step called inside ``torch.autocast`` would run its Grams and solves in
-    bfloat16/float16; they run in the factors' dtype (at least float32) instead, while a
-    closure still runs under the caller's autocast.
-
-    GradScaler (``scaler.scale(loss).backward(); scaler.step(opt)``): the scaler sets
-    ``found_inf`` (its inf/NaN check of every ``.grad``) and ``grad_scale`` (S) on the
-    optimizer. An inf or NaN skips the step (nothing changes, the captures are dropped),
-    as torch's optimizers are skipped; otherwise ``.grad`` and the captured
-    output-gradients are multiplied by 1/S before the step. After ``opt.backward`` (which
-    computes its loss itself, unscaled) there is nothing to unscale.
-    """
-    found_inf = getattr(self, "found_inf", None)
-    grad_scale = getattr(self, "grad_scale", None)
-    own_backward, self._own_backward = self._own_backward, False
-    caller = _autocast_dtypes()
-    run_closure = None
-    if closure is not None:
-        def run_closure() -> Any:
-            with _autocast(caller):
-                return closure()
-
-    with _autocast(dict.fromkeys(caller)):
-        if found_inf is None or own_backward:
-            return step(self, run_closure)
-        if float(found_inf) > 0:
-            self.engine.clear()
-            return None
-        if grad_scale is None:
-            raise ValueError(
-                f"{type(self).__name__}: scaler.unscale_(opt) before scaler.step(opt) unscales .grad but not the "
-                "per-sample gradients the optimizer captured; call scaler.step(opt) alone (it unscales both)"
-            )
-        inverse = 1.0 / float(grad_scale)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.mul_(inverse)
-        self.engine.gradient_scale = inverse
-        try:
-            return step(self, run_closure)
-        finally:
-            self.engine.gradient_scale = 1.0

@@ -1,4 +1,6 @@
-"""Inverse-free fast natural gradient descent, FNGD (Ou et al., ``papers/003_*``).
+"""Inverse-free fast natural gradient descent, FNGD, of
+Xinwei Ou, Ce Zhu, Xiaolin Huang, Yipeng Liu, "Inverse-Free Fast Natural Gradient
+Descent Method for Deep Learning", arXiv:2403.03473, 2024.
 
 For a Linear or Conv layer l and a batch of M samples, let U_l be the M x p_l matrix of
 per-sample loss gradients (one row per sample, weight and bias together; Eq. 11, 13)
@@ -43,11 +45,8 @@ first batch's size).
 Parameters of other layers (norms, embeddings, modules without handler) follow the
 plain gradient of the mean loss, as in the paper.
 
-What sharing amounts to (measured here on the digits MLP and the MNIST CNN): batches
-are shuffled, so the running mean is nearly the same at every batch position (relative
-spread 5-8% at damping 1e-3, 11-27% at 1e-4), and sum(v_l) is 0.15-0.85. The sharing
-phase therefore behaves like momentum SGD with a per-layer step lr * sum(v_l) and a
-little per-sample noise: a learning rate tuned for the preconditioned first epoch can
+In practice sharing behaves like momentum SGD with a per-layer step ``lr * sum(v_l)``
+(see benchmarks/notes.md): a learning rate tuned for the preconditioned first epoch can
 be too large afterwards.
 
 Usage (uniform loop, or ``loss.backward(); opt.step()`` with a mean loss)::
@@ -61,8 +60,7 @@ from __future__ import annotations
 
 import math
 import numbers
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -70,9 +68,9 @@ from torch import Tensor, nn
 
 from gramopt.capture.factors import LayerFactors
 from gramopt.errors import CaptureError, NonFiniteError
-from gramopt.linalg.dense import solve_damped_psd
+from gramopt.linalg.dense import SolveInfo, solve_damped_psd
 from gramopt.losses import GaussNewtonLoss, get_loss
-from gramopt.optim.base import SampleSpaceOptimizer, StepInfo, check_hyper
+from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper
 
 #: The layer types FNGD preconditions; every other parameter takes the plain gradient.
 PRECONDITIONED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -181,8 +179,7 @@ class FNGD(SampleSpaceOptimizer):
         # The running mean of Algorithm 1, line 7, per layer, over estimation batches of
         # ``coefficient_batch`` samples (saved in state_dict()).
         self.extra_state.update(coefficient_batch=None, coefficients={}, coefficient_counts={})
-        self._loss: float | None = None
-        self._seconds: dict[str, float] = {}
+        self._estimated: tuple[dict[str, Tensor], int] | None = None  # this step's v_l, for commit()
         self._weights_cache: dict[tuple[str, int], Tensor] = {}
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -197,49 +194,35 @@ class FNGD(SampleSpaceOptimizer):
         return "share"
 
     # -- backward ------------------------------------------------------------------------
-    def backward(self, output: Tensor, target: Tensor) -> Tensor:
+    def _backward(self, output: Tensor, target: Tensor) -> Tensor:
         """Mean loss, one backward pass to the layers' outputs (and to the plain-gradient
         parameters, whose ``.grad`` it fills); returns the loss (detached)."""
-        self._require_open()
-        start = time.perf_counter()
-        try:
-            self._check_batch(output, target)
-            value = self.loss.value(output, target)
-            loss = float(value.detach())
-            if not math.isfinite(loss):
-                raise NonFiniteError(f"the loss is {loss} (a NaN or inf in the output or target?); nothing was changed")
-            plain = [p for p in self.engine.plain_params if p.requires_grad] + self.engine.uncalled_params()
-            (grads,) = self.engine.backward_passes(value, [torch.ones_like(value)], inputs=plain, retain_graph=False)
-        except BaseException:
-            self.engine.clear()
-            raise
-        for p, g in zip(plain, grads):
-            if g is not None:
-                g = g if g.dtype == p.dtype else g.to(p.dtype)
-                p.grad = g if p.grad is None else p.grad + g
-        self._loss = loss
-        self._seconds = {"backward": time.perf_counter() - start}
+        self._seconds = {}
+        with self._phase("backward"):
+            try:
+                self._check_batch(output, target)
+                value = self.loss.value(output, target)
+                loss = float(value.detach())
+                if not math.isfinite(loss):
+                    raise NonFiniteError(f"the loss is {loss} (a NaN or inf in the output or target?); nothing was changed")
+                plain = [p for p in self.engine.plain_params if p.requires_grad] + self.engine.uncalled_params()
+                (grads,) = self.engine.backward_passes(value, [torch.ones_like(value)], inputs=plain, retain_graph=False)
+            except BaseException:
+                self.engine.clear()
+                raise
+            for p, g in zip(plain, grads):
+                if g is not None:
+                    g = g if g.dtype == p.dtype else g.to(p.dtype)
+                    p.grad = g if p.grad is None else p.grad + g
+        self._pending = PendingBatch(loss, self._seconds)
         return value.detach()
 
     # -- step ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Compute (estimation) or reuse (sharing) the coefficients, move every
-        Linear/Conv layer by ``-lr * U_l^T v_l`` and the other parameters by their plain
-        gradient (with momentum and weight decay, see the base class).
-
-        ``closure``, if given, must run the forward pass and a backward pass
-        (``opt.backward`` or ``loss.backward()``) and return the loss.
-        """
-        self._require_open()
-        result = None
-        if closure is not None:
-            with torch.enable_grad():
-                result = closure()
-        seconds, self._seconds = self._seconds, {}
-        loss, self._loss = self._loss, None
-        try:
-            start = time.perf_counter()
+    def directions(self, pending: PendingBatch | None) -> tuple[dict[Tensor, Tensor], SolveInfo | None]:
+        """Compute (estimation) or reuse (sharing) the coefficients v_l; the direction of
+        every Linear/Conv layer is ``U_l^T v_l``."""
+        self._estimated = None
+        with self._phase("factors"):
             self._gather_batch()  # distributed="exact": the global batch's
             factors = self.engine.factors()
             if self.engine.layers and not factors:
@@ -248,33 +231,27 @@ class FNGD(SampleSpaceOptimizer):
                     "opt.backward(model(x), y), or loss.backward() with a mean loss"
                 )
             batch = next(iter(factors.values())).num_rows if factors else 0
-            start = self._timed(seconds, "factors", start)
-            estimating = self.phase == "estimate"
-            if estimating:
+        estimating = self.phase == "estimate"
+        if estimating:
+            with self._phase("coefficients"):
                 estimated = {name: self._estimate(name, factor) for name, factor in factors.items()}
                 # Rows captured from the mean loss are U_l / M: U_l^T v = (U_l / M)^T (M v).
                 weights = {name: v * batch for name, v in estimated.items()}
-                start = self._timed(seconds, "coefficients", start)
-            else:
+            if self.coefficient_steps is not None:
+                self._estimated = (estimated, batch)
+        directions: dict[Tensor, Tensor] = {}
+        with self._phase("direction"):
+            if not estimating:
                 weights = {name: self._shared_weights(name, batch, factor) for name, factor in factors.items()}
-            directions: dict[Tensor, Tensor] = {}
             for name, factor in factors.items():
                 for p, d in zip(factor.params, factor.rmatvec(weights[name])):
                     directions[p] = d
-            stray = self.stray_params()
-            self._warn_stray(stray)
-            for p in self.engine.plain_params + stray:
-                if p.grad is not None:
-                    directions[p] = p.grad
-            start = self._timed(seconds, "direction", start)
-            self.apply_directions(directions)
-            if estimating and self.coefficient_steps is not None:
-                self._accumulate(estimated, batch)
-            self._timed(seconds, "update", start)
-        finally:
-            self.engine.clear()
-        self.last_info = StepInfo(self.steps_taken, loss, None, seconds)
-        return result
+        return directions, None
+
+    def commit(self) -> None:
+        if self._estimated is not None:
+            self._accumulate(*self._estimated)
+            self._estimated = None
 
     def _estimate(self, name: str, factor: LayerFactors) -> Tensor:
         """v_l of this batch (Eq. 9, 14), ``[M]``."""

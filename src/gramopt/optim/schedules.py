@@ -1,4 +1,6 @@
-"""The schedules of SENG's experiments (``papers/001_*``, Appendix A and Table 7).
+"""The schedules of SENG's experiments (Appendix A and Table 7 of
+Minghan Yang, Dong Xu, Zaiwen Wen, Mengyun Chen, Pengxiang Xu, "Sketchy Empirical
+Natural Gradient Methods for Deep Learning", arXiv:2006.05924, 2020).
 
 Learning rate (alpha_k at epoch k; use them per epoch, or per step with step counts):
 

@@ -3,7 +3,7 @@ behind ``gramopt train`` and ``gramopt compare``, checkpoints."""
 
 from gramopt.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gramopt.training.loop import TrainConfig, Trainer, TrainResult, evaluate, train
-from gramopt.training.optimizers import (
+from gramopt.training.registry import (
     OPTIMIZERS,
     build_optimizer,
     get_optimizer_spec,

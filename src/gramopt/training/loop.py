@@ -36,7 +36,7 @@ from gramopt.training.checkpoint import (
     set_rng_state,
 )
 from gramopt.distributed import world_size
-from gramopt.training.optimizers import (
+from gramopt.training.registry import (
     DIVERGENCE_ERRORS,
     build_optimizer,
     get_optimizer_spec,

@@ -34,9 +34,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gramopt.distributed import POLICIES, CollectiveError, world_size
+from gramopt.distributed import POLICIES, collective, world_size
 from gramopt.optim.base import SampleSpaceOptimizer
-from gramopt.training.optimizers import training_step
+from gramopt.training.registry import training_step
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
 
@@ -133,24 +133,18 @@ class DataParallelRun:
         if self.policy != "local" or not isinstance(optimizer, SampleSpaceOptimizer):
             return None
         states: list[Any] | None = [None] * self.world_size if self.main else None
-        try:
+        with collective("gathering the optimizer states", self.rank):
             dist.gather_object(optimizer.state_dict(), states, dst=0)
-        except Exception as err:  # noqa: BLE001
-            raise CollectiveError(f"rank {self.rank}: gathering the optimizer states failed ({err})") from err
         return states
 
     # -- collectives -------------------------------------------------------------------
     def _all_gather(self, t: Tensor) -> Tensor:
         out = [torch.empty_like(t) for _ in range(self.world_size)]
-        try:
+        with collective("all_gather", self.rank):
             dist.all_gather(out, t)
-        except Exception as err:  # noqa: BLE001
-            raise CollectiveError(f"rank {self.rank}: all_gather failed ({err}); another rank probably died") from err
         return torch.stack(out)
 
     def _all_reduce(self, t: Tensor) -> Tensor:
-        try:
+        with collective("all_reduce", self.rank):
             dist.all_reduce(t)
-        except Exception as err:  # noqa: BLE001
-            raise CollectiveError(f"rank {self.rank}: all_reduce failed ({err}); another rank probably died") from err
         return t

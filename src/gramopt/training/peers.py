@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gramopt.training.optimizers import OPTIMIZERS, OptimizerSpec
+from gramopt.training.registry import OPTIMIZERS, OptimizerSpec
 
 
 def muon_groups(model: nn.Module) -> list[dict[str, Any]]:

@@ -1,10 +1,12 @@
-"""SENG's implicit layers (``papers/001_*``, Section 3.3 and Algorithm 1).
+"""SENG's implicit layers (Section 3.3 and Algorithm 1 of
+Minghan Yang, Dong Xu, Zaiwen Wen, Mengyun Chen, Pengxiang Xu, "Sketchy Empirical
+Natural Gradient Methods for Deep Learning", arXiv:2006.05924, 2020).
 
 A Linear or Conv layer keeps per-sample factors ``G_i [r, n_G]`` and ``A_i [r, n_A]``
 with ``u_i = vec(G_i^T A_i)`` (Eq. 15: G from the output-gradients, A from the inputs
 with a last column of ones for the bias), truncated to rank r by an SVD when the layer
 shares its weight over kappa > r positions. From them (the direction is that of
-:mod:`gramopt.optim.seng_explicit`, ``d = (g - U^T beta) / lam``):
+:mod:`gramopt.optim.seng.explicit`, ``d = (g - U^T beta) / lam``):
 
     U g      by Eq. 18, or sketched by Eq. 19        (Omega_G, Omega_A of Eq. 17)
     U U^T    by Eq. 20, or sketched by Eq. 21
@@ -29,7 +31,8 @@ from gramopt.errors import NonFiniteError
 from gramopt.linalg.dense import SolveInfo, solve_damped_psd
 from gramopt.linalg.sketches import KroneckerSketch, RowSampleSketch
 from gramopt.capture.factors import all_finite
-from gramopt.optim.seng_solve import kept_factor, solve_shifted, with_solve_state
+from gramopt.optim.seng.config import SketchConfig, sketch_rows
+from gramopt.optim.seng.solve import kept_factor, solve_shifted, with_solve_state
 
 
 def layer_factors(factors: SharedWeightFactors) -> tuple[Tensor, Tensor]:
@@ -246,6 +249,12 @@ class ImplicitCurvature:
             rhs = ((xi_a @ xi_z.T) * xi_g).sum(dim=(1, 2))  # Eq. 19
             gram = factor_gram(xi_a, xi_g)  # Eq. 21
         return solve_damped_psd(gram, rhs, self.batch * damping, what=what)
+
+    def sketch_rows(self, sketch: SketchConfig | None) -> tuple[int, int] | None:
+        """(zeta_G, zeta_A), the factor sketches' sizes of Eq. 17, or None when not sketched."""
+        if sketch is None or sketch.factor_size is None:
+            return None
+        return sketch_rows(sketch.factor_size, self.g.shape[2]), sketch_rows(sketch.factor_size, self.a.shape[2])
 
     def combine(self, coeffs: Tensor) -> list[Tensor]:
         """``U^T beta = left^T right`` (exact, or Eq. 23), parameter-shaped fresh

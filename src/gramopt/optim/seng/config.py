@@ -1,4 +1,6 @@
-"""SENG's options, grouped (``papers/001_*``, Section 3.2-3.3 and Algorithm 1).
+"""SENG's options, grouped (Section 3.2-3.3 and Algorithm 1 of
+Minghan Yang, Dong Xu, Zaiwen Wen, Mengyun Chen, Pengxiang Xu, "Sketchy Empirical
+Natural Gradient Methods for Deep Learning", arXiv:2006.05924, 2020).
 
 ``SketchConfig`` says how the curvature is sketched; ``ImplicitConfig`` which layers keep
 per-sample low-rank factors instead of U and how those are used. Each validates its own
@@ -79,7 +81,7 @@ class ImplicitConfig:
             keeps the r leading singular directions of the smaller factor (footnote 1);
             None: no truncation (r = kappa).
         exact_product: False: U^T c by Eq. 23, the product of two weighted factor sums
-            (an approximation, see :func:`~gramopt.optim.seng_implicit.eq23_product`);
+            (an approximation, see :func:`~gramopt.optim.seng.implicit.eq23_product`);
             True: the exact ``sum_i c_i G_i^T A_i`` (one matmul, for checking).
     """
 

@@ -1,6 +1,6 @@
 """Solvers of the Gauss-Newton system ``(Q^T J J^T Q + damping I) a = w`` of one GGN step.
 
-Every solver takes a :class:`~gramopt.optim.ggn.GaussNewtonSystem` and keyword options
+Every solver takes a :class:`~gramopt.optim.ggn.system.GaussNewtonSystem` and keyword options
 (``GGN(..., solver=name, solver_options={...})``) and returns ``(a, SolveInfo)``:
 
 ==============  ==========================================================  ====================
@@ -8,7 +8,7 @@ solver          what it does                                                opti
 ==============  ==========================================================  ====================
 ``cholesky``    the Gram through the layers' structure, then Cholesky       none
 ``cg``          conjugate gradients, matrix-free (products with J, J^T)     tol, max_iter (1000)
-``sketch-pcg``  fast regression (Algorithm 2 of ``papers/002_*``) on        tol, max_iter (200),
+``sketch-pcg``  fast regression (Algorithm 2 of [vdB]) on        tol, max_iter (200),
                 ``A = J^T Q`` [p, n]: CG preconditioned by the Cholesky     sketch ("sparse"),
                 factor of a *sketched* Gram, never the Gram itself          oversampling (4), seed (0)
 ``nystrom-pcg`` CG preconditioned by a randomized Nystrom approximation     tol, max_iter (200),
@@ -18,8 +18,11 @@ solver          what it does                                                opti
 
 ``tol`` is the relative residual ``||w - H a|| / ||w||`` (default 1e-8 in float64, 1e-4
 otherwise: in float32 the residual of a product with H is itself only accurate to about
-``eps ||H|| ||a||``, which measured 2e-5 to 2e-4 on the benchmark's MLPs). A solver that runs out of iterations returns its last iterate with
-``info.converged = False`` (GGN warns).
+``eps ||H|| ||a||``, see benchmarks/notes.md). A solver that runs out of iterations
+returns its last iterate with ``info.converged = False`` (GGN warns).
+
+[vdB]: Jan van den Brand, Binghui Peng, Zhao Song, Omri Weinstein, "Training
+(Overparametrized) Neural Networks in Near-Linear Time", ITCS 2021, arXiv:2006.11648.
 
 The sketch of ``A = J^T Q`` (Lemma 3.3) needs a subspace embedding over the parameter
 dimension p. Forming ``S J^T`` with a dense or fast transform over p costs at least
@@ -33,10 +36,12 @@ the bias folded in) is sketched down to ``m = ceil(oversampling n s)`` rows when
 and left exact otherwise. The sketched block is then the structured Gram of the
 sketched factors, e.g. ``(Z S_G^T S_G Z^T) * (X X^T + 1)`` for s = 1, at cost
 ``zeta n d_out + n^2 (m + d_in)`` instead of ``n^2 (d_out + d_in)``. Because S_G embeds
-the span of the z's, ``(1 - delta) Z Z^T <= Z S_G^T S_G Z^T <= (1 + delta) Z Z^T`` and,
-by the Schur product theorem, the same bounds hold for the layer's block, the sum and
-the sandwich with Q: the preconditioned system has condition number at most
-``(1 + delta) / (1 - delta)``. Layers too small to gain (most of a deep MLP at a batch
+the span of the z's with distortion delta (``||S_G v||`` within ``(1 +- delta) ||v||``,
+Definition 3.2 of [vdB]), ``(1 - delta)^2 Z Z^T <= Z S_G^T S_G Z^T <= (1 + delta)^2 Z Z^T``
+and, by the Schur product theorem, the same bounds hold for the layer's block, the sum
+and the sandwich with Q: the preconditioned system has condition number at most
+``((1 + delta) / (1 - delta))^2`` (as in :mod:`gramopt.linalg.regression`); with both
+sides sketched the factors of S_G and S_A multiply. Layers too small to gain (most of a deep MLP at a batch
 larger than its width) keep their exact block: sketch-pcg then costs more than
 cholesky, which is what ``auto`` weighs.
 
@@ -55,20 +60,20 @@ import inspect
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from gramopt.capture.factors import ExplicitFactors, LayerFactors, unflatten
-from gramopt.capture.shared_weight import SharedWeightFactors, gram_strategy
+from gramopt.capture.factors import LayerFactors, unflatten
+from gramopt.capture.shared_weight import gram_strategy
 from gramopt.linalg.dense import SolveInfo, solve_damped_psd
 from gramopt.linalg.krylov import nystrom_preconditioner, pcg
-from gramopt.linalg.regression import LinearOperator, fast_regression
+from gramopt.linalg.operators import LinearOperator
+from gramopt.linalg.regression import fast_regression
 from gramopt.linalg.sketches import SKETCHES, KroneckerSketch, make_sketch
+from gramopt.optim.ggn.system import GaussNewtonSystem
 
-if TYPE_CHECKING:
-    from gramopt.optim.ggn import GaussNewtonSystem
 
 #: CG iterations auto budgets for sketch-pcg (measured 5-8 at float32's default tol).
 AUTO_PCG_ITERATIONS = 8
@@ -92,7 +97,7 @@ class GaussNewtonOperator(LinearOperator):
     per-layer Kronecker sketch of the module doc.
     """
 
-    def __init__(self, system: "GaussNewtonSystem") -> None:
+    def __init__(self, system: GaussNewtonSystem) -> None:
         self.system = system
         self.factors = list(system.factors.values())
         p = sum(f.num_params for f in self.factors)
@@ -125,32 +130,24 @@ def _side_sketch(kind: str, target: int, dim: int, generator, device) -> Any:
     return make_sketch(kind, target, dim, generator=generator, device=device) if target < dim else None
 
 
-def _shared_weight_inputs(f: SharedWeightFactors) -> Tensor | None:
-    """X with a column of ones appended for a covered bias (None if only the bias is)."""
-    ones = torch.ones(*f.inputs.shape[:-1], 1, dtype=f.inputs.dtype, device=f.inputs.device)
-    if not f.with_weight:
-        return ones
-    return torch.cat([f.inputs, ones], dim=-1) if f.with_bias else f.inputs
-
-
 def sketched_layer_gram(f: LayerFactors, kind: str, oversampling: float, generator: torch.Generator | None) -> Tensor:
     """``(U_l S_l^T)(U_l S_l^T)^T`` ``[n, n]`` for the layer's sketch S_l (module doc);
     the exact ``U_l U_l^T`` where sketching would not make it smaller."""
     n = f.num_rows
-    if isinstance(f, SharedWeightFactors):
-        s = f.positions
-        target = math.ceil(oversampling * n * s)
-        x = _shared_weight_inputs(f)
-        device = f.grads.device
-        s_g = _side_sketch(kind, target, f.grads.shape[-1], generator, device)
-        s_a = _side_sketch(kind, target, x.shape[-1], generator, device)
+    kronecker = f.kronecker_factors()
+    if kronecker is not None:
+        x, z = kronecker
+        target = math.ceil(oversampling * n * z.shape[2])
+        s_g = _side_sketch(kind, target, z.shape[-1], generator, z.device)
+        s_a = _side_sketch(kind, target, x.shape[-1], generator, z.device)
         if s_g is None and s_a is None:
             return f.gram()
-        return KroneckerSketch(s_g, s_a).gram(x, f.grads)
-    if isinstance(f, ExplicitFactors):
+        return KroneckerSketch(s_g, s_a).gram(x, z)
+    rows = f.held_rows()
+    if rows is not None:
         target = math.ceil(oversampling * n)
         if target < f.num_params:
-            rows = make_sketch(kind, target, f.num_params, generator=generator, device=f.rows.device).apply(f.rows, dim=1)
+            rows = make_sketch(kind, target, f.num_params, generator=generator, device=rows.device).apply(rows, dim=1)
             return rows @ rows.T
     return f.gram()
 
@@ -162,7 +159,7 @@ def _generator(seed: int, step: int, device: torch.device) -> torch.Generator:
 # -- the solvers -----------------------------------------------------------------------
 
 
-def cholesky_solver(system: "GaussNewtonSystem") -> tuple[Tensor, SolveInfo]:
+def cholesky_solver(system: GaussNewtonSystem) -> tuple[Tensor, SolveInfo]:
     """Build the Gram through the layers' structure, then a Cholesky solve (with the
     jitter / eigen-solve fallbacks of :func:`~gramopt.linalg.solve_damped_psd`)."""
     start = time.perf_counter()
@@ -173,19 +170,19 @@ def cholesky_solver(system: "GaussNewtonSystem") -> tuple[Tensor, SolveInfo]:
     return a, info
 
 
-def _damped(system: "GaussNewtonSystem") -> Callable[[Tensor], Tensor]:
+def _damped(system: GaussNewtonSystem) -> Callable[[Tensor], Tensor]:
     d = system.damping
     return (lambda a: system.matvec(a) + d * a) if d else system.matvec
 
 
-def cg_solver(system: "GaussNewtonSystem", *, tol: float | None = None, max_iter: int = 1000) -> tuple[Tensor, SolveInfo]:
+def cg_solver(system: GaussNewtonSystem, *, tol: float | None = None, max_iter: int = 1000) -> tuple[Tensor, SolveInfo]:
     """Unpreconditioned conjugate gradients with ``Q^T J J^T Q + damping I``."""
     tol = default_tol(system.rhs.dtype) if tol is None else tol
     return pcg(_damped(system), system.rhs, tol=tol, max_iter=max_iter, method="cg")
 
 
 def sketch_pcg_solver(
-    system: "GaussNewtonSystem",
+    system: GaussNewtonSystem,
     *,
     tol: float | None = None,
     max_iter: int = 200,
@@ -210,7 +207,7 @@ def sketch_pcg_solver(
 
 
 def nystrom_pcg_solver(
-    system: "GaussNewtonSystem", *, tol: float | None = None, max_iter: int = 200, rank: int = 64, seed: int = 0
+    system: GaussNewtonSystem, *, tol: float | None = None, max_iter: int = 200, rank: int = 64, seed: int = 0
 ) -> tuple[Tensor, SolveInfo]:
     """CG preconditioned by the rank-r randomized Nystrom approximation of the Gram
     (r products with the Gram, :func:`~gramopt.linalg.krylov.nystrom_preconditioner`)."""
@@ -235,7 +232,7 @@ def nystrom_pcg_solver(
 # -- auto --------------------------------------------------------------------------------
 
 
-def estimated_flops(system: "GaussNewtonSystem", oversampling: float = 4.0) -> dict[str, float]:
+def estimated_flops(system: GaussNewtonSystem, oversampling: float = 4.0) -> dict[str, float]:
     """Flop estimates of one solve: ``{"cholesky", "sketch-pcg", "gram_product"}``."""
     n = system.size
     exact = sketched = product = 0.0
@@ -252,9 +249,9 @@ def estimated_flops(system: "GaussNewtonSystem", oversampling: float = 4.0) -> d
 
 def _layer_flops(f: LayerFactors, n: int, oversampling: float) -> tuple[float, float, float]:
     """(exact Gram, sketched Gram incl. the sketch, one product ``U U^T a``) flops."""
-    if isinstance(f, SharedWeightFactors):
-        s, d_out = f.positions, f.grads.shape[-1]
-        d_in = f.inputs.shape[-1] + 1
+    sides = f.kronecker_sides()
+    if sides is not None:
+        s, d_in, d_out = sides
         product = 4.0 * n * s * d_in * d_out
         target = math.ceil(oversampling * n * s)
 
@@ -277,14 +274,14 @@ def _layer_flops(f: LayerFactors, n: int, oversampling: float) -> tuple[float, f
     return exact, sketched, 4.0 * n * p
 
 
-def choose_solver(system: "GaussNewtonSystem", oversampling: float = 4.0) -> str:
+def choose_solver(system: GaussNewtonSystem, oversampling: float = 4.0) -> str:
     """``"sketch-pcg"`` if its estimated cost is lower than cholesky's, else ``"cholesky"``."""
     cost = estimated_flops(system, oversampling)
     return "sketch-pcg" if cost["sketch-pcg"] < cost["cholesky"] else "cholesky"
 
 
 def auto_solver(
-    system: "GaussNewtonSystem",
+    system: GaussNewtonSystem,
     *,
     tol: float | None = None,
     max_iter: int = 200,

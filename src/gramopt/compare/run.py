@@ -12,9 +12,9 @@ Then, for each optimizer's winning setting (``config`` module docstring):
 
 - step time: a fresh model and optimizer per method, their steps timed in turns
   (round robin) in this process, reported as the ratio to SGD-momentum in the same
-  rounds (``gramopt.bench.timing``), per seed;
+  rounds (``gramopt.compare.timing``), per seed;
 - peak memory: ``MEMORY_STEPS`` steps of a fresh model and optimizer, measured with the
-  kernel's peak resident-set counter (``gramopt.bench.memory``), per seed.
+  kernel's peak resident-set counter (``gramopt.compare.memory``), per seed.
 
 A diverged setting (NaN, or a divergence error) is reported as such and the comparison
 goes on; so is a setting that fails for another reason (with the error).
@@ -42,17 +42,17 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from gramopt.bench import config as bench_config
-from gramopt.bench.config import GRID_SIZE, TARGETS, Target, grid
-from gramopt.bench.memory import peak_memory
-from gramopt.bench.plots import plot_curves
-from gramopt.bench.report import markdown
-from gramopt.bench.timing import interleaved_times
+from gramopt.compare import config as bench_config
+from gramopt.compare.config import GRID_SIZE, TARGETS, Target, grid
+from gramopt.compare.memory import peak_memory
+from gramopt.compare.plots import plot_curves
+from gramopt.compare.report import markdown
+from gramopt.compare.timing import interleaved_times
 from gramopt.tasks import TASKS, Split, Task, get_task
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
 from gramopt.training.loop import environment, epoch_order
 from gramopt.distributed import CollectiveError, rank, world_size
-from gramopt.training.optimizers import DIVERGENCE_ERRORS, build_optimizer, get_optimizer_spec, training_step
+from gramopt.training.registry import DIVERGENCE_ERRORS, build_optimizer, get_optimizer_spec, training_step
 from gramopt.training.parallel import DataParallelRun, check_distributed
 
 REFERENCE = "sgd"  # step times are reported as ratios to this optimizer's (task default setting)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gramopt.tasks import Task
-from gramopt.training.optimizers import get_optimizer_spec
+from gramopt.training.registry import get_optimizer_spec
 
 GRID_SIZE = 3
 

@@ -1,4 +1,6 @@
-"""Sketchy empirical natural gradient (Yang et al., ``papers/001_*``), Algorithms 1-2.
+"""Sketchy empirical natural gradient, Algorithms 1-2 of
+Minghan Yang, Dong Xu, Zaiwen Wen, Mengyun Chen, Pengxiang Xu, "Sketchy Empirical
+Natural Gradient Methods for Deep Learning", arXiv:2006.05924, 2020.
 
 Per Linear/Conv layer l (weight and bias together; also Embedding and norm layers),
 with per-sample loss gradients u_i (rows of U_l) and the batch gradient g_l:
@@ -30,7 +32,6 @@ Momentum and decoupled weight decay decorate d in the base class.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
@@ -43,10 +44,10 @@ from gramopt.capture.handlers import ConvHandler, LinearHandler
 from gramopt.errors import CaptureError, NonFiniteError
 from gramopt.linalg.dense import SolveInfo
 from gramopt.losses import get_loss
-from gramopt.optim.base import SampleSpaceOptimizer, StepInfo, check_hyper
-from gramopt.optim.seng_config import ImplicitConfig, SketchConfig, sketch_rows
-from gramopt.optim.seng_explicit import ExplicitCurvature
-from gramopt.optim.seng_implicit import ImplicitCurvature
+from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper
+from gramopt.optim.seng.config import ImplicitConfig, SketchConfig
+from gramopt.optim.seng.explicit import ExplicitCurvature
+from gramopt.optim.seng.implicit import ImplicitCurvature
 
 Damping = float | Callable[[int], float]
 
@@ -78,8 +79,8 @@ class SENG(SampleSpaceOptimizer):
             ``"local"`` (Eq. 25-26, block-diagonal), see :mod:`gramopt.distributed`.
 
     ``last_info`` tells what the last step did; ``extra_state["curvature"]`` holds the
-    cached curvature per layer (see :mod:`gramopt.optim.seng_explicit` and
-    :mod:`gramopt.optim.seng_implicit`).
+    cached curvature per layer (see :mod:`gramopt.optim.seng.explicit` and
+    :mod:`gramopt.optim.seng.implicit`).
     """
 
     reads_gradients = "all"  # g of every layer
@@ -120,7 +121,7 @@ class SENG(SampleSpaceOptimizer):
         if sketch is not None:
             seed = sketch.seed if sketch.seed is not None else self._draw_seed()
             self.extra_state["sketch_rng"] = torch.Generator().manual_seed(seed).get_state()
-        self._loss_value: float | None = None
+        self._commit: tuple[dict[str, Any], torch.Generator | None, list[float]] | None = None
 
     # -- configuration -------------------------------------------------------------------
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -172,11 +173,10 @@ class SENG(SampleSpaceOptimizer):
                     )
 
     # -- the uniform loop ----------------------------------------------------------------
-    def backward(self, output: Tensor, target: Tensor) -> Tensor:
+    def _backward(self, output: Tensor, target: Tensor) -> Tensor:
         """The mean loss and its ordinary backward pass (``.grad`` and the per-sample
         factors); returns the loss (detached). Non-finite loss: NonFiniteError, nothing
         changed."""
-        self._require_open()
         self._check_batch(output, target)
         with torch.enable_grad():
             value = self.loss.value(output, target)
@@ -184,31 +184,10 @@ class SENG(SampleSpaceOptimizer):
             self.engine.clear()
             raise NonFiniteError(f"the loss is {float(value.detach())}; nothing was changed")
         value.backward()
-        self._loss_value = float(value.detach())
+        self._pending = PendingBatch(float(value.detach()))
         return value.detach()
 
     # -- the step ------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Algorithm 1 for every layer, then ``theta <- theta - lr d``.
-
-        ``closure``, if given, must run the forward and backward passes and return the
-        loss; it is called with autograd enabled. On any error nothing is changed (the
-        parameters, the cache, the sketch generator), and the captured factors are
-        dropped either way.
-        """
-        self._require_open()
-        result = None
-        if closure is not None:
-            with torch.enable_grad():
-                result = closure()
-        try:
-            self._step()
-        finally:
-            self.engine.clear()
-            self._loss_value = None
-        return result
-
     def _layer_dampings(self, step: int) -> tuple[dict[int, float], list[float]]:
         """lam_k per parameter (by id) and per group."""
         per_group = [
@@ -218,10 +197,14 @@ class SENG(SampleSpaceOptimizer):
         by_param = {id(p): lam for group, lam in zip(self.param_groups, per_group) for p in group["params"]}
         return by_param, per_group
 
-    def _step(self) -> None:
+    def gradient_params(self) -> list[Tensor]:
+        return [p for p in self.engine.plain_params if p.grad is not None] + self.stray_params()
+
+    def directions(self, pending: PendingBatch | None) -> tuple[dict[Tensor, Tensor], SolveInfo | None]:
+        """Algorithm 1 for every layer: ``d_l = (g_l - U_l^T beta) / lam``. The cache,
+        the sketch generator and the scheduled damping are kept by :meth:`commit`."""
+        self._commit = None
         step = self.steps_taken
-        seconds: dict[str, float] = {}
-        start = time.perf_counter()
         damping_of, per_group = self._layer_dampings(step)
         layers: dict[str, Layer] = {}
         grads: dict[str, list[Tensor]] = {}
@@ -240,8 +223,7 @@ class SENG(SampleSpaceOptimizer):
             for name in [n for n, layer in layers.items() if any(p is q for q in layer.params)]:
                 del layers[name], grads[name], covered[name]  # its module recorded nothing
         self._warn_stray(stray)
-        plain = [p for p in self.engine.plain_params if p.grad is not None] + stray
-        if not grads and not plain:
+        if not grads and not self.gradient_params():
             raise CaptureError(
                 "SENG.step() found no gradient: call loss.backward() (mean loss) or opt.backward(model(x), y) first"
             )
@@ -251,8 +233,8 @@ class SENG(SampleSpaceOptimizer):
         if step % self.curvature_every == 0:
             stale = list(grads)
         if stale:
-            self._refresh(cache, stale, covered)
-            start = self._timed(seconds, "curvature", start)
+            with self._phase("curvature"):
+                self._refresh(cache, stale, covered)
         generator = None
         if self.sketch is not None:
             generator = torch.Generator()
@@ -262,39 +244,40 @@ class SENG(SampleSpaceOptimizer):
         fallbacks: list[str] = []
         jitter = 0.0
         for name, layer_grads in grads.items():
-            layer = layers[name]
-            lams = {damping_of[id(p)] for p in layer.params}
-            if len(lams) != 1:
-                raise ValueError(f"layer {name} has parameters in param groups with different damping {sorted(lams)}")
-            lam = lams.pop()
-            curvature = self._curvature(layer, cache[name])
-            rows = self._sketch_rows(layer, curvature)
-            sampling = self.sketch.sampling if self.sketch is not None else "uniform"
-            beta, info = curvature.coefficients(layer_grads, lam, rows, sampling, generator)
-            cache[name] = {**curvature.state(), "covered": covered[name]}  # with the Cholesky factor it kept
-            methods[info.method] = None
-            if info.fallback:
-                fallbacks.append(info.fallback)
-            jitter = max(jitter, info.jitter)
-            # a fallback's jitter j raised b lam to b lam + j: Eq. 9 holds with that lam
-            shift = lam + info.jitter / curvature.batch
-            start = self._timed(seconds, "solve", start)
-            for p, g, t in zip(curvature.params, layer_grads, curvature.combine(beta)):
-                directions[p] = t.neg_().add_(g.to(t.dtype)).div_(shift)  # (g - U^T beta) / lam
-            start = self._timed(seconds, "direction", start)
-        for p in plain:
-            directions[p] = p.grad
-        self.apply_directions(directions)
-        self._timed(seconds, "update", start)
-        # commit (apply_directions changed nothing if it raised)
+            with self._phase("solve"):
+                layer = layers[name]
+                lams = {damping_of[id(p)] for p in layer.params}
+                if len(lams) != 1:
+                    raise ValueError(f"layer {name} has parameters in param groups with different damping {sorted(lams)}")
+                lam = lams.pop()
+                curvature = self._curvature(layer, cache[name])
+                rows = curvature.sketch_rows(self.sketch)
+                sampling = self.sketch.sampling if self.sketch is not None else "uniform"
+                beta, info = curvature.coefficients(layer_grads, lam, rows, sampling, generator)
+                cache[name] = {**curvature.state(), "covered": covered[name]}  # with the Cholesky factor it kept
+                methods[info.method] = None
+                if info.fallback:
+                    fallbacks.append(info.fallback)
+                jitter = max(jitter, info.jitter)
+                # a fallback's jitter j raised b lam to b lam + j: Eq. 9 holds with that lam
+                shift = lam + info.jitter / curvature.batch
+            with self._phase("direction"):
+                for p, g, t in zip(curvature.params, layer_grads, curvature.combine(beta)):
+                    directions[p] = t.neg_().add_(g.to(t.dtype)).div_(shift)  # (g - U^T beta) / lam
+        self._commit = (cache, generator, per_group)
+        solve = SolveInfo(", ".join(methods) or "none", jitter=jitter, fallback="; ".join(fallbacks) or None)
+        return directions, solve
+
+    def commit(self) -> None:
+        """Keep this step's cache, sketch generator state and scheduled damping."""
+        cache, generator, per_group = self._commit
+        self._commit = None
         self.extra_state["curvature"] = cache
         if generator is not None:
             self.extra_state["sketch_rng"] = generator.get_state()
         if self.damping_schedule is not None:
             for group, lam in zip(self.param_groups, per_group):
                 group["damping"] = lam
-        solve = SolveInfo(", ".join(methods) or "none", jitter=jitter, fallback="; ".join(fallbacks) or None)
-        self.last_info = StepInfo(self.steps_taken, self._loss_value, solve, seconds)
 
     def _refresh(self, cache: dict[str, Any], names: list[str], covered: dict[str, list[bool]]) -> None:
         """Rebuild the curvature of ``names`` from this step's per-sample gradients (of
@@ -326,22 +309,6 @@ class SENG(SampleSpaceOptimizer):
         if state["kind"] == "implicit":
             return ImplicitCurvature.from_state(layer, state, self.implicit.exact_product)
         return ExplicitCurvature.from_state(layer, state)
-
-    def _sketch_rows(self, layer: Layer, curvature: ExplicitCurvature | ImplicitCurvature) -> Any:
-        """q (explicit), (zeta_G, zeta_A) (implicit), or None when not sketched."""
-        sketch = self.sketch
-        if sketch is None:
-            return None
-        if isinstance(curvature, ImplicitCurvature):
-            if sketch.factor_size is None:
-                return None
-            return (
-                sketch_rows(sketch.factor_size, curvature.g.shape[2]),
-                sketch_rows(sketch.factor_size, curvature.a.shape[2]),
-            )
-        if sketch.size is None:
-            return None
-        return sketch_rows(sketch.size, curvature.factors.num_params)
 
     # -- state ---------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
