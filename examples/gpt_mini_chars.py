@@ -73,9 +73,9 @@ class GPTMini(nn.Module):
 
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     if name == "seng":
-        return gramopt.SENG(model, lr=0.05, damping=1.0, momentum=0.9, curvature_every=10)
+        return gramopt.SENG(model, lr=0.3, damping=1.0, momentum=0.9, curvature_every=10)
     if name == "fngd":
-        return gramopt.FNGD(model, lr=0.03, damping=1e-2, momentum=0.9, coefficient_steps=100)
+        return gramopt.FNGD(model, lr=0.1, damping=1e-2, momentum=0.9, coefficient_steps=100)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     raise ValueError(f"unknown optimizer {name!r}; choose from seng, fngd, adamw")

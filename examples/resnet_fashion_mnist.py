@@ -58,7 +58,7 @@ def resnet(classes: int = 10, width: int = 8) -> nn.Module:
 
 def make_optimizer(name: str, model: nn.Module, steps_per_epoch: int) -> torch.optim.Optimizer:
     if name == "fngd":
-        return gramopt.FNGD(model, lr=0.3, damping=1e-3, momentum=0.9, coefficient_steps=min(100, steps_per_epoch))
+        return gramopt.FNGD(model, lr=0.1, damping=1e-3, momentum=0.9, coefficient_steps=min(100, steps_per_epoch))
     if name == "seng":
         return gramopt.SENG(model, lr=0.1, damping=1.0, momentum=0.9, curvature_every=10)
     if name == "sgd":

@@ -197,6 +197,27 @@ def test_grad_scaler_skips_a_step_with_inf_and_changes_nothing(method):
     opt.close()
 
 
+def test_grad_scaler_unscales_after_an_earlier_opt_backward_without_step():
+    # opt.backward (unscaled, e.g. to read a loss) leaves no mark once zero_grad starts
+    # the next step: the scaled ordinary backward that follows is unscaled.
+    scaled, plain = cnn(), cnn()
+    opts = [gramopt.SENG(m, lr=0.1, damping=1.0) for m in (scaled, plain)]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    (x, y), (x2, y2) = batches(2)
+    opts[0].backward(scaled(x), y)
+    for model, opt in zip((scaled, plain), opts):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x2), y2)
+        if opt is opts[0]:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+        else:
+            loss.backward()
+            opt.step()
+        opt.close()
+    assert torch.allclose(parameters(scaled), parameters(plain), rtol=0, atol=1e-6)
+
+
 def test_grad_scaler_unscale_before_step_is_a_clear_error():
     model = cnn()
     opt = gramopt.SENG(model, lr=0.1, damping=1.0)
