@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from gramopt.capture.engine import Layer, trainable
+from gramopt.capture.factors import all_finite
 from gramopt.capture.handlers import ConvHandler, LinearHandler
 from gramopt.errors import CaptureError, NonFiniteError
 from gramopt.linalg.dense import SolveInfo
@@ -51,6 +52,9 @@ from gramopt.optim.seng.explicit import ExplicitCurvature
 from gramopt.optim.seng.implicit import ImplicitCurvature
 
 Damping = float | Callable[[int], float]
+
+#: ``local_gradient`` values: the global gradient (Eq. 26) or each rank's own.
+LOCAL_GRADIENTS = ("global", "own")
 
 
 class SENG(SampleSpaceOptimizer):
@@ -78,6 +82,11 @@ class SENG(SampleSpaceOptimizer):
             of modules without a handler).
         distributed: None, ``"exact"`` (the step of all ranks' batches concatenated) or
             ``"local"`` (Eq. 25-26, block-diagonal), see :mod:`gramopt.distributed`.
+        local_gradient: under ``distributed="local"``, the gradient each rank's block
+            preconditions: ``"global"`` (default, Eq. 26: the global batch's mean-loss
+            gradient g_k, one more all-reduce before the solve) or ``"own"`` (the rank's
+            own g_r, no extra communication; not in the paper). Without
+            ``distributed="local"`` it has no effect.
         weight_decay_mode: ``"l2"`` (default) or ``"decoupled"``. ``"l2"`` is the paper's
             setting (its experiments tune weight decay in {5e-4, 2e-4, 1e-4}, the scale
             of an L2 term of the loss, the form of ``torch.optim.SGD``'s weight_decay): d = (M_l + lam I)^{-1} (g_l + wd p_l), the
@@ -109,7 +118,11 @@ class SENG(SampleSpaceOptimizer):
         unsupported: str = "error",
         distributed: str | None = None,
         weight_decay_mode: str = "l2",
+        local_gradient: str = "global",
     ) -> None:
+        if local_gradient not in LOCAL_GRADIENTS:
+            raise ValueError(f"local_gradient must be one of {LOCAL_GRADIENTS}, got {local_gradient!r}")
+        self.local_gradient = local_gradient
         self.loss = get_loss(loss)
         if isinstance(curvature_every, bool) or not isinstance(curvature_every, int) or curvature_every < 1:
             raise ValueError(f"curvature_every must be an int >= 1, got {curvature_every!r}")
@@ -197,6 +210,21 @@ class SENG(SampleSpaceOptimizer):
         return value.detach()
 
     # -- the step ------------------------------------------------------------------------
+    def _synchronize_gradients(self) -> None:
+        """``"exact"`` (base class), and ``"local"`` with ``local_gradient="global"``: every
+        ``.grad`` becomes the global mean-loss gradient ``sum_r (b_r / B) g_r`` (Eq. 26)."""
+        sync = self.sync
+        if sync is not None and sync.policy == "local" and self.local_gradient == "global" and not sync.nested:
+            params = [p for g in self.param_groups for p in g["params"]]
+            for p in params:  # a rank's NaN would reach every rank's g: fail here, where it arose
+                if p.grad is not None and not all_finite(p.grad):
+                    raise NonFiniteError(
+                        f"the gradient of parameter {self._name(p)} has NaN or inf (is the loss finite?); nothing was changed"
+                    )
+            sync.synchronize_gradients(params, self._local_samples())
+            return
+        super()._synchronize_gradients()
+
     def _layer_dampings(self, step: int) -> tuple[dict[int, float], list[float]]:
         """lam_k per parameter (by id) and per group."""
         per_group = [
