@@ -8,13 +8,12 @@ A method computes a *direction* d per parameter; the base applies
     m <- momentum * m + d;  d <- m       (heavy-ball momentum, if momentum > 0)
     p <- p - lr * d
 
-With ``weight_decay_mode="l2"`` (coupled, the papers' form) there is no decoupled
-term: the method preconditions the gradient of loss + (wd/2)||p||^2, i.e. g + wd * p
-(:meth:`l2_term` gives wd * p; the plain-gradient parameters take g + wd * p).
-
 so with momentum and weight decay 0 a step is exactly ``delta = -lr * d``. Methods
 never touch momentum or weight decay themselves (optax's separation of direction and
-decoration).
+decoration), except that with ``weight_decay_mode="l2"`` (coupled, the papers' form)
+there is no decoupled term: the method preconditions the gradient of
+loss + (wd/2)||p||^2, i.e. g + wd * p (:meth:`l2_term` gives wd * p; the
+plain-gradient parameters take g + wd * p).
 
 The base class owns :meth:`step`, the same for every method (kfac-pytorch's
 phase-by-phase step, torch.optim's split of the frame from the update):
@@ -132,6 +131,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} takes weight_decay_mode in {self.weight_decay_modes}, got {weight_decay_mode!r}"
             )
         self.weight_decay_mode = weight_decay_mode
+        self._group_index: dict[int, int] | None = None  # id(p) -> its param group (l2_term)
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{type(self).__name__} takes the model first (to hook its layers), got {type(model).__name__}"
@@ -360,7 +360,9 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         weight_decay of p's param group); None when there is none to add."""
         if self.weight_decay_mode != "l2":
             return None
-        decay = next(g["weight_decay"] for g in self.param_groups if any(p is q for q in g["params"]))
+        if self._group_index is None:
+            self._group_index = {id(q): i for i, g in enumerate(self.param_groups) for q in g["params"]}
+        decay = self.param_groups[self._group_index[id(p)]]["weight_decay"]
         return p.detach() * decay if decay else None
 
     @contextmanager
