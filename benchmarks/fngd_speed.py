@@ -46,7 +46,7 @@ def variants(model: torch.nn.Module, lr: float, damping: float) -> dict[str, tup
     m = copy.deepcopy(model)
     out["sgd"] = (m, torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9), True)
     m = copy.deepcopy(model)
-    out["fngd-estimate"] = (m, gramopt.FNGD(m, lr=lr, damping=damping, momentum=0.9), True)
+    out["fngd-estimate"] = (m, gramopt.FNGD(m, lr=lr, damping=damping, momentum=0.9, coefficient_steps=None), True)
     m = copy.deepcopy(model)
     out["fngd-share"] = (m, gramopt.FNGD(m, lr=lr, damping=damping, momentum=0.9, coefficient_steps=1), True)
     m = copy.deepcopy(model)

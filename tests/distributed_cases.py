@@ -119,7 +119,13 @@ CASES_2 = [
     Case("fngd-exact-ddp", "fngd", "exact", "cross_entropy", 3, (4, 4), 4,
          dict(lr=0.1, damping=1e-2, coefficient_steps=2), loop="ordinary", ddp=True),
     Case("ggn-local", "ggn", "local", "mse", 2, (5, 3), 2, dict(lr=0.7, damping=0.1), norm=True),
-    Case("seng-local-ddp", "seng", "local", "cross_entropy", 3, (6, 2), 3, dict(lr=0.2, damping=0.5, curvature_every=2), ddp=True),
+    Case("seng-local-ddp", "seng", "local", "cross_entropy", 3, (6, 2), 3,
+         dict(lr=0.2, damping=0.5, curvature_every=2, local_gradient="own"), ddp=True),
+    # Eq. (26): each rank's block applied to the global gradient (the default)
+    Case("seng-local-global", "seng", "local", "cross_entropy", 3, (6, 2), 3,
+         dict(lr=0.2, damping=0.5, curvature_every=2, weight_decay=0.01), norm=True),
+    Case("seng-local-global-ordinary", "seng", "local", "mse", 2, (3, 5), 2,
+         dict(lr=0.2, damping=0.5, implicit=gramopt.ImplicitConfig(threshold=30)), loop="ordinary", ddp=True),
     Case("fngd-local", "fngd", "local", "mse", 2, (5, 4), 4, dict(lr=0.1, damping=1e-2, coefficient_steps=2), norm=True),
 ]
 

@@ -18,7 +18,7 @@ def _opt(model, **kwargs):
 def test_apply_directions_matches_the_per_tensor_formulas(float64):
     model = models.mlp(out=3)
     params = list(model.parameters())
-    opt = _opt(model, momentum=0.9, weight_decay=0.1)
+    opt = _opt(model, momentum=0.9, weight_decay=0.1, weight_decay_mode="decoupled")
     first = {p: torch.randn_like(p) for p in params}
     second = {p: torch.randn_like(p) for p in params[:3]}  # a step that leaves some out
     expected = [p.detach().clone() for p in params]

@@ -109,7 +109,13 @@ def assert_close(got: list, want: list, what: str) -> None:
 
 
 EXACT = [case for case in CASES_2 + CASES_4 if case.policy == "exact"]
-LOCAL = [case for case in CASES_2 + CASES_4 if case.policy == "local"]
+def global_gradient(case: Case) -> bool:
+    """SENG under "local" with Eq. (26): the ranks' blocks take the global gradient."""
+    return case.method == "seng" and case.options.get("local_gradient", "global") == "global"
+
+
+LOCAL = [case for case in CASES_2 + CASES_4 if case.policy == "local" and not global_gradient(case)]
+LOCAL_GLOBAL = [case for case in CASES_2 + CASES_4 if case.policy == "local" and global_gradient(case)]
 
 
 @pytest.mark.parametrize("case", EXACT, ids=lambda c: c.name)
@@ -125,6 +131,45 @@ def test_exact_is_the_single_process_step_on_the_concatenated_batch(case, reques
     # .grad: global where the method reads it (GGN and SENG: all; FNGD: its plain-gradient LayerNorm)
     read = range(len(want["grads"])) if case.method != "fngd" else [2, 3] if case.norm else []
     assert_close([results[0]["grads"][i] for i in read], [want["grads"][i] for i in read], ".grad")
+
+
+@pytest.mark.parametrize("case", LOCAL_GLOBAL, ids=lambda c: c.name)
+def test_seng_local_eq26_applies_each_rank_block_to_the_global_gradient(case, request):
+    """Eq. (26) of Yang et al. (arXiv:2006.05924): d = sum_r (b_r / B) d_r with
+    d_r = (g - U_r^T (U_r U_r^T + b_r lam I)^{-1} U_r g) / lam, g the global batch's
+    mean-loss gradient: d_r is the step of a single-process SENG that sees B_r's
+    per-sample gradients but whose .grad is replaced by g (computed by autograd on the
+    concatenated batch); momentum 0, so theta -= lr d (L2 weight decay: wd theta joins g
+    before the solve on both sides)."""
+    from gramopt.losses import get_loss
+
+    results = results_of(case, request)
+    own = [case.model() for _ in case.sizes]
+    opts = [case.optimizer(m, None) for m in own]
+    lr, total = case.options["lr"], sum(case.sizes)
+    loss = get_loss(case.loss)
+    theta = [p.detach().clone() for p in case.model().parameters()]
+    for step in range(case.steps):
+        whole = case.model()
+        with torch.no_grad():
+            for p, t in zip(whole.parameters(), theta):
+                p.copy_(t)
+        x_all, y_all = global_batch(case, step)
+        g = torch.autograd.grad(loss.value(whole(x_all), y_all), list(whole.parameters()))
+        direction = [torch.zeros_like(t) for t in theta]
+        for rank, (model, opt, (x, y)) in enumerate(zip(own, opts, batches(case, step))):
+            with torch.no_grad():
+                for p, t in zip(model.parameters(), theta):
+                    p.copy_(t)
+            opt.zero_grad()
+            loss.value(model(x), y).backward()  # rank r's per-sample gradients
+            for p, gp in zip(model.parameters(), g):
+                p.grad = gp.clone()
+            opt.step()
+            for d, p, t in zip(direction, model.parameters(), theta):
+                d += case.sizes[rank] / total * (t - p.detach()) / lr
+        theta = [t - lr * d for t, d in zip(theta, direction)]
+    assert_close(results[0]["params"], theta, "parameter")
 
 
 @pytest.mark.parametrize("case", LOCAL, ids=lambda c: c.name)
@@ -165,11 +210,12 @@ def test_local_communicates_one_parameter_sized_all_reduce_per_step(ranks2):
         calls = ranks2[0]["cases"][case.name]["calls"]
         traffic = ranks2[0]["cases"][case.name]["traffic"]
         params = list(case.model().parameters())
-        assert calls["all_reduce"] == case.steps
+        reduces = 2 if global_gradient(case) else 1  # Eq. (26): the gradients, then the directions
+        assert calls["all_reduce"] == reduces * case.steps
         # per step: the directions (8-byte floats) and one presence flag per parameter tensor
         reduced = case.steps * 8 * (sum(p.numel() for p in params) + len(params))
         headers = case.steps * 4 * 8  # one 4-int64 header per step
-        assert traffic["sent"] == reduced + headers
+        assert traffic["sent"] == reduces * (reduced + headers)
 
 
 @pytest.mark.parametrize("ranks", ["ranks2", "ranks4"])

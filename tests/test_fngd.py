@@ -128,7 +128,7 @@ def test_both_loops_give_identical_steps(name, float64):
 def test_momentum_and_weight_decay_decorate_the_direction(float64):
     model = models.mlp(out=3)
     lr, momentum, decay = 0.3, 0.9, 0.1
-    opt = gramopt.FNGD(model, lr=lr, damping=0.05, momentum=momentum, weight_decay=decay)
+    opt = gramopt.FNGD(model, lr=lr, damping=0.05, momentum=momentum, weight_decay=decay, weight_decay_mode="decoupled")
     buffer = None
     for _ in range(3):
         x, y = batch("mlp", 6)

@@ -119,7 +119,7 @@ def test_momentum_and_weight_decay_decorate_the_direction(float64):
     model = models.mlp(out=3)
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
     lr, momentum, decay, damping = 0.4, 0.9, 0.05, 0.3
-    opt = gramopt.SENG(model, lr, damping, momentum=momentum, weight_decay=decay)
+    opt = gramopt.SENG(model, lr, damping, momentum=momentum, weight_decay=decay, weight_decay_mode="decoupled")
     buffer = None
     for _ in range(3):
         us = per_sample_blocks(model, x, y, "cross_entropy")

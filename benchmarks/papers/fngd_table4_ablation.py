@@ -14,9 +14,9 @@ momentum 0.9), 8 epochs with the paper's schedule (lr x0.1 at 50% and 75% of the
 2 seeds. Arms: FNGD (sharing after one epoch of estimation, ``coefficient_steps`` = the steps
 of one epoch, as the paper), w/o sharing (``coefficient_steps=None``: a solve every step) and,
 where ``gramopt.FNGD`` offers an absolute damping (detected from its signature, see
-``common.ABSOLUTE_DAMPING_OPTIONS``), the constant-damping arms with lambda = 0.3 with and
-without sharing. With gramopt 0.1.0 there is none: those arms are reported as not available
-and the study runs them once the option exists. The paper's "w/o acceleration" (hooks instead
+``common.ABSOLUTE_DAMPING_OPTIONS``: ``damping_mode="absolute"`` since issue 18), the
+constant-damping arms with lambda = 0.3 with and without sharing (1/lambda folded into lr
+as in the relative mode); without such an option those arms are reported as not available. The paper's "w/o acceleration" (hooks instead
 of autograd on module outputs) has no counterpart: gramopt has one implementation.
 
 The arms are trained in turns, one epoch each per round, in one process; time per epoch is

@@ -33,12 +33,17 @@ themselves, with or without a ``DistributedDataParallel`` wrapper around the mod
     which the base class decorates (momentum, weight decay) and applies. Per method:
 
     - SENG, Eq. (25)-(26) with the block-diagonal approximation of
-      ``(lam I + U^T U)^{-1}`` (one block per rank), each block applied to that rank's
-      own gradient: ``d_r = (g_r - U_r^T (U_r U_r^T + b_r lam I)^{-1} U_r g_r) / lam``.
-      Eq. (26) proper uses the global g_k (a second all-reduce before the solve) and
-      Eq. (27) the previous step's. Implicit layers combine the ranks' own Eq. (23)
-      products; Eq. (28) (summing the factor sums G^c, A^c over ranks) is not used: it
-      adds cross-rank terms ``G^c_r^T A^c_s`` to the same approximation.
+      ``(lam I + U^T U)^{-1}`` (one block per rank), each block applied to the global
+      gradient g = sum_r (b_r / B) g_r (``local_gradient="global"``, the default, Eq. 26;
+      one all-reduce of the gradients before the solve):
+      ``d_r = (g - U_r^T (U_r U_r^T + b_r lam I)^{-1} U_r g) / lam``; with
+      ``local_gradient="own"`` each block takes the rank's own g_r (no extra
+      all-reduce). Eq. (27) (the previous step's global gradient, so that the
+      all-reduce overlaps the backward pass) is not offered: the step here is
+      synchronous, so it would cost the same all-reduce and use an older gradient.
+      Implicit layers combine the ranks' own Eq. (23) products; Eq. (28) (summing the
+      factor sums G^c, A^c over ranks) is not used: it adds cross-rank terms
+      ``G^c_r^T A^c_s`` to the same approximation.
     - FNGD, Section VI-A: the local weighted sums ``U_r^T v_r``, with v_r from the
       rank's own Gram (and, when sharing, its own running mean), then one all-reduce.
     - GGN: each rank solves its own system,
@@ -47,7 +52,8 @@ themselves, with or without a ``DistributedDataParallel`` wrapper around the mod
       R times too far along directions every sample shares (e.g. the output bias).
 
     Communication per step: one all-reduce of the parameter-sized directions, as a DDP
-    gradient all-reduce. Cached state (SENG's curvature, FNGD's coefficients) and
+    gradient all-reduce (SENG with ``local_gradient="global"``: two, gradients and
+    directions). Cached state (SENG's curvature, FNGD's coefficients) and
     ``.grad`` are each rank's own; the parameters and momentum buffers are the same on
     every rank.
 

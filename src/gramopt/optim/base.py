@@ -10,7 +10,10 @@ A method computes a *direction* d per parameter; the base applies
 
 so with momentum and weight decay 0 a step is exactly ``delta = -lr * d``. Methods
 never touch momentum or weight decay themselves (optax's separation of direction and
-decoration).
+decoration), except that with ``weight_decay_mode="l2"`` (coupled, the papers' form)
+there is no decoupled term: the method preconditions the gradient of
+loss + (wd/2)||p||^2, i.e. g + wd * p (:meth:`l2_term` gives wd * p; the
+plain-gradient parameters take g + wd * p).
 
 The base class owns :meth:`step`, the same for every method (kfac-pytorch's
 phase-by-phase step, torch.optim's split of the frame from the update):
@@ -97,7 +100,13 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             the parameters of the others follow the plain gradient (see :class:`CaptureEngine`).
         distributed: None (one process), ``"exact"`` or ``"local"``
             (:mod:`gramopt.distributed`; needs an initialized process group).
+        weight_decay_mode: ``"decoupled"`` (``p <- p - lr * wd * p`` next to the step)
+            or ``"l2"`` (``wd * p`` added to the gradient, which the method then
+            preconditions; only for the methods that support it, :attr:`weight_decay_modes`).
     """
+
+    #: The weight-decay forms the method supports.
+    weight_decay_modes: ClassVar[tuple[str, ...]] = ("decoupled",)
 
     #: Whether the output-gradients the method captures are those of a mean loss over
     #: the batch (rescaled by b_r / B when gathered) rather than Jacobian passes (GGN).
@@ -115,7 +124,14 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         unsupported: str = "error",
         layer_filter: Callable[[nn.Module], bool] | None = None,
         distributed: str | None = None,
+        weight_decay_mode: str = "decoupled",
     ) -> None:
+        if weight_decay_mode not in self.weight_decay_modes:
+            raise ValueError(
+                f"{type(self).__name__} takes weight_decay_mode in {self.weight_decay_modes}, got {weight_decay_mode!r}"
+            )
+        self.weight_decay_mode = weight_decay_mode
+        self._group_index: dict[int, int] | None = None  # id(p) -> its param group (l2_term)
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{type(self).__name__} takes the model first (to hook its layers), got {type(model).__name__}"
@@ -296,7 +312,8 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             directions, solve = self.directions(pending)
             for p in self.gradient_params():
                 if p.grad is not None:
-                    directions[p] = p.grad
+                    l2 = None if p.grad.is_sparse else self.l2_term(p)  # (sparse: refused below)
+                    directions[p] = p.grad if l2 is None else p.grad + l2
             with self._phase("update"):
                 self.apply_directions(directions)
                 self.commit()
@@ -342,6 +359,17 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
 
     def commit(self) -> None:
         """Keep the method's state of this step, once the update succeeded."""
+
+    def l2_term(self, p: Tensor) -> Tensor | None:
+        """``weight_decay_mode="l2"``: ``wd * p``, the gradient of (wd/2)||p||^2 that the
+        method adds to the gradient of the loss before preconditioning (``wd``: the
+        weight_decay of p's param group); None when there is none to add."""
+        if self.weight_decay_mode != "l2":
+            return None
+        if self._group_index is None:
+            self._group_index = {id(q): i for i, g in enumerate(self.param_groups) for q in g["params"]}
+        decay = self.param_groups[self._group_index[id(p)]]["weight_decay"]
+        return p.detach() * decay if decay else None
 
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -389,7 +417,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 )
         for group, params, ds in work:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-            if decay:
+            if decay and self.weight_decay_mode == "decoupled":
                 torch._foreach_mul_(params, 1 - lr * decay)
             if momentum:
                 buffers, old, new = [], [], []

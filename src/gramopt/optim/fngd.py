@@ -15,6 +15,12 @@ and, with 1/lam folded into the learning rate as Section IV-D does,
 
     delta_l = -lr * U_l^T v_l.
 
+``damping_mode="relative"`` (default, Eq. 14): lam = damping * ||K_l||_F, so v_l does
+not change when U_l is scaled; ``damping_mode="absolute"``: lam = damping, the lambda
+of Eq. (5) and Theorem 1 (the paper's "w/o damping rule" ablation of Table IV uses a
+constant 0.3). In both modes 1/lam is folded into lr, so a large damping gives the
+plain mean gradient (v = 1/M) and lr keeps the meaning of an SGD learning rate.
+
 Since ``1 - (c I + K)^{-1} K 1 = c (c I + K)^{-1} 1``, v_l = lam (K_l + lam M I)^{-1} 1:
 one Cholesky solve of a system whose condition number is at most 1 + 1/(damping M),
 and v_l does not change when U_l is scaled. ``U_l^T v`` is one weight-gradient
@@ -29,8 +35,24 @@ Algorithm 1 (coefficient sharing):
    is one backward pass to the layers' outputs plus one weighted weight-gradient per
    layer: no Gram, no solve (about an SGD step).
 
-``coefficient_steps=None`` computes v_l on every step (SMW-NGD, the paper's
-"w/o sharing" ablation).
+The class cannot know the epoch, so ``coefficient_steps`` defaults to
+:data:`DEFAULT_COEFFICIENT_STEPS` = 100: the running mean of the v_l then averages 100
+batches (its sampling error is a tenth of one batch's spread), about a quarter of the
+paper's epoch (CIFAR-10 at batch 128: 391 steps), so a run of a few hundred steps
+already shares. Pass ``ceil(n_train / batch_size)`` for the paper's schedule (as
+``gramopt train`` and ``gramopt compare`` do). ``coefficient_steps=None`` computes v_l on
+every step (SMW-NGD, the paper's "w/o sharing" ablation).
+
+Weight decay, ``weight_decay_mode="l2"`` (default: an L2 term of the loss, the form of
+the papers' settings 1e-4 to 5e-4 and of ``weight_decay`` in ``torch.optim.SGD``, the
+paper's baseline; FNGD's paper does not state its own): during estimation the
+step preconditions the gradient of loss + (wd/2)||p||^2 exactly,
+lam (lam I + U_l^T U_l / M)^{-1} (g_l + wd p_l) = U_l^T v_l + x - U_l^T (K_l + lam M I)^{-1} U_l x
+with x = wd p_l (Sherman-Morrison-Woodbury, one more solve with the same matrix; the
+curvature is the empirical Fisher of the data loss); while sharing, no Gram is formed
+and x is added unpreconditioned (its correction is the part inside the span of the
+per-sample gradients). ``weight_decay_mode="decoupled"``: ``p <- p - lr * wd * p``
+next to the step.
 
 A batch of another size M' than the estimation batches (the short last batch of an
 epoch): v_l = (1 - c_l) / M, where c_l = (lam I + K_l/M)^{-1} K_l 1 / M is the
@@ -52,7 +74,7 @@ be too large afterwards.
 Usage (uniform loop, or ``loss.backward(); opt.step()`` with a mean loss)::
 
     opt = gramopt.FNGD(model, lr=0.1, damping=1e-3, momentum=0.9,
-                       coefficient_steps=math.ceil(n_train / batch_size))
+                       coefficient_steps=math.ceil(n_train / batch_size))  # one epoch
     opt.zero_grad(); loss = opt.backward(model(x), y); opt.step()
 """
 
@@ -75,29 +97,45 @@ from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper
 #: The layer types FNGD preconditions; every other parameter takes the plain gradient.
 PRECONDITIONED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
+#: Estimation steps before the coefficients are shared when none are given (see the
+#: module docstring: the paper estimates during one epoch, which the class cannot know).
+DEFAULT_COEFFICIENT_STEPS = 100
+
+#: ``damping_mode`` values: lam = damping * ||K||_F (Eq. 14) or lam = damping (Theorem 1).
+DAMPING_MODES = ("relative", "absolute")
+
 
 def _preconditioned(module: nn.Module) -> bool:
     return isinstance(module, PRECONDITIONED)
 
 
-def fngd_coefficients(gram: Tensor, damping: float, *, what: str = "FNGD Gram matrix") -> Tensor:
-    """v = (1/M) (1 - (lam I + K/M)^{-1} K 1 / M) with lam = damping ||K||_F (Eq. 9, 14),
+def fngd_damping(gram: Tensor, damping: float, mode: str = "relative", *, what: str = "FNGD Gram matrix") -> float:
+    """lam of Eq. (5): ``damping * ||K||_F`` (``mode="relative"``, Eq. 14) or ``damping``
+    (``"absolute"``); ``gram``: K, ``[M, M]``. NonFiniteError for NaN/inf in K."""
+    norm = float(torch.linalg.matrix_norm(gram))
+    if not math.isfinite(norm):
+        raise NonFiniteError(f"the {what} has NaN or inf entries; nothing was changed")
+    return damping * norm if mode == "relative" else float(damping)
+
+
+def fngd_coefficients(
+    gram: Tensor, damping: float, *, mode: str = "relative", what: str = "FNGD Gram matrix"
+) -> Tensor:
+    """v = (1/M) (1 - (lam I + K/M)^{-1} K 1 / M) (Eq. 9) with lam of :func:`fngd_damping`,
     computed as ``lam (K + lam M I)^{-1} 1`` (one Cholesky solve).
 
     Args:
-        gram: K, ``[M, M]`` (any positive multiple of it gives the same v).
-        damping: alpha of Eq. (14), > 0.
+        gram: K = U U^T, ``[M, M]`` (in the relative mode any positive multiple of it
+            gives the same v; in the absolute mode U's rows are the per-sample gradients).
+        damping: alpha of Eq. (14) (relative) or lam itself (absolute), > 0.
 
     Returns:
         v, ``[M]``. A zero Gram (all per-sample gradients zero) gives the limit 1/M.
     """
     m = gram.shape[0]
-    norm = float(torch.linalg.matrix_norm(gram))
-    if not math.isfinite(norm):
-        raise NonFiniteError(f"the {what} has NaN or inf entries; nothing was changed")
-    if norm == 0.0:
+    lam = fngd_damping(gram, damping, mode, what=what)
+    if lam == 0.0:  # relative mode, K = 0
         return torch.full((m,), 1.0 / m, dtype=gram.dtype, device=gram.device)
-    lam = damping * norm
     rhs = torch.full((m,), lam, dtype=gram.dtype, device=gram.device)
     v, _ = solve_damped_psd(gram, rhs, lam * m, what=what)
     return v
@@ -120,15 +158,18 @@ class FNGD(SampleSpaceOptimizer):
         model: the network; its Linear / Conv1d / Conv2d layers are hooked.
         lr: step size (the paper's eta with its 1/lam folded in), > 0.
         damping: alpha of Eq. (14): lam_l = damping * ||K_l||_F, > 0 (at 0 the folded-in
-            form gives v = 0). v = lam (K + lam M I)^{-1} 1 shrinks the mean-gradient
-            weights 1/M by 1 / (1 + mu / (lam M)) along each eigenvector of K (eigenvalue
-            mu): damping * M >> 1 is the plain gradient; smaller damping preconditions
-            more and shortens the step (raise lr with it).
+            form gives v = 0); with ``damping_mode="absolute"``, lam_l = damping. v = lam
+            (K + lam M I)^{-1} 1 shrinks the mean-gradient weights 1/M by
+            1 / (1 + mu / (lam M)) along each eigenvector of K (eigenvalue mu): damping * M
+            >> 1 (relative) is the plain gradient; smaller damping preconditions more and
+            shortens the step (raise lr with it).
         momentum: heavy-ball momentum on the direction, in [0, 1).
-        weight_decay: decoupled weight decay, >= 0.
-        coefficient_steps: None (compute v_l every step) or T >= 1: estimate during the
-            first T steps, then share their mean. The paper estimates during the first
-            epoch: T = ceil(n_train / batch_size) (what ``gramopt train`` passes).
+        weight_decay: the L2 coefficient wd >= 0 (see ``weight_decay_mode``).
+        coefficient_steps: T >= 1: estimate during the first T steps, then share their
+            mean (default :data:`DEFAULT_COEFFICIENT_STEPS` = 100, see the module
+            docstring); None: compute v_l every step (the "w/o sharing" ablation). The
+            paper estimates during the first epoch: T = ceil(n_train / batch_size) (what
+            ``gramopt train`` and ``gramopt compare`` pass).
         loss: ``"cross_entropy"`` or ``"mse"``, the mean loss :meth:`backward` computes.
         params: optional parameters / param groups (default: all trainable parameters).
         unsupported: ``"error"`` or ``"gradient"`` for Linear/Conv layers the capture
@@ -136,6 +177,10 @@ class FNGD(SampleSpaceOptimizer):
         distributed: None, ``"exact"`` (the step of all ranks' batches concatenated) or
             ``"local"`` (Section VI-A: the ranks' own weighted sums, averaged), see
             :mod:`gramopt.distributed`.
+        damping_mode: ``"relative"`` (Eq. 14, default: the paper's rule, which makes v_l
+            invariant to the scale of the gradients) or ``"absolute"`` (lam = damping).
+        weight_decay_mode: ``"l2"`` (default: the papers' L2 term, preconditioned with
+            the gradient, as ``torch.optim.SGD``'s weight_decay) or ``"decoupled"``.
 
     :meth:`backward` runs one backward pass down to the layers' outputs (no weight
     gradients) and fills ``.grad`` of the plain-gradient parameters only; ``.grad`` of
@@ -144,7 +189,7 @@ class FNGD(SampleSpaceOptimizer):
     well and gives the same step; its loss must be a mean over the batch (rows of U are
     M times the captured gradients; with a summed loss the step is M times too long).
 
-    :attr:`phase` tells what the next step does; ``extra_state`` (saved in
+    :attr:`phase` tells what the next step does, :attr:`sharing` whether sharing is on; ``extra_state`` (saved in
     ``state_dict()``) holds the running means ``coefficients`` (per layer name), their
     ``coefficient_counts`` and ``coefficient_batch`` (M of the estimation batches).
     """
@@ -156,13 +201,17 @@ class FNGD(SampleSpaceOptimizer):
         damping: float,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
-        coefficient_steps: int | None = None,
+        coefficient_steps: int | None = DEFAULT_COEFFICIENT_STEPS,
         loss: str = "cross_entropy",
         *,
         params: Iterable[Any] | None = None,
         unsupported: str = "error",
         distributed: str | None = None,
+        damping_mode: str = "relative",
+        weight_decay_mode: str = "l2",
     ) -> None:
+        if damping_mode not in DAMPING_MODES:
+            raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
         if coefficient_steps is not None and (
             isinstance(coefficient_steps, bool)
             or not isinstance(coefficient_steps, numbers.Integral)
@@ -173,9 +222,13 @@ class FNGD(SampleSpaceOptimizer):
                 f"estimation steps, e.g. the steps of one epoch), got {coefficient_steps!r}"
             )
         self.coefficient_steps = None if coefficient_steps is None else int(coefficient_steps)
+        self.damping_mode = damping_mode
         self.loss: GaussNewtonLoss = get_loss(loss)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(model, params, defaults, unsupported, layer_filter=_preconditioned, distributed=distributed)
+        super().__init__(
+            model, params, defaults, unsupported, layer_filter=_preconditioned, distributed=distributed,
+            weight_decay_mode=weight_decay_mode,
+        )
         # The running mean of Algorithm 1, line 7, per layer, over estimation batches of
         # ``coefficient_batch`` samples (saved in state_dict()).
         self.extra_state.update(coefficient_batch=None, coefficients={}, coefficient_counts={})
@@ -185,6 +238,14 @@ class FNGD(SampleSpaceOptimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
         check_hyper("damping", group["damping"], inclusive=False)
+
+    weight_decay_modes = ("l2", "decoupled")
+
+    @property
+    def sharing(self) -> bool:
+        """Whether coefficient sharing is on (Algorithm 1): ``coefficient_steps`` (the
+        number of estimation steps, an int) is not None."""
+        return self.coefficient_steps is not None
 
     @property
     def phase(self) -> str:
@@ -232,9 +293,12 @@ class FNGD(SampleSpaceOptimizer):
                 )
             batch = next(iter(factors.values())).num_rows if factors else 0
         estimating = self.phase == "estimate"
+        corrections: dict[str, Tensor] = {}  # the L2 term's per-sample weights (estimation)
         if estimating:
             with self._phase("coefficients"):
-                estimated = {name: self._estimate(name, factor) for name, factor in factors.items()}
+                estimated = {}
+                for name, factor in factors.items():
+                    estimated[name], corrections[name] = self._estimate(name, factor)
                 # Rows captured from the mean loss are U_l / M: U_l^T v = (U_l / M)^T (M v).
                 weights = {name: v * batch for name, v in estimated.items()}
             if self.coefficient_steps is not None:
@@ -244,8 +308,11 @@ class FNGD(SampleSpaceOptimizer):
             if not estimating:
                 weights = {name: self._shared_weights(name, batch, factor) for name, factor in factors.items()}
             for name, factor in factors.items():
-                for p, d in zip(factor.params, factor.rmatvec(weights[name])):
-                    directions[p] = d
+                correction = corrections.get(name)
+                coeffs = weights[name] if correction is None else weights[name] - correction
+                for p, d in zip(factor.params, factor.rmatvec(coeffs)):
+                    l2 = self.l2_term(p)
+                    directions[p] = d if l2 is None else d + l2.to(d.dtype)
         return directions, None
 
     def commit(self) -> None:
@@ -253,9 +320,25 @@ class FNGD(SampleSpaceOptimizer):
             self._accumulate(*self._estimated)
             self._estimated = None
 
-    def _estimate(self, name: str, factor: LayerFactors) -> Tensor:
-        """v_l of this batch (Eq. 9, 14), ``[M]``."""
-        return fngd_coefficients(factor.gram(), self._damping(name, factor), what=f"FNGD Gram of layer {name}")
+    def _estimate(self, name: str, factor: LayerFactors) -> tuple[Tensor, Tensor | None]:
+        """v_l of this batch (Eq. 9, 14), ``[M]``, and, under L2 weight decay, the weights
+        ``M (K_l + lam M I)^{-1} U_l x`` (``[M]``, x = wd p_l) whose weighted sum of the
+        captured rows U_l / M is the L2 term's correction U_l^T (K_l + lam M I)^{-1} U_l x."""
+        what = f"FNGD Gram of layer {name}"
+        m = factor.num_rows
+        gram = factor.gram() * m**2  # K_l: the captured rows are U_l / M
+        damping = self._damping(name, factor)
+        v = fngd_coefficients(gram, damping, mode=self.damping_mode, what=what)
+        terms = [self.l2_term(p) for p in factor.params]
+        if all(t is None for t in terms):
+            return v, None
+        lam = fngd_damping(gram, damping, self.damping_mode, what=what)
+        x = [torch.zeros_like(p) if t is None else t for p, t in zip(factor.params, terms)]
+        projected = factor.matvec(x).to(gram.dtype) * m  # U_l x, [M]
+        if lam == 0.0:  # relative mode with K = 0: U_l = 0, no correction
+            return v, torch.zeros_like(projected)
+        w, _ = solve_damped_psd(gram, projected, lam * m, what=what)
+        return v, w * m
 
     def _damping(self, name: str, factor: LayerFactors) -> float:
         values = {g["damping"] for g in self.param_groups for p in g["params"] if any(p is q for q in factor.params)}

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 import gramopt
 from gramopt.losses import get_loss
 from gramopt.optim.base import SampleSpaceOptimizer
+from gramopt.optim.fngd import DEFAULT_COEFFICIENT_STEPS
 
 
 # What a step may raise when the optimizer diverges: gramopt's NonFiniteError and
@@ -84,7 +85,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "fngd",
         "gramopt fast natural gradient (coefficients estimated in the first epoch, then shared)",
         _fngd,
-        dict(lr=0.1, damping=1e-3, momentum=0.9, weight_decay=0.0, coefficient_steps=None),
+        dict(lr=0.1, damping=1e-3, momentum=0.9, weight_decay=0.0, coefficient_steps=DEFAULT_COEFFICIENT_STEPS),
         per_epoch=("coefficient_steps",),
     ),
     "seng": OptimizerSpec(

@@ -26,7 +26,8 @@ output-gradients times b), so both loops work::
     opt.zero_grad(); loss = opt.backward(model(x), y); opt.step()    # uniform loop
     opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()     # ordinary loop
 
-Momentum and decoupled weight decay decorate d in the base class.
+Momentum and decoupled weight decay decorate d in the base class; L2 weight decay
+(the default, the paper's) adds wd * p to g_l before the solve.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from gramopt.capture.engine import Layer, trainable
+from gramopt.capture.factors import all_finite
 from gramopt.capture.handlers import ConvHandler, LinearHandler
 from gramopt.errors import CaptureError, NonFiniteError
 from gramopt.linalg.dense import SolveInfo
@@ -50,6 +52,9 @@ from gramopt.optim.seng.explicit import ExplicitCurvature
 from gramopt.optim.seng.implicit import ImplicitCurvature
 
 Damping = float | Callable[[int], float]
+
+#: ``local_gradient`` values: the global gradient (Eq. 26) or each rank's own.
+LOCAL_GRADIENTS = ("global", "own")
 
 
 class SENG(SampleSpaceOptimizer):
@@ -64,7 +69,7 @@ class SENG(SampleSpaceOptimizer):
             ``"damping"``; ``state_dict()`` keeps the step, not the callable: pass the
             same callable when restoring.
         momentum: heavy-ball momentum on the direction, in [0, 1).
-        weight_decay: decoupled weight decay, >= 0.
+        weight_decay: the weight-decay coefficient wd >= 0 (see ``weight_decay_mode``).
         curvature_every: T: U (or the factors) is rebuilt on steps 0, T, 2T, ... and
             reused in between with the current gradient (Algorithm 1), int >= 1.
         sketch: a :class:`SketchConfig` or None (no sketching).
@@ -77,6 +82,17 @@ class SENG(SampleSpaceOptimizer):
             of modules without a handler).
         distributed: None, ``"exact"`` (the step of all ranks' batches concatenated) or
             ``"local"`` (Eq. 25-26, block-diagonal), see :mod:`gramopt.distributed`.
+        local_gradient: under ``distributed="local"``, the gradient each rank's block
+            preconditions: ``"global"`` (default, Eq. 26: the global batch's mean-loss
+            gradient g_k, one more all-reduce before the solve) or ``"own"`` (the rank's
+            own g_r, no extra communication; not in the paper). Without
+            ``distributed="local"`` it has no effect.
+        weight_decay_mode: ``"l2"`` (default) or ``"decoupled"``. ``"l2"`` is the paper's
+            setting (its experiments tune weight decay in {5e-4, 2e-4, 1e-4}, the scale
+            of an L2 term of the loss, the form of ``torch.optim.SGD``'s weight_decay): d = (M_l + lam I)^{-1} (g_l + wd p_l), the
+            curvature M_l being the empirical Fisher of the data loss (the per-sample
+            gradients do not include the regularizer). ``"decoupled"``:
+            ``p <- p - lr * wd * p`` next to the step.
 
     ``last_info`` tells what the last step did; ``extra_state["curvature"]`` holds the
     cached curvature per layer (see :mod:`gramopt.optim.seng.explicit` and
@@ -84,6 +100,7 @@ class SENG(SampleSpaceOptimizer):
     """
 
     reads_gradients = "all"  # g of every layer
+    weight_decay_modes = ("l2", "decoupled")
 
     def __init__(
         self,
@@ -100,7 +117,12 @@ class SENG(SampleSpaceOptimizer):
         params: Iterable[Any] | None = None,
         unsupported: str = "error",
         distributed: str | None = None,
+        weight_decay_mode: str = "l2",
+        local_gradient: str = "global",
     ) -> None:
+        if local_gradient not in LOCAL_GRADIENTS:
+            raise ValueError(f"local_gradient must be one of {LOCAL_GRADIENTS}, got {local_gradient!r}")
+        self.local_gradient = local_gradient
         self.loss = get_loss(loss)
         if isinstance(curvature_every, bool) or not isinstance(curvature_every, int) or curvature_every < 1:
             raise ValueError(f"curvature_every must be an int >= 1, got {curvature_every!r}")
@@ -114,7 +136,7 @@ class SENG(SampleSpaceOptimizer):
         initial = self._scheduled_damping(0) if self.damping_schedule is not None else damping
         self.curvature_every, self.sketch, self.implicit = curvature_every, sketch, implicit
         defaults = dict(lr=lr, damping=initial, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(model, params, defaults, unsupported, distributed=distributed)
+        super().__init__(model, params, defaults, unsupported, distributed=distributed, weight_decay_mode=weight_decay_mode)
         self.implicit_layers = {layer.name for layer in self.engine.layers if self._is_implicit(layer)}
         self._check_sketch_sizes()
         self.extra_state["curvature"] = {}
@@ -188,6 +210,21 @@ class SENG(SampleSpaceOptimizer):
         return value.detach()
 
     # -- the step ------------------------------------------------------------------------
+    def _synchronize_gradients(self) -> None:
+        """``"exact"`` (base class), and ``"local"`` with ``local_gradient="global"``: every
+        ``.grad`` becomes the global mean-loss gradient ``sum_r (b_r / B) g_r`` (Eq. 26)."""
+        sync = self.sync
+        if sync is not None and sync.policy == "local" and self.local_gradient == "global" and not sync.nested:
+            params = [p for g in self.param_groups for p in g["params"]]
+            for p in params:  # a rank's NaN would reach every rank's g: fail here, where it arose
+                if p.grad is not None and not all_finite(p.grad):
+                    raise NonFiniteError(
+                        f"the gradient of parameter {self._name(p)} has NaN or inf (is the loss finite?); nothing was changed"
+                    )
+            sync.synchronize_gradients(params, self._local_samples())
+            return
+        super()._synchronize_gradients()
+
     def _layer_dampings(self, step: int) -> tuple[dict[int, float], list[float]]:
         """lam_k per parameter (by id) and per group."""
         per_group = [
@@ -217,7 +254,7 @@ class SENG(SampleSpaceOptimizer):
             layers[layer.name] = replace(layer, params=params)
             covered[layer.name] = [p.requires_grad for p in layer.params]
             # NaN/inf in g surfaces in U g (or, sketched, in the direction): both are refused
-            grads[layer.name] = [torch.zeros_like(p) if g is None else g for p, g in zip(params, present)]
+            grads[layer.name] = [torch.zeros_like(p) if g is None else self._regularized(p, g) for p, g in zip(params, present)]
         stray = self.stray_params()
         for p in stray:
             for name in [n for n, layer in layers.items() if any(p is q for q in layer.params)]:
@@ -267,6 +304,11 @@ class SENG(SampleSpaceOptimizer):
         self._commit = (cache, generator, per_group)
         solve = SolveInfo(", ".join(methods) or "none", jitter=jitter, fallback="; ".join(fallbacks) or None)
         return directions, solve
+
+    def _regularized(self, p: Tensor, g: Tensor) -> Tensor:
+        """g + wd * p under ``weight_decay_mode="l2"`` (the gradient of loss + (wd/2)||p||^2), else g."""
+        l2 = None if g.is_sparse else self.l2_term(p)  # (a sparse g is refused with a clear error)
+        return g if l2 is None else g + l2.to(g.dtype)
 
     def commit(self) -> None:
         """Keep this step's cache, sketch generator state and scheduled damping."""
