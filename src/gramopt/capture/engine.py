@@ -386,7 +386,8 @@ class CaptureEngine:
         ``backward`` keeping the captures those of the mean loss over every micro-batch)."""
         for calls in self._calls.values():
             for call in calls:
-                call.scale *= factor
+                if call.grads:
+                    call.scale *= factor
 
     def merge_micro_batches(self) -> None:
         """Concatenate the micro-batches (gradient accumulation) along the batch

@@ -311,7 +311,8 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 for p in group["params"]:
                     if p.grad is not None:
                         p.grad.mul_(factor)
-            self.engine.scale_captured(factor)
+            if self.captures_mean_loss:  # (Jacobian rows, GGN's, do not depend on B)
+                self.engine.scale_captured(factor)
             self.engine.forget_gradients()
         return samples / total
 
