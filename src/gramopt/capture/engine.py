@@ -524,6 +524,14 @@ class CaptureEngine:
     def has_factors(self) -> bool:
         return any(c.grads for calls in self._calls.values() for c in calls)
 
+    def drop_captured(self) -> None:
+        """Drop what backward passes captured (``zero_grad``: the accumulation starts
+        over), keeping forward calls still waiting for their gradient."""
+        for calls in self._calls.values():
+            calls[:] = [c for c in calls if not c.grads]
+        self._backward_seen = False
+        self._grad_versions.clear()
+
     def clear(self) -> None:
         """Drop everything captured (after a step, or to start over)."""
         for calls in self._calls.values():

@@ -296,6 +296,16 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
     def _backward(self, output: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's ``zero_grad``, which also drops the per-sample captures of the
+        backward passes since the last step (gradient accumulation starts over, as for
+        ``.grad``); a forward pass whose backward has not run yet is kept."""
+        super().zero_grad(set_to_none)
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.drop_captured()
+            self._pending = None
+
     def _micro_batch_weight(self, samples: int) -> float:
         """Gradient accumulation in ``backward``: before the backward pass of a
         micro-batch of ``samples`` samples, rescale ``.grad`` and the captures of the
