@@ -15,7 +15,7 @@ import gramopt
 from zoo import ZOO
 
 METHODS = {
-    "ggn": lambda model, loss: gramopt.GGN(model, lr=0.5, damping=1.0, loss=loss),
+    "ggn": lambda model, loss: gramopt.GGN(model, lr=0.1, damping=1.0, loss=loss),
     "seng": lambda model, loss: gramopt.SENG(model, lr=0.05, damping=1.0, loss=loss, momentum=0.5),
     "fngd": lambda model, loss: gramopt.FNGD(model, lr=0.05, damping=0.1, loss=loss, momentum=0.5),
 }

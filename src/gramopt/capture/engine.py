@@ -442,7 +442,7 @@ class CaptureEngine:
             versions[id(p)] = (id(p.grad), p.grad._version)
 
         for p in params:
-            if hasattr(p, "register_post_accumulate_grad_hook"):
+            if p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook"):
                 self._grad_handles.append(p.register_post_accumulate_grad_hook(hook))
 
     def modified_gradients(self, params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
