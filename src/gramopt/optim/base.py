@@ -364,6 +364,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 scaled = found_inf is not None and not own_backward
                 if scaled and float(found_inf) > 0:  # the scaler's inf check: skip, change nothing
                     self.engine.clear()
+                    self._pending = None
                     return result
                 if scaled:
                     self._unscale(grad_scale)

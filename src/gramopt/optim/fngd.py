@@ -224,6 +224,7 @@ class FNGD(SampleSpaceOptimizer):
                 (grads,) = self.engine.backward_passes(value, [direction], inputs=plain, retain_graph=False)
             except BaseException:
                 self.engine.clear()
+                self._pending = None  # (a failed micro-batch ends the accumulation too)
                 raise
             for p, g in zip(plain, grads):
                 if g is not None:
