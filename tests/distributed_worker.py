@@ -132,6 +132,7 @@ def agreement(rank: int) -> dict[str, dict]:
     tokens = torch.randint(0, 10, (3, 5 + rank), generator=torch.Generator().manual_seed(rank))
     try:
         opt.backward(model(tokens), torch.zeros(3, 2, dtype=torch.float64))
+        opt.step()  # GGN gathers the ranks' rows in step (its micro-batches accumulate until then)
         out["lengths"] = {"error": "no error"}
     except Exception as err:  # noqa: BLE001
         out["lengths"] = {"error": f"{type(err).__name__}: {err}"}

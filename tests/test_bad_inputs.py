@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import math
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,16 +66,39 @@ def test_invalid_param_group_in_a_state_dict(case, name, value, match):
 
 
 @representative
-def test_add_param_group_after_construction_is_refused(case):
-    """The hooks are placed at construction: a group added later would silently never be
-    preconditioned, so it is refused (freeze such parameters instead, they train once
-    unfrozen)."""
-    model = nn.Sequential(case.build_model(), nn.Linear(case.outputs, case.outputs))
-    later = list(model[1].parameters())
-    opt = case.make(model, params=list(model[0].parameters()))
+def test_add_param_group_after_construction(case):
+    """A group added after construction (fine-tuning unfreezes a layer) is hooked and
+    stepped: the step equals that of an optimizer given both groups from the start."""
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(case.build_model(torch.float64), nn.Linear(case.outputs, case.outputs).double())
+
+    (x, y), = case.batches(1, dtype=torch.float64)
+    late, early = build(), build()
+    torch.manual_seed(1)
+    opt_late = case.make(late, params=list(late[0].parameters()))
+    opt_late.add_param_group({"params": list(late[1].parameters())})
+    torch.manual_seed(1)
+    opt_early = case.make(early, params=[{"params": list(early[0].parameters())}, {"params": list(early[1].parameters())}])
+    assert len(opt_late.param_groups) == len(opt_early.param_groups) == 2
+    assert [layer.name for layer in opt_late.engine.layers] == [layer.name for layer in opt_early.engine.layers]
+    before = [p.detach().clone() for p in late[1].parameters()]
+    case.step(opt_late, late, x, y)
+    case.step(opt_early, early, x, y)
+    assert all(not torch.equal(p, q) for p, q in zip(late[1].parameters(), before))
+    for p, q in zip(late.parameters(), early.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+@representative
+def test_add_param_group_refuses_foreign_parameters(case):
+    """A parameter not of the model is refused and nothing changes."""
+    model = case.build_model()
+    opt = case.make(model)
     groups = len(opt.param_groups)
-    with pytest.raises(ValueError, match="pass every param group to the constructor"):
-        opt.add_param_group({"params": later})
+    with pytest.raises(ValueError, match="must belong to the model"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
     assert len(opt.param_groups) == groups
 
 
@@ -157,42 +182,80 @@ class Scale(nn.Module):
 
 @representative
 def test_unsupported_trainable_modules(case):
-    """GGN and SENG refuse a trainable module without a handler, naming it (FNGD by
-    design preconditions Linear/Conv layers only and gives the others the gradient);
-    unsupported='gradient' trains it with the plain gradient. A grouped convolution
-    is refused by all three."""
-    model = nn.Sequential(case.build_model(), Scale(case.outputs))
-    if case.method.linear_conv_only:
-        case.make(model)
-    else:
-        with pytest.raises(gramopt.UnsupportedModuleError, match=r"1 \(Scale\) has no gramopt handler"):
-            case.make(model)
-    opt = case.make(model, unsupported="gradient")
-    x, y = case.batches(1)[0]
-    before = model[1].s.detach().clone()
-    case.step(opt, model, x, y)
-    assert not torch.equal(model[1].s, before)
-    grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(2, case.outputs))
-    with pytest.raises(gramopt.UnsupportedModuleError, match="groups=2"):
-        case.make(grouped)
+    """One policy for every method: a parameter no handler covers (here ``1.s`` of a
+    module without a handler, and ``pos``, an nn.Parameter on the top-level model)
+    follows the plain gradient with one warning naming each by its full name;
+    unsupported='error' refuses them, naming them."""
+
+    class WithPosition(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(case.build_model(), Scale(case.outputs))
+            self.pos = nn.Parameter(torch.zeros(case.outputs))
+
+        def forward(self, x):
+            return self.net(x) + self.pos
+
+    model = WithPosition()
+    with pytest.raises(gramopt.UnsupportedModuleError, match=r"net\.1\.s: net\.1 \(Scale\) has no gramopt handler") as err:
+        case.make(model, unsupported="error")
+    assert "pos: model (WithPosition)" in str(err.value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = case.make(model)
+        data = case.batches(2)
+        for x, y in data:
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            case.step(opt, model, x, y)
+            for n, p in model.named_parameters():
+                assert not torch.equal(p, before[n]), n
+    messages = [str(w.message) for w in caught if "cannot precondition" in str(w.message)]
+    assert len(messages) == 1, [str(w.message) for w in caught]
+    assert "net.1.s" in messages[0] and "pos" in messages[0]
+
+
+@representative
+def test_model_without_supported_layer_warns_and_trains(case):
+    """No layer the method preconditions: one warning, and plain-gradient steps."""
+    model = nn.Sequential(Scale(case.outputs))
+    with pytest.warns(RuntimeWarning, match="preconditions no layer"):
+        opt = case.make(model)
+    assert opt.engine.plain_params == [model[0].s]
 
 
 @representative
 def test_batchnorm_in_training_mode(case):
+    """SENG and FNGD train BatchNorm in training mode (rows summing to the batch
+    gradient, tests/test_layers.py); GGN refuses it by name; in eval mode BatchNorm
+    (affine parameters included) works for every method."""
+
     def net():
+        torch.manual_seed(0)
         return nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, case.outputs))
 
-    with pytest.raises(gramopt.UnsupportedModuleError, match=r"1 \(BatchNorm1d\) is in training mode"):
-        case.make(net())
-    model = net()
-    model[1].eval()
-    model[1].requires_grad_(False)
-    opt = case.make(model)
-    model.train()
-    before = _before(model, opt)
-    with pytest.raises(gramopt.UnsupportedModuleError, match="eval mode"):
-        model(torch.randn(4, 5))
-    _unchanged(model, opt, before)
+    x = torch.randn(6, 5)
+    y = case.batches(1)[0][1]
+    if case.cls is gramopt.GGN:
+        with pytest.raises(gramopt.UnsupportedModuleError, match=r"1 \(BatchNorm1d\) is in training mode"):
+            case.make(net())
+        model = net()
+        model[1].eval()
+        opt = case.make(model)
+        model.train()
+        before = _before(model, opt)
+        with pytest.raises(gramopt.UnsupportedModuleError, match="eval mode"):
+            model(x)
+        _unchanged(model, opt, before)
+        model[1].eval()
+    else:
+        model = net()
+        opt = case.make(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        case.step(opt, model, x, y[: x.shape[0]])
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, before[n]), n
 
 
 # -- batches ---------------------------------------------------------------------------------
@@ -344,7 +407,7 @@ def test_sparse_gradients(case):
         options.append({})
     else:
         with pytest.raises(gramopt.UnsupportedModuleError, match="sparse gradients are not supported"):
-            case.make(SparseNet(case.outputs))
+            case.make(SparseNet(case.outputs), unsupported="error")
     for extra in options:
         model = SparseNet(case.outputs)
         opt = case.make(model, **extra)

@@ -10,10 +10,16 @@ also when a later in-place op (``ReLU(inplace=True)``) modifies that tensor.
 Two ways of running backward passes feed the same hooks:
 
 - the ordinary one, ``loss.backward()``: each layer gets one gradient per call; several
-  backward calls before a step are summed, as ``.grad`` is;
+  backward calls of one forward pass before a step are summed, as ``.grad`` is;
 - :meth:`CaptureEngine.backward_passes`: k passes with given output directions, as
   Gauss-Newton needs for k outputs; each layer gets ``[b, k, ...]``. These passes go
   only as deep as the layers' outputs, computing no weight gradients.
+
+Gradient accumulation: a forward pass that starts after a backward pass (without a step
+in between) opens a new *micro-batch*. :meth:`CaptureEngine.factors` concatenates the
+micro-batches along the batch dimension (each layer's i-th call of every micro-batch,
+saved inputs and output-gradients alike), so the factors are those of the concatenated
+batch. Each micro-batch's backward must come before the next micro-batch's forward.
 
 :meth:`CaptureEngine.factors` turns what was captured into one
 :class:`~gramopt.capture.factors.LayerFactors` per layer. Hooks are removed by
@@ -23,7 +29,6 @@ garbage-collected.
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -54,6 +59,8 @@ class _Call:
     output: Tensor | None  # dropped once its gradient arrived
     version: int
     grads: list[tuple[int, Tensor]] = field(default_factory=list)
+    micro: int = 0  # the micro-batch (gradient accumulation) it belongs to
+    scale: float = 1.0  # multiplies its output-gradients (see CaptureEngine.scale_captured)
 
 
 @dataclass
@@ -73,26 +80,73 @@ class CaptureEngine:
         model: the network.
         params: the parameters the optimizer updates; layers with none of them are
             not hooked.
-        unsupported: ``"error"`` (default) raises :class:`UnsupportedModuleError` naming
-            every module with parameters in ``params`` and no handler; ``"gradient"``
-            leaves their parameters to the plain gradient (:attr:`plain_params`).
+        unsupported: ``"gradient"`` (default) leaves the parameters no handler covers to
+            the plain gradient (:attr:`plain_params`, their full names in
+            :attr:`unsupported_names`, for the optimizer's warning); ``"error"`` raises
+            :class:`UnsupportedModuleError` naming each of them.
         layer_filter: optional ``module -> bool``; modules for which it returns False are
             not hooked and their parameters go to :attr:`plain_params` (a method that
-            preconditions only some layer types, e.g. FNGD's Linear/Conv layers).
+            preconditions only some layer types, e.g. FNGD's Linear/Conv layers; not
+            a fallback, so not in :attr:`unsupported_names`).
+        batchnorm_training: whether BatchNorm layers may run in training mode (SENG, FNGD:
+            per-sample rows whose sum is the batch gradient); False (GGN) refuses them
+            at construction and at every training-mode forward.
     """
 
     def __init__(
         self,
         model: nn.Module,
         params: Iterable[nn.Parameter],
-        unsupported: str = "error",
+        unsupported: str = "gradient",
         layer_filter: Callable[[nn.Module], bool] | None = None,
+        batchnorm_training: bool = True,
     ) -> None:
         if unsupported not in UNSUPPORTED_POLICIES:
             raise ValueError(f"unsupported must be one of {UNSUPPORTED_POLICIES}, got {unsupported!r}")
-        wanted = {id(p) for p in params}
+        self.model = model
+        self.unsupported = unsupported
+        self.layer_filter = layer_filter
+        self.batchnorm_training = batchnorm_training
         self.layers: list[Layer] = []
         self.plain_params: list[nn.Parameter] = []
+        #: Full names of the parameters no handler covers (they follow the plain gradient).
+        self.unsupported_names: list[str] = []
+        self._calls: dict[int, list[_Call]] = {}
+        self._handles: list[RemovableHandle] = []
+        self._grad_handles: list[RemovableHandle] = []
+        self._grad_versions: dict[int, tuple[int, int]] = {}  # id(p) -> (id(p.grad), version)
+        self._pass: int | None = None  # index of the current pass in backward_passes
+        self._paused = False  # see paused()
+        # Multiplies every captured output-gradient in factors(): the optimizer sets it to
+        # 1 / loss scale for the step of a torch.amp.GradScaler-scaled backward pass.
+        self.gradient_scale = 1.0
+        self._backward_seen = False
+        self._micro = 0  # the current micro-batch (see the module docstring)
+        #: b of the last backward pass that reached a hooked layer (kept after clear()).
+        self.last_batch_size: int | None = None
+        self.closed = False
+        self.add_params(params)
+        if not batchnorm_training:
+            for module in model.modules():
+                if isinstance(module, _BATCHNORM):
+                    self._handles.append(module.register_forward_pre_hook(_refuse_batchnorm_training))
+
+    def add_params(self, params: Iterable[nn.Parameter]) -> list[str]:
+        """Cover ``params`` too (``add_param_group``): hook the layers they belong to.
+
+        Returns:
+            the full names of those among them that no handler covers (they follow
+            the plain gradient); raises :class:`UnsupportedModuleError` naming them
+            instead under ``unsupported="error"``, changing nothing.
+        """
+        model = self.model
+        wanted = {id(p) for p in params}
+        names = {id(p): n for n, p in model.named_parameters()}
+        known = {id(layer.module): layer for layer in self.layers}
+        new_layers: list[Layer] = []
+        extended: list[tuple[Layer, list[nn.Parameter]]] = []
+        plain: list[nn.Parameter] = []
+        unsupported: list[str] = []
         problems: list[str] = []
         inside: list[str] = []  # prefixes of functional containers (their submodules are skipped)
         for name, module in model.named_modules():
@@ -103,64 +157,57 @@ class CaptureEngine:
                 own = [p for p in module.parameters() if id(p) in wanted]
             else:
                 own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
-            if isinstance(module, _BATCHNORM):
-                if module.training:
-                    problems.append(
-                        f"{name or 'model'} ({type(module).__name__}) is in training mode: batch "
-                        "statistics couple the samples of a batch, which breaks the per-sample math. "
-                        "Replace it with nn.GroupNorm / nn.LayerNorm, or keep it in eval mode"
-                    )
-                    continue
             if not own:
                 continue
-            if layer_filter is not None and not layer_filter(module):
-                self.plain_params.extend(own)
-                continue
+            label = f"{name or 'model'} ({type(module).__name__})"
             handler = handler_for(module)
+            if handler is not None and self.layer_filter is not None and not self.layer_filter(module):
+                plain.extend(own)  # the method's own choice, not a fallback: no warning
+                continue
+            reason = None
             if handler is None:
-                if unsupported == "gradient":
-                    self.plain_params.extend(own)
-                    continue
-                hint = (
-                    ": its affine parameters are not supported; freeze them (requires_grad_(False))"
-                    if isinstance(module, _BATCHNORM)
-                    else ""
+                reason = f"{label} has no gramopt handler"
+            elif isinstance(module, _BATCHNORM) and module.training and not self.batchnorm_training:
+                reason = (
+                    f"{label} is in training mode: this method treats its batch statistics as coupling "
+                    "the samples and refuses it; use SENG or FNGD, nn.GroupNorm / nn.LayerNorm, or keep "
+                    "BatchNorm layers in eval mode (module.eval())"
                 )
-                problems.append(f"{name or 'model'} ({type(module).__name__}) has no gramopt handler{hint}")
+            else:
+                try:
+                    handler.validate(module)
+                except UnsupportedModuleError as err:
+                    reason = f"{label}: {err}"
+            if reason is not None:
+                full = [names.get(id(p), "?") for p in own]
+                if self.unsupported == "gradient" and not reason.startswith(f"{label} is in training mode"):
+                    plain.extend(own)
+                    unsupported.extend(full)
+                else:
+                    problems.append(f"{', '.join(full)}: {reason}")
                 continue
-            try:
-                handler.validate(module)
-            except UnsupportedModuleError as err:
-                if unsupported == "gradient":
-                    self.plain_params.extend(own)
-                    continue
-                problems.append(f"{name or 'model'}: {err}")
-                continue
-            self.layers.append(Layer(name or type(module).__name__, module, handler, own))
+            if id(module) in known:
+                extended.append((known[id(module)], own))
+            else:
+                new_layers.append(Layer(name or type(module).__name__, module, handler, own))
         if problems:
             raise UnsupportedModuleError(
-                "gramopt cannot handle these modules:\n  - "
+                "gramopt cannot precondition these parameters:\n  - "
                 + "\n  - ".join(problems)
-                + "\nSupported: Linear, Conv1d/Conv2d (groups=1), Embedding, LayerNorm, GroupNorm, "
-                "RMSNorm; register others with gramopt.register_handler, or pass "
-                "unsupported='gradient' to update them with the plain gradient."
+                + "\nSupported: Linear, Conv1d/2d/3d (any groups), ConvTranspose1d/2d/3d, Embedding, "
+                "LayerNorm, GroupNorm, RMSNorm, BatchNorm (SENG, FNGD; eval mode for GGN); register "
+                "others with gramopt.register_handler, or pass unsupported='gradient' to update them "
+                "with the plain gradient (with a warning naming them)."
             )
-        self._calls: dict[int, list[_Call]] = {id(layer.module): [] for layer in self.layers}
-        self._pass: int | None = None  # index of the current pass in backward_passes
-        self._paused = False  # see paused()
-        # Multiplies every captured output-gradient in factors(): the optimizer sets it to
-        # 1 / loss scale for the step of a torch.amp.GradScaler-scaled backward pass.
-        self.gradient_scale = 1.0
-        self._backward_seen = False
-        #: b of the last backward pass that reached a hooked layer (kept after clear()).
-        self.last_batch_size: int | None = None
-        self._handles: list[RemovableHandle] = []
-        for layer in self.layers:
+        for layer, own in extended:
+            layer.params.extend(p for p in own if all(p is not q for q in layer.params))
+        self.plain_params.extend(plain)
+        self.unsupported_names.extend(unsupported)
+        for layer in new_layers:
+            self.layers.append(layer)
+            self._calls[id(layer.module)] = []
             self._handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
-        for module in model.modules():
-            if isinstance(module, _BATCHNORM):
-                self._handles.append(module.register_forward_pre_hook(_refuse_batchnorm_training))
-        self.closed = False
+        return unsupported
 
     # -- hooks --------------------------------------------------------------------------
     def _make_hook(self, layer: Layer):
@@ -170,13 +217,14 @@ class CaptureEngine:
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
             if module is not layer.module:  # a deep copy of the model carries the hooks along
                 return
-            if not (module.training and torch.is_grad_enabled()):
+            if not (torch.is_grad_enabled() and (module.training or layer.handler.captures_in_eval)):
                 return
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return
-            if engine_ref._backward_seen:
-                engine_ref._discard_stale()
-            call = _Call(layer.handler.save(module, args, output), output, output._version)
+            if engine_ref._backward_seen:  # gradient accumulation: a new micro-batch
+                engine_ref._micro += 1
+                engine_ref._backward_seen = False
+            call = _Call(layer.handler.save(module, args, output), output, output._version, micro=engine_ref._micro)
             calls.append(call)
             # The hook lives in the output's autograd node (C++), which Python's GC cannot
             # see: a strong reference to the call (which holds the output) would make an
@@ -200,18 +248,6 @@ class CaptureEngine:
             output.register_hook(grad_hook)
 
         return forward_hook
-
-    def _discard_stale(self) -> None:
-        """A forward after a backward without step(): the earlier factors are dropped."""
-        if any(call.grads for calls in self._calls.values() for call in calls):
-            warnings.warn(
-                "gramopt: a new forward pass started after a backward pass without step(); the "
-                "factors of the earlier backward were discarded (gradient accumulation over several "
-                "backward passes is not supported: call step() after each backward)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        self.clear()
 
     # -- passes -------------------------------------------------------------------------
     def backward_passes(
@@ -270,7 +306,7 @@ class CaptureEngine:
     def _traversal_targets(self) -> list[Tensor]:
         """What the passes differentiate for: the layers' outputs (no weight gradients),
         or, if an in-place op changed one of them, the layers' parameters."""
-        calls = [call for calls in self._calls.values() for call in calls]
+        calls = [call for calls in self._calls.values() for call in calls if call.micro == self._micro]
         if all(call.output is not None and call.output._version == call.version for call in calls):
             return [call.output for call in calls]
         return [p for layer in self.layers for p in trainable(layer)]
@@ -287,6 +323,7 @@ class CaptureEngine:
                 gradients of a mean loss into per-sample loss gradients).
             dtype: compute dtype (default: the gradients' dtype, at least float32).
         """
+        self.merge_micro_batches()
         scale = scale * self.gradient_scale
         out: dict[str, LayerFactors] = {}
         batch = None
@@ -329,11 +366,96 @@ class CaptureEngine:
         """b, the leading dimension of the captured output-gradients (None before any
         backward pass reached a layer). Methods that turn the gradients of a mean loss
         into per-sample gradients need it before :meth:`factors` (``scale=b``)."""
+        sizes = self.micro_batch_sizes()
+        return sum(sizes) if sizes else None
+
+    def micro_batch_sizes(self) -> list[int]:
+        """b_m of each micro-batch captured since the last clear (one entry without
+        gradient accumulation), as the first layer with gradients saw them."""
+        for calls in self._calls.values():
+            sizes: dict[int, int] = {}
+            for call in calls:
+                if call.grads:
+                    sizes.setdefault(call.micro, int(call.grads[0][1].shape[0]))
+            if sizes:
+                return [sizes[m] for m in sorted(sizes)]
+        return []
+
+    def scale_captured(self, factor: float) -> None:
+        """Multiply the output-gradients captured so far by ``factor`` (an optimizer's
+        ``backward`` keeping the captures those of the mean loss over every micro-batch)."""
         for calls in self._calls.values():
             for call in calls:
                 if call.grads:
-                    return int(call.grads[0][1].shape[0])
-        return None
+                    call.scale *= factor
+
+    def merge_micro_batches(self) -> None:
+        """Concatenate the micro-batches (gradient accumulation) along the batch
+        dimension: afterwards each layer holds one call per forward call of a micro-batch,
+        with the saved inputs and output-gradients of all micro-batches, scaled. Raises
+        :class:`CaptureError` when they do not fit together (a layer called a different
+        number of times, or with other shapes beyond the batch dimension)."""
+        for layer in self.layers:
+            calls = [c for c in self._calls[id(layer.module)] if c.grads]
+            micros = sorted({c.micro for c in calls})
+            if len(micros) < 2 and all(c.scale == 1.0 for c in calls):
+                continue
+            per_micro = [[c for c in calls if c.micro == m] for m in micros]
+            counts = {len(group) for group in per_micro}
+            if len(counts) != 1:
+                raise CaptureError(
+                    f"layer {layer.name} was called {sorted(counts)} times in different micro-batches of one "
+                    "step: gradient accumulation needs the same calls in every micro-batch"
+                )
+            merged = []
+            for position in range(counts.pop()):
+                group = [micro[position] for micro in per_micro]
+                stacked = [self._stack(c.grads) * c.scale if c.scale != 1.0 else self._stack(c.grads) for c in group]
+                saved = [c.saved for c in group]
+                try:
+                    grads = stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=0)
+                    if len(saved) > 1:
+                        saved = torch.cat(saved, dim=0)
+                    else:
+                        saved = saved[0]
+                except (RuntimeError, TypeError) as err:
+                    raise CaptureError(
+                        f"layer {layer.name}: the micro-batches of this step cannot be concatenated along the batch "
+                        f"dimension ({err}); accumulate micro-batches of equal shapes beyond the batch dimension"
+                    ) from err
+                k = grads.shape[1]
+                as_list = [(-1, grads[:, 0])] if k == 1 else [(i, grads[:, i]) for i in range(k)]
+                merged.append(_Call(saved, None, 0, as_list, micro=self._micro))
+            others = [c for c in self._calls[id(layer.module)] if not c.grads]
+            self._calls[id(layer.module)][:] = merged + others
+        covered = {len({c.micro for c in self._calls[id(layer.module)] if c.grads}) for layer in self.layers}
+        if covered - {0, 1}:
+            raise CaptureError("internal: micro-batches left after merging")
+
+    # -- gradients the method ignores (a warning when they are modified, e.g. clipped) ----
+    def watch_gradients(self, params: Iterable[nn.Parameter]) -> None:
+        """Remember ``.grad`` of ``params`` as each backward pass leaves it, so that
+        :meth:`modified_gradients` tells which were changed afterwards (clipping)."""
+        versions = self._grad_versions
+
+        def hook(p: Tensor) -> None:
+            versions[id(p)] = (id(p.grad), p.grad._version)
+
+        for p in params:
+            if p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook"):
+                self._grad_handles.append(p.register_post_accumulate_grad_hook(hook))
+
+    def modified_gradients(self, params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+        """Those of ``params`` whose ``.grad`` changed since a backward pass left it."""
+        out = []
+        for p in params:
+            seen = self._grad_versions.get(id(p))
+            if seen is not None and p.grad is not None and seen != (id(p.grad), p.grad._version):
+                out.append(p)
+        return out
+
+    def forget_gradients(self) -> None:
+        self._grad_versions.clear()
 
     # -- data parallelism (gramopt.distributed's exact policy) -----------------------------
     def capture_tensors(self) -> tuple[list[Tensor], list[bool], str]:
@@ -345,6 +467,7 @@ class CaptureEngine:
             output-gradient; and the layout (layer names, calls, passes) that a
             replacement must keep.
         """
+        self.merge_micro_batches()
         tensors: list[Tensor] = []
         is_grad: list[bool] = []
         layout = []
@@ -401,17 +524,28 @@ class CaptureEngine:
     def has_factors(self) -> bool:
         return any(c.grads for calls in self._calls.values() for c in calls)
 
+    def drop_captured(self) -> None:
+        """Drop what backward passes captured (``zero_grad``: the accumulation starts
+        over), keeping forward calls still waiting for their gradient."""
+        for calls in self._calls.values():
+            calls[:] = [c for c in calls if not c.grads]
+        self._backward_seen = False
+        self._grad_versions.clear()
+
     def clear(self) -> None:
         """Drop everything captured (after a step, or to start over)."""
         for calls in self._calls.values():
             calls.clear()
         self._backward_seen = False
+        self._micro = 0
+        self._grad_versions.clear()
 
     def close(self) -> None:
         """Remove every hook; idempotent."""
-        for handle in self._handles:
+        for handle in self._handles + self._grad_handles:
             handle.remove()
         self._handles.clear()
+        self._grad_handles.clear()
         self.clear()
         self.closed = True
 
@@ -425,7 +559,7 @@ def trainable(layer: Layer) -> list[nn.Parameter]:
 def _refuse_batchnorm_training(module: nn.Module, args: tuple) -> None:
     if module.training and torch.is_grad_enabled():
         raise UnsupportedModuleError(
-            f"{type(module).__name__} ran in training mode under a gramopt optimizer: batch "
-            "statistics couple the samples of a batch, which breaks the per-sample math. Replace it "
-            "with nn.GroupNorm / nn.LayerNorm, or keep BatchNorm layers in eval mode (module.eval())"
+            f"{type(module).__name__} ran in training mode under GGN: its batch statistics couple the "
+            "samples of a batch, which breaks the Gauss-Newton Jacobian rows. Use SENG or FNGD, replace "
+            "it with nn.GroupNorm / nn.LayerNorm, or keep BatchNorm layers in eval mode (module.eval())"
         )

@@ -29,6 +29,10 @@ class LayerHandler(ABC):
     k backward passes, already multiplied by the method's scale.
     """
 
+    #: Whether the layer is captured in eval mode too (in a model training in train mode):
+    #: BatchNorm kept in eval mode, whose affine parameters still train.
+    captures_in_eval: bool = False
+
     def validate(self, module: nn.Module) -> None:
         """Raise :class:`UnsupportedModuleError` for configurations the math can't handle."""
 
@@ -80,15 +84,16 @@ def _cat(tensors: list[Tensor], dim: int) -> Tensor:
 
 
 class ConvHandler(LayerHandler):
-    """``nn.Conv1d`` / ``nn.Conv2d`` with groups = 1, any stride, padding, dilation and
-    padding mode: a Linear layer shared over output positions, whose factors work
-    through the convolution's own routines (:class:`~gramopt.capture.conv.ConvFactors`)."""
+    """Convolutions: ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` and
+    ``nn.ConvTranspose1d`` / ``2d`` / ``3d``, any groups (depthwise included), stride,
+    padding, dilation and padding mode.
 
-    def validate(self, module: nn.Module) -> None:
-        if module.groups != 1:
-            raise UnsupportedModuleError(
-                f"{type(module).__name__} with groups={module.groups} is not supported (groups=1 only)"
-            )
+    Conv1d / Conv2d with groups = 1 are a Linear layer shared over output positions,
+    whose factors work through the convolution's own routines
+    (:class:`~gramopt.capture.conv.ConvFactors`). The others get their per-sample
+    gradients explicitly (:func:`per_sample_rows`, ``[b k, p]``, one vmapped
+    weight-gradient of the layer itself): exact, and cheap for the small grouped /
+    depthwise kernels they usually have."""
 
     def save(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
         x = super().save(module, args, output)
@@ -101,7 +106,43 @@ class ConvHandler(LayerHandler):
 
     def factors(self, module, params, saved, grads):
         dtype = grads[0].dtype
-        return ConvFactors(module, params, [x.to(dtype) for x in saved], grads)
+        if type(module) in (nn.Conv1d, nn.Conv2d) and module.groups == 1:
+            return ConvFactors(module, params, [x.to(dtype) for x in saved], grads)
+        rows = None
+        for x, g in zip(saved, grads):
+            part = per_sample_rows(module, params, x.to(dtype), g)
+            rows = part if rows is None else rows + part
+        return ExplicitFactors(module, params, rows)
+
+
+def per_sample_rows(module: nn.Module, params: list[nn.Parameter], x: Tensor, grads: Tensor) -> Tensor:
+    """Per-sample gradients of ``<z_ic, module(x_i)>`` with respect to ``params`` (the
+    module's own parameters), ``[b k, p]``, rows sample-major, columns in the order of
+    ``params``.
+
+    Args:
+        module: a layer whose output for sample i depends on sample i's input only.
+        x: the input ``[b, ...]``.
+        grads: the output-gradients ``[b, k, *output_shape[1:]]``.
+    """
+    b, k = grads.shape[:2]
+    names = [n for n, p in module.named_parameters(recurse=False) if any(p is q for q in params)]
+    order = sorted(range(len(names)), key=lambda i: [j for j, q in enumerate(params) if q is getattr(module, names[i])][0])
+    names = [names[i] for i in order]
+    values = tuple(getattr(module, n).detach().to(grads.dtype) for n in names)
+    kwargs: dict[str, Any] = {}
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        kwargs["output_size"] = list(grads.shape[3:])
+
+    def one(x_i: Tensor, z_i: Tensor) -> Tensor:
+        def forward(*weights: Tensor) -> Tensor:
+            return torch.func.functional_call(module, dict(zip(names, weights)), (x_i.unsqueeze(0),), kwargs)
+
+        _, pull = torch.func.vjp(forward, *values)
+        return torch.cat([t.reshape(-1) for t in pull(z_i.unsqueeze(0))])
+
+    rows = torch.func.vmap(torch.func.vmap(one, in_dims=(None, 0)), in_dims=(0, 0))(x, grads)
+    return rows.reshape(b * k, -1)
 
 
 class EmbeddingHandler(LayerHandler):
@@ -192,10 +233,51 @@ class GroupNormHandler(_AffineNormHandler):
         return tuple(range(3, x.dim() + 1))
 
 
+class BatchNormHandler(_AffineNormHandler):
+    """``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` with affine parameters.
+
+    The input is normalized when the layer runs (:meth:`save`): with the batch
+    statistics in training mode, with the running statistics in eval mode. The rows of
+    sample i are ``sum_s z_is * xhat_is`` (weight) and ``sum_s z_is`` (bias), so they sum
+    to the batch gradient. In training mode the batch statistics couple the samples: the
+    rows (of this layer, and of every layer before it, whose output-gradients pass
+    through the batch statistics) are then not the gradients of per-sample losses, but
+    rows whose sum is the batch gradient, which is what SENG's and FNGD's empirical
+    Fisher uses (both papers train BatchNorm networks). GGN refuses training mode (its
+    Jacobian rows would need the statistics held constant)."""
+
+    captures_in_eval = True
+
+    def save(self, module, args, output):
+        x = super().save(module, args, output)
+        if x.dim() < 2:
+            raise UnsupportedModuleError(f"{type(module).__name__} needs a leading batch dimension")
+        use_batch = module.training or module.running_mean is None
+        return F.batch_norm(
+            x, None if use_batch else module.running_mean, None if use_batch else module.running_var,
+            training=use_batch, eps=module.eps,
+        )
+
+    def validate(self, module: nn.Module) -> None:
+        if not module.affine:
+            raise UnsupportedModuleError("BatchNorm without affine parameters has nothing to train")
+
+    def normalize(self, module, x):
+        return x  # saved normalized
+
+    def reduce_dims(self, module, x):
+        return tuple(range(3, x.dim() + 1))
+
+
 _REGISTRY: dict[type, LayerHandler] = {
     nn.Linear: LinearHandler(),
     nn.Conv1d: ConvHandler(),
     nn.Conv2d: ConvHandler(),
+    nn.Conv3d: ConvHandler(),
+    nn.ConvTranspose1d: ConvHandler(),
+    nn.ConvTranspose2d: ConvHandler(),
+    nn.ConvTranspose3d: ConvHandler(),
+    nn.modules.batchnorm._BatchNorm: BatchNormHandler(),
     nn.Embedding: EmbeddingHandler(),
     nn.LayerNorm: LayerNormHandler(),
     nn.GroupNorm: GroupNormHandler(),

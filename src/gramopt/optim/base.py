@@ -77,6 +77,9 @@ class PendingBatch:
 
     loss: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: samples of the micro-batches ``backward`` saw since the last step, and how many
+    samples: int = 0
+    micro_batches: int = 0
 
 
 def check_hyper(name: str, value: Any, *, low: float = 0.0, inclusive: bool = True) -> None:
@@ -95,7 +98,15 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         params: optional parameters or param-group dicts (default: the model's trainable
             parameters), all of which must belong to ``model``.
         defaults: hyper-parameters (``lr``, ``momentum``, ``weight_decay`` and the method's).
-        unsupported: ``"error"`` or ``"gradient"``, see :class:`CaptureEngine`.
+        unsupported: ``"gradient"`` (default): parameters no handler covers (a learned
+            positional ``nn.Parameter`` on the model, a cls token, a module without a
+            handler) follow the plain gradient, with one warning per optimizer naming each
+            by its full name; ``"error"``: :class:`UnsupportedModuleError` naming them.
+        max_update_norm: None, or c > 0: the direction d (all parameters together,
+            before momentum and weight decay) is scaled by ``min(1, c / ||d||)``: gradient
+            clipping for the preconditioned step (``clip_grad_norm_`` on ``.grad`` has no
+            effect on the methods that compute their step from captured per-sample
+            gradients; modifying such a ``.grad`` is warned about).
         layer_filter: optional ``module -> bool`` choosing the layers the method hooks;
             the parameters of the others follow the plain gradient (see :class:`CaptureEngine`).
         distributed: None (one process), ``"exact"`` or ``"local"``
@@ -114,6 +125,8 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
     #: Whose ``.grad`` the step reads: ``"plain"`` (the parameters left to the plain
     #: gradient) or ``"all"`` (SENG's g); synchronized first under ``"exact"``.
     reads_gradients: ClassVar[str] = "plain"
+    #: Whether BatchNorm layers may run in training mode (rows summing to the batch gradient).
+    batchnorm_training: ClassVar[bool] = True
     loss: GaussNewtonLoss  # the loss backward(output, target) computes, set by each method
 
     def __init__(
@@ -121,10 +134,11 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         model: nn.Module,
         params: Iterable[Any] | None,
         defaults: dict[str, Any],
-        unsupported: str = "error",
+        unsupported: str = "gradient",
         layer_filter: Callable[[nn.Module], bool] | None = None,
         distributed: str | None = None,
         weight_decay_mode: str = "decoupled",
+        max_update_norm: float | None = None,
     ) -> None:
         if weight_decay_mode not in self.weight_decay_modes:
             raise ValueError(
@@ -132,6 +146,9 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             )
         self.weight_decay_mode = weight_decay_mode
         self._group_index: dict[int, int] | None = None  # id(p) -> its param group (l2_term)
+        if max_update_norm is not None:
+            check_hyper("max_update_norm", max_update_norm, inclusive=False)
+        self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{type(self).__name__} takes the model first (to hook its layers), got {type(model).__name__}"
@@ -145,9 +162,17 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         _check_params(self._names, [p for g in self.param_groups for p in g["params"]])
         self.model = model
         self.engine = CaptureEngine(
-            model, [p for g in self.param_groups for p in g["params"]], unsupported, layer_filter
+            model,
+            [p for g in self.param_groups for p in g["params"]],
+            unsupported,
+            layer_filter,
+            batchnorm_training=self.batchnorm_training,
         )
         self._finalizer = weakref.finalize(self, self.engine.close)
+        self._warned_gradients = False
+        self._warned_micro = False
+        self._warn_unsupported(self.engine.unsupported_names)
+        self._watch_ignored_gradients(self.engine.layers)
         self.extra_state: dict[str, Any] = {"step": 0}
         self.last_info: StepInfo | None = None
         self._warned_stray: set[str] = set()
@@ -178,8 +203,9 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         return seed if self.sync is None else int(self.sync.broadcast(seed))
 
     def _local_samples(self) -> int:
-        """b_r: this rank's batch size as the hooked layers saw it (1 if none did)."""
-        return self.engine.last_batch_size or 1
+        """b_r: this rank's batch size as the hooked layers saw it (all micro-batches; 1 if
+        none did)."""
+        return self.engine.batch_size() or self.engine.last_batch_size or 1
 
     def _gather_batch(self, *extras: Tensor | None, scaled: Sequence[bool] = ()) -> tuple[Tensor | None, ...]:
         """Under ``"exact"``: replace the engine's captures by the global batch's (every
@@ -210,17 +236,40 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
 
     # -- validation ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if hasattr(self, "engine"):
+        """torch.optim's ``add_param_group``, also after construction (fine-tuning that
+        unfreezes layers): the new parameters must belong to the model; their layers are
+        hooked from the next forward pass on (parameters no handler covers follow the
+        plain gradient, warned about, or are refused under ``unsupported="error"``), and
+        their state is created at their first step. Nothing changes on an error."""
+        engine = getattr(self, "engine", None)
+        if engine is None:
+            super().add_param_group(param_group)
+            group = self.param_groups[-1]
+            # A zero lr given by hand is a mistake; one set by a scheduler (a warmup from 0, a
+            # cosine down to 0) is not, and a state_dict saved then loads (_validate_group).
+            check_hyper("lr", group["lr"], inclusive=False)
+            self._validate_group(group)
+            return
+        self._require_open()
+        if engine.has_factors():
             raise ValueError(
-                f"{type(self).__name__} hooks the layers of its parameters when it is built: pass every "
-                "param group to the constructor (parameters to train later may be frozen until then)"
+                "add_param_group between backward and step: call it before the forward pass of a step"
             )
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        # A zero lr given by hand is a mistake; one set by a scheduler (a warmup from 0, a
-        # cosine down to 0) is not, and a state_dict saved then loads (_validate_group).
-        check_hyper("lr", group["lr"], inclusive=False)
-        self._validate_group(group)
+        count = len(self.param_groups)
+        try:
+            torch.optim.Optimizer.add_param_group(self, param_group)
+            group = self.param_groups[-1]
+            check_hyper("lr", group["lr"], inclusive=False)
+            self._validate_group(group)
+            _check_params(self._names, [p for g in self.param_groups for p in g["params"]])
+            before = {id(layer.module) for layer in engine.layers}
+            names = engine.add_params(group["params"])
+        except BaseException:
+            del self.param_groups[count:]
+            raise
+        self._group_index = None  # l2_term's parameter -> group map is stale
+        self._warn_unsupported(names)
+        self._watch_ignored_gradients([layer for layer in engine.layers if id(layer.module) not in before])
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_hyper("lr", group["lr"])
@@ -270,6 +319,49 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
     def _backward(self, output: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's ``zero_grad``, which also drops the per-sample captures of the
+        backward passes since the last step (gradient accumulation starts over, as for
+        ``.grad``); a forward pass whose backward has not run yet is kept."""
+        super().zero_grad(set_to_none)
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.drop_captured()
+            self._pending = None
+
+    def _micro_batch_weight(self, samples: int) -> float:
+        """Gradient accumulation in ``backward``: before the backward pass of a
+        micro-batch of ``samples`` samples, rescale ``.grad`` and the captures of the
+        earlier micro-batches of this step (``B_prev`` samples) by ``B_prev / B`` and
+        return ``samples / B`` (``B = B_prev + samples``), the weight of this micro-batch's
+        mean loss. ``.grad`` and the captures are then always those of the mean loss over
+        all the micro-batches so far: the step is that of their concatenation."""
+        prior = self._pending.samples if self._pending is not None else 0
+        total = prior + samples
+        if prior:
+            factor = prior / total
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
+            if self.captures_mean_loss:  # (Jacobian rows, GGN's, do not depend on B)
+                self.engine.scale_captured(factor)
+            self.engine.forget_gradients()
+        return samples / total
+
+    def _merged_pending(self, loss: float, samples: int, seconds: dict[str, float]) -> tuple[float, int, int, dict[str, float]]:
+        """(mean loss, samples, micro-batches, seconds) of this step's micro-batches
+        with this one added."""
+        old = self._pending
+        if old is None or not old.samples:
+            return loss, samples, 1, dict(seconds)
+        total = old.samples + samples
+        merged = dict(old.seconds)
+        for key, value in seconds.items():
+            merged[key] = merged.get(key, 0.0) + value
+        mean = (old.loss * old.samples + loss * samples) / total if old.loss is not None else loss
+        return mean, total, old.micro_batches + 1, merged
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step: the method's directions, the plain gradient for the parameters no
@@ -295,6 +387,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 scaled = found_inf is not None and not own_backward
                 if scaled and float(found_inf) > 0:  # the scaler's inf check: skip, change nothing
                     self.engine.clear()
+                    self._pending = None
                     return result
                 if scaled:
                     self._unscale(grad_scale)
@@ -305,21 +398,25 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         return result
 
     def _step_body(self) -> None:
+        self._warn_modified_gradients()
         self._synchronize_gradients()
         pending = self._pending
         self._seconds = dict(pending.seconds) if pending is not None else {}
         try:
+            self._check_micro_batches(pending)
             directions, solve = self.directions(pending)
             for p in self.gradient_params():
                 if p.grad is not None:
                     l2 = None if p.grad.is_sparse else self.l2_term(p)  # (sparse: refused below)
                     directions[p] = p.grad if l2 is None else p.grad + l2
+            if self.max_update_norm is not None:
+                directions = self._clip(directions)
             with self._phase("update"):
                 self.apply_directions(directions)
                 self.commit()
         finally:
             self.engine.clear()
-        self._pending = None
+            self._pending = None
         self.last_info = StepInfo(self.steps_taken, None if pending is None else pending.loss, solve, self._seconds)
 
     # torch.amp.GradScaler.step(opt) hands such an optimizer the loss scale and the inf check
@@ -341,6 +438,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     p.grad.mul_(inverse)
+        self.engine.forget_gradients()  # (not the user's clipping)
         self.engine.gradient_scale = inverse
 
     def directions(self, pending: PendingBatch | None) -> tuple[dict[Tensor, Tensor], SolveInfo | None]:
@@ -457,6 +555,77 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 RuntimeWarning,
                 stacklevel=stacklevel,
             )
+
+    def _warn_unsupported(self, names: Sequence[str]) -> None:
+        """One warning for the parameters no handler covers (the default policy), and one
+        when the method preconditions no layer of the model at all."""
+        if names:
+            warnings.warn(
+                f"gramopt: {type(self).__name__} cannot precondition {', '.join(names)} (no handler for their "
+                "module, or a configuration its handler refuses); they follow the plain gradient of the loss "
+                "(pass unsupported='error' to refuse them with the reason, or register a handler with "
+                "gramopt.register_handler)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        if not self.engine.layers and any(len(g["params"]) for g in self.param_groups):
+            warnings.warn(
+                f"gramopt: {type(self).__name__} preconditions no layer of this model (none it supports has "
+                "trainable parameters): every parameter follows the plain gradient, i.e. SGD",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _watch_ignored_gradients(self, layers: Sequence[Any]) -> None:
+        """Methods whose step ignores ``.grad`` of the preconditioned layers (FNGD, GGN)
+        remember it after each backward, to warn when it is modified (clipping)."""
+        if self.reads_gradients == "plain":
+            self.engine.watch_gradients(p for layer in layers for p in layer.params)
+
+    def _warn_modified_gradients(self) -> None:
+        if self.reads_gradients != "plain" or self._warned_gradients:
+            return
+        params = [p for layer in self.engine.layers for p in layer.params]
+        modified = self.engine.modified_gradients(params)
+        if modified:
+            self._warned_gradients = True
+            names = ", ".join(self._names.get(id(p), "?") for p in modified[:5])
+            warnings.warn(
+                f"gramopt: .grad of {names}{' ...' if len(modified) > 5 else ''} was modified after backward "
+                f"(gradient clipping such as torch.nn.utils.clip_grad_norm_?), but {type(self).__name__} computes "
+                "the step of these layers from the per-sample gradients it captured and ignores their .grad: "
+                "clipping .grad has no effect there; pass max_update_norm=... to clip the update instead",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _check_micro_batches(self, pending: PendingBatch | None) -> None:
+        """Micro-batches of unequal sizes accumulated by ``loss.backward()`` (not by the
+        optimizer's ``backward``, which weighs them exactly): the step is that of the
+        concatenated batch only if each micro-batch's mean loss was multiplied by b_m / B."""
+        sizes = self.engine.micro_batch_sizes()
+        own = pending.micro_batches if pending is not None else 0
+        if len(set(sizes)) > 1 and own != len(sizes) and not self._warned_micro:
+            self._warned_micro = True
+            warnings.warn(
+                f"gramopt: micro-batches of unequal sizes {sizes} were accumulated with loss.backward(): the "
+                "step (and .grad) is that of the concatenated batch only if each micro-batch's mean loss was "
+                "multiplied by b_m / B (dividing by the number of micro-batches is exact for equal sizes "
+                "only); opt.backward(output, target) weighs micro-batches exactly",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _clip(self, directions: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
+        """Scale every direction by ``min(1, max_update_norm / ||d||)`` (d: all together)."""
+        values = [d for d in directions.values() if d.numel()]
+        if not values:
+            return directions
+        norm = float(torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(values)])))
+        if not math.isfinite(norm) or norm <= self.max_update_norm:
+            return directions  # (a non-finite direction is refused by apply_directions)
+        factor = self.max_update_norm / norm
+        return {p: d * factor for p, d in directions.items()}
 
     def _name(self, p: Tensor) -> str:
         return f"{self._names.get(id(p), '?')} (shape {tuple(p.shape)})"

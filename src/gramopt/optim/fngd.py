@@ -94,8 +94,11 @@ from gramopt.linalg.dense import SolveInfo, solve_damped_psd
 from gramopt.losses import GaussNewtonLoss, get_loss
 from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper
 
-#: The layer types FNGD preconditions; every other parameter takes the plain gradient.
-PRECONDITIONED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+#: The layer types FNGD preconditions (the paper's Linear and convolutional layers,
+#: transposed and grouped convolutions included); every other parameter (norms,
+#: embeddings) takes the plain gradient of the mean loss, as in the paper: that is the
+#: method, not a fallback, so it is not warned about.
+PRECONDITIONED = (nn.Linear, nn.modules.conv._ConvNd)
 
 #: Estimation steps before the coefficients are shared when none are given (see the
 #: module docstring: the paper estimates during one epoch, which the class cannot know).
@@ -172,8 +175,13 @@ class FNGD(SampleSpaceOptimizer):
             ``gramopt train`` and ``gramopt compare`` pass).
         loss: ``"cross_entropy"`` or ``"mse"``, the mean loss :meth:`backward` computes.
         params: optional parameters / param groups (default: all trainable parameters).
-        unsupported: ``"error"`` or ``"gradient"`` for Linear/Conv layers the capture
-            cannot handle (grouped convolutions).
+        unsupported: ``"gradient"`` (default, a warning naming them) or ``"error"`` for
+            parameters the capture cannot handle (e.g. an ``nn.Parameter`` held by a
+            Linear subclass's container). Norm and embedding parameters follow the plain
+            gradient by the method's design, without a warning.
+        max_update_norm: None or c > 0: clip the direction's norm (see
+            :class:`~gramopt.optim.base.SampleSpaceOptimizer`); ``clip_grad_norm_`` on
+            ``.grad`` does not reach the Linear/Conv layers' step (warned about).
         distributed: None, ``"exact"`` (the step of all ranks' batches concatenated) or
             ``"local"`` (Section VI-A: the ranks' own weighted sums, averaged), see
             :mod:`gramopt.distributed`.
@@ -205,10 +213,11 @@ class FNGD(SampleSpaceOptimizer):
         loss: str = "cross_entropy",
         *,
         params: Iterable[Any] | None = None,
-        unsupported: str = "error",
+        unsupported: str = "gradient",
         distributed: str | None = None,
         damping_mode: str = "relative",
         weight_decay_mode: str = "l2",
+        max_update_norm: float | None = None,
     ) -> None:
         if damping_mode not in DAMPING_MODES:
             raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
@@ -228,6 +237,7 @@ class FNGD(SampleSpaceOptimizer):
         super().__init__(
             model, params, defaults, unsupported, layer_filter=_preconditioned, distributed=distributed,
             weight_decay_mode=weight_decay_mode,
+            max_update_norm=max_update_norm,
         )
         # The running mean of Algorithm 1, line 7, per layer, over estimation batches of
         # ``coefficient_batch`` samples (saved in state_dict()).
@@ -267,15 +277,20 @@ class FNGD(SampleSpaceOptimizer):
                 if not math.isfinite(loss):
                     raise NonFiniteError(f"the loss is {loss} (a NaN or inf in the output or target?); nothing was changed")
                 plain = [p for p in self.engine.plain_params if p.requires_grad] + self.engine.uncalled_params()
-                (grads,) = self.engine.backward_passes(value, [torch.ones_like(value)], inputs=plain, retain_graph=False)
+                samples = output.shape[0]
+                weight = self._micro_batch_weight(samples)  # gradient accumulation
+                direction = torch.full_like(value, weight)
+                (grads,) = self.engine.backward_passes(value, [direction], inputs=plain, retain_graph=False)
             except BaseException:
                 self.engine.clear()
+                self._pending = None  # (a failed micro-batch ends the accumulation too)
                 raise
             for p, g in zip(plain, grads):
                 if g is not None:
                     g = g if g.dtype == p.dtype else g.to(p.dtype)
                     p.grad = g if p.grad is None else p.grad + g
-        self._pending = PendingBatch(loss, self._seconds)
+        mean, samples, micro, seconds = self._merged_pending(loss, samples, self._seconds)
+        self._pending = PendingBatch(mean, seconds, samples, micro)
         return value.detach()
 
     # -- step ----------------------------------------------------------------------------

@@ -43,13 +43,18 @@ from gramopt.optim.ggn.system import GaussNewtonSystem
 @dataclass
 class GaussNewtonBatch(PendingBatch):
     """What GGN's ``backward`` leaves for the step: the factors of J, the residual
-    system's Q ``[b, k, k]`` (None: the identity) and w ``[b k]``, and the parameters
+    system's Q ``[b, k, k]`` (None: the identity) and w ``[b, k]``, and the parameters
     whose ``.grad`` it filled."""
 
     factors: dict[str, LayerFactors] = field(default_factory=dict)
     q: Tensor | None = None
     w: Tensor | None = None
     plain: list[nn.Parameter] = field(default_factory=list)
+
+
+def previous_union(first: list[nn.Parameter], second: list[nn.Parameter]) -> list[nn.Parameter]:
+    """``first`` then the parameters of ``second`` not in it (by identity)."""
+    return first + [p for p in second if all(p is not q for q in first)]
 
 
 class GGN(SampleSpaceOptimizer):
@@ -70,8 +75,11 @@ class GGN(SampleSpaceOptimizer):
         momentum: heavy-ball momentum on the direction, in [0, 1).
         weight_decay: decoupled weight decay, >= 0.
         params: optional parameters / param groups (default: all trainable parameters).
-        unsupported: ``"error"`` or ``"gradient"`` (plain-gradient steps for parameters of
-            modules without a handler).
+        unsupported: ``"gradient"`` (default: plain-gradient steps for parameters no
+            handler covers, with one warning naming them) or ``"error"`` (refused by name).
+        max_update_norm: None or c > 0: clip the direction's norm (see
+            :class:`~gramopt.optim.base.SampleSpaceOptimizer`); GGN leaves ``.grad`` of
+            its layers empty, so ``clip_grad_norm_`` cannot clip its step.
         distributed: None, ``"exact"`` (the step of all ranks' batches concatenated) or
             ``"local"`` (the mean of the ranks' own steps), see :mod:`gramopt.distributed`.
 
@@ -80,9 +88,20 @@ class GGN(SampleSpaceOptimizer):
     filled only for plain-gradient parameters (``unsupported="gradient"``), whose step
     uses it. ``step()`` solves and updates. ``last_info`` tells what the solve
     did (method, fallbacks, seconds).
+
+    Gradient accumulation: several ``backward`` calls (micro-batches) before one
+    ``step()`` give the step of their concatenated batch: the Jacobian rows, residuals
+    and Hessian factors are concatenated, and ``.grad`` of the plain-gradient parameters
+    is that of the mean loss over all micro-batches.
+
+    BatchNorm layers in training mode are refused (their batch statistics couple the
+    samples' Jacobian rows); in eval mode they are preconditioned like any layer.
     """
 
     captures_mean_loss = False  # the passes capture Jacobian rows
+    #: BatchNorm in training mode is refused: its batch statistics couple the Jacobian rows
+    #: of the samples (eval mode, with running statistics, works).
+    batchnorm_training = False
 
     def __init__(
         self,
@@ -95,15 +114,16 @@ class GGN(SampleSpaceOptimizer):
         weight_decay: float = 0.0,
         *,
         params: Iterable[Any] | None = None,
-        unsupported: str = "error",
+        unsupported: str = "gradient",
         solver_options: dict[str, Any] | None = None,
         distributed: str | None = None,
+        max_update_norm: float | None = None,
     ) -> None:
         self.loss: GaussNewtonLoss = get_loss(loss)
         self.solver_options = check_solver_options(solver, solver_options)
         self.solver = solver
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(model, params, defaults, unsupported, distributed=distributed)
+        super().__init__(model, params, defaults, unsupported, distributed=distributed, max_update_norm=max_update_norm)
         self._pending: GaussNewtonBatch | None = None
         self._strays: list[nn.Parameter] = []
 
@@ -131,8 +151,8 @@ class GGN(SampleSpaceOptimizer):
     def _backward(self, output: Tensor, target: Tensor) -> Tensor:
         """Loss and Jacobian passes (``.grad`` only for plain-gradient parameters);
         returns the mean loss (detached)."""
-        self._pending = None
         self._seconds = {}
+        previous = self._pending if isinstance(self._pending, GaussNewtonBatch) else None
         with self._phase("jacobian"):
             self._check_batch(output, target)
             if not torch.isfinite(output).all():
@@ -158,9 +178,6 @@ class GGN(SampleSpaceOptimizer):
                 directions.append(direction.view_as(output))
             self.engine.backward_passes(output, directions)
         with self._phase("gradient"):
-            # distributed="exact": every rank's rows
-            q, w = self._gather_batch(q, w, scaled=(False, False))
-            factors = self.engine.factors()
             # .grad only where the step uses it: the plain-gradient parameters, from one more
             # pass through the kept graph that no hook records. The preconditioned layers get
             # none: their step comes from the factors, and filling .grad would cost another
@@ -170,9 +187,10 @@ class GGN(SampleSpaceOptimizer):
             uncalled = self.engine.uncalled_params()
             plain = [p for p in self.engine.plain_params if p.requires_grad] + uncalled
             stray: list[nn.Parameter] = []
+            weight = self._micro_batch_weight(b)  # gradient accumulation: the mean over all micro-batches
             if plain:
                 with self.engine.paused():
-                    grads = torch.autograd.grad(output, plain, grad_outputs=grad_output, allow_unused=True)
+                    grads = torch.autograd.grad(output, plain, grad_outputs=grad_output * weight, allow_unused=True)
                 stray_ids = {id(p) for p in uncalled}
                 for p, g in zip(plain, grads):
                     if g is not None:
@@ -180,12 +198,19 @@ class GGN(SampleSpaceOptimizer):
                         p.grad = g if p.grad is None else p.grad + g
                         if id(p) in stray_ids:
                             stray.append(p)
-            self._strays = stray
             self._warn_stray(stray, stacklevel=4)  # user -> backward -> _backward
-        self._pending = GaussNewtonBatch(
-            float(value.detach()), self._seconds, factors=factors, q=q, w=w.reshape(-1), plain=plain
-        )
-        self.engine.clear()
+        w = w.reshape(b, -1)
+        if previous is not None and previous.samples:
+            stray = previous_union(self._strays, stray)
+            plain = previous_union(previous.plain, plain)
+            w = torch.cat([previous.w, w])
+            if q is not None or previous.q is not None:
+                if q is None or previous.q is None:
+                    raise CaptureError("internal: micro-batches of one loss with and without a Hessian factor")
+                q = torch.cat([previous.q, q])
+        self._strays = stray
+        mean, samples, micro, seconds = self._merged_pending(float(value.detach()), b, self._seconds)
+        self._pending = GaussNewtonBatch(mean, seconds, samples, micro, q=q, w=w, plain=plain)
         return value.detach()
 
     def gradient_params(self) -> list[Tensor]:
@@ -196,7 +221,11 @@ class GGN(SampleSpaceOptimizer):
         """Solve ``(Q^T G Q + damping I) a = w``; the direction is ``J^T Q a``."""
         if not isinstance(pending, GaussNewtonBatch):
             raise CaptureError("GGN.step() needs opt.backward(model(x), y) first")
-        factors = pending.factors
+        with self._phase("factors"):
+            # distributed="exact": every rank's rows
+            q, w = self._gather_batch(pending.q, pending.w, scaled=(False, False))
+            factors = self.engine.factors()  # the micro-batches concatenated
+        pending.q, pending.w = q, w.reshape(-1)
         directions: dict[Tensor, Tensor] = {}
         info = None
         if self.solver != "cholesky":  # the matrix-free solvers never see a Gram block to check

@@ -78,8 +78,11 @@ class SENG(SampleSpaceOptimizer):
         implicit: an :class:`ImplicitConfig` (default ``ImplicitConfig()``: layers from
             2^20 parameters on are implicit).
         params: optional parameters / param groups (default: all trainable ones).
-        unsupported: ``"error"`` or ``"gradient"`` (plain-gradient steps for parameters
-            of modules without a handler).
+        unsupported: ``"gradient"`` (default: plain-gradient steps for parameters no
+            handler covers, with one warning naming them) or ``"error"`` (refused by name).
+        max_update_norm: None or c > 0: clip the direction's norm (see
+            :class:`~gramopt.optim.base.SampleSpaceOptimizer`). ``clip_grad_norm_`` on
+            ``.grad`` also takes effect: SENG's step reads g from ``.grad``.
         distributed: None, ``"exact"`` (the step of all ranks' batches concatenated) or
             ``"local"`` (Eq. 25-26, block-diagonal), see :mod:`gramopt.distributed`.
         local_gradient: under ``distributed="local"``, the gradient each rank's block
@@ -115,10 +118,11 @@ class SENG(SampleSpaceOptimizer):
         *,
         implicit: ImplicitConfig | None = None,
         params: Iterable[Any] | None = None,
-        unsupported: str = "error",
+        unsupported: str = "gradient",
         distributed: str | None = None,
         weight_decay_mode: str = "l2",
         local_gradient: str = "global",
+        max_update_norm: float | None = None,
     ) -> None:
         if local_gradient not in LOCAL_GRADIENTS:
             raise ValueError(f"local_gradient must be one of {LOCAL_GRADIENTS}, got {local_gradient!r}")
@@ -136,7 +140,10 @@ class SENG(SampleSpaceOptimizer):
         initial = self._scheduled_damping(0) if self.damping_schedule is not None else damping
         self.curvature_every, self.sketch, self.implicit = curvature_every, sketch, implicit
         defaults = dict(lr=lr, damping=initial, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(model, params, defaults, unsupported, distributed=distributed, weight_decay_mode=weight_decay_mode)
+        super().__init__(
+            model, params, defaults, unsupported, distributed=distributed, weight_decay_mode=weight_decay_mode,
+            max_update_norm=max_update_norm,
+        )
         self.implicit_layers = {layer.name for layer in self.engine.layers if self._is_implicit(layer)}
         self._check_sketch_sizes()
         self.extra_state["curvature"] = {}
@@ -162,6 +169,10 @@ class SENG(SampleSpaceOptimizer):
         threshold = self.implicit.threshold
         if threshold is None or not isinstance(layer.handler, (LinearHandler, ConvHandler)):
             return False
+        if isinstance(layer.handler, ConvHandler) and not (
+            type(layer.module) in (nn.Conv1d, nn.Conv2d) and layer.module.groups == 1
+        ):
+            return False  # grouped / transposed / 3-d convolutions: explicit rows
         return sum(p.numel() for p in layer.params) >= threshold
 
     @staticmethod
@@ -205,8 +216,11 @@ class SENG(SampleSpaceOptimizer):
         if not torch.isfinite(value):
             self.engine.clear()
             raise NonFiniteError(f"the loss is {float(value.detach())}; nothing was changed")
-        value.backward()
-        self._pending = PendingBatch(float(value.detach()))
+        samples = output.shape[0]
+        weight = self._micro_batch_weight(samples)  # gradient accumulation
+        (value * weight if weight != 1.0 else value).backward()
+        mean, samples, micro, seconds = self._merged_pending(float(value.detach()), samples, {})
+        self._pending = PendingBatch(mean, seconds, samples, micro)
         return value.detach()
 
     # -- the step ------------------------------------------------------------------------
@@ -236,6 +250,12 @@ class SENG(SampleSpaceOptimizer):
 
     def gradient_params(self) -> list[Tensor]:
         return [p for p in self.engine.plain_params if p.grad is not None] + self.stray_params()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "implicit_layers"):  # after construction: the new layers' kind
+            self.implicit_layers = {layer.name for layer in self.engine.layers if self._is_implicit(layer)}
+            self._check_sketch_sizes()
 
     def directions(self, pending: PendingBatch | None) -> tuple[dict[Tensor, Tensor], SolveInfo | None]:
         """Algorithm 1 for every layer: ``d_l = (g_l - U_l^T beta) / lam``. The cache,

@@ -1,0 +1,108 @@
+"""Clipping: ``max_update_norm`` clips the direction of every method; clip_grad_norm_ on
+``.grad`` takes effect where the step reads ``.grad`` (SENG) and is warned about where
+the method ignores it (FNGD, GGN: their step comes from the captured rows)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gramopt
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def _make(method: str, model: nn.Module, **kwargs):
+    cls = {"ggn": gramopt.GGN, "seng": gramopt.SENG, "fngd": gramopt.FNGD}[method]
+    return cls(model, lr=0.5, damping=0.1, loss="cross_entropy", **kwargs)
+
+
+def _data():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(8, 5, generator=generator, dtype=torch.float64), torch.randint(0, 3, (8,), generator=generator)
+
+
+def _delta(model: nn.Module, before: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([(p.detach() - q).reshape(-1) for p, q in zip(model.parameters(), before)])
+
+
+@pytest.mark.parametrize("method", ["ggn", "seng", "fngd"])
+def test_max_update_norm_clips_the_direction(method):
+    x, y = _data()
+    free, clipped = _model(), _model()
+    opt_free, opt_clipped = _make(method, free), _make(method, clipped, max_update_norm=0.01)
+    deltas = []
+    for model, opt in ((free, opt_free), (clipped, opt_clipped)):
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.backward(model(x), y)
+        opt.step()
+        deltas.append(_delta(model, before))
+    lr = 0.5
+    assert deltas[0].norm() > 0.01 * lr * 1.5  # the free step is longer than the bound
+    torch.testing.assert_close(deltas[1].norm(), torch.tensor(0.01 * lr, dtype=torch.float64), rtol=1e-9, atol=0)
+    cosine = deltas[0] @ deltas[1] / (deltas[0].norm() * deltas[1].norm())
+    assert cosine == pytest.approx(1.0, abs=1e-9)  # same direction, shorter
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), "1"])
+def test_max_update_norm_is_validated(value):
+    with pytest.raises(ValueError, match="max_update_norm"):
+        _make("seng", _model(), max_update_norm=value)
+
+
+def test_clip_grad_norm_takes_effect_for_seng():
+    x, y = _data()
+    free, clipped = _model(), _model()
+    deltas = []
+    for model, clip in ((free, False), (clipped, True)):
+        opt = _make("seng", model)
+        before = [p.detach().clone() for p in model.parameters()]
+        F.cross_entropy(model(x), y).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step()
+        deltas.append(_delta(model, before))
+    assert deltas[1].norm() < 0.1 * deltas[0].norm()
+
+
+def test_clip_grad_norm_where_ignored_is_warned_about():
+    """FNGD's ordinary loop fills .grad, but its step comes from the captured rows."""
+    x, y = _data()
+    model = _model()
+    opt = _make("fngd", model)
+    F.cross_entropy(model(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    with pytest.warns(RuntimeWarning, match=r"\.grad of 0\.weight.*clip.*max_update_norm"):
+        opt.step()
+    # unmodified .grad: no warning (zero_grad drops a backward's captures, as its .grad)
+    F.cross_entropy(model(x), y).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_zero_grad_drops_the_captures_of_earlier_backward_passes():
+    """A backward, zero_grad, then a forward/backward: the step is that of the last batch."""
+    x, y = _data()
+    once, twice = _model(), _model()
+    opt_once, opt_twice = _make("fngd", once), _make("fngd", twice)
+    F.cross_entropy(twice(x[:3]), y[:3]).backward()
+    out = twice(x)
+    opt_twice.zero_grad()  # between forward and backward: that forward is kept
+    F.cross_entropy(out, y).backward()
+    opt_twice.step()
+    F.cross_entropy(once(x), y).backward()
+    opt_once.step()
+    for p, q in zip(once.parameters(), twice.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
