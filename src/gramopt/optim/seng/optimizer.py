@@ -180,11 +180,12 @@ class SENG(SampleSpaceOptimizer):
         self._check_batch(output, target)
         with torch.enable_grad():
             value = self.loss.value(output, target)
-        if not torch.isfinite(value):
+        loss = float(value.detach())
+        if not math.isfinite(loss):
             self.engine.clear()
-            raise NonFiniteError(f"the loss is {float(value.detach())}; nothing was changed")
+            raise NonFiniteError(f"the loss is {loss}; nothing was changed")
         value.backward()
-        self._pending = PendingBatch(float(value.detach()))
+        self._pending = PendingBatch(loss)
         return value.detach()
 
     # -- the step ------------------------------------------------------------------------
