@@ -194,6 +194,7 @@ def plot(results: dict, path: Path) -> None:
                     x = j + (i - len(methods) / 2 + 0.5) * width
                     ax.plot([x - width / 2, x + width / 2], [goal, goal], color="black", linewidth=1.5)
         ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_yscale("log")  # GGN with k = 10 or 8 outputs costs tens of SGD steps
         ax.set_xticks(range(len(models)), list(models))
         ax.set_title(f"{results['tag']}: {label} (bars: goals)", fontsize=9)
     axes[0][0].set_ylabel("step time / SGD-momentum step (median, min-max)")
@@ -212,7 +213,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tag", default="after")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--replot", default=None, help="redraw the PNG of this JSON and exit")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
+        return
     device = torch.device(args.device)
     methods = ["sgd"] + [m for m in args.methods if m != "sgd"]
     results = {
