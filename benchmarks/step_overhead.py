@@ -95,7 +95,8 @@ def build(method: str, model: nn.Module) -> tuple[torch.optim.Optimizer, str | N
     if method == "ggn-mse":
         return gramopt.GGN(model, lr=lr, damping=1.0, loss="mse", momentum=0.9), "mse"
     if method == "fngd-estimate":
-        return gramopt.FNGD(model, lr=lr, damping=1e-3, momentum=0.9), None
+        # coefficient_steps=None: estimate on every step (explicit: newer FNGD shares by default)
+        return gramopt.FNGD(model, lr=lr, damping=1e-3, momentum=0.9, coefficient_steps=None), None
     if method == "fngd-share":
         return gramopt.FNGD(model, lr=lr, damping=1e-3, momentum=0.9, coefficient_steps=1), None
     if method.startswith("seng-every"):
