@@ -334,7 +334,10 @@ class CaptureEngine:
                 continue
             grads = [self._stack(c.grads) for c in calls]
             target = dtype or torch.promote_types(grads[0].dtype, torch.float32)
-            grads = [g.to(target) * scale if scale != 1.0 else g.to(target) for g in grads]
+            if scale != 1.0:
+                grads = [g.to(target) * scale for g in grads]
+            elif grads[0].dtype != target or len(grads) > 1:
+                grads = [g.to(target) for g in grads]
             b = grads[0].shape[0]
             if b == 0:
                 raise ValueError(f"empty batch: layer {layer.name} saw 0 samples")
@@ -351,6 +354,8 @@ class CaptureEngine:
     @staticmethod
     def _stack(grads: list[tuple[int, Tensor]]) -> Tensor:
         """Ordinary backward calls (index -1) are summed; passes are stacked: ``[b, k, ...]``."""
+        if len(grads) == 1:  # one ordinary backward or one pass (the common case)
+            return grads[0][1].unsqueeze(1)
         passes = sorted(((i, g) for i, g in grads if i >= 0), key=lambda pair: pair[0])
         ordinary = [g for i, g in grads if i < 0]
         if len(passes) == 1:
@@ -511,18 +516,17 @@ class CaptureEngine:
         output-gradient since the last clear: their module's forward was bypassed, so the
         sample-space math has nothing for them. They follow the plain gradient. Empty
         when no layer captured anything (a forward in eval mode: a clear error elsewhere)."""
-        if not self.has_factors():
+        uncaptured = [layer for layer in self.layers if not _captured(self._calls[id(layer.module)])]
+        if not uncaptured or len(uncaptured) == len(self.layers):  # all captured, or none (eval mode)
             return []
-        return [
-            p
-            for layer in self.layers
-            if not any(call.grads for call in self._calls[id(layer.module)])
-            for p in trainable(layer)
-            if p.grad is not None
-        ]
+        return [p for layer in uncaptured for p in trainable(layer) if p.grad is not None]
 
     def has_factors(self) -> bool:
-        return any(c.grads for calls in self._calls.values() for c in calls)
+        for calls in self._calls.values():
+            for call in calls:
+                if call.grads:
+                    return True
+        return False
 
     def drop_captured(self) -> None:
         """Drop what backward passes captured (``zero_grad``: the accumulation starts
@@ -548,6 +552,14 @@ class CaptureEngine:
         self._grad_handles.clear()
         self.clear()
         self.closed = True
+
+
+def _captured(calls: list[_Call]) -> bool:
+    """Whether any of a layer's forward calls received an output-gradient."""
+    for call in calls:
+        if call.grads:
+            return True
+    return False
 
 
 def trainable(layer: Layer) -> list[nn.Parameter]:

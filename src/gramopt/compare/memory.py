@@ -11,6 +11,10 @@ Before the reset, ``gc.collect()`` and glibc's ``malloc_trim(0)`` return freed m
 the kernel, so memory freed by an earlier run in the same process is not silently
 reused (which would hide new allocations from the counter). Where the counters are
 missing (not Linux), :data:`AVAILABLE` is False and the peak is ``None``.
+
+Tensors on a GPU are not in the resident set: :func:`peak_memories` also reports
+``torch.cuda.max_memory_allocated`` over the steps (its peak statistic reset first),
+minus what was allocated before them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import gc
 import re
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -73,3 +79,25 @@ def peak_memory(steps: Callable[[], object]) -> int | None:
     _CLEAR_REFS.write_text("5")
     steps()
     return 1024 * max(0, _status_kib("VmHWM") - baseline)
+
+
+def peak_memories(steps: Callable[[], object]) -> dict[str, int | None]:
+    """Bytes that ``steps()`` added at its peak: ``"resident"`` (the process's resident
+    set, None off Linux) and ``"cuda_allocated"`` (``torch.cuda.max_memory_allocated``
+    over the CUDA devices, None when CUDA is not in use)."""
+    use_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = range(torch.cuda.device_count()) if use_cuda else range(0)
+    before = {}
+    for d in devices:
+        torch.cuda.synchronize(d)
+        torch.cuda.reset_peak_memory_stats(d)
+        before[d] = torch.cuda.memory_allocated(d)
+
+    def run() -> None:
+        steps()
+        for d in devices:
+            torch.cuda.synchronize(d)
+
+    resident = peak_memory(run) if AVAILABLE else (run(), None)[1]
+    cuda = sum(max(0, torch.cuda.max_memory_allocated(d) - before[d]) for d in devices) if use_cuda else None
+    return {"resident": resident, "cuda_allocated": cuda}

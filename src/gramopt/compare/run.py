@@ -44,7 +44,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from gramopt.compare import config as bench_config
 from gramopt.compare.config import GRID_SIZE, TARGETS, Target, grid
-from gramopt.compare.memory import peak_memory
+from gramopt.compare.memory import peak_memories
 from gramopt.compare.plots import plot_curves
 from gramopt.compare.report import markdown
 from gramopt.compare.timing import interleaved_times
@@ -307,15 +307,16 @@ def step_time_ratios(
 
 def peak_step_memory(
     task: Task, name: str, hyper: dict[str, Any], split: Split, seed: int, distributed: str | None = None
-) -> int | None:
-    """Peak memory of ``MEMORY_STEPS`` steps of a fresh model and optimizer (None if it
-    cannot be built or diverges)."""
+) -> dict[str, int | None] | None:
+    """Peak memory of ``MEMORY_STEPS`` steps of a fresh model and optimizer, resident and
+    CUDA-allocated (:func:`~gramopt.compare.memory.peak_memories`; None if it cannot be
+    built or diverges)."""
     stepper = _try_stepper(task, name, hyper, split, seed, distributed)
     if stepper is None:
         return None
     step, errors = stepper
-    peak = peak_memory(lambda: [step() for _ in range(bench_config.MEMORY_STEPS)])
-    return None if errors else peak
+    peaks = peak_memories(lambda: [step() for _ in range(bench_config.MEMORY_STEPS)])
+    return None if errors else peaks
 
 
 # -- a task -------------------------------------------------------------------------------
@@ -368,7 +369,8 @@ def compare_task(
             "final_metric": spread([r.get("final_metric") for r in runs]),
             "step_time_ratio": spread([r[name] for r in ratios]),
             "median_step_seconds": spread([r.get("median_step_seconds") for r in runs]),
-            "peak_memory_bytes": spread(memory),
+            "peak_memory_bytes": spread([None if m is None else m["resident"] for m in memory]),
+            "peak_cuda_memory_bytes": spread([None if m is None else m["cuda_allocated"] for m in memory]),
             "diverged": sum(r["status"] == "diverged" for r in runs),
             "failed": sum(r["status"] == "failed" for r in runs),
         }

@@ -383,7 +383,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 with torch.enable_grad(), _autocast(caller):
                     result = closure()
             # the Grams and solves run in the factors' dtype (>= float32), never autocast's
-            with _autocast(dict.fromkeys(caller)):
+            with _autocast(dict.fromkeys(caller)) if caller else nullcontext():
                 scaled = found_inf is not None and not own_backward
                 if scaled and float(found_inf) > 0:  # the scaler's inf check: skip, change nothing
                     self.engine.clear()
@@ -488,26 +488,30 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             directions = self.sync.average_directions(directions, params, self._local_samples())
         by_id = {id(p): d for p, d in directions.items()}
         work = []
+        checked: list[tuple[Tensor, Tensor]] = []
         for group in self.param_groups:
             params, ds = [], []
             for p in group["params"]:
                 d = by_id.get(id(p))
-                if d is not None:
-                    params.append(p)
-                    ds.append(d if d.dtype == p.dtype else d.to(p.dtype))
-            if params:
-                work.append((group, params, ds))
-        # One multi-tensor 2-norm finds any NaN or inf (an overflowing norm of finite
-        # entries is then told apart by the exact per-tensor check).
-        for _, params, ds in work:
-            for p, d in zip(params, ds):
+                if d is None:
+                    continue
                 if d.is_sparse:
                     raise ValueError(
                         f"parameter {self._name(p)} has a sparse gradient (e.g. Embedding(sparse=True)): "
                         "sparse gradients are not supported; nothing was changed"
                     )
-        checked = [(p, d) for _, params, ds in work for p, d in zip(params, ds) if d.numel()]
-        if checked and not all(math.isfinite(float(n)) for n in torch._foreach_norm([d for _, d in checked])):
+                if d.dtype != p.dtype:
+                    d = d.to(p.dtype)
+                params.append(p)
+                ds.append(d)
+                if d.numel():
+                    checked.append((p, d))
+            if params:
+                work.append((group, params, ds))
+        # The step's one finiteness check: one multi-tensor 2-norm and one host sync for
+        # all directions (the sum of the norms is NaN or inf iff a direction has a NaN or
+        # inf, or a finite norm overflowed: the exact per-tensor check tells them apart).
+        if checked and not math.isfinite(float(_sum_of(torch._foreach_norm([d for _, d in checked])))):
             bad = [p for p, d in checked if not all_finite(d)]
             if bad:
                 raise NonFiniteError(
@@ -675,6 +679,13 @@ def _check_params(names: dict[int, str], params: list[Tensor]) -> None:
             f"all parameters must have one dtype and one device, got {found}: "
             "convert the model with model.to(dtype, device) before building the optimizer"
         )
+
+
+def _sum_of(scalars: list[Tensor]) -> Tensor:
+    """The sum of 0-d tensors (of possibly different dtypes), one tensor."""
+    if len({t.dtype for t in scalars}) > 1:
+        scalars = [t.double() for t in scalars]
+    return torch.stack(scalars).sum() if len(scalars) > 1 else scalars[0]
 
 
 def _clone_tree(tree: Any) -> Any:

@@ -23,6 +23,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -155,16 +156,19 @@ class GGN(SampleSpaceOptimizer):
         previous = self._pending if isinstance(self._pending, GaussNewtonBatch) else None
         with self._phase("jacobian"):
             self._check_batch(output, target)
-            if not torch.isfinite(output).all():
-                raise NonFiniteError("the model output has NaN or inf; nothing was changed")
-            if target.is_floating_point() and not torch.isfinite(target).all():
-                raise NonFiniteError("the target has NaN or inf; nothing was changed")
             detached = output.detach().requires_grad_(True)
             with torch.enable_grad():
                 value = self.loss.value(detached, target)
-            (grad_output,) = torch.autograd.grad(value, detached)
-            if not torch.isfinite(value):
-                raise NonFiniteError(f"the loss is {float(value)}; nothing was changed")
+            # one fused check (one host sync) of the output, the target and the loss
+            sums = [value.detach(), output.detach().sum()] + ([target.sum()] if target.is_floating_point() else [])
+            loss, *rest = torch.stack([t.to(value.dtype) for t in sums]).tolist()
+            if not math.isfinite(loss + sum(rest)):  # (a finite sum that overflowed: checked below)
+                if not torch.isfinite(output).all():
+                    raise NonFiniteError("the model output has NaN or inf; nothing was changed")
+                if target.is_floating_point() and not torch.isfinite(target).all():
+                    raise NonFiniteError("the target has NaN or inf; nothing was changed")
+                if not torch.isfinite(value):
+                    raise NonFiniteError(f"the loss is {float(value)}; nothing was changed")
             # the residual system in at least float32 (half-precision models solve in float32)
             wide = output.detach().to(torch.promote_types(output.dtype, torch.float32))
             q, w = self.loss.residual_system(wide, target.to(wide.dtype) if target.is_floating_point() else target)
@@ -189,6 +193,7 @@ class GGN(SampleSpaceOptimizer):
             stray: list[nn.Parameter] = []
             weight = self._micro_batch_weight(b)  # gradient accumulation: the mean over all micro-batches
             if plain:
+                (grad_output,) = torch.autograd.grad(value, detached)  # only the plain gradient needs it
                 with self.engine.paused():
                     grads = torch.autograd.grad(output, plain, grad_outputs=grad_output * weight, allow_unused=True)
                 stray_ids = {id(p) for p in uncalled}

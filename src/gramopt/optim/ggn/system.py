@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gramopt.capture.factors import LayerFactors
+from gramopt.capture.factors import LayerFactors, all_finite
 from gramopt.errors import NonFiniteError
 
 
@@ -56,11 +56,17 @@ class GaussNewtonSystem:
     def dense(self) -> Tensor:
         """``Q^T G Q`` with ``G = sum_l K_l``, ``[n, n]``; raises on a non-finite block."""
         gram = None
+        blocks = {}
         for name, factor in self.factors.items():
-            block = factor.gram()
-            if not torch.isfinite(block).all():
-                raise NonFiniteError(f"the Gram block of layer {name} has NaN or inf; nothing was changed")
+            blocks[name] = block = factor.gram()
             gram = block if gram is None else gram + block
+        # one check of the sum (a NaN or inf in a block shows in it); the blocks are
+        # checked one by one only to name the culprit
+        if gram is not None and not all_finite(gram):
+            for name, block in blocks.items():
+                if not all_finite(block):
+                    raise NonFiniteError(f"the Gram block of layer {name} has NaN or inf; nothing was changed")
+            raise NonFiniteError("the Gram matrix (the sum of the layers' blocks) overflowed; nothing was changed")
         return self.sandwich(gram)
 
     def sandwich(self, gram: Tensor) -> Tensor:

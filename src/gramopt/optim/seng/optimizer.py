@@ -213,13 +213,14 @@ class SENG(SampleSpaceOptimizer):
         self._check_batch(output, target)
         with torch.enable_grad():
             value = self.loss.value(output, target)
-        if not torch.isfinite(value):
+        loss = float(value.detach())
+        if not math.isfinite(loss):
             self.engine.clear()
-            raise NonFiniteError(f"the loss is {float(value.detach())}; nothing was changed")
+            raise NonFiniteError(f"the loss is {loss}; nothing was changed")
         samples = output.shape[0]
         weight = self._micro_batch_weight(samples)  # gradient accumulation
         (value * weight if weight != 1.0 else value).backward()
-        mean, samples, micro, seconds = self._merged_pending(float(value.detach()), samples, {})
+        mean, samples, micro, seconds = self._merged_pending(loss, samples, {})
         self._pending = PendingBatch(mean, seconds, samples, micro)
         return value.detach()
 

@@ -24,12 +24,14 @@ def solve_shifted(
     goes to :func:`~gramopt.linalg.solve_damped_psd`'s fallbacks (jitter, eigen-solve)
     and is not kept.
     """
+    if cached is not None and cached[1] == shift:
+        # no check here: a NaN or inf in U g reaches the direction, which the step's one
+        # fused finiteness check refuses (SampleSpaceOptimizer.apply_directions)
+        return torch.cholesky_solve(rhs.unsqueeze(1), cached[0]).squeeze(1), SolveInfo("cholesky (kept)"), cached
     if not torch.isfinite(rhs).all():
         raise NonFiniteError(
             f"U g for the {what} has NaN or inf entries (is the loss, hence the gradient, finite?); nothing was changed"
         )
-    if cached is not None and cached[1] == shift:
-        return torch.cholesky_solve(rhs.unsqueeze(1), cached[0]).squeeze(1), SolveInfo("cholesky (kept)"), cached
     if not torch.isfinite(gram).all():
         raise NonFiniteError(f"the {what} has NaN or inf entries; nothing was changed")
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
