@@ -30,7 +30,8 @@ def _model() -> nn.Module:
 
 def _make(method: str, model: nn.Module, loss: str):
     if method == "ggn":
-        return gramopt.GGN(model, lr=0.5, damping=0.1, loss=loss)
+        # damping adaptation measures its reduction ratio on single batches (skipped on accumulated steps)
+        return gramopt.GGN(model, lr=0.5, damping=0.1, loss=loss, damping_adaptation=None)
     if method == "seng":
         return gramopt.SENG(model, lr=0.5, damping=0.1, loss=loss)
     return gramopt.FNGD(model, lr=0.5, damping=0.01, loss=loss)

@@ -148,7 +148,7 @@ def test_batchnorm_switched_to_training_later_is_refused():
 
 
 def test_unsupported_module_configurations_are_named():
-    with pytest.raises(gramopt.UnsupportedModuleError, match=r"0.weight: 0: Embedding\(sparse=True\): sparse gradients"):
+    with pytest.raises(gramopt.UnsupportedModuleError, match=r"0.weight: 0 \(Embedding\): Embedding\(sparse=True\): sparse gradients"):
         gramopt.GGN(nn.Sequential(nn.Embedding(5, 2, sparse=True)), unsupported="error")
 
 

@@ -4,7 +4,8 @@ Curvature lives in a b x b Gram matrix over the mini-batch, never in a p x p mat
 over the parameters.
 
 Optimizers
-    GGN         Gram-Gauss-Newton (regression; generalized Gauss-Newton for classification)
+    GGN         Gram-Gauss-Newton (regression; generalized Gauss-Newton for classification;
+                AdaptiveDamping)
     SENG        sketchy empirical natural gradient (SketchConfig, ImplicitConfig;
                 schedules WarmupPolyDecay, DampingDecay)
     FNGD        inverse-free fast natural gradient (per-layer weighted per-sample gradients,
@@ -14,7 +15,7 @@ Extending
     register_handler, LayerHandler, LayerFactors, ExplicitFactors
 
 Errors
-    UnsupportedModuleError, NonFiniteError, SingularSystemError, CaptureError,
+    UnsupportedModuleError, NonFiniteError, DivergenceError, SingularSystemError, CaptureError,
     DistributedError, CollectiveError
 
 Data parallelism
@@ -25,6 +26,7 @@ from gramopt.capture import ExplicitFactors, LayerFactors, LayerHandler, registe
 from gramopt.distributed import CollectiveError, DistributedError
 from gramopt.errors import (
     CaptureError,
+    DivergenceError,
     GramoptError,
     NonFiniteError,
     SingularSystemError,
@@ -35,6 +37,7 @@ from gramopt.optim import (
     FNGD,
     GGN,
     SENG,
+    AdaptiveDamping,
     DampingDecay,
     ImplicitConfig,
     SketchConfig,
@@ -48,10 +51,12 @@ __all__ = [
     "FNGD",
     "GGN",
     "SENG",
+    "AdaptiveDamping",
     "CaptureError",
     "CollectiveError",
     "DampingDecay",
     "DistributedError",
+    "DivergenceError",
     "ExplicitFactors",
     "GramoptError",
     "ImplicitConfig",

@@ -27,3 +27,8 @@ class DistributedError(GramoptError, RuntimeError):
 
 class CollectiveError(DistributedError):
     """A collective failed: another rank died, hung past the timeout, or left early."""
+
+
+class DivergenceError(GramoptError, FloatingPointError):
+    """The training loss grew by orders of magnitude: the steps diverge (raise the
+    damping or lower the learning rate); nothing was changed by the call that raised."""

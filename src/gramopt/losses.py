@@ -22,7 +22,18 @@ from torch import Tensor
 
 
 class GaussNewtonLoss(ABC):
+    """A loss ``sum_i l_i(f_i)`` with what the Gauss-Newton methods need of it.
+
+    ``output`` is ``[b, ...]``; its k = ``output[0].numel()`` entries per sample are the
+    sample's outputs (for cross-entropy: one class dimension, dim 1, at every position).
+    ``value`` is the usual mean loss; the Gauss-Newton quantities (e, H, the columns of
+    Q) are those of the *sum* of the per-position losses (each position counts like a
+    sample), which :meth:`total` returns.
+    """
+
     name: str
+    #: the output-curvature estimators this loss defines (see :mod:`gramopt.optim.ggn`)
+    curvatures: tuple[str, ...] = ("exact", "sampled")
 
     @abstractmethod
     def check(self, output: Tensor, target: Tensor) -> None:
@@ -33,8 +44,31 @@ class GaussNewtonLoss(ABC):
         """The usual mean loss over the batch (a scalar, differentiable)."""
 
     @abstractmethod
+    def total(self, output: Tensor, target: Tensor) -> Tensor:
+        """The sum of the per-position losses whose gradient is e (a scalar)."""
+
+    @abstractmethod
     def residual_system(self, output: Tensor, target: Tensor) -> tuple[Tensor | None, Tensor]:
-        """``(Q, w)``: Q ``[b, k, k]`` (or None for identity) and w ``[b, k]``."""
+        """``(Q, w)``: Q ``[b, k, k]`` (or None for identity) and w ``[b, k]``, rows in the
+        order of ``output.reshape(b, k)``."""
+
+    @abstractmethod
+    def gradient_direction(self, output: Tensor, target: Tensor) -> Tensor:
+        """e, shaped like ``output``: the gradient of :meth:`total` with respect to it."""
+
+    @abstractmethod
+    def sampled_directions(self, output: Tensor, target: Tensor, samples: int, generator: torch.Generator) -> list[Tensor]:
+        """``samples`` random directions shaped like ``output`` with
+        ``E[sum_j q_j q_j^T] = H`` per position (independent between positions)."""
+
+    def top_system(self, output: Tensor, target: Tensor, samples: int) -> tuple[list[Tensor], Tensor]:
+        """The exact columns of Q for the label and the ``samples - 1`` most probable
+        other classes, per position: ``(directions, w)`` with ``e = sum_r w_r q_r``."""
+        raise ValueError(f'curvature="top" is not defined for loss={self.name!r}; use curvature="exact" or "sampled"')
+
+    def positions(self, output: Tensor, target: Tensor) -> int:
+        """How many positions count in the loss (the divisor of the mean)."""
+        return output.numel()
 
     def residual(self, output: Tensor, target: Tensor) -> Tensor:
         """``e = Q w``, ``[b, k]``: per-sample gradients of the per-sample losses."""
@@ -49,7 +83,8 @@ class GaussNewtonLoss(ABC):
 
 class MSELoss(GaussNewtonLoss):
     """``l_i = 0.5 ||f_i - y_i||^2``: e = f - y, H = I. The displayed loss is the usual
-    ``F.mse_loss`` (mean over all elements)."""
+    ``F.mse_loss`` (mean over all elements). Sampled columns: ``omega / sqrt(s)`` with
+    ``omega ~ N(0, I)``."""
 
     name = "mse"
 
@@ -70,57 +105,159 @@ class MSELoss(GaussNewtonLoss):
     def value(self, output: Tensor, target: Tensor) -> Tensor:
         return F.mse_loss(output, target)
 
+    def total(self, output: Tensor, target: Tensor) -> Tensor:
+        return 0.5 * (output - target).square().sum()
+
     def residual_system(self, output: Tensor, target: Tensor) -> tuple[Tensor | None, Tensor]:
         b = output.shape[0]
         return None, (output - target).reshape(b, -1)
 
+    def gradient_direction(self, output: Tensor, target: Tensor) -> Tensor:
+        return output - target
+
+    def sampled_directions(self, output: Tensor, target: Tensor, samples: int, generator: torch.Generator) -> list[Tensor]:
+        scale = samples**-0.5
+        return [
+            torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device) * scale
+            for _ in range(samples)
+        ]
+
 
 class CrossEntropyLoss(GaussNewtonLoss):
-    """Softmax cross-entropy on logits ``[b, k]`` with class-index targets ``[b]``.
+    """Softmax cross-entropy on logits ``[b, C, ...]`` with class-index targets ``[b, ...]``
+    (as :func:`torch.nn.functional.cross_entropy` takes them; targets equal to
+    ``ignore_index`` count nowhere). The displayed loss is the mean over the counted
+    positions.
 
-    ``e_i = p_i - onehot(y_i)`` and ``H_i = diag(p_i) - p_i p_i^T``, factored as
-    ``Q_i = diag(sqrt p_i) - p_i sqrt(p_i)^T`` with ``w_i = sqrt p_i - onehot(y_i) / sqrt p_i``
-    (check: ``Q_i Q_i^T = diag(p) - 2 p p^T + p (sum p) p^T = H_i`` and
-    ``Q_i w_i = p - y - p (sum p - sum y) = e_i``). Probabilities are floored at
-    ``PROB_FLOOR`` in w, which matters only for a target class with p < 1e-12.
+    Per position, ``e = p - onehot(y)`` and ``H = diag(p) - p p^T``, factored as
+    ``Q = diag(sqrt p) - p sqrt(p)^T`` with ``w = sqrt p - onehot(y) / sqrt p``
+    (check: ``Q Q^T = diag(p) - 2 p p^T + p (sum p) p^T = H`` and
+    ``Q w = p - y - p (sum p - sum y) = e``). Column c of Q is ``sqrt(p_c) (1_c - p)``,
+    so ``e = -Q[:, y] / sqrt(p_y)``: the label's column spans the gradient.
+    Probabilities are floored at ``PROB_FLOOR`` in w, which matters only for a target
+    class with p < 1e-12.
     """
 
     name = "cross_entropy"
+    curvatures = ("exact", "top", "sampled")
     PROB_FLOOR = 1e-12
 
+    def __init__(self, ignore_index: int = -100) -> None:
+        self.ignore_index = ignore_index
+
     def check(self, output: Tensor, target: Tensor) -> None:
-        if output.dim() != 2:
+        if output.dim() < 2:
             raise ValueError(
-                f"cross_entropy needs logits of shape [b, k], got output shape {tuple(output.shape)}"
+                f"cross_entropy needs logits of shape [b, C, ...], got output shape {tuple(output.shape)}"
             )
-        if target.shape != output.shape[:1] or target.dtype not in (torch.long, torch.uint8):
+        expected = (output.shape[0], *output.shape[2:])
+        if tuple(target.shape) != expected or target.dtype not in (torch.long, torch.uint8):
             raise ValueError(
-                f"cross_entropy needs integer class targets (torch.long) of shape [{output.shape[0]}], got "
+                f"cross_entropy needs integer class targets (torch.long) of shape {list(expected)}, got "
                 f"target shape {tuple(target.shape)} ({target.dtype}) for output shape {tuple(output.shape)}"
             )
-        if target.numel():
-            low, high = (int(t) for t in torch.aminmax(target))
+        counted = target[target != self.ignore_index]
+        if target.numel() and not counted.numel():
+            raise ValueError(
+                f"every target equals ignore_index={self.ignore_index}: no position is left to train on"
+            )
+        if counted.numel():
+            low, high = (int(t) for t in torch.aminmax(counted))
             if low < 0 or high >= output.shape[1]:
                 raise ValueError(
-                    f"cross_entropy targets must lie in [0, {output.shape[1] - 1}], got [{low}, {high}]"
+                    f"cross_entropy targets must lie in [0, {output.shape[1] - 1}] (or equal "
+                    f"ignore_index={self.ignore_index}), got [{low}, {high}]"
                 )
 
     def value(self, output: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(output, target)
+        return F.cross_entropy(output, target, ignore_index=self.ignore_index)
+
+    def total(self, output: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(output, target, ignore_index=self.ignore_index, reduction="sum")
+
+    def positions(self, output: Tensor, target: Tensor) -> int:
+        return int((target != self.ignore_index).sum())
+
+    # -- layout: [b, C, *rest] <-> [b, P, C] ----------------------------------------------
+    def _probabilities(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(p [b, P, C] float64, labels [b, P] (0 where ignored), mask [b, P, 1])``."""
+        b, c = output.shape[:2]
+        logits = output.detach().reshape(b, c, -1).transpose(1, 2).double()
+        labels = target.reshape(b, -1).long()
+        counted = labels != self.ignore_index
+        return torch.softmax(logits, dim=2), labels.where(counted, 0), counted.unsqueeze(2).double()
+
+    @staticmethod
+    def _to_output(x: Tensor, output: Tensor) -> Tensor:
+        """``[b, P, C]`` -> the layout and dtype of ``output``."""
+        return x.transpose(1, 2).reshape(output.shape).to(output.dtype)
 
     def residual_system(self, output: Tensor, target: Tensor) -> tuple[Tensor | None, Tensor]:
-        p = torch.softmax(output.double(), dim=1)
+        p, labels, mask = self._probabilities(output, target)
+        b, positions, c = p.shape
         sqrt_p = p.sqrt()
-        onehot = F.one_hot(target, output.shape[1]).to(p.dtype)
-        q = torch.diag_embed(sqrt_p) - p.unsqueeze(2) * sqrt_p.unsqueeze(1)
-        w = sqrt_p - onehot / p.clamp_min(self.PROB_FLOOR).sqrt()
-        return q.to(output.dtype), w.to(output.dtype)
+        onehot = F.one_hot(labels, c).to(p.dtype)
+        q = (torch.diag_embed(sqrt_p) - p.unsqueeze(3) * sqrt_p.unsqueeze(2)) * mask.unsqueeze(3)  # [b, P, C, C]
+        w = (sqrt_p - onehot / p.clamp_min(self.PROB_FLOOR).sqrt()) * mask  # [b, P, C]
+        if positions == 1:
+            return q[:, 0].to(output.dtype), w[:, 0].to(output.dtype)
+        # block-diagonal over positions, in the flat order (class, position) of output.reshape(b, k)
+        eye = torch.eye(positions, dtype=p.dtype, device=p.device)
+        full = torch.einsum("bpij,pq->bipjq", q, eye).reshape(b, c * positions, c * positions)
+        return full.to(output.dtype), w.transpose(1, 2).reshape(b, -1).to(output.dtype)
+
+    def gradient_direction(self, output: Tensor, target: Tensor) -> Tensor:
+        p, labels, mask = self._probabilities(output, target)
+        return self._to_output((p - F.one_hot(labels, p.shape[2]).to(p.dtype)) * mask, output)
+
+    def top_system(self, output: Tensor, target: Tensor, samples: int) -> tuple[list[Tensor], Tensor]:
+        """Per position t and rank j < s, the direction ``sqrt(p_c) (1_c - p)`` at t
+        (zero elsewhere) for c = the label (j = 0) or the j-th most probable other class;
+        w is ``-1 / sqrt(p_y)`` on each label's row, 0 elsewhere, ``[b, P s]``."""
+        p, labels, mask = self._probabilities(output, target)
+        b, positions, c = p.shape
+        if samples > c:
+            raise ValueError(f'curvature="top" takes samples <= the number of classes {c}, got {samples}')
+        others = p.scatter(2, labels.unsqueeze(2), -1.0)  # the label sorts last
+        classes = torch.cat([labels.unsqueeze(2), others.topk(samples - 1, dim=2).indices], dim=2)  # [b, P, s]
+        chosen = p.gather(2, classes)  # p_c, [b, P, s]
+        columns = chosen.sqrt().unsqueeze(3) * (F.one_hot(classes, c).to(p.dtype) - p.unsqueeze(2))  # [b, P, s, C]
+        columns = columns * mask.unsqueeze(3)
+        directions = []
+        for t in range(positions):
+            for j in range(samples):
+                if positions == 1:
+                    directions.append(self._to_output(columns[:, :, j], output))
+                else:
+                    at_t = torch.zeros_like(p)
+                    at_t[:, t] = columns[:, t, j]
+                    directions.append(self._to_output(at_t, output))
+        w = torch.zeros(b, positions, samples, dtype=p.dtype, device=p.device)
+        w[:, :, 0] = -chosen[:, :, 0].clamp_min(self.PROB_FLOOR).rsqrt() * mask[:, :, 0]
+        return directions, w.reshape(b, -1).to(output.dtype)
+
+    def sampled_directions(self, output: Tensor, target: Tensor, samples: int, generator: torch.Generator) -> list[Tensor]:
+        """``(onehot(y^) - p) / sqrt(s)``, ``y^ ~ Categorical(p)`` at every position (the
+        Monte-Carlo Fisher: ``E[(1_y^ - p)(1_y^ - p)^T] = diag(p) - p p^T``)."""
+        p, _, mask = self._probabilities(output, target)
+        b, positions, c = p.shape
+        flat = p.reshape(-1, c)
+        directions = []
+        for _ in range(samples):
+            drawn = torch.multinomial(flat.to(generator.device), 1, generator=generator).to(p.device)
+            onehot = F.one_hot(drawn.view(b, positions), c).to(p.dtype)
+            directions.append(self._to_output((onehot - p) * mask * samples**-0.5, output))
+        return directions
 
 
 LOSSES: dict[str, GaussNewtonLoss] = {"mse": MSELoss(), "cross_entropy": CrossEntropyLoss()}
 
 
-def get_loss(name: str) -> GaussNewtonLoss:
+def get_loss(name: str | GaussNewtonLoss) -> GaussNewtonLoss:
+    """The loss called ``name`` (``"mse"``, ``"cross_entropy"``), or ``name`` itself if it
+    is a :class:`GaussNewtonLoss` (e.g. ``CrossEntropyLoss(ignore_index=0)``)."""
+    if isinstance(name, GaussNewtonLoss):
+        return name
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
     return LOSSES[name]

@@ -2,7 +2,7 @@
 
 from gramopt.optim.base import SampleSpaceOptimizer, StepInfo
 from gramopt.optim.fngd import FNGD
-from gramopt.optim.ggn import GGN, SOLVERS, GaussNewtonOperator, GaussNewtonSystem, check_solver_options, choose_solver
+from gramopt.optim.ggn import GGN, AdaptiveDamping, SOLVERS, GaussNewtonOperator, GaussNewtonSystem, check_solver_options, choose_solver
 from gramopt.optim.schedules import DampingDecay, WarmupPolyDecay
 from gramopt.optim.seng import SENG, ImplicitConfig, SketchConfig
 
@@ -11,6 +11,7 @@ __all__ = [
     "GGN",
     "SENG",
     "SOLVERS",
+    "AdaptiveDamping",
     "DampingDecay",
     "GaussNewtonOperator",
     "GaussNewtonSystem",

@@ -15,6 +15,18 @@ i's own loss with respect to its outputs and H the per-sample output Hessian:
 Gauss-Newton, beyond the paper). The non-symmetric system is solved in the symmetric
 form of :mod:`gramopt.losses`: ``x = Q (Q^T G Q + damping I)^{-1} w``.
 
+Output curvature (``curvature=``; issue 16): H_i = Q_i Q_i^T is replaced by
+``Q~_i Q~_i^T`` with s columns per sample, and the rows captured are those of
+``M^T = Q~^T J`` (one backward pass per column, with ``grad_outputs = Q~[:, :, j]``):
+
+- ``"exact"``: Q~ = I, the rows of J (one pass per output) and Q_i in the system;
+- ``"top"`` (cross-entropy): the exact columns of Q_i for the label and the s-1 most
+  probable other classes, per position; the label's column spans e_i, so
+  ``delta = -lr M (M^T M + damping I)^{-1} w``; s = k is the exact step;
+- ``"sampled"`` (any loss): s random columns with ``E[Q~ Q~^T] = H`` at every position
+  at once, plus one pass for e (outside the columns' span), and Sherman-Morrison-Woodbury
+  ``delta = -(lr / damping) (g - M (M^T M + damping I)^{-1} M^T g)``, a ``b s`` system.
+
 Usage::
 
     opt = gramopt.GGN(model, lr=1.0, damping=1e-3, loss="mse")
@@ -25,6 +37,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,24 +46,49 @@ import torch
 from torch import Tensor, nn
 
 from gramopt.capture.factors import LayerFactors
-from gramopt.errors import CaptureError, NonFiniteError
+from gramopt.errors import CaptureError, DivergenceError, NonFiniteError
 from gramopt.linalg.dense import NumericalWarning, SolveInfo
 from gramopt.losses import GaussNewtonLoss, get_loss
+from gramopt.optim.ggn.damping import AdaptiveDamping
 from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper
 from gramopt.optim.ggn.solvers import SOLVERS, check_solver_options
 from gramopt.optim.ggn.system import GaussNewtonSystem
 
 
+#: lr and damping when the constructor is given none, per loss. mse: the paper's lr = 1,
+#: damping 0.3; cross-entropy: the per-batch generalized Gauss-Newton step over-fits
+#: each batch at lr = 1 (the memorisation task of issue 16 went from loss 1.4 to 5.6e3),
+#: lr = 0.3, damping = 3 train it (benchmarks/ggn_curvature.py).
+DEFAULT_HYPER = {"mse": {"lr": 1.0, "damping": 0.3}, "cross_entropy": {"lr": 0.3, "damping": 3.0}}
+#: The default number of columns per sample (per position for "top").
+DEFAULT_SAMPLES = {"top": 3, "sampled": 1}
+#: The default output curvature per loss (chosen by measurement, benchmarks/ggn_curvature.py).
+DEFAULT_CURVATURE = {"mse": "exact", "cross_entropy": "exact"}
+_DEFAULT = object()
+
+
 @dataclass
 class GaussNewtonBatch(PendingBatch):
-    """What GGN's ``backward`` leaves for the step: the factors of J, the residual
-    system's Q ``[b, k, k]`` (None: the identity) and w ``[b, k]``, and the parameters
-    whose ``.grad`` it filled."""
+    """What GGN's ``backward`` leaves for the step: the factors of the captured rows R,
+    the per-sample Q ``[b, r, m]`` (None: the identity), w ``[b m]`` (None for sampled
+    systems: computed from the factors) and c ``[b r]`` (sampled systems: g = R^T c),
+    the parameters whose ``.grad`` it filled, and what damping adaptation needs."""
 
     factors: dict[str, LayerFactors] = field(default_factory=dict)
     q: Tensor | None = None
     w: Tensor | None = None
+    outside: Tensor | None = None
     plain: list[nn.Parameter] = field(default_factory=list)
+    adapt: dict[str, Any] | None = None
+
+
+def _join_rows(old: Tensor | None, new: Tensor | None) -> Tensor | None:
+    """Concatenate two micro-batches' per-sample rows ``[b_m, ...]`` (both None: None)."""
+    if old is None and new is None:
+        return None
+    if old is None or new is None:
+        raise CaptureError("internal: micro-batches of one loss with and without a Hessian factor")
+    return torch.cat([old, new])
 
 
 def previous_union(first: list[nn.Parameter], second: list[nn.Parameter]) -> list[nn.Parameter]:
@@ -63,29 +101,53 @@ class GGN(SampleSpaceOptimizer):
 
     Args:
         model: the network (its supported layers are hooked).
-        lr: step size (1/lambda of the paper; 1 is the paper's advice), > 0.
-        damping: Levenberg-Marquardt damping (alpha/lambda of the paper; its experiments
-            use 0.3), >= 0. 0 is the ridgeless Eq. (9) and needs a nonsingular G;
-            ``cross_entropy`` needs damping > 0 (its H is singular: ``H_i 1 = 0``).
-        loss: ``"mse"`` or ``"cross_entropy"``.
+        lr: step size (1/lambda of the paper; 1 is the paper's advice), > 0; default
+            :data:`DEFAULT_HYPER` of the loss (1 for mse, 0.3 for cross-entropy).
+        damping: Levenberg-Marquardt damping of the first step (alpha/lambda of the paper;
+            its experiments use 0.3), >= 0; default :data:`DEFAULT_HYPER` of the loss
+            (0.3 for mse, 3 for cross-entropy); ``damping_adaptation`` changes it for later
+            steps. 0 is the ridgeless Eq. (9) and needs a nonsingular G; cross-entropy and
+            ``curvature="sampled"`` need damping > 0.
+        loss: ``"mse"``, ``"cross_entropy"`` or a :class:`~gramopt.losses.GaussNewtonLoss`
+            (e.g. ``CrossEntropyLoss(ignore_index=0)``). Outputs may have any shape
+            ``[b, ...]`` (cross-entropy: classes in dim 1, as ``F.cross_entropy``); the
+            step is that of the sum of the per-position losses, ``backward`` returns
+            their mean.
         solver: name in :data:`SOLVERS`: ``"cholesky"`` (the Gram, then Cholesky),
             ``"cg"``, ``"sketch-pcg"``, ``"nystrom-pcg"`` (matrix-free, never the Gram) or
             ``"auto"`` (see :mod:`gramopt.optim.ggn.solvers`).
-        solver_options: the solver's options as a dict (e.g. ``{"tol": 1e-6}``); each
-            solver documents those it takes, anything else is a ValueError.
         momentum: heavy-ball momentum on the direction, in [0, 1).
         weight_decay: decoupled weight decay, >= 0.
+        curvature: ``"exact"``, ``"top"`` (cross-entropy) or ``"sampled"`` (module doc);
+            default :data:`DEFAULT_CURVATURE` of the loss.
+        samples: columns per sample s >= 1 (``"top"``: per position, <= the classes);
+            default :data:`DEFAULT_SAMPLES`. Only with ``"top"`` or ``"sampled"``.
+        seed: the seed of the optimizer's generator for ``"sampled"`` (default: drawn
+            from torch's global generator); the draws of step t depend on (seed, t) only,
+            and both live in ``state_dict()``, so a resumed run draws the same columns.
+        damping_adaptation: an :class:`AdaptiveDamping` (the default; off under
+            ``distributed``) or None for a fixed damping. It costs one extra forward
+            pass every ``every`` steps and needs ``opt.backward(model(x), y)`` with the
+            model's own output.
+        divergence: raise :class:`~gramopt.errors.DivergenceError` in ``backward`` when the
+            batch loss exceeds ``divergence`` times the first batch's loss (None: never).
         params: optional parameters / param groups (default: all trainable parameters).
         unsupported: ``"gradient"`` (default: plain-gradient steps for parameters no
             handler covers, with one warning naming them) or ``"error"`` (refused by name).
         max_update_norm: None or c > 0: clip the direction's norm (see
             :class:`~gramopt.optim.base.SampleSpaceOptimizer`); GGN leaves ``.grad`` of
             its layers empty, so ``clip_grad_norm_`` cannot clip its step.
+        solver_options: the solver's options as a dict (e.g. ``{"tol": 1e-6}``); each
+            solver documents those it takes, anything else is a ValueError.
         distributed: None, ``"exact"`` (the step of all ranks' batches concatenated) or
             ``"local"`` (the mean of the ranks' own steps), see :mod:`gramopt.distributed`.
 
-    ``backward(output, target)`` runs one backward pass per output dimension (down to
-    the layers' outputs: no weight gradients) and returns the mean loss; ``.grad`` is
+    Rows: ``"exact"`` captures ``b k`` rows (k outputs per sample), ``"top"`` ``b P s``
+    (P positions), ``"sampled"`` ``b (s + 1)``. ``"exact"`` and ``"top"`` refuse more than
+    :attr:`MAX_ROWS` rows (use ``curvature="sampled"``).
+
+    ``backward(output, target)`` runs one backward pass per row direction (down to the
+    layers' outputs: no weight gradients) and returns the mean loss; ``.grad`` is
     filled only for plain-gradient parameters (``unsupported="gradient"``), whose step
     uses it. ``step()`` solves and updates. ``last_info`` tells what the solve
     did (method, fallbacks, seconds).
@@ -103,17 +165,24 @@ class GGN(SampleSpaceOptimizer):
     #: BatchNorm in training mode is refused: its batch statistics couple the Jacobian rows
     #: of the samples (eval mode, with running statistics, works).
     batchnorm_training = False
+    #: the most rows ``"exact"`` and ``"top"`` capture in one step (their Gram is n x n)
+    MAX_ROWS = 8192
 
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 1.0,
-        damping: float = 0.3,
-        loss: str = "mse",
+        lr: float | None = None,
+        damping: float | None = None,
+        loss: str | GaussNewtonLoss = "mse",
         solver: str = "cholesky",
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         *,
+        curvature: str | None = None,
+        samples: int | None = None,
+        seed: int | None = None,
+        damping_adaptation: AdaptiveDamping | None | object = _DEFAULT,
+        divergence: float | None = 100.0,
         params: Iterable[Any] | None = None,
         unsupported: str = "gradient",
         solver_options: dict[str, Any] | None = None,
@@ -121,12 +190,61 @@ class GGN(SampleSpaceOptimizer):
         max_update_norm: float | None = None,
     ) -> None:
         self.loss: GaussNewtonLoss = get_loss(loss)
+        hyper = DEFAULT_HYPER.get(self.loss.name, DEFAULT_HYPER["mse"])
+        lr = hyper["lr"] if lr is None else lr
+        damping = hyper["damping"] if damping is None else damping
+        self.curvature = DEFAULT_CURVATURE.get(self.loss.name, "exact") if curvature is None else curvature
+        if self.curvature not in ("exact", "top", "sampled"):
+            raise ValueError(f'unknown curvature {self.curvature!r}; choose "exact", "top" or "sampled"')
+        if self.curvature not in self.loss.curvatures:
+            raise ValueError(
+                f"curvature={self.curvature!r} is not defined for loss={self.loss.name!r}; "
+                f"it takes {list(self.loss.curvatures)}"
+            )
+        if self.curvature == "exact":
+            if samples is not None:
+                raise ValueError('samples is only used with curvature="top" or "sampled"')
+        elif samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
+            raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+        self.samples = samples
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        if damping_adaptation is _DEFAULT:
+            damping_adaptation = None if distributed is not None else AdaptiveDamping()
+        elif damping_adaptation is not None:
+            if not isinstance(damping_adaptation, AdaptiveDamping):
+                raise TypeError(f"damping_adaptation must be an AdaptiveDamping or None, got {damping_adaptation!r}")
+            if distributed is not None:
+                raise ValueError("damping_adaptation is not supported with distributed=...; pass damping_adaptation=None")
+        self.damping_adaptation: AdaptiveDamping | None = damping_adaptation  # type: ignore[assignment]
+        if divergence is not None and not (isinstance(divergence, (int, float)) and divergence > 1):
+            raise ValueError(f"divergence must be None or a number > 1, got {divergence!r}")
+        self.divergence = divergence
         self.solver_options = check_solver_options(solver, solver_options)
         self.solver = solver
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model, params, defaults, unsupported, distributed=distributed, max_update_norm=max_update_norm)
+        self.extra_state["seed"] = self._draw_seed() if seed is None else seed
+        self.extra_state["draws"] = 0
+        self.extra_state["first_loss"] = None
+        self.extra_state["damping_floor"] = damping
         self._pending: GaussNewtonBatch | None = None
         self._strays: list[nn.Parameter] = []
+        self._draw_offset = 0
+        self._last_call: tuple[Any, Any, Any] | None = None
+        self._warned_adaptation = False
+        if self.damping_adaptation is not None:
+            handle = self.model.register_forward_hook(self._record_call, with_kwargs=True)
+            self._finalizer_hook = weakref.finalize(self, handle.remove)
+
+    def _record_call(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if torch.is_grad_enabled():
+            self._last_call = (args, kwargs, output)
+
+    def close(self) -> None:
+        if self.damping_adaptation is not None:
+            self._finalizer_hook()
+        super().close()
 
     def stray_params(self) -> list[nn.Parameter]:
         return list(self._strays)  # found by backward, whose Jacobian passes reach no weight
@@ -134,10 +252,11 @@ class GGN(SampleSpaceOptimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
         check_hyper("damping", group["damping"])
-        if self.loss.name == "cross_entropy" and group["damping"] == 0:
+        if group["damping"] == 0 and (self.loss.name == "cross_entropy" or self.curvature != "exact"):
             raise ValueError(
-                "damping must be > 0 with loss='cross_entropy': its output Hessian is singular "
-                "(each H_i has the null vector 1), so H G + damping I is singular at damping=0"
+                f"damping must be > 0 with loss={self.loss.name!r}, curvature={self.curvature!r}: the output "
+                "curvature is singular (cross-entropy's H_i 1 = 0; sampled columns have rank s), so the damped "
+                "system is singular at damping=0"
             )
 
     @property
@@ -148,6 +267,49 @@ class GGN(SampleSpaceOptimizer):
                 f"GGN solves one system for all parameters: every param group needs the same damping, got {sorted(values)}"
             )
         return values.pop()
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The generator of this backward's draws: seeded by (seed, number of draws so far)."""
+        seed = int(self.extra_state["seed"]) * 1_000_003 + int(self.extra_state["draws"]) + self._draw_offset
+        return torch.Generator(device=device).manual_seed(seed % 2**63)
+
+    def _row_directions(self, wide: Tensor, target: Tensor) -> tuple[list[Tensor], Tensor | None, Tensor | None, Tensor | None]:
+        """``(directions, q [b, r, m], w [b, m], c [b, r])`` of the configured curvature."""
+        b = wide.shape[0]
+        k = wide[0].numel()
+        curvature = self.curvature
+        if curvature == "exact":
+            if b * k > self.MAX_ROWS:
+                raise ValueError(
+                    f'curvature="exact" needs {b * k} rows ({b} samples x {k} outputs), more than GGN.MAX_ROWS='
+                    f'{self.MAX_ROWS}: use curvature="sampled" (or "top" for cross-entropy with few positions)'
+                )
+            q, w = self.loss.residual_system(wide, target)
+            flat = wide.reshape(b, k)
+            directions = []
+            for c in range(k):
+                direction = torch.zeros_like(flat)
+                direction[:, c] = 1.0
+                directions.append(direction.view_as(wide))
+            return directions, q, w, None
+        if curvature == "top":
+            samples = self.samples if self.samples is not None else min(DEFAULT_SAMPLES["top"], wide.shape[1])
+            positions = k // wide.shape[1]
+            if b * positions * samples > self.MAX_ROWS:
+                raise ValueError(
+                    f'curvature="top" needs {b * positions * samples} rows ({b} samples x {positions} positions x '
+                    f'{samples} columns), more than GGN.MAX_ROWS={self.MAX_ROWS}: use curvature="sampled"'
+                )
+            directions, w = self.loss.top_system(wide, target, samples)
+            return directions, None, w, None
+        samples = self.samples if self.samples is not None else DEFAULT_SAMPLES["sampled"]
+        directions = self.loss.sampled_directions(wide, target, samples, self._generator(wide.device))
+        directions.append(self.loss.gradient_direction(wide, target))
+        q = torch.zeros(b, samples + 1, samples, dtype=wide.dtype, device=wide.device)
+        q[:, :samples] = torch.eye(samples, dtype=wide.dtype, device=wide.device)
+        outside = torch.zeros(b, samples + 1, dtype=wide.dtype, device=wide.device)
+        outside[:, samples] = 1.0
+        return directions, q, None, outside
 
     def _backward(self, output: Tensor, target: Tensor) -> Tensor:
         """Loss and Jacobian passes (``.grad`` only for plain-gradient parameters);
@@ -169,18 +331,22 @@ class GGN(SampleSpaceOptimizer):
                     raise NonFiniteError("the target has NaN or inf; nothing was changed")
                 if not torch.isfinite(value):
                     raise NonFiniteError(f"the loss is {float(value)}; nothing was changed")
+            first = self.extra_state.get("first_loss")
+            if self.divergence is not None and first is not None and float(value.detach()) > self.divergence * max(first, 1e-12):
+                raise DivergenceError(
+                    f"GGN diverges: the batch loss {float(value.detach()):.4g} is more than {self.divergence:g} times the first "
+                    f"batch's {first:.4g} (damping now {self.damping:.4g}); raise the damping or lower lr "
+                    "(GGN(..., divergence=None) turns this check off); nothing was changed"
+                )
             # the residual system in at least float32 (half-precision models solve in float32)
             wide = output.detach().to(torch.promote_types(output.dtype, torch.float32))
-            q, w = self.loss.residual_system(wide, target.to(wide.dtype) if target.is_floating_point() else target)
+            wide_target = target.to(wide.dtype) if target.is_floating_point() else target
             b = output.shape[0]
-            k = output[0].numel()
-            flat = output.reshape(b, k)
-            directions = []
-            for c in range(k):
-                direction = torch.zeros_like(flat)
-                direction[:, c] = 1.0
-                directions.append(direction.view_as(output))
-            self.engine.backward_passes(output, directions)
+            # the micro-batches of one step draw in turn (extra_state["draws"] moves on at commit)
+            self._draw_offset = previous.micro_batches if previous is not None and previous.samples else 0
+            directions, q, w, outside = self._row_directions(wide, wide_target)
+            adapt = self._adaptation_record(output, wide, wide_target)
+            self.engine.backward_passes(output, [d.to(output.dtype) for d in directions])
         with self._phase("gradient"):
             # .grad only where the step uses it: the plain-gradient parameters, from one more
             # pass through the kept graph that no hook records. The preconditioned layers get
@@ -204,55 +370,123 @@ class GGN(SampleSpaceOptimizer):
                         if id(p) in stray_ids:
                             stray.append(p)
             self._warn_stray(stray, stacklevel=4)  # user -> backward -> _backward
-        w = w.reshape(b, -1)
-        if previous is not None and previous.samples:
+        if w is not None:
+            w = w.reshape(b, -1)
+        if outside is not None:
+            outside = outside.reshape(b, -1)
+        if previous is not None and previous.samples:  # gradient accumulation: join the micro-batches
             stray = previous_union(self._strays, stray)
             plain = previous_union(previous.plain, plain)
-            w = torch.cat([previous.w, w])
-            if q is not None or previous.q is not None:
-                if q is None or previous.q is None:
-                    raise CaptureError("internal: micro-batches of one loss with and without a Hessian factor")
-                q = torch.cat([previous.q, q])
+            w, outside, q = (_join_rows(old, new) for old, new in ((previous.w, w), (previous.outside, outside), (previous.q, q)))
+            if adapt is not None or (previous.adapt is not None):
+                warnings.warn(
+                    "GGN damping_adaptation measures its reduction ratio on single batches: the damping stays fixed "
+                    "on a step that accumulates several backward calls",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            adapt = None
         self._strays = stray
         mean, samples, micro, seconds = self._merged_pending(float(value.detach()), b, self._seconds)
-        self._pending = GaussNewtonBatch(mean, seconds, samples, micro, q=q, w=w, plain=plain)
+        self._pending = GaussNewtonBatch(mean, seconds, samples, micro, q=q, w=w, outside=outside, plain=plain, adapt=adapt)
         return value.detach()
+
+    def _adaptation_record(self, output: Tensor, wide: Tensor, target: Tensor) -> dict[str, Any] | None:
+        """What the reduction ratio of this step needs (None when it does not adapt)."""
+        config = self.damping_adaptation
+        if config is None or self.steps_taken % config.every:
+            return None
+        call = self._last_call
+        if call is None or call[2] is not output:
+            if not self._warned_adaptation:
+                self._warned_adaptation = True
+                warnings.warn(
+                    "GGN damping_adaptation needs opt.backward(model(x), y) with the model's own output (it re-runs "
+                    "the model on the same input after the step); the damping stays fixed at this step",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+            return None
+        return {"call": call, "target": target, "before": float(self.loss.total(wide, target))}
 
     def gradient_params(self) -> list[Tensor]:
         """Those ``backward`` filled ``.grad`` of (and warned about)."""
         return [] if self._pending is None else list(self._pending.plain)
 
     def directions(self, pending: PendingBatch | None) -> tuple[dict[Tensor, Tensor], SolveInfo | None]:
-        """Solve ``(Q^T G Q + damping I) a = w``; the direction is ``J^T Q a``."""
+        """Solve ``(Q^T R R^T Q + damping I) a = w``; the direction is ``R^T x``,
+        ``x = system.coefficients(a)``."""
         if not isinstance(pending, GaussNewtonBatch):
             raise CaptureError("GGN.step() needs opt.backward(model(x), y) first")
         with self._phase("factors"):
             # distributed="exact": every rank's rows
-            q, w = self._gather_batch(pending.q, pending.w, scaled=(False, False))
+            q, w, outside = self._gather_batch(pending.q, pending.w, pending.outside, scaled=(False, False, False))
             factors = self.engine.factors()  # the micro-batches concatenated
-        pending.q, pending.w = q, w.reshape(-1)
+        pending.q = q
+        pending.w = None if w is None else w.reshape(-1)
+        pending.outside = None if outside is None else outside.reshape(-1)
         directions: dict[Tensor, Tensor] = {}
         info = None
         if self.solver != "cholesky":  # the matrix-free solvers never see a Gram block to check
             for name, factor in factors.items():
                 if not factor.is_finite():
                     raise NonFiniteError(f"the Jacobian of layer {name} has NaN or inf; nothing was changed")
+        self._predicted: float | None = None
         if factors:
             dtype = next(iter(factors.values())).dtype
-            system = GaussNewtonSystem(
-                factors,
-                None if pending.q is None else pending.q.to(dtype),
-                pending.w.to(dtype),
-                self.damping,
-                self.steps_taken,
-            )
+            q = None if pending.q is None else pending.q.to(dtype)
+            outside = None if pending.outside is None else pending.outside.to(dtype)
+            w = GaussNewtonSystem.sampled_rhs(factors, q, outside) if pending.w is None else pending.w.to(dtype)
+            system = GaussNewtonSystem(factors, q, w, self.damping, self.steps_taken, outside)
             a, info = SOLVERS[self.solver](system, **self.solver_options)
             if not info.converged:
                 warnings.warn(f"GGN step {self.steps_taken}: {info.fallback}", NumericalWarning, stacklevel=3)
             self._seconds.update(info.seconds)
             with self._phase("direction"):
-                x = system.apply_q(a)
+                x = system.coefficients(a)
                 for factor in factors.values():
                     for p, d in zip(factor.params, factor.rmatvec(x)):
                         directions[p] = d
+            if pending.adapt is not None:
+                self._predicted = self._predicted_change(system, x)
         return directions, info
+
+    def _predicted_change(self, system: GaussNewtonSystem, x: Tensor) -> float | None:
+        """``m(delta) = g^T delta + 0.5 delta^T B delta`` for ``delta = -lr R^T x``, with
+        ``g = R^T c`` and ``B = R^T Q Q^T R`` (the curvature the step used)."""
+        lrs = {group["lr"] for group in self.param_groups}
+        if len(lrs) != 1:
+            return None
+        lr = lrs.pop()
+        gx = system.gram_product(x)
+        c = system.gradient_coefficients()
+        return float(-lr * torch.dot(c, gx) + 0.5 * lr**2 * system.apply_qt(gx).square().sum())
+
+    def commit(self) -> None:
+        """Damping adaptation: one forward pass on the step's batch, the reduction ratio,
+        the new damping (in every param group, so ``state_dict()`` keeps it)."""
+        pending, config = self._pending, self.damping_adaptation
+        # kept only once the step succeeded: a failed step changes no state
+        if pending is not None:
+            if self.curvature == "sampled":
+                self.extra_state["draws"] += max(pending.micro_batches, 1)
+            if self.extra_state.get("first_loss") is None:
+                self.extra_state["first_loss"] = pending.loss
+        if config is None or pending is None or pending.adapt is None or self._predicted is None:
+            return
+        args, kwargs, output = pending.adapt["call"]
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        devices = [output.device] if output.device.type == "cuda" else []
+        with torch.no_grad(), self.engine.paused(), torch.random.fork_rng(devices=devices):
+            after = self.model(*args, **kwargs)
+        for b, saved in zip(self.model.buffers(), buffers):
+            b.copy_(saved)
+        if not isinstance(after, Tensor) or after.shape != output.shape:
+            return
+        wide = after.to(torch.promote_types(after.dtype, torch.float32))
+        actual = float(self.loss.total(wide, pending.adapt["target"])) - pending.adapt["before"]
+        rho = config.ratio(actual, self._predicted)
+        damping = config.update(self.damping, rho, float(self.extra_state.get("damping_floor", 0.0)))
+        for group in self.param_groups:
+            group["damping"] = damping
+        self.extra_state["last_ratio"] = rho

@@ -109,7 +109,7 @@ class GaussNewtonOperator(LinearOperator):
         return torch.cat([g.reshape(-1) for f in self.factors for g in f.rmatvec(qa)])
 
     def rmatmul(self, u: Tensor) -> Tensor:
-        out, start = torch.zeros_like(self.system.rhs), 0
+        out, start = self.system.rhs.new_zeros(self.system.rows), 0
         for f in self.factors:
             out = out + f.matvec(unflatten(u[start : start + f.num_params], f.params))
             start += f.num_params

@@ -14,19 +14,31 @@ from gramopt.errors import NonFiniteError
 
 @dataclass
 class GaussNewtonSystem:
-    """The symmetric system ``(Q^T J J^T Q + damping I) a = w`` of one GGN step.
+    """The symmetric system ``(Q^T R R^T Q + damping I) a = w`` of one GGN step.
 
-    ``J`` is given by per-layer factors (``J = [U_1, U_2, ...]`` column blocks), so
-    solvers can either build the Gram (:meth:`dense`) or work matrix-free
-    (:meth:`matvec`: two passes over the factors, never a b k x b k matrix).
+    ``R^T = [U_1, U_2, ...]`` holds the captured rows (one per sample and backward pass,
+    ``n = b r`` of them) given by per-layer factors, so solvers can either build the Gram
+    (:meth:`dense`) or work matrix-free (:meth:`matvec`: two passes over the factors,
+    never an ``n x n`` matrix). Q is per-sample ``[b, r, m]``, so the system has size
+    ``b m``. The step direction is ``R^T x`` with x from :meth:`coefficients`:
+
+    - in-span systems (``outside`` None; exact, top): ``x = Q a``. With rows
+      ``R = J`` and ``Q = Q_i`` this is ``J^T (H G + damping I)^{-1} e``; with rows
+      ``R = Q~^T J`` (``Q`` None) it is ``M (M^T M + damping I)^{-1} w`` for ``M = R^T``.
+    - sampled systems (``outside`` = c, the coefficients of the gradient ``g = R^T c``,
+      whose span the sampled rows need not contain): with M = R^T Q the sampled rows,
+      Sherman-Morrison-Woodbury gives
+      ``(M M^T + d I)^{-1} g = (g - M (M^T M + d I)^{-1} M^T g) / d``, i.e. the right
+      side is ``w = Q^T R R^T c`` (:meth:`sampled_rhs`) and ``x = (c - Q a) / d``.
 
     Attributes:
-        factors: layer name -> factors of J (``n = b k`` rows).
-        q: per-sample Hessian factors ``[b, k, k]``, or None for the identity.
-        rhs: w, ``[n]``.
-        damping: >= 0.
+        factors: layer name -> factors of R (``n = b r`` rows).
+        q: per-sample ``[b, r, m]`` (None: the identity, m = r).
+        rhs: w, ``[b m]``.
+        damping: >= 0 (> 0 for sampled systems).
         step: the optimizer's step number (randomized solvers seed their sketches with it,
             so a step is reproducible and ``state_dict()`` round-trips).
+        outside: c ``[n]`` for sampled systems, else None.
     """
 
     factors: dict[str, LayerFactors]
@@ -34,27 +46,40 @@ class GaussNewtonSystem:
     rhs: Tensor
     damping: float
     step: int = 0
+    outside: Tensor | None = None
 
     @property
     def size(self) -> int:
         return self.rhs.shape[0]
 
-    def apply_q(self, a: Tensor) -> Tensor:
-        """Q a for ``a`` ``[n]``."""
-        if self.q is None:
-            return a
-        b, k, _ = self.q.shape
-        return torch.einsum("bij,bj->bi", self.q, a.view(b, k)).reshape(-1)
+    @property
+    def rows(self) -> int:
+        """n, the number of captured rows."""
+        return self.size if self.q is None else self.q.shape[0] * self.q.shape[1]
 
-    def apply_qt(self, a: Tensor) -> Tensor:
-        """Q^T a for ``a`` ``[n]``."""
+    def apply_q(self, a: Tensor) -> Tensor:
+        """Q a for ``a`` ``[b m]``, ``[n]``."""
         if self.q is None:
             return a
-        b, k, _ = self.q.shape
-        return torch.einsum("bji,bj->bi", self.q, a.view(b, k)).reshape(-1)
+        b, _, m = self.q.shape
+        return torch.einsum("bij,bj->bi", self.q, a.view(b, m)).reshape(-1)
+
+    def apply_qt(self, v: Tensor) -> Tensor:
+        """Q^T v for ``v`` ``[n]``, ``[b m]``."""
+        if self.q is None:
+            return v
+        b, r, _ = self.q.shape
+        return torch.einsum("bji,bj->bi", self.q, v.view(b, r)).reshape(-1)
+
+    def gram_product(self, x: Tensor) -> Tensor:
+        """``R R^T x`` for ``x`` ``[n]`` without forming the Gram, ``[n]``."""
+        out = torch.zeros_like(x)
+        for factor in self.factors.values():
+            out = out + factor.matvec(factor.rmatvec(x))
+        return out
 
     def dense(self) -> Tensor:
-        """``Q^T G Q`` with ``G = sum_l K_l``, ``[n, n]``; raises on a non-finite block."""
+        """``Q^T G Q`` with ``G = sum_l K_l``, ``[b m, b m]``; raises on a non-finite block."""
         gram = None
         blocks = {}
         for name, factor in self.factors.items():
@@ -73,16 +98,28 @@ class GaussNewtonSystem:
         """``Q^T K Q`` for an ``[n, n]`` matrix K (K itself when Q is the identity)."""
         if self.q is None:
             return gram
-        b, k, _ = self.q.shape
-        g4 = gram.view(b, k, b, k)
+        b, r, m = self.q.shape
+        g4 = gram.view(b, r, b, r)
         g4 = torch.einsum("iac,iajd->icjd", self.q, g4)
         g4 = torch.einsum("icje,jed->icjd", g4, self.q)
-        return g4.reshape(b * k, b * k)
+        return g4.reshape(b * m, b * m)
 
     def matvec(self, a: Tensor) -> Tensor:
-        """``Q^T J J^T Q a`` without forming the Gram, ``[n]``."""
-        qa = self.apply_q(a)
-        out = torch.zeros_like(a)
-        for factor in self.factors.values():
-            out = out + factor.matvec(factor.rmatvec(qa))
-        return self.apply_qt(out)
+        """``Q^T R R^T Q a`` without forming the Gram, ``[b m]``."""
+        return self.apply_qt(self.gram_product(self.apply_q(a)))
+
+    def coefficients(self, a: Tensor) -> Tensor:
+        """x ``[n]`` of the direction ``R^T x`` for the solution a (class doc)."""
+        if self.outside is None:
+            return self.apply_q(a)
+        return (self.outside - self.apply_q(a)) / self.damping
+
+    def gradient_coefficients(self, w: Tensor | None = None) -> Tensor:
+        """c ``[n]`` with ``g = R^T c``: ``outside``, or ``Q w`` for in-span systems."""
+        return self.outside if self.outside is not None else self.apply_q(self.rhs if w is None else w)
+
+    @staticmethod
+    def sampled_rhs(factors: dict[str, LayerFactors], q: Tensor, outside: Tensor) -> Tensor:
+        """``w = Q^T R R^T c`` ``[b m]`` of a sampled system (class doc)."""
+        probe = GaussNewtonSystem(factors, q, torch.zeros(q.shape[0] * q.shape[2], dtype=outside.dtype, device=outside.device), 0.0)
+        return probe.apply_qt(probe.gram_product(outside))

@@ -1,0 +1,86 @@
+"""Adaptive Levenberg-Marquardt damping for GGN: the reduction-ratio rule.
+
+Every ``every`` steps, the step ``delta`` is checked against the quadratic model it
+minimized, ``m(delta) = g^T delta + 0.5 delta^T B delta`` (B the undamped curvature the
+step used, g the gradient of the summed loss), on the same batch:
+
+    rho = (L(w + delta) - L(w)) / m(delta)
+
+and the damping is raised when the model was too optimistic, lowered when it was good:
+
+    rho < low   ->  damping *= increase        (Levenberg-Marquardt, Jorge J. More,
+    rho > high  ->  damping *= decrease         "The Levenberg-Marquardt algorithm:
+                                                 implementation and theory", 1978;
+                                                 James Martens, "Deep learning via
+                                                 Hessian-free optimization", ICML 2010,
+                                                 Section 4.1: 1/4, 3/4, factors 3/2, 2/3)
+
+clamped to ``[min_damping, max_damping]``; by default ``min_damping`` is the damping
+given to the optimizer. That floor matters for mini-batches: the ratio is measured on
+the batch the step was fitted to, where a Gauss-Newton step almost always keeps its
+promise (rho near 1), so a rule free to lower the damping drives it towards the
+per-batch Newton step, which over-fits each batch and diverges across batches
+(measured: the memorisation task of issue 16, benchmarks/ggn_curvature.py). With the
+floor, adaptation is a safety net: it raises the damping where the quadratic model
+fails and lowers it back to the floor once the model is trusted again. Cost: one extra forward pass (no backward)
+on the step's batch every ``every`` steps, after the update.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AdaptiveDamping:
+    """How GGN adapts its damping (``GGN(..., damping_adaptation=AdaptiveDamping(...))``).
+
+    Attributes:
+        every: adapt after every ``every``-th step (the first step is one), >= 1.
+        low, high: the reduction-ratio thresholds, ``0 <= low < high``.
+        increase: factor > 1 applied when ``rho < low`` (also when the loss rose).
+        decrease: factor in (0, 1) applied when ``rho > high``.
+        min_damping: the lowest damping (None: the damping given to the optimizer).
+        max_damping: the highest damping.
+    """
+
+    every: int = 5
+    low: float = 0.25
+    high: float = 0.75
+    increase: float = 1.5
+    decrease: float = 2.0 / 3.0
+    min_damping: float | None = None
+    max_damping: float = 1e6
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
+            raise ValueError(f"AdaptiveDamping.every must be an int >= 1, got {self.every!r}")
+        if not (0 <= self.low < self.high):
+            raise ValueError(f"AdaptiveDamping needs 0 <= low < high, got low={self.low!r}, high={self.high!r}")
+        if not (self.increase > 1 and math.isfinite(self.increase)):
+            raise ValueError(f"AdaptiveDamping.increase must be a finite number > 1, got {self.increase!r}")
+        if not (0 < self.decrease < 1):
+            raise ValueError(f"AdaptiveDamping.decrease must lie in (0, 1), got {self.decrease!r}")
+        if not (0 < (self.min_damping or 1e-300) <= self.max_damping < math.inf):
+            raise ValueError(
+                f"AdaptiveDamping needs 0 < min_damping <= max_damping < inf, got {self.min_damping!r}, {self.max_damping!r}"
+            )
+
+    def ratio(self, actual: float, predicted: float) -> float:
+        """rho = actual / predicted reduction; -inf when the model predicts no decrease
+        or the loss is not finite (both mean: trust the model less)."""
+        if not (math.isfinite(actual) and math.isfinite(predicted)) or predicted >= 0:
+            return -math.inf
+        return actual / predicted
+
+    def update(self, damping: float, rho: float, floor: float = 0.0) -> float:
+        """The damping after a step whose reduction ratio was ``rho``, at least ``floor``
+        (:attr:`min_damping` if set, else the optimizer's damping). A damping of 0 (the
+        ridgeless step) that fails becomes ``max(floor, 1e-4)``."""
+        low = floor if self.min_damping is None else self.min_damping
+        if rho < self.low:
+            damping = max(damping * self.increase, 1e-4)
+        elif rho > self.high:
+            damping *= self.decrease
+        return min(max(damping, low), self.max_damping)

@@ -1,0 +1,368 @@
+"""GGN's output curvature (issue 16): "top" and "sampled" columns, outputs of any shape,
+adaptive damping and divergence, against dense float64 references built with torch.func
+(reference.jacobian) and a dense p x p solve, never the optimizer's own Gram code."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gramopt
+import models
+from gramopt.losses import CrossEntropyLoss
+from reference import jacobian, params_vector
+
+
+def dense_step(model, x, output_columns, gradient, lr, damping):
+    """``-lr (M M^T + damping I)^{-1} g`` with ``M = J^T Q~`` (dense, p x p).
+
+    ``output_columns``: ``[b k, r]`` block columns (Q~ spread over the flat outputs);
+    ``gradient``: e ``[b k]``."""
+    j = jacobian(model, x)
+    m = j.T @ output_columns
+    g = j.T @ gradient
+    system = m @ m.T + damping * torch.eye(m.shape[0], dtype=m.dtype)
+    return -lr * torch.linalg.solve(system, g)
+
+
+def block_columns(columns):
+    """Per-sample ``[b, k, r]`` -> block-diagonal ``[b k, b r]``."""
+    return torch.block_diag(*columns)
+
+
+def one_step(model, x, y, **kwargs):
+    before = params_vector(model)
+    opt = gramopt.GGN(model, damping_adaptation=None, **kwargs)
+    opt.zero_grad()
+    opt.backward(model(x), y)
+    opt.step()
+    return params_vector(model) - before, opt
+
+
+def top_columns(p, y, s):
+    """Q~_i ``[k, s]``: ``sqrt(p_c) (1_c - p_i)`` for the label and the s-1 most probable others."""
+    out = []
+    for pi, yi in zip(p, y):
+        order = [int(c) for c in torch.argsort(pi, descending=True) if int(c) != int(yi)]
+        chosen = [int(yi)] + order[: s - 1]
+        eye = torch.eye(pi.numel(), dtype=pi.dtype)
+        out.append(torch.stack([pi[c].sqrt() * (eye[c] - pi) for c in chosen], dim=1))
+    return out
+
+
+@pytest.mark.parametrize("s", [1, 2, 3, 5])
+def test_top_step_matches_dense_reference(s, float64):
+    model, x, y = models.mlp(out=5), torch.randn(6, 5), torch.randint(0, 5, (6,))
+    with torch.no_grad():
+        p = torch.softmax(model(x), dim=1)
+    e = (p - F.one_hot(y, 5).to(p.dtype)).reshape(-1)
+    expected = dense_step(model, x, block_columns(top_columns(p, y, s)), e, lr=0.7, damping=0.2)
+    delta, _ = one_step(model, x, y, lr=0.7, damping=0.2, loss="cross_entropy", curvature="top", samples=s)
+    torch.testing.assert_close(delta, expected, rtol=1e-7, atol=1e-10)
+
+
+def test_top_with_all_classes_is_the_exact_step(float64):
+    model, x, y = models.mlp(out=4), torch.randn(5, 5), torch.randint(0, 4, (5,))
+    top, _ = one_step(copy.deepcopy(model), x, y, lr=0.5, damping=0.3, loss="cross_entropy", curvature="top", samples=4)
+    exact, _ = one_step(model, x, y, lr=0.5, damping=0.3, loss="cross_entropy", curvature="exact")
+    torch.testing.assert_close(top, exact, rtol=1e-7, atol=1e-10)
+
+
+def drawn_columns(loss, f, seed, draws, s):
+    """Re-draw the optimizer's columns from its documented seeding (seed, draws)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + draws)
+    if loss == "mse":
+        return [torch.randn(f.shape, generator=g, dtype=f.dtype) / math.sqrt(s) for _ in range(s)]
+    p = torch.softmax(f, dim=1)
+    cols = []
+    for _ in range(s):
+        drawn = torch.multinomial(p, 1, generator=g).view(-1)
+        cols.append((F.one_hot(drawn, f.shape[1]).to(p.dtype) - p) / math.sqrt(s))
+    return cols
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("s", [1, 3])
+def test_sampled_step_with_the_optimizers_draws(loss, s, float64):
+    model, x = models.mlp(out=3), torch.randn(6, 5)
+    y = torch.randn(6, 3) if loss == "mse" else torch.randint(0, 3, (6,))
+    with torch.no_grad():
+        f = model(x)
+    cols = drawn_columns(loss, f, seed=7, draws=0, s=s)
+    columns = block_columns([torch.stack([c[i] for c in cols], dim=1) for i in range(6)])
+    e = (f - y) if loss == "mse" else torch.softmax(f, 1) - F.one_hot(y, 3).to(f.dtype)
+    expected = dense_step(model, x, columns, e.reshape(-1), lr=0.5, damping=0.4)
+    delta, opt = one_step(model, x, y, lr=0.5, damping=0.4, loss=loss, curvature="sampled", samples=s, seed=7)
+    torch.testing.assert_close(delta, expected, rtol=1e-7, atol=1e-10)
+    assert opt.state_dict()["gramopt"]["draws"] == 1
+
+
+@pytest.mark.parametrize("solver", ["cg", "sketch-pcg", "nystrom-pcg", "auto"])
+def test_every_solver_solves_the_sampled_system(solver, float64):
+    model, x, y = models.mlp(out=4), torch.randn(8, 5), torch.randint(0, 4, (8,))
+    kwargs = dict(lr=0.5, damping=0.3, loss="cross_entropy", curvature="sampled", samples=2, seed=3)
+    reference, _ = one_step(copy.deepcopy(model), x, y, **kwargs)
+    delta, _ = one_step(model, x, y, solver=solver, solver_options={"tol": 1e-12} if solver != "auto" else None, **kwargs)
+    torch.testing.assert_close(delta, reference, rtol=1e-6, atol=1e-9)
+
+
+def test_sampled_step_converges_to_the_exact_step(float64):
+    """The relative error falls with the number of columns (like 1/sqrt(s))."""
+    model, x, y = models.mlp(out=3), torch.randn(4, 5), torch.randint(0, 3, (4,))
+    exact, _ = one_step(copy.deepcopy(model), x, y, lr=1.0, damping=0.1, loss="cross_entropy")
+    errors = {}
+    for s in (16, 1024):
+        runs = []
+        for seed in range(3):
+            delta, _ = one_step(copy.deepcopy(model), x, y, lr=1.0, damping=0.1, loss="cross_entropy",
+                                curvature="sampled", samples=s, seed=seed)
+            runs.append(float((delta - exact).norm() / exact.norm()))
+        errors[s] = sum(runs) / len(runs)
+    assert errors[1024] < 0.3 * errors[16], errors  # 1/sqrt(64) = 0.125 expected
+    assert errors[1024] < 0.1, errors
+
+
+class SequenceModel(nn.Module):
+    """Tokens ``[b, T]`` -> logits ``[b, V, T]`` (classes in dim 1, as F.cross_entropy)."""
+
+    def __init__(self, vocab: int = 5) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 4)
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, vocab))
+
+    def forward(self, tokens):
+        return self.body(self.embed(tokens)).transpose(1, 2)
+
+
+def per_position_reference(model, x, y, lr, damping, ignore_index=-100):
+    """Every counted (sample, position) as a sample of its own: dense J^T H J over the
+    flat [V, T] outputs of each sample."""
+    j = jacobian(model, x)
+    with torch.no_grad():
+        f = model(x)
+    b, v, t = f.shape
+    h = torch.zeros(b * v * t, b * v * t, dtype=f.dtype)
+    e = torch.zeros(b, v, t, dtype=f.dtype)
+    for i in range(b):
+        for pos in range(t):
+            if int(y[i, pos]) == ignore_index:
+                continue
+            p = torch.softmax(f[i, :, pos], dim=0)
+            e[i, :, pos] = p - F.one_hot(y[i, pos], v).to(p.dtype)
+            index = torch.tensor([i * v * t + c * t + pos for c in range(v)])
+            h[index.unsqueeze(1), index.unsqueeze(0)] = torch.diag(p) - torch.outer(p, p)
+    system = j.T @ h @ j + damping * torch.eye(j.shape[1], dtype=j.dtype)
+    return -lr * torch.linalg.solve(system, j.T @ e.reshape(-1))
+
+
+@pytest.mark.parametrize("curvature", ["exact", "top"])
+def test_sequence_outputs_match_a_per_position_reference(curvature, float64):
+    model = SequenceModel()
+    x, y = torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))
+    y[0, 1] = y[2, 3] = -100
+    expected = per_position_reference(model, x, y, lr=0.6, damping=0.5)
+    kwargs = dict(samples=5) if curvature == "top" else {}
+    delta, opt = one_step(model, x, y, lr=0.6, damping=0.5, loss="cross_entropy", curvature=curvature, **kwargs)
+    torch.testing.assert_close(delta, expected, rtol=1e-7, atol=1e-10)
+
+
+def test_sequence_outputs_sampled_rows_stay_per_sample(float64):
+    """[b, V, T] with "sampled": one row per sample and column (b (s + 1) rows), and
+    many columns approach the per-position exact step."""
+    model = SequenceModel()
+    x, y = torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))
+    exact = per_position_reference(model, x, y, lr=1.0, damping=0.5)
+    delta, opt = one_step(model, x, y, lr=1.0, damping=0.5, loss="cross_entropy", curvature="sampled", samples=2048, seed=1)
+    assert float((delta - exact).norm() / exact.norm()) < 0.15
+
+
+def test_ignore_index_and_loss_value(float64):
+    model = SequenceModel()
+    x, y = torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))
+    y[1] = -100
+    opt = gramopt.GGN(model, loss="cross_entropy", curvature="sampled")
+    out = model(x)
+    value = opt.backward(out, y)
+    torch.testing.assert_close(value, F.cross_entropy(out.detach(), y))
+
+
+# -- adaptive damping --------------------------------------------------------------------
+
+
+def test_damping_rule_on_a_quadratic(float64):
+    """A linear model under mse: the loss is its own quadratic model, so with the exact
+    curvature rho = 1 (damping decreases); with sampled columns the model's curvature
+    differs from the loss's and rho is the known ratio of the two dense reductions."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    x, y = torch.randn(6, 4), torch.randn(6, 3)
+    rule = gramopt.AdaptiveDamping(every=1, min_damping=1e-3)
+    opt = gramopt.GGN(model, lr=0.8, damping=0.5, damping_adaptation=rule)
+    opt.backward(model(x), y)
+    opt.step()
+    assert opt.extra_state["last_ratio"] == pytest.approx(1.0, rel=1e-9)
+    assert opt.damping == pytest.approx(0.5 * rule.decrease)
+
+    model = nn.Linear(4, 3, bias=False)
+    before = params_vector(model)
+    with torch.no_grad():
+        f = model(x)
+    cols = drawn_columns("mse", f, seed=5, draws=0, s=1)
+    columns = block_columns([torch.stack([c[i] for c in cols], dim=1) for i in range(6)])
+    j = jacobian(model, x)
+    e = (f - y).reshape(-1)
+    opt = gramopt.GGN(model, lr=0.8, damping=0.5, curvature="sampled", seed=5, damping_adaptation=rule)
+    opt.backward(model(x), y)
+    opt.step()
+    delta = params_vector(model) - before
+    g, m = j.T @ e, j.T @ columns
+    predicted = g @ delta + 0.5 * delta @ m @ m.T @ delta
+    actual = g @ delta + 0.5 * delta @ j.T @ j @ delta  # the loss is exactly quadratic
+    rho = float(actual / predicted)
+    assert opt.extra_state["last_ratio"] == pytest.approx(rho, rel=1e-7)
+    expected = rule.update(0.5, rho, 0.5)
+    assert opt.damping == pytest.approx(expected)
+
+
+def test_damping_rule_raises_on_a_failed_step():
+    rule = gramopt.AdaptiveDamping()
+    assert rule.update(1.0, -3.0, 1.0) == pytest.approx(rule.increase)
+    assert rule.update(2.0, 0.9, 1.0) == pytest.approx(max(2.0 * rule.decrease, 1.0))
+    assert rule.update(2.0, 0.5, 1.0) == 2.0
+    assert rule.ratio(1.0, 0.0) == -math.inf
+    with pytest.raises(ValueError, match="every"):
+        gramopt.AdaptiveDamping(every=0)
+
+
+def test_first_step_uses_the_constructors_damping_and_state_round_trips(float64):
+    model, x, y = models.mlp(out=3), torch.randn(6, 5), torch.randint(0, 3, (6,))
+    adaptive = copy.deepcopy(model)
+    fixed, _ = one_step(model, x, y, lr=0.5, damping=0.7, loss="cross_entropy")
+    before = params_vector(adaptive)
+    opt = gramopt.GGN(adaptive, lr=0.5, damping=0.7, loss="cross_entropy", damping_adaptation=gramopt.AdaptiveDamping(every=1))
+    opt.backward(adaptive(x), y)
+    opt.step()
+    torch.testing.assert_close(params_vector(adaptive) - before, fixed)
+    state = opt.state_dict()
+    other = gramopt.GGN(copy.deepcopy(adaptive), loss="cross_entropy")
+    other.load_state_dict(state)
+    assert other.damping == opt.damping
+    assert other.extra_state["last_ratio"] == opt.extra_state["last_ratio"]
+
+
+def test_sampled_run_checkpoint_resume_is_reproducible(float64):
+    def run(model, opt, steps, g):
+        for _ in range(steps):
+            x, y = torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
+            opt.zero_grad()
+            opt.backward(model(x), y)
+            opt.step()
+
+    model = models.mlp(out=3)
+    opt = gramopt.GGN(model, loss="cross_entropy", curvature="sampled", samples=2, seed=11)
+    g = torch.Generator().manual_seed(0)
+    run(model, opt, 3, g)
+    saved_model, saved_opt, saved_g = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), g.get_state()
+    run(model, opt, 3, g)
+    resumed = models.mlp(out=3)
+    resumed.load_state_dict(saved_model)
+    opt2 = gramopt.GGN(resumed, loss="cross_entropy", curvature="sampled", samples=2)
+    opt2.load_state_dict(saved_opt)
+    g2 = torch.Generator()
+    g2.set_state(saved_g)
+    run(resumed, opt2, 3, g2)
+    torch.testing.assert_close(params_vector(resumed), params_vector(model))
+
+
+def test_divergence_is_reported_and_changes_nothing():
+    model, x, y = models.mlp(out=3), torch.randn(16, 5), torch.randint(0, 3, (16,))
+    opt = gramopt.GGN(model, loss="cross_entropy", divergence=10.0)
+    opt.backward(model(x), y)
+    opt.step()
+    with torch.no_grad():
+        model[-1].weight.mul_(1e3)  # logits blow up: the loss grows by orders of magnitude
+    before = params_vector(model)
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(gramopt.DivergenceError, match="diverges"):
+        opt.backward(model(x), y)
+    torch.testing.assert_close(params_vector(model), before)
+    assert opt.state_dict()["param_groups"] == state["param_groups"]
+
+
+def test_memorisation_trains_with_the_defaults():
+    """Issue 16's case: 512 random inputs, 4 random labels, MLP 20-64-64-4, batches of 64,
+    100 steps, gramopt.GGN(mlp, loss="cross_entropy")."""
+    x, y = torch.randn(512, 20), torch.randint(0, 4, (512,))
+    mlp = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+    opt = gramopt.GGN(mlp, loss="cross_entropy")
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(100):
+        idx = torch.randint(0, 512, (64,), generator=g)
+        opt.zero_grad()
+        losses.append(float(opt.backward(mlp(x[idx]), y[idx])))
+        opt.step()
+    with torch.no_grad():
+        accuracy = float((mlp(x).argmax(1) == y).float().mean())
+    assert max(losses) < 3 * losses[0], losses
+    assert accuracy > 0.7, accuracy
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+def test_bad_configurations_are_refused():
+    model = models.mlp(out=3)
+    with pytest.raises(ValueError, match="samples"):
+        gramopt.GGN(model, loss="cross_entropy", curvature="sampled", samples=0)
+    with pytest.raises(ValueError, match="not defined"):
+        gramopt.GGN(model, loss="mse", curvature="top")
+    with pytest.raises(ValueError, match="unknown curvature"):
+        gramopt.GGN(model, curvature="fisher")
+    with pytest.raises(ValueError, match="samples"):
+        gramopt.GGN(model, samples=2)
+
+
+@pytest.mark.parametrize(
+    "case", ["all-ignored", "non-finite", "too-many-top-samples", "too-many-exact-rows"]
+)
+def test_bad_batches_change_nothing(case):
+    model = models.mlp(out=3)
+    kwargs = dict(loss="cross_entropy", curvature="sampled")
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    error, match = ValueError, "ignore_index"
+    if case == "all-ignored":
+        y = torch.full((6,), -100)
+    elif case == "non-finite":
+        x[2, 1] = float("nan")
+        error, match = gramopt.NonFiniteError, "NaN"
+    elif case == "too-many-top-samples":
+        kwargs = dict(loss="cross_entropy", curvature="top", samples=4)
+        match = "samples"
+    else:
+        kwargs = dict(loss="cross_entropy")
+        model, x, y = SequenceModel(vocab=5), torch.randint(0, 5, (64, 32)), torch.randint(0, 5, (64, 32))
+        match = 'curvature="sampled"'
+    opt = gramopt.GGN(model, **kwargs)
+    before, state = params_vector(model), copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=match):
+        opt.backward(model(x), y)
+    with pytest.raises(gramopt.CaptureError):
+        opt.step()
+    torch.testing.assert_close(params_vector(model), before)
+    assert opt.state_dict()["gramopt"] == state["gramopt"]
+
+
+def test_cross_entropy_loss_object_with_ignore_index(float64):
+    model = SequenceModel()
+    x, y = torch.randint(0, 5, (3, 4)), torch.randint(1, 5, (3, 4))
+    y[:, 0] = 0
+    loss = CrossEntropyLoss(ignore_index=0)
+    expected = per_position_reference(model, x, y, lr=0.6, damping=0.5, ignore_index=0)
+    delta, _ = one_step(model, x, y, lr=0.6, damping=0.5, loss=loss)
+    torch.testing.assert_close(delta, expected, rtol=1e-7, atol=1e-10)
