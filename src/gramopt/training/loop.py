@@ -195,6 +195,10 @@ class Trainer:
             self.run_part.check_batches(self.split.train_x.shape[0], self.config.batch_size)
         self.eval_train = eval_subset(self.split.train_x, self.split.train_y, self.config.eval_samples, self.config.seed)
         self.eval_test = eval_subset(self.split.test_x, self.split.test_y, self.config.eval_samples, self.config.seed)
+        self.eval_val = (
+            None if self.split.val_x is None or self.split.val_y is None
+            else eval_subset(self.split.val_x, self.split.val_y, self.config.eval_samples, self.config.seed)
+        )
         steps_per_epoch = math.ceil(self.split.train_x.shape[0] / self.config.batch_size)
         self.config.hyper = with_epoch_defaults(self.config.optimizer, self.config.hyper, steps_per_epoch)
         self.model = self.task.build_model(self.config.seed)
@@ -433,6 +437,10 @@ class Trainer:
             self.task.metric: metric,
             "seconds": self.seconds,
         }
+        if self.eval_val is not None:  # the validation set carved from the training data (gramopt compare)
+            val_loss, val_metric = evaluate(self.model, self.task, *self.eval_val, run=self.run_part)
+            record["val_loss"] = val_loss
+            record[self.task.metric.replace("test_", "val_", 1)] = val_metric
         self.epochs.append(record)
         if not math.isfinite(train_loss):
             self.diverged = True

@@ -100,7 +100,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 
 
+# Peers whose package is not installed: name -> what installs them (filled by ``peers``).
+MISSING_PEERS: dict[str, str] = {}
+
+
 def get_optimizer_spec(name: str) -> OptimizerSpec:
+    if name not in OPTIMIZERS and name in MISSING_PEERS:
+        raise ValueError(f"optimizer {name!r} is not available: {MISSING_PEERS[name]}")
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(sorted(OPTIMIZERS))}")
     return OPTIMIZERS[name]
