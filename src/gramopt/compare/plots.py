@@ -7,7 +7,7 @@ legend shared by all panels (bottom right). One line per optimizer (its winning
 setting): the median over seeds, with a band from the seeds' minimum to maximum. A
 seed's curve is a step function of its evaluations (the last value at or before x) and
 stops where its run stopped. Losses and the test MSE are drawn on a log scale,
-accuracies linearly; the loosest rung is a dashed line.
+accuracies linearly; the rungs are light grey lines (the loosest thicker).
 
 Each optimizer keeps its colour and line style in every panel and every figure
 (:func:`style`): the Okabe-Ito colour-blind-safe palette, and a line style per
@@ -27,28 +27,38 @@ import numpy as np  # noqa: E402
 
 POINTS = 200
 
-# Okabe & Ito, "Color Universal Design" (2008): distinguishable under the common colour-vision deficiencies.
-PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
-LINE_STYLES = ("-", "--", ":", "-.")
-# A fixed order, so an optimizer's style never depends on which others are in the figure.
-KNOWN = ("ggn", "seng", "fngd", "sgd", "adamw", "muon", "ikfac", "singd", "soap", "shampoo", "muon-po", "psgd-kron")
+# Okabe & Ito, "Color Universal Design" (2008): distinguishable under the common
+# colour-vision deficiencies (plus its grey). gramopt's methods are solid and thicker;
+# where two optimizers share a colour their line styles and markers differ (muon and
+# muon-po share one on purpose: the same method, two implementations).
+STYLES: dict[str, tuple[str, str, str]] = {
+    "ggn": ("#0072B2", "-", "o"),
+    "seng": ("#009E73", "-", "s"),
+    "fngd": ("#CC79A7", "-", "D"),
+    "sgd": ("#000000", "--", "v"),
+    "adamw": ("#E69F00", "--", "^"),
+    "muon": ("#D55E00", "--", "P"),
+    "ikfac": ("#56B4E9", ":", "X"),
+    "singd": ("#999999", "-.", "*"),
+    "soap": ("#CC79A7", "--", "p"),
+    "shampoo": ("#009E73", ":", "h"),
+    "muon-po": ("#D55E00", ":", "<"),
+    "psgd-kron": ("#000000", ":", ">"),
+}
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#999999")
+RUNG_COLOUR = "#BBBBBB"
 
 
 def style(name: str) -> dict[str, Any]:
-    """Colour, line style and marker of optimizer ``name``, the same in every plot.
-    gramopt's methods are drawn solid and thicker; known peers have fixed slots;
-    other names get a slot from a stable hash of the name."""
-    if name in KNOWN:
-        slot = KNOWN.index(name)
+    """Colour, line style, marker and width of optimizer ``name``, the same in every plot
+    (other names: a slot from a stable sum of the name's bytes)."""
+    if name in STYLES:
+        colour, linestyle, marker = STYLES[name]
     else:
-        slot = len(KNOWN) + sum(name.encode()) % 20
-    colour = PALETTE[slot % len(PALETTE)]
-    linestyle = LINE_STYLES[(slot // len(PALETTE)) % len(LINE_STYLES)] if slot >= 3 else "-"
-    if 3 <= slot < len(PALETTE):
-        linestyle = "--"
-    markers = "osD^vP*Xph<>"
-    return {"color": colour, "linestyle": linestyle, "marker": markers[slot % len(markers)],
-            "linewidth": 2.0 if slot < 3 else 1.4}
+        slot = sum(name.encode())
+        colour, linestyle, marker = PALETTE[slot % len(PALETTE)], ("-.", (0, (3, 1, 1, 1)))[slot % 2], "d"
+    thick = name in ("ggn", "seng", "fngd")
+    return {"color": colour, "linestyle": linestyle, "marker": marker, "linewidth": 2.0 if thick else 1.4}
 
 
 def _on_grid(histories: list[list[dict[str, float]]], x_key: str, y_key: str, grid: np.ndarray) -> np.ndarray:
@@ -90,9 +100,9 @@ def _panel(ax: Any, task: dict[str, Any], x_key: str, y_key: str, log_y: bool) -
     target = task.get("target")
     for rung in task.get("rungs", [])[1:]:
         if rung["metric"] == y_key:
-            ax.axhline(rung["value"], color="grey", linestyle=":", linewidth=0.6)
+            ax.axhline(rung["value"], color=RUNG_COLOUR, linewidth=0.8, zorder=0)
     if target and target["metric"] == y_key:
-        ax.axhline(target["value"], color="black", linestyle="--", linewidth=0.8, label="target")
+        ax.axhline(target["value"], color=RUNG_COLOUR, linewidth=1.6, zorder=0)
     if log_y:
         ax.set_yscale("log")
     ax.set_xlabel("optimizer seconds" if x_key == "seconds" else "epochs")
@@ -142,10 +152,10 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
         legend.axis("off")
         handles = [
             plt.Line2D([], [], color=style(n)["color"], linestyle=style(n)["linestyle"], marker=style(n)["marker"],
-                       linewidth=style(n)["linewidth"], label=f"{n}: {m['description'][:60]}")
+                       linewidth=style(n)["linewidth"], label=f"{n} ({m['source']})")
             for n, m in task["optimizers"].items()
         ]
-        handles.append(plt.Line2D([], [], color="black", linestyle="--", linewidth=0.8, label="loosest rung"))
+        handles.append(plt.Line2D([], [], color=RUNG_COLOUR, linewidth=1.6, label="rungs (thick: the loosest)"))
         legend.legend(handles=handles, loc="center", fontsize=8, frameon=False, title="optimizer (winning setting)")
         block.suptitle(f"{task['task']['name']}: median over seeds, band = min-max over seeds", fontsize=10)
     fig.savefig(path, dpi=100)

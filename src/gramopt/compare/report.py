@@ -187,6 +187,8 @@ def markdown(results: dict[str, Any]) -> str:
             "",
         ]
         lines += _markdown_table(_headers(task), rows(task))
+        for name, reason in task.get("skipped", {}).items():
+            lines += ["", f"Skipped: {name}, which cannot train this task yet ({reason.splitlines()[0][:200]})."]
         lines += ["", "Grids (median over seeds per setting):", ""]
         lines += _markdown_table(
             ["optimizer", "setting", "validation s to each rung", "final val loss", "final train loss", "diverged", "failed"],

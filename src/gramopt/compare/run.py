@@ -52,7 +52,13 @@ from gramopt.tasks import TASKS, Split, Task, get_task, with_validation
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
 from gramopt.training.loop import environment, epoch_order
 from gramopt.distributed import CollectiveError, rank, world_size
-from gramopt.training.registry import DIVERGENCE_ERRORS, build_optimizer, get_optimizer_spec, training_step
+from gramopt.training.registry import (
+    DIVERGENCE_ERRORS,
+    build_optimizer,
+    get_optimizer_spec,
+    training_step,
+    with_epoch_defaults,
+)
 from gramopt.training.parallel import DataParallelRun, check_distributed
 
 REFERENCE = "sgd"  # step times are reported as ratios to this optimizer's (task default setting)
@@ -359,6 +365,22 @@ def load_splits(task: Task, seeds: int) -> dict[int, Split]:
         raise ValueError(str(err)) from err
 
 
+def supports(task: Task, name: str, split: Split) -> str | None:
+    """None if optimizer ``name`` can take a step on ``task`` (two training samples, a
+    fresh model), else why not: the ValueError or NotImplementedError it raises (e.g. a
+    gramopt method on the language model's ``[b, T, V]`` logits before it supports them).
+    Other errors are left to the runs, which report them as failed."""
+    model = task.build_model(0)
+    try:
+        optimizer = build_optimizer(name, model, task.loss, with_epoch_defaults(name, dict(task.hyper.get(name, {})), 1))
+        training_step(optimizer, model, task.loss, split.train_x[:2], split.train_y[:2])
+    except (ValueError, NotImplementedError) as err:
+        return f"{type(err).__name__}: {err}"
+    except Exception:  # noqa: BLE001 - reported by the runs
+        return None
+    return None
+
+
 class PlainProgress:
     """Progress lines for a reader without a terminal (output piped to a log): one line
     at most every ``every`` seconds, after a run ends, with runs done, elapsed time and
@@ -398,7 +420,16 @@ def compare_task(
     seeds = sorted(splits)
     size = GRID_SIZES[config.grid]
     methods: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
     for name in config.optimizers:
+        reason = supports(task, name, splits[seeds[0]])
+        if reason is not None:
+            skipped[name] = reason
+            progress.update(overall, total=progress.tasks[0].total - size * len(seeds)) if progress.tasks else None
+            if plain is not None:
+                plain.total -= size * len(seeds)
+                plain.note(f"{task.name}: skipping {name}, which cannot train this task: {reason[:120]}")
+            continue
         spec = get_optimizer_spec(name)
         methods[name] = {
             "description": spec.description,
@@ -464,6 +495,7 @@ def compare_task(
         "budget": {"seconds": budget.seconds, "epochs": budget.epochs, "text": budget.describe()},
         "seeds": seeds,
         "optimizers": methods,
+        "skipped": skipped,
     }
 
 

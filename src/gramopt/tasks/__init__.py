@@ -96,6 +96,6 @@ def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
 
 
 # Registration: importing the task modules adds them to TASKS.
-from gramopt.tasks import classification, images, regression, sequence  # noqa: E402,F401
+from gramopt.tasks import classification, images, language, regression, sequence  # noqa: E402,F401
 
 __all__ = ["Split", "TASKS", "Task", "get_task", "register_task", "seeded", "with_validation"]

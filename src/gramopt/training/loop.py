@@ -40,6 +40,7 @@ from gramopt.training.registry import (
     DIVERGENCE_ERRORS,
     build_optimizer,
     get_optimizer_spec,
+    loss_value,
     training_step,
     with_epoch_defaults,
 )
@@ -125,20 +126,20 @@ def evaluate(
     With a data-parallel ``run``, each rank evaluates its shard and the sums are added."""
     was_training = model.training
     model.eval()
-    loss_fn = get_loss(task.loss)
     total, correct = 0.0, 0
     rows = run.shard(x.shape[0]) if run is not None else None
     part_x, part_y = (x, y) if rows is None else (x[rows], y[rows])
+    positions = 1 if y.dim() < 2 or task.loss == "mse" else y[0].numel()  # a language model: per position
     for i in range(0, part_x.shape[0], batch):
         out = model(part_x[i : i + batch])
-        total += float(loss_fn.value(out, part_y[i : i + batch])) * out.shape[0]
+        total += float(loss_value(task.loss, out, part_y[i : i + batch])) * out.shape[0]
         if task.loss == "cross_entropy":
-            correct += int((out.argmax(1) == part_y[i : i + batch]).sum())
+            correct += int((out.argmax(-1) == part_y[i : i + batch]).sum())
     model.train(was_training)
     if run is not None:
         total, correct = run.sum([total, float(correct)])
     mean = total / x.shape[0]
-    return mean, (mean if task.loss == "mse" else correct / x.shape[0])
+    return mean, (mean if task.loss == "mse" else correct / (x.shape[0] * positions))
 
 
 def eval_subset(x: Tensor, y: Tensor, samples: int, seed: int) -> tuple[Tensor, Tensor]:
