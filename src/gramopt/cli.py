@@ -178,7 +178,7 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
             console.print(table, width=max(console.width, console.measure(table).maximum))
         else:  # piped to a log: the whole table as Markdown, never cut to the terminal's width
             console.print(plain_table(task), highlight=False, markup=False, soft_wrap=True)
-    console.print(f"{results['wall_seconds']:.0f} s; wrote {', '.join(str(p) for p in paths.values())}")
+    console.print(f"{results['wall_seconds']:.0f} s; wrote {', '.join(str(p) for p in paths.values())}", soft_wrap=True)
     return 0
 
 
