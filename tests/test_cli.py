@@ -62,3 +62,33 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path, capsys):
     path.write_bytes(path.read_bytes()[:100])
     assert main(["train", "--resume", str(tmp_path), "--no-progress"]) == 2
     assert "truncated or corrupt" in capsys.readouterr().out
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_do(tmp_path, capsys):
+    assert train(tmp_path, "--epochs", "1", "--optimizer", "sgd") == 0
+    capsys.readouterr()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    assert main(["train", "--resume", str(tmp_path), "--no-progress"]) == 2
+    out = capsys.readouterr().out
+    assert "already trained its 1 epoch(s)" in out and "--epochs" in out and "wrote" not in out
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_refuses_options_of_another_run(tmp_path, capsys):
+    assert train(tmp_path, "--epochs", "1", "--optimizer", "sgd") == 0
+    capsys.readouterr()
+    for flags, named in ((["--optimizer", "ggn"], "--optimizer"), (["--task", "teacher"], "--task")):
+        assert main(["train", "--resume", str(tmp_path), "--epochs", "2", *flags]) == 2
+        assert named in capsys.readouterr().out
+
+
+def test_a_peer_whose_package_is_missing_names_the_extra(monkeypatch, tmp_path, capsys):
+    from gramopt.training import OPTIMIZERS
+    from gramopt.training.registry import MISSING_PEERS
+
+    monkeypatch.delitem(OPTIMIZERS, "psgd-kron", raising=False)
+    monkeypatch.setitem(MISSING_PEERS, "psgd-kron", "it comes from the package heavyball, not installed; "
+                        "install it with `pip install 'gramopt[bench]'`")
+    assert main(["compare", "--optimizers", "psgd-kron", "--out", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert "heavyball" in out and "gramopt[bench]" in out and "unknown optimizer" not in out

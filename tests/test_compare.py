@@ -17,7 +17,7 @@ from gramopt.compare.run import (
     time_to_target,
     write_outputs,
 )
-from gramopt.compare.config import GRID_SIZE, TARGETS, Target, grid
+from gramopt.compare.config import GRID_SIZE, GRID_SIZES, LADDERS, TARGETS, Target, grid
 from gramopt.compare.memory import AVAILABLE, peak_memory
 from gramopt.compare.plots import _on_grid
 from gramopt.cli import _parser, main
@@ -57,8 +57,11 @@ def test_outputs_have_the_promised_contents(tmp_path):
 
     report = paths["report"].read_text()
     assert "## diabetes" in report and TARGETS["diabetes"].describe() in report
-    for header in ("time to target (s)", "final train loss", "final test_mse", "step time / SGD", "peak memory (MiB)"):
+    for rung in LADDERS["diabetes"]:
+        assert f"s to train loss <= {rung.value:g}" in report
+    for header in ("final train loss", "final test_mse", "step time / SGD", "peak memory (MiB)"):
         assert header in report
+    assert "validation set of" in report and "Diverged:" in report
     winner = task["optimizers"]["ggn"]["settings"][task["optimizers"]["ggn"]["winner"]]["hyper"]
     assert f"damping={winner['damping']:.3g}" in report and "ggn (winner)" in report
 
@@ -67,7 +70,7 @@ def test_outputs_have_the_promised_contents(tmp_path):
     import matplotlib.image
 
     height, width, _ = matplotlib.image.imread(paths["curves"]).shape
-    assert width > 3 * height  # one row of four panels
+    assert 1.5 * height < width < 3 * height  # a 2 x 3 block of panels per task, not one long row
 
 
 def test_every_optimizer_gets_a_grid_of_the_same_size_around_its_defaults():
@@ -78,6 +81,27 @@ def test_every_optimizer_gets_a_grid_of_the_same_size_around_its_defaults():
             assert len({json.dumps(s, sort_keys=True) for s in settings}) == GRID_SIZE
             base = {**OPTIMIZERS[name].run_defaults, **task.hyper.get(name, {})}
             assert settings[GRID_SIZE // 2] == base  # the middle setting is the default
+            full = grid(name, task, "full")
+            assert len(full) == GRID_SIZES["full"] == 9
+            assert len({json.dumps(s, sort_keys=True) for s in full}) == 9
+            # two knobs: exactly two hyper-parameters (lr moving with adamw_lr counts as one) vary
+            varied = {k for k in base if len({repr(s[k]) for s in full}) > 1} - {"adamw_lr"}
+            assert len(varied) == 2 and "lr" in varied, (name, varied)
+            assert any(s["lr"] == base["lr"] for s in full)
+
+
+def test_second_order_methods_get_lr_times_damping_and_first_order_their_own_knob():
+    task = get_task("teacher")
+    for name in ("ggn", "seng", "fngd", "ikfac", "singd"):
+        full = grid(name, task, "full")
+        assert {(round(s["lr"], 12), round(s["damping"], 12)) for s in full} == {
+            (round(lr, 12), round(d, 12)) for lr in (full[4]["lr"] / 3, full[4]["lr"], full[4]["lr"] * 3)
+            for d in (full[4]["damping"] / 10, full[4]["damping"], full[4]["damping"] * 10)
+        }
+    assert {s["weight_decay"] for s in grid("adamw", task, "full")} == {0.0, 0.01, 0.1}
+    assert {s["momentum"] for s in grid("sgd", task, "full")} == {0.5, 0.9, 0.97}
+    with pytest.raises(ValueError, match="unknown grid"):
+        CompareConfig(grid="huge").validated()
 
 
 def test_newly_registered_methods_are_picked_up(monkeypatch):
@@ -107,7 +131,7 @@ def test_diverging_and_failing_optimizers_are_reported_and_the_comparison_goes_o
     methods = results["tasks"]["diabetes"]["optimizers"]
     huge = [r for s in methods["sgd-huge"]["settings"] for r in s["runs"]]
     assert all(r["status"] == "diverged" and r["final_train_loss"] is None for r in huge)
-    assert all(r["time_to_target"] is None for r in huge)
+    assert all(r["time_to_target"] is None and r["time_to_rungs"] == [None] * 3 for r in huge)
     singular_runs = [r for s in methods["singular"]["settings"] for r in s["runs"]]
     assert all(r["status"] == "diverged" and "SingularSystemError" in r["reason"] for r in singular_runs)
     broken = [r for s in methods["broken"]["settings"] for r in s["runs"]]
@@ -150,7 +174,8 @@ def test_cli_runs_a_tiny_comparison_and_prints_the_table(tmp_path, capsys):
             "--out", str(tmp_path), "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "diabetes: target" in out and "adamw" in out and "1 epochs per run" in out
+    assert "diabetes: seconds to each rung" in out and "adamw" in out and "1 epochs per run" in out
+    assert "| optimizer |" in out and "winning setting |" in out  # not a terminal: the whole table, uncut
     assert {p.name for p in tmp_path.iterdir()} == {"report.md", "curves.png", "results.json"}
     history = json.loads((tmp_path / "results.json").read_text())["tasks"]["diabetes"]["optimizers"]["sgd"]["settings"][0]["runs"][0]["history"]
     assert history[-1]["epoch"] == 1 and len(history) > 3  # evaluated inside the epoch, not only at its end
@@ -164,13 +189,52 @@ def test_time_to_target_and_selection():
     assert time_to_target(history[:2], target) == (None, None)
     assert Target("test_accuracy", 0.9, below=False).reached({"test_accuracy": 0.95})
 
-    def setting(ttts, losses):
-        return {"runs": [{"time_to_target": t, "final_train_loss": x} for t, x in zip(ttts, losses)]}
+    def setting(ttts, losses, low=(1.0, 1.0, 1.0)):
+        """Validation times to two rungs (the loose one at ``low``, the tight one ``ttts``)."""
+        return {"runs": [{"val_time_to_rungs": [a, t], "final_val_loss": x, "time_to_target": 0.0}
+                         for a, t, x in zip(low, ttts, losses)]}
 
-    # median time-to-target wins (a missed seed is infinitely slow) ...
+    # median validation time to the tightest rung wins (a missed seed is infinitely slow) ...
     assert select([setting([1.0, None, None], [0.1] * 3), setting([3.0, 3.0, None], [0.9] * 3)]) == 1
-    # ... ties (none reached) go to the smaller median final train loss.
+    # ... the test figures play no part ...
+    test_fast = setting([3.0, 3.0, None], [0.9] * 3)
+    assert select([setting([1.0, 1.0, 2.0], [0.9] * 3), test_fast]) == 0
+    # ... none reaches the tight rung: the looser rung decides, then the final validation loss.
+    assert select([setting([None] * 3, [0.1] * 3, low=(2.0, 2.0, 2.0)), setting([None] * 3, [0.9] * 3)]) == 1
     assert select([setting([None] * 3, [0.3, 0.2, 9.0]), setting([None] * 3, [0.1, 0.15, None])]) == 1
+
+
+def test_a_run_whose_loss_ends_far_above_its_start_is_diverged():
+    from gramopt.compare.run import blew_up
+
+    start = {"train_loss": 1.0}
+    assert blew_up([start, {"train_loss": 1.1e8}])[0]
+    assert blew_up([start, {"train_loss": float("inf")}])[0]
+    assert not blew_up([start, {"train_loss": 9.0}])[0]
+    assert "10 x initial" in blew_up([start, {"train_loss": 11.0}])[1]
+
+
+def test_validation_is_carved_from_the_training_data_fixed_per_seed():
+    from gramopt.compare.run import load_splits
+
+    task = get_task("digits")
+    splits, again = load_splits(task, 2), load_splits(task, 2)
+    whole = task.load(0)
+    for seed in (0, 1):
+        split = splits[seed]
+        assert torch.equal(split.val_x, again[seed].val_x)  # fixed per seed
+        assert split.val_x.shape[0] + split.train_x.shape[0] == whole.train_x.shape[0]
+        assert torch.equal(split.test_x, task.load(seed).test_x)  # the test set is untouched
+        rows = {tuple(r.tolist()) for r in split.train_x}
+        assert not any(tuple(r.tolist()) in rows for r in split.val_x[:50])  # disjoint from training
+    assert not torch.equal(splits[0].val_y, splits[1].val_y)
+
+
+def test_piped_output_gets_plain_progress_lines(tmp_path, capsys):
+    config = CompareConfig(optimizers=("sgd",), out=str(tmp_path), **{**TINY, "progress": True, "seeds": 1})
+    run_comparison(config)
+    out = capsys.readouterr().out
+    assert "runs: 1 optimizers x 3 settings (quick grid)" in out and "[3/3 runs" in out
 
 
 def test_curves_are_step_functions_that_stop_with_the_run():

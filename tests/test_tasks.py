@@ -65,6 +65,39 @@ def test_every_registered_optimizer_builds_and_steps_with_its_defaults(name):
     model = task.build_model(0)
     hyper = with_epoch_defaults(name, dict(task.hyper.get(name, {})), 4)
     opt = build_optimizer(name, model, task.loss, hyper)
-    assert OPTIMIZERS[name].source in ("gramopt", "torch", "pytorch-optimizer", "heavyball")
+    assert OPTIMIZERS[name].source in ("gramopt", "torch", "pytorch-optimizer", "heavyball", "singd")
     losses = [float(training_step(opt, model, task.loss, split.train_x[:64], split.train_y[:64])) for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "muon", "ikfac"])
+def test_the_character_language_model_trains(optimizer):
+    task = get_task("charlm")
+    split = task.load(0)
+    assert split.train_x.shape == split.train_y.shape == (4000, 32)
+    assert torch.equal(split.train_x[:, 1:], split.train_y[:, :-1])  # targets: the next character
+    model = task.build_model(0)
+    logits = model(split.train_x[:4])
+    assert logits.shape == (4, 32, len(__import__("gramopt.tasks.language", fromlist=["x"]).vocabulary()))
+    # causal: changing a later character leaves the earlier positions' logits alone
+    changed = split.train_x[:4].clone()
+    changed[:, 20] = (changed[:, 20] + 1) % logits.shape[-1]
+    assert torch.allclose(model(changed)[:, :20], logits[:, :20], atol=1e-6)
+    opt = build_optimizer(optimizer, model, task.loss, dict(task.hyper.get(optimizer, {})))
+    x, y = split.train_x[:64], split.train_y[:64]
+    losses = [float(training_step(opt, model, task.loss, x, y)) for _ in range(5)]
+    assert losses[-1] < losses[0]
+
+
+def test_the_resnet_task_uses_groupnorm_and_trains_with_seng():
+    from torch import nn
+
+    task = get_task("fashion-resnet")
+    model = task.build_model(0)
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    x = torch.rand(32, 1, 28, 28)
+    y = torch.randint(0, 10, (32,))
+    opt = build_optimizer("seng", model, task.loss, dict(task.hyper["seng"]))
+    losses = [float(training_step(opt, model, task.loss, x, y)) for _ in range(4)]
+    assert losses[-1] < losses[0]

@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gramopt.compare import config as bench_config
 from gramopt.compare.run import CompareConfig, run_comparison, write_outputs
-from gramopt.compare.report import rich_table
+from gramopt.compare.report import plain_table, rich_table
 from gramopt.distributed import POLICIES, rank
 from gramopt.errors import GramoptError
 from gramopt.tasks import TASKS
@@ -36,8 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("tasks", help="list the embedded tasks")
 
     train = commands.add_parser("train", help="train one optimizer on one task")
-    train.add_argument("--task", default="teacher", help="a task from `gramopt tasks` (default: teacher)")
-    train.add_argument("--optimizer", default="ggn", help=f"one of {', '.join(sorted(OPTIMIZERS))} (default: ggn)")
+    train.add_argument("--task", help="a task from `gramopt tasks` (default: teacher)")
+    train.add_argument("--optimizer", help=f"one of {', '.join(sorted(OPTIMIZERS))} (default: ggn)")
     train.add_argument("--epochs", type=int, help="number of epochs (default: the task's)")
     train.add_argument("--batch-size", type=int, help="mini-batch size (default: the task's)")
     train.add_argument("--seed", type=int, default=0, help="seed of the split, the initialization and the data order")
@@ -57,7 +58,10 @@ def _parser() -> argparse.ArgumentParser:
         "--schedule", choices=SCHEDULES, default="constant",
         help="learning-rate schedule over the run's steps (default: %(default)s; see gramopt.training.schedules)",
     )
-    train.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (optionally with a new --epochs)")
+    train.add_argument(
+        "--resume", metavar="DIR",
+        help="continue the run saved in DIR up to its epochs, or up to a new total given with --epochs",
+    )
     train.add_argument("--no-progress", action="store_true", help="no live progress bar")
     _distributed_flags(train)
 
@@ -80,7 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--epochs", type=int, help="epochs per run, instead of a time budget")
     compare.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
     compare.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s, steadier timings)")
-    compare.add_argument("--no-progress", action="store_true", help="no live progress display")
+    compare.add_argument(
+        "--grid", choices=bench_config.GRIDS_BY_NAME, default=bench_config.DEFAULT_COMMAND_GRID,
+        help="tuning grid per optimizer: quick (3 settings over one knob: damping for ggn, learning rate for the "
+        "others) or full (3 x 3: learning rate x damping for second-order methods, x weight decay for AdamW, "
+        "x momentum for SGD and Muon) (default: %(default)s)",
+    )
+    compare.add_argument("--no-progress", action="store_true", help="no progress display or progress lines")
     _distributed_flags(compare)
     return parser
 
@@ -123,16 +133,24 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     if args.coefficient_steps is not None:
         hyper["coefficient_steps"] = None if args.coefficient_steps == "none" else args.coefficient_steps
     if args.resume:
-        given = [flag for flag, value in (("--task", args.task != "teacher"), ("--optimizer", args.optimizer != "ggn"),
+        given = [flag for flag, value in (("--task", args.task is not None), ("--optimizer", args.optimizer is not None),
                  ("--batch-size", args.batch_size is not None), ("--seed", args.seed != 0), ("--out", args.out is not None),
                  ("--schedule", args.schedule != "constant"), ("hyper-parameters", bool(hyper)),
                  ("--distributed", args.distributed is not None)) if value]
         if given:
             raise ValueError(f"--resume continues a saved run with its own settings; drop {', '.join(given)}")
         trainer = Trainer.resume(args.resume, console, not args.no_progress, epochs=args.epochs)
+        done, total = trainer.epoch, trainer.config.epochs
+        if trainer.diverged:
+            raise ValueError(f"the run in {args.resume} diverged ({trainer.diverged_reason}); there is nothing to continue")
+        if done >= total:
+            raise ValueError(
+                f"the run in {args.resume} has already trained its {total} epoch(s); nothing to do. "
+                f"Give --epochs N with N > {done} to train it further"
+            )
     else:
         config = TrainConfig(
-            args.task, args.optimizer, args.epochs, args.batch_size, args.seed, hyper, args.out, args.checkpoint_every,
+            args.task or "teacher", args.optimizer or "ggn", args.epochs, args.batch_size, args.seed, hyper, args.out, args.checkpoint_every,
             distributed=args.distributed,
             schedule=args.schedule,
         )
@@ -148,15 +166,19 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 def _compare(args: argparse.Namespace, console: Console) -> int:
     config = CompareConfig(
         _names(args.task), args.optimizers, args.seeds, args.budget_seconds, args.epochs, args.out, args.threads,
-        not args.no_progress, args.distributed,
+        not args.no_progress, args.distributed, args.grid,
     )
     results = run_comparison(config, console)
     if rank() != 0:
         return 0
     paths = write_outputs(results, Path(args.out))
     for task in results["tasks"].values():
-        console.print(rich_table(task))
-    console.print(f"{results['wall_seconds']:.0f} s; wrote {', '.join(str(p) for p in paths.values())}")
+        if console.is_terminal:
+            table = rich_table(task)
+            console.print(table, width=max(console.width, console.measure(table).maximum))
+        else:  # piped to a log: the whole table as Markdown, never cut to the terminal's width
+            console.print(plain_table(task), highlight=False, markup=False, soft_wrap=True)
+    console.print(f"{results['wall_seconds']:.0f} s; wrote {', '.join(str(p) for p in paths.values())}", soft_wrap=True)
     return 0
 
 
@@ -173,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = _train(args, console)
     except (GramoptError, ValueError) as err:
         where = console if rank() == 0 else Console(stderr=True)  # every rank tells its own error
-        where.print(f"[red]error{f' (rank {rank()})' if rank() else ''}:[/] {err}")
+        where.print(f"[red]error{f' (rank {rank()})' if rank() else ''}:[/] {escape(str(err))}")
         return 2  # (a failed process group is left to the exit: destroying it could wait on the others)
     if joined:
         import torch.distributed

@@ -13,8 +13,6 @@ from rich.table import Table
 
 COLUMNS = (
     "optimizer",
-    "time to target (s)",
-    "epochs to target",
     "final train loss",
     "final {metric}",
     "step time / SGD",
@@ -50,7 +48,8 @@ def _setting(hyper: dict[str, Any]) -> str:
 
 
 def rows(task: dict[str, Any]) -> list[list[str]]:
-    """One row per optimizer (its winning setting), in the columns of :data:`COLUMNS`."""
+    """One row per optimizer (its winning setting): the time to each rung, then the
+    columns of :data:`COLUMNS` after the first."""
     out = []
     for name, method in task["optimizers"].items():
         s = method["summary"]
@@ -61,8 +60,7 @@ def rows(task: dict[str, Any]) -> list[list[str]]:
         out.append(
             [
                 label,
-                _to_target(s["time_to_target"]),
-                _to_target(s["epochs_to_target"]),
+                *(_to_target(r) for r in s.get("time_to_rungs", [])),
                 _spread(s["final_train_loss"]),
                 _spread(s["final_metric"]),
                 _spread(s["step_time_ratio"]),
@@ -74,7 +72,10 @@ def rows(task: dict[str, Any]) -> list[list[str]]:
 
 
 def _headers(task: dict[str, Any]) -> list[str]:
-    return [c.format(metric=task["task"]["metric"]) for c in COLUMNS]
+    rungs = [f"s to {rung['metric'].replace('_', ' ')} {'<=' if rung['below'] else '>='} {rung['value']:g}"
+             for rung in task.get("rungs", [])]
+    columns = [c.format(metric=task["task"]["metric"]) for c in COLUMNS]
+    return [columns[0], *rungs, *columns[1:]]
 
 
 def _varied(method: dict[str, Any]) -> str:
@@ -86,18 +87,25 @@ def _varied(method: dict[str, Any]) -> str:
 
 
 def rich_table(task: dict[str, Any]) -> Table:
-    """The printed summary: report.md's table less the epochs column, and of the winning
-    setting only what the grid varies."""
-    target = task["target"]["text"] if task["target"] else "no target"
-    table = Table(title=f"{task['task']['name']}: target {target}; budget {task['budget']['text']}")
-    headers = _headers(task)
-    keep = [i for i, h in enumerate(headers) if h != "epochs to target"]
-    for i in keep:
-        table.add_column(headers[i])
+    """The printed summary: report.md's table, of the winning setting only what the
+    grid varies. Print it at its natural width (``console.print(table, width=...)``
+    with :func:`table_width`) so no column is cut."""
+    table = Table(title=f"{task['task']['name']}: seconds to each rung; budget {task['budget']['text']}")
+    for header in _headers(task):
+        table.add_column(header, overflow="fold")
     for row, method in zip(rows(task), task["optimizers"].values()):
         row[-1] = _varied(method)
-        table.add_row(*(row[i] for i in keep))
+        table.add_row(*row)
     return table
+
+
+def plain_table(task: dict[str, Any]) -> str:
+    """The printed summary as a Markdown table (for a reader without a terminal)."""
+    body = rows(task)
+    for row, method in zip(body, task["optimizers"].values()):
+        row[-1] = _varied(method)
+    title = f"{task['task']['name']}: seconds to each rung; budget {task['budget']['text']}"
+    return "\n".join([title, "", *_markdown_table(_headers(task), body)])
 
 
 def _markdown_table(headers: list[str], body: list[list[str]]) -> list[str]:
@@ -113,12 +121,14 @@ def _grid_rows(task: dict[str, Any]) -> list[list[str]]:
             runs = setting["runs"]
             score = setting["score"]
             statuses = {status: sum(r["status"] == status for r in runs) for status in ("diverged", "failed")}
+            val = score.get("median_val_time_to_rungs", [])
             reasons = sorted({r["reason"].split(":")[0] for r in runs if r["status"] != "ok" and r["reason"]})
             out.append(
                 [
                     name + (" (winner)" if i == method["winner"] else ""),
                     _setting(setting["hyper"]),
-                    "not reached" if score["median_time_to_target"] is None else _number(score["median_time_to_target"]),
+                    " / ".join("-" if v is None else _number(v) for v in val) or "n/a",
+                    "n/a" if score.get("median_final_val_loss") is None else _number(score["median_final_val_loss"]),
                     "n/a" if score["median_final_train_loss"] is None else _number(score["median_final_train_loss"]),
                     f"{statuses['diverged']}/{len(runs)}" + (f" ({'; '.join(reasons)})" if reasons else ""),
                     f"{statuses['failed']}/{len(runs)}",
@@ -139,11 +149,16 @@ def markdown(results: dict[str, Any]) -> str:
         "How to read it:",
         "",
         "- Every cell is the median over seeds and `[min-max]` over seeds, for each optimizer's winning setting; "
-        "`(n/N)`: the number of seeds the value exists for (reached the target, did not diverge).",
-        f"- Each optimizer tried {results['grid_size']} settings (its grid; see below), every seed each. "
+        "`(n/N)`: the number of seeds the value exists for (reached the rung, did not diverge). The test figures "
+        "are those of the runs of the setting selected on validation.",
+        f"- Each optimizer tried {results['grid_size']} settings ({results.get('grid', 'quick')} grid: "
+        + ("learning rate x damping for the second-order methods, x weight decay for AdamW, x momentum for SGD "
+           "and Muon; see below" if results.get("grid") == "full" else "one knob: the damping for GGN, the "
+           "learning rate for the others") + "), every seed each. "
         f"Winner: {results['selection']}.",
-        "- Time to target: seconds of the optimizer clock (training steps only: forward, backward pass(es), update; "
-        "evaluation, data loading and the display are outside it) at the first evaluation that meets the target. "
+        f"- Diverged: {results.get('divergence_rule', 'non-finite loss')}.",
+        "- Seconds to each rung: seconds of the optimizer clock (training steps only: forward, backward pass(es), update; "
+        "evaluation, data loading and the display are outside it) at the first evaluation that meets the rung. "
         f"Each run is evaluated at {results['evaluations_per_run']} evenly spaced points of its budget; "
         "a median counts a seed that missed the target as infinitely slow.",
         f"- Step time / SGD: a fresh model and optimizer per method, their steps timed in turns (round robin, "
@@ -164,15 +179,20 @@ def markdown(results: dict[str, Any]) -> str:
             f"## {info['name']}",
             "",
             f"{info['description']}. Loss: {info['loss']}; batch {info['batch_size']}; seeds {task['seeds']}. "
-            f"Target: {target}. Budget: {task['budget']['text']}."
+            f"Rungs: {'; '.join(r['text'] for r in task.get('rungs', [])) or target}. Budget: {task['budget']['text']}. "
+            f"Training on {info.get('train_samples', '?')} samples; validation set of {info.get('val_samples', '?')} "
+            "carved from the training data (fixed per seed)."
             + (f" Evaluated on fixed random subsets of {info['eval_samples']} train and test samples."
                if info.get("eval_samples") else ""),
             "",
         ]
         lines += _markdown_table(_headers(task), rows(task))
+        for name, reason in task.get("skipped", {}).items():
+            lines += ["", f"Skipped: {name}, which cannot train this task yet ({reason.splitlines()[0][:200]})."]
         lines += ["", "Grids (median over seeds per setting):", ""]
         lines += _markdown_table(
-            ["optimizer", "setting", "time to target (s)", "final train loss", "diverged", "failed"], _grid_rows(task)
+            ["optimizer", "setting", "validation s to each rung", "final val loss", "final train loss", "diverged", "failed"],
+            _grid_rows(task),
         )
         lines.append("")
     return "\n".join(lines)

@@ -43,16 +43,22 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from gramopt.compare import config as bench_config
-from gramopt.compare.config import GRID_SIZE, TARGETS, Target, grid
+from gramopt.compare.config import DIVERGENCE_FACTOR, GRID_SIZES, LADDERS, Target, grid
 from gramopt.compare.memory import peak_memories
 from gramopt.compare.plots import plot_curves
 from gramopt.compare.report import markdown
 from gramopt.compare.timing import interleaved_times
-from gramopt.tasks import TASKS, Split, Task, get_task
+from gramopt.tasks import TASKS, Split, Task, get_task, with_validation
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
 from gramopt.training.loop import environment, epoch_order
 from gramopt.distributed import CollectiveError, rank, world_size
-from gramopt.training.registry import DIVERGENCE_ERRORS, build_optimizer, get_optimizer_spec, training_step
+from gramopt.training.registry import (
+    DIVERGENCE_ERRORS,
+    build_optimizer,
+    get_optimizer_spec,
+    training_step,
+    with_epoch_defaults,
+)
 from gramopt.training.parallel import DataParallelRun, check_distributed
 
 REFERENCE = "sgd"  # step times are reported as ratios to this optimizer's (task default setting)
@@ -73,6 +79,7 @@ class CompareConfig:
     threads: int | None = 1
     progress: bool = True
     distributed: str | None = None  # under torchrun: "exact" (default) or "local"
+    grid: str = bench_config.DEFAULT_COMMAND_GRID  # "quick" (3 settings) or "full" (3 x 3)
 
     def validated(self) -> "CompareConfig":
         """Check every name and number before anything runs (ValueError naming the problem)."""
@@ -101,13 +108,16 @@ class CompareConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.grid not in GRID_SIZES:
+            raise ValueError(f"unknown grid {self.grid!r}; choose one of {', '.join(GRID_SIZES)}")
         check_distributed(self.distributed)
         distributed = None if world_size() == 1 else self.distributed or "exact"
         for name in tasks:
             for optimizer in optimizers:
-                grid(optimizer, get_task(name))
+                grid(optimizer, get_task(name), self.grid)
         return CompareConfig(
-            tasks, optimizers, self.seeds, self.budget_seconds, self.epochs, self.out, self.threads, self.progress, distributed
+            tasks, optimizers, self.seeds, self.budget_seconds, self.epochs, self.out, self.threads, self.progress, distributed,
+            self.grid,
         )
 
 
@@ -190,23 +200,46 @@ def run_one(
         record.update(status="failed", reason=f"{type(err).__name__}: {err}")
         return record
     history = result.epochs
-    target = TARGETS.get(task.name)
-    # A run that diverges counts as not having reached the target, even if it passed it first.
-    seconds, epochs = (None, None) if result.diverged else time_to_target(history, target)
+    diverged, reason = result.diverged, result.diverged_reason
+    if not diverged:
+        diverged, reason = blew_up(history)
+    rungs = LADDERS.get(task.name, ())
+    # A run that diverges counts as not having reached any rung, even if it passed it first.
+    reached = [(None, None) if diverged else time_to_target(history, rung) for rung in rungs]
+    reached_val = [None if diverged else time_to_target(history, rung.on_validation())[0] for rung in rungs]
     last = history[-1] if history else {}
     record.update(
-        status="diverged" if result.diverged else "ok",
-        reason=result.diverged_reason,
+        status="diverged" if diverged else "ok",
+        reason=reason,
         history=history,
         steps=trainer.global_step,
         seconds=trainer.seconds,
-        time_to_target=seconds,
-        epochs_to_target=epochs,
-        final_train_loss=None if result.diverged else _finite(last.get("train_loss")),
-        final_metric=None if result.diverged else _finite(last.get(task.metric)),
+        time_to_target=reached[0][0] if reached else None,
+        epochs_to_target=reached[0][1] if reached else None,
+        time_to_rungs=[r[0] for r in reached],
+        epochs_to_rungs=[r[1] for r in reached],
+        val_time_to_rungs=reached_val,
+        final_train_loss=None if diverged else _finite(last.get("train_loss")),
+        final_val_loss=None if diverged else _finite(last.get("val_loss")),
+        final_metric=None if diverged else _finite(last.get(task.metric)),
         median_step_seconds=statistics.median(result.step_seconds) if result.step_seconds else None,
     )
     return record
+
+
+def blew_up(history: list[dict[str, float]]) -> tuple[bool, str]:
+    """(True, why) if the last train loss is non-finite or above ``DIVERGENCE_FACTOR``
+    times the first (the rule of the ``config`` module docstring)."""
+    if not history:
+        return False, ""
+    first, last = history[0].get("train_loss"), history[-1].get("train_loss")
+    if last is None or first is None:
+        return False, ""
+    if not math.isfinite(last):
+        return True, f"final train loss {last}"
+    if last > DIVERGENCE_FACTOR * first:
+        return True, f"final train loss {last:.3g} > {DIVERGENCE_FACTOR:g} x initial {first:.3g}"
+    return False, ""
 
 
 # -- selection ----------------------------------------------------------------------------
@@ -215,9 +248,12 @@ def _median(values: list[float | None]) -> float:
     return statistics.median([math.inf if v is None else v for v in values])
 
 
-def setting_score(runs: list[dict[str, Any]]) -> tuple[float, float]:
-    """(median time-to-target, median final train loss) over the seeds; smaller wins."""
-    return _median([r.get("time_to_target") for r in runs]), _median([r.get("final_train_loss") for r in runs])
+def setting_score(runs: list[dict[str, Any]]) -> tuple[float, ...]:
+    """Smaller wins: the median (over seeds) validation time to each rung, tightest rung
+    first, then the median final validation loss (the ``config`` module docstring)."""
+    rungs = max((len(r.get("val_time_to_rungs", [])) for r in runs), default=0)
+    times = [_median([(r.get("val_time_to_rungs") or [None] * rungs)[k] for r in runs]) for k in reversed(range(rungs))]
+    return (*times, _median([r.get("final_val_loss") for r in runs]))
 
 
 def select(settings: list[dict[str, Any]]) -> int:
@@ -290,7 +326,7 @@ def step_time_ratios(
     built = {name: _try_stepper(task, name, hyper, split, seed, distributed) for name, hyper in winners.items()}
     steppers = {name: stepper for name, stepper in built.items() if stepper is not None}
     if REFERENCE not in steppers:
-        steppers[REFERENCE] = _stepper(task, REFERENCE, grid(REFERENCE, task)[GRID_SIZE // 2], split, seed, distributed)
+        steppers[REFERENCE] = _stepper(task, REFERENCE, grid(REFERENCE, task)[GRID_SIZES["quick"] // 2], split, seed, distributed)
     samples = interleaved_times(
         {name: step for name, (step, _) in steppers.items()},
         rounds=bench_config.TIMING_ROUNDS,
@@ -321,51 +357,127 @@ def peak_step_memory(
 
 # -- a task -------------------------------------------------------------------------------
 def load_splits(task: Task, seeds: int) -> dict[int, Split]:
-    """The task's data for each seed, loaded once for all runs (a missing data set is a
+    """The task's data for each seed, loaded once for all runs, with its validation set
+    carved from the training data (``with_validation``; a missing data set is a
     ValueError saying how to install it, raised before anything runs)."""
     try:
-        return {seed: task.load(seed) for seed in range(seeds)}
+        return {seed: with_validation(task.load(seed), seed) for seed in range(seeds)}
     except FileNotFoundError as err:
         raise ValueError(str(err)) from err
 
 
+def supports(task: Task, name: str, split: Split) -> str | None:
+    """None if optimizer ``name`` can take a step on ``task`` (two training samples, a
+    fresh model), else why not: the ValueError or NotImplementedError it raises (e.g. a
+    gramopt method on the language model's ``[b, T, V]`` logits before it supports them).
+    Other errors are left to the runs, which report them as failed."""
+    model = task.build_model(0)
+    try:
+        optimizer = build_optimizer(name, model, task.loss, with_epoch_defaults(name, dict(task.hyper.get(name, {})), 1))
+        training_step(optimizer, model, task.loss, split.train_x[:2], split.train_y[:2])
+    except (ValueError, NotImplementedError) as err:
+        return f"{type(err).__name__}: {err}"
+    except Exception:  # noqa: BLE001 - reported by the runs
+        return None
+    return None
+
+
+class PlainProgress:
+    """Progress lines for a reader without a terminal (output piped to a log): one line
+    at most every ``every`` seconds, after a run ends, with runs done, elapsed time and
+    what just finished."""
+
+    def __init__(self, console: Console, total: int, enabled: bool, every: float = 10.0) -> None:
+        self.console, self.total, self.enabled, self.every = console, total, enabled, every
+        self.done, self.started, self.last = 0, time.perf_counter(), -math.inf
+
+    def ran(self, text: str) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        if self.enabled and (now - self.last >= self.every or self.done == self.total):
+            self.last = now
+            self.console.print(f"[{self.done}/{self.total} runs, {now - self.started:.0f} s] {text}", highlight=False,
+                               markup=False, soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(f"[{self.done}/{self.total} runs, {time.perf_counter() - self.started:.0f} s] {text}",
+                               highlight=False, markup=False, soft_wrap=True)
+
+
+def _run_text(record: dict[str, Any]) -> str:
+    if record["status"] == "failed":
+        return f"failed ({record['reason'][:80]})"
+    loss = record.get("final_train_loss")
+    text = record["status"] + ("" if loss is None else f", final train loss {loss:.3g}")
+    return text + (f" ({record['reason'][:80]})" if record["status"] == "diverged" else "")
+
+
 def compare_task(
-    config: CompareConfig, task: Task, splits: dict[int, Split], console: Console, progress: Progress, overall: Any
+    config: CompareConfig, task: Task, splits: dict[int, Split], console: Console, progress: Progress, overall: Any,
+    plain: PlainProgress | None = None,
 ) -> dict[str, Any]:
     budget = task_budget(config, task)
     seeds = sorted(splits)
+    size = GRID_SIZES[config.grid]
     methods: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
     for name in config.optimizers:
+        reason = supports(task, name, splits[seeds[0]])
+        if reason is not None:
+            skipped[name] = reason
+            progress.update(overall, total=progress.tasks[0].total - size * len(seeds)) if progress.tasks else None
+            if plain is not None:
+                plain.total -= size * len(seeds)
+                plain.note(f"{task.name}: skipping {name}, which cannot train this task: {reason[:120]}")
+            continue
         spec = get_optimizer_spec(name)
         methods[name] = {
             "description": spec.description,
             "source": spec.source,
-            "settings": [{"hyper": hyper, "runs": []} for hyper in grid(name, task)],
+            "knobs": [axis.key for axis in bench_config.axes(name, config.grid)],
+            "settings": [{"hyper": hyper, "runs": []} for hyper in grid(name, task, config.grid)],
         }
     for seed in seeds:
-        for k in range(GRID_SIZE):
+        for k in range(size):
             for name, method in methods.items():
                 setting = method["settings"][k]
-                progress.update(overall, status=f"{task.name}: {name} setting {k + 1}/{GRID_SIZE} seed {seed}")
+                status = f"{task.name}: {name} setting {k + 1}/{size} seed {seed}"
+                progress.update(overall, status=status)
                 record = run_one(task, name, setting["hyper"], splits[seed], seed, budget, console, progress, config.distributed)
                 setting["runs"].append(record)
                 progress.advance(overall)
+                if plain is not None:
+                    plain.ran(f"{status}: {_run_text(record)}")
     for method in methods.values():
         method["winner"] = select(method["settings"])
         for setting in method["settings"]:
-            ttt, loss = setting_score(setting["runs"])
-            setting["score"] = {"median_time_to_target": _finite(ttt), "median_final_train_loss": _finite(loss)}
+            score = setting_score(setting["runs"])
+            runs = setting["runs"]
+            setting["score"] = {
+                "median_val_time_to_rungs": [_finite(v) for v in reversed(score[:-1])],
+                "median_final_val_loss": _finite(score[-1]),
+                "median_time_to_target": _finite(_median([r.get("time_to_target") for r in runs])),
+                "median_final_train_loss": _finite(_median([r.get("final_train_loss") for r in runs])),
+            }
 
     winners = {name: m["settings"][m["winner"]]["hyper"] for name, m in methods.items()}
     progress.update(overall, status=f"{task.name}: interleaved step timing and peak memory of the winners")
+    if plain is not None:
+        plain.note(f"{task.name}: interleaved step timing and peak memory of the winners")
     ratios = [step_time_ratios(task, winners, splits[seed], seed, config.distributed) for seed in seeds]
+    rungs = LADDERS.get(task.name, ())
     for name, method in methods.items():
         runs = method["settings"][method["winner"]]["runs"]
         memory = [peak_step_memory(task, name, winners[name], splits[seed], seed, config.distributed) for seed in seeds]
         method["summary"] = {
             "time_to_target": to_target_spread([r.get("time_to_target") for r in runs]),
             "epochs_to_target": to_target_spread([r.get("epochs_to_target") for r in runs]),
+            "time_to_rungs": [
+                to_target_spread([(r.get("time_to_rungs") or [None] * len(rungs))[k] for r in runs]) for k in range(len(rungs))
+            ],
             "final_train_loss": spread([r.get("final_train_loss") for r in runs]),
+            "final_val_loss": spread([r.get("final_val_loss") for r in runs]),
             "final_metric": spread([r.get("final_metric") for r in runs]),
             "step_time_ratio": spread([r[name] for r in ratios]),
             "median_step_seconds": spread([r.get("median_step_seconds") for r in runs]),
@@ -374,21 +486,25 @@ def compare_task(
             "diverged": sum(r["status"] == "diverged" for r in runs),
             "failed": sum(r["status"] == "failed" for r in runs),
         }
-    target = TARGETS.get(task.name)
+    target = rungs[0] if rungs else None
     return {
         "task": {"name": task.name, "description": task.description, "loss": task.loss, "metric": task.metric,
-                 "batch_size": task.batch_size, "eval_samples": bench_config.EVAL_SAMPLES.get(task.name, 0)},
+                 "batch_size": task.batch_size, "eval_samples": bench_config.EVAL_SAMPLES.get(task.name, 0),
+                 "train_samples": int(next(iter(splits.values())).train_x.shape[0]),
+                 "val_samples": int(next(iter(splits.values())).val_x.shape[0])},  # type: ignore[union-attr]
         "target": None if target is None else {**asdict(target), "text": target.describe()},
+        "rungs": [{**asdict(rung), "text": rung.describe()} for rung in rungs],
         "budget": {"seconds": budget.seconds, "epochs": budget.epochs, "text": budget.describe()},
         "seeds": seeds,
         "optimizers": methods,
+        "skipped": skipped,
     }
 
 
 # -- everything ---------------------------------------------------------------------------
 def _versions() -> dict[str, str]:
     versions = {}
-    for package in ("gramopt", "torch", "numpy", "pytorch_optimizer", "heavyball", "rich", "matplotlib"):
+    for package in ("gramopt", "torch", "numpy", "pytorch_optimizer", "singd", "heavyball", "rich", "matplotlib"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -412,26 +528,32 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
             TimeElapsedColumn(),
             TextColumn("{task.fields[status]}"),
             console=console,
-            disable=not config.progress or rank() != 0,
+            disable=not config.progress or rank() != 0 or not console.is_terminal,
             transient=True,
         )
         data = {name: load_splits(get_task(name), config.seeds) for name in config.tasks}
-        total = len(config.tasks) * len(config.optimizers) * GRID_SIZE * config.seeds
+        total = len(config.tasks) * len(config.optimizers) * GRID_SIZES[config.grid] * config.seeds
+        plain = PlainProgress(console, total, config.progress and rank() == 0 and not console.is_terminal)
+        plain.note(f"{total} runs: {len(config.optimizers)} optimizers x {GRID_SIZES[config.grid]} settings "
+                   f"({config.grid} grid) x {config.seeds} seeds x {len(config.tasks)} task(s)")
         tasks = {}
         with progress:
             overall = progress.add_task("runs", total=total, status="")
             for name in config.tasks:
-                tasks[name] = compare_task(config, get_task(name), data.pop(name), console, progress, overall)
+                tasks[name] = compare_task(config, get_task(name), data.pop(name), console, progress, overall, plain)
     finally:
         torch.set_num_threads(previous_threads)
     return {
         "config": asdict(config),
-        "grid_size": GRID_SIZE,
+        "grid": config.grid,
+        "grid_size": GRID_SIZES[config.grid],
+        "divergence_rule": f"non-finite loss, a divergence error, or final train loss > {DIVERGENCE_FACTOR:g} x the initial",
         "evaluations_per_run": bench_config.EVALUATIONS,
         "timing": {"reference": REFERENCE, "rounds": bench_config.TIMING_ROUNDS, "steps_per_round": bench_config.TIMING_STEPS},
         "memory_steps": bench_config.MEMORY_STEPS,
-        "selection": "smallest median time-to-target over seeds (missed or diverged = infinite), "
-        "ties by smallest median final train loss",
+        "selection": "on the validation set carved from the training data: smallest median (over seeds) "
+        "validation time to the highest rung of the ladder (missed or diverged = infinite), ties by the next rung "
+        "down, then by the smallest median final validation loss",
         "tasks": tasks,
         "wall_seconds": time.perf_counter() - started,
         "started_at": started_at,

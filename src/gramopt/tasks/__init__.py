@@ -16,12 +16,34 @@ from torch import Tensor, nn
 
 @dataclass
 class Split:
-    """Train and test tensors; inputs ``[n, ...]``, targets ``[n]`` or ``[n, k]``."""
+    """Train and test tensors; inputs ``[n, ...]``, targets ``[n]`` or ``[n, k]``;
+    optionally a validation set carved from the training data (:func:`with_validation`)."""
 
     train_x: Tensor
     train_y: Tensor
     test_x: Tensor
     test_y: Tensor
+    val_x: Tensor | None = None
+    val_y: Tensor | None = None
+
+
+VALIDATION_FRACTION = 0.1
+VALIDATION_MAX = 5000
+
+
+def with_validation(split: Split, seed: int, fraction: float = VALIDATION_FRACTION, most: int = VALIDATION_MAX) -> Split:
+    """``split`` with ``min(round(fraction * n_train), most)`` training samples moved to a
+    validation set: a random choice fixed by ``seed`` (the same for every optimizer and
+    setting of that seed). The test set is unchanged."""
+    if split.val_x is not None:
+        raise ValueError("this split already has a validation set")
+    n = split.train_x.shape[0]
+    n_val = min(int(round(fraction * n)), most)
+    if not 0 < n_val < n:
+        raise ValueError(f"cannot carve {n_val} validation samples out of {n} training samples")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(30_000 + seed))
+    val, train = order[:n_val], order[n_val:]
+    return Split(split.train_x[train], split.train_y[train], split.test_x, split.test_y, split.train_x[val], split.train_y[val])
 
 
 @dataclass
@@ -74,6 +96,6 @@ def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
 
 
 # Registration: importing the task modules adds them to TASKS.
-from gramopt.tasks import classification, images, regression, sequence  # noqa: E402,F401
+from gramopt.tasks import classification, images, language, regression, sequence  # noqa: E402,F401
 
-__all__ = ["Split", "TASKS", "Task", "get_task", "register_task", "seeded"]
+__all__ = ["Split", "TASKS", "Task", "get_task", "register_task", "seeded", "with_validation"]

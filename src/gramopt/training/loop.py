@@ -40,6 +40,7 @@ from gramopt.training.registry import (
     DIVERGENCE_ERRORS,
     build_optimizer,
     get_optimizer_spec,
+    loss_value,
     training_step,
     with_epoch_defaults,
 )
@@ -125,20 +126,20 @@ def evaluate(
     With a data-parallel ``run``, each rank evaluates its shard and the sums are added."""
     was_training = model.training
     model.eval()
-    loss_fn = get_loss(task.loss)
     total, correct = 0.0, 0
     rows = run.shard(x.shape[0]) if run is not None else None
     part_x, part_y = (x, y) if rows is None else (x[rows], y[rows])
+    positions = 1 if y.dim() < 2 or task.loss == "mse" else y[0].numel()  # a language model: per position
     for i in range(0, part_x.shape[0], batch):
         out = model(part_x[i : i + batch])
-        total += float(loss_fn.value(out, part_y[i : i + batch])) * out.shape[0]
+        total += float(loss_value(task.loss, out, part_y[i : i + batch])) * out.shape[0]
         if task.loss == "cross_entropy":
-            correct += int((out.argmax(1) == part_y[i : i + batch]).sum())
+            correct += int((out.argmax(-1) == part_y[i : i + batch]).sum())
     model.train(was_training)
     if run is not None:
         total, correct = run.sum([total, float(correct)])
     mean = total / x.shape[0]
-    return mean, (mean if task.loss == "mse" else correct / x.shape[0])
+    return mean, (mean if task.loss == "mse" else correct / (x.shape[0] * positions))
 
 
 def eval_subset(x: Tensor, y: Tensor, samples: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -195,6 +196,10 @@ class Trainer:
             self.run_part.check_batches(self.split.train_x.shape[0], self.config.batch_size)
         self.eval_train = eval_subset(self.split.train_x, self.split.train_y, self.config.eval_samples, self.config.seed)
         self.eval_test = eval_subset(self.split.test_x, self.split.test_y, self.config.eval_samples, self.config.seed)
+        self.eval_val = (
+            None if self.split.val_x is None or self.split.val_y is None
+            else eval_subset(self.split.val_x, self.split.val_y, self.config.eval_samples, self.config.seed)
+        )
         steps_per_epoch = math.ceil(self.split.train_x.shape[0] / self.config.batch_size)
         self.config.hyper = with_epoch_defaults(self.config.optimizer, self.config.hyper, steps_per_epoch)
         self.model = self.task.build_model(self.config.seed)
@@ -433,6 +438,10 @@ class Trainer:
             self.task.metric: metric,
             "seconds": self.seconds,
         }
+        if self.eval_val is not None:  # the validation set carved from the training data (gramopt compare)
+            val_loss, val_metric = evaluate(self.model, self.task, *self.eval_val, run=self.run_part)
+            record["val_loss"] = val_loss
+            record[self.task.metric.replace("test_", "val_", 1)] = val_metric
         self.epochs.append(record)
         if not math.isfinite(train_loss):
             self.diverged = True

@@ -101,7 +101,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 
 
+# Peers whose package is not installed: name -> what installs them (filled by ``peers``).
+MISSING_PEERS: dict[str, str] = {}
+
+
 def get_optimizer_spec(name: str) -> OptimizerSpec:
+    if name not in OPTIMIZERS and name in MISSING_PEERS:
+        raise ValueError(f"optimizer {name!r} is not available: {MISSING_PEERS[name]}")
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(sorted(OPTIMIZERS))}")
     return OPTIMIZERS[name]
@@ -131,6 +137,14 @@ def build_optimizer(
     return spec.build(model, loss, hyper)
 
 
+def loss_value(loss: str, output: Tensor, y: Tensor) -> Tensor:
+    """The mean loss of a first-order step. Sequence logits ``[b, T, V]`` with targets
+    ``[b, T]`` (a language model): the cross-entropy averaged over the ``b * T`` positions."""
+    if loss == "cross_entropy" and output.dim() == 3:
+        return torch.nn.functional.cross_entropy(output.flatten(0, 1), y.flatten())
+    return get_loss(loss).value(output, y)
+
+
 def training_step(
     optimizer: torch.optim.Optimizer, model: nn.Module, loss: str, x: Tensor, y: Tensor, grad_scale: float = 1.0
 ) -> Tensor:
@@ -142,7 +156,7 @@ def training_step(
     if isinstance(optimizer, SampleSpaceOptimizer):
         value = optimizer.backward(output, y)
     else:
-        value = get_loss(loss).value(output, y)
+        value = loss_value(loss, output, y)
         (value * grad_scale if grad_scale != 1.0 else value).backward()
     optimizer.step()
     return value.detach()
