@@ -207,8 +207,8 @@ class GGN(SampleSpaceOptimizer):
             self._finalizer_hook = weakref.finalize(self, handle.remove)
 
     def _record_call(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if torch.is_grad_enabled():
-            self._last_call = (args, kwargs, output)
+        if torch.is_grad_enabled() and isinstance(output, Tensor):
+            self._last_call = (args, kwargs, weakref.ref(output))  # never keeps the graph alive
 
     def close(self) -> None:
         if self.damping_adaptation is not None:
@@ -345,10 +345,6 @@ class GGN(SampleSpaceOptimizer):
             plain=plain,
             adapt=adapt,
         )
-        if self.curvature == "sampled":
-            self.extra_state["draws"] += 1
-        if first is None:
-            self.extra_state["first_loss"] = float(value.detach())
         self.engine.clear()
         return value.detach()
 
@@ -357,8 +353,8 @@ class GGN(SampleSpaceOptimizer):
         config = self.damping_adaptation
         if config is None or self.steps_taken % config.every:
             return None
-        call = self._last_call
-        if call is None or call[2] is not output:
+        call, self._last_call = self._last_call, None
+        if call is None or call[2]() is not output:
             if not self._warned_adaptation:
                 self._warned_adaptation = True
                 warnings.warn(
@@ -368,7 +364,7 @@ class GGN(SampleSpaceOptimizer):
                     stacklevel=5,
                 )
             return None
-        return {"call": call, "target": target, "before": float(self.loss.total(wide, target))}
+        return {"call": (call[0], call[1], tuple(output.shape)), "target": target, "before": float(self.loss.total(wide, target))}
 
     def gradient_params(self) -> list[Tensor]:
         """Those ``backward`` filled ``.grad`` of (and warned about)."""
@@ -421,16 +417,22 @@ class GGN(SampleSpaceOptimizer):
         """Damping adaptation: one forward pass on the step's batch, the reduction ratio,
         the new damping (in every param group, so ``state_dict()`` keeps it)."""
         pending, config = self._pending, self.damping_adaptation
+        if pending is not None:  # the step succeeded: its draws are used, its loss is known
+            if self.curvature == "sampled":
+                self.extra_state["draws"] += 1
+            if self.extra_state.get("first_loss") is None:
+                self.extra_state["first_loss"] = pending.loss
         if config is None or pending is None or pending.adapt is None or self._predicted is None:
             return
-        args, kwargs, output = pending.adapt["call"]
+        args, kwargs, shape = pending.adapt["call"]
         buffers = [b.detach().clone() for b in self.model.buffers()]
-        devices = [output.device] if output.device.type == "cuda" else []
+        device = next((t.device for t in args if isinstance(t, Tensor)), torch.device("cpu"))
+        devices = [device] if device.type == "cuda" else []
         with torch.no_grad(), self.engine.paused(), torch.random.fork_rng(devices=devices):
             after = self.model(*args, **kwargs)
         for b, saved in zip(self.model.buffers(), buffers):
             b.copy_(saved)
-        if not isinstance(after, Tensor) or after.shape != output.shape:
+        if not isinstance(after, Tensor) or tuple(after.shape) != shape:
             return
         wide = after.to(torch.promote_types(after.dtype, torch.float32))
         actual = float(self.loss.total(wide, pending.adapt["target"])) - pending.adapt["before"]
