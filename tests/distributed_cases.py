@@ -68,6 +68,8 @@ class Case:
 
     def optimizer(self, model: nn.Module, distributed: str | None, **override: Any) -> gramopt.GGN:
         options = {**self.options, **override}
+        if self.method == "ggn":  # the same fixed damping in the single-process reference
+            options.setdefault("damping_adaptation", None)
         cls = {"ggn": gramopt.GGN, "seng": gramopt.SENG, "fngd": gramopt.FNGD}[self.method]
         return cls(model, loss=self.loss, distributed=distributed, **options)
 

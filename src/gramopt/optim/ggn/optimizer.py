@@ -203,12 +203,15 @@ class GGN(SampleSpaceOptimizer):
         self._last_call: tuple[Any, Any, Any] | None = None
         self._warned_adaptation = False
         if self.damping_adaptation is not None:
-            handle = self.model.register_forward_hook(self._record_call, with_kwargs=True)
-            self._finalizer_hook = weakref.finalize(self, handle.remove)
+            owner = weakref.ref(self)  # the model's hook must not keep the optimizer alive
 
-    def _record_call(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if torch.is_grad_enabled() and isinstance(output, Tensor):
-            self._last_call = (args, kwargs, weakref.ref(output))  # never keeps the graph alive
+            def record_call(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+                opt = owner()
+                if opt is not None and torch.is_grad_enabled() and isinstance(output, Tensor):
+                    opt._last_call = (args, kwargs, weakref.ref(output))  # never keeps the graph alive
+
+            handle = self.model.register_forward_hook(record_call, with_kwargs=True)
+            self._finalizer_hook = weakref.finalize(self, handle.remove)
 
     def close(self) -> None:
         if self.damping_adaptation is not None:
