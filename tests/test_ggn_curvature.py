@@ -116,15 +116,15 @@ def test_sampled_step_converges_to_the_exact_step(float64):
     model, x, y = models.mlp(out=3), torch.randn(4, 5), torch.randint(0, 3, (4,))
     exact, _ = one_step(copy.deepcopy(model), x, y, lr=1.0, damping=0.1, loss="cross_entropy")
     errors = {}
-    for s in (16, 1024):
+    for s in (16, 256):
         runs = []
-        for seed in range(3):
+        for seed in range(2):
             delta, _ = one_step(copy.deepcopy(model), x, y, lr=1.0, damping=0.1, loss="cross_entropy",
                                 curvature="sampled", samples=s, seed=seed)
             runs.append(float((delta - exact).norm() / exact.norm()))
         errors[s] = sum(runs) / len(runs)
-    assert errors[1024] < 0.3 * errors[16], errors  # 1/sqrt(64) = 0.125 expected
-    assert errors[1024] < 0.1, errors
+    assert errors[256] < 0.5 * errors[16], errors  # 1/sqrt(16) = 0.25 expected
+    assert errors[256] < 0.2, errors
 
 
 class SequenceModel(nn.Module):
@@ -177,8 +177,8 @@ def test_sequence_outputs_sampled_rows_stay_per_sample(float64):
     model = SequenceModel()
     x, y = torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))
     exact = per_position_reference(model, x, y, lr=1.0, damping=0.5)
-    delta, opt = one_step(model, x, y, lr=1.0, damping=0.5, loss="cross_entropy", curvature="sampled", samples=2048, seed=1)
-    assert float((delta - exact).norm() / exact.norm()) < 0.15
+    delta, opt = one_step(model, x, y, lr=1.0, damping=0.5, loss="cross_entropy", curvature="sampled", samples=512, seed=1)
+    assert float((delta - exact).norm() / exact.norm()) < 0.3
 
 
 def test_ignore_index_and_loss_value(float64):

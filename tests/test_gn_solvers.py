@@ -243,7 +243,8 @@ def test_captured_activations_are_released_after_step():
     model = nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Linear(32, 1))
     seen = []
     model[0].register_forward_hook(lambda m, a, out: seen.append(weakref.ref(out)))
-    opt = gramopt.GGN(model, damping=0.1, solver="sketch-pcg")
+    # fixed damping: adaptation's extra forward would call the hook once more
+    opt = gramopt.GGN(model, damping=0.1, solver="sketch-pcg", damping_adaptation=None)
     for _ in range(2):
         out = model(torch.randn(8, 5))
         opt.backward(out, torch.randn(8, 1))

@@ -234,12 +234,15 @@ class GGN(SampleSpaceOptimizer):
         self._last_call: tuple[Any, Any, Any] | None = None
         self._warned_adaptation = False
         if self.damping_adaptation is not None:
-            handle = self.model.register_forward_hook(self._record_call, with_kwargs=True)
-            self._finalizer_hook = weakref.finalize(self, handle.remove)
+            owner = weakref.ref(self)  # the model's hook must not keep the optimizer alive
 
-    def _record_call(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        if torch.is_grad_enabled():
-            self._last_call = (args, kwargs, output)
+            def record_call(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+                opt = owner()
+                if opt is not None and torch.is_grad_enabled() and isinstance(output, Tensor):
+                    opt._last_call = (args, kwargs, weakref.ref(output))  # never keeps the graph alive
+
+            handle = self.model.register_forward_hook(record_call, with_kwargs=True)
+            self._finalizer_hook = weakref.finalize(self, handle.remove)
 
     def close(self) -> None:
         if self.damping_adaptation is not None:
@@ -396,8 +399,8 @@ class GGN(SampleSpaceOptimizer):
         config = self.damping_adaptation
         if config is None or self.steps_taken % config.every:
             return None
-        call = self._last_call
-        if call is None or call[2] is not output:
+        call, self._last_call = self._last_call, None
+        if call is None or call[2]() is not output:
             if not self._warned_adaptation:
                 self._warned_adaptation = True
                 warnings.warn(
@@ -407,7 +410,7 @@ class GGN(SampleSpaceOptimizer):
                     stacklevel=5,
                 )
             return None
-        return {"call": call, "target": target, "before": float(self.loss.total(wide, target))}
+        return {"call": (call[0], call[1], tuple(output.shape)), "target": target, "before": float(self.loss.total(wide, target))}
 
     def gradient_params(self) -> list[Tensor]:
         """Those ``backward`` filled ``.grad`` of (and warned about)."""
@@ -474,14 +477,15 @@ class GGN(SampleSpaceOptimizer):
                 self.extra_state["first_loss"] = pending.loss
         if config is None or pending is None or pending.adapt is None or self._predicted is None:
             return
-        args, kwargs, output = pending.adapt["call"]
+        args, kwargs, shape = pending.adapt["call"]
         buffers = [b.detach().clone() for b in self.model.buffers()]
-        devices = [output.device] if output.device.type == "cuda" else []
+        device = next((t.device for t in args if isinstance(t, Tensor)), torch.device("cpu"))
+        devices = [device] if device.type == "cuda" else []
         with torch.no_grad(), self.engine.paused(), torch.random.fork_rng(devices=devices):
             after = self.model(*args, **kwargs)
         for b, saved in zip(self.model.buffers(), buffers):
             b.copy_(saved)
-        if not isinstance(after, Tensor) or after.shape != output.shape:
+        if not isinstance(after, Tensor) or tuple(after.shape) != shape:
             return
         wide = after.to(torch.promote_types(after.dtype, torch.float32))
         actual = float(self.loss.total(wide, pending.adapt["target"])) - pending.adapt["before"]
