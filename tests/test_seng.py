@@ -572,7 +572,7 @@ def test_unsupported_modules_left_to_the_gradient(float64):
 
     model = nn.Sequential(nn.Linear(3, 4), Scale(), nn.Tanh(), nn.Linear(4, 2))
     with pytest.raises(gramopt.UnsupportedModuleError, match=r"1 \(Scale\)"):
-        gramopt.SENG(model, 0.1, 0.1)
+        gramopt.SENG(model, 0.1, 0.1, unsupported="error")
     x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
     blocks = [[model[0].weight, model[0].bias], [model[3].weight, model[3].bias]]
     hookless = copy.deepcopy(model)

@@ -20,6 +20,9 @@ COMPARE_EXTRA_MODULES = {
     "matplotlib": "matplotlib",
     "mlxtend": "mlxtend",
     "pytorch_optimizer": "pytorch-optimizer",
+    "singd": "singd",
+    "einops": "einops",
+    "einconv": "einconv",
 }
 
 

@@ -191,12 +191,6 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         """Where a local failure must reach the other ranks (``backward``, ``step``)."""
         return nullcontext() if self.sync is None else self.sync.agreement()
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's ``zero_grad``; it also starts a new step for the GradScaler protocol: the
-        next backward is not ``opt.backward`` until it says so (see :meth:`step`)."""
-        self._own_backward = False
-        super().zero_grad(set_to_none)
-
     def _draw_seed(self) -> int:
         """A random seed from torch's generator; rank 0's on every rank when distributed."""
         seed = int(torch.randint(0, 2**62, (1,)))
@@ -322,7 +316,10 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim's ``zero_grad``, which also drops the per-sample captures of the
         backward passes since the last step (gradient accumulation starts over, as for
-        ``.grad``); a forward pass whose backward has not run yet is kept."""
+        ``.grad``); a forward pass whose backward has not run yet is kept. It also starts a
+        new step for the GradScaler protocol: the next backward is not ``opt.backward``
+        until it says so (see :meth:`step`)."""
+        self._own_backward = False
         super().zero_grad(set_to_none)
         engine = getattr(self, "engine", None)
         if engine is not None:

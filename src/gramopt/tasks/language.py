@@ -3,13 +3,13 @@ character of text that ships with scikit-learn (its data sets' descriptions, abo
 of English prose and tables).
 
 Task ``charlm``: inputs ``[b, T]`` character ids, targets ``[b, T]`` (the input shifted
-by one), logits ``[b, T, V]``; the loss is the cross-entropy averaged over the ``b * T``
+by one), logits ``[b, V, T]`` (classes in dimension 1, as ``F.cross_entropy`` takes
+them); the loss is the cross-entropy averaged over the ``b * T``
 positions and the metric the next-character accuracy over them. The first 90% of the
 text gives the training windows, the last 10% the test windows.
 
-gramopt's sample-space methods take ``[b, k]`` logits for the cross-entropy today
-(``[b, T, V]`` support is being added); until then ``gramopt compare`` skips them on this
-task with the reason (``gramopt.compare.run.supports``), and they join once it lands.
+An optimizer that cannot take a step on this task is skipped by ``gramopt compare``
+with the reason (``gramopt.compare.run.supports``).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Block(nn.Module):
 
 
 class CharTransformer(nn.Module):
-    """``[b, T]`` ids -> ``[b, T, V]`` next-character logits: token and position
+    """``[b, T]`` ids -> ``[b, V, T]`` next-character logits: token and position
     embeddings, ``depth`` blocks, a final LayerNorm and a linear head."""
 
     def __init__(self, vocab: int, length: int = CONTEXT, d: int = 64, heads: int = 4, depth: int = 2) -> None:
@@ -78,7 +78,8 @@ class CharTransformer(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         b, s = ids.shape
         positions = torch.arange(s, device=ids.device).expand(b, s)
-        return self.head(self.norm(self.blocks(self.tokens(ids) + self.positions(positions))))
+        logits = self.head(self.norm(self.blocks(self.tokens(ids) + self.positions(positions))))
+        return logits.transpose(1, 2)  # [b, V, T]: classes in dimension 1
 
 
 def load_charlm(seed: int, n_train: int = 4000, n_test: int = 500) -> Split:

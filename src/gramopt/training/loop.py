@@ -134,7 +134,7 @@ def evaluate(
         out = model(part_x[i : i + batch])
         total += float(loss_value(task.loss, out, part_y[i : i + batch])) * out.shape[0]
         if task.loss == "cross_entropy":
-            correct += int((out.argmax(-1) == part_y[i : i + batch]).sum())
+            correct += int((out.argmax(1) == part_y[i : i + batch]).sum())  # classes: dim 1
     model.train(was_training)
     if run is not None:
         total, correct = run.sum([total, float(correct)])

@@ -138,10 +138,9 @@ def build_optimizer(
 
 
 def loss_value(loss: str, output: Tensor, y: Tensor) -> Tensor:
-    """The mean loss of a first-order step. Sequence logits ``[b, T, V]`` with targets
-    ``[b, T]`` (a language model): the cross-entropy averaged over the ``b * T`` positions."""
-    if loss == "cross_entropy" and output.dim() == 3:
-        return torch.nn.functional.cross_entropy(output.flatten(0, 1), y.flatten())
+    """The mean loss of a first-order step. Cross-entropy takes the class dimension 1, as
+    ``F.cross_entropy`` does: sequence logits ``[b, V, T]`` with targets ``[b, T]`` (a
+    language model) give the mean over the ``b * T`` positions."""
     return get_loss(loss).value(output, y)
 
 

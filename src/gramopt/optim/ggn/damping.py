@@ -20,7 +20,8 @@ given to the optimizer. That floor matters for mini-batches: the ratio is measur
 the batch the step was fitted to, where a Gauss-Newton step almost always keeps its
 promise (rho near 1), so a rule free to lower the damping drives it towards the
 per-batch Newton step, which over-fits each batch and diverges across batches
-(measured: the memorisation task of issue 16, benchmarks/ggn_curvature.py). With the
+(measured on a memorisation task, 512 random inputs and 4 labels, MLP 20-64-64-4:
+unbounded, the loss reached 68 instead of 0.22). With the
 floor, adaptation is a safety net: it raises the damping where the quadratic model
 fails and lowers it back to the floor once the model is trusted again. Cost: one extra forward pass (no backward)
 on the step's batch every ``every`` steps, after the update.

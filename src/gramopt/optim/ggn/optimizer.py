@@ -58,11 +58,14 @@ from gramopt.optim.ggn.system import GaussNewtonSystem
 #: lr and damping when the constructor is given none, per loss. mse: the paper's lr = 1,
 #: damping 0.3; cross-entropy: the per-batch generalized Gauss-Newton step over-fits
 #: each batch at lr = 1 (the memorisation task of issue 16 went from loss 1.4 to 5.6e3),
-#: lr = 0.3, damping = 3 train it (benchmarks/ggn_curvature.py).
+#: lr = 0.3, damping = 3 train it to 0.94 train accuracy in 100 steps
+#: (tests/test_ggn_curvature.py::test_memorisation_trains_with_the_defaults).
 DEFAULT_HYPER = {"mse": {"lr": 1.0, "damping": 0.3}, "cross_entropy": {"lr": 0.3, "damping": 3.0}}
 #: The default number of columns per sample (per position for "top").
 DEFAULT_SAMPLES = {"top": 3, "sampled": 1}
-#: The default output curvature per loss (chosen by measurement, benchmarks/ggn_curvature.py).
+#: The default output curvature per loss. "exact" for cross-entropy too: on the memorisation
+#: task it trained best (0.94 vs 0.855 for top s=3 and 0.67 for sampled s=1); which one
+#: reaches the project's classification targets soonest is not measured yet.
 DEFAULT_CURVATURE = {"mse": "exact", "cross_entropy": "exact"}
 _DEFAULT = object()
 
