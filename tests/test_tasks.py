@@ -78,11 +78,12 @@ def test_the_character_language_model_trains(optimizer):
     assert torch.equal(split.train_x[:, 1:], split.train_y[:, :-1])  # targets: the next character
     model = task.build_model(0)
     logits = model(split.train_x[:4])
-    assert logits.shape == (4, 32, len(__import__("gramopt.tasks.language", fromlist=["x"]).vocabulary()))
+    # [b, V, T]: classes in dimension 1, as F.cross_entropy takes them
+    assert logits.shape == (4, len(__import__("gramopt.tasks.language", fromlist=["x"]).vocabulary()), 32)
     # causal: changing a later character leaves the earlier positions' logits alone
     changed = split.train_x[:4].clone()
-    changed[:, 20] = (changed[:, 20] + 1) % logits.shape[-1]
-    assert torch.allclose(model(changed)[:, :20], logits[:, :20], atol=1e-6)
+    changed[:, 20] = (changed[:, 20] + 1) % logits.shape[1]
+    assert torch.allclose(model(changed)[:, :, :20], logits[:, :, :20], atol=1e-6)
     opt = build_optimizer(optimizer, model, task.loss, dict(task.hyper.get(optimizer, {})))
     x, y = split.train_x[:64], split.train_y[:64]
     losses = [float(training_step(opt, model, task.loss, x, y)) for _ in range(5)]
