@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from gramopt.capture.factors import LayerFactors
+from gramopt.capture import attention
 from gramopt.capture.handlers import LayerHandler, handler_for
 from gramopt.errors import CaptureError, UnsupportedModuleError
 
@@ -49,6 +50,13 @@ UNSUPPORTED_POLICIES = ("error", "gradient")
 #: (``F.multi_head_attention_forward`` reads ``out_proj.weight`` directly): a hook on such
 #: a submodule never fires, so the container owns every parameter below it.
 FUNCTIONAL_CONTAINERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+#: Their in-projection is a layer of its own (see :mod:`gramopt.capture.attention`) unless
+#: :func:`gramopt.capture.attention.validate` refuses the module; then every parameter below
+#: it follows the plain gradient (or is refused, under ``unsupported="error"``).
+_IN_PROJECTION = attention.InProjectionHandler()
+#: Layers whose feed-forward Linear layers see ``[T, b, d]`` unless built with
+#: ``batch_first=True``: covered as a whole by the unsupported-parameter policy then.
+_SEQUENCE_FIRST_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 @dataclass
@@ -114,6 +122,7 @@ class CaptureEngine:
         self._calls: dict[int, list[_Call]] = {}
         self._handles: list[RemovableHandle] = []
         self._grad_handles: list[RemovableHandle] = []
+        self._attention: dict[int, nn.MultiheadAttention] = {}  # attached by this engine
         self._grad_versions: dict[int, tuple[int, int]] = {}  # id(p) -> (id(p.grad), version)
         self._pass: int | None = None  # index of the current pass in backward_passes
         self._paused = False  # see paused()
@@ -149,23 +158,51 @@ class CaptureEngine:
         unsupported: list[str] = []
         problems: list[str] = []
         inside: list[str] = []  # prefixes of functional containers (their submodules are skipped)
+        attentions: list[tuple[nn.MultiheadAttention, attention.InProjection]] = []
         for name, module in model.named_modules():
             if any(name.startswith(prefix) for prefix in inside):
                 continue
-            if isinstance(module, FUNCTIONAL_CONTAINERS):
+            label = f"{name or 'model'} ({type(module).__name__})"
+            reason = None
+            if isinstance(module, _SEQUENCE_FIRST_LAYERS) and not module.self_attn.batch_first:
                 inside.append(f"{name}." if name else "")
                 own = [p for p in module.parameters() if id(p) in wanted]
+                reason = (
+                    f"{label} is sequence-first (batch_first=False): its Linear layers see [T, b, d] inputs "
+                    "and gramopt needs the batch dimension first; build it with batch_first=True"
+                )
+            elif isinstance(module, FUNCTIONAL_CONTAINERS):
+                try:
+                    attention.validate(module)
+                except UnsupportedModuleError as err:
+                    inside.append(f"{name}." if name else "")
+                    own = [p for p in module.parameters() if id(p) in wanted]
+                    reason = f"{label}: {err}"
+                else:  # its in-projection is a layer; out_proj, a Linear, comes next in the loop
+                    own = [p for p in attention.in_projection_params(module) if id(p) in wanted]
+                    if not own:
+                        continue
+                    if self.layer_filter is not None and not self.layer_filter(module):
+                        plain.extend(own)
+                    elif id(module) in self._attention:
+                        proxy = module.__dict__[attention.PROXY]
+                        extended.append((next(x for x in self.layers if x.module is proxy), own))
+                    else:  # attached below, once nothing was refused
+                        proxy = module.__dict__.get(attention.PROXY) or attention.InProjection(module)
+                        attentions.append((module, proxy))
+                        new_layers.append(Layer(f"{name}.in_proj" if name else "in_proj", proxy, _IN_PROJECTION, own))
+                    continue
             else:
                 own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
             if not own:
                 continue
-            label = f"{name or 'model'} ({type(module).__name__})"
             handler = handler_for(module)
-            if handler is not None and self.layer_filter is not None and not self.layer_filter(module):
+            if reason is None and handler is not None and self.layer_filter is not None and not self.layer_filter(module):
                 plain.extend(own)  # the method's own choice, not a fallback: no warning
                 continue
-            reason = None
-            if handler is None:
+            if reason is not None:
+                pass
+            elif handler is None:
                 reason = f"{label} has no gramopt handler"
             elif isinstance(module, _BATCHNORM) and module.training and not self.batchnorm_training:
                 reason = (
@@ -194,13 +231,17 @@ class CaptureEngine:
             raise UnsupportedModuleError(
                 "gramopt cannot precondition these parameters:\n  - "
                 + "\n  - ".join(problems)
-                + "\nSupported: Linear, Conv1d/2d/3d (any groups), ConvTranspose1d/2d/3d, Embedding, "
+                + "\nSupported: Linear, Conv1d/2d/3d (any groups), ConvTranspose1d/2d/3d, Embedding, MultiheadAttention, "
                 "LayerNorm, GroupNorm, RMSNorm, BatchNorm (SENG, FNGD; eval mode for GGN); register "
                 "others with gramopt.register_handler, or pass unsupported='gradient' to update them "
                 "with the plain gradient (with a warning naming them)."
             )
         for layer, own in extended:
             layer.params.extend(p for p in own if all(p is not q for q in layer.params))
+            layer.params.sort(key=_canonical_order(layer))
+        for module, proxy in attentions:  # only now: a refusal above changes nothing
+            self._attention[id(module)] = module
+            attention.attach(module, proxy)
         self.plain_params.extend(plain)
         self.unsupported_names.extend(unsupported)
         for layer in new_layers:
@@ -550,8 +591,25 @@ class CaptureEngine:
             handle.remove()
         self._handles.clear()
         self._grad_handles.clear()
+        for module in self._attention.values():
+            attention.detach(module)
+        self._attention.clear()
         self.clear()
         self.closed = True
+
+
+def _canonical_order(layer: Layer) -> Callable[[nn.Parameter], int]:
+    """Sort key putting a layer's parameters in the order its module declares them
+    (weight before bias; the in-projection's order of
+    :func:`~gramopt.capture.attention.in_projection_params`), whatever order the
+    parameter groups named them in."""
+    module = layer.module
+    if isinstance(module, attention.InProjection):
+        declared = attention.in_projection_params(module.attention)
+    else:
+        declared = list(module.parameters(recurse=False))
+    index = {id(p): i for i, p in enumerate(declared)}
+    return lambda p: index.get(id(p), len(index))
 
 
 def _captured(calls: list[_Call]) -> bool:

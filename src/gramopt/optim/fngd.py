@@ -98,7 +98,7 @@ from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper
 #: transposed and grouped convolutions included); every other parameter (norms,
 #: embeddings) takes the plain gradient of the mean loss, as in the paper: that is the
 #: method, not a fallback, so it is not warned about.
-PRECONDITIONED = (nn.Linear, nn.modules.conv._ConvNd)
+PRECONDITIONED = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)  # attention: its in-projection
 
 #: Estimation steps before the coefficients are shared when none are given (see the
 #: module docstring: the paper estimates during one epoch, which the class cannot know).
