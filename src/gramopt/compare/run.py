@@ -369,7 +369,7 @@ def load_splits(task: Task, seeds: int) -> dict[int, Split]:
 def supports(task: Task, name: str, split: Split) -> str | None:
     """None if optimizer ``name`` can take a step on ``task`` (two training samples, a
     fresh model), else why not: the ValueError or NotImplementedError it raises (e.g. a
-    gramopt method on the language model's ``[b, T, V]`` logits before it supports them).
+    peer that refuses the model's layers, or an output shape a method does not take).
     Other errors are left to the runs, which report them as failed."""
     model = task.build_model(0)
     try:
