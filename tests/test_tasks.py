@@ -90,13 +90,13 @@ def test_the_character_language_model_trains(optimizer):
     assert losses[-1] < losses[0]
 
 
-def test_the_resnet_task_uses_groupnorm_and_trains_with_seng():
+def test_the_resnet_task_uses_batchnorm_and_trains_with_seng():
     from torch import nn
 
     task = get_task("fashion-resnet")
     model = task.build_model(0)
-    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, nn.GroupNorm) for m in model.modules())
     x = torch.rand(32, 1, 28, 28)
     y = torch.randint(0, 10, (32,))
     opt = build_optimizer("seng", model, task.loss, dict(task.hyper["seng"]))

@@ -188,7 +188,7 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         lines += _markdown_table(_headers(task), rows(task))
         for name, reason in task.get("skipped", {}).items():
-            lines += ["", f"Skipped: {name}, which cannot train this task yet ({reason.splitlines()[0][:200]})."]
+            lines += ["", f"Skipped: {name}, which cannot train this task ({_reason_line(reason)})."]
         lines += ["", "Grids (median over seeds per setting):", ""]
         lines += _markdown_table(
             ["optimizer", "setting", "validation s to each rung", "final val loss", "final train loss", "diverged", "failed"],
@@ -196,3 +196,9 @@ def markdown(results: dict[str, Any]) -> str:
         )
         lines.append("")
     return "\n".join(lines)
+
+
+def _reason_line(reason: str, limit: int = 300) -> str:
+    """A multi-line error message on one line (its first lines joined), at most ``limit`` characters."""
+    text = " ".join(line.strip(" -") for line in reason.splitlines() if line.strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -429,7 +429,7 @@ def compare_task(
             progress.update(overall, total=progress.tasks[0].total - size * len(seeds)) if progress.tasks else None
             if plain is not None:
                 plain.total -= size * len(seeds)
-                plain.note(f"{task.name}: skipping {name}, which cannot train this task: {reason[:120]}")
+                plain.note(f"{task.name}: skipping {name}, which cannot train this task: {' '.join(reason.split())[:160]}")
             continue
         spec = get_optimizer_spec(name)
         methods[name] = {
