@@ -327,3 +327,39 @@ def test_sequence_first_transformer_layers_fall_back_by_name():
     opt.backward(model(x).mean(0), torch.randint(0, 8, (6,)))
     opt.step()
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+class _TinyEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(3, E)
+        self.attn = nn.MultiheadAttention(E, H, batch_first=True)
+        self.head = nn.Linear(E, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        out, _ = self.attn(h, h, h, attn_mask=_causal(x.shape[1]).to(x.dtype), is_causal=True, need_weights=False)
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize("method", ["ggn", "seng", "fngd"])
+def test_accumulated_micro_batches_give_the_whole_batch_step(method):
+    """Two backward calls on halves, one step == one step on the concatenation (float64)."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 4, 3, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=generator)
+    results = []
+    for halves in (False, True):
+        model = _TinyEncoder().double()
+        if method == "ggn":
+            opt = gramopt.GGN(model, lr=0.5, damping=0.3, loss="cross_entropy", damping_adaptation=None)
+        elif method == "seng":
+            opt = gramopt.SENG(model, lr=0.5, damping=0.1, loss="cross_entropy")
+        else:
+            opt = gramopt.FNGD(model, lr=0.5, damping=0.01, loss="cross_entropy")
+        for xs, ys in ((x[:4], y[:4]), (x[4:], y[4:])) if halves else ((x, y),):
+            opt.backward(model(xs), ys)
+        opt.step()
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-11)

@@ -348,5 +348,12 @@ class InProjectionHandler(LayerHandler):
     def save(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
         return save_call(args)
 
+    def merge_saved(self, saved: list[Any]) -> Any:
+        packed = all(s[3] for s in saved)
+        if packed:
+            x = torch.cat([s[0] for s in saved], dim=0)
+            return x, x, x, True
+        return (*(torch.cat([s[i] for s in saved], dim=0) for i in range(3)), False)
+
     def factors(self, module, params, saved, grads):
         return in_projection_factors(module, params, saved, grads)

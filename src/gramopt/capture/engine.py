@@ -460,10 +460,7 @@ class CaptureEngine:
                 saved = [c.saved for c in group]
                 try:
                     grads = stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=0)
-                    if len(saved) > 1:
-                        saved = torch.cat(saved, dim=0)
-                    else:
-                        saved = saved[0]
+                    saved = layer.handler.merge_saved(saved) if len(saved) > 1 else saved[0]
                 except (RuntimeError, TypeError) as err:
                     raise CaptureError(
                         f"layer {layer.name}: the micro-batches of this step cannot be concatenated along the batch "

@@ -44,6 +44,12 @@ class LayerHandler(ABC):
             )
         return args[0].detach()
 
+    def merge_saved(self, saved: list[Any]) -> Any:
+        """What :meth:`save` kept from one call in each of several micro-batches (gradient
+        accumulation), as if kept from one call on their concatenated batch (default:
+        tensors concatenated along the batch dimension)."""
+        return torch.cat(saved, dim=0)
+
     @abstractmethod
     def factors(
         self,
