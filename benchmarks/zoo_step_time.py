@@ -9,9 +9,9 @@ SENG at 1.10-1.20x an SGD step on ResNets (GPU, large batches); these are tiny m
 a shared CPU, where per-step overhead weighs more. Writes
 benchmarks/results/zoo_step_time.{json,png}.
 
-    python benchmarks/zoo_step_time.py [--rounds 10] [--models resnet,gpt] [--tag after-attention]
+    python benchmarks/zoo_step_time.py [--rounds 20] [--models resnet,gpt] [--tag after-attention]
 
-(about 2-3 minutes with the defaults on one thread; ``--tag`` writes
+(about a minute with the defaults on one thread; ``--tag`` writes
 zoo_step_time-TAG.{json,png}, so a re-run keeps the earlier results.)
 """
 
@@ -94,7 +94,7 @@ def _commit() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--models", default=",".join(ZOO), help=f"comma-separated, of {list(ZOO)}")
     parser.add_argument("--tag", default="", help="suffix of the output files (zoo_step_time-TAG.json)")
     args = parser.parse_args()
