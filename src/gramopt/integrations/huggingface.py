@@ -46,8 +46,13 @@ class GramoptTrainer(Trainer):
     step, and the Trainer's one ``step()`` after G of them is the step of the concatenated
     batch (the optimizers weigh micro-batches of any sizes exactly; the Trainer's division of
     the loss by G is not needed and not done). The logged loss is the mean of the micro-batch
-    losses. GGN's ``damping_adaptation`` keeps the damping fixed on such steps (GGN warns);
-    pass ``damping_adaptation=None`` to GGN to train with a fixed damping and no warning.
+    losses.
+
+    GGN's ``damping_adaptation`` re-runs the model on the step's input, which needs
+    ``opt.backward`` to get the model's own output tensor; a Hugging Face model returns a
+    ``ModelOutput`` whose ``.logits`` is not that, and an accumulated step has several
+    inputs: in both cases the damping stays fixed and GGN warns once. Pass
+    ``damping_adaptation=None`` to GGN to train with a fixed damping and no warning.
 
     ``max_grad_norm`` c > 0 (the Trainer's default is 1.0) becomes the optimizer's
     ``max_update_norm``: the step's direction (all parameters together, before learning
