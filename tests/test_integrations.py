@@ -230,9 +230,10 @@ def test_gramopt_trainer_accumulation_gives_the_step_of_the_whole_batch(method, 
     args.per_device_train_batch_size = BATCH // 3
     args.gradient_accumulation_steps = 3
     trainer = GramoptTrainer(model=trained, args=args, train_dataset=Sequences(), optimizers=(opt, None))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         result = trainer.train()
+    assert not [w for w in caught if "gramopt" in str(w.message)], [str(w.message) for w in caught]
     assert result.global_step == 2 and opt.steps_taken == 2
     ref_opt = HF_METHODS[method](reference)
     losses = plain_loop_steps(reference, ref_opt, Sequences().batch(), 2)
