@@ -55,7 +55,9 @@ def mobilenet(width: int = 16) -> nn.Module:
     """``[b, 1, 8, 8]`` -> stem (8x8) -> blocks (8x8, 4x4, 4x4) -> pool -> logits ``[b, 10]``."""
     return nn.Sequential(
         nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU6(),
-        InvertedResidual(width, width, 1), InvertedResidual(width, 2 * width, 2), InvertedResidual(2 * width, 2 * width, 1),
+        InvertedResidual(width, width, 1),
+        InvertedResidual(width, 2 * width, 2),
+        InvertedResidual(2 * width, 2 * width, 1),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 10),
     )
 
@@ -141,7 +143,8 @@ def main() -> None:
             step += 1
             running = loss if running is None else 0.9 * running + 0.1 * loss
             if step % 50 == 0 or step == args.steps:
-                print(f"step {step:4d}  train loss {running:.3f}  test accuracy {accuracy(model, test_x, data.test_y):.3f}")
+                test = accuracy(model, test_x, data.test_y)
+                print(f"step {step:4d}  train loss {running:.3f}  test accuracy {test:.3f}")
             if step == args.steps:
                 break
     if args.checkpoint is not None:

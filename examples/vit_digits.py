@@ -126,7 +126,8 @@ def main() -> None:
             step += 1
             running = loss if running is None else 0.9 * running + 0.1 * loss
             if step % 50 == 0 or step == args.steps:
-                print(f"step {step:4d}  train loss {running:.3f}  test accuracy {accuracy(model, test_x, data.test_y):.3f}")
+                test = accuracy(model, test_x, data.test_y)
+                print(f"step {step:4d}  train loss {running:.3f}  test accuracy {test:.3f}")
             if step == args.steps:
                 break
     if args.checkpoint is not None:
