@@ -1,14 +1,18 @@
 """Step time of each method on the model zoo (tests/zoo.py) as a ratio to SGD-momentum.
 
-For each zoo model: SGD-momentum, SENG, FNGD (estimation every step, and sharing) and GGN
-where it is defined (not with BatchNorm in training mode, not per-token outputs), each on
-its own copy of the model and the zoo's fixed batch, timed in turns in one process
-(gramopt.compare.timing.interleaved_times). The papers report FNGD at 1.03-1.06x and
+For each zoo model: SGD-momentum, SENG, FNGD (estimation every step, and sharing) and GGN,
+each on its own copy of the model and the zoo's fixed batch, timed in turns in one process
+(gramopt.compare.timing.interleaved_times). GGN refuses BatchNorm in training mode, so on
+the ResNet and the MobileNet its copy runs the BatchNorm layers in eval mode (the others
+train them); the GPT's logits are [b, V, T], which GGN's backward takes. The papers report FNGD at 1.03-1.06x and
 SENG at 1.10-1.20x an SGD step on ResNets (GPU, large batches); these are tiny models on
 a shared CPU, where per-step overhead weighs more. Writes
 benchmarks/results/zoo_step_time.{json,png}.
 
-    python benchmarks/zoo_step_time.py [--rounds 10]
+    python benchmarks/zoo_step_time.py [--rounds 20] [--models resnet,gpt] [--tag after-attention]
+
+(about a minute with the defaults on one thread; ``--tag`` writes
+zoo_step_time-TAG.{json,png}, so a re-run keeps the earlier results.)
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,13 +38,19 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from zoo import ZOO  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-GGN_UNDEFINED = {"resnet", "mobilenet", "gpt"}
 
 
 def _loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if kind == "token_cross_entropy":
-        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-    return F.cross_entropy(out, y) if kind == "cross_entropy" else F.mse_loss(out, y)
+    """The zoo's losses; per-token logits are ``[b, V, T]`` (class dimension 1)."""
+    return F.mse_loss(out, y) if kind == "mse" else F.cross_entropy(out, y)
+
+
+def _batchnorm_eval(model: torch.nn.Module) -> torch.nn.Module:
+    """GGN's documented way with BatchNorm: running statistics (eval mode), the rest trains."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    return model
 
 
 def steps_for(name: str) -> dict:
@@ -54,9 +65,8 @@ def steps_for(name: str) -> dict:
         "seng": lambda m: gramopt.SENG(m, lr=0.01, damping=1.0, loss=loss, momentum=0.9),
         "fngd": lambda m: gramopt.FNGD(m, lr=0.01, damping=0.1, loss=loss, momentum=0.9),
         "fngd-sharing": lambda m: gramopt.FNGD(m, lr=0.01, damping=0.1, loss=loss, momentum=0.9, coefficient_steps=1),
+        "ggn": lambda m: gramopt.GGN(_batchnorm_eval(m), lr=0.1, damping=1.0, loss=loss),
     }
-    if name not in GGN_UNDEFINED:
-        makers["ggn"] = lambda m: gramopt.GGN(m, lr=0.1, damping=1.0, loss=loss)
     steps = {}
     for label, make in makers.items():
         model = fresh()[0]
@@ -66,7 +76,7 @@ def steps_for(name: str) -> dict:
             opt.zero_grad()
             if label == "ggn":
                 opt.backward(model(x), y)
-            else:  # the ordinary loop for every method (per-token losses need it)
+            else:  # the ordinary loop for every other method
                 _loss(kind, model(x), y).backward()
             opt.step()
 
@@ -74,41 +84,60 @@ def steps_for(name: str) -> dict:
     return steps
 
 
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--models", default=",".join(ZOO), help=f"comma-separated, of {list(ZOO)}")
+    parser.add_argument("--tag", default="", help="suffix of the output files (zoo_step_time-TAG.json)")
     args = parser.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in ZOO]
+    if unknown or not models:
+        parser.error(f"unknown zoo models {unknown}; choose from {list(ZOO)}")
     torch.set_num_threads(1)
     import warnings
 
     warnings.filterwarnings("ignore", message=".*cannot precondition.*")
     record = {
-        "what": "seconds per step on the zoo's fixed batch (batch 8), ordinary loop; ratio to SGD-momentum per round",
+        "what": "seconds per step on the zoo's fixed batch (size per model below), ordinary loop (GGN: opt.backward); ratio to SGD-momentum per round",
         "method": f"gramopt.compare.timing.interleaved_times: {args.rounds} rounds x 5 steps, rotating order, 3 warm-up steps",
+        "ggn_note": "GGN's copies of the ResNet and the MobileNet run BatchNorm in eval mode (GGN refuses training mode)",
         "models": {},
+        "commit": _commit(),
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1, "machine": platform.machine()},
     }
-    for name in ZOO:
+    for name in models:
         samples = interleaved_times(steps_for(name), rounds=args.rounds)
         summary = ratio_summary(samples, "sgd-momentum")
-        record["models"][name] = {"summary": summary, "samples": samples}
+        batch = ZOO[name](torch.Generator().manual_seed(1))[1].shape[0]
+        record["models"][name] = {"batch": batch, "summary": summary, "samples": samples}
         for label, s in summary.items():
             print(f"{name:12s} {label:14s} {1e3 * s['median_seconds']:8.2f} ms  ratio {s['ratio_median']:.2f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "zoo_step_time.json").write_text(json.dumps(record, indent=2))
+    stem = "zoo_step_time" + (f"-{args.tag}" if args.tag else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2))
     fig, ax = plt.subplots(figsize=(9, 3.5))
     labels = ["seng", "fngd", "fngd-sharing", "ggn"]
     width = 0.2
     for i, label in enumerate(labels):
-        values = [record["models"][m]["summary"].get(label, {}).get("ratio_median", 0.0) for m in ZOO]
-        ax.bar([j + i * width for j in range(len(ZOO))], values, width, label=label)
+        values = [record["models"][m]["summary"][label]["ratio_median"] for m in models]
+        ax.bar([j + i * width for j in range(len(models))], values, width, label=label)
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([j + 1.5 * width for j in range(len(ZOO))], list(ZOO))
-    ax.set_ylabel("step time / SGD-momentum step (median)")
-    ax.set_title("zoo, batch 8, 1 CPU thread (GGN only where defined)")
+    ax.set_xticks([j + 1.5 * width for j in range(len(models))], models)
+    ax.set_yscale("log")
+    ax.set_ylabel("step time / SGD-momentum step\n(median of interleaved rounds)")
+    ax.set_title("zoo (tests/zoo.py sizes), 1 CPU thread; GGN: BatchNorm in eval mode")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "zoo_step_time.png", dpi=120)
+    fig.savefig(RESULTS / f"{stem}.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -197,20 +197,100 @@ def test_hugging_face_trainer_runs_the_optimizers_step(method, tmp_path):
     ref_opt.close()
 
 
-def test_gramopt_trainer_refuses_what_would_change_the_step(tmp_path):
+HF_METHODS = {
+    "seng": lambda m, **kw: gramopt.SENG(m, lr=0.1, damping=1.0, **kw),
+    "fngd": lambda m, **kw: gramopt.FNGD(m, lr=0.1, damping=1e-3, **kw),
+    "ggn": lambda m, **kw: gramopt.GGN(m, lr=0.1, damping=1.0, loss="cross_entropy", damping_adaptation=None, **kw),
+}
+
+
+def plain_loop_steps(model: nn.Module, opt, batch: dict[str, torch.Tensor], steps: int) -> list[float]:
+    """``steps`` steps of ``opt.backward(logits, labels)`` on the whole batch; the losses."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        losses.append(float(opt.backward(model(**inputs).logits, batch["labels"])))
+        opt.step()
+    return losses
+
+
+@pytest.mark.parametrize("method", ["seng", "fngd", "ggn"])
+def test_gramopt_trainer_accumulation_gives_the_step_of_the_whole_batch(method, tmp_path):
+    """gradient_accumulation_steps=3 on micro-batches of 4: each step equals one step on
+    the 12 samples at once (the Trainer shuffles them; float64), and the logged loss is the
+    whole batch's mean loss."""
+    transformers, trained = tiny_bert()
+    from gramopt.integrations.huggingface import GramoptTrainer
+
+    reference = type(trained)(trained.config).double()
+    reference.load_state_dict(trained.state_dict())
+    opt = HF_METHODS[method](trained)
+    args = hf_args(transformers, tmp_path, 2)
+    args.per_device_train_batch_size = BATCH // 3
+    args.gradient_accumulation_steps = 3
+    trainer = GramoptTrainer(model=trained, args=args, train_dataset=Sequences(), optimizers=(opt, None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = trainer.train()
+    assert not [w for w in caught if "gramopt" in str(w.message)], [str(w.message) for w in caught]
+    assert result.global_step == 2 and opt.steps_taken == 2
+    ref_opt = HF_METHODS[method](reference)
+    losses = plain_loop_steps(reference, ref_opt, Sequences().batch(), 2)
+    assert_same_parameters(trained, reference, atol=1e-9)
+    assert result.training_loss == pytest.approx(sum(losses) / 2, rel=1e-6)  # (the Trainer sums in float32)
+    opt.close()
+    ref_opt.close()
+
+
+def test_gramopt_trainer_max_grad_norm_clips_the_update(tmp_path):
+    """max_grad_norm becomes the optimizer's max_update_norm: the run equals a plain loop
+    with max_update_norm=c (a c small enough to clip every step), the Trainer clips no
+    .grad (GGN would warn), and the caller's args keep their max_grad_norm."""
+    transformers, trained = tiny_bert()
+    from gramopt.integrations.huggingface import GramoptTrainer
+
+    reference = type(trained)(trained.config).double()
+    reference.load_state_dict(trained.state_dict())
+    unclipped = type(trained)(trained.config).double()
+    unclipped.load_state_dict(trained.state_dict())
+    opt = HF_METHODS["ggn"](trained)
+    args = hf_args(transformers, tmp_path, 2)
+    args.max_grad_norm = 0.05
+    trainer = GramoptTrainer(model=trained, args=args, train_dataset=Sequences(), optimizers=(opt, None))
+    assert opt.max_update_norm == 0.05 and args.max_grad_norm == 0.05 and trainer.args.max_grad_norm == 0.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "gramopt" in str(w.message)], [str(w.message) for w in caught]
+    batch = Sequences().batch()
+    ref_opt = HF_METHODS["ggn"](reference, max_update_norm=0.05)
+    plain_loop_steps(reference, ref_opt, batch, 2)
+    assert_same_parameters(trained, reference, atol=1e-9)
+    free_opt = HF_METHODS["ggn"](unclipped)
+    plain_loop_steps(unclipped, free_opt, batch, 2)  # the clip took effect: without it, another result
+    moved = {n: (p - q).abs().max() for (n, p), q in zip(unclipped.named_parameters(), reference.parameters())}
+    assert max(moved.values()) > 1e-6
+    for o in (opt, ref_opt, free_opt):
+        o.close()
+
+
+def test_gramopt_trainer_refuses_a_conflicting_clip_and_other_optimizers(tmp_path):
     transformers, model = tiny_bert()
     from gramopt.integrations.huggingface import GramoptTrainer
 
     data = Sequences()
-    opt = gramopt.GGN(model, lr=0.1, damping=1.0, loss="cross_entropy")
+    opt = gramopt.GGN(model, lr=0.1, damping=1.0, loss="cross_entropy", max_update_norm=2.0)
     clipped = hf_args(transformers, tmp_path, 1)
     clipped.max_grad_norm = 1.0
-    with pytest.raises(ValueError, match="max_grad_norm=0"):
+    with pytest.raises(ValueError, match="already has max_update_norm=2.0"):
         GramoptTrainer(model=model, args=clipped, train_dataset=data, optimizers=(opt, None))
-    accumulating = hf_args(transformers, tmp_path, 1)
-    accumulating.gradient_accumulation_steps = 2
-    with pytest.raises(ValueError, match="gradient_accumulation_steps must be 1"):
-        GramoptTrainer(model=model, args=accumulating, train_dataset=data, optimizers=(opt, None))
+    clipped.max_grad_norm = float("nan")
+    with pytest.raises(ValueError, match="max_grad_norm must be finite"):
+        GramoptTrainer(model=model, args=clipped, train_dataset=data, optimizers=(opt, None))
+    assert opt.max_update_norm == 2.0
+    GramoptTrainer(model=model, args=hf_args(transformers, tmp_path, 1), train_dataset=data, optimizers=(opt, None))
+    assert opt.max_update_norm == 2.0  # max_grad_norm=0: the optimizer's own clip stays
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="needs a gramopt optimizer"):
         GramoptTrainer(model=model, args=hf_args(transformers, tmp_path, 1), train_dataset=data, optimizers=(sgd, None))

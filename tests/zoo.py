@@ -1,7 +1,12 @@
 """A tiny model zoo of the architectures people train, for tests and benchmarks: each
 builder returns ``(model, x, y, loss)`` with a fixed batch; ``loss`` is ``"cross_entropy"``
-(logits ``[b, k]``), ``"token_cross_entropy"`` (logits ``[b, T, V]``, per-token targets
-``[b, T]``: the ordinary loop only) or ``"mse"``."""
+(logits ``[b, k]``), ``"token_cross_entropy"`` (per-token logits ``[b, V, T]``, class
+dimension 1 as ``F.cross_entropy`` and the optimizers' ``backward`` take them, targets
+``[b, T]``) or ``"mse"``.
+
+Sizes are small so that the zoo test (tests/test_zoo.py) and the step-time benchmark
+(benchmarks/zoo_step_time.py) run in seconds on a CPU: the architectures are those of the
+named families (ResNetTiny is the 32x32-input ResNet-18 layout, fed 16x16 images here)."""
 
 from __future__ import annotations
 
@@ -91,7 +96,10 @@ class ViTTiny(nn.Module):
 
 
 class GPTMini(nn.Module):
-    """Token and position embeddings, causal nn.MultiheadAttention, an MLP, a tied-free head."""
+    """Token and position embeddings, causal nn.MultiheadAttention, an MLP, an untied head.
+
+    ``idx [b, T]`` -> logits ``[b, V, T]`` (class dimension 1, so that GGN's
+    ``opt.backward(model(idx), targets)`` gets the model's own output)."""
 
     def __init__(self, vocab: int = 11, dim: int = 16, context: int = 8) -> None:
         super().__init__()
@@ -110,7 +118,7 @@ class GPTMini(nn.Module):
         a = self.norm1(h)
         h = h + self.attn(a, a, a, attn_mask=mask, is_causal=True, need_weights=False)[0]
         h = h + self.mlp(self.norm2(h))
-        return self.head(h)
+        return self.head(h).transpose(1, 2)
 
 
 class ConvAutoencoder(nn.Module):
@@ -130,7 +138,7 @@ def _images(b: int, size: int, classes: int, generator: torch.Generator) -> tupl
 
 
 def resnet(generator: torch.Generator):
-    return ResNetTiny(), *_images(8, 32, 10, generator), "cross_entropy"
+    return ResNetTiny(), *_images(8, 16, 10, generator), "cross_entropy"
 
 
 def mobilenet(generator: torch.Generator):
@@ -142,12 +150,12 @@ def vit(generator: torch.Generator):
 
 
 def gpt(generator: torch.Generator):
-    idx = torch.randint(0, 11, (8, 9), generator=generator)
-    return GPTMini(), idx[:, :-1], idx[:, 1:], "token_cross_entropy"
+    idx = torch.randint(0, 8, (6, 7), generator=generator)
+    return GPTMini(vocab=8, context=6), idx[:, :-1], idx[:, 1:], "token_cross_entropy"
 
 
 def autoencoder(generator: torch.Generator):
-    x = torch.rand(8, 1, 8, 8, generator=generator)
+    x = torch.rand(4, 1, 8, 8, generator=generator)
     return ConvAutoencoder(), x, x.clone(), "mse"
 
 

@@ -6,16 +6,20 @@ which is all SENG and FNGD need. GGN instead needs the model's outputs and the t
 its Gauss-Newton system), so :class:`GramoptTrainer` replaces the training step::
 
     opt = gramopt.GGN(model, lr=0.3, damping=1.0, loss="cross_entropy")
-    trainer = GramoptTrainer(model=model, args=TrainingArguments(..., max_grad_norm=0),
+    trainer = GramoptTrainer(model=model, args=TrainingArguments(...),
                              train_dataset=data, optimizers=(opt, None))
     trainer.train()
 
 It works with SENG and FNGD too (their uniform loop, which skips the weight gradients
-FNGD does not read). Importing this module imports ``transformers``.
+FNGD does not read). ``gradient_accumulation_steps`` and ``max_grad_norm`` keep their
+meaning (see :class:`GramoptTrainer`). Importing this module imports ``transformers``.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import math
 from typing import Any
 
 import torch
@@ -26,20 +30,38 @@ import gramopt
 
 GRAMOPT_OPTIMIZERS = (gramopt.GGN, gramopt.SENG, gramopt.FNGD)
 
+logger = logging.getLogger(__name__)
+
 
 class GramoptTrainer(Trainer):
     """A ``transformers.Trainer`` whose training step is ``loss = opt.backward(logits, labels)``.
 
     Pass the gramopt optimizer, built on the same model, as ``optimizers=(opt, scheduler)``
     (``scheduler`` None: the Trainer makes its ``lr_scheduler_type`` schedule over it). The
-    model's output must have ``.logits`` (``[b, k]``, or a tensor as first element) and every
-    batch a ``"labels"`` entry (the targets of the optimizer's ``loss``); the other entries
-    are the model's keyword arguments.
+    model's output must have ``.logits`` (``[b, k]``, ``[b, C, ...]`` with the classes in
+    dimension 1, or a tensor as first element) and every batch a ``"labels"`` entry (the
+    targets of the optimizer's ``loss``); the other entries are the model's keyword arguments.
 
-    Refused at construction, because the step would silently differ from what they say:
-    ``gradient_accumulation_steps`` other than 1 (each ``opt.backward`` starts a new step's
-    captures) and ``max_grad_norm`` > 0 (clipping ``.grad`` does not reach GGN's or FNGD's
-    preconditioned directions, which are not computed from ``.grad``).
+    ``gradient_accumulation_steps`` G > 1: each micro-batch's ``opt.backward`` adds to the
+    step, and the Trainer's one ``step()`` after G of them is the step of the concatenated
+    batch (the optimizers weigh micro-batches of any sizes exactly; the Trainer's division of
+    the loss by G is not needed and not done). The logged loss is the mean of the micro-batch
+    losses.
+
+    GGN's ``damping_adaptation`` re-runs the model on the step's input, which needs
+    ``opt.backward`` to get the model's own output tensor; a Hugging Face model returns a
+    ``ModelOutput`` whose ``.logits`` is not that, and an accumulated step has several
+    inputs: in both cases the damping stays fixed and GGN warns once. Pass
+    ``damping_adaptation=None`` to GGN to train with a fixed damping and no warning.
+
+    ``max_grad_norm`` c > 0 (the Trainer's default is 1.0) becomes the optimizer's
+    ``max_update_norm``: the step's direction (all parameters together, before learning
+    rate and momentum) is scaled by ``min(1, c / ||d||)``, as ``clip_grad_norm_`` scales
+    the gradient of SGD. The Trainer's own clipping of ``.grad`` is turned off (the trainer
+    keeps a copy of ``args`` with ``max_grad_norm=0``; the caller's ``args`` is unchanged),
+    because GGN's and FNGD's steps do not read ``.grad``. If the optimizer already has a
+    different ``max_update_norm``, construction raises ValueError; set ``max_grad_norm=0``
+    to clip only with the optimizer's own ``max_update_norm``, or not at all.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -49,23 +71,39 @@ class GramoptTrainer(Trainer):
                 "GramoptTrainer needs a gramopt optimizer (GGN, SENG or FNGD) built on the model, "
                 f"passed as optimizers=(opt, scheduler); got {type(self.optimizer).__name__}"
             )
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError(
-                "GramoptTrainer: gradient_accumulation_steps must be 1 (gramopt optimizers take one "
-                f"backward pass per step), got {self.args.gradient_accumulation_steps}"
-            )
-        if self.args.max_grad_norm:
-            raise ValueError(
-                "GramoptTrainer: set max_grad_norm=0 in TrainingArguments; gradient clipping acts on "
-                f".grad, which GGN's and FNGD's steps do not read (got max_grad_norm={self.args.max_grad_norm})"
-            )
         self.gramopt_optimizer = self.optimizer
+        self._clip_with_optimizer(self.args.max_grad_norm)
+
+    def _clip_with_optimizer(self, max_grad_norm: float | None) -> None:
+        """Move ``max_grad_norm`` > 0 to the optimizer's ``max_update_norm`` and turn the
+        Trainer's clipping of ``.grad`` off (on a copy of ``self.args``)."""
+        if not max_grad_norm or max_grad_norm <= 0:
+            return
+        if not math.isfinite(max_grad_norm):
+            raise ValueError(f"GramoptTrainer: max_grad_norm must be finite (or 0: no clipping), got {max_grad_norm}")
+        opt = self.gramopt_optimizer
+        current = opt.max_update_norm
+        if current is not None and current != float(max_grad_norm):
+            raise ValueError(
+                f"GramoptTrainer: max_grad_norm={max_grad_norm} in TrainingArguments would become the optimizer's "
+                f"max_update_norm, but {type(opt).__name__} already has max_update_norm={current}; set "
+                "max_grad_norm=0 to keep the optimizer's, or give both the same value"
+            )
+        opt.max_update_norm = float(max_grad_norm)
+        logger.info(
+            "GramoptTrainer: max_grad_norm=%s clips the update (%s max_update_norm), not .grad",
+            max_grad_norm, type(opt).__name__,
+        )
+        self.args = copy.copy(self.args)
+        self.args.max_grad_norm = 0.0
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
-        """One forward pass, then the optimizer's ``backward(logits, labels)``; returns the
-        mean loss (detached), which the Trainer logs. The Trainer then calls ``step()``."""
+        """One forward pass, then the optimizer's ``backward(logits, labels)`` (which also
+        accumulates micro-batches); returns the micro-batch's mean loss (detached) divided by
+        the number of micro-batches of this step, which the Trainer sums and logs. The Trainer
+        calls ``step()`` after the last micro-batch."""
         model.train()
         inputs = dict(self._prepare_inputs(inputs))
         if "labels" not in inputs:
@@ -73,4 +111,6 @@ class GramoptTrainer(Trainer):
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-        return self.gramopt_optimizer.backward(logits, labels).detach()
+        loss = self.gramopt_optimizer.backward(logits, labels).detach()
+        micro_batches = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        return loss / max(int(micro_batches), 1)

@@ -1,0 +1,56 @@
+"""The zoo's examples (examples/vit_digits.py, mobilenet_digits.py,
+conv_autoencoder_digits.py) run as scripts with a few steps: every method, the
+checkpoint written and resumed (model, optimizer and scheduler state_dicts), and the
+printed losses finite. Needs scikit-learn (the digits), as the examples do."""
+
+from __future__ import annotations
+
+import math
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn", reason="the examples load scikit-learn's digits (compare extra)")
+pytestmark = pytest.mark.filterwarnings("ignore:.*cannot precondition.*:RuntimeWarning")
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+SCRIPTS = ["vit_digits.py", "mobilenet_digits.py", "conv_autoencoder_digits.py"]
+
+
+def run_example(script: str, capsys, *argv: str) -> str:
+    """Runs ``examples/script`` as ``__main__`` with ``argv`` in this process; its stdout."""
+    previous = sys.argv, torch.get_num_threads()
+    sys.argv = [script, *argv]
+    try:
+        runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+    finally:
+        sys.argv = previous[0]
+        torch.set_num_threads(previous[1])
+    return capsys.readouterr().out
+
+
+def losses(out: str) -> list[float]:
+    return [float(v) for v in re.findall(r"train loss (\S+)", out)]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("method", ["fngd", "seng", "ggn"])
+def test_example_runs_and_resumes(script, method, capsys, tmp_path):
+    checkpoint = tmp_path / "run.pt"
+    small = ["--method", method, "--batch-size", "8", "--checkpoint", str(checkpoint)]
+    first = run_example(script, capsys, "--steps", "2", *small)
+    assert "step    2" in first and checkpoint.exists(), first
+    second = run_example(script, capsys, "--steps", "3", *small)
+    assert "resumed from" in second and "at step 2" in second and "step    3" in second, second
+    assert all(math.isfinite(v) for v in losses(first) + losses(second)), (first, second)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_example_refuses_an_unknown_method(script, capsys):
+    with pytest.raises(SystemExit):
+        run_example(script, capsys, "--method", "adam", "--steps", "1")
+    assert "invalid choice" in capsys.readouterr().err
