@@ -308,7 +308,7 @@ class GGN(SampleSpaceOptimizer):
         """The curvature a batch with this ``output`` ``[b, C, ...]`` uses: the configured
         one, except that the *default* "top" (``curvature`` not given) becomes "sampled" for
         outputs with more than one position per sample, whose rows stay ``b (s + 1)``."""
-        if self.curvature == "top" and not self._curvature_given and output.dim() > 2:
+        if self.curvature == "top" and not self._curvature_given and output[0].numel() > output.shape[1]:
             return "sampled"
         return self.curvature
 
@@ -319,7 +319,7 @@ class GGN(SampleSpaceOptimizer):
         at ``damping``), and one default serves ``[b, C]`` and ``[b, C, T]`` outputs alike."""
         if self.loss.name != "cross_entropy" or output.dim() <= 2:
             return 1
-        return output[0].numel() // output.shape[1]
+        return max(1, output[0].numel() // output.shape[1])
 
     def _row_directions(self, wide: Tensor, target: Tensor) -> tuple[list[Tensor], Tensor | None, Tensor | None, Tensor | None]:
         """``(directions, q [b, r, m], w [b, m], c [b, r])`` of the configured curvature."""
