@@ -22,9 +22,9 @@ from gramopt.compare.memory import AVAILABLE, peak_memory
 from gramopt.compare.plots import _on_grid
 from gramopt.cli import _parser, main
 from gramopt.errors import SingularSystemError
-from gramopt.tasks import TASKS, get_task
+from gramopt.tasks import TASKS, Task, get_task
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
-from gramopt.training.registry import OptimizerSpec
+from gramopt.training.registry import OptimizerSpec, build_optimizer
 
 TINY = dict(tasks=("diabetes",), seeds=2, budget_seconds=0.15, progress=False)
 
@@ -79,7 +79,7 @@ def test_every_optimizer_gets_a_grid_of_the_same_size_around_its_defaults():
             settings = grid(name, task)
             assert len(settings) == GRID_SIZE
             assert len({json.dumps(s, sort_keys=True) for s in settings}) == GRID_SIZE
-            base = {**OPTIMIZERS[name].run_defaults, **task.hyper.get(name, {})}
+            base = {**OPTIMIZERS[name].run_defaults_for(task.loss), **task.hyper.get(name, {})}
             assert settings[GRID_SIZE // 2] == base  # the middle setting is the default
             full = grid(name, task, "full")
             assert len(full) == GRID_SIZES["full"] == 9
@@ -88,6 +88,30 @@ def test_every_optimizer_gets_a_grid_of_the_same_size_around_its_defaults():
             varied = {k for k in base if len({repr(s[k]) for s in full}) > 1} - {"adamw_lr"}
             assert len(varied) == 2 and "lr" in varied, (name, varied)
             assert any(s["lr"] == base["lr"] for s in full)
+
+
+def test_ggn_grids_centre_on_the_constructors_per_loss_defaults(monkeypatch):
+    """The registry leaves GGN's lr and damping to its constructor (None); the grids take
+    the same per-loss numbers (DEFAULT_HYPER), so a task without GGN settings of its own
+    is tuned around what ``gramopt.GGN(model, loss=...)`` does."""
+    from gramopt.optim.ggn.optimizer import DEFAULT_HYPER
+
+    spec = OPTIMIZERS["ggn"]
+    assert spec.defaults["lr"] is None and spec.defaults["damping"] is None
+    for loss in ("mse", "cross_entropy"):
+        task = Task("t", "", loss, lambda seed: None, lambda seed: None, 1, 8)
+        settings = grid("ggn", task)
+        middle = settings[GRID_SIZE // 2]
+        assert (middle["lr"], middle["damping"]) == (DEFAULT_HYPER[loss]["lr"], DEFAULT_HYPER[loss]["damping"])
+        assert [s["damping"] for s in settings] == pytest.approx([DEFAULT_HYPER[loss]["damping"] * f for f in (0.1, 1, 10)])
+        model = torch.nn.Linear(3, 2)
+        opt = build_optimizer("ggn", model, loss, {})
+        assert (opt.param_groups[0]["lr"], opt.damping) == (DEFAULT_HYPER[loss]["lr"], DEFAULT_HYPER[loss]["damping"])
+        opt.close()
+    # a loss the spec has no numbers for: the grid cannot scale None, and says so
+    task = Task("u", "", "hinge", lambda seed: None, lambda seed: None, 1, 8)
+    with pytest.raises(ValueError, match="damping, whose base on task u is not a number"):
+        grid("ggn", task)
 
 
 def test_second_order_methods_get_lr_times_damping_and_first_order_their_own_knob():

@@ -165,7 +165,8 @@ def test_sequence_outputs_match_a_per_position_reference(curvature, float64):
     model = SequenceModel()
     x, y = torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))
     y[0, 1] = y[2, 3] = -100
-    expected = per_position_reference(model, x, y, lr=0.6, damping=0.5)
+    # the damping is per position: the summed system's damping is damping * T (T = 4)
+    expected = per_position_reference(model, x, y, lr=0.6, damping=0.5 * 4)
     kwargs = dict(samples=5) if curvature == "top" else {}
     delta, opt = one_step(model, x, y, lr=0.6, damping=0.5, loss="cross_entropy", curvature=curvature, **kwargs)
     torch.testing.assert_close(delta, expected, rtol=1e-7, atol=1e-10)
@@ -176,9 +177,40 @@ def test_sequence_outputs_sampled_rows_stay_per_sample(float64):
     many columns approach the per-position exact step."""
     model = SequenceModel()
     x, y = torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))
-    exact = per_position_reference(model, x, y, lr=1.0, damping=0.5)
+    exact = per_position_reference(model, x, y, lr=1.0, damping=0.5 * 4)
     delta, opt = one_step(model, x, y, lr=1.0, damping=0.5, loss="cross_entropy", curvature="sampled", samples=512, seed=1)
     assert float((delta - exact).norm() / exact.norm()) < 0.3
+
+
+def test_default_curvature_is_top_for_one_position_and_sampled_for_several(float64):
+    """Cross-entropy's default curvature (DEFAULT_CURVATURE, chosen by
+    benchmarks/results/ggn_ce_defaults.json) is "top"; for [b, V, T] logits the default
+    becomes "sampled" (b (s + 1) rows, not b T s). A curvature given explicitly stays."""
+    from gramopt.optim.ggn.optimizer import DEFAULT_CURVATURE, DEFAULT_HYPER
+
+    assert DEFAULT_CURVATURE["cross_entropy"] == "top"
+    model, x, y = models.mlp(out=3), torch.randn(6, 5), torch.randint(0, 3, (6,))
+    opt = gramopt.GGN(model, loss="cross_entropy")
+    assert (opt.param_groups[0]["lr"], opt.damping) == (DEFAULT_HYPER["cross_entropy"]["lr"], DEFAULT_HYPER["cross_entropy"]["damping"])
+    assert opt.batch_curvature(model(x)) == "top" and opt.damping_scale(model(x)) == 1
+    seq = SequenceModel()
+    tokens, labels = torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))
+    default = gramopt.GGN(seq, loss="cross_entropy", seed=1, damping_adaptation=None)
+    assert default.batch_curvature(seq(tokens)) == "sampled" and default.damping_scale(seq(tokens)) == 4
+    before = params_vector(seq)
+    default.zero_grad()
+    default.backward(seq(tokens), labels)
+    default.step()
+    delta = params_vector(seq) - before
+    assert default.state_dict()["gramopt"]["draws"] == 1  # it drew sampled columns
+    with torch.no_grad():
+        seq_copy = copy.deepcopy(seq)
+        for p, d in zip(seq_copy.parameters(), torch.split(delta, [p.numel() for p in seq_copy.parameters()])):
+            p.sub_(d.view_as(p))  # back to the start
+    same, _ = one_step(seq_copy, tokens, labels, loss="cross_entropy", curvature="sampled", seed=1)
+    torch.testing.assert_close(same, delta, rtol=1e-9, atol=1e-12)
+    explicit = gramopt.GGN(SequenceModel(), loss="cross_entropy", curvature="top")
+    assert explicit.batch_curvature(seq(tokens)) == "top"
 
 
 def test_ignore_index_and_loss_value(float64):
@@ -279,6 +311,31 @@ def test_sampled_run_checkpoint_resume_is_reproducible(float64):
     torch.testing.assert_close(params_vector(resumed), params_vector(model))
 
 
+def test_each_rank_draws_its_own_sampled_columns_reproducibly(monkeypatch, float64):
+    """Under distributed=, every rank holds rank 0's seed; the rank enters the draws' seed
+    (gramopt.optim.ggn.optimizer.process_rank is gramopt.distributed.rank, 0 without a
+    process group), so ranks draw different columns, each reproducibly; rank 0 draws what
+    a single process draws (the documented (seed, draws) seeding)."""
+    import gramopt.optim.ggn.optimizer as ggn_module
+
+    torch.manual_seed(0)
+    model, x, y = models.mlp(out=3), torch.randn(6, 5), torch.randint(0, 3, (6,))
+    kwargs = dict(lr=0.5, damping=0.4, loss="cross_entropy", curvature="sampled", samples=2, seed=7)
+    deltas = {}
+    for rank in (0, 1, 1, 2):
+        monkeypatch.setattr(ggn_module, "process_rank", lambda rank=rank: rank)
+        delta, _ = one_step(copy.deepcopy(model), x, y, **kwargs)
+        deltas.setdefault(rank, []).append(delta)
+    torch.testing.assert_close(deltas[1][0], deltas[1][1], rtol=0, atol=0)  # reproducible per rank
+    assert not torch.allclose(deltas[0][0], deltas[1][0]) and not torch.allclose(deltas[1][0], deltas[2][0])
+    with torch.no_grad():
+        f = model(x)
+    cols = drawn_columns("cross_entropy", f, seed=7, draws=0, s=2)
+    columns = block_columns([torch.stack([c[i] for c in cols], dim=1) for i in range(6)])
+    e = torch.softmax(f, 1) - F.one_hot(y, 3).to(f.dtype)
+    torch.testing.assert_close(deltas[0][0], dense_step(model, x, columns, e.reshape(-1), lr=0.5, damping=0.4), rtol=1e-7, atol=1e-10)
+
+
 def test_divergence_is_reported_and_changes_nothing():
     model, x, y = models.mlp(out=3), torch.randn(16, 5), torch.randint(0, 3, (16,))
     opt = gramopt.GGN(model, loss="cross_entropy", divergence=10.0)
@@ -310,7 +367,10 @@ def test_memorisation_trains_with_the_defaults():
     with torch.no_grad():
         accuracy = float((mlp(x).argmax(1) == y).float().mean())
     assert max(losses) < 3 * losses[0], losses
-    assert accuracy > 0.7, accuracy
+    # chance is 0.25. The defaults (top s=3, lr 0.3, damping 10) reach 0.66 here; damping 3
+    # memorised faster (exact: 0.94) but diverged on the project's mnist and digits tasks
+    # (benchmarks/results/ggn_ce_defaults.json), so the defaults trade this speed for safety.
+    assert accuracy > 0.6, accuracy
 
 
 # -- bad input ---------------------------------------------------------------------------
@@ -345,7 +405,7 @@ def test_bad_batches_change_nothing(case):
         kwargs = dict(loss="cross_entropy", curvature="top", samples=4)
         match = "samples"
     else:
-        kwargs = dict(loss="cross_entropy")
+        kwargs = dict(loss="cross_entropy", curvature="exact")
         model, x, y = SequenceModel(vocab=5), torch.randint(0, 5, (64, 32)), torch.randint(0, 5, (64, 32))
         match = 'curvature="sampled"'
     opt = gramopt.GGN(model, **kwargs)
@@ -363,6 +423,6 @@ def test_cross_entropy_loss_object_with_ignore_index(float64):
     x, y = torch.randint(0, 5, (3, 4)), torch.randint(1, 5, (3, 4))
     y[:, 0] = 0
     loss = CrossEntropyLoss(ignore_index=0)
-    expected = per_position_reference(model, x, y, lr=0.6, damping=0.5, ignore_index=0)
-    delta, _ = one_step(model, x, y, lr=0.6, damping=0.5, loss=loss)
+    expected = per_position_reference(model, x, y, lr=0.6, damping=0.5 * 4, ignore_index=0)  # per position, T = 4
+    delta, _ = one_step(model, x, y, lr=0.6, damping=0.5, loss=loss, curvature="exact")
     torch.testing.assert_close(delta, expected, rtol=1e-7, atol=1e-10)

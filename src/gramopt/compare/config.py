@@ -3,7 +3,7 @@
 Grids. Two sizes, the same for every optimizer: ``full`` (3 x 3 = 9 settings over two
 knobs) and ``quick`` (3 settings over one knob, the default command's). A knob is an
 :class:`Axis`: factors applied to the *base* value (the task's defaults for the
-optimizer, ``Task.hyper``, over the optimizer's own, ``OptimizerSpec.defaults``) or
+optimizer, ``Task.hyper``, over the optimizer's own, ``OptimizerSpec.loss_defaults`` of the task's loss) or
 absolute values. The middle setting is always the base. The knobs (:data:`FULL_GRIDS`):
 
 - second-order methods (ggn, seng, fngd, ikfac, singd): learning rate x damping;
@@ -185,13 +185,19 @@ def grid(name: str, task: Task, size: str = "quick") -> list[dict[str, Any]]:
     """The ``GRID_SIZES[size]`` hyper-parameter settings of optimizer ``name`` on ``task``
     (the middle one is the base setting)."""
     spec = get_optimizer_spec(name)
-    base = {**spec.run_defaults, **task.hyper.get(name, {})}  # FNGD's coefficient_steps: one epoch
+    # FNGD's coefficient_steps: one epoch (left out); GGN's lr and damping: its per-loss defaults
+    base = {**spec.run_defaults_for(task.loss), **task.hyper.get(name, {})}
     settings: list[dict[str, Any]] = [dict(base)]
     for axis in axes(name, size):
         try:
             changes = axis.settings(base)
         except KeyError as err:
             raise ValueError(f"the grid of {name} varies {err.args[0]}, which {name} does not take") from None
+        except TypeError:
+            raise ValueError(
+                f"the grid of {name} scales {axis.key}, whose base on task {task.name} is not a number: "
+                f"{base.get(axis.key)!r} (give it in the task's hyper or the optimizer's per_loss defaults)"
+            ) from None
         settings = [{**s, **c} for s in settings for c in changes]
     if len(settings) != GRID_SIZES[size]:
         raise ValueError(f"the {size} grid of {name} has {len(settings)} settings; every {size} grid has {GRID_SIZES[size]}")

@@ -57,7 +57,9 @@ class Task:
         build_model: ``seed -> model`` (the seed fixes the initialization).
         load: ``seed -> Split`` (the seed fixes the split).
         epochs, batch_size: defaults of ``gramopt train``.
-        hyper: per optimizer name, its default hyper-parameters on this task.
+        hyper: per optimizer name, its default hyper-parameters on this task (the
+            classification tasks give GGN none: its constructor's cross-entropy defaults,
+            chosen by benchmarks/results/ggn_ce_defaults.json, are the centre of its grids).
     """
 
     name: str

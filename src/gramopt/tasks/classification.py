@@ -30,7 +30,6 @@ register_task(
         epochs=10,
         batch_size=128,
         hyper={
-            "ggn": dict(lr=0.3, damping=1.0),
             "seng": dict(lr=0.33, damping=3.0, curvature_every=10),
             "fngd": dict(lr=0.3, damping=1e-3, momentum=0.9),
             "sgd": dict(lr=0.3, momentum=0.9),

@@ -142,7 +142,6 @@ def load_mnist_subset(seed: int) -> Split:
 
 
 CNN_HYPER = {
-    "ggn": dict(lr=0.3, damping=3.0),
     "seng": dict(lr=0.1, damping=1.0, curvature_every=10),
     "fngd": dict(lr=0.3, damping=1e-3, momentum=0.9),
     "sgd": dict(lr=0.05, momentum=0.9),

@@ -76,7 +76,6 @@ register_task(
         epochs=10,
         batch_size=128,
         hyper={
-            "ggn": dict(lr=0.3, damping=3.0),
             "seng": dict(lr=0.1, damping=1.0, curvature_every=10),
             "fngd": dict(lr=0.03, damping=1e-2, momentum=0.9),
             "sgd": dict(lr=0.1, momentum=0.9),

@@ -18,6 +18,7 @@ import gramopt
 from gramopt.losses import get_loss
 from gramopt.optim.base import SampleSpaceOptimizer
 from gramopt.optim.fngd import DEFAULT_COEFFICIENT_STEPS
+from gramopt.optim.ggn.optimizer import DEFAULT_HYPER as GGN_DEFAULT_HYPER
 
 
 # What a step may raise when the optimizer diverges: gramopt's NonFiniteError and
@@ -31,20 +32,36 @@ class OptimizerSpec:
     """``build(model, loss, hyper)`` makes the optimizer; ``defaults`` fill in missing
     hyper-parameters; ``hyper_names`` are those the command line may set; ``per_epoch``
     names hyper-parameters whose default is the number of steps in one epoch (see
-    :func:`with_epoch_defaults`); ``source`` says where the method comes from
-    ("gramopt", "torch" or the peer package)."""
+    :func:`with_epoch_defaults`); ``per_loss`` gives, per loss name, the values of
+    hyper-parameters whose default depends on the loss (their ``defaults`` entry is None:
+    the optimizer's constructor picks the same value itself); ``source`` says where the
+    method comes from ("gramopt", "torch" or the peer package)."""
 
     name: str
     description: str
     build: Callable[[nn.Module, str, dict[str, Any]], torch.optim.Optimizer]
     defaults: dict[str, Any]
     per_epoch: tuple[str, ...] = field(default=(), kw_only=True)
+    per_loss: dict[str, dict[str, Any]] = field(default_factory=dict, kw_only=True)
     source: str = field(default="gramopt", kw_only=True)
 
     def __post_init__(self) -> None:
         unknown = set(self.per_epoch) - set(self.defaults)
         if unknown:
             raise ValueError(f"{self.name}: per_epoch names {sorted(unknown)}, which are not among its hyper-parameters")
+        for loss, values in self.per_loss.items():
+            unknown = set(values) - set(self.defaults)
+            if unknown:
+                raise ValueError(f"{self.name}: per_loss[{loss!r}] names {sorted(unknown)}, which are not among its hyper-parameters")
+
+    def loss_defaults(self, loss: str) -> dict[str, Any]:
+        """The defaults with the per-loss values of ``loss`` filled in (the numbers the
+        optimizer's constructor uses when given None), e.g. GGN's lr and damping."""
+        return {**self.defaults, **self.per_loss.get(loss, {})}
+
+    def run_defaults_for(self, loss: str) -> dict[str, Any]:
+        """:meth:`loss_defaults` without the ``per_epoch`` ones: the base of a task's grids."""
+        return {key: value for key, value in self.loss_defaults(loss).items() if key not in self.per_epoch}
 
     @property
     def run_defaults(self) -> dict[str, Any]:
@@ -78,8 +95,15 @@ def _adamw(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Op
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
+    # lr and damping: None, the constructor's per-loss defaults (GGN's DEFAULT_HYPER: mse lr 1,
+    # damping 0.3; cross-entropy lr 0.3, damping 3), which ``per_loss`` repeats for the grids;
+    # curvature and samples: None, the constructor's defaults (DEFAULT_CURVATURE, DEFAULT_SAMPLES).
     "ggn": OptimizerSpec(
-        "ggn", "gramopt Gram-Gauss-Newton", _ggn, dict(lr=1.0, damping=0.3, momentum=0.0, weight_decay=0.0)
+        "ggn",
+        "gramopt Gram-Gauss-Newton",
+        _ggn,
+        dict(lr=None, damping=None, momentum=0.0, weight_decay=0.0, curvature=None, samples=None),
+        per_loss={loss: dict(values) for loss, values in GGN_DEFAULT_HYPER.items()},
     ),
     "fngd": OptimizerSpec(
         "fngd",

@@ -1,0 +1,168 @@
+"""GGN step time per output curvature, cross-entropy, as a ratio to SGD-momentum (issue 16).
+
+Models (batch b = 128, one thread):
+
+- ``mlp``: MLP 64-256-256-10 (tanh) on random inputs and labels;
+- ``mnist``: the ``mnist`` task's CNN (``gramopt.tasks.get_task("mnist").build_model``)
+  on the task's images;
+- ``recall``: the ``recall`` task's one-block Transformer on the task's sequences.
+
+Optimizers: SGD-momentum (the baseline), GGN ``curvature="exact"`` (one backward pass
+per class, a b k system), ``"top"`` with s = 3 (3 passes, b 3 system) and ``"sampled"``
+with s = 1 (1 sampled pass + 1 gradient pass, b 1 system). GGN runs with a fixed damping
+(``damping_adaptation=None``): the step itself; adaptation adds one forward pass every
+``AdaptiveDamping.every`` = 5 steps, reported separately as ``top3-adaptive``.
+
+Timing: ``gramopt.compare.timing.interleaved_times`` (rotating order, one sample per
+round, the ratio to SGD in the same round; median over rounds). Goals (issue 16):
+sampled s=1 <= 2.0x on the MLP, top s=3 <= 6x on the MLP and <= 3x on the CNN and the
+Transformer. Also records, per GGN variant, the phase seconds of its last step
+(``opt.last_info``/``_seconds``: jacobian, gradient, factors, solve, direction) to say
+where time goes.
+
+    PYTHONPATH=src python benchmarks/ggn_curvature.py
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+import gramopt  # noqa: E402
+from gramopt.compare.timing import interleaved_times, ratio_summary  # noqa: E402
+from gramopt.tasks import get_task  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+BATCH = 128
+ROUNDS, STEPS = 15, 2
+VARIANTS: dict[str, dict] = {
+    "exact": dict(curvature="exact"),
+    "top3": dict(curvature="top", samples=3),
+    "sampled1": dict(curvature="sampled", samples=1, seed=0),
+}
+GOALS = {("mlp", "sampled1"): 2.0, ("mlp", "top3"): 6.0, ("mnist", "top3"): 3.0, ("recall", "top3"): 3.0}
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+
+
+def workload(name: str) -> tuple[Callable[[], nn.Module], Tensor, Tensor]:
+    """``(build_model, x [b, ...], y [b])`` of a workload."""
+    if name == "mlp":
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(BATCH, 64, generator=generator)
+        y = torch.randint(0, 10, (BATCH,), generator=generator)
+        return mlp, x, y
+    task = get_task(name)
+    split = task.load(0)
+    return (lambda: task.build_model(0)), split.train_x[:BATCH], split.train_y[:BATCH]
+
+
+def time_workload(name: str) -> dict:
+    build, x, y = workload(name)
+    loss_fn = nn.CrossEntropyLoss()
+    steps: dict[str, Callable[[], None]] = {}
+    sgd_model = build()
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.01, momentum=0.9)
+
+    def sgd_step() -> None:
+        sgd.zero_grad()
+        loss_fn(sgd_model(x), y).backward()
+        sgd.step()
+
+    steps["sgd"] = sgd_step
+    optimizers = {}
+    settings = {**{k: {**v, "damping_adaptation": None} for k, v in VARIANTS.items()}, "top3-adaptive": dict(VARIANTS["top3"])}
+    for variant, options in settings.items():
+        model = build()
+        # a small lr keeps the timed runs away from divergence (the step's cost does not depend on it)
+        opt = gramopt.GGN(model, lr=0.01, damping=3.0, loss="cross_entropy", divergence=None, **options)
+        optimizers[variant] = opt
+
+        def step(model: nn.Module = model, opt: gramopt.GGN = opt) -> None:
+            opt.zero_grad()
+            opt.backward(model(x), y)
+            opt.step()
+
+        steps[variant] = step
+    samples = interleaved_times(steps, rounds=ROUNDS, steps_per_round=STEPS)
+    summary = ratio_summary(samples, "sgd")
+    phases = {}
+    for variant, opt in optimizers.items():
+        info = opt.last_info
+        phases[variant] = {k: float(v) for k, v in getattr(opt, "_seconds", {}).items()}
+        if info is not None:
+            phases[variant]["solve_method"] = str(getattr(info, "method", ""))
+    return {"summary": summary, "samples": samples, "phases_last_step_seconds": phases}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    record: dict = {
+        "what": "seconds per step, cross-entropy, batch 128; ratio to SGD-momentum per round (median, min, max)",
+        "method": f"gramopt.compare.timing.interleaved_times: {ROUNDS} rounds x {STEPS} steps, rotating order, 3 warm-up steps",
+        "ggn": "lr 0.01, damping 3; damping_adaptation=None except top3-adaptive (the default AdaptiveDamping, every 5 steps)",
+        "goals": {f"{w}/{v}": g for (w, v), g in GOALS.items()},
+        "workloads": {},
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        },
+    }
+    for name in ("mlp", "mnist", "recall"):
+        entry = time_workload(name)
+        record["workloads"][name] = entry
+        for variant, s in entry["summary"].items():
+            goal = GOALS.get((name, variant))
+            tail = "" if goal is None else f"  goal <= {goal:g}: {'met' if s['ratio_median'] <= goal else 'MISSED'}"
+            print(
+                f"{name:7s} {variant:14s} {1e3 * s['median_seconds']:8.2f} ms  ratio {s['ratio_median']:6.2f} "
+                f"[{s['ratio_min']:.2f}, {s['ratio_max']:.2f}]{tail}",
+                flush=True,
+            )
+    record["goals_met"] = {
+        f"{w}/{v}": record["workloads"][w]["summary"][v]["ratio_median"] <= g for (w, v), g in GOALS.items()
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ggn_curvature.json").write_text(json.dumps(record, indent=2))
+    plot(record)
+
+
+def plot(record: dict) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    titles = {"mlp": "MLP 64-256-256-10", "mnist": "mnist task CNN", "recall": "recall task Transformer"}
+    for ax, (name, entry) in zip(axes, record["workloads"].items()):
+        summary = entry["summary"]
+        labels = [n for n in summary if n != "sgd"]
+        medians = [summary[n]["ratio_median"] for n in labels]
+        low = [m - summary[n]["ratio_min"] for n, m in zip(labels, medians)]
+        high = [summary[n]["ratio_max"] - m for n, m in zip(labels, medians)]
+        ax.bar(labels, medians, yerr=[low, high], color=["tab:red", "tab:blue", "tab:green", "tab:cyan"], capsize=3)
+        for variant in labels:
+            goal = GOALS.get((name, variant))
+            if goal is not None:
+                i = labels.index(variant)
+                ax.hlines(goal, i - 0.4, i + 0.4, colors="k", linestyles="--", lw=1)
+        ax.set_yscale("log")
+        ax.set_title(f"{titles[name]}, b={BATCH}")
+        ax.set_ylabel("step time / SGD-momentum step")
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.suptitle("GGN cross-entropy step time by curvature (dashed: issue 16 goals)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "ggn_curvature.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
