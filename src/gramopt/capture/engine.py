@@ -468,6 +468,11 @@ class CaptureEngine:
                 out.append(p)
         return out
 
+    def remembers_gradients(self) -> bool:
+        """Whether a backward pass left a watched ``.grad`` since the last forget (if not,
+        :meth:`modified_gradients` is empty)."""
+        return bool(self._grad_versions)
+
     def forget_gradients(self) -> None:
         self._grad_versions.clear()
 

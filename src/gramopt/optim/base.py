@@ -582,7 +582,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             self.engine.watch_gradients(p for layer in layers for p in layer.params)
 
     def _warn_modified_gradients(self) -> None:
-        if self.reads_gradients != "plain" or self._warned_gradients:
+        if self.reads_gradients != "plain" or self._warned_gradients or not self.engine.remembers_gradients():
             return
         params = [p for layer in self.engine.layers for p in layer.params]
         modified = self.engine.modified_gradients(params)
