@@ -10,9 +10,9 @@ of the tasks' own training data. Variants, each on its own copy of the model:
   (``loss.backward(); opt.step()``: the weight gradients of the backward are wasted).
 
 Every variant runs the same :func:`gramopt.training.training_step` (forward, the
-method's backward pass(es), update). The variants are timed in turns (round robin) in
-one process: per round each runs ``inner`` steps; the ratio to SGD is taken per round
-and the median over rounds is reported, for wall-clock time and for the thread's CPU
+method's backward pass(es), update). The variants are timed in turns (``bench_common.interleaved``:
+rounds in a rotating order, synchronized on CUDA) in one process: per round each runs
+``inner`` steps; the ratio to SGD is taken per round and the median over rounds is reported, for wall-clock time and for the thread's CPU
 time (less sensitive to other processes on a shared machine).
 
     PYTHONPATH=src python benchmarks/fngd_speed.py            # writes benchmarks/results/fngd_speed.{json,png}
@@ -23,19 +23,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import gramopt
+from bench_common import RESULTS, environment, interleaved, task_batches
 from gramopt.tasks import get_task
 from gramopt.training.registry import training_step
 
-RESULTS = Path(__file__).parent / "results"
 MODELS = ("digits", "mnist", "recall")
 TARGETS = {"fngd-share": 1.10, "fngd-estimate": 1.6}
 
@@ -60,46 +57,25 @@ def ordinary_step(opt: torch.optim.Optimizer, model: torch.nn.Module, loss: str,
     opt.step()
 
 
-def bench_model(name: str, batch: int, rounds: int, seconds_per_turn: float, seed: int) -> dict:
+def bench_model(name: str, batch: int, rounds: int, seconds_per_turn: float, seed: int, device: torch.device) -> dict:
     task = get_task(name)
-    split = task.load(seed)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(split.train_x.shape[0], generator=generator)
-    batches = [
-        (split.train_x[order[i : i + batch]], split.train_y[order[i : i + batch]])
-        for i in range(0, split.train_x.shape[0] - batch + 1, batch)
-    ][:16]
-    model = task.build_model(seed)
+    batches = [(x.to(device), y.to(device)) for x, y in task_batches(name, batch, seed)]
+    model = task.build_model(seed).to(device)
     runs = variants(model, lr=1e-3, damping=1e-3)  # small steps: timing only
     cursor = {k: 0 for k in runs}
 
-    def one(key: str) -> None:
+    def stepper(key: str):
         m, opt, uniform = runs[key]
-        x, y = batches[cursor[key] % len(batches)]
-        cursor[key] += 1
-        if uniform:
-            training_step(opt, m, task.loss, x, y)
-        else:
-            ordinary_step(opt, m, task.loss, x, y)
+        step = training_step if uniform else ordinary_step
 
-    # warm-up, and the estimate of a step's time to size the turns
-    for key in runs:
-        for _ in range(3):
-            one(key)
-    start = time.perf_counter()
-    for _ in range(3):
-        one("sgd")
-    sgd_step = (time.perf_counter() - start) / 3
-    inner = max(1, round(seconds_per_turn / sgd_step))
-    wall = {k: [] for k in runs}
-    cpu = {k: [] for k in runs}
-    for _ in range(rounds):
-        for key in runs:
-            w0, c0 = time.perf_counter(), time.thread_time()
-            for _ in range(inner):
-                one(key)
-            wall[key].append((time.perf_counter() - w0) / inner)
-            cpu[key].append((time.thread_time() - c0) / inner)
+        def one() -> None:
+            x, y = batches[cursor[key] % len(batches)]
+            cursor[key] += 1
+            step(opt, m, task.loss, x, y)
+
+        return one
+
+    wall, cpu, inner = interleaved({k: stepper(k) for k in runs}, rounds, seconds_per_turn, device, warmup=3)
     phases = {}
     for key in ("fngd-estimate", "fngd-share"):
         info = runs[key][1].last_info
@@ -147,24 +123,19 @@ def main() -> None:
     parser.add_argument("--seconds-per-turn", type=float, default=0.15)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(RESULTS / "fngd_speed"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = {
         "benchmark": "FNGD step time / SGD-momentum step time, same model, batch %d" % args.batch,
         "targets": TARGETS,
-        "environment": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": __import__("os").cpu_count(),
-        },
+        "environment": environment(args.device),
         "settings": vars(args),
         "models": {},
     }
     for name in args.models:
-        results["models"][name] = bench_model(name, args.batch, args.rounds, args.seconds_per_turn, args.seed)
+        results["models"][name] = bench_model(name, args.batch, args.rounds, args.seconds_per_turn, args.seed, torch.device(args.device))
         r = results["models"][name]
         print(
             f"{name:7s} "

@@ -3,7 +3,8 @@
 **Step time.** For each model (the ``digits`` MLP 64-128-128-10 and the ``mnist`` CNN,
 batch 128 of real training images) every configuration gets its own copy of the model
 and its own optimizer; the configurations then run in turns (round robin) in one
-process: each round runs ``window`` steps of each (``training_step``: zero_grad,
+process (``bench_common.interleaved``, in a rotating order, synchronized on CUDA):
+each round runs ``window`` steps of each (``training_step``: zero_grad,
 forward, the method's backward, step), timed by ``time.perf_counter``. We report the
 median over rounds of the time per step; the *paired ratio*, the median over rounds of
 (this configuration's time / SGD's time in the same round), which cancels the load
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -42,10 +42,10 @@ import torch
 from torch import nn
 
 import gramopt
+from bench_common import RESULTS, environment, interleaved, task_batches
 from gramopt.tasks import get_task
 from gramopt.training.registry import training_step
 
-RESULTS = Path(__file__).parent / "results"
 SEED = 0
 TARGETS = {"curvature_every=200": 1.25, "curvature_every=1": 1.8, "memory": 1.5}
 
@@ -69,24 +69,22 @@ def time_configs() -> dict[str, callable]:
     }
 
 
-def time_model(task_name: str, rounds: int, window: int, warmup: int) -> dict:
+def time_model(task_name: str, rounds: int, window: int, warmup: int, device: torch.device) -> dict:
     task = get_task(task_name)
-    split = task.load(SEED)
-    x, y = split.train_x[:128], split.train_y[:128]
+    x, y = task_batches(task_name, 128, SEED, count=1)[0]
+    x, y = x.to(device), y.to(device)
     runs = {}
     for name, build in time_configs().items():
-        model = task.build_model(SEED)
+        model = task.build_model(SEED).to(device)
         runs[name] = (model, build(model, task.loss))
-    for model, opt in runs.values():
-        for _ in range(warmup):
-            training_step(opt, model, task.loss, x, y)
-    windows: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, (model, opt) in runs.items():
-            start = time.perf_counter()
-            for _ in range(window):
-                training_step(opt, model, task.loss, x, y)
-            windows[name].append((time.perf_counter() - start) / window)
+
+    def stepper(name: str):
+        model, opt = runs[name]
+        return lambda: training_step(opt, model, task.loss, x, y)
+
+    windows, _, _ = interleaved(
+        {name: stepper(name) for name in runs}, rounds, 0.0, device, warmup=warmup, steps_per_turn=window
+    )
     sgd_median = statistics.median(windows["sgd"])
     sgd_mean = statistics.fmean(windows["sgd"])
     out = {"batch": 128, "rounds": rounds, "window": window, "warmup": warmup, "configs": {}}
@@ -206,6 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="device of the step-time runs (the memory runs: CPU)")
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child)
@@ -214,20 +213,12 @@ def main() -> None:
     scale = 0.2 if args.quick else 1.0
     started = time.perf_counter()
     result = {
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "load_average_start": os.getloadavg(),
-        },
+        "environment": environment(args.device),
         "targets": TARGETS,
         "seed": SEED,
         "time": {
-            "digits-mlp": time_model("digits", max(3, int(30 * scale)), 20, 10),
-            "mnist-cnn": time_model("mnist", max(3, int(40 * scale)), 10, 5),
+            "digits-mlp": time_model("digits", max(3, int(30 * scale)), 20, 10, torch.device(args.device)),
+            "mnist-cnn": time_model("mnist", max(3, int(40 * scale)), 10, 5, torch.device(args.device)),
         },
         "memory": measure_memory(),
     }

@@ -15,8 +15,8 @@ backward pass(es), update):
   the timed steps reuse the curvature of the warm-up's refresh: its cost, about one
   ``seng-every1`` step per 200 steps, adds under 1% to the ratio).
 
-The methods are timed in turns (:func:`gramopt.compare.timing.interleaved_times`: rounds
-in a rotating order, several steps per turn) in one process; the ratio to SGD is taken
+The methods are timed in turns (``bench_common.interleaved``: rounds in a rotating
+order, several steps per turn) in one process; the ratio to SGD is taken
 per round and the median (min, max) over rounds is reported, for 1 and 2 threads, of the
 wall-clock time (``ratio``) and of the main thread's CPU time (``ratio_thread_cpu``: less
 sensitive to other processes on a shared machine; with 2 threads it misses the second
@@ -31,19 +31,14 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
-import gramopt
-from gramopt.tasks import get_task
+from bench_common import RESULTS, build_method, environment, interleaved, load_model, mlp_model, ratios, regression_target
 from gramopt.training.registry import training_step
 
-RESULTS = Path(__file__).parent / "results"
 MODELS = ("mlp", "mnist", "recall")
 METHODS = ("sgd", "ggn-mse", "fngd-estimate", "fngd-share", "seng-every1", "seng-every200")
 GOALS = {
@@ -51,63 +46,6 @@ GOALS = {
     "mnist": {"fngd-share": 1.05},
     "recall": {"fngd-share": 1.05},
 }
-
-
-def load_model(name: str, seed: int = 0) -> tuple[nn.Module, str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """(model, loss, 16 batches of 128) for ``mlp`` (64-256-256-10 on digits), ``mnist``, ``recall``."""
-    task = get_task("digits" if name == "mlp" else name)
-    split = task.load(seed)
-    if name == "mlp":
-        from gramopt.tasks.regression import mlp
-
-        torch.manual_seed(seed)
-        model = mlp(64, 256, 10, act=nn.ReLU)
-    else:
-        model = task.build_model(seed)
-    order = torch.randperm(split.train_x.shape[0], generator=torch.Generator().manual_seed(seed))
-    batches = [
-        (split.train_x[order[i : i + 128]], split.train_y[order[i : i + 128]])
-        for i in range(0, split.train_x.shape[0] - 127, 128)
-    ][:16]
-    return model, task.loss, batches
-
-
-def scalar_mlp(seed: int = 0) -> nn.Module:
-    """The MLP with one output, 64-256-256-1 (GGN's mse variant on the MLP)."""
-    from gramopt.tasks.regression import mlp
-
-    torch.manual_seed(seed)
-    return mlp(64, 256, 1, act=nn.ReLU)
-
-
-def target(y: torch.Tensor, loss: str, classes: int, scalar: bool) -> torch.Tensor:
-    """Labels for cross-entropy, one-hot rows (or the label as a number) for mse."""
-    if loss != "mse":
-        return y
-    return y.float().unsqueeze(1) if scalar else nn.functional.one_hot(y, classes).float()
-
-
-def build(method: str, model: nn.Module) -> tuple[torch.optim.Optimizer, str | None]:
-    """The optimizer of ``method`` on ``model`` and the loss it trains (None: the task's)."""
-    lr = 1e-3  # small steps: timing only
-    if method == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), None
-    if method == "ggn-mse":
-        return gramopt.GGN(model, lr=lr, damping=1.0, loss="mse", momentum=0.9), "mse"
-    if method == "fngd-estimate":
-        # coefficient_steps=None: estimate on every step (explicit: newer FNGD shares by default)
-        return gramopt.FNGD(model, lr=lr, damping=1e-3, momentum=0.9, coefficient_steps=None), None
-    if method == "fngd-share":
-        return gramopt.FNGD(model, lr=lr, damping=1e-3, momentum=0.9, coefficient_steps=1), None
-    if method.startswith("seng-every"):
-        every = int(method[len("seng-every") :])
-        return gramopt.SENG(model, lr=lr, damping=1.0, momentum=0.9, curvature_every=every), None
-    raise ValueError(method)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench(name: str, threads: int, rounds: int, seconds_per_turn: float, device: torch.device, methods: list[str]) -> dict:
@@ -118,48 +56,32 @@ def bench(name: str, threads: int, rounds: int, seconds_per_turn: float, device:
     runs = {}
     for method in methods:
         scalar = name == "mlp" and method == "ggn-mse"
-        m = copy.deepcopy(model) if not scalar else scalar_mlp().to(device)
-        opt, loss = build(method, m)
+        m = copy.deepcopy(model) if not scalar else mlp_model(1).to(device)
+        opt, loss = build_method(method, m)
         loss = loss or task_loss
-        data = [(x.to(device), target(y, loss, classes, scalar).to(device)) for x, y in batches]
+        data = [(x.to(device), regression_target(y, loss, classes, scalar).to(device)) for x, y in batches]
         runs[method] = (m, opt, loss, data)
     cursor = dict.fromkeys(runs, 0)
 
-    def one(key: str) -> None:
+    def stepper(key: str):
         m, opt, loss, data = runs[key]
-        x, y = data[cursor[key] % len(data)]
-        cursor[key] += 1
-        training_step(opt, m, loss, x, y)
 
-    for key in runs:  # warm-up (SENG every 200 refreshes at its first step here)
-        for _ in range(5):
-            one(key)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(5):
-        one("sgd")
-    synchronize(device)
-    inner = max(1, round(seconds_per_turn / ((time.perf_counter() - start) / 5)))
-    samples = {k: [] for k in runs}
-    cpu = {k: [] for k in runs}
-    for r in range(rounds):
-        keys = list(runs)
-        order = keys[r % len(keys) :] + keys[: r % len(keys)]
-        for key in order:
-            synchronize(device)
-            t0, c0 = time.perf_counter(), time.thread_time()
-            for _ in range(inner):
-                one(key)
-            synchronize(device)
-            samples[key].append((time.perf_counter() - t0) / inner)
-            cpu[key].append((time.thread_time() - c0) / inner)
-    out = {"steps_per_turn": inner, "rounds": rounds, "ms_per_step": {}, "ratio": {}, "ratio_thread_cpu": {}}
-    for key, values in samples.items():
-        out["ms_per_step"][key] = 1e3 * statistics.median(values)
-        if key != "sgd":
-            for field, series in (("ratio", samples), ("ratio_thread_cpu", cpu)):
-                ratios = [a / b for a, b in zip(series[key], series["sgd"])]
-                out[field][key] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        def one() -> None:
+            x, y = data[cursor[key] % len(data)]
+            cursor[key] += 1
+            training_step(opt, m, loss, x, y)
+
+        return one
+
+    # (the warm-up's first step is SENG every 200's curvature refresh)
+    wall, cpu, inner = interleaved({k: stepper(k) for k in runs}, rounds, seconds_per_turn, device)
+    out = {
+        "steps_per_turn": inner,
+        "rounds": rounds,
+        "ms_per_step": {k: 1e3 * statistics.median(v) for k, v in wall.items()},
+        "ratio": ratios(wall),
+        "ratio_thread_cpu": ratios(cpu),
+    }
     for key in runs:
         info = getattr(runs[key][1], "last_info", None)
         if info is not None:
@@ -225,14 +147,7 @@ def main() -> None:
         "benchmark": "step time / SGD-momentum step time, same model, batch 128, interleaved in one process",
         "tag": args.tag,
         "goals": GOALS,
-        "environment": {
-            "torch": torch.__version__,
-            "gramopt": gramopt.__file__,
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "load_average_before": os.getloadavg(),
-            "device": str(device),
-        },
+        "environment": environment(device),
         "settings": vars(args),
         "runs": {},
     }

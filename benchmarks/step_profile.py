@@ -34,23 +34,21 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from gramopt.compare.memory import peak_memories
 from gramopt.losses import get_loss
 from gramopt.optim.base import SampleSpaceOptimizer
 
-from step_overhead import METHODS, MODELS, build, load_model, scalar_mlp, target  # noqa: E402
+from bench_common import RESULTS, build_method, environment, load_model, mlp_model, regression_target
+from step_overhead import METHODS, MODELS
 
-RESULTS = Path(__file__).parent / "results"
 BUCKETS = ("forward", "backward passes", "factors", "Grams", "solve", "direction", "update", "checks", "Python overhead")
 PHASE_BUCKET = {
     "forward": "forward",
@@ -152,11 +150,11 @@ def breakdown(events, steps: int) -> dict[str, float]:
 def profile_method(name: str, method: str, steps: int, device: torch.device) -> dict:
     model, task_loss, batches = load_model(name)
     scalar = name == "mlp" and method == "ggn-mse"
-    model = (scalar_mlp() if scalar else copy.deepcopy(model)).to(device)
-    opt, loss = build(method, model)
+    model = (mlp_model(1) if scalar else copy.deepcopy(model)).to(device)
+    opt, loss = build_method(method, model)
     loss = loss or task_loss
     classes = int(max(int(y.max()) for _, y in batches)) + 1
-    data = [(x.to(device), target(y, loss, classes, scalar).to(device)) for x, y in batches]
+    data = [(x.to(device), regression_target(y, loss, classes, scalar).to(device)) for x, y in batches]
     traced_phases(opt)
     for i in range(5):
         one_step(opt, model, loss, *data[i % len(data)])
@@ -218,13 +216,7 @@ def main() -> None:
     results = {
         "benchmark": "one step's time split by phase (torch.profiler, CPU activity), batch 128, ms per step",
         "buckets": BUCKETS,
-        "environment": {
-            "torch": torch.__version__,
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "load_average_before": os.getloadavg(),
-            "device": str(device),
-        },
+        "environment": environment(device),
         "settings": vars(args),
         "models": {},
     }

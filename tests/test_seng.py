@@ -115,6 +115,35 @@ def test_trajectory_with_curvature_every_2(name, float64):
         torch.testing.assert_close(params_vector(model), params_vector(reference), rtol=1e-8, atol=1e-11, msg=f"step {t}")
 
 
+
+def test_steps_between_refreshes_capture_nothing(float64):
+    """With curvature_every > 1, the forward pass of a step that reuses the cached
+    curvature saves no inputs and records no output-gradients; the trajectory is the same
+    float for float as with capture on every step, also when a layer is frozen between
+    refreshes (that layer's curvature is then rebuilt: it is captured)."""
+    model = models.mlp(out=3)
+    twin = copy.deepcopy(model)
+    batches = [(torch.randn(6, 5), torch.randint(0, 3, (6,))) for _ in range(7)]
+    opt = gramopt.SENG(model, 0.3, 0.2, momentum=0.9, curvature_every=3)
+    full = gramopt.SENG(twin, 0.3, 0.2, momentum=0.9, curvature_every=3)
+    full.engine.capture_filter = None  # capture on every step
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    for t, (x, y) in enumerate(batches):
+        if t == 4:  # between refreshes (3, 6): the layer's cached curvature covers the bias
+            for m in (model, twin):
+                next(l for l in m.modules() if isinstance(l, nn.Linear)).bias.requires_grad_(False)
+        for o, m in ((opt, model), (full, twin)):
+            o.zero_grad()
+            o.backward(m(x), y)
+        calls = opt.engine._calls[id(first)]
+        assert [c.skipped for c in calls] == [t % 3 != 0 and t != 4], t
+        assert all(c.saved is None and not c.grads for c in calls if c.skipped)
+        for o in (opt, full):
+            o.step()
+        torch.testing.assert_close(params_vector(model), params_vector(twin), rtol=0, atol=0, msg=f"step {t}")
+    assert opt.steps_taken == len(batches)
+
+
 def test_momentum_and_weight_decay_decorate_the_direction(float64):
     model = models.mlp(out=3)
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))

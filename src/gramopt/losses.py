@@ -156,18 +156,25 @@ class CrossEntropyLoss(GaussNewtonLoss):
                 f"cross_entropy needs integer class targets (torch.long) of shape {list(expected)}, got "
                 f"target shape {tuple(target.shape)} ({target.dtype}) for output shape {tuple(output.shape)}"
             )
+        classes = output.shape[1]
+        if not target.numel():
+            return
+        # The common case in one reduction and one host read: every target a class (an
+        # ignore_index outside [0, C) is then absent); otherwise the masked check below.
+        low, high = torch.stack(torch.aminmax(target)).tolist()
+        if 0 <= low and high < classes and not 0 <= self.ignore_index < classes:
+            return
         counted = target[target != self.ignore_index]
-        if target.numel() and not counted.numel():
+        if not counted.numel():
             raise ValueError(
                 f"every target equals ignore_index={self.ignore_index}: no position is left to train on"
             )
-        if counted.numel():
-            low, high = (int(t) for t in torch.aminmax(counted))
-            if low < 0 or high >= output.shape[1]:
-                raise ValueError(
-                    f"cross_entropy targets must lie in [0, {output.shape[1] - 1}] (or equal "
-                    f"ignore_index={self.ignore_index}), got [{low}, {high}]"
-                )
+        low, high = (int(t) for t in torch.aminmax(counted))
+        if low < 0 or high >= classes:
+            raise ValueError(
+                f"cross_entropy targets must lie in [0, {classes - 1}] (or equal "
+                f"ignore_index={self.ignore_index}), got [{low}, {high}]"
+            )
 
     def value(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output, target, ignore_index=self.ignore_index)

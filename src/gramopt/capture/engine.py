@@ -69,6 +69,7 @@ class _Call:
     grads: list[tuple[int, Tensor]] = field(default_factory=list)
     micro: int = 0  # the micro-batch (gradient accumulation) it belongs to
     scale: float = 1.0  # multiplies its output-gradients (see CaptureEngine.scale_captured)
+    skipped: bool = False  # the layer ran, but capture_filter said its step needs no capture
 
 
 @dataclass
@@ -133,6 +134,10 @@ class CaptureEngine:
         self._micro = 0  # the current micro-batch (see the module docstring)
         #: b of the last backward pass that reached a hooked layer (kept after clear()).
         self.last_batch_size: int | None = None
+        #: Optional ``layer -> bool`` asked at each training forward call of a layer: False
+        #: records only that the layer ran (no saved input, no gradient hook), for a step
+        #: that will not read this layer's factors (SENG between curvature refreshes).
+        self.capture_filter: Callable[[Layer], bool] | None = None
         self.closed = False
         self.add_params(params)
         if not batchnorm_training:
@@ -265,6 +270,10 @@ class CaptureEngine:
             if engine_ref._backward_seen:  # gradient accumulation: a new micro-batch
                 engine_ref._micro += 1
                 engine_ref._backward_seen = False
+            capture = engine_ref.capture_filter
+            if capture is not None and not capture(layer):
+                calls.append(_Call(None, None, 0, micro=engine_ref._micro, skipped=True))
+                return
             call = _Call(layer.handler.save(module, args, output), output, output._version, micro=engine_ref._micro)
             calls.append(call)
             # The hook lives in the output's autograd node (C++), which Python's GC cannot
@@ -347,7 +356,7 @@ class CaptureEngine:
     def _traversal_targets(self) -> list[Tensor]:
         """What the passes differentiate for: the layers' outputs (no weight gradients),
         or, if an in-place op changed one of them, the layers' parameters."""
-        calls = [call for calls in self._calls.values() for call in calls if call.micro == self._micro]
+        calls = [c for calls in self._calls.values() for c in calls if c.micro == self._micro and not c.skipped]
         if all(call.output is not None and call.output._version == call.version for call in calls):
             return [call.output for call in calls]
         return [p for layer in self.layers for p in trainable(layer)]
@@ -497,6 +506,11 @@ class CaptureEngine:
                 out.append(p)
         return out
 
+    def remembers_gradients(self) -> bool:
+        """Whether a backward pass left a watched ``.grad`` since the last forget (if not,
+        :meth:`modified_gradients` is empty)."""
+        return bool(self._grad_versions)
+
     def forget_gradients(self) -> None:
         self._grad_versions.clear()
 
@@ -610,9 +624,10 @@ def _canonical_order(layer: Layer) -> Callable[[nn.Parameter], int]:
 
 
 def _captured(calls: list[_Call]) -> bool:
-    """Whether any of a layer's forward calls received an output-gradient."""
+    """Whether any of a layer's forward calls received an output-gradient (or ran with
+    its capture skipped on purpose, see ``CaptureEngine.capture_filter``)."""
     for call in calls:
-        if call.grads:
+        if call.grads or call.skipped:
             return True
     return False
 

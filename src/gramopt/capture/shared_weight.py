@@ -89,10 +89,10 @@ def shared_weight_gram(inputs: Tensor | None, grads: Tensor, bias: bool = False,
     """
     b, k, s, d_out = grads.shape
     n = b * k
-    zsum = grads.sum(dim=2).reshape(n, d_out) if bias else None
     if inputs is None:
+        zsum = grads.sum(dim=2).reshape(n, d_out) if s > 1 else grads.reshape(n, d_out)
         return zsum @ zsum.T
-    if s == 1:
+    if s == 1:  # (the bias block z z^T is folded into the weight block: (x x^T + 1))
         z = grads.reshape(n, d_out)
         x = inputs.reshape(b, -1)
         xx = x @ x.T
@@ -114,6 +114,7 @@ def shared_weight_gram(inputs: Tensor | None, grads: Tensor, bias: bool = False,
 
         gram = position_pair_gram(grads, input_kernel)
     if bias:
+        zsum = grads.sum(dim=2).reshape(n, d_out)
         gram = gram + zsum @ zsum.T
     return gram
 
@@ -244,15 +245,19 @@ class SharedWeightFactors(LayerFactors):
         if explicit is not None:
             return explicit
         b, k, s, d_in, d_out = self.batch_size, self.passes, self.positions, self.d_in, self.d_out
-        coeffs = coeffs.to(self.grads.dtype)
-        flat_z = self.grads.reshape(-1, d_out)
+        if coeffs.dtype != self.grads.dtype:
+            coeffs = coeffs.to(self.grads.dtype)
         if self._input_side():
+            flat_z = self.grads.reshape(-1, d_out)
             weighted = (coeffs.view(b, k, 1, 1) * self.inputs.unsqueeze(1)).reshape(-1, d_in)  # a_(i,c) x_is
             out = [(flat_z.T @ weighted).view(self.weight_shape)]
             if self.with_bias:
                 out.append(flat_z.T @ coeffs.view(b, k, 1).expand(b, k, s).reshape(-1))
             return out
-        zbar = weighted_sum(self.grads, coeffs, b, k).reshape(-1, d_out)
+        if k == 1:  # (the ordinary backward pass: one multiply, no reduction over passes)
+            zbar = self.grads.reshape(b, s * d_out).mul(coeffs.view(b, 1)).view(b * s, d_out)
+        else:
+            zbar = weighted_sum(self.grads, coeffs, b, k).reshape(-1, d_out)
         out = []
         if self.with_weight:
             out.append((zbar.T @ self.inputs.reshape(-1, d_in)).view(self.weight_shape))

@@ -466,12 +466,10 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         decay = self.param_groups[self._group_index[id(p)]]["weight_decay"]
         return p.detach() * decay if decay else None
 
-    @contextmanager
-    def _phase(self, name: str) -> Iterator[None]:
-        """Add the seconds of the block to ``last_info.seconds[name]``."""
-        start = time.perf_counter()
-        yield
-        self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
+    def _phase(self, name: str) -> "_PhaseTimer":
+        """``with self._phase(name):`` adds the seconds of the block to
+        ``last_info.seconds[name]`` (a plain context manager: a few per step)."""
+        return _PhaseTimer(self, name)
 
     def apply_directions(self, directions: dict[Tensor, Tensor]) -> None:
         """Check every direction is finite, then decorate and apply them (all or nothing).
@@ -584,7 +582,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             self.engine.watch_gradients(p for layer in layers for p in layer.params)
 
     def _warn_modified_gradients(self) -> None:
-        if self.reads_gradients != "plain" or self._warned_gradients:
+        if self.reads_gradients != "plain" or self._warned_gradients or not self.engine.remembers_gradients():
             return
         params = [p for layer in self.engine.layers for p in layer.params]
         modified = self.engine.modified_gradients(params)
@@ -652,6 +650,22 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
     @property
     def steps_taken(self) -> int:
         return int(self.extra_state["step"])
+
+
+class _PhaseTimer:
+    """The context manager of :meth:`SampleSpaceOptimizer._phase`."""
+
+    __slots__ = ("owner", "name", "start")
+
+    def __init__(self, owner: SampleSpaceOptimizer, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        seconds = self.owner._seconds
+        seconds[self.name] = seconds.get(self.name, 0.0) + time.perf_counter() - self.start
 
 
 def _check_params(names: dict[int, str], params: list[Tensor]) -> None:

@@ -33,6 +33,7 @@ Momentum and decoupled weight decay decorate d in the base class; L2 weight deca
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
@@ -55,6 +56,24 @@ Damping = float | Callable[[int], float]
 
 #: ``local_gradient`` values: the global gradient (Eq. 26) or each rank's own.
 LOCAL_GRADIENTS = ("global", "own")
+
+
+_SKIPPED_HINT = (
+    " (with curvature_every > 1 the forward pass of a step that reuses the cached curvature captures "
+    "nothing: if requires_grad or the optimizer's state changed between the forward pass and step(), "
+    "run the forward and backward pass again)"
+)
+
+
+def _weak_filter(method: Callable[[Layer], bool]) -> Callable[[Layer], bool]:
+    """``method`` through a weak reference (True once its object is gone)."""
+    ref = weakref.WeakMethod(method)
+
+    def capture(layer: Layer) -> bool:
+        bound = ref()
+        return True if bound is None else bound(layer)
+
+    return capture
 
 
 class SENG(SampleSpaceOptimizer):
@@ -151,6 +170,23 @@ class SENG(SampleSpaceOptimizer):
             seed = sketch.seed if sketch.seed is not None else self._draw_seed()
             self.extra_state["sketch_rng"] = torch.Generator().manual_seed(seed).get_state()
         self._commit: tuple[dict[str, Any], torch.Generator | None, list[float]] | None = None
+        if curvature_every > 1 and self.sync is None:
+            # Between refreshes a step reads only .grad and the cached curvature: the forward
+            # pass saves no inputs and the backward pass records no output-gradients there.
+            # (a weak reference: the hooks on the model must not keep the optimizer alive)
+            self.engine.capture_filter = _weak_filter(self._capture_needed)
+
+    def _skipped_hint(self) -> str:
+        return _SKIPPED_HINT if self.engine.capture_filter is not None else ""
+
+    def _capture_needed(self, layer: Layer) -> bool:
+        """Whether the coming step refreshes the curvature of ``layer`` (asked by the
+        engine at the layer's forward call): on every ``curvature_every``-th step, and when
+        the layer has no cached curvature for the parameters that require grad now."""
+        if self.steps_taken % self.curvature_every == 0:
+            return True
+        state = self.extra_state["curvature"].get(layer.name)
+        return state is None or state.get("covered") != [p.requires_grad for p in layer.params]
 
     # -- configuration -------------------------------------------------------------------
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -301,6 +337,9 @@ class SENG(SampleSpaceOptimizer):
         methods: dict[str, None] = {}
         fallbacks: list[str] = []
         jitter = 0.0
+        combined: list[Tensor] = []  # U^T beta per parameter, made (g - U^T beta) / lam below
+        subtracted: list[Tensor] = []
+        divisors: list[float] = []
         for name, layer_grads in grads.items():
             with self._phase("solve"):
                 layer = layers[name]
@@ -321,7 +360,16 @@ class SENG(SampleSpaceOptimizer):
                 shift = lam + info.jitter / curvature.batch
             with self._phase("direction"):
                 for p, g, t in zip(curvature.params, layer_grads, curvature.combine(beta)):
-                    directions[p] = t.neg_().add_(g.to(t.dtype)).div_(shift)  # (g - U^T beta) / lam
+                    directions[p] = t
+                    combined.append(t)
+                    subtracted.append(g if g.dtype == t.dtype else g.to(t.dtype))
+                    divisors.append(-shift)
+        with self._phase("direction"):
+            # (g - U^T beta) / lam for all layers in two multi-tensor calls, as
+            # (U^T beta - g) / (-lam): the same floats (negation is exact)
+            if combined:
+                torch._foreach_sub_(combined, subtracted)
+                torch._foreach_div_(combined, divisors)
         self._commit = (cache, generator, per_group)
         solve = SolveInfo(", ".join(methods) or "none", jitter=jitter, fallback="; ".join(fallbacks) or None)
         return directions, solve
@@ -351,13 +399,14 @@ class SENG(SampleSpaceOptimizer):
             raise CaptureError(
                 "SENG needs the per-sample gradients of this step, but no backward pass reached a hooked "
                 "layer: run the forward pass in training mode with autograd enabled, then loss.backward()"
+                + self._skipped_hint()
             )
         factors = self.engine.factors(scale=float(b))  # mean loss -> per-sample loss gradients
         sketch = self.sketch
         leverage = sketch is not None and sketch.sampling == "leverage"
         for name in names:
             if name not in factors:
-                raise CaptureError(f"layer {name} has a gradient but no captured per-sample gradients")
+                raise CaptureError(f"layer {name} has a gradient but no captured per-sample gradients" + self._skipped_hint())
             if name in self.implicit_layers:
                 sketched = sketch is not None and sketch.factor_size is not None
                 built = ImplicitCurvature.build(

@@ -1,0 +1,155 @@
+"""What the step-time benchmarks share (``step_overhead.py``, ``step_profile.py``,
+``fngd_speed.py``, ``seng_speed.py``): the tasks' batches and models, the optimizers
+they compare, the interleaved timing loop (synchronized on CUDA) and the environment
+record.
+
+Timing: the compared step functions run in turns, rounds in a rotating order, several
+steps per turn; each turn starts and ends with :func:`gramopt.compare.timing.synchronize`
+of the device (nothing on CPU, ``torch.cuda.synchronize`` on CUDA), so a turn's time is
+that of the work it queued. Ratios to the baseline are taken per round (the machine's
+load drifts alike for both), and the median (min, max) over rounds is reported, of the
+wall-clock time and of the main thread's CPU time (``time.thread_time``: less sensitive to
+other processes; with several threads it misses the other threads' work).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import gramopt
+from gramopt.compare.timing import synchronize
+from gramopt.tasks import get_task
+
+RESULTS = Path(__file__).parent / "results"
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def task_batches(task_name: str, batch: int = 128, seed: int = 0, count: int = 16) -> Batches:
+    """Up to ``count`` batches of ``batch`` samples of the task's training split, in a
+    seeded random order: ``[(x [batch, ...], y [batch, ...]), ...]``."""
+    split = get_task(task_name).load(seed)
+    n = split.train_x.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [
+        (split.train_x[order[i : i + batch]], split.train_y[order[i : i + batch]])
+        for i in range(0, n - batch + 1, batch)
+    ][:count]
+
+
+def mlp_model(outputs: int = 10, seed: int = 0) -> nn.Module:
+    """The MLP 64-256-256-``outputs`` (ReLU) of the step-overhead benchmarks."""
+    from gramopt.tasks.regression import mlp
+
+    torch.manual_seed(seed)
+    return mlp(64, 256, outputs, act=nn.ReLU)
+
+
+def load_model(name: str, seed: int = 0, batch: int = 128) -> tuple[nn.Module, str, Batches]:
+    """(model, the task's loss, 16 batches) for ``mlp`` (64-256-256-10 on scikit-learn's
+    digits), ``mnist`` (the task's CNN) or ``recall`` (the task's Transformer)."""
+    task_name = "digits" if name == "mlp" else name
+    task = get_task(task_name)
+    model = mlp_model(10, seed) if name == "mlp" else task.build_model(seed)
+    return model, task.loss, task_batches(task_name, batch, seed)
+
+
+def regression_target(y: torch.Tensor, loss: str, classes: int, scalar: bool) -> torch.Tensor:
+    """Labels for cross-entropy; for mse one-hot rows, or (``scalar``) the label as a number ``[b, 1]``."""
+    if loss != "mse":
+        return y
+    return y.float().unsqueeze(1) if scalar else nn.functional.one_hot(y, classes).float()
+
+
+def build_method(method: str, model: nn.Module, lr: float = 1e-3) -> tuple[torch.optim.Optimizer, str | None]:
+    """The optimizer of ``method`` on ``model`` and the loss it trains (None: the task's):
+    ``sgd`` (momentum 0.9, the reference), ``ggn-mse`` (exact, Cholesky), ``fngd-estimate``
+    (FNGD estimating on every step), ``fngd-share`` (sharing from the second step),
+    ``seng-every<T>`` (SENG with ``curvature_every=T``). All with momentum 0.9 and small
+    steps (timing only)."""
+    if method == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), None
+    if method == "ggn-mse":
+        return gramopt.GGN(model, lr=lr, damping=1.0, loss="mse", momentum=0.9), "mse"
+    if method == "fngd-estimate":
+        return gramopt.FNGD(model, lr=lr, damping=1e-3, momentum=0.9, coefficient_steps=None), None
+    if method == "fngd-share":
+        return gramopt.FNGD(model, lr=lr, damping=1e-3, momentum=0.9, coefficient_steps=1), None
+    if method.startswith("seng-every"):
+        every = int(method[len("seng-every") :])
+        return gramopt.SENG(model, lr=lr, damping=1.0, momentum=0.9, curvature_every=every), None
+    raise ValueError(f"unknown method {method!r}")
+
+
+def interleaved(
+    steps: dict[str, Callable[[], object]],
+    rounds: int,
+    seconds_per_turn: float,
+    device: torch.device,
+    baseline: str = "sgd",
+    warmup: int = 5,
+    steps_per_turn: int | None = None,
+) -> tuple[dict[str, list[float]], dict[str, list[float]], int]:
+    """Seconds per step of each function, one sample per round: ``(wall, thread_cpu,
+    steps_per_turn)``. Unless given, ``steps_per_turn`` is sized so that a turn of
+    ``baseline`` lasts about ``seconds_per_turn``."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    inner = steps_per_turn
+    if inner is None:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(warmup):
+            steps[baseline]()
+        synchronize(device)
+        inner = max(1, round(seconds_per_turn / ((time.perf_counter() - start) / warmup)))
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
+    keys = list(steps)
+    for r in range(rounds):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            synchronize(device)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            for _ in range(inner):
+                steps[key]()
+            synchronize(device)
+            wall[key].append((time.perf_counter() - t0) / inner)
+            cpu[key].append((time.thread_time() - c0) / inner)
+    return wall, cpu, inner
+
+
+def ratios(samples: dict[str, list[float]], baseline: str = "sgd") -> dict[str, dict[str, float]]:
+    """Per function but the baseline: the per-round ratio to the baseline, median, min, max."""
+    out = {}
+    for key, values in samples.items():
+        if key != baseline:
+            r = [a / b for a, b in zip(values, samples[baseline])]
+            out[key] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
+    return out
+
+
+def environment(device: torch.device | str = "cpu") -> dict:
+    """Where the benchmark ran (torch, platform, cores, threads, load, device)."""
+    device = torch.device(device)
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gramopt": gramopt.__file__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        env["cuda_device"] = torch.cuda.get_device_name(device)
+    return env
