@@ -228,6 +228,23 @@ def test_time_to_target_and_selection():
     assert select([setting([None] * 3, [0.3, 0.2, 9.0]), setting([None] * 3, [0.1, 0.15, None])]) == 1
 
 
+def test_train_loss_ladders_select_on_the_train_loss_and_test_ladders_on_validation():
+    """A train-loss rung selects on the train loss (optimization speed; its held-out
+    counterpart measures generalization), ties by the final train loss; a test rung on
+    its validation counterpart, ties by the final validation loss."""
+    assert Target("train_loss", 0.01, below=True).on_validation() == Target("train_loss", 0.01, below=True)
+    assert Target("train_loss", 0.01, below=True).selection_loss == "train_loss"
+    assert Target("test_accuracy", 0.9, below=False).on_validation() == Target("val_accuracy", 0.9, below=False)
+    assert Target("test_accuracy", 0.9, below=False).selection_loss == "val_loss"
+
+    def setting(selection_loss, val_loss):
+        return {"runs": [{"val_time_to_rungs": [1.0, None], "final_selection_loss": selection_loss,
+                          "final_val_loss": val_loss}] * 3}
+
+    # the selection loss decides a tie, whatever the validation loss says
+    assert select([setting(0.5, 0.01), setting(0.1, 0.9)]) == 1
+
+
 def test_a_run_whose_loss_ends_far_above_its_start_is_diverged():
     from gramopt.compare.run import blew_up
 

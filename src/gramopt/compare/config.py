@@ -17,14 +17,18 @@ Targets. Per task a ladder of rungs on one metric (:data:`LADDERS`): train loss 
 the regression tasks (targets are standardized, so 0.01 is 1% of the target variance),
 test accuracy for classification. Time-to-target is reported per rung.
 
-Selection (on validation, never on the reported test figures). Every run trains on the
-task's training data less a validation set (:func:`gramopt.tasks.with_validation`,
-fixed per task and seed) and is evaluated on both. The ladder's validation counterpart
-(``val_loss`` for a train-loss ladder, ``val_accuracy`` for a test-accuracy one) picks
-each optimizer's winning setting: the smallest median (over seeds) time to the highest
-validation rung; ties (e.g. no seed reached it) go to the next rung down, then to the
-smaller median final validation loss. A seed that misses a rung or diverges counts as
-infinitely slow.
+Selection (never on the reported test figures). Every run trains on the task's
+training data less a validation set (:func:`gramopt.tasks.with_validation`, fixed per
+task and seed) and is evaluated on both. A test-metric ladder's validation counterpart
+(``val_accuracy`` for a test-accuracy one) picks each optimizer's winning setting: the
+smallest median (over seeds) time to the highest validation rung; ties (e.g. no seed
+reached it) go to the next rung down, then to the smaller median final validation loss.
+A train-loss ladder measures optimization speed, the training objective itself, so it
+selects on its own rungs and ties go to the smaller final train loss: its held-out
+counterpart would measure generalization instead (on teacher, validation loss stays
+above 0.02 while the train loss reaches 0.002, so the 0.01 and 0.001 rungs could never
+tell two settings apart), and no test data is used either way. A seed that misses a rung
+or diverges counts as infinitely slow.
 
 Divergence. A run is diverged if its loss becomes non-finite (or a step raises a
 divergence error), or if its final train loss exceeds :data:`DIVERGENCE_FACTOR` times
@@ -115,9 +119,15 @@ class Target:
         return f"{self.metric} {'<=' if self.below else '>='} {self.value:g}"
 
     def on_validation(self) -> "Target":
-        """The same rung on the validation set: train_loss -> val_loss, test_X -> val_X."""
-        metric = "val_loss" if self.metric == "train_loss" else self.metric.replace("test_", "val_", 1)
-        return Target(metric, self.value, self.below)
+        """The rung that selects settings: test_X -> val_X (the validation set); a
+        train_loss rung is its own (see the module docstring)."""
+        return Target(self.metric.replace("test_", "val_", 1), self.value, self.below)
+
+    @property
+    def selection_loss(self) -> str:
+        """The final loss that breaks selection ties: train_loss for a train-loss ladder,
+        val_loss otherwise."""
+        return "train_loss" if self.metric == "train_loss" else "val_loss"
 
 
 def ladder(metric: str, values: tuple[float, ...], below: bool) -> tuple[Target, ...]:

@@ -44,7 +44,7 @@ def _to_target(summary: dict[str, Any]) -> str:
 
 
 def _setting(hyper: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hyper.items())
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hyper.items() if v is not None)
 
 
 def rows(task: dict[str, Any]) -> list[list[str]]:

@@ -221,6 +221,7 @@ def run_one(
         val_time_to_rungs=reached_val,
         final_train_loss=None if diverged else _finite(last.get("train_loss")),
         final_val_loss=None if diverged else _finite(last.get("val_loss")),
+        final_selection_loss=None if diverged or not rungs else _finite(last.get(rungs[0].selection_loss)),
         final_metric=None if diverged else _finite(last.get(task.metric)),
         median_step_seconds=statistics.median(result.step_seconds) if result.step_seconds else None,
     )
@@ -249,11 +250,12 @@ def _median(values: list[float | None]) -> float:
 
 
 def setting_score(runs: list[dict[str, Any]]) -> tuple[float, ...]:
-    """Smaller wins: the median (over seeds) validation time to each rung, tightest rung
-    first, then the median final validation loss (the ``config`` module docstring)."""
+    """Smaller wins: the median (over seeds) time to each selection rung, tightest rung
+    first, then the median final selection loss (validation loss; train loss for a
+    train-loss ladder; the ``config`` module docstring)."""
     rungs = max((len(r.get("val_time_to_rungs", [])) for r in runs), default=0)
     times = [_median([(r.get("val_time_to_rungs") or [None] * rungs)[k] for r in runs]) for k in reversed(range(rungs))]
-    return (*times, _median([r.get("final_val_loss") for r in runs]))
+    return (*times, _median([r.get("final_selection_loss", r.get("final_val_loss")) for r in runs]))
 
 
 def select(settings: list[dict[str, Any]]) -> int:
@@ -551,9 +553,10 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
         "evaluations_per_run": bench_config.EVALUATIONS,
         "timing": {"reference": REFERENCE, "rounds": bench_config.TIMING_ROUNDS, "steps_per_round": bench_config.TIMING_STEPS},
         "memory_steps": bench_config.MEMORY_STEPS,
-        "selection": "on the validation set carved from the training data: smallest median (over seeds) "
-        "validation time to the highest rung of the ladder (missed or diverged = infinite), ties by the next rung "
-        "down, then by the smallest median final validation loss",
+        "selection": "test-accuracy ladders: on the validation set carved from the training data, smallest median "
+        "(over seeds) validation time to the highest rung (missed or diverged = infinite), ties by the next rung "
+        "down, then by the smallest median final validation loss; train-loss ladders (optimization speed): the "
+        "same on the train loss itself, ties by the smallest median final train loss; never on test figures",
         "tasks": tasks,
         "wall_seconds": time.perf_counter() - started,
         "started_at": started_at,
