@@ -16,8 +16,9 @@ an optimizer covers an attention module, :func:`attach` gives the module an inst
 
 Only training-mode forwards with autograd enabled and batched inputs take this path; any
 other call runs the module's own forward. A training-mode call that cannot (unbatched
-inputs) leaves the projections without captured rows, and the optimizer's
-stray-parameter rule gives them the plain gradient with a warning naming them.
+inputs) leaves the projections without captured rows: the optimizer's stray-parameter
+rule gives them the plain gradient with a warning naming them, or, when no layer at all
+was captured, its step refuses with a clear error and changes nothing.
 
 Per-sample gradients of the in-projection, for sample i with positions s (queries) and
 t (keys / values) and output-gradients z:
@@ -43,8 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gramopt.capture.factors import ExplicitFactors, LayerFactors
-from gramopt.capture.handlers import LayerHandler
-from gramopt.capture.shared_weight import SharedWeightFactors
+from gramopt.capture.handlers import LayerHandler, linear_factors
 from gramopt.errors import UnsupportedModuleError
 
 PROXY = "_gramopt_in_projection"
@@ -122,29 +122,13 @@ class AttentionForward:
     def __init__(self, module: nn.MultiheadAttention) -> None:
         self.module = module
 
-    def __call__(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        key_padding_mask: Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+    def __call__(self, query: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        """The arguments of ``nn.MultiheadAttention.forward``, passed on unchanged."""
         m = self.module
-        kwargs = dict(
-            key_padding_mask=key_padding_mask,
-            need_weights=need_weights,
-            attn_mask=attn_mask,
-            average_attn_weights=average_attn_weights,
-            is_causal=is_causal,
-        )
         proxy = m.__dict__.get(PROXY)
         if proxy is None or not (m.training and torch.is_grad_enabled() and query.dim() == 3):
-            return type(m).forward(m, query, key, value, **kwargs)
-        return captured_attention(m, proxy, query, key, value, **kwargs)
+            return type(m).forward(m, query, *args, **kwargs)
+        return captured_attention(m, proxy, query, *args, **kwargs)
 
 
 def captured_attention(
@@ -295,12 +279,9 @@ def in_projection_factors(
             ``[b, k, L + 2S, E]``.
     """
     m = proxy.attention
-    b, k = grads[0].shape[:2]
-    dtype = grads[0].dtype
     if all(packed for *_, packed in saved):
-        xs = torch.cat([q.reshape(b, -1, m.embed_dim) for q, *_ in saved], dim=1) if len(saved) > 1 else saved[0][0]
-        zs = torch.cat([g.reshape(b, k, -1, 3 * m.embed_dim) for g in grads], dim=2) if len(grads) > 1 else grads[0]
-        return SharedWeightFactors(proxy, params, m.in_proj_weight, m.in_proj_bias, xs.to(dtype), zs)
+        return linear_factors(proxy, params, m.in_proj_weight, m.in_proj_bias, [query for query, *_ in saved], grads)
+    dtype = grads[0].dtype
     rows = None
     for (query, key, value, packed), g in zip(saved, grads):
         part = _explicit_rows(m, params, query.to(dtype), key.to(dtype), value.to(dtype), packed, g)
@@ -330,23 +311,18 @@ def _explicit_rows(
     return torch.cat([blocks[id(p)].reshape(b * k, -1) for p in params], dim=1)
 
 
-def save_call(args: tuple[Any, ...]) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """What the in-projection keeps from a call: its inputs, detached, and whether it was a
-    packed self-attention call (one input tensor for q, k and v)."""
-    query, key, value = args
-    packed = query is key and key is value
-    if packed:
-        x = query.detach()
-        return x, x, x, True
-    return query.detach(), key.detach(), value.detach(), False
-
-
 class InProjectionHandler(LayerHandler):
     """The handler of :class:`InProjection` (the engine creates it for every covered
     ``nn.MultiheadAttention``; not in the module-type registry)."""
 
     def save(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
-        return save_call(args)
+        """The call's inputs, detached, and whether it was a packed self-attention call
+        (one input tensor for q, k and v)."""
+        query, key, value = args
+        if module.is_packed_self(query, key, value):
+            x = query.detach()
+            return x, x, x, True
+        return query.detach(), key.detach(), value.detach(), False
 
     def merge_saved(self, saved: list[Any]) -> Any:
         packed = all(s[3] for s in saved)

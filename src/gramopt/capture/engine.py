@@ -47,8 +47,8 @@ from gramopt.errors import CaptureError, UnsupportedModuleError
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 UNSUPPORTED_POLICIES = ("error", "gradient")
 #: Modules whose forward uses the parameters of their submodules without calling them
-#: (``F.multi_head_attention_forward`` reads ``out_proj.weight`` directly): a hook on such
-#: a submodule never fires, so the container owns every parameter below it.
+#: (``F.multi_head_attention_forward`` reads ``out_proj.weight`` directly), so that a hook on
+#: such a submodule would never fire.
 FUNCTIONAL_CONTAINERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
 #: Their in-projection is a layer of its own (see :mod:`gramopt.capture.attention`) unless
 #: :func:`gramopt.capture.attention.validate` refuses the module; then every parameter below
@@ -168,58 +168,33 @@ class CaptureEngine:
             if any(name.startswith(prefix) for prefix in inside):
                 continue
             label = f"{name or 'model'} ({type(module).__name__})"
-            reason = None
-            if isinstance(module, _SEQUENCE_FIRST_LAYERS) and not module.self_attn.batch_first:
+            reason = _whole_module_refusal(module, label)
+            if reason is not None:  # every parameter below it follows the policy
                 inside.append(f"{name}." if name else "")
                 own = [p for p in module.parameters() if id(p) in wanted]
-                reason = (
-                    f"{label} is sequence-first (batch_first=False): its Linear layers see [T, b, d] inputs "
-                    "and gramopt needs the batch dimension first; build it with batch_first=True"
-                )
-            elif isinstance(module, FUNCTIONAL_CONTAINERS):
-                try:
-                    attention.validate(module)
-                except UnsupportedModuleError as err:
-                    inside.append(f"{name}." if name else "")
-                    own = [p for p in module.parameters() if id(p) in wanted]
-                    reason = f"{label}: {err}"
-                else:  # its in-projection is a layer; out_proj, a Linear, comes next in the loop
-                    own = [p for p in attention.in_projection_params(module) if id(p) in wanted]
-                    if not own:
-                        continue
-                    if self.layer_filter is not None and not self.layer_filter(module):
-                        plain.extend(own)
-                    elif id(module) in self._attention:
-                        proxy = module.__dict__[attention.PROXY]
-                        extended.append((next(x for x in self.layers if x.module is proxy), own))
-                    else:  # attached below, once nothing was refused
-                        proxy = module.__dict__.get(attention.PROXY) or attention.InProjection(module)
-                        attentions.append((module, proxy))
-                        new_layers.append(Layer(f"{name}.in_proj" if name else "in_proj", proxy, _IN_PROJECTION, own))
+            elif isinstance(module, FUNCTIONAL_CONTAINERS):  # its in-projection is a layer; out_proj comes next
+                own = [p for p in attention.in_projection_params(module) if id(p) in wanted]
+                if not own:
                     continue
+                if self.layer_filter is not None and not self.layer_filter(module):
+                    plain.extend(own)
+                elif id(module) in self._attention:
+                    extended.append((known[id(module.__dict__[attention.PROXY])], own))
+                else:  # attached below, once nothing was refused
+                    proxy = module.__dict__.get(attention.PROXY) or attention.InProjection(module)
+                    attentions.append((module, proxy))
+                    new_layers.append(Layer(f"{name}.in_proj" if name else "in_proj", proxy, _IN_PROJECTION, own))
+                continue
             else:
                 own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
             if not own:
                 continue
-            handler = handler_for(module)
-            if reason is None and handler is not None and self.layer_filter is not None and not self.layer_filter(module):
-                plain.extend(own)  # the method's own choice, not a fallback: no warning
-                continue
-            if reason is not None:
-                pass
-            elif handler is None:
-                reason = f"{label} has no gramopt handler"
-            elif isinstance(module, _BATCHNORM) and module.training and not self.batchnorm_training:
-                reason = (
-                    f"{label} is in training mode: this method treats its batch statistics as coupling "
-                    "the samples and refuses it; use SENG or FNGD, nn.GroupNorm / nn.LayerNorm, or keep "
-                    "BatchNorm layers in eval mode (module.eval())"
-                )
-            else:
-                try:
-                    handler.validate(module)
-                except UnsupportedModuleError as err:
-                    reason = f"{label}: {err}"
+            if reason is None:
+                handler = handler_for(module)
+                if handler is not None and self.layer_filter is not None and not self.layer_filter(module):
+                    plain.extend(own)  # the method's own choice, not a fallback: no warning
+                    continue
+                reason = self._refusal(module, handler, label)
             if reason is not None:
                 full = [names.get(id(p), "?") for p in own]
                 if self.unsupported == "gradient" and not reason.startswith(f"{label} is in training mode"):
@@ -254,6 +229,22 @@ class CaptureEngine:
             self._calls[id(layer.module)] = []
             self._handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
         return unsupported
+
+    def _refusal(self, module: nn.Module, handler: LayerHandler | None, label: str) -> str | None:
+        """Why ``module``'s own parameters cannot be preconditioned, or None."""
+        if handler is None:
+            return f"{label} has no gramopt handler"
+        if isinstance(module, _BATCHNORM) and module.training and not self.batchnorm_training:
+            return (
+                f"{label} is in training mode: this method treats its batch statistics as coupling "
+                "the samples and refuses it; use SENG or FNGD, nn.GroupNorm / nn.LayerNorm, or keep "
+                "BatchNorm layers in eval mode (module.eval())"
+            )
+        try:
+            handler.validate(module)
+        except UnsupportedModuleError as err:
+            return f"{label}: {err}"
+        return None
 
     # -- hooks --------------------------------------------------------------------------
     def _make_hook(self, layer: Layer):
@@ -607,6 +598,23 @@ class CaptureEngine:
         self._attention.clear()
         self.clear()
         self.closed = True
+
+
+def _whole_module_refusal(module: nn.Module, label: str) -> str | None:
+    """Why a module cannot be preconditioned as a whole, submodules included, or None:
+    sequence-first Transformer layers, attention options :mod:`~gramopt.capture.attention`
+    refuses."""
+    if isinstance(module, _SEQUENCE_FIRST_LAYERS) and not module.self_attn.batch_first:
+        return (
+            f"{label} is sequence-first (batch_first=False): its Linear layers see [T, b, d] inputs "
+            "and gramopt needs the batch dimension first; build it with batch_first=True"
+        )
+    if isinstance(module, FUNCTIONAL_CONTAINERS):
+        try:
+            attention.validate(module)
+        except UnsupportedModuleError as err:
+            return f"{label}: {err}"
+    return None
 
 
 def _canonical_order(layer: Layer) -> Callable[[nn.Parameter], int]:

@@ -78,10 +78,20 @@ class LinearHandler(LayerHandler):
         return x
 
     def factors(self, module, params, saved, grads):
-        b, k = grads[0].shape[:2]
-        xs = _cat([_positions(x, b, module.in_features) for x in saved], dim=1)
-        zs = _cat([g.reshape(b, k, -1, module.out_features) for g in grads], dim=2)
-        return SharedWeightFactors(module, params, module.weight, module.bias, xs.to(zs.dtype), zs)
+        return linear_factors(module, params, module.weight, module.bias, saved, grads)
+
+
+def linear_factors(
+    module: nn.Module, params: list[nn.Parameter], weight: Tensor, bias: Tensor | None, inputs: list[Tensor], grads: list[Tensor]
+) -> SharedWeightFactors:
+    """Factors of ``y = weight x + bias`` called once per entry of ``inputs`` (each
+    ``[b, *, d_in]``) with output-gradients ``grads`` (each ``[b, k, *, d_out]``): the calls'
+    positions side by side."""
+    b, k = grads[0].shape[:2]
+    d_out, d_in = weight.shape
+    xs = _cat([_positions(x, b, d_in) for x in inputs], dim=1)
+    zs = _cat([g.reshape(b, k, -1, d_out) for g in grads], dim=2)
+    return SharedWeightFactors(module, params, weight, bias, xs.to(zs.dtype), zs)
 
 
 def _cat(tensors: list[Tensor], dim: int) -> Tensor:
