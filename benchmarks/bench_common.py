@@ -14,6 +14,7 @@ other processes; with several threads it misses the other threads' work).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -153,3 +154,11 @@ def environment(device: torch.device | str = "cpu") -> dict:
     if device.type == "cuda":
         env["cuda_device"] = torch.cuda.get_device_name(device)
     return env
+
+
+def write_results(results: dict, out: Path, plot: Callable[[dict, Path], None]) -> None:
+    """``out``.json (the results) and ``out``.png (``plot(results, path)``), folders made."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 from pathlib import Path
 
 import torch
 
 import gramopt
-from bench_common import RESULTS, environment, interleaved, task_batches
+from bench_common import RESULTS, environment, interleaved, task_batches, write_results
 from gramopt.tasks import get_task
 from gramopt.training.registry import training_step
 
@@ -146,10 +145,7 @@ def main() -> None:
             + f"   (sgd {r['ms_per_step']['sgd']['wall']:.2f} ms)"
         )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    plot(results, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_results(results, out, plot)
 
 
 if __name__ == "__main__":

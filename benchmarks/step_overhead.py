@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from bench_common import RESULTS, build_method, environment, interleaved, load_model, mlp_model, ratios, regression_target
+from bench_common import RESULTS, build_method, environment, interleaved, load_model, mlp_model, ratios, regression_target, write_results
 from gramopt.training.registry import training_step
 
 MODELS = ("mlp", "mnist", "recall")
@@ -166,10 +166,7 @@ def main() -> None:
             )
     results["environment"]["load_average_after"] = os.getloadavg()
     out = Path(args.out) if args.out else RESULTS / f"step_overhead_{args.tag}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    plot(results, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_results(results, out, plot)
 
 
 if __name__ == "__main__":

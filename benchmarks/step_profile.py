@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 from collections import defaultdict
@@ -46,7 +45,7 @@ from gramopt.compare.memory import peak_memories
 from gramopt.losses import get_loss
 from gramopt.optim.base import SampleSpaceOptimizer
 
-from bench_common import RESULTS, build_method, environment, load_model, mlp_model, regression_target
+from bench_common import RESULTS, build_method, environment, load_model, mlp_model, regression_target, write_results
 from step_overhead import METHODS, MODELS
 
 BUCKETS = ("forward", "backward passes", "factors", "Grams", "solve", "direction", "update", "checks", "Python overhead")
@@ -229,10 +228,7 @@ def main() -> None:
                   + "  ".join(f"{k} {v:.2f}" for k, v in r["ms_per_step"].items() if v >= 0.01), flush=True)
     results["environment"]["load_average_after"] = os.getloadavg()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    plot(results, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_results(results, out, plot)
 
 
 if __name__ == "__main__":
