@@ -188,7 +188,7 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         lines += _markdown_table(_headers(task), rows(task))
         for name, reason in task.get("skipped", {}).items():
-            lines += ["", f"Skipped: {name}, which cannot train this task ({_reason_line(reason)})."]
+            lines += ["", f"Skipped: {name}, which cannot train this task ({reason_line(reason)})."]
         lines += ["", "Grids (median over seeds per setting):", ""]
         lines += _markdown_table(
             ["optimizer", "setting", "validation s to each rung", "final val loss", "final train loss", "diverged", "failed"],
@@ -198,7 +198,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _reason_line(reason: str, limit: int = 300) -> str:
+def reason_line(reason: str, limit: int = 300) -> str:
     """A multi-line error message on one line (its first lines joined), at most ``limit`` characters."""
     text = " ".join(line.strip(" -") for line in reason.splitlines() if line.strip())
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -46,7 +46,7 @@ from gramopt.compare import config as bench_config
 from gramopt.compare.config import DIVERGENCE_FACTOR, GRID_SIZES, LADDERS, Target, grid
 from gramopt.compare.memory import peak_memories
 from gramopt.compare.plots import plot_curves
-from gramopt.compare.report import markdown
+from gramopt.compare.report import markdown, reason_line
 from gramopt.compare.timing import interleaved_times
 from gramopt.tasks import TASKS, Split, Task, get_task, with_validation
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
@@ -431,7 +431,7 @@ def compare_task(
             progress.update(overall, total=progress.tasks[0].total - size * len(seeds)) if progress.tasks else None
             if plain is not None:
                 plain.total -= size * len(seeds)
-                plain.note(f"{task.name}: skipping {name}, which cannot train this task: {' '.join(reason.split())[:160]}")
+                plain.note(f"{task.name}: skipping {name}, which cannot train this task: {reason_line(reason, 160)}")
             continue
         spec = get_optimizer_spec(name)
         methods[name] = {
