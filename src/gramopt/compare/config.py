@@ -26,7 +26,7 @@ reached it) go to the next rung down, then to the smaller median final validatio
 A train-loss ladder measures optimization speed, the training objective itself, so it
 selects on its own rungs and ties go to the smaller final train loss: its held-out
 counterpart would measure generalization instead (on teacher, validation loss stays
-above 0.02 while the train loss reaches 0.002, so the 0.01 and 0.001 rungs could never
+above 0.02 while the train loss reaches 0.002, so the 0.01 and 0.003 rungs could never
 tell two settings apart), and no test data is used either way. A seed that misses a rung
 or diverges counts as infinitely slow.
 
@@ -136,7 +136,11 @@ def ladder(metric: str, values: tuple[float, ...], below: bool) -> tuple[Target,
 
 
 LADDERS: dict[str, tuple[Target, ...]] = {
-    "teacher": ladder("train_loss", (1e-1, 1e-2, 1e-3), below=True),
+    # Top rungs are set where the best optimizer of the committed run reaches them within the
+    # task's budget: on teacher nobody reached 1e-3 in 3 s (best final train loss 0.0018,
+    # pytorch-optimizer's Muon; GGN 0.0027), so its top rung is 3e-3 and the budget (the
+    # default command's) stays 3 s.
+    "teacher": ladder("train_loss", (1e-1, 1e-2, 3e-3), below=True),
     "diabetes": ladder("train_loss", (0.4, 0.3, 0.2), below=True),
     "digits": ladder("test_accuracy", (0.95, 0.97, 0.98), below=False),
     "mnist": ladder("test_accuracy", (0.93, 0.95, 0.97), below=False),
