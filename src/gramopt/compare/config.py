@@ -144,7 +144,10 @@ LADDERS: dict[str, tuple[Target, ...]] = {
     "diabetes": ladder("train_loss", (0.4, 0.3, 0.2), below=True),
     "digits": ladder("test_accuracy", (0.95, 0.97, 0.98), below=False),
     "mnist": ladder("test_accuracy", (0.93, 0.95, 0.97), below=False),
-    "fashion-mnist": ladder("test_accuracy", (0.85, 0.88, 0.90, 0.91), below=False),
+    # The small CNN (9k parameters) tops out near 0.905 test accuracy: in 120 s AdamW (lr
+    # 0.0067) and SOAP (lr 0.003), the fastest to 0.90 at 60 s, peaked at 0.907 and 0.908,
+    # so 0.91 is no rung of fashion-mnist (the ResNet keeps it).
+    "fashion-mnist": ladder("test_accuracy", (0.85, 0.88, 0.90), below=False),
     "fashion-resnet": ladder("test_accuracy", (0.85, 0.88, 0.90, 0.91), below=False),
     "recall": ladder("test_accuracy", (0.5, 0.9, 0.99), below=False),
     "charlm": ladder("test_accuracy", (0.3, 0.4, 0.5), below=False),
