@@ -426,3 +426,95 @@ def test_cross_entropy_loss_object_with_ignore_index(float64):
     expected = per_position_reference(model, x, y, lr=0.6, damping=0.5 * 4, ignore_index=0)  # per position, T = 4
     delta, _ = one_step(model, x, y, lr=0.6, damping=0.5, loss=loss, curvature="exact")
     torch.testing.assert_close(delta, expected, rtol=1e-7, atol=1e-10)
+
+
+class _AttentionNet(nn.Module):
+    """nn.MultiheadAttention (packed in-projection) on ``[b, 4, 6]``, then a Linear read-out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.read = nn.Linear(6, 3)
+
+    def forward(self, x):
+        out, _ = self.attn(x, x, x, need_weights=False)
+        return self.read(torch.tanh(out).mean(dim=1))
+
+
+def _frozen_weight_mlp() -> nn.Module:
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    model[2].weight.requires_grad_(False)  # a layer whose factors cover its bias alone
+    return model
+
+
+BLOCK_CASES = {
+    "mlp": (lambda: models.mlp(out=3), lambda b: torch.randn(b, 5)),
+    "wide-mlp": (lambda: nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)), lambda b: torch.randn(b, 5)),
+    "frozen-weight": (_frozen_weight_mlp, lambda b: torch.randn(b, 5)),
+    "cnn": (lambda: models.cnn(out=3), lambda b: torch.randn(b, 1, 8, 8)),
+    "conv1d": (lambda: models.conv1d_net(out=3), lambda b: torch.randn(b, 2, 8)),
+    "layernorm": (lambda: models.layernorm_net(out=3), lambda b: torch.randn(b, 6)),
+    "transformer": (lambda: models.TinyTransformer(out=3), lambda b: torch.randint(0, 11, (b, 5))),
+    "attention": (_AttentionNet, lambda b: torch.randn(b, 4, 6)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BLOCK_CASES))
+@pytest.mark.parametrize("strategy", ["default", "explicit"])
+def test_block_gram_and_product_match_the_full_grams_block(name, strategy, float64, monkeypatch):
+    """``pass_block(b, r, m).gram()`` is the ``[S, S]`` block of ``U U^T`` over the rows of
+    each sample's first m passes, and ``block_product(b, r, m, c)`` is ``U[S] U^T c``, with
+    U from torch.func Jacobians (tests/reference.py), for every layer type's factors."""
+    from gramopt.capture import CaptureEngine
+
+    if strategy == "explicit":  # position-pair Grams formed from explicit rows instead
+        monkeypatch.setattr("gramopt.capture.shared_weight.gram_strategy", lambda d_in, shape: "explicit")
+    build, inputs = BLOCK_CASES[name]
+    model, b, r, m = build(), 4, 3, 2
+    x = inputs(b)
+    engine = CaptureEngine(model, [p for p in model.parameters() if p.requires_grad])
+    out = model(x)
+    directions = [torch.randn_like(out) for _ in range(r)]
+    engine.backward_passes(out, directions)
+    factors = engine.factors()
+    engine.close()
+    coeffs = torch.randn(b * r)
+    selected = (torch.arange(b)[:, None] * r + torch.arange(m)).reshape(-1)
+    k = out[0].numel()
+    for layer, factor in factors.items():
+        jac = jacobian(model, x, factor.params).view(b, k, -1)  # independent of the capture
+        rows = torch.einsum("cbo,bop->bcp", torch.stack([d.reshape(b, k) for d in directions]), jac).reshape(b * r, -1)
+        # the full Gram first: what it caches on the factors must not leak into the block
+        torch.testing.assert_close(factor.gram(), rows @ rows.T, rtol=1e-10, atol=1e-12, msg=layer)
+        block = factor.pass_block(b, r, m)
+        assert block.num_rows == b * m
+        torch.testing.assert_close(block.gram(), rows[selected] @ rows[selected].T, rtol=1e-10, atol=1e-12, msg=layer)
+        expected = rows[selected] @ (rows.T @ coeffs)
+        torch.testing.assert_close(factor.block_product(b, r, m, coeffs), expected, rtol=1e-10, atol=1e-12, msg=layer)
+        torch.testing.assert_close(factor.gram(), rows @ rows.T, rtol=1e-10, atol=1e-12, msg=layer)  # the parent intact
+
+
+def test_sampled_system_forms_only_the_drawn_rows_block(float64, monkeypatch):
+    """The sampled step builds the [b s, b s] block (never the [b (s+1)]^2 Gram) and still
+    equals the dense reference of test_sampled_step_with_the_optimizers_draws."""
+    from gramopt.capture.shared_weight import SharedWeightFactors
+
+    sizes = []
+    original = SharedWeightFactors.gram
+
+    def recording(self):
+        gram = original(self)
+        sizes.append(gram.shape[0])
+        return gram
+
+    monkeypatch.setattr(SharedWeightFactors, "gram", recording)
+    model, x, y = models.mlp(out=3), torch.randn(6, 5), torch.randint(0, 3, (6,))
+    with torch.no_grad():
+        f = model(x)
+    cols = drawn_columns("cross_entropy", f, seed=7, draws=0, s=2)
+    columns = block_columns([torch.stack([c[i] for c in cols], dim=1) for i in range(6)])
+    e = torch.softmax(f, 1) - F.one_hot(y, 3).to(f.dtype)
+    expected = dense_step(model, x, columns, e.reshape(-1), lr=0.5, damping=0.4)
+    delta, _ = one_step(model, x, y, lr=0.5, damping=0.4, loss="cross_entropy", curvature="sampled", samples=2, seed=7)
+    torch.testing.assert_close(delta, expected, rtol=1e-7, atol=1e-10)
+    assert sizes and set(sizes) == {6 * 2}, sizes

@@ -111,6 +111,10 @@ class ConvFactors(SharedWeightFactors):
     def gram_strategy(self) -> str:
         return gram_strategy(self.d_in, torch.Size((self.batch_size, self.passes, self.positions, self.d_out)))
 
+    def _keep_passes(self, keep: int) -> None:
+        self.raw_grads = [g[:, :keep] for g in self.raw_grads]
+        self.__dict__.pop("grads", None)  # the positions view of the output-gradients, rebuilt on use
+
     form = "conv"
 
     def held_numel(self) -> float:

@@ -151,6 +151,23 @@ class LayerFactors(ABC):
             total = part if total is None else total + part
         return total
 
+    # -- blocks of rows (sampled Gauss-Newton systems) ---------------------------------------
+    def pass_block(self, samples: int, passes: int, keep: int) -> "LayerFactors":
+        """The factors of the rows of the first ``keep`` of each sample's ``passes`` passes
+        (rows are sample-major, ``n = samples * passes``): ``U[S]`` with
+        ``S = {i * passes + c : c < keep}``, ``samples * keep`` rows. Its :meth:`gram` is
+        the ``[S, S]`` block of this Gram, without the rest of it. Default: through the
+        explicit rows; factor types override it with a view of their own tensors."""
+        rows = self.per_sample().view(samples, passes, -1)[:, :keep].reshape(samples * keep, -1)
+        return ExplicitFactors(self.module, self.params, rows)
+
+    def block_product(self, samples: int, passes: int, keep: int, coeffs: Tensor) -> Tensor:
+        """``U[S] U^T c`` for coefficients ``c`` ``[n]`` over all rows (S as in
+        :meth:`pass_block`), ``[samples * keep]``: the rows of the block times the
+        combination ``U^T c`` of all rows, without the ``[S, n]`` block of the Gram.
+        Default: ``U^T c`` (one product with all rows), then one with the block's rows."""
+        return self.pass_block(samples, passes, keep).matvec(self.rmatvec(coeffs))
+
     # -- state round trip ------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """The tensors of the factors with their ``"form"``, for an optimizer's state."""
@@ -223,6 +240,14 @@ class ExplicitFactors(LayerFactors):
 
     def column_norms(self) -> Tensor:
         return self.rows.pow(2).sum(dim=0)
+
+    def pass_block(self, samples: int, passes: int, keep: int) -> LayerFactors:
+        rows = self.rows.view(samples, passes, -1)[:, :keep].reshape(samples * keep, -1)
+        return ExplicitFactors(self.module, self.params, rows)
+
+    def block_product(self, samples: int, passes: int, keep: int, coeffs: Tensor) -> Tensor:
+        rows = self.rows.view(samples, passes, -1)
+        return rows[:, :keep].reshape(samples * keep, -1) @ (coeffs.to(self.rows.dtype) @ self.rows)
 
     def state(self) -> dict[str, Any]:
         return {"form": "rows", "rows": self.rows}

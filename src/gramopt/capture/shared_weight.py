@@ -21,6 +21,7 @@ Embedding inputs are one-hot, so ``x_is . x_jt`` becomes ``[idx_is == idx_jt]``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,7 +78,9 @@ def gram_strategy(d_in: int, grads_shape: torch.Size) -> str:
     return "explicit" if explicit < pairs else "pairs"
 
 
-def shared_weight_gram(inputs: Tensor | None, grads: Tensor, bias: bool = False, strategy: str | None = None) -> Tensor:
+def shared_weight_gram(
+    inputs: Tensor | None, grads: Tensor, bias: bool = False, strategy: str | None = None, input_gram: Tensor | None = None
+) -> Tensor:
     """K = U U^T for per-sample gradients ``G_r = sum_s z_rs x_is^T`` (weight) and, if
     ``bias``, ``sum_s z_rs`` (bias), ``[b k, b k]``.
 
@@ -86,6 +89,7 @@ def shared_weight_gram(inputs: Tensor | None, grads: Tensor, bias: bool = False,
         grads: Z ``[b, k, s, d_out]``.
         bias: whether the bias is covered.
         strategy: ``"pairs"`` or ``"explicit"`` for s > 1 (default: :func:`gram_strategy`).
+        input_gram: for s = 1, ``X X^T`` ``[b, b]`` if already formed (not modified).
     """
     b, k, s, d_out = grads.shape
     n = b * k
@@ -94,10 +98,13 @@ def shared_weight_gram(inputs: Tensor | None, grads: Tensor, bias: bool = False,
         return zsum @ zsum.T
     if s == 1:  # (the bias block z z^T is folded into the weight block: (x x^T + 1))
         z = grads.reshape(n, d_out)
-        x = inputs.reshape(b, -1)
-        xx = x @ x.T
-        if bias:
-            xx += 1.0
+        if input_gram is None:
+            x = inputs.reshape(b, -1)
+            xx = x @ x.T
+            if bias:
+                xx += 1.0
+        else:
+            xx = input_gram + 1.0 if bias else input_gram
         zz = z @ z.T
         if k == 1:
             return zz.mul_(xx)
@@ -189,7 +196,55 @@ class SharedWeightFactors(LayerFactors):
             for u in rows[1:]:
                 gram = gram + u @ u.T
             return gram
-        return shared_weight_gram(self.inputs if self.with_weight else None, self.grads, self.with_bias, "pairs")
+        input_gram = self.input_gram() if self.with_weight and self.positions == 1 else None
+        return shared_weight_gram(self.inputs if self.with_weight else None, self.grads, self.with_bias, "pairs", input_gram)
+
+    def input_gram(self) -> Tensor:
+        """``X X^T`` ``[b, b]`` for one position per sample (formed once; the blocks of
+        :meth:`pass_block` share it)."""
+        xx = self.__dict__.get("_input_gram")
+        if xx is None:
+            x = self.inputs.reshape(self.batch_size, -1)
+            xx = self._input_gram = x @ x.T
+        return xx
+
+    # -- blocks of rows (sampled Gauss-Newton systems) ------------------------------------
+    def pass_block(self, samples: int, passes: int, keep: int) -> LayerFactors:
+        """The rows of the first ``keep`` passes: the same inputs, Z ``[b, keep, s, d_out]``
+        (a view); ``X X^T`` is shared once formed."""
+        if (samples, passes) != (self.batch_size, self.passes):
+            return super().pass_block(samples, passes, keep)
+        block = copy.copy(self)
+        block.__dict__.pop("_rows", None)
+        block._keep_passes(keep)
+        block.passes, block.num_rows = keep, samples * keep
+        return block
+
+    def _keep_passes(self, keep: int) -> None:
+        """Keep the output-gradients of the first ``keep`` passes (on a copy)."""
+        self.grads = self.grads[:, :keep]
+
+    def block_product(self, samples: int, passes: int, keep: int, coeffs: Tensor) -> Tensor:
+        """``U[S] U^T c``. With one position per sample (a plain Linear layer), row
+        ``(i, c)`` of it is ``z_ic . sum_j (x_i . x_j + 1) zbar_j`` with
+        ``zbar_j = sum_c' c_(j,c') z_jc'``: ``b^2 (d_in + d_out)`` multiplications (and
+        ``X X^T`` is the one the block's Gram uses) instead of two products with the
+        weight's ``2 b d_in d_out``; the default (:class:`LayerFactors`) where that is cheaper."""
+        b, d_in, d_out = self.batch_size, self.d_in, self.d_out
+        if (
+            self.positions != 1
+            or (samples, passes) != (b, self.passes)
+            or b * (d_in + d_out) >= 2 * d_in * d_out
+        ):
+            return super().block_product(samples, passes, keep, coeffs)
+        z = self.grads[:, :, 0]  # [b, k, d_out]
+        zbar = weighted_sum(z, coeffs.to(z.dtype), b, passes)  # [b, d_out]
+        if self.with_weight:
+            kernel = self.input_gram() + 1.0 if self.with_bias else self.input_gram()
+            y = kernel @ zbar
+        else:  # the bias alone: every pair of samples has kernel 1
+            y = zbar.sum(dim=0, keepdim=True).expand(b, d_out)
+        return (z[:, :keep] * y.unsqueeze(1)).sum(dim=2).reshape(b * keep)
 
     # -- explicit per-sample gradients ----------------------------------------------------
     def explicit_rows(self) -> list[Tensor]:
@@ -415,6 +470,11 @@ class EmbeddingFactors(LayerFactors):
         b, k = self.batch_size, self.passes
         y = vectors[0].to(self.grads.dtype)[self.indices]  # [b, s, d]
         return torch.einsum("bksd,bsd->bk", self.grads, y).reshape(b * k)
+
+    def pass_block(self, samples: int, passes: int, keep: int) -> LayerFactors:
+        if (samples, passes) != (self.batch_size, self.passes):
+            return super().pass_block(samples, passes, keep)
+        return EmbeddingFactors(self.module, self.params, self.indices, self.grads[:, :keep], self.num_embeddings)
 
     def per_sample(self) -> Tensor:
         b, k, s, d = self.grads.shape

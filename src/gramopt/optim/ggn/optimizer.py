@@ -53,7 +53,7 @@ from gramopt.losses import GaussNewtonLoss, get_loss
 from gramopt.optim.ggn.damping import AdaptiveDamping
 from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper
 from gramopt.optim.ggn.solvers import SOLVERS, check_solver_options
-from gramopt.optim.ggn.system import GaussNewtonSystem
+from gramopt.optim.ggn.system import GaussNewtonSystem, is_selection
 
 
 #: lr and damping when the constructor is given none, per loss. mse: the paper's lr = 1,
@@ -487,9 +487,12 @@ class GGN(SampleSpaceOptimizer):
             dtype = next(iter(factors.values())).dtype
             q = None if pending.q is None else pending.q.to(dtype)
             outside = None if pending.outside is None else pending.outside.to(dtype)
-            w = GaussNewtonSystem.sampled_rhs(factors, q, outside) if pending.w is None else pending.w.to(dtype)
+            # sampled systems: Q selects each sample's drawn rows (the gradient's row comes last),
+            # so only their block of the Gram is formed (GaussNewtonSystem.selected)
+            selected = q.shape[2] if outside is not None and is_selection(q, q.shape[2]) else None
+            w = GaussNewtonSystem.sampled_rhs(factors, q, outside, selected) if pending.w is None else pending.w.to(dtype)
             # the damping is per position (damping_scale): P times it for P positions per sample
-            system = GaussNewtonSystem(factors, q, w, self.damping * pending.positions, self.steps_taken, outside)
+            system = GaussNewtonSystem(factors, q, w, self.damping * pending.positions, self.steps_taken, outside, selected)
             a, info = SOLVERS[self.solver](system, **self.solver_options)
             if not info.converged:
                 warnings.warn(f"GGN step {self.steps_taken}: {info.fallback}", NumericalWarning, stacklevel=3)
