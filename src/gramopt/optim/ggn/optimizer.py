@@ -351,8 +351,7 @@ class GGN(SampleSpaceOptimizer):
             directions, w = self.loss.top_system(wide, target, samples)
             return directions, None, w, None
         samples = self.samples if self.samples is not None else DEFAULT_SAMPLES["sampled"]
-        directions = self.loss.sampled_directions(wide, target, samples, self._generator(wide.device))
-        directions.append(self.loss.gradient_direction(wide, target))
+        directions = self.loss.sampled_rows(wide, target, samples, self._generator(wide.device))
         q = torch.zeros(b, samples + 1, samples, dtype=wide.dtype, device=wide.device)
         q[:, :samples] = torch.eye(samples, dtype=wide.dtype, device=wide.device)
         outside = torch.zeros(b, samples + 1, dtype=wide.dtype, device=wide.device)
