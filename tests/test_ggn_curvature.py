@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -530,3 +531,58 @@ def test_drawn_classes_follow_the_probabilities(float64):
     freq = F.one_hot(drawn, 4).double().mean(dim=0)
     torch.testing.assert_close(freq, p, rtol=0, atol=0.01)
     assert not freq[p == 0].any()
+
+
+class _Output(dict):
+    """A stand-in for a Hugging Face ``ModelOutput``: a dict with attribute access and
+    integer indexing through ``to_tuple``."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError as error:
+            raise AttributeError(name) from error
+
+    def to_tuple(self):
+        return tuple(self.values())
+
+    def __getitem__(self, key):
+        return self.to_tuple()[key] if isinstance(key, int) else super().__getitem__(key)
+
+
+class _Wrapped(nn.Module):
+    """The MLP with its logits in a ModelOutput-like object (``.logits``), or a tuple."""
+
+    def __init__(self, inner: nn.Module, form: str) -> None:
+        super().__init__()
+        self.inner, self.form = inner, form
+
+    def forward(self, x, scale=1.0):
+        logits = self.inner(x) * scale
+        return _Output(logits=logits, hidden=torch.tanh(logits)) if self.form == "logits" else (logits, torch.tanh(logits))
+
+
+@pytest.mark.parametrize("form", ["logits", "tuple"])
+def test_damping_adapts_when_the_model_returns_a_model_output(form, float64):
+    """GGN re-runs the model and takes the logits as the step did (``.logits`` or the
+    first element): the same ratios and dampings as with a model returning the tensor."""
+    rule = gramopt.AdaptiveDamping(every=1, min_damping=1e-3)
+    model, x, y = models.mlp(out=3), torch.randn(8, 5), torch.randint(0, 3, (8,))
+    wrapped = _Wrapped(copy.deepcopy(model), form)
+    plain_opt = gramopt.GGN(model, lr=0.5, damping=0.3, loss="cross_entropy", damping_adaptation=rule)
+    opt = gramopt.GGN(wrapped, lr=0.5, damping=0.3, loss="cross_entropy", damping_adaptation=rule)
+    dampings = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "damping stays fixed" warning
+        for _ in range(4):
+            plain_opt.zero_grad()
+            plain_opt.backward(model(x), y)
+            plain_opt.step()
+            opt.zero_grad()
+            out = wrapped(x, scale=1.0)  # a keyword argument travels to the re-run too
+            opt.backward(out.logits if form == "logits" else out[0], y)
+            opt.step()
+            assert opt.extra_state["last_ratio"] == pytest.approx(plain_opt.extra_state["last_ratio"], rel=1e-9)
+            dampings.append((opt.damping, plain_opt.damping))
+    assert all(a == pytest.approx(b) for a, b in dampings)
+    assert len({a for a, _ in dampings}) > 1, dampings  # the damping did change

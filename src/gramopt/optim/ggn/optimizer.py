@@ -107,6 +107,27 @@ def _join_rows(old: Tensor | None, new: Tensor | None) -> Tensor | None:
     return torch.cat([old, new])
 
 
+def output_candidates(output: Any) -> list[tuple[str, Tensor]]:
+    """The tensors of a model's output that ``opt.backward`` may have been given, with how
+    each is found: the output itself (a Tensor), its ``.logits`` (a Hugging Face
+    ``ModelOutput``) or its first element (a tuple, list or ``ModelOutput``). Damping
+    adaptation re-runs the model and takes the same one from the new output."""
+    if isinstance(output, Tensor):
+        return [("output", output)]
+    found = []
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        found.append(("logits", logits))
+    if isinstance(output, (tuple, list)) or callable(getattr(output, "to_tuple", None)):
+        try:
+            first = output[0]
+        except (IndexError, KeyError, TypeError):
+            first = None
+        if isinstance(first, Tensor):
+            found.append(("first", first))
+    return found
+
+
 def previous_union(first: list[nn.Parameter], second: list[nn.Parameter]) -> list[nn.Parameter]:
     """``first`` then the parameters of ``second`` not in it (by identity)."""
     return first + [p for p in second if all(p is not q for q in first)]
@@ -148,7 +169,8 @@ class GGN(SampleSpaceOptimizer):
         damping_adaptation: an :class:`AdaptiveDamping` (the default; off under
             ``distributed``) or None for a fixed damping. It costs one extra forward
             pass every ``every`` steps and needs ``opt.backward(model(x), y)`` with the
-            model's own output.
+            model's own output, its ``.logits`` (a Hugging Face ``ModelOutput``) or its
+            first element (:func:`output_candidates`).
         divergence: raise :class:`~gramopt.errors.DivergenceError` in ``backward`` when the
             batch loss exceeds ``divergence`` times the first batch's loss (None: never).
         params: optional parameters / param groups (default: all trainable parameters).
@@ -260,8 +282,10 @@ class GGN(SampleSpaceOptimizer):
 
             def record_call(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
                 opt = owner()
-                if opt is not None and torch.is_grad_enabled() and isinstance(output, Tensor):
-                    opt._last_call = (args, kwargs, weakref.ref(output))  # never keeps the graph alive
+                if opt is not None and torch.is_grad_enabled():
+                    # weak references only: never keeps the graph alive
+                    found = [(how, weakref.ref(t)) for how, t in output_candidates(output)]
+                    opt._last_call = (args, kwargs, found) if found else None
 
             handle = self.model.register_forward_hook(record_call, with_kwargs=True)
             self._finalizer_hook = weakref.finalize(self, handle.remove)
@@ -447,17 +471,19 @@ class GGN(SampleSpaceOptimizer):
         if config is None or self.steps_taken % config.every:
             return None
         call, self._last_call = self._last_call, None
-        if call is None or call[2]() is not output:
+        how = None if call is None else next((how for how, ref in call[2] if ref() is output), None)
+        if how is None:
             if not self._warned_adaptation:
                 self._warned_adaptation = True
                 warnings.warn(
-                    "GGN damping_adaptation needs opt.backward(model(x), y) with the model's own output (it re-runs "
-                    "the model on the same input after the step); the damping stays fixed at this step",
+                    "GGN damping_adaptation needs opt.backward(model(x), y) with the model's own output, its .logits "
+                    "or its first element (it re-runs the model on the same input after the step); the damping "
+                    "stays fixed at this step",
                     RuntimeWarning,
                     stacklevel=5,
                 )
             return None
-        return {"call": (call[0], call[1], tuple(output.shape)), "target": target, "before": float(self.loss.total(wide, target))}
+        return {"call": (call[0], call[1], tuple(output.shape)), "how": how, "target": target, "before": float(self.loss.total(wide, target))}
 
     def gradient_params(self) -> list[Tensor]:
         """Those ``backward`` filled ``.grad`` of (and warned about)."""
@@ -536,7 +562,8 @@ class GGN(SampleSpaceOptimizer):
             after = self.model(*args, **kwargs)
         for b, saved in zip(self.model.buffers(), buffers):
             b.copy_(saved)
-        if not isinstance(after, Tensor) or tuple(after.shape) != shape:
+        after = dict(output_candidates(after)).get(pending.adapt["how"])
+        if after is None or tuple(after.shape) != shape:
             return
         wide = after.to(torch.promote_types(after.dtype, torch.float32))
         actual = float(self.loss.total(wide, pending.adapt["target"])) - pending.adapt["before"]
