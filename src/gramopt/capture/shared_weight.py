@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gramopt.capture.factors import LayerFactors
+from gramopt.capture.factors import LayerFactors, symmetric_gram
 
 #: Upper bound on the number of elements of one temporary of the position-pair Gram.
 PAIR_CHUNK_ELEMENTS = 2**24
@@ -112,7 +112,7 @@ def shared_weight_gram(
     d_in = inputs.shape[-1]
     if (strategy or gram_strategy(d_in, grads.shape)) == "explicit":
         u = torch.einsum("bksz,bsx->bkzx", grads, inputs).reshape(n, -1)
-        gram = u @ u.T
+        gram = symmetric_gram([u])
     else:
         flat_x = inputs.reshape(-1, d_in)
 
@@ -192,10 +192,7 @@ class SharedWeightFactors(LayerFactors):
     def gram(self) -> Tensor:
         if self.with_weight and self.positions > 1 and self.gram_strategy() == "explicit":
             rows = self.explicit_rows()  # kept: U^T a then needs one GEMV per parameter
-            gram = rows[0] @ rows[0].T
-            for u in rows[1:]:
-                gram = gram + u @ u.T
-            return gram
+            return symmetric_gram(rows)
         input_gram = self.input_gram() if self.with_weight and self.positions == 1 else None
         return shared_weight_gram(self.inputs if self.with_weight else None, self.grads, self.with_bias, "pairs", input_gram)
 
@@ -442,7 +439,7 @@ class EmbeddingFactors(LayerFactors):
     def gram(self) -> Tensor:
         if self.gram_strategy() == "explicit":
             u = self.per_sample()
-            return u @ u.T
+            return symmetric_gram([u])
         return position_pair_gram(self.grads, self._input_kernel)
 
     def gram_strategy(self) -> str:
