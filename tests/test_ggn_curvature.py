@@ -602,3 +602,54 @@ def test_symmetric_gram_is_the_sum_of_the_blocks_products(n, float64):
         block = torch.arange(n) * parts // n  # the part of each row (the function's split, up to rounding)
         upper = block[:, None] + 1 < block[None, :]
         assert torch.equal(gram[upper], gram.T[upper])
+
+
+class _PositionwiseNet(nn.Module):
+    """Tokens ``[b, T]`` -> logits ``[b, V, T]`` through position-wise Linear layers (one
+    with a frozen weight, so its factors cover the bias alone) after a position mixing."""
+
+    def __init__(self, vocab: int = 5, d: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(3, 3)  # mixes the T = 3 positions: its passes reach every position
+        self.body = nn.Sequential(nn.Linear(d, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, vocab))
+        self.body[2].weight.requires_grad_(False)
+
+    def forward(self, tokens):
+        h = self.mix(self.embed(tokens).transpose(1, 2)).transpose(1, 2)
+        return self.body(h).transpose(1, 2)
+
+
+def test_one_position_passes_gram_matches_the_rows(float64):
+    """Per-position passes (curvature="top" on [b, C, T] outputs): in the layers after the
+    last position mixing each pass reaches one position (pass_positions) and the Gram is
+    formed from that position alone; against torch.func rows, with a pass that is zero
+    everywhere (an ignored position) and one layer that reaches every position."""
+    from gramopt.capture import CaptureEngine
+
+    model, b, T, vocab = _PositionwiseNet(), 4, 3, 5
+    x = torch.randint(0, vocab, (b, T))
+    engine = CaptureEngine(model, [p for p in model.parameters() if p.requires_grad])
+    out = model(x)
+    directions = []
+    for t in range(T):
+        for _ in range(2):
+            d = torch.zeros_like(out)
+            d[:, :, t] = torch.randn(b, vocab)
+            directions.append(d)
+    directions.append(torch.zeros_like(out))  # zero everywhere
+    engine.backward_passes(out, directions)
+    factors = engine.factors()
+    engine.close()
+    r, k = len(directions), out[0].numel()
+    one_position = []
+    for layer, factor in factors.items():
+        jac = jacobian(model, x, factor.params).view(b, k, -1)
+        rows = torch.einsum("cbo,bop->bcp", torch.stack([d.reshape(b, k) for d in directions]), jac).reshape(b * r, -1)
+        where = factor.pass_positions() if hasattr(factor, "pass_positions") else None
+        if where is not None:
+            one_position.append(layer)
+            assert where.tolist() == [0, 0, 1, 1, 2, 2, 0]
+        torch.testing.assert_close(factor.gram(), rows @ rows.T, rtol=1e-10, atol=1e-12, msg=layer)
+    assert one_position == ["body.0", "body.2", "body.4"]
+    assert factors["mix"].pass_positions() is None

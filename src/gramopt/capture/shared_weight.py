@@ -190,11 +190,45 @@ class SharedWeightFactors(LayerFactors):
 
     # -- the Gram ---------------------------------------------------------------------
     def gram(self) -> Tensor:
+        where = self.pass_positions()
+        if where is not None:
+            return self._one_position_gram(where)
         if self.with_weight and self.positions > 1 and self.gram_strategy() == "explicit":
             rows = self.explicit_rows()  # kept: U^T a then needs one GEMV per parameter
             return symmetric_gram(rows)
         input_gram = self.input_gram() if self.with_weight and self.positions == 1 else None
         return shared_weight_gram(self.inputs if self.with_weight else None, self.grads, self.with_bias, "pairs", input_gram)
+
+    def pass_positions(self) -> Tensor | None:
+        """With several positions: ``[k]``, the one position each pass reaches, when every
+        pass's output-gradients are zero at all its other positions in every sample (else
+        None). That is the structure of ``curvature="top"`` on sequence outputs ([b, C, T]
+        logits, one pass per position and column) in the layers after the last one that
+        mixes positions (an LM head, the MLP after the last attention): each row is then
+        ``z_(i,c) x_(i,t_c)^T``, one position, and :meth:`gram` costs ``n^2 (d_in + d_out)``
+        instead of ``n^2 d_in d_out`` (explicit rows) or ``n^2 s^2 d_out`` (position pairs).
+        A pass that is zero everywhere (an ignored position) takes position 0: its rows are zero."""
+        if self.positions == 1:
+            return None
+        active = self.grads.ne(0).any(dim=3).any(dim=0)  # [k, s]
+        if bool((active.sum(dim=1) > 1).any()):
+            return None
+        return active.to(torch.uint8).argmax(dim=1)
+
+    def _one_position_gram(self, where: Tensor) -> Tensor:
+        """``K = (Z Z^T) * (X X^T + 1)`` over rows ``(i, c)`` with ``z_(i,c) = Z[i, c, t_c]``
+        and ``x_(i,c) = X[i, t_c]`` (:meth:`pass_positions`; the bias adds the 1), ``[n, n]``."""
+        b, k, _, d_out = self.grads.shape
+        n = b * k
+        z = self.grads.gather(2, where.view(1, k, 1, 1).expand(b, k, 1, d_out)).reshape(n, d_out)
+        zz = z @ z.T
+        if not self.with_weight:
+            return zz
+        x = self.inputs[:, where].reshape(n, self.d_in)  # [b, k, d_in]: each pass's position
+        xx = x @ x.T
+        if self.with_bias:
+            xx += 1.0
+        return zz.mul_(xx)
 
     def input_gram(self) -> Tensor:
         """``X X^T`` ``[b, b]`` for one position per sample (formed once; the blocks of
