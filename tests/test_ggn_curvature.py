@@ -594,7 +594,7 @@ def test_symmetric_gram_is_the_sum_of_the_blocks_products(n, float64):
     sizes below, at and above its split into parts, with uneven parts."""
     from gramopt.capture.factors import symmetric_gram
 
-    rows = [torch.randn(n, 7), torch.randn(n, 3)]
+    rows = [torch.randn(n, 500), torch.randn(n, 30)]  # 530 columns: split from 192 rows
     gram = symmetric_gram(rows)
     torch.testing.assert_close(gram, rows[0] @ rows[0].T + rows[1] @ rows[1].T, rtol=1e-12, atol=1e-12)
     if n >= 192:  # split: the blocks above the diagonal blocks mirror those below
