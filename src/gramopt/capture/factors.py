@@ -22,7 +22,10 @@ factor class, and nothing in ``gramopt.optim`` tests a factor's type):
 - ``columns(index)``: ``U[:, index]``; ``column_norms()``: ``||U[:, j]||^2``; ``row_block(i0, i1)``;
 - ``held_rows()``: U when held explicitly; ``kronecker_factors()``: (X, Z) of a layer
   ``y = W x + c`` (bias column appended to X) for Kronecker sketches;
-- ``state()`` / :meth:`LayerFactors.from_state`: the tensors, for an optimizer's state_dict.
+- ``state()`` / :meth:`LayerFactors.from_state`: the tensors, for an optimizer's state_dict;
+- ``pass_block(b, r, m)``: the factors of the rows of each sample's first m passes (whose
+  ``gram()`` is that block of K alone), ``block_product(b, r, m, c)``: those rows times
+  ``U^T c`` (GGN's sampled systems use only these, :mod:`gramopt.optim.ggn.system`).
 """
 
 from __future__ import annotations
