@@ -72,8 +72,8 @@ DEFAULT_SAMPLES = {"top": 3, "sampled": 1}
 #: benchmarks/results/ggn_ce_defaults.json: at the defaults above it reached the mnist rungs
 #: first (exact: 0.93 in 3.9-7.9 s at lr 0.1, damping 3, and it diverged at lr 0.3, damping 3;
 #: sampled s = 1: 4.9-7.1 s at lr 0.1, damping 10, and it diverged at lr 0.3, damping <= 10),
-#: and its step costs 2.8x SGD-momentum's on the mnist CNN against 15.8x for "exact"
-#: (benchmarks/results/ggn_curvature.json). With more than one position per sample
+#: and its step costs 2.9x SGD-momentum's on the mnist CNN against 14x for "exact"
+#: (thread CPU time, benchmarks/results/ggn_curvature.json). With more than one position per sample
 #: ([b, C, T] logits) the default is "sampled": "top" needs b P s rows, "sampled" b (s + 1).
 DEFAULT_CURVATURE = {"mse": "exact", "cross_entropy": "top"}
 _DEFAULT = object()
