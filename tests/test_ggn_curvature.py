@@ -451,7 +451,10 @@ def _frozen_weight_mlp() -> nn.Module:
 
 BLOCK_CASES = {
     "mlp": (lambda: models.mlp(out=3), lambda b: torch.randn(b, 5)),
-    "wide-mlp": (lambda: nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)), lambda b: torch.randn(b, 5)),
+    "wide-mlp": (
+        lambda: nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)),
+        lambda b: torch.randn(b, 5),
+    ),
     "frozen-weight": (_frozen_weight_mlp, lambda b: torch.randn(b, 5)),
     "cnn": (lambda: models.cnn(out=3), lambda b: torch.randn(b, 1, 8, 8)),
     "conv1d": (lambda: models.conv1d_net(out=3), lambda b: torch.randn(b, 2, 8)),

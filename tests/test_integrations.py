@@ -255,7 +255,8 @@ def test_gramopt_trainer_adapts_ggns_damping_with_a_model_output(tmp_path):
     rule = gramopt.AdaptiveDamping(every=1, min_damping=1e-3)
     make = lambda m: gramopt.GGN(m, lr=0.5, damping=1.0, loss="cross_entropy", damping_adaptation=rule)  # noqa: E731
     opt = make(trained)
-    trainer = GramoptTrainer(model=trained, args=hf_args(transformers, tmp_path, 3), train_dataset=Sequences(), optimizers=(opt, None))
+    args = hf_args(transformers, tmp_path, 3)
+    trainer = GramoptTrainer(model=trained, args=args, train_dataset=Sequences(), optimizers=(opt, None))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()

@@ -483,7 +483,8 @@ class GGN(SampleSpaceOptimizer):
                     stacklevel=5,
                 )
             return None
-        return {"call": (call[0], call[1], tuple(output.shape)), "how": how, "target": target, "before": float(self.loss.total(wide, target))}
+        before = float(self.loss.total(wide, target))
+        return {"call": (call[0], call[1], tuple(output.shape)), "how": how, "target": target, "before": before}
 
     def gradient_params(self) -> list[Tensor]:
         """Those ``backward`` filled ``.grad`` of (and warned about)."""
