@@ -195,7 +195,7 @@ class LayerFactors(ABC):
         ``S = {i * passes + c : c < keep}``, ``samples * keep`` rows. Its :meth:`gram` is
         the ``[S, S]`` block of this Gram, without the rest of it. Default: through the
         explicit rows; factor types override it with a view of their own tensors."""
-        rows = self.per_sample().view(samples, passes, -1)[:, :keep].reshape(samples * keep, -1)
+        rows = self.per_sample().reshape(samples, passes, -1)[:, :keep].reshape(samples * keep, -1)
         return ExplicitFactors(self.module, self.params, rows)
 
     def block_product(self, samples: int, passes: int, keep: int, coeffs: Tensor) -> Tensor:
@@ -279,11 +279,11 @@ class ExplicitFactors(LayerFactors):
         return self.rows.pow(2).sum(dim=0)
 
     def pass_block(self, samples: int, passes: int, keep: int) -> LayerFactors:
-        rows = self.rows.view(samples, passes, -1)[:, :keep].reshape(samples * keep, -1)
+        rows = self.rows.reshape(samples, passes, -1)[:, :keep].reshape(samples * keep, -1)
         return ExplicitFactors(self.module, self.params, rows)
 
     def block_product(self, samples: int, passes: int, keep: int, coeffs: Tensor) -> Tensor:
-        rows = self.rows.view(samples, passes, -1)
+        rows = self.rows.reshape(samples, passes, -1)
         return rows[:, :keep].reshape(samples * keep, -1) @ (coeffs.to(self.rows.dtype) @ self.rows)
 
     def state(self) -> dict[str, Any]:
