@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -79,10 +80,11 @@ def drawn_columns(loss, f, seed, draws, s):
     if loss == "mse":
         return [torch.randn(f.shape, generator=g, dtype=f.dtype) / math.sqrt(s) for _ in range(s)]
     p = torch.softmax(f, dim=1)
+    u = torch.rand(s, f.shape[0], 1, 1, generator=g, dtype=p.dtype)  # one uniform per draw: the inverse CDF
     cols = []
-    for _ in range(s):
-        drawn = torch.multinomial(p, 1, generator=g).view(-1)
-        cols.append((F.one_hot(drawn, f.shape[1]).to(p.dtype) - p) / math.sqrt(s))
+    for j in range(s):
+        drawn = torch.stack([torch.searchsorted(p[i].cumsum(0), u[j, i, 0] * p[i].sum(), right=True) for i in range(f.shape[0])])
+        cols.append((F.one_hot(drawn.view(-1), f.shape[1]).to(p.dtype) - p) / math.sqrt(s))
     return cols
 
 
@@ -426,3 +428,231 @@ def test_cross_entropy_loss_object_with_ignore_index(float64):
     expected = per_position_reference(model, x, y, lr=0.6, damping=0.5 * 4, ignore_index=0)  # per position, T = 4
     delta, _ = one_step(model, x, y, lr=0.6, damping=0.5, loss=loss, curvature="exact")
     torch.testing.assert_close(delta, expected, rtol=1e-7, atol=1e-10)
+
+
+class _AttentionNet(nn.Module):
+    """nn.MultiheadAttention (packed in-projection) on ``[b, 4, 6]``, then a Linear read-out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.read = nn.Linear(6, 3)
+
+    def forward(self, x):
+        out, _ = self.attn(x, x, x, need_weights=False)
+        return self.read(torch.tanh(out).mean(dim=1))
+
+
+def _frozen_weight_mlp() -> nn.Module:
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    model[2].weight.requires_grad_(False)  # a layer whose factors cover its bias alone
+    return model
+
+
+BLOCK_CASES = {
+    "mlp": (lambda: models.mlp(out=3), lambda b: torch.randn(b, 5)),
+    "wide-mlp": (
+        lambda: nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)),
+        lambda b: torch.randn(b, 5),
+    ),
+    "frozen-weight": (_frozen_weight_mlp, lambda b: torch.randn(b, 5)),
+    "cnn": (lambda: models.cnn(out=3), lambda b: torch.randn(b, 1, 8, 8)),
+    "conv1d": (lambda: models.conv1d_net(out=3), lambda b: torch.randn(b, 2, 8)),
+    "layernorm": (lambda: models.layernorm_net(out=3), lambda b: torch.randn(b, 6)),
+    "transformer": (lambda: models.TinyTransformer(out=3), lambda b: torch.randint(0, 11, (b, 5))),
+    "attention": (_AttentionNet, lambda b: torch.randn(b, 4, 6)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BLOCK_CASES))
+@pytest.mark.parametrize("strategy", ["default", "explicit"])
+def test_block_gram_and_product_match_the_full_grams_block(name, strategy, float64, monkeypatch):
+    """``pass_block(b, r, m).gram()`` is the ``[S, S]`` block of ``U U^T`` over the rows of
+    each sample's first m passes, and ``block_product(b, r, m, c)`` is ``U[S] U^T c``, with
+    U from torch.func Jacobians (tests/reference.py), for every layer type's factors."""
+    from gramopt.capture import CaptureEngine
+
+    if strategy == "explicit":  # position-pair Grams formed from explicit rows instead
+        monkeypatch.setattr("gramopt.capture.shared_weight.gram_strategy", lambda d_in, shape: "explicit")
+    build, inputs = BLOCK_CASES[name]
+    model, b, r, m = build(), 4, 3, 2
+    x = inputs(b)
+    engine = CaptureEngine(model, [p for p in model.parameters() if p.requires_grad])
+    out = model(x)
+    directions = [torch.randn_like(out) for _ in range(r)]
+    engine.backward_passes(out, directions)
+    factors = engine.factors()
+    engine.close()
+    coeffs = torch.randn(b * r)
+    selected = (torch.arange(b)[:, None] * r + torch.arange(m)).reshape(-1)
+    k = out[0].numel()
+    for layer, factor in factors.items():
+        jac = jacobian(model, x, factor.params).view(b, k, -1)  # independent of the capture
+        rows = torch.einsum("cbo,bop->bcp", torch.stack([d.reshape(b, k) for d in directions]), jac).reshape(b * r, -1)
+        # the full Gram first: what it caches on the factors must not leak into the block
+        torch.testing.assert_close(factor.gram(), rows @ rows.T, rtol=1e-10, atol=1e-12, msg=layer)
+        block = factor.pass_block(b, r, m)
+        assert block.num_rows == b * m
+        torch.testing.assert_close(block.gram(), rows[selected] @ rows[selected].T, rtol=1e-10, atol=1e-12, msg=layer)
+        expected = rows[selected] @ (rows.T @ coeffs)
+        torch.testing.assert_close(factor.block_product(b, r, m, coeffs), expected, rtol=1e-10, atol=1e-12, msg=layer)
+        torch.testing.assert_close(factor.gram(), rows @ rows.T, rtol=1e-10, atol=1e-12, msg=layer)  # the parent intact
+
+
+def test_sampled_system_forms_only_the_drawn_rows_block(float64, monkeypatch):
+    """The sampled step builds the [b s, b s] block (never the [b (s+1)]^2 Gram) and still
+    equals the dense reference of test_sampled_step_with_the_optimizers_draws."""
+    from gramopt.capture.shared_weight import SharedWeightFactors
+
+    sizes = []
+    original = SharedWeightFactors.gram
+
+    def recording(self):
+        gram = original(self)
+        sizes.append(gram.shape[0])
+        return gram
+
+    monkeypatch.setattr(SharedWeightFactors, "gram", recording)
+    model, x, y = models.mlp(out=3), torch.randn(6, 5), torch.randint(0, 3, (6,))
+    with torch.no_grad():
+        f = model(x)
+    cols = drawn_columns("cross_entropy", f, seed=7, draws=0, s=2)
+    columns = block_columns([torch.stack([c[i] for c in cols], dim=1) for i in range(6)])
+    e = torch.softmax(f, 1) - F.one_hot(y, 3).to(f.dtype)
+    expected = dense_step(model, x, columns, e.reshape(-1), lr=0.5, damping=0.4)
+    delta, _ = one_step(model, x, y, lr=0.5, damping=0.4, loss="cross_entropy", curvature="sampled", samples=2, seed=7)
+    torch.testing.assert_close(delta, expected, rtol=1e-7, atol=1e-10)
+    assert sizes and set(sizes) == {6 * 2}, sizes
+
+
+def test_drawn_classes_follow_the_probabilities(float64):
+    """CrossEntropyLoss.draw_classes draws y^ ~ Categorical(p): frequencies over 40000
+    seeded draws within 0.01 of p (4 standard deviations at most), never a class of p = 0."""
+    p = torch.tensor([[[0.1, 0.0, 0.6, 0.3], [0.25, 0.25, 0.25, 0.25]], [[0.0, 0.0, 0.0, 1.0], [0.7, 0.2, 0.1, 0.0]]])
+    drawn = CrossEntropyLoss.draw_classes(p, 40000, torch.Generator().manual_seed(3))
+    assert drawn.shape == (40000, 2, 2)
+    freq = F.one_hot(drawn, 4).double().mean(dim=0)
+    torch.testing.assert_close(freq, p, rtol=0, atol=0.01)
+    assert not freq[p == 0].any()
+
+
+class _Output(dict):
+    """A stand-in for a Hugging Face ``ModelOutput``: a dict with attribute access and
+    integer indexing through ``to_tuple``."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError as error:
+            raise AttributeError(name) from error
+
+    def to_tuple(self):
+        return tuple(self.values())
+
+    def __getitem__(self, key):
+        return self.to_tuple()[key] if isinstance(key, int) else super().__getitem__(key)
+
+
+class _Wrapped(nn.Module):
+    """The MLP with its logits in a ModelOutput-like object (``.logits``), or a tuple."""
+
+    def __init__(self, inner: nn.Module, form: str) -> None:
+        super().__init__()
+        self.inner, self.form = inner, form
+
+    def forward(self, x, scale=1.0):
+        logits = self.inner(x) * scale
+        return _Output(logits=logits, hidden=torch.tanh(logits)) if self.form == "logits" else (logits, torch.tanh(logits))
+
+
+@pytest.mark.parametrize("form", ["logits", "tuple"])
+def test_damping_adapts_when_the_model_returns_a_model_output(form, float64):
+    """GGN re-runs the model and takes the logits as the step did (``.logits`` or the
+    first element): the same ratios and dampings as with a model returning the tensor."""
+    rule = gramopt.AdaptiveDamping(every=1, min_damping=1e-3)
+    model, x, y = models.mlp(out=3), torch.randn(8, 5), torch.randint(0, 3, (8,))
+    wrapped = _Wrapped(copy.deepcopy(model), form)
+    plain_opt = gramopt.GGN(model, lr=0.5, damping=0.3, loss="cross_entropy", damping_adaptation=rule)
+    opt = gramopt.GGN(wrapped, lr=0.5, damping=0.3, loss="cross_entropy", damping_adaptation=rule)
+    dampings = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "damping stays fixed" warning
+        for _ in range(4):
+            plain_opt.zero_grad()
+            plain_opt.backward(model(x), y)
+            plain_opt.step()
+            opt.zero_grad()
+            out = wrapped(x, scale=1.0)  # a keyword argument travels to the re-run too
+            opt.backward(out.logits if form == "logits" else out[0], y)
+            opt.step()
+            assert opt.extra_state["last_ratio"] == pytest.approx(plain_opt.extra_state["last_ratio"], rel=1e-9)
+            dampings.append((opt.damping, plain_opt.damping))
+    assert all(a == pytest.approx(b) for a, b in dampings)
+    assert len({a for a, _ in dampings}) > 1, dampings  # the damping did change
+
+
+@pytest.mark.parametrize("n", [5, 191, 192, 385])
+def test_symmetric_gram_is_the_sum_of_the_blocks_products(n, float64):
+    """symmetric_gram (lower blocks and their mirror) against the plain products, for
+    sizes below, at and above its split into parts, with uneven parts."""
+    from gramopt.capture.factors import symmetric_gram
+
+    rows = [torch.randn(n, 500), torch.randn(n, 30)]  # 530 columns: split from 192 rows
+    gram = symmetric_gram(rows)
+    torch.testing.assert_close(gram, rows[0] @ rows[0].T + rows[1] @ rows[1].T, rtol=1e-12, atol=1e-12)
+    if n >= 192:  # split: the blocks above the diagonal blocks mirror those below
+        parts = min(4, n // 96)
+        block = torch.arange(n) * parts // n  # the part of each row (the function's split, up to rounding)
+        upper = block[:, None] + 1 < block[None, :]
+        assert torch.equal(gram[upper], gram.T[upper])
+
+
+class _PositionwiseNet(nn.Module):
+    """Tokens ``[b, T]`` -> logits ``[b, V, T]`` through position-wise Linear layers (one
+    with a frozen weight, so its factors cover the bias alone) after a position mixing."""
+
+    def __init__(self, vocab: int = 5, d: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(3, 3)  # mixes the T = 3 positions: its passes reach every position
+        self.body = nn.Sequential(nn.Linear(d, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, vocab))
+        self.body[2].weight.requires_grad_(False)
+
+    def forward(self, tokens):
+        h = self.mix(self.embed(tokens).transpose(1, 2)).transpose(1, 2)
+        return self.body(h).transpose(1, 2)
+
+
+def test_one_position_passes_gram_matches_the_rows(float64):
+    """Per-position passes (curvature="top" on [b, C, T] outputs): in the layers after the
+    last position mixing each pass reaches one position (pass_positions) and the Gram is
+    formed from that position alone; against torch.func rows, with a pass that is zero
+    everywhere (an ignored position) and one layer that reaches every position."""
+    from gramopt.capture import CaptureEngine
+
+    model, b, T, vocab = _PositionwiseNet(), 4, 3, 5
+    x = torch.randint(0, vocab, (b, T))
+    engine = CaptureEngine(model, [p for p in model.parameters() if p.requires_grad])
+    out = model(x)
+    directions = []
+    for t in range(T):
+        for _ in range(2):
+            d = torch.zeros_like(out)
+            d[:, :, t] = torch.randn(b, vocab)
+            directions.append(d)
+    directions.append(torch.zeros_like(out))  # zero everywhere
+    engine.backward_passes(out, directions)
+    factors = engine.factors()
+    engine.close()
+    r, k = len(directions), out[0].numel()
+    one_position = []
+    for layer, factor in factors.items():
+        jac = jacobian(model, x, factor.params).view(b, k, -1)
+        rows = torch.einsum("cbo,bop->bcp", torch.stack([d.reshape(b, k) for d in directions]), jac).reshape(b * r, -1)
+        where = factor.pass_positions() if hasattr(factor, "pass_positions") else None
+        if where is not None:
+            one_position.append(layer)
+            assert where.tolist() == [0, 0, 1, 1, 2, 2, 0]
+        torch.testing.assert_close(factor.gram(), rows @ rows.T, rtol=1e-10, atol=1e-12, msg=layer)
+    assert one_position == ["body.0", "body.2", "body.4"]
+    assert factors["mix"].pass_positions() is None

@@ -243,6 +243,34 @@ def test_gramopt_trainer_accumulation_gives_the_step_of_the_whole_batch(method, 
     ref_opt.close()
 
 
+def test_gramopt_trainer_adapts_ggns_damping_with_a_model_output(tmp_path):
+    """A BERT model returns a ModelOutput: GGN's damping adaptation re-runs it and takes
+    ``.logits`` as the step did, so the damping adapts (no warning) exactly as in a plain
+    loop on the whole batch."""
+    transformers, trained = tiny_bert()
+    from gramopt.integrations.huggingface import GramoptTrainer
+
+    reference = type(trained)(trained.config).double()
+    reference.load_state_dict(trained.state_dict())
+    rule = gramopt.AdaptiveDamping(every=1, min_damping=1e-3)
+    make = lambda m: gramopt.GGN(m, lr=0.5, damping=1.0, loss="cross_entropy", damping_adaptation=rule)  # noqa: E731
+    opt = make(trained)
+    args = hf_args(transformers, tmp_path, 3)
+    trainer = GramoptTrainer(model=trained, args=args, train_dataset=Sequences(), optimizers=(opt, None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "damping" in str(w.message)], [str(w.message) for w in caught]
+    ref_opt = make(reference)
+    plain_loop_steps(reference, ref_opt, Sequences().batch(), 3)
+    assert "last_ratio" in opt.extra_state
+    assert opt.extra_state["last_ratio"] == pytest.approx(ref_opt.extra_state["last_ratio"], rel=1e-6)
+    assert opt.damping == pytest.approx(ref_opt.damping, rel=1e-9) and opt.damping != 1.0  # it adapted
+    assert_same_parameters(trained, reference, atol=1e-9)
+    opt.close()
+    ref_opt.close()
+
+
 def test_gramopt_trainer_max_grad_norm_clips_the_update(tmp_path):
     """max_grad_norm becomes the optimizer's max_update_norm: the run equals a plain loop
     with max_update_norm=c (a c small enough to clip every step), the Trainer clips no

@@ -111,6 +111,16 @@ class ConvFactors(SharedWeightFactors):
     def gram_strategy(self) -> str:
         return gram_strategy(self.d_in, torch.Size((self.batch_size, self.passes, self.positions, self.d_out)))
 
+    def pass_positions(self) -> None:
+        """None: a convolution's Gram is formed from its calls' tensors (grouped weight
+        gradients), never from the positions view that the one-position Gram of
+        :class:`SharedWeightFactors` reads (building it only to check would cost more)."""
+        return None
+
+    def _keep_passes(self, keep: int) -> None:
+        self.raw_grads = [g[:, :keep] for g in self.raw_grads]
+        self.__dict__.pop("grads", None)  # the positions view of the output-gradients, rebuilt on use
+
     form = "conv"
 
     def held_numel(self) -> float:

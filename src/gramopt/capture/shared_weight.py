@@ -21,13 +21,14 @@ Embedding inputs are one-hot, so ``x_is . x_jt`` becomes ``[idx_is == idx_jt]``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gramopt.capture.factors import LayerFactors
+from gramopt.capture.factors import LayerFactors, symmetric_gram
 
 #: Upper bound on the number of elements of one temporary of the position-pair Gram.
 PAIR_CHUNK_ELEMENTS = 2**24
@@ -77,7 +78,9 @@ def gram_strategy(d_in: int, grads_shape: torch.Size) -> str:
     return "explicit" if explicit < pairs else "pairs"
 
 
-def shared_weight_gram(inputs: Tensor | None, grads: Tensor, bias: bool = False, strategy: str | None = None) -> Tensor:
+def shared_weight_gram(
+    inputs: Tensor | None, grads: Tensor, bias: bool = False, strategy: str | None = None, input_gram: Tensor | None = None
+) -> Tensor:
     """K = U U^T for per-sample gradients ``G_r = sum_s z_rs x_is^T`` (weight) and, if
     ``bias``, ``sum_s z_rs`` (bias), ``[b k, b k]``.
 
@@ -86,6 +89,7 @@ def shared_weight_gram(inputs: Tensor | None, grads: Tensor, bias: bool = False,
         grads: Z ``[b, k, s, d_out]``.
         bias: whether the bias is covered.
         strategy: ``"pairs"`` or ``"explicit"`` for s > 1 (default: :func:`gram_strategy`).
+        input_gram: for s = 1, ``X X^T`` ``[b, b]`` if already formed (not modified).
     """
     b, k, s, d_out = grads.shape
     n = b * k
@@ -94,10 +98,13 @@ def shared_weight_gram(inputs: Tensor | None, grads: Tensor, bias: bool = False,
         return zsum @ zsum.T
     if s == 1:  # (the bias block z z^T is folded into the weight block: (x x^T + 1))
         z = grads.reshape(n, d_out)
-        x = inputs.reshape(b, -1)
-        xx = x @ x.T
-        if bias:
-            xx += 1.0
+        if input_gram is None:
+            x = inputs.reshape(b, -1)
+            xx = x @ x.T
+            if bias:
+                xx += 1.0
+        else:
+            xx = input_gram + 1.0 if bias else input_gram
         zz = z @ z.T
         if k == 1:
             return zz.mul_(xx)
@@ -105,7 +112,7 @@ def shared_weight_gram(inputs: Tensor | None, grads: Tensor, bias: bool = False,
     d_in = inputs.shape[-1]
     if (strategy or gram_strategy(d_in, grads.shape)) == "explicit":
         u = torch.einsum("bksz,bsx->bkzx", grads, inputs).reshape(n, -1)
-        gram = u @ u.T
+        gram = symmetric_gram([u])
     else:
         flat_x = inputs.reshape(-1, d_in)
 
@@ -183,13 +190,96 @@ class SharedWeightFactors(LayerFactors):
 
     # -- the Gram ---------------------------------------------------------------------
     def gram(self) -> Tensor:
+        where = self.pass_positions()
+        if where is not None:
+            return self._one_position_gram(where)
         if self.with_weight and self.positions > 1 and self.gram_strategy() == "explicit":
             rows = self.explicit_rows()  # kept: U^T a then needs one GEMV per parameter
-            gram = rows[0] @ rows[0].T
-            for u in rows[1:]:
-                gram = gram + u @ u.T
-            return gram
-        return shared_weight_gram(self.inputs if self.with_weight else None, self.grads, self.with_bias, "pairs")
+            return symmetric_gram(rows)
+        input_gram = self.input_gram() if self.with_weight and self.positions == 1 else None
+        return shared_weight_gram(self.inputs if self.with_weight else None, self.grads, self.with_bias, "pairs", input_gram)
+
+    def pass_positions(self) -> Tensor | None:
+        """With several positions: ``[k]``, the one position each pass reaches, when every
+        pass's output-gradients are zero at all its other positions in every sample (else
+        None). That is the structure of ``curvature="top"`` on sequence outputs ([b, C, T]
+        logits, one pass per position and column) in the layers after the last one that
+        mixes positions (an LM head, the MLP after the last attention): each row is then
+        ``z_(i,c) x_(i,t_c)^T``, one position, and :meth:`gram` costs ``n^2 (d_in + d_out)``
+        instead of ``n^2 d_in d_out`` (explicit rows) or ``n^2 s^2 d_out`` (position pairs).
+        A pass that is zero everywhere (an ignored position) takes position 0: its rows are zero."""
+        if self.positions == 1:
+            return None
+        # the first sample alone first: most layers fail there, at 1/b of the full check's cost
+        # (the full check on the mnist CNN's first convolution costs 70% of its Gram)
+        if bool((self.grads[0].ne(0).any(dim=2).sum(dim=1) > 1).any()):
+            return None
+        active = self.grads.ne(0).any(dim=3).any(dim=0)  # [k, s]
+        if bool((active.sum(dim=1) > 1).any()):
+            return None
+        return active.to(torch.uint8).argmax(dim=1)
+
+    def _one_position_gram(self, where: Tensor) -> Tensor:
+        """``K = (Z Z^T) * (X X^T + 1)`` over rows ``(i, c)`` with ``z_(i,c) = Z[i, c, t_c]``
+        and ``x_(i,c) = X[i, t_c]`` (:meth:`pass_positions`; the bias adds the 1), ``[n, n]``."""
+        b, k, _, d_out = self.grads.shape
+        n = b * k
+        z = self.grads.gather(2, where.view(1, k, 1, 1).expand(b, k, 1, d_out)).reshape(n, d_out)
+        zz = z @ z.T
+        if not self.with_weight:
+            return zz
+        x = self.inputs[:, where].reshape(n, self.d_in)  # [b, k, d_in]: each pass's position
+        xx = x @ x.T
+        if self.with_bias:
+            xx += 1.0
+        return zz.mul_(xx)
+
+    def input_gram(self) -> Tensor:
+        """``X X^T`` ``[b, b]`` for one position per sample (formed once; the blocks of
+        :meth:`pass_block` share it)."""
+        xx = self.__dict__.get("_input_gram")
+        if xx is None:
+            x = self.inputs.reshape(self.batch_size, -1)
+            xx = self._input_gram = x @ x.T
+        return xx
+
+    # -- blocks of rows (sampled Gauss-Newton systems) ------------------------------------
+    def pass_block(self, samples: int, passes: int, keep: int) -> LayerFactors:
+        """The rows of the first ``keep`` passes: the same inputs, Z ``[b, keep, s, d_out]``
+        (a view); ``X X^T`` is shared once formed."""
+        if (samples, passes) != (self.batch_size, self.passes):
+            return super().pass_block(samples, passes, keep)
+        block = copy.copy(self)
+        block.__dict__.pop("_rows", None)
+        block._keep_passes(keep)
+        block.passes, block.num_rows = keep, samples * keep
+        return block
+
+    def _keep_passes(self, keep: int) -> None:
+        """Keep the output-gradients of the first ``keep`` passes (on a copy)."""
+        self.grads = self.grads[:, :keep]
+
+    def block_product(self, samples: int, passes: int, keep: int, coeffs: Tensor) -> Tensor:
+        """``U[S] U^T c``. With one position per sample (a plain Linear layer), row
+        ``(i, c)`` of it is ``z_ic . sum_j (x_i . x_j + 1) zbar_j`` with
+        ``zbar_j = sum_c' c_(j,c') z_jc'``: ``b^2 (d_in + d_out)`` multiplications (and
+        ``X X^T`` is the one the block's Gram uses) instead of two products with the
+        weight's ``2 b d_in d_out``; the default (:class:`LayerFactors`) where that is cheaper."""
+        b, d_in, d_out = self.batch_size, self.d_in, self.d_out
+        if (
+            self.positions != 1
+            or (samples, passes) != (b, self.passes)
+            or b * (d_in + d_out) >= 2 * d_in * d_out
+        ):
+            return super().block_product(samples, passes, keep, coeffs)
+        z = self.grads[:, :, 0]  # [b, k, d_out]
+        zbar = weighted_sum(z, coeffs.to(z.dtype), b, passes)  # [b, d_out]
+        if self.with_weight:
+            kernel = self.input_gram() + 1.0 if self.with_bias else self.input_gram()
+            y = kernel @ zbar
+        else:  # the bias alone: every pair of samples has kernel 1
+            y = zbar.sum(dim=0, keepdim=True).expand(b, d_out)
+        return (z[:, :keep] * y.unsqueeze(1)).sum(dim=2).reshape(b * keep)
 
     # -- explicit per-sample gradients ----------------------------------------------------
     def explicit_rows(self) -> list[Tensor]:
@@ -387,7 +477,7 @@ class EmbeddingFactors(LayerFactors):
     def gram(self) -> Tensor:
         if self.gram_strategy() == "explicit":
             u = self.per_sample()
-            return u @ u.T
+            return symmetric_gram([u])
         return position_pair_gram(self.grads, self._input_kernel)
 
     def gram_strategy(self) -> str:
@@ -415,6 +505,11 @@ class EmbeddingFactors(LayerFactors):
         b, k = self.batch_size, self.passes
         y = vectors[0].to(self.grads.dtype)[self.indices]  # [b, s, d]
         return torch.einsum("bksd,bsd->bk", self.grads, y).reshape(b * k)
+
+    def pass_block(self, samples: int, passes: int, keep: int) -> LayerFactors:
+        if (samples, passes) != (self.batch_size, self.passes):
+            return super().pass_block(samples, passes, keep)
+        return EmbeddingFactors(self.module, self.params, self.indices, self.grads[:, :keep], self.num_embeddings)
 
     def per_sample(self) -> Tensor:
         b, k, s, d = self.grads.shape

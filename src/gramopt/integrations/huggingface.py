@@ -48,11 +48,11 @@ class GramoptTrainer(Trainer):
     the loss by G is not needed and not done). The logged loss is the mean of the micro-batch
     losses.
 
-    GGN's ``damping_adaptation`` re-runs the model on the step's input, which needs
-    ``opt.backward`` to get the model's own output tensor; a Hugging Face model returns a
-    ``ModelOutput`` whose ``.logits`` is not that, and an accumulated step has several
-    inputs: in both cases the damping stays fixed and GGN warns once. Pass
-    ``damping_adaptation=None`` to GGN to train with a fixed damping and no warning.
+    GGN's ``damping_adaptation`` re-runs the model on the step's input (its recorded
+    keyword arguments) and takes the logits from the new ``ModelOutput`` as the step did
+    (``.logits``, else the first element), so it works as in a plain loop. An accumulated
+    step has several inputs: there the damping stays fixed and GGN warns once (pass
+    ``damping_adaptation=None`` to GGN to train with a fixed damping and no warning).
 
     ``max_grad_norm`` c > 0 (the Trainer's default is 1.0) becomes the optimizer's
     ``max_update_norm``: the step's direction (all parameters together, before learning

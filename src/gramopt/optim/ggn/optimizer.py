@@ -53,7 +53,7 @@ from gramopt.losses import GaussNewtonLoss, get_loss
 from gramopt.optim.ggn.damping import AdaptiveDamping
 from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper
 from gramopt.optim.ggn.solvers import SOLVERS, check_solver_options
-from gramopt.optim.ggn.system import GaussNewtonSystem
+from gramopt.optim.ggn.system import GaussNewtonSystem, is_selection
 
 
 #: lr and damping when the constructor is given none, per loss. mse: the paper's lr = 1,
@@ -72,8 +72,8 @@ DEFAULT_SAMPLES = {"top": 3, "sampled": 1}
 #: benchmarks/results/ggn_ce_defaults.json: at the defaults above it reached the mnist rungs
 #: first (exact: 0.93 in 3.9-7.9 s at lr 0.1, damping 3, and it diverged at lr 0.3, damping 3;
 #: sampled s = 1: 4.9-7.1 s at lr 0.1, damping 10, and it diverged at lr 0.3, damping <= 10),
-#: and its step costs 2.8x SGD-momentum's on the mnist CNN against 15.8x for "exact"
-#: (benchmarks/results/ggn_curvature.json). With more than one position per sample
+#: and its step costs 2.9x SGD-momentum's on the mnist CNN against 14x for "exact"
+#: (thread CPU time, benchmarks/results/ggn_curvature.json). With more than one position per sample
 #: ([b, C, T] logits) the default is "sampled": "top" needs b P s rows, "sampled" b (s + 1).
 DEFAULT_CURVATURE = {"mse": "exact", "cross_entropy": "top"}
 _DEFAULT = object()
@@ -105,6 +105,27 @@ def _join_rows(old: Tensor | None, new: Tensor | None) -> Tensor | None:
     if old is None or new is None:
         raise CaptureError("internal: micro-batches of one loss with and without a Hessian factor")
     return torch.cat([old, new])
+
+
+def output_candidates(output: Any) -> list[tuple[str, Tensor]]:
+    """The tensors of a model's output that ``opt.backward`` may have been given, with how
+    each is found: the output itself (a Tensor), its ``.logits`` (a Hugging Face
+    ``ModelOutput``) or its first element (a tuple, list or ``ModelOutput``). Damping
+    adaptation re-runs the model and takes the same one from the new output."""
+    if isinstance(output, Tensor):
+        return [("output", output)]
+    found = []
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        found.append(("logits", logits))
+    if isinstance(output, (tuple, list)) or callable(getattr(output, "to_tuple", None)):
+        try:
+            first = output[0]
+        except (IndexError, KeyError, TypeError):
+            first = None
+        if isinstance(first, Tensor):
+            found.append(("first", first))
+    return found
 
 
 def previous_union(first: list[nn.Parameter], second: list[nn.Parameter]) -> list[nn.Parameter]:
@@ -148,7 +169,8 @@ class GGN(SampleSpaceOptimizer):
         damping_adaptation: an :class:`AdaptiveDamping` (the default; off under
             ``distributed``) or None for a fixed damping. It costs one extra forward
             pass every ``every`` steps and needs ``opt.backward(model(x), y)`` with the
-            model's own output.
+            model's own output, its ``.logits`` (a Hugging Face ``ModelOutput``) or its
+            first element (:func:`output_candidates`).
         divergence: raise :class:`~gramopt.errors.DivergenceError` in ``backward`` when the
             batch loss exceeds ``divergence`` times the first batch's loss (None: never).
         params: optional parameters / param groups (default: all trainable parameters).
@@ -260,8 +282,10 @@ class GGN(SampleSpaceOptimizer):
 
             def record_call(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
                 opt = owner()
-                if opt is not None and torch.is_grad_enabled() and isinstance(output, Tensor):
-                    opt._last_call = (args, kwargs, weakref.ref(output))  # never keeps the graph alive
+                if opt is not None and torch.is_grad_enabled():
+                    # weak references only: never keeps the graph alive
+                    found = [(how, weakref.ref(t)) for how, t in output_candidates(output)]
+                    opt._last_call = (args, kwargs, found) if found else None
 
             handle = self.model.register_forward_hook(record_call, with_kwargs=True)
             self._finalizer_hook = weakref.finalize(self, handle.remove)
@@ -351,8 +375,7 @@ class GGN(SampleSpaceOptimizer):
             directions, w = self.loss.top_system(wide, target, samples)
             return directions, None, w, None
         samples = self.samples if self.samples is not None else DEFAULT_SAMPLES["sampled"]
-        directions = self.loss.sampled_directions(wide, target, samples, self._generator(wide.device))
-        directions.append(self.loss.gradient_direction(wide, target))
+        directions = self.loss.sampled_rows(wide, target, samples, self._generator(wide.device))
         q = torch.zeros(b, samples + 1, samples, dtype=wide.dtype, device=wide.device)
         q[:, :samples] = torch.eye(samples, dtype=wide.dtype, device=wide.device)
         outside = torch.zeros(b, samples + 1, dtype=wide.dtype, device=wide.device)
@@ -448,17 +471,20 @@ class GGN(SampleSpaceOptimizer):
         if config is None or self.steps_taken % config.every:
             return None
         call, self._last_call = self._last_call, None
-        if call is None or call[2]() is not output:
+        how = None if call is None else next((how for how, ref in call[2] if ref() is output), None)
+        if how is None:
             if not self._warned_adaptation:
                 self._warned_adaptation = True
                 warnings.warn(
-                    "GGN damping_adaptation needs opt.backward(model(x), y) with the model's own output (it re-runs "
-                    "the model on the same input after the step); the damping stays fixed at this step",
+                    "GGN damping_adaptation needs opt.backward(model(x), y) with the model's own output, its .logits "
+                    "or its first element (it re-runs the model on the same input after the step); the damping "
+                    "stays fixed at this step",
                     RuntimeWarning,
                     stacklevel=5,
                 )
             return None
-        return {"call": (call[0], call[1], tuple(output.shape)), "target": target, "before": float(self.loss.total(wide, target))}
+        before = float(self.loss.total(wide, target))
+        return {"call": (call[0], call[1], tuple(output.shape)), "how": how, "target": target, "before": before}
 
     def gradient_params(self) -> list[Tensor]:
         """Those ``backward`` filled ``.grad`` of (and warned about)."""
@@ -487,9 +513,12 @@ class GGN(SampleSpaceOptimizer):
             dtype = next(iter(factors.values())).dtype
             q = None if pending.q is None else pending.q.to(dtype)
             outside = None if pending.outside is None else pending.outside.to(dtype)
-            w = GaussNewtonSystem.sampled_rhs(factors, q, outside) if pending.w is None else pending.w.to(dtype)
+            # sampled systems: Q selects each sample's drawn rows (the gradient's row comes last),
+            # so only their block of the Gram is formed (GaussNewtonSystem.selected)
+            selected = q.shape[2] if outside is not None and is_selection(q, q.shape[2]) else None
+            w = GaussNewtonSystem.sampled_rhs(factors, q, outside, selected) if pending.w is None else pending.w.to(dtype)
             # the damping is per position (damping_scale): P times it for P positions per sample
-            system = GaussNewtonSystem(factors, q, w, self.damping * pending.positions, self.steps_taken, outside)
+            system = GaussNewtonSystem(factors, q, w, self.damping * pending.positions, self.steps_taken, outside, selected)
             a, info = SOLVERS[self.solver](system, **self.solver_options)
             if not info.converged:
                 warnings.warn(f"GGN step {self.steps_taken}: {info.fallback}", NumericalWarning, stacklevel=3)
@@ -534,7 +563,8 @@ class GGN(SampleSpaceOptimizer):
             after = self.model(*args, **kwargs)
         for b, saved in zip(self.model.buffers(), buffers):
             b.copy_(saved)
-        if not isinstance(after, Tensor) or tuple(after.shape) != shape:
+        after = dict(output_candidates(after)).get(pending.adapt["how"])
+        if after is None or tuple(after.shape) != shape:
             return
         wide = after.to(torch.promote_types(after.dtype, torch.float32))
         actual = float(self.loss.total(wide, pending.adapt["target"])) - pending.adapt["before"]
