@@ -602,6 +602,8 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         """Micro-batches of unequal sizes accumulated by ``loss.backward()`` (not by the
         optimizer's ``backward``, which weighs them exactly): the step is that of the
         concatenated batch only if each micro-batch's mean loss was multiplied by b_m / B."""
+        if not self.engine.accumulated():  # one micro-batch: nothing to compare
+            return
         sizes = self.engine.micro_batch_sizes()
         own = pending.micro_batches if pending is not None else 0
         if len(set(sizes)) > 1 and own != len(sizes) and not self._warned_micro:
