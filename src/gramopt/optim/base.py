@@ -461,10 +461,15 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         weight_decay of p's param group); None when there is none to add."""
         if self.weight_decay_mode != "l2":
             return None
+        decay = self.group_of(p)["weight_decay"]
+        return p.detach() * decay if decay else None
+
+    def group_of(self, p: Tensor) -> dict[str, Any]:
+        """The param group of ``p`` (one dict lookup: the map is rebuilt only after
+        ``add_param_group``)."""
         if self._group_index is None:
             self._group_index = {id(q): i for i, g in enumerate(self.param_groups) for q in g["params"]}
-        decay = self.param_groups[self._group_index[id(p)]]["weight_decay"]
-        return p.detach() * decay if decay else None
+        return self.param_groups[self._group_index[id(p)]]
 
     def _phase(self, name: str) -> "_PhaseTimer":
         """``with self._phase(name):`` adds the seconds of the block to
