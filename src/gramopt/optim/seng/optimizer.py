@@ -170,9 +170,6 @@ class SENG(SampleSpaceOptimizer):
             seed = sketch.seed if sketch.seed is not None else self._draw_seed()
             self.extra_state["sketch_rng"] = torch.Generator().manual_seed(seed).get_state()
         self._commit: tuple[dict[str, Any], torch.Generator | None, list[float]] | None = None
-        # per layer: (its state in extra_state["curvature"], its parameters' ids, the curvature
-        # object built from that state), reused while the state is the same (see _curvature)
-        self._curvatures: dict[str, tuple[dict[str, Any], tuple[int, ...], Any]] = {}
         if curvature_every > 1 and self.sync is None:
             # Between refreshes a step reads only .grad and the cached curvature: the forward
             # pass saves no inputs and the backward pass records no output-gradients there.
@@ -354,9 +351,7 @@ class SENG(SampleSpaceOptimizer):
                 rows = curvature.sketch_rows(self.sketch)
                 sampling = self.sketch.sampling if self.sketch is not None else "uniform"
                 beta, info = curvature.coefficients(layer_grads, lam, rows, sampling, generator)
-                if not _holds(cache[name], curvature):  # with the Gram and Cholesky factor it kept
-                    cache[name] = {**curvature.state(), "covered": covered[name]}
-                    self._curvatures[name] = (cache[name], _ids(layer.params), curvature)
+                cache[name] = {**curvature.state(), "covered": covered[name]}  # with the Cholesky factor it kept
                 methods[info.method] = None
                 if info.fallback:
                     fallbacks.append(info.fallback)
@@ -421,23 +416,11 @@ class SENG(SampleSpaceOptimizer):
                 sketched = sketch is not None and sketch.size is not None
                 built = ExplicitCurvature.build(name, factors[name], sketched, leverage)
             cache[name] = {**built.state(), "covered": covered[name]}
-            self._curvatures[name] = (cache[name], _ids(built.params), built)
 
     def _curvature(self, layer: Layer, state: dict[str, Any]) -> ExplicitCurvature | ImplicitCurvature:
-        """The curvature of ``layer`` held in ``state`` (its entry of
-        ``extra_state["curvature"]``). Between refreshes the state does not change, so the
-        object built from it at the last step is reused (keyed by the state's identity and
-        the layer's parameters); a loaded state_dict or a refresh brings new states."""
-        params = _ids(layer.params)
-        kept = self._curvatures.get(layer.name)
-        if kept is not None and kept[0] is state and kept[1] == params:
-            return kept[2]
         if state["kind"] == "implicit":
-            curvature = ImplicitCurvature.from_state(layer, state, self.implicit.exact_product)
-        else:
-            curvature = ExplicitCurvature.from_state(layer, state)
-        self._curvatures[layer.name] = (state, params, curvature)
-        return curvature
+            return ImplicitCurvature.from_state(layer, state, self.implicit.exact_product)
+        return ExplicitCurvature.from_state(layer, state)
 
     # -- state ---------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -445,18 +428,3 @@ class SENG(SampleSpaceOptimizer):
         if self.sketch is not None and "sketch_rng" not in extra:
             raise ValueError("this state_dict has no sketch generator state: it was saved by a SENG without sketch")
         super().load_state_dict(state_dict)
-
-
-def _ids(params: list[Tensor]) -> tuple[int, ...]:
-    return tuple(id(p) for p in params)
-
-
-def _holds(state: dict[str, Any], curvature: ExplicitCurvature | ImplicitCurvature) -> bool:
-    """Whether ``state`` already holds what ``curvature`` keeps between steps: the same
-    Gram and Cholesky factor (with its shift) as tensors, so it need not be rebuilt."""
-    chol = curvature.chol
-    if chol is None:
-        same_chol = "chol" not in state
-    else:
-        same_chol = state.get("chol") is chol[0] and state.get("chol_shift") == chol[1]
-    return same_chol and state.get("gram") is curvature.gram
