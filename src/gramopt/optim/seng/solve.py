@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from gramopt.errors import NonFiniteError
-from gramopt.linalg.dense import SolveInfo, numerically_singular, solve_damped_psd
+from gramopt.linalg.dense import SolveInfo, cholesky_lower, numerically_singular, solve_damped_psd
 
 
 def solve_shifted(
@@ -30,7 +30,7 @@ def solve_shifted(
         return torch.cholesky_solve(rhs.unsqueeze(1), cached[0]).squeeze(1), SolveInfo("cholesky (kept)"), cached
     system = gram.clone()
     system.diagonal().add_(shift)
-    chol, failed = torch.linalg.cholesky_ex(system)
+    chol, failed = cholesky_lower(system)
     if not failed:
         # Happy path: NaN or inf in gram or rhs shows in beta ([b], one cheap check), so
         # the [b, b] checks below run only when something went wrong (a NaN that beta
