@@ -461,10 +461,10 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         weight_decay of p's param group); None when there is none to add."""
         if self.weight_decay_mode != "l2":
             return None
-        decay = self.group_of(p)["weight_decay"]
+        decay = self._group_of(p)["weight_decay"]
         return p.detach() * decay if decay else None
 
-    def group_of(self, p: Tensor) -> dict[str, Any]:
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
         """The param group of ``p`` (one dict lookup: the map is rebuilt only after
         ``add_param_group``)."""
         if self._group_index is None:
