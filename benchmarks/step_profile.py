@@ -20,7 +20,9 @@ The self time of the operators is then put in these buckets, per step (ms):
   (Python, hooks, dispatch).
 
 Each step is profiled on its own and the median over the steps is taken per bucket (a
-loaded machine preempts some steps). Beside it, the peak memory of 3 steps: the resident set and, on CUDA,
+loaded machine preempts some steps), and of ``operators_per_step``: the operators the
+marked regions call directly, a count of the dispatches a step pays for that the load
+does not change. Beside it, the peak memory of 3 steps: the resident set and, on CUDA,
 ``torch.cuda.max_memory_allocated`` (``gramopt.compare.memory.peak_memories``).
 The profiler adds a few microseconds per operator, so absolute figures are above the
 unprofiled ones (``step_overhead.py`` measures those); the split is what this shows.
@@ -146,6 +148,13 @@ def breakdown(events, steps: int) -> dict[str, float]:
     return {k: out.get(k, 0.0) / 1e3 / steps for k in BUCKETS}
 
 
+def operator_count(events) -> int:
+    """How many operators (``aten::``) the marked regions of one step call directly (not
+    those an operator calls inside itself): the dispatches a step pays for, a measure of
+    its per-operator overhead that the machine's load does not change."""
+    return sum(len(_contents(r)[0]) for r in events if r.name.startswith(PREFIX))
+
+
 def profile_method(name: str, method: str, steps: int, device: torch.device) -> dict:
     model, task_loss, batches = load_model(name)
     scalar = name == "mlp" and method == "ggn-mse"
@@ -157,11 +166,12 @@ def profile_method(name: str, method: str, steps: int, device: torch.device) -> 
     traced_phases(opt)
     for i in range(5):
         one_step(opt, model, loss, *data[i % len(data)])
-    per_step = []
+    per_step, operators = [], []
     for i in range(steps):  # one profile per step: the median per bucket resists preemption
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             one_step(opt, model, loss, *data[i % len(data)])
         per_step.append(breakdown(prof.events(), 1))
+        operators.append(operator_count(prof.events()))
     parts = {k: statistics.median(p[k] for p in per_step) for k in BUCKETS}
     totals = [sum(p.values()) for p in per_step]
     cursor = iter(range(10**9))
@@ -170,6 +180,7 @@ def profile_method(name: str, method: str, steps: int, device: torch.device) -> 
         "ms_per_step": parts,
         "total_ms": sum(parts.values()),
         "total_ms_min_max": [min(totals), max(totals)],
+        "operators_per_step": statistics.median(operators),
         "peak_memory_bytes": peaks,  # 3 steps: resident set and (on CUDA) max_memory_allocated
     }
 
@@ -224,7 +235,7 @@ def main() -> None:
         for method in methods:
             r = profile_method(name, method, args.steps, device)
             results["models"][name][method] = r
-            print(f"{name:6s} {method:14s} {r['total_ms']:7.2f} ms  "
+            print(f"{name:6s} {method:14s} {r['total_ms']:7.2f} ms  {r['operators_per_step']:5.0f} operators  "
                   + "  ".join(f"{k} {v:.2f}" for k, v in r["ms_per_step"].items() if v >= 0.01), flush=True)
     results["environment"]["load_average_after"] = os.getloadavg()
     out = Path(args.out)

@@ -132,6 +132,7 @@ class CaptureEngine:
         self.gradient_scale = 1.0
         self._backward_seen = False
         self._micro = 0  # the current micro-batch (see the module docstring)
+        self._scaled = False  # whether scale_captured scaled a capture since the last clear
         #: b of the last backward pass that reached a hooked layer (kept after clear()).
         self.last_batch_size: int | None = None
         #: Optional ``layer -> bool`` asked at each training forward call of a layer: False
@@ -251,11 +252,14 @@ class CaptureEngine:
         calls = self._calls[id(layer.module)]
         engine_ref = self  # the hook lives on the model; close() removes it
 
+        handler = layer.handler
+        save, in_eval = handler.save, handler.captures_in_eval
+        is_grad_enabled = torch.is_grad_enabled
+
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if module is not layer.module:  # a deep copy of the model carries the hooks along
-                return
-            if not (torch.is_grad_enabled() and (module.training or layer.handler.captures_in_eval)):
-                return
+            # (runs at every forward call of the layer: the cheapest tests first)
+            if not ((module.training or in_eval) and is_grad_enabled()) or module is not layer.module:
+                return  # (a deep copy of the model carries the hooks along)
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return
             if engine_ref._backward_seen:  # gradient accumulation: a new micro-batch
@@ -265,7 +269,7 @@ class CaptureEngine:
             if capture is not None and not capture(layer):
                 calls.append(_Call(None, None, 0, micro=engine_ref._micro, skipped=True))
                 return
-            call = _Call(layer.handler.save(module, args, output), output, output._version, micro=engine_ref._micro)
+            call = _Call(save(module, args, output), output, output._version, micro=engine_ref._micro)
             calls.append(call)
             # The hook lives in the output's autograd node (C++), which Python's GC cannot
             # see: a strong reference to the call (which holds the output) would make an
@@ -374,7 +378,7 @@ class CaptureEngine:
             if not calls or not params:
                 continue
             grads = [self._stack(c.grads) for c in calls]
-            target = dtype or torch.promote_types(grads[0].dtype, torch.float32)
+            target = dtype or _compute_dtype(grads[0].dtype)
             if scale != 1.0:
                 grads = [g.to(target) * scale for g in grads]
             elif grads[0].dtype != target or len(grads) > 1:
@@ -427,6 +431,11 @@ class CaptureEngine:
                 return [sizes[m] for m in sorted(sizes)]
         return []
 
+    def accumulated(self) -> bool:
+        """Whether a forward pass opened a second micro-batch since the last clear
+        (gradient accumulation); if not, everything captured is of one micro-batch."""
+        return self._micro > 0
+
     def scale_captured(self, factor: float) -> None:
         """Multiply the output-gradients captured so far by ``factor`` (an optimizer's
         ``backward`` keeping the captures those of the mean loss over every micro-batch)."""
@@ -434,6 +443,7 @@ class CaptureEngine:
             for call in calls:
                 if call.grads:
                     call.scale *= factor
+                    self._scaled = True
 
     def merge_micro_batches(self) -> None:
         """Concatenate the micro-batches (gradient accumulation) along the batch
@@ -441,6 +451,8 @@ class CaptureEngine:
         with the saved inputs and output-gradients of all micro-batches, scaled. Raises
         :class:`CaptureError` when they do not fit together (a layer called a different
         number of times, or with other shapes beyond the batch dimension)."""
+        if self._micro == 0 and not self._scaled:  # one micro-batch, unscaled: nothing to merge
+            return
         for layer in self.layers:
             calls = [c for c in self._calls[id(layer.module)] if c.grads]
             micros = sorted({c.micro for c in calls})
@@ -585,6 +597,7 @@ class CaptureEngine:
             calls.clear()
         self._backward_seen = False
         self._micro = 0
+        self._scaled = False
         self._grad_versions.clear()
 
     def close(self) -> None:
@@ -629,6 +642,14 @@ def _canonical_order(layer: Layer) -> Callable[[nn.Parameter], int]:
         declared = list(module.parameters(recurse=False))
     index = {id(p): i for i, p in enumerate(declared)}
     return lambda p: index.get(id(p), len(index))
+
+
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The factors' compute dtype for gradients of ``dtype``: at least float32."""
+    return dtype if dtype in _FULL_PRECISION else torch.promote_types(dtype, torch.float32)
 
 
 def _captured(calls: list[_Call]) -> bool:

@@ -91,7 +91,7 @@ def linear_factors(
     d_out, d_in = weight.shape
     xs = _cat([_positions(x, b, d_in) for x in inputs], dim=1)
     zs = _cat([g.reshape(b, k, -1, d_out) for g in grads], dim=2)
-    return SharedWeightFactors(module, params, weight, bias, xs.to(zs.dtype), zs)
+    return SharedWeightFactors(module, params, weight, bias, xs if xs.dtype == zs.dtype else xs.to(zs.dtype), zs)
 
 
 def _cat(tensors: list[Tensor], dim: int) -> Tensor:

@@ -345,12 +345,15 @@ class SharedWeightFactors(LayerFactors):
                 out.append(flat_z.T @ coeffs.view(b, k, 1).expand(b, k, s).reshape(-1))
             return out
         if k == 1:  # (the ordinary backward pass: one multiply, no reduction over passes)
-            zbar = self.grads.reshape(b, s * d_out).mul(coeffs.view(b, 1)).view(b * s, d_out)
+            zbar = self.grads.reshape(b, s * d_out).mul(coeffs.view(b, 1))
+            if s > 1:
+                zbar = zbar.view(b * s, d_out)
         else:
             zbar = weighted_sum(self.grads, coeffs, b, k).reshape(-1, d_out)
         out = []
         if self.with_weight:
-            out.append((zbar.T @ self.inputs.reshape(-1, d_in)).view(self.weight_shape))
+            g = torch.mm(zbar.t(), self.inputs.reshape(-1, d_in))
+            out.append(g if g.shape == self.weight_shape else g.view(self.weight_shape))
         if self.with_bias:
             out.append(zbar.sum(dim=0))
         return out
@@ -365,6 +368,11 @@ class SharedWeightFactors(LayerFactors):
             if self.with_bias:
                 out = out + (flat_z @ vectors[1]).view(b, k, s).sum(dim=2)
             return out.reshape(b * k)
+        if self.with_weight and s == 1 and k == 1:  # (one mm, then in place: no temporaries)
+            y = torch.mm(self.inputs.reshape(b, d_in), vectors[0].reshape(d_out, -1).t())
+            if self.with_bias:
+                y += vectors[1]
+            return y.mul_(self.grads.reshape(b, d_out)).sum(dim=1)
         if self.with_weight:  # y_is = V x_is (+ v_b): the layer's output under weight v
             y = self.inputs @ vectors[0].reshape(d_out, -1).T
             if self.with_bias:

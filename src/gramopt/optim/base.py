@@ -461,10 +461,15 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         weight_decay of p's param group); None when there is none to add."""
         if self.weight_decay_mode != "l2":
             return None
+        decay = self._group_of(p)["weight_decay"]
+        return p.detach() * decay if decay else None
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        """The param group of ``p`` (one dict lookup: the map is rebuilt only after
+        ``add_param_group``)."""
         if self._group_index is None:
             self._group_index = {id(q): i for i, g in enumerate(self.param_groups) for q in g["params"]}
-        decay = self.param_groups[self._group_index[id(p)]]["weight_decay"]
-        return p.detach() * decay if decay else None
+        return self.param_groups[self._group_index[id(p)]]
 
     def _phase(self, name: str) -> "_PhaseTimer":
         """``with self._phase(name):`` adds the seconds of the block to
@@ -602,6 +607,8 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         """Micro-batches of unequal sizes accumulated by ``loss.backward()`` (not by the
         optimizer's ``backward``, which weighs them exactly): the step is that of the
         concatenated batch only if each micro-batch's mean loss was multiplied by b_m / B."""
+        if not self.engine.accumulated():  # one micro-batch: nothing to compare
+            return
         sizes = self.engine.micro_batch_sizes()
         own = pending.micro_batches if pending is not None else 0
         if len(set(sizes)) > 1 and own != len(sizes) and not self._warned_micro:

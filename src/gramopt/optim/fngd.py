@@ -356,7 +356,7 @@ class FNGD(SampleSpaceOptimizer):
         return v, w * m
 
     def _damping(self, name: str, factor: LayerFactors) -> float:
-        values = {g["damping"] for g in self.param_groups for p in g["params"] if any(p is q for q in factor.params)}
+        values = {self._group_of(p)["damping"] for p in factor.params}
         if len(values) != 1:
             raise ValueError(
                 f"the parameters of layer {name} lie in param groups with different damping {sorted(values)}: "

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from gramopt.errors import NonFiniteError
-from gramopt.linalg.dense import SolveInfo, numerically_singular, solve_damped_psd
+from gramopt.linalg.dense import SolveInfo, cholesky_lower, numerically_singular, solve_damped_psd
 
 
 def solve_shifted(
@@ -28,16 +28,22 @@ def solve_shifted(
         # no check here: a NaN or inf in U g reaches the direction, which the step's one
         # fused finiteness check refuses (SampleSpaceOptimizer.apply_directions)
         return torch.cholesky_solve(rhs.unsqueeze(1), cached[0]).squeeze(1), SolveInfo("cholesky (kept)"), cached
+    system = gram.clone()
+    system.diagonal().add_(shift)
+    chol, failed = cholesky_lower(system)
+    if not failed:
+        # Happy path: NaN or inf in gram or rhs shows in beta ([b], one cheap check), so
+        # the [b, b] checks below run only when something went wrong (a NaN that beta
+        # hides still reaches the direction, which the step's finiteness check refuses).
+        beta = torch.cholesky_solve(rhs.unsqueeze(1), chol).squeeze(1)
+        if bool(torch.isfinite(beta).all()) and numerically_singular(gram, chol, shift) is None:
+            return beta, SolveInfo("cholesky"), (chol, shift)
     if not torch.isfinite(rhs).all():
         raise NonFiniteError(
             f"U g for the {what} has NaN or inf entries (is the loss, hence the gradient, finite?); nothing was changed"
         )
     if not torch.isfinite(gram).all():
         raise NonFiniteError(f"the {what} has NaN or inf entries; nothing was changed")
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    chol, failed = torch.linalg.cholesky_ex(gram + shift * eye)
-    if not failed and numerically_singular(gram, chol, shift) is None:
-        return torch.cholesky_solve(rhs.unsqueeze(1), chol).squeeze(1), SolveInfo("cholesky"), (chol, shift)
     beta, info = solve_damped_psd(gram, rhs, shift, what=what)
     return beta, info, None
 
