@@ -37,8 +37,11 @@ the tasks' own training data, one thread by default:
     ``torch.compile`` (the forward and the method's backward pass stay eager: the capture
     hooks run there); ``explain`` counts graph breaks of one step.
 
-Compile (start-up) time is the first call's time minus the median eager call (``compile_s``;
-also the second call, where guards or recompiles show). Steady-state times come from
+Compile (start-up) time is the first call's time minus the median eager call (``compile_s``),
+in a fresh, empty inductor cache unless ``--warm-cache``; the second call and the next
+:data:`SETTLE_CALLS` calls are timed too, with the graphs compiled in each (recompiles on new
+float values show there). The modes compile one after the other in one process, so only the
+first compile of a process pays inductor's C++ warm-up. Steady-state times come from
 :func:`bench_common.interleaved` (all variants of a model in turns, in one process, rounds
 in a rotating order), the baseline being one whole eager SGD-momentum training step of the
 same model (forward, backward, step): every figure is reported as ms and as a ratio to that
