@@ -141,7 +141,10 @@ LADDERS: dict[str, tuple[Target, ...]] = {
     # pytorch-optimizer's Muon; GGN 0.0027), so its top rung is 3e-3 and the budget (the
     # default command's) stays 3 s.
     "teacher": ladder("train_loss", (1e-1, 1e-2, 3e-3), below=True),
-    "diabetes": ladder("train_loss", (0.4, 0.3, 0.2), below=True),
+    # Diabetes: every optimizer reached 0.4 / 0.3 / 0.2 within a tenth of the 1-s budget
+    # (the two-knob grid's run), so they no longer separated anyone; the best reach 0.01
+    # in 0.3 s (GGN, AdamW, pytorch-optimizer's Muon, quick grid).
+    "diabetes": ladder("train_loss", (1e-1, 3e-2, 1e-2), below=True),
     "digits": ladder("test_accuracy", (0.95, 0.97, 0.98), below=False),
     "mnist": ladder("test_accuracy", (0.93, 0.95, 0.97), below=False),
     # The small CNN (9k parameters) tops out near 0.905 test accuracy: in 120 s AdamW (lr
