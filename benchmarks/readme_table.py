@@ -6,6 +6,9 @@ when the median seed did not, bold for the fastest; then the step time relative 
 SGD-momentum (median of the interleaved timing).
 
     python benchmarks/readme_table.py benchmarks/results/compare/results.json [more.json ...]
+
+Files that hold the same task with other optimizers (one comparison split over several
+processes) are merged into one set of rows when their rungs, budget and seeds agree.
 """
 
 from __future__ import annotations
@@ -69,8 +72,27 @@ def main() -> None:
     args = parser.parse_args()
     merged: dict[str, Any] = {"tasks": {}}
     for path in args.results:
-        merged["tasks"].update(json.loads(path.read_text())["tasks"])
+        for name, task in json.loads(path.read_text())["tasks"].items():
+            merge_task(merged["tasks"], name, task, path)
     print(markdown(*rows(merged)))
+
+
+def merge_task(tasks: dict[str, Any], name: str, task: dict[str, Any], path: Path) -> None:
+    """Add ``task`` to ``tasks``; a task already there (runs of one task split over
+    several processes) takes the new optimizers if both have the same rungs, budget and
+    seeds, and is refused otherwise, as is an optimizer that both ran."""
+    if name not in tasks:
+        tasks[name] = task
+        return
+    kept = tasks[name]
+    for key in ("rungs", "budget", "seeds"):
+        if kept[key] != task[key]:
+            raise SystemExit(f"{path}: task {name!r} has other {key} than an earlier file; cannot merge")
+    both = set(kept["optimizers"]) & set(task["optimizers"])
+    if both:
+        raise SystemExit(f"{path}: task {name!r} repeats optimizer(s) {', '.join(sorted(both))}; cannot merge")
+    kept["optimizers"] = {**kept["optimizers"], **task["optimizers"]}
+    kept["skipped"] = {**kept.get("skipped", {}), **task.get("skipped", {})}
 
 
 if __name__ == "__main__":
