@@ -205,6 +205,7 @@ def test_default_curvature_is_top_for_one_position_and_sampled_for_several(float
     default.step()
     delta = params_vector(seq) - before
     assert default.state_dict()["gramopt"]["draws"] == 1  # it drew sampled columns
+    assert default.curvature == "top" and default.last_info.curvature == "sampled"  # what the step used
     with torch.no_grad():
         seq_copy = copy.deepcopy(seq)
         for p, d in zip(seq_copy.parameters(), torch.split(delta, [p.numel() for p in seq_copy.parameters()])):

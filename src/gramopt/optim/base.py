@@ -61,12 +61,16 @@ _EXTRA_KEY = "gramopt"
 @dataclass
 class StepInfo:
     """What the last step did: its number, the loss ``backward`` returned, the solve
-    (method, fallback, iterations, residuals) and seconds per phase."""
+    (method, fallback, iterations, residuals), seconds per phase and, for GGN, the output
+    curvature the step used (``"exact"``, ``"top"`` or ``"sampled"``: the default "top"
+    becomes "sampled" for outputs with several positions per sample; None for the other
+    methods)."""
 
     step: int
     loss: float | None = None
     solve: SolveInfo | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    curvature: str | None = None
 
 
 @dataclass
@@ -414,7 +418,13 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         finally:
             self.engine.clear()
             self._pending = None
-        self.last_info = StepInfo(self.steps_taken, None if pending is None else pending.loss, solve, self._seconds)
+        self.last_info = StepInfo(
+            self.steps_taken,
+            None if pending is None else pending.loss,
+            solve,
+            self._seconds,
+            getattr(pending, "curvature", None),
+        )
 
     # torch.amp.GradScaler.step(opt) hands such an optimizer the loss scale and the inf check
     # (attributes grad_scale, found_inf) instead of unscaling .grad itself: the per-sample

@@ -96,6 +96,8 @@ class GaussNewtonBatch(PendingBatch):
     positions: int = 1
     plain: list[nn.Parameter] = field(default_factory=list)
     adapt: dict[str, Any] | None = None
+    #: the output curvature of this batch (:meth:`GGN.batch_curvature`), for ``last_info``
+    curvature: str | None = None
 
 
 def _join_rows(old: Tensor | None, new: Tensor | None) -> Tensor | None:
@@ -461,7 +463,17 @@ class GGN(SampleSpaceOptimizer):
         mean, samples, micro, seconds = self._merged_pending(float(value.detach()), b, self._seconds)
         positions = self.damping_scale(wide)
         self._pending = GaussNewtonBatch(
-            mean, seconds, samples, micro, q=q, w=w, outside=outside, positions=positions, plain=plain, adapt=adapt
+            mean,
+            seconds,
+            samples,
+            micro,
+            q=q,
+            w=w,
+            outside=outside,
+            positions=positions,
+            plain=plain,
+            adapt=adapt,
+            curvature=self.batch_curvature(wide),
         )
         return value.detach()
 
