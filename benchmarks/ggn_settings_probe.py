@@ -1,0 +1,117 @@
+"""Can GGN catch SGD-momentum on digits with another setting? (issue 16)
+
+GGN at its cross-entropy defaults (lr 0.3, damping 10, curvature "top", s = 3) ties
+SGD-momentum to digits' first rung and trails it to the second
+(benchmarks/results/compare/digits). This probe trains, exactly as ``gramopt compare``
+trains a setting (``gramopt.compare.run.run_one``: the task's data less its validation
+set, the task's batch size, a time budget, 40 evaluations), SGD-momentum's winning setting
+and GGN with heavy-ball momentum, larger learning rates, less damping and s = 2 columns,
+per seed, in one process, and records the validation and test seconds to each rung.
+
+Writes benchmarks/results/ggn_settings_probe[_TAG].json.
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/ggn_settings_probe.py [--task digits --seconds 3 --seeds 3]
+    # other settings: a JSON list of [optimizer, hyper-parameters] pairs
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/ggn_settings_probe.py --task mnist --seconds 15 --tag mnist \
+        --settings '[["sgd", {"lr": 0.05, "momentum": 0.9}], ["ggn", {"samples": 2}]]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from gramopt.compare.config import LADDERS
+from gramopt.compare.run import Budget, run_one
+from gramopt.tasks import get_task, with_validation
+
+RESULTS = Path(__file__).parent / "results" / "ggn_settings_probe.json"
+#: (optimizer, hyper-parameters): SGD-momentum's digits winner, then GGN variants.
+SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("sgd", {"lr": 0.3, "momentum": 0.9}),
+    ("ggn", {"lr": 0.3, "damping": 10.0, "momentum": 0.0}),
+    ("ggn", {"lr": 0.3, "damping": 10.0, "momentum": 0.5}),
+    ("ggn", {"lr": 0.3, "damping": 10.0, "momentum": 0.9}),
+    ("ggn", {"lr": 0.3, "damping": 30.0, "momentum": 0.9}),
+    ("ggn", {"lr": 0.1, "damping": 10.0, "momentum": 0.9}),
+    ("ggn", {"lr": 0.6, "damping": 10.0}),
+    ("ggn", {"lr": 1.0, "damping": 10.0}),
+    ("ggn", {"lr": 1.0, "damping": 30.0}),
+    ("ggn", {"lr": 0.3, "damping": 3.0}),
+    ("ggn", {"lr": 0.3, "damping": 10.0, "curvature": "top", "samples": 2}),
+)
+
+
+def median_seconds(values: list[float | None]) -> float | None:
+    """Median over seeds, a seed that missed counting as infinitely slow (None: the median missed)."""
+    median = statistics.median([float("inf") if v is None else v for v in values])
+    return None if median == float("inf") else median
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="digits")
+    parser.add_argument("--seconds", type=float, default=3.0, help="optimizer-clock budget per run")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--settings", type=json.loads, default=None, help="JSON list of [optimizer, hyper] pairs")
+    parser.add_argument("--tag", default="", help="results/ggn_settings_probe_TAG.json")
+    args = parser.parse_args()
+    settings = SETTINGS if args.settings is None else tuple((name, dict(hyper)) for name, hyper in args.settings)
+    results = RESULTS.with_name(f"{RESULTS.stem}_{args.tag}.json") if args.tag else RESULTS
+    torch.set_num_threads(1)
+    task = get_task(args.task)
+    console = Console(quiet=True)
+    runs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(settings))}
+    for seed in range(args.seeds):
+        split = with_validation(task.load(seed), seed)
+        for i, (name, hyper) in enumerate(settings):  # settings interleaved within a seed
+            with Progress(console=console, disable=True) as progress:
+                record = run_one(task, name, dict(hyper), split, seed, Budget(args.seconds, None), console, progress)
+            summary = {
+                "seed": seed,
+                "status": record["status"],
+                "reason": record["reason"][:200],
+                "val_seconds_to_rungs": record.get("val_time_to_rungs"),
+                "test_seconds_to_rungs": record.get("time_to_rungs"),
+                "final_metric": record.get("final_metric"),
+                "final_train_loss": record.get("final_train_loss"),
+                "median_step_seconds": record.get("median_step_seconds"),
+            }
+            runs[i].append(summary)
+            print(f"seed {seed} {name} {hyper}: {summary['status']} val {summary['val_seconds_to_rungs']} test {summary['test_seconds_to_rungs']}", flush=True)
+    rungs = LADDERS[args.task]
+    out = {
+        "what": "SGD-momentum's winning setting and GGN variants, trained as gramopt compare trains a setting",
+        "task": args.task,
+        "rungs": [r.describe() for r in rungs],
+        "budget_seconds": args.seconds,
+        "seeds": args.seeds,
+        "machine": f"{platform.platform()}, torch {torch.__version__}, 1 thread",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "settings": [
+            {
+                "optimizer": name,
+                "hyper": hyper,
+                "diverged": sum(r["status"] != "ok" for r in runs[i]),
+                "median_val_seconds_to_rungs": [median_seconds([r["val_seconds_to_rungs"][j] for r in runs[i]]) for j in range(len(rungs))],
+                "median_test_seconds_to_rungs": [median_seconds([r["test_seconds_to_rungs"][j] for r in runs[i]]) for j in range(len(rungs))],
+                "runs": runs[i],
+            }
+            for i, (name, hyper) in enumerate(settings)
+        ],
+    }
+    results.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {results}")
+
+
+if __name__ == "__main__":
+    main()
