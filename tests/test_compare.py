@@ -62,6 +62,7 @@ def test_outputs_have_the_promised_contents(tmp_path):
     for header in ("final train loss", "final test_mse", "step time / SGD", "peak memory (MiB)"):
         assert header in report
     assert "validation set of" in report and "Diverged:" in report
+    assert "First per rung" in report and "fastest gramopt method" in report
     winner = task["optimizers"]["ggn"]["settings"][task["optimizers"]["ggn"]["winner"]]["hyper"]
     assert f"damping={winner['damping']:.3g}" in report and "ggn (winner)" in report
 
@@ -331,3 +332,36 @@ def test_fngd_in_a_comparison_shares_its_coefficients_after_one_epoch():
         assert "coefficient_steps" not in setting
         trainer = Trainer(TrainConfig(task="digits", optimizer="fngd", hyper=setting, save=False, epochs=1), progress=False, verbose=False)
         assert trainer.config.hyper["coefficient_steps"] == math.ceil(trainer.split.train_x.shape[0] / trainer.config.batch_size)
+
+
+def _synthetic_task(times: dict[str, list[float | None]]) -> dict:
+    """A results-task dict with one rung and per-seed seconds to it per optimizer."""
+    optimizers = {}
+    for name, per_seed in times.items():
+        reached = sorted(t for t in per_seed if t is not None)
+        ordered = sorted(float("inf") if t is None else t for t in per_seed)
+        median = ordered[len(ordered) // 2]
+        summary = {
+            "median": reached[len(reached) // 2] if reached else None,
+            "min": reached[0] if reached else None,
+            "max": reached[-1] if reached else None,
+            "n": len(reached),
+            "of": len(per_seed),
+            "median_with_misses": None if median == float("inf") else median,
+        }
+        runs = [{"seed": seed, "time_to_rungs": [t]} for seed, t in enumerate(per_seed)]
+        optimizers[name] = {"settings": [{"runs": runs}], "winner": 0, "summary": {"time_to_rungs": [summary]}}
+    return {"seeds": [0, 1, 2], "rungs": [{"text": "test_accuracy >= 0.9"}], "optimizers": optimizers}
+
+
+def test_the_report_names_the_first_per_rung_its_margin_and_gramopts_best():
+    from gramopt.compare.report import leader_rows
+
+    task = _synthetic_task({"sgd": [2.0, 4.0, 3.0], "adamw": [1.0, 5.0, 1.5], "seng": [6.0, 3.5, None], "ggn": [None, None, None]})
+    (row,) = leader_rows(task)
+    # medians: adamw 1.5, sgd 3.0, seng 6.0 (a missed seed counts as infinitely slow), ggn misses
+    assert row == ["test_accuracy >= 0.9", "adamw (1.5 s)", "sgd (3 s, 2.00x)", "adamw 2/3, seng 1/3", "seng (6 s, 4.00x the first)"]
+    first_is_ours = _synthetic_task({"sgd": [2.0, 2.0, 2.0], "fngd": [1.0, 1.0, 3.0]})
+    assert leader_rows(first_is_ours)[0][1:] == ["fngd (1 s)", "sgd (2 s, 2.00x)", "fngd 2/3, sgd 1/3", "fngd (first)"]
+    nobody = _synthetic_task({"sgd": [None, None, 2.0], "ggn": [None, None, None]})
+    assert leader_rows(nobody)[0] == ["test_accuracy >= 0.9", "nobody (median seed)", "-", "sgd 1/3", "-"]

@@ -43,6 +43,65 @@ def _to_target(summary: dict[str, Any]) -> str:
     return f"{med} [{_number(summary['min'])}-{high}] ({n}/{of})"
 
 
+#: The library's own methods, named beside the leader of each rung.
+GRAMOPT_METHODS = ("ggn", "seng", "fngd")
+
+
+def _median_seconds(summary: dict[str, Any]) -> float:
+    """Median seconds to a rung over seeds, a missed seed counting as infinitely slow."""
+    value = summary.get("median_with_misses")
+    return float("inf") if value is None else float(value)
+
+
+def _seed_leaders(task: dict[str, Any], rung: int) -> dict[str, int]:
+    """Per optimizer, the seeds in which its selected setting reached the rung first
+    (ties: each tied optimizer counts the seed)."""
+    per_seed: dict[int, dict[str, float]] = {}
+    for name, method in task["optimizers"].items():
+        for run in method["settings"][method["winner"]]["runs"]:
+            value = (run.get("time_to_rungs") or [None] * (rung + 1))[rung]
+            per_seed.setdefault(run["seed"], {})[name] = float("inf") if value is None else float(value)
+    counts: dict[str, int] = {}
+    for times in per_seed.values():
+        best = min(times.values(), default=float("inf"))
+        for name, value in times.items():
+            if value == best and value != float("inf"):
+                counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def leader_rows(task: dict[str, Any]) -> list[list[str]]:
+    """Per rung: the first optimizer (median seconds), the runner-up and the margin
+    (runner-up's median over the first's), who was first seed by seed, and the fastest
+    of gramopt's methods with its distance to the first."""
+    out = []
+    seeds = len(task["seeds"])
+    for index, rung in enumerate(task.get("rungs", [])):
+        medians = {n: _median_seconds(m["summary"]["time_to_rungs"][index]) for n, m in task["optimizers"].items()}
+        ranked = sorted((v, n) for n, v in medians.items() if v != float("inf"))
+        counts = _seed_leaders(task, index)
+        by_seed = ", ".join(f"{n} {c}/{seeds}" for n, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"
+        if not ranked:
+            out.append([rung["text"], "nobody (median seed)", "-", by_seed, "-"])
+            continue
+        (first_s, first), rest = ranked[0], ranked[1:]
+        tied = [n for v, n in rest if v == first_s]
+        first_text = f"{' = '.join([first, *tied])} ({_number(first_s)} s)"
+        later = [(v, n) for v, n in rest if v != first_s]
+        runner = f"{later[0][1]} ({_number(later[0][0])} s, {later[0][0] / first_s:.2f}x)" if later else "-"
+        own = sorted((v, n) for n, v in medians.items() if n in GRAMOPT_METHODS)
+        if not own:
+            gramopt = "not run"
+        elif own[0][0] == float("inf"):
+            gramopt = "none reaches it (median seed)"
+        elif own[0][0] == first_s:
+            gramopt = f"{own[0][1]} (first)"
+        else:
+            gramopt = f"{own[0][1]} ({_number(own[0][0])} s, {own[0][0] / first_s:.2f}x the first)"
+        out.append([rung["text"], first_text, runner, by_seed, gramopt])
+    return out
+
+
 def _setting(hyper: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hyper.items() if v is not None)
 
@@ -187,6 +246,11 @@ def markdown(results: dict[str, Any]) -> str:
             "",
         ]
         lines += _markdown_table(_headers(task), rows(task))
+        if task.get("rungs"):
+            lines += ["", "First per rung (median over seeds of each selected setting; margin: the runner-up's median over the first's):", ""]
+            lines += _markdown_table(
+                ["rung", "first", "runner-up (margin)", "first seed by seed", "fastest gramopt method"], leader_rows(task)
+            )
         for name, reason in task.get("skipped", {}).items():
             lines += ["", f"Skipped: {name}, which cannot train this task ({reason_line(reason)})."]
         lines += ["", "Grids (median over seeds per setting):", ""]
