@@ -6,6 +6,7 @@ when the median seed did not, bold for the fastest; then the step time relative 
 SGD-momentum (median of the interleaved timing).
 
     python benchmarks/readme_table.py benchmarks/results/compare/results.json [more.json ...]
+    python benchmarks/readme_table.py --leaders ...   # also the report's "First per rung" table per task
 
 Files that hold the same task with other optimizers (one comparison split over several
 processes) are merged into one set of rows when their rungs, budget and seeds agree.
@@ -69,12 +70,22 @@ def markdown(names: list[str], table: list[list[str]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path)
+    parser.add_argument("--leaders", action="store_true", help="also the first optimizer per rung, per (merged) task")
     args = parser.parse_args()
     merged: dict[str, Any] = {"tasks": {}}
     for path in args.results:
         for name, task in json.loads(path.read_text())["tasks"].items():
             merge_task(merged["tasks"], name, task, path)
     print(markdown(*rows(merged)))
+    if args.leaders:
+        from gramopt.compare.report import leader_rows
+
+        for name, task in merged["tasks"].items():
+            print(f"\n{name}:\n")
+            print("| rung | first | runner-up (margin) | first seed by seed | fastest gramopt method |")
+            print("| --- | --- | --- | --- | --- |")
+            for row in leader_rows(task):
+                print("| " + " | ".join(row) + " |")
 
 
 def merge_task(tasks: dict[str, Any], name: str, task: dict[str, Any], path: Path) -> None:
