@@ -7,6 +7,13 @@ SGD-momentum (median of the interleaved timing).
 
     python benchmarks/readme_table.py benchmarks/results/compare/results.json [more.json ...]
     python benchmarks/readme_table.py --leaders ...   # also the report's "First per rung" table per task
+    python benchmarks/readme_table.py --work ...      # also in SGD-momentum steps' worth of work
+
+``--work`` is for runs made under different loads (several processes, other jobs on the
+machine): seconds then differ between processes by up to ~2x for the same work (measured:
+SGD-momentum's fashion-mnist step 16.8 ms alone, 21 ms beside a second comparison, 31-48 ms
+with further jobs), while steps times the interleaved step-time ratio do not. It charges a
+method the ratio of its first steps (FNGD's estimation phase, not its cheaper sharing phase).
 
 Files that hold the same task with other optimizers (one comparison split over several
 processes) are merged into one set of rows when their rungs, budget and seeds agree.
@@ -33,11 +40,16 @@ def _cell(summary: dict[str, Any], best: bool) -> str:
     return f"{text} ({summary['n']}/{summary['of']})"
 
 
+#: Column order: gramopt's methods, then the peers as `gramopt compare --optimizers all` lists them.
+ORDER = ("ggn", "fngd", "seng", "sgd", "adamw", "muon", "ikfac", "singd", "soap", "shampoo", "muon-po")
+
+
 def rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """(optimizer names, table rows) over every task in ``results``."""
     names: list[str] = []
     for task in results["tasks"].values():
-        names += [n for n in task["optimizers"] if n not in names]
+        names += [n for n in [*task["optimizers"], *task.get("skipped", {})] if n not in names]
+    names.sort(key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
     table = []
     for task in results["tasks"].values():
         budget = task["budget"]["seconds"]
@@ -60,6 +72,47 @@ def rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return names, table
 
 
+def _steps_to_rung(run: dict[str, Any], index: int) -> float:
+    """The optimizer steps a run had taken at the evaluation that met rung ``index``
+    (inf: not reached)."""
+    seconds = (run.get("time_to_rungs") or [])[index] if run.get("time_to_rungs") else None
+    if seconds is None:
+        return math.inf
+    return next((float(r["step"]) for r in run["history"] if r["seconds"] == seconds), math.inf)
+
+
+def work_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Like :func:`rows`, in a unit the machine's load does not change: the steps each
+    optimizer's selected setting took to a rung times its step-time ratio to
+    SGD-momentum (measured in turns in one process), i.e. SGD-momentum steps' worth of
+    work; median over seeds (a missed seed counting as infinite)."""
+    names, _ = rows(results)
+    table = []
+    for task in results["tasks"].values():
+        optimizers = task["optimizers"]
+        for index, rung in enumerate(task["rungs"]):
+            work: dict[str, tuple[float, int, int]] = {}
+            for name, method in optimizers.items():
+                ratio = method["summary"].get("step_time_ratio", {}).get("median")
+                runs = method["settings"][method["winner"]]["runs"]
+                per_seed = sorted(_steps_to_rung(run, index) * (ratio or math.nan) for run in runs)
+                reached = sum(math.isfinite(v) for v in per_seed)
+                work[name] = (per_seed[len(per_seed) // 2] if per_seed else math.inf, reached, len(runs))
+            finite = [w for w, _, _ in work.values() if math.isfinite(w)]
+            fastest = min(finite, default=math.inf)
+            label = f"{task['task']['name']} ({rung['text'].replace('_', ' ')}, {task['budget']['seconds']:g} s)"
+            cells = []
+            for n in names:
+                if n not in work:
+                    cells.append("not run" if n in task.get("skipped", {}) else "")
+                    continue
+                value, reached, of = work[n]
+                text = f"{value:.0f}" if math.isfinite(value) else "miss"
+                cells.append(f"{f'**{text}**' if value == fastest and math.isfinite(value) else text} ({reached}/{of})")
+            table.append([label, *cells])
+    return names, table
+
+
 def markdown(names: list[str], table: list[list[str]]) -> str:
     header = "| task (rung, budget) | " + " | ".join(f"`{n}`" for n in names) + " |"
     lines = [header, "| --- " * (len(names) + 1) + "|"]
@@ -71,12 +124,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--leaders", action="store_true", help="also the first optimizer per rung, per (merged) task")
+    parser.add_argument("--work", action="store_true", help="also the table in SGD-momentum steps' worth of work (load-independent)")
     args = parser.parse_args()
     merged: dict[str, Any] = {"tasks": {}}
     for path in args.results:
         for name, task in json.loads(path.read_text())["tasks"].items():
             merge_task(merged["tasks"], name, task, path)
     print(markdown(*rows(merged)))
+    if args.work:
+        print("\nSGD-momentum steps' worth of work to each rung (steps x step-time ratio):\n")
+        print(markdown(*work_rows(merged)))
     if args.leaders:
         from gramopt.compare.report import leader_rows
 
