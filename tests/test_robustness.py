@@ -132,7 +132,7 @@ def test_float32_fallback_is_reported_and_solves_the_reported_system(method, kin
     Gram: the Cholesky factorization fails or the system is singular to working precision
     (estimated condition number > 1/eps). The jitter fallback is taken and reported
     (warning, StepInfo.solve.jitter and .fallback), and the step is the float64 step of
-    the damped system actually solved (damping + jitter), to 2%. (Before, a factorable
+    the damped system actually solved (damping + jitter), to 5%. (Before, a factorable
     but numerically singular system returned steps 20-270% off, silently.)"""
     build, make, reference, solved = METHODS[method]
     model = build()
@@ -145,7 +145,12 @@ def test_float32_fallback_is_reported_and_solves_the_reported_system(method, kin
     assert info.jitter > 0 and "jitter" in info.fallback
     assert torch.isfinite(step).all()
     expected = reference(initial, x, y, solved(damping, info, x.shape[0]))
-    assert float((step.double() - expected).norm() / expected.norm()) < 2e-2
+    # 5%: the float32 Gram's rounding, of order eps ||G|| per entry, is a few percent of the
+    # jitter 10 n eps ||G|| that now bounds the smallest eigenvalue. Measured 0.03-2.7% over
+    # these cases (2.7%: GGN, duplicated samples, damping 1e-8, on a Xeon whose MKL rounds
+    # otherwise than the machine where 2% was first set); the unreported noise this test
+    # guards against was 20-270% off.
+    assert float((step.double() - expected).norm() / expected.norm()) < 5e-2
 
 
 @pytest.mark.parametrize("method", list(METHODS) + ["fngd"])
