@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from gramopt.compare.config import LADDERS
-from gramopt.compare.run import Budget, run_one
+from gramopt.compare.run import Budget, run_one, to_target_spread
 from gramopt.tasks import get_task, with_validation
 
 RESULTS = Path(__file__).parent / "results" / "ggn_settings_probe.json"
@@ -53,8 +52,7 @@ SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
 
 def median_seconds(values: list[float | None]) -> float | None:
     """Median over seeds, a seed that missed counting as infinitely slow (None: the median missed)."""
-    median = statistics.median([float("inf") if v is None else v for v in values])
-    return None if median == float("inf") else median
+    return to_target_spread(values)["median_with_misses"]
 
 
 def main() -> None:

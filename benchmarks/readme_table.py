@@ -27,6 +27,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from gramopt.compare.report import LEADER_COLUMNS, leader_rows
+from gramopt.compare.run import to_target_spread
+
 
 def _seconds(summary: dict[str, Any]) -> float:
     value = summary.get("median_with_misses", summary.get("median"))
@@ -52,12 +55,11 @@ def rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     names.sort(key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
     table = []
     for task in results["tasks"].values():
-        budget = task["budget"]["seconds"]
         optimizers = task["optimizers"]
         for index, rung in enumerate(task["rungs"]):
             summaries = {n: o["summary"]["time_to_rungs"][index] for n, o in optimizers.items()}
             fastest = min((_seconds(s) for s in summaries.values()), default=math.inf)
-            label = f"{task['task']['name']} ({rung['text'].replace('_', ' ')}, {budget:g} s)"
+            label = _label(task, rung)
             cells = [
                 _cell(summaries[n], _seconds(summaries[n]) == fastest) if n in summaries
                 else ("not run" if n in task.get("skipped", {}) else "")
@@ -72,13 +74,15 @@ def rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return names, table
 
 
-def _steps_to_rung(run: dict[str, Any], index: int) -> float:
+def _label(task: dict[str, Any], rung: dict[str, Any]) -> str:
+    return f"{task['task']['name']} ({rung['text'].replace('_', ' ')}, {task['budget']['seconds']:g} s)"
+
+
+def _steps_to_rung(run: dict[str, Any], index: int) -> float | None:
     """The optimizer steps a run had taken at the evaluation that met rung ``index``
-    (inf: not reached)."""
-    seconds = (run.get("time_to_rungs") or [])[index] if run.get("time_to_rungs") else None
-    if seconds is None:
-        return math.inf
-    return next((float(r["step"]) for r in run["history"] if r["seconds"] == seconds), math.inf)
+    (None: not reached)."""
+    seconds = (run.get("time_to_rungs") or [None] * (index + 1))[index]
+    return next((float(r["step"]) for r in run["history"] if r["seconds"] == seconds), None)
 
 
 def work_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -91,24 +95,23 @@ def work_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for task in results["tasks"].values():
         optimizers = task["optimizers"]
         for index, rung in enumerate(task["rungs"]):
-            work: dict[str, tuple[float, int, int]] = {}
+            work: dict[str, dict[str, Any]] = {}
             for name, method in optimizers.items():
-                ratio = method["summary"].get("step_time_ratio", {}).get("median")
-                runs = method["settings"][method["winner"]]["runs"]
-                per_seed = sorted(_steps_to_rung(run, index) * (ratio or math.nan) for run in runs)
-                reached = sum(math.isfinite(v) for v in per_seed)
-                work[name] = (per_seed[len(per_seed) // 2] if per_seed else math.inf, reached, len(runs))
-            finite = [w for w, _, _ in work.values() if math.isfinite(w)]
-            fastest = min(finite, default=math.inf)
-            label = f"{task['task']['name']} ({rung['text'].replace('_', ' ')}, {task['budget']['seconds']:g} s)"
+                ratio = (method["summary"].get("step_time_ratio") or {}).get("median")
+                if ratio is None:  # no interleaved timing: no work figure
+                    continue
+                steps = [_steps_to_rung(run, index) for run in method["settings"][method["winner"]]["runs"]]
+                work[name] = to_target_spread([None if s is None else s * ratio for s in steps])
+            fastest = min((_seconds(w) for w in work.values()), default=math.inf)
+            label = _label(task, rung)
             cells = []
             for n in names:
                 if n not in work:
-                    cells.append("not run" if n in task.get("skipped", {}) else "")
+                    cells.append("not run" if n in task.get("skipped", {}) else "n/a" if n in optimizers else "")
                     continue
-                value, reached, of = work[n]
+                value = _seconds(work[n])
                 text = f"{value:.0f}" if math.isfinite(value) else "miss"
-                cells.append(f"{f'**{text}**' if value == fastest and math.isfinite(value) else text} ({reached}/{of})")
+                cells.append(f"{f'**{text}**' if value == fastest and math.isfinite(value) else text} ({work[n]['n']}/{work[n]['of']})")
             table.append([label, *cells])
     return names, table
 
@@ -135,12 +138,10 @@ def main() -> None:
         print("\nSGD-momentum steps' worth of work to each rung (steps x step-time ratio):\n")
         print(markdown(*work_rows(merged)))
     if args.leaders:
-        from gramopt.compare.report import leader_rows
-
         for name, task in merged["tasks"].items():
             print(f"\n{name}:\n")
-            print("| rung | first | runner-up (margin) | first seed by seed | fastest gramopt method |")
-            print("| --- | --- | --- | --- | --- |")
+            print("| " + " | ".join(LEADER_COLUMNS) + " |")
+            print("| --- " * len(LEADER_COLUMNS) + "|")
             for row in leader_rows(task):
                 print("| " + " | ".join(row) + " |")
 

@@ -336,21 +336,13 @@ def test_fngd_in_a_comparison_shares_its_coefficients_after_one_epoch():
 
 def _synthetic_task(times: dict[str, list[float | None]]) -> dict:
     """A results-task dict with one rung and per-seed seconds to it per optimizer."""
+    from gramopt.compare.run import to_target_spread
+
     optimizers = {}
     for name, per_seed in times.items():
-        reached = sorted(t for t in per_seed if t is not None)
-        ordered = sorted(float("inf") if t is None else t for t in per_seed)
-        median = ordered[len(ordered) // 2]
-        summary = {
-            "median": reached[len(reached) // 2] if reached else None,
-            "min": reached[0] if reached else None,
-            "max": reached[-1] if reached else None,
-            "n": len(reached),
-            "of": len(per_seed),
-            "median_with_misses": None if median == float("inf") else median,
-        }
         runs = [{"seed": seed, "time_to_rungs": [t]} for seed, t in enumerate(per_seed)]
-        optimizers[name] = {"settings": [{"runs": runs}], "winner": 0, "summary": {"time_to_rungs": [summary]}}
+        summary = {"time_to_rungs": [to_target_spread(per_seed)]}
+        optimizers[name] = {"settings": [{"runs": runs}], "winner": 0, "summary": summary}
     return {"seeds": [0, 1, 2], "rungs": [{"text": "test_accuracy >= 0.9"}], "optimizers": optimizers}
 
 

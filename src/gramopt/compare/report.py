@@ -45,6 +45,8 @@ def _to_target(summary: dict[str, Any]) -> str:
 
 #: The library's own methods, named beside the leader of each rung.
 GRAMOPT_METHODS = ("ggn", "seng", "fngd")
+#: The columns of :func:`leader_rows`.
+LEADER_COLUMNS = ("rung", "first", "runner-up (margin)", "first seed by seed", "fastest gramopt method")
 
 
 def _median_seconds(summary: dict[str, Any]) -> float:
@@ -248,9 +250,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _markdown_table(_headers(task), rows(task))
         if task.get("rungs"):
             lines += ["", "First per rung (median over seeds of each selected setting; margin: the runner-up's median over the first's):", ""]
-            lines += _markdown_table(
-                ["rung", "first", "runner-up (margin)", "first seed by seed", "fastest gramopt method"], leader_rows(task)
-            )
+            lines += _markdown_table(list(LEADER_COLUMNS), leader_rows(task))
         for name, reason in task.get("skipped", {}).items():
             lines += ["", f"Skipped: {name}, which cannot train this task ({reason_line(reason)})."]
         lines += ["", "Grids (median over seeds per setting):", ""]
