@@ -236,7 +236,7 @@ def test_damping_rule_on_a_quadratic(float64):
     torch.manual_seed(0)
     model = nn.Linear(4, 3, bias=False)
     x, y = torch.randn(6, 4), torch.randn(6, 3)
-    rule = gramopt.AdaptiveDamping(every=1, min_damping=1e-3)
+    rule = gramopt.AdaptiveDamping(every=1, min_damping=1e-3, reject=False)  # (the sampled step below raises the loss)
     opt = gramopt.GGN(model, lr=0.8, damping=0.5, damping_adaptation=rule)
     opt.backward(model(x), y)
     opt.step()
@@ -264,6 +264,52 @@ def test_damping_rule_on_a_quadratic(float64):
     assert opt.damping == pytest.approx(expected)
 
 
+def test_a_step_that_raises_its_batchs_loss_is_undone(float64):
+    """reject (the default): a linear model under mse is its own quadratic model; lr 0.8
+    keeps its promise (kept, damping lowered), lr 5 overshoots (the loss rises): the
+    parameters and the momentum buffer return to their values after the first step,
+    the damping rises, ``last_info`` and ``extra_state`` say so; a kept step after it
+    moves on from there."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    x, y = torch.randn(6, 4), torch.randn(6, 3)
+    rule = gramopt.AdaptiveDamping(min_damping=0.1)
+    opt = gramopt.GGN(model, lr=0.8, damping=0.5, momentum=0.5, damping_adaptation=rule)
+    opt.backward(model(x), y)
+    opt.step()
+    assert not opt.last_info.rejected and opt.damping == pytest.approx(0.5 * rule.decrease)
+    kept = params_vector(model)
+    buffer = opt.state[model.weight]["momentum_buffer"].clone()
+    loss_before = F.mse_loss(model(x), y, reduction="sum")
+    opt.param_groups[0]["lr"] = 5.0
+    opt.zero_grad()
+    opt.backward(model(x), y)
+    opt.step()
+    assert opt.last_info.rejected and opt.extra_state["rejected_steps"] == 1 and opt.steps_taken == 2
+    assert opt.extra_state["last_ratio"] < 0
+    assert torch.equal(params_vector(model), kept)
+    assert torch.equal(opt.state[model.weight]["momentum_buffer"], buffer)
+    assert opt.damping == pytest.approx(0.5 * rule.decrease * rule.increase)
+    torch.testing.assert_close(F.mse_loss(model(x), y, reduction="sum"), loss_before)
+    opt.param_groups[0]["lr"] = 0.8
+    opt.zero_grad()
+    opt.backward(model(x), y)
+    opt.step()
+    assert not opt.last_info.rejected and opt.extra_state["rejected_steps"] == 1
+    assert F.mse_loss(model(x), y, reduction="sum") < loss_before
+    # a first step that is rejected leaves no momentum buffer behind, and reject=False keeps it
+    for reject in (True, False):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3, bias=False)
+        before = params_vector(model)
+        opt = gramopt.GGN(model, lr=5.0, damping=0.5, momentum=0.5, damping_adaptation=gramopt.AdaptiveDamping(reject=reject))
+        opt.backward(model(x), y)
+        opt.step()
+        assert opt.last_info.rejected is reject
+        assert torch.equal(params_vector(model), before) is reject
+        assert ("momentum_buffer" in opt.state[model.weight]) is not reject
+
+
 def test_damping_rule_raises_on_a_failed_step():
     rule = gramopt.AdaptiveDamping()
     assert rule.update(1.0, -3.0, 1.0) == pytest.approx(rule.increase)
@@ -272,6 +318,10 @@ def test_damping_rule_raises_on_a_failed_step():
     assert rule.ratio(1.0, 0.0) == -math.inf
     with pytest.raises(ValueError, match="every"):
         gramopt.AdaptiveDamping(every=0)
+    with pytest.raises(ValueError, match="reject"):
+        gramopt.AdaptiveDamping(reject=1)
+    assert rule.keeps(-1.0) and rule.keeps(0.0) and not rule.keeps(1e-9) and not rule.keeps(math.nan)
+    assert gramopt.AdaptiveDamping(reject=False).keeps(math.inf)
 
 
 def test_first_step_uses_the_constructors_damping_and_state_round_trips(float64):

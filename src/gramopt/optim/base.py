@@ -64,13 +64,15 @@ class StepInfo:
     (method, fallback, iterations, residuals), seconds per phase and, for GGN, the output
     curvature the step used (``"exact"``, ``"top"`` or ``"sampled"``: the default "top"
     becomes "sampled" for outputs with several positions per sample; None for the other
-    methods)."""
+    methods), and whether the step was undone (GGN's ``AdaptiveDamping(reject=True)``:
+    the step raised the loss of its own batch; the parameters are those before it)."""
 
     step: int
     loss: float | None = None
     solve: SolveInfo | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     curvature: str | None = None
+    rejected: bool = False
 
 
 @dataclass
@@ -403,6 +405,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         self._synchronize_gradients()
         pending = self._pending
         self._seconds = dict(pending.seconds) if pending is not None else {}
+        self._rejected = False
         try:
             self._check_micro_batches(pending)
             directions, solve = self.directions(pending)
@@ -424,6 +427,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             solve,
             self._seconds,
             getattr(pending, "curvature", None),
+            self._rejected,
         )
 
     # torch.amp.GradScaler.step(opt) hands such an optimizer the loss scale and the inf check

@@ -170,7 +170,8 @@ class GGN(SampleSpaceOptimizer):
             and both live in ``state_dict()``, so a resumed run draws the same columns.
         damping_adaptation: an :class:`AdaptiveDamping` (the default; off under
             ``distributed``) or None for a fixed damping. It costs one extra forward
-            pass every ``every`` steps and needs ``opt.backward(model(x), y)`` with the
+            pass every ``every`` steps (default: every step) and a copy of the parameters,
+            undoes a step that raised its own batch's loss (``opt.last_info.rejected``), and needs ``opt.backward(model(x), y)`` with the
             model's own output, its ``.logits`` (a Hugging Face ``ModelOutput``) or its
             first element (:func:`output_candidates`).
         divergence: raise :class:`~gramopt.errors.DivergenceError` in ``backward`` when the
@@ -274,9 +275,11 @@ class GGN(SampleSpaceOptimizer):
         self.extra_state["draws"] = 0
         self.extra_state["first_loss"] = None
         self.extra_state["damping_floor"] = damping
+        self.extra_state["rejected_steps"] = 0
         self._pending: GaussNewtonBatch | None = None
         self._strays: list[nn.Parameter] = []
         self._draw_offset = 0
+        self._before: tuple[list[Tensor], list[Tensor], list[Tensor | None]] | None = None
         self._last_call: tuple[Any, Any, Any] | None = None
         self._warned_adaptation = False
         if self.damping_adaptation is not None:
@@ -555,6 +558,34 @@ class GGN(SampleSpaceOptimizer):
         c = system.gradient_coefficients()
         return float(-lr * torch.dot(c, gx) + 0.5 * lr**2 * system.apply_qt(gx).square().sum())
 
+    def apply_directions(self, directions: dict[Tensor, Tensor]) -> None:
+        """The update; on a step that damping adaptation checks with ``reject``, first a
+        copy of the parameters and momentum buffers to undo it with (:meth:`commit`)."""
+        pending, config = self._pending, self.damping_adaptation
+        self._before = None
+        if config is not None and config.reject and pending is not None and pending.adapt is not None:
+            params = [p for group in self.param_groups for p in group["params"]]
+            buffers = [self.state[p].get("momentum_buffer") if p in self.state else None for p in params]
+            self._before = (
+                params,
+                [p.detach().clone() for p in params],
+                [None if b is None else b.clone() for b in buffers],
+            )
+        super().apply_directions(directions)
+
+    def _undo_step(self) -> None:
+        """Put back the parameters and momentum buffers of before the step (:meth:`apply_directions`)."""
+        params, values, buffers = self._before
+        self._before = None
+        torch._foreach_copy_(params, values)
+        for p, buffer in zip(params, buffers):
+            if buffer is None:
+                self.state.get(p, {}).pop("momentum_buffer", None)
+            else:
+                self.state[p]["momentum_buffer"] = buffer
+        self.extra_state["rejected_steps"] = int(self.extra_state.get("rejected_steps", 0)) + 1
+        self._rejected = True
+
     def commit(self) -> None:
         """Damping adaptation: one forward pass on the step's batch, the reduction ratio,
         the new damping (in every param group, so ``state_dict()`` keeps it)."""
@@ -567,6 +598,14 @@ class GGN(SampleSpaceOptimizer):
                 self.extra_state["first_loss"] = pending.loss
         if config is None or pending is None or pending.adapt is None or self._predicted is None:
             return
+        try:
+            self._adapt(pending, config)
+        finally:
+            self._before = None  # the copy of the parameters lives for one step only
+
+    def _adapt(self, pending: GaussNewtonBatch, config: AdaptiveDamping) -> None:
+        """The reduction ratio of the step just taken on its own batch; the step undone if
+        the rule rejects it; the new damping."""
         args, kwargs, shape = pending.adapt["call"]
         buffers = [b.detach().clone() for b in self.model.buffers()]
         device = next((t.device for t in args if isinstance(t, Tensor)), torch.device("cpu"))
@@ -581,6 +620,8 @@ class GGN(SampleSpaceOptimizer):
         wide = after.to(torch.promote_types(after.dtype, torch.float32))
         actual = float(self.loss.total(wide, pending.adapt["target"])) - pending.adapt["before"]
         rho = config.ratio(actual, self._predicted)
+        if not config.keeps(actual) and self._before is not None:
+            self._undo_step()
         damping = config.update(self.damping, rho, float(self.extra_state.get("damping_floor", 0.0)))
         for group in self.param_groups:
             group["damping"] = damping
