@@ -47,7 +47,7 @@ def test_scalar_outputs_without_feature_dim(float64):
     x, y = torch.randn(7, 3), torch.randn(7)
     expected = ggn_delta(model, x, y, "mse", lr=1.0, damping=0.01)
     before = params_vector(model)
-    opt = gramopt.GGN(model, lr=1.0, damping=0.01)
+    opt = gramopt.GGN(model, lr=1.0, damping=0.01, damping_adaptation=None)
     opt.backward(model(x), y)
     opt.step()
     torch.testing.assert_close(params_vector(model) - before, expected, rtol=1e-8, atol=1e-10)
@@ -137,7 +137,7 @@ def test_momentum_and_weight_decay_decorate_the_direction(float64):
     model = models.mlp(out=1)
     x, y = torch.randn(6, 5), torch.randn(6, 1)
     lr, momentum, decay = 0.5, 0.9, 0.1
-    opt = gramopt.GGN(model, lr=lr, damping=0.1, momentum=momentum, weight_decay=decay)
+    opt = gramopt.GGN(model, lr=lr, damping=0.1, momentum=momentum, weight_decay=decay, damping_adaptation=None)
     buffer = None
     for _ in range(3):
         direction = -ggn_delta(copy.deepcopy(model), x, y, "mse", lr=1.0, damping=0.1)  # a copy: no hooks fire

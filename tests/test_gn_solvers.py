@@ -47,8 +47,9 @@ SOLVER_CASES = [
 
 
 def one_step(model, x, y, loss, damping, solver, options=None):
+    """The step of one solver (a fixed damping: adaptation could undo the step)."""
     before = params_vector(model)
-    opt = gramopt.GGN(model, lr=0.7, damping=damping, loss=loss, solver=solver, solver_options=options)
+    opt = gramopt.GGN(model, lr=0.7, damping=damping, loss=loss, solver=solver, solver_options=options, damping_adaptation=None)
     opt.backward(model(x), y)
     opt.step()
     return params_vector(model) - before, opt.last_info
@@ -209,6 +210,25 @@ def test_algorithm1_halves_the_error_each_step(float64):
     assert e[-1] < 1e-3 * e[0]
     for a, b in zip(e[:3], errors["cholesky"][:3]):
         assert a == pytest.approx(b, rel=1e-2)
+
+
+def test_gram_product_after_dense_is_the_factor_product(float64):
+    """Once ``dense()`` formed the Gram, ``gram_product`` (damping adaptation's predicted
+    reduction) multiplies with it; before, it passes over the factors: the same ``R R^T x``."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    b, k = 4, 2
+    unfolded = torch.nn.functional.unfold(torch.randn(b, 2, 5, 5), 3, padding=1).transpose(1, 2)  # [b, 25, 18]
+    z = torch.randn(b, k, 25, 3)
+    factor = SharedWeightFactors(conv, [conv.weight, conv.bias], conv.weight, conv.bias, unfolded, z)
+    rows = torch.cat(factor.explicit_rows(), dim=1)  # [b k, p]
+    q = torch.randn(b, k, 1)
+    system = GaussNewtonSystem({"0": SharedWeightFactors(conv, [conv.weight, conv.bias], conv.weight, conv.bias, unfolded, z)}, q, torch.zeros(b), 0.1)
+    v = torch.randn(b * k)
+    through_factors = system.gram_product(v)
+    system.dense()
+    torch.testing.assert_close(system.gram_product(v), through_factors)
+    torch.testing.assert_close(through_factors, rows @ (rows.T @ v))
 
 
 def test_auto_picks_by_size():

@@ -34,7 +34,7 @@ def linear_system(cond: float, n: int = 8, p: int = 12) -> tuple[torch.Tensor, t
 def ggn_linear_step(x, y, solver, damping=0.0):
     model = nn.Linear(x.shape[1], 1, bias=False).double()
     before = model.weight.detach().clone()
-    opt = gramopt.GGN(model, lr=1.0, damping=damping, solver=solver)
+    opt = gramopt.GGN(model, lr=1.0, damping=damping, solver=solver, damping_adaptation=None)
     opt.backward(model(x), y)
     opt.step()
     return before, model.weight.detach() - before, opt.last_info.solve
@@ -103,7 +103,7 @@ METHODS = {
     # name: (model, optimizer, reference of the step at damping d, damping of the reported system)
     "ggn": (
         lambda: models.mlp(d_in=5, hidden=3, out=1),  # 34 parameters
-        lambda m, d: gramopt.GGN(m, lr=1.0, damping=d),
+        lambda m, d: gramopt.GGN(m, lr=1.0, damping=d, damping_adaptation=None),
         _ggn_reference,
         lambda d, info, b: d + info.jitter,
     ),
@@ -207,7 +207,7 @@ def test_iterative_solvers_in_float32_never_return_noise(solver, kind):
     model = models.mlp(d_in=5, hidden=3, out=1)
     x, y = hard_batch(kind)
     options = {"max_iter": 20, **({"rank": 8} if solver == "nystrom-pcg" else {})}
-    opt = gramopt.GGN(model, lr=1.0, damping=1e-8, solver=solver, solver_options=options)
+    opt = gramopt.GGN(model, lr=1.0, damping=1e-8, solver=solver, solver_options=options, damping_adaptation=None)
     with pytest.warns(gramopt.NumericalWarning, match="stopped at relative residual"):
         step = _step(model, opt, x, y)
     info = opt.last_info.solve
