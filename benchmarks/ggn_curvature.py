@@ -10,8 +10,9 @@ Models (batch b = 128, one thread):
 Optimizers: SGD-momentum (the baseline), GGN ``curvature="exact"`` (one backward pass
 per class, a b k system), ``"top"`` with s = 3 (3 passes, b 3 system) and ``"sampled"``
 with s = 1 (1 sampled pass + 1 gradient pass, b 1 system). GGN runs with a fixed damping
-(``damping_adaptation=None``): the step itself; adaptation adds one forward pass every
-``AdaptiveDamping.every`` = 5 steps, reported separately as ``top3-adaptive``.
+(``damping_adaptation=None``): the step itself; the default adaptation (one forward pass
+after every step, ``AdaptiveDamping.every`` = 1, and a copy of the parameters to undo a
+step that raised its batch's loss) is reported separately as ``top3-adaptive``.
 
 Timing: ``bench_common.interleaved`` (rotating order; per round one turn of each step
 function, a turn as many steps as make SGD's last about ``TURN_SECONDS``; the ratio to SGD
@@ -127,7 +128,7 @@ def main() -> None:
             f"bench_common.interleaved: {ROUNDS} rounds, rotating order, turns of ~{TURN_SECONDS} s of SGD steps, "
             "5 warm-up steps; wall clock (summary) and main-thread CPU time (summary_thread_cpu)"
         ),
-        "ggn": "lr 0.01, damping 3; damping_adaptation=None except top3-adaptive (the default AdaptiveDamping, every 5 steps)",
+        "ggn": "lr 0.01, damping 3; damping_adaptation=None except top3-adaptive (the default AdaptiveDamping: every step, reject)",
         "goals": {f"{w}/{v}": g for (w, v), g in GOALS.items()},
         "workloads": {},
         "environment": environment("cpu"),

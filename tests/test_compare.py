@@ -201,6 +201,7 @@ def test_cli_runs_a_tiny_comparison_and_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "diabetes: seconds to each rung" in out and "adamw" in out and "1 epochs per run" in out
     assert "| optimizer |" in out and "winning setting |" in out  # not a terminal: the whole table, uncut
+    assert "diabetes: first per rung" in out and "| rung | first |" in out  # and who is first, as report.md has it
     assert {p.name for p in tmp_path.iterdir()} == {"report.md", "curves.png", "results.json"}
     history = json.loads((tmp_path / "results.json").read_text())["tasks"]["diabetes"]["optimizers"]["sgd"]["settings"][0]["runs"][0]["history"]
     assert history[-1]["epoch"] == 1 and len(history) > 3  # evaluated inside the epoch, not only at its end
@@ -357,3 +358,18 @@ def test_the_report_names_the_first_per_rung_its_margin_and_gramopts_best():
     assert leader_rows(first_is_ours)[0][1:] == ["fngd (1 s)", "sgd (2 s, 2.00x)", "fngd 2/3, sgd 1/3", "fngd (first)"]
     nobody = _synthetic_task({"sgd": [None, None, 2.0], "ggn": [None, None, None]})
     assert leader_rows(nobody)[0] == ["test_accuracy >= 0.9", "nobody (median seed)", "-", "sgd 1/3", "-"]
+
+
+def test_the_printed_first_per_rung_table_on_a_terminal():
+    """A terminal gets the first-per-rung table too (rich), with the report's rows."""
+    from rich.console import Console
+
+    from gramopt.compare.report import leader_rows, rich_leaders
+
+    task = _synthetic_task({"sgd": [2.0, 4.0, 3.0], "adamw": [1.0, 5.0, 1.5]})
+    task["task"] = {"name": "synthetic"}
+    console = Console(record=True, width=200, force_terminal=True)
+    console.print(rich_leaders(task))
+    text = console.export_text()
+    assert "synthetic: first per rung" in text
+    assert all(cell in text for cell in leader_rows(task)[0])

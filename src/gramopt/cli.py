@@ -18,7 +18,7 @@ from rich.table import Table
 
 from gramopt.compare import config as bench_config
 from gramopt.compare.run import CompareConfig, run_comparison, write_outputs
-from gramopt.compare.report import plain_table, rich_table
+from gramopt.compare.report import plain_leaders, plain_table, rich_leaders, rich_table
 from gramopt.distributed import POLICIES, rank
 from gramopt.errors import GramoptError
 from gramopt.tasks import TASKS
@@ -174,10 +174,11 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
     paths = write_outputs(results, Path(args.out))
     for task in results["tasks"].values():
         if console.is_terminal:
-            table = rich_table(task)
-            console.print(table, width=max(console.width, console.measure(table).maximum))
-        else:  # piped to a log: the whole table as Markdown, never cut to the terminal's width
-            console.print(plain_table(task), highlight=False, markup=False, soft_wrap=True)
+            for table in (rich_table(task), rich_leaders(task)):
+                console.print(table, width=max(console.width, console.measure(table).maximum))
+        else:  # piped to a log: the whole tables as Markdown, never cut to the terminal's width
+            for text in (plain_table(task), plain_leaders(task)):
+                console.print(text, highlight=False, markup=False, soft_wrap=True)
     console.print(f"{results['wall_seconds']:.0f} s; wrote {', '.join(str(p) for p in paths.values())}", soft_wrap=True)
     return 0
 

@@ -169,6 +169,25 @@ def plain_table(task: dict[str, Any]) -> str:
     return "\n".join([title, "", *_markdown_table(_headers(task), body)])
 
 
+def _leaders_title(task: dict[str, Any]) -> str:
+    return f"{task['task']['name']}: first per rung (median seconds over seeds of each selected setting)"
+
+
+def rich_leaders(task: dict[str, Any]) -> Table:
+    """The printed first-per-rung table (:func:`leader_rows`), as report.md has it."""
+    table = Table(title=_leaders_title(task))
+    for header in LEADER_COLUMNS:
+        table.add_column(header, overflow="fold")
+    for row in leader_rows(task):
+        table.add_row(*row)
+    return table
+
+
+def plain_leaders(task: dict[str, Any]) -> str:
+    """The first-per-rung table as Markdown (for a reader without a terminal)."""
+    return "\n".join([_leaders_title(task), "", *_markdown_table(list(LEADER_COLUMNS), leader_rows(task))])
+
+
 def _markdown_table(headers: list[str], body: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in body]
