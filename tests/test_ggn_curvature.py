@@ -273,7 +273,7 @@ def test_a_step_that_raises_its_batchs_loss_is_undone(float64):
     torch.manual_seed(0)
     model = nn.Linear(4, 3, bias=False)
     x, y = torch.randn(6, 4), torch.randn(6, 3)
-    rule = gramopt.AdaptiveDamping(min_damping=0.1)
+    rule = gramopt.AdaptiveDamping(every=1, min_damping=0.1)
     opt = gramopt.GGN(model, lr=0.8, damping=0.5, momentum=0.5, damping_adaptation=rule)
     opt.backward(model(x), y)
     opt.step()
@@ -302,7 +302,7 @@ def test_a_step_that_raises_its_batchs_loss_is_undone(float64):
         torch.manual_seed(0)
         model = nn.Linear(4, 3, bias=False)
         before = params_vector(model)
-        opt = gramopt.GGN(model, lr=5.0, damping=0.5, momentum=0.5, damping_adaptation=gramopt.AdaptiveDamping(reject=reject))
+        opt = gramopt.GGN(model, lr=5.0, damping=0.5, momentum=0.5, damping_adaptation=gramopt.AdaptiveDamping(every=1, reject=reject))
         opt.backward(model(x), y)
         opt.step()
         assert opt.last_info.rejected is reject

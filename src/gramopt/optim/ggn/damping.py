@@ -27,7 +27,10 @@ four steps in a row raised their own batch's loss (0.08 -> 1.2 -> 4.0 -> 25 -> 1
 273-277) while the damping rose 1.5x per step, and the network saturated (loss ~110
 from then on); checking every step with rejection it trained on (batch loss 0.005-0.02
 at steps 400-500). Every 5th step with rejection still diverged at step 202: the cascade
-fell between two checks, hence ``every=1``. By default ``min_damping`` is the damping
+fell between two checks. ``every=1`` costs a forward pass per step and, measured with
+``gramopt compare`` (``benchmarks/results/compare/after-reject``), made GGN slower to the
+first rung on mnist (4.9 vs 1.5 s), teacher and fashion-mnist; so the default stays
+``every=5`` and ``AdaptiveDamping(every=1)`` is the robust choice for attention models. By default ``min_damping`` is the damping
 given to the optimizer. That floor matters for mini-batches: the ratio is measured on
 the batch the step was fitted to, where a Gauss-Newton step almost always keeps its
 promise (rho near 1), so a rule free to lower the damping drives it towards the
@@ -36,7 +39,7 @@ per-batch Newton step, which over-fits each batch and diverges across batches
 unbounded, the loss reached 68 instead of 0.22). With the
 floor, adaptation is a safety net: it raises the damping where the quadratic model
 fails and lowers it back to the floor once the model is trusted again. Cost: one extra forward pass (no backward)
-on the step's batch every ``every`` steps (by default every step), after the update, and a
+on the step's batch every ``every`` steps, after the update, and a
 copy of the parameters before it (``reject``).
 """
 
@@ -51,9 +54,10 @@ class AdaptiveDamping:
     """How GGN adapts its damping (``GGN(..., damping_adaptation=AdaptiveDamping(...))``).
 
     Attributes:
-        every: adapt after every ``every``-th step (the first step is one), >= 1. The
-            default 1 checks every step: on the ``recall`` Transformer a cascade of four
-            loss-raising steps fell between two checks at ``every=5`` (module doc).
+        every: adapt after every ``every``-th step (the first step is one), >= 1.  ``every=1``
+            also stops cascades that fall between checks (module doc) but made GGN 1.4-3x
+            slower to the targets of ``gramopt compare`` (mnist, teacher, fashion-mnist:
+            ``benchmarks/results/compare/after-reject``), so the default stays 5.
         low, high: the reduction-ratio thresholds, ``0 <= low < high``.
         increase: factor > 1 applied when ``rho < low`` (also when the loss rose).
         decrease: factor in (0, 1) applied when ``rho > high``.
@@ -65,7 +69,7 @@ class AdaptiveDamping:
             parameters (and momentum buffers) on every adapted step.
     """
 
-    every: int = 1
+    every: int = 5
     low: float = 0.25
     high: float = 0.75
     increase: float = 1.5
