@@ -30,8 +30,8 @@ at steps 400-500). Every 5th step with rejection still diverged at step 202: the
 fell between two checks. ``every=1`` costs a forward pass per step and, measured with
 ``gramopt compare`` (``benchmarks/results/compare/after-reject``), made GGN slower to the
 first rung on mnist (4.9 vs 1.5 s), teacher and fashion-mnist; so the default stays
-``every=5`` and ``AdaptiveDamping(every=1)`` is the robust choice for attention models. By default ``min_damping`` is the damping
-given to the optimizer. That floor matters for mini-batches: the ratio is measured on
+``every=5`` and ``AdaptiveDamping(every=1)`` is the robust choice for attention models.
+By default ``min_damping`` is the damping given to the optimizer. That floor matters for mini-batches: the ratio is measured on
 the batch the step was fitted to, where a Gauss-Newton step almost always keeps its
 promise (rho near 1), so a rule free to lower the damping drives it towards the
 per-batch Newton step, which over-fits each batch and diverges across batches
@@ -55,7 +55,7 @@ class AdaptiveDamping:
 
     Attributes:
         every: adapt after every ``every``-th step (the first step is one), >= 1.  ``every=1``
-            also stops cascades that fall between checks (module doc) but made GGN 1.4-3x
+            also stops cascades that fall between checks (module doc) but made GGN 1.4-3.2x
             slower to the targets of ``gramopt compare`` (mnist, teacher, fashion-mnist:
             ``benchmarks/results/compare/after-reject``), so the default stays 5.
         low, high: the reduction-ratio thresholds, ``0 <= low < high``.
