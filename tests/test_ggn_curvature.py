@@ -310,6 +310,58 @@ def test_a_step_that_raises_its_batchs_loss_is_undone(float64):
         assert ("momentum_buffer" in opt.state[model.weight]) is not reject
 
 
+def test_checks_between_the_every_th_steps_follow_a_surge_or_a_failed_check(float64):
+    """AdaptiveDamping.due: a check (one extra forward pass of the model) on each of the
+    first ``warmup`` steps, on every ``every``-th step, on a step whose batch loss surged
+    above ``surge`` times the running mean, and on every step after a check with rho < low
+    until one holds."""
+    rule = gramopt.AdaptiveDamping(every=100, warmup=0)
+    assert rule.due(0, 1.0, None, None) and rule.due(200, 1.0, 1.0, 1.0)
+    warm = gramopt.AdaptiveDamping(every=100, warmup=3)
+    assert [warm.due(step, 1.0, 1.0, 0.9) for step in range(5)] == [True, True, True, False, False]
+    assert not rule.due(1, 1.0, 1.0, 0.9) and not rule.due(1, 1.9, 1.0, None)
+    assert rule.due(1, 2.1, 1.0, 0.9)  # a surge
+    assert rule.due(1, 1.0, 1.0, 0.1) and rule.due(1, 1.0, 1.0, -math.inf) and rule.due(1, 1.0, 1.0, math.nan)
+    assert not gramopt.AdaptiveDamping(every=100, warmup=0, surge=None).due(1, 1e9, 1.0, 0.9)
+    assert rule.averaged(None, 3.0) == 3.0 and rule.averaged(1.0, 3.0) == pytest.approx(1.2)
+    for bad in (1.0, 0.5, math.inf, True, "2"):
+        with pytest.raises(ValueError, match="surge"):
+            gramopt.AdaptiveDamping(surge=bad)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="warmup"):
+            gramopt.AdaptiveDamping(warmup=bad)
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    x, y = torch.randn(6, 4), torch.randn(6, 3)
+    opt = gramopt.GGN(model, lr=0.1, damping=0.5, damping_adaptation=rule, divergence=None)
+
+    def forwards(target: torch.Tensor, lr: float = 0.1) -> int:
+        """The model's forward passes in one step (1: unchecked, 2: checked)."""
+        opt.param_groups[0]["lr"] = lr
+        calls.clear()
+        opt.zero_grad()
+        opt.backward(model(x), target)
+        opt.step()
+        return len(calls)
+
+    assert forwards(y) == 2  # step 0: every 100th
+    assert [forwards(y) for _ in range(3)] == [1, 1, 1]
+    assert forwards(10 * y) == 2  # the batch loss surged
+    assert opt.extra_state["last_ratio"] == pytest.approx(1.0)  # (a linear mse model is its own quadratic model)
+    assert forwards(y) == 1
+    assert forwards(100 * y, lr=5.0) == 2 and opt.last_info.rejected  # a surge, and a failed check ...
+    assert forwards(y, lr=5.0) == 2 and opt.last_info.rejected  # ... calls the next check ...
+    assert forwards(y) == 2 and not opt.last_info.rejected  # ... until one holds
+    assert forwards(y) == 1
+    state = opt.state_dict()
+    other = gramopt.GGN(copy.deepcopy(model), damping_adaptation=rule)
+    other.load_state_dict(state)
+    assert other.extra_state["loss_average"] == opt.extra_state["loss_average"]
+
+
 def test_damping_rule_raises_on_a_failed_step():
     rule = gramopt.AdaptiveDamping()
     assert rule.update(1.0, -3.0, 1.0) == pytest.approx(rule.increase)

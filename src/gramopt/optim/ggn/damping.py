@@ -29,8 +29,24 @@ from then on); checking every step with rejection it trained on (batch loss 0.00
 at steps 400-500). Every 5th step with rejection still diverged at step 202: the cascade
 fell between two checks. ``every=1`` costs a forward pass per step and, measured with
 ``gramopt compare`` (``benchmarks/results/compare/after-reject``), made GGN slower to the
-first rung on mnist (4.9 vs 1.5 s), teacher and fashion-mnist; so the default stays
-``every=5`` and ``AdaptiveDamping(every=1)`` is the robust choice for attention models.
+first rung on mnist (4.9 vs 1.5 s), teacher and fashion-mnist. So checks stay every 5th
+step, except in a warm-up, and two signals that cost nothing call one in between
+(:meth:`AdaptiveDamping.due`):
+
+- the *warm-up*: each of the first ``warmup`` steps is checked. The first steps are the
+  dangerous ones: on the mnist CNN (cross-entropy defaults, 60 steps of batches of 128,
+  six seeds; ``benchmarks/ggn_warmup_probe.py``), without it one unchecked early step
+  (the loss of the next batch went from 2.3 to 9.7) left 3 seeds of 6 with a network that
+  predicts chance for good (test accuracy 0.08-0.10, and no error: the loss does not
+  grow), with ``warmup=20`` all 6 trained (test accuracy 0.89-0.96);
+- a *surge*: the batch loss the step starts from (computed anyway, for the step) is more
+  than ``surge`` times the running mean of the recent batches' losses (an exponential
+  mean, weight 0.1 on the newest). A cascade shows there one step after it starts: the
+  step that raised its own batch's loss left the next batch's loss high too;
+- a *failed check*: the last check found ``rho < low``; checks continue every step until
+  the quadratic model holds again (rejection and the damping rise act within the cascade,
+  as with ``every=1``).
+
 By default ``min_damping`` is the damping given to the optimizer. That floor matters for mini-batches: the ratio is measured on
 the batch the step was fitted to, where a Gauss-Newton step almost always keeps its
 promise (rho near 1), so a rule free to lower the damping drives it towards the
@@ -39,8 +55,8 @@ per-batch Newton step, which over-fits each batch and diverges across batches
 unbounded, the loss reached 68 instead of 0.22). With the
 floor, adaptation is a safety net: it raises the damping where the quadratic model
 fails and lowers it back to the floor once the model is trusted again. Cost: one extra forward pass (no backward)
-on the step's batch every ``every`` steps, after the update, and a
-copy of the parameters before it (``reject``).
+on the step's batch every ``every`` steps (and on the warm-up's steps and those the two
+signals call), after the update, and a copy of the parameters before it (``reject``).
 """
 
 from __future__ import annotations
@@ -58,7 +74,12 @@ class AdaptiveDamping:
             also stops cascades that fall between checks (module doc) but made GGN 1.4-3.2x
             slower to the targets of ``gramopt compare`` (mnist, teacher, fashion-mnist:
             ``benchmarks/results/compare/after-reject``), so the default stays 5.
-        low, high: the reduction-ratio thresholds, ``0 <= low < high``.
+        warmup: check each of the first ``warmup`` steps, >= 0 (module doc).
+        surge: also check a step whose batch loss (before it) exceeds ``surge`` times the
+            running mean of recent batch losses, > 1 (None: only every ``every``-th step and
+            after a failed check). Costs nothing when it does not fire.
+        low, high: the reduction-ratio thresholds, ``0 <= low < high``; after a check with
+            ``rho < low`` every step is checked until one has ``rho >= low``.
         increase: factor > 1 applied when ``rho < low`` (also when the loss rose).
         decrease: factor in (0, 1) applied when ``rho > high``.
         min_damping: the lowest damping (None: the damping given to the optimizer).
@@ -70,6 +91,8 @@ class AdaptiveDamping:
     """
 
     every: int = 5
+    warmup: int = 20
+    surge: float | None = 2.0
     low: float = 0.25
     high: float = 0.75
     increase: float = 1.5
@@ -81,6 +104,12 @@ class AdaptiveDamping:
     def __post_init__(self) -> None:
         if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1:
             raise ValueError(f"AdaptiveDamping.every must be an int >= 1, got {self.every!r}")
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
+            raise ValueError(f"AdaptiveDamping.warmup must be an int >= 0, got {self.warmup!r}")
+        if self.surge is not None and not (
+            isinstance(self.surge, (int, float)) and not isinstance(self.surge, bool) and 1 < self.surge < math.inf
+        ):
+            raise ValueError(f"AdaptiveDamping.surge must be a finite number > 1 or None, got {self.surge!r}")
         if not (0 <= self.low < self.high):
             raise ValueError(f"AdaptiveDamping needs 0 <= low < high, got low={self.low!r}, high={self.high!r}")
         if not (self.increase > 1 and math.isfinite(self.increase)):
@@ -93,6 +122,22 @@ class AdaptiveDamping:
             )
         if not isinstance(self.reject, bool):
             raise ValueError(f"AdaptiveDamping.reject must be a bool, got {self.reject!r}")
+
+    def due(self, step: int, loss: float, loss_average: float | None, last_ratio: float | None) -> bool:
+        """Whether step ``step`` (0 for the first) is checked: each of the first ``warmup``
+        steps, every ``every``-th step, after a check that found ``rho < low``, and when the
+        step's batch loss ``loss`` surged above ``surge`` times the running mean
+        ``loss_average`` of earlier batch losses."""
+        if step < self.warmup or step % self.every == 0:
+            return True
+        if last_ratio is not None and not last_ratio >= self.low:  # (-inf and nan included)
+            return True
+        return self.surge is not None and loss_average is not None and loss > self.surge * loss_average
+
+    @staticmethod
+    def averaged(loss_average: float | None, loss: float) -> float:
+        """The running mean of batch losses after one more batch (weight 0.1 on the newest)."""
+        return loss if loss_average is None or not math.isfinite(loss_average) else 0.9 * loss_average + 0.1 * loss
 
     def keeps(self, actual: float) -> bool:
         """Whether a step whose batch loss changed by ``actual`` is kept: always without

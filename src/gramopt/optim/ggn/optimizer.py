@@ -422,7 +422,7 @@ class GGN(SampleSpaceOptimizer):
             # the micro-batches of one step draw in turn (extra_state["draws"] moves on at commit)
             self._draw_offset = previous.micro_batches if previous is not None and previous.samples else 0
             directions, q, w, outside = self._row_directions(wide, wide_target)
-            adapt = self._adaptation_record(output, wide, wide_target)
+            adapt = self._adaptation_record(output, wide, wide_target, float(value.detach()))
             self.engine.backward_passes(output, [d.to(output.dtype) for d in directions])
         with self._phase("gradient"):
             # .grad only where the step uses it: the plain-gradient parameters, from one more
@@ -481,10 +481,12 @@ class GGN(SampleSpaceOptimizer):
         )
         return value.detach()
 
-    def _adaptation_record(self, output: Tensor, wide: Tensor, target: Tensor) -> dict[str, Any] | None:
-        """What the reduction ratio of this step needs (None when it does not adapt)."""
+    def _adaptation_record(self, output: Tensor, wide: Tensor, target: Tensor, loss: float) -> dict[str, Any] | None:
+        """What the reduction ratio of this step needs (None when it is not checked:
+        :meth:`AdaptiveDamping.due`, from the batch's mean ``loss``)."""
         config = self.damping_adaptation
-        if config is None or self.steps_taken % config.every:
+        state = self.extra_state
+        if config is None or not config.due(self.steps_taken, loss, state.get("loss_average"), state.get("last_ratio")):
             return None
         call, self._last_call = self._last_call, None
         how = None if call is None else next((how for how, ref in call[2] if ref() is output), None)
@@ -597,6 +599,8 @@ class GGN(SampleSpaceOptimizer):
                 self.extra_state["draws"] += max(pending.micro_batches, 1)
             if self.extra_state.get("first_loss") is None:
                 self.extra_state["first_loss"] = pending.loss
+            if self.damping_adaptation is not None:  # the surge signal's running mean
+                self.extra_state["loss_average"] = AdaptiveDamping.averaged(self.extra_state.get("loss_average"), pending.loss)
         if config is None or pending is None or pending.adapt is None or self._predicted is None:
             return
         try:

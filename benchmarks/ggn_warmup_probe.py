@@ -1,0 +1,101 @@
+"""Does GGN at its defaults train the mnist CNN from every seed? (issue 16: damping warm-up)
+
+Trains GGN (cross-entropy defaults) for a fixed number of steps on an embedded task, from
+several seeds (model initialization and batch order), once with
+``AdaptiveDamping(warmup=0)`` (checks every 5th step, on surges and after failed checks)
+and once with the default warm-up (every one of the first steps checked), and records per
+seed the last batch losses, the test accuracy, the checks made (extra forward passes)
+and the steps rejected. Not timed: it counts what happens, not seconds.
+
+Writes benchmarks/results/ggn_warmup_probe[_TAG].json.
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/ggn_warmup_probe.py [--task mnist --steps 60 --seeds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import gramopt
+from gramopt.tasks import get_task
+
+RESULTS = Path(__file__).parent / "results" / "ggn_warmup_probe.json"
+
+
+def train(task_name: str, seed: int, steps: int, warmup: int) -> dict[str, Any]:
+    """One run: ``steps`` GGN steps on random batches of the task's training set."""
+    task = get_task(task_name)
+    split = task.load(0)
+    model = task.build_model(seed)
+    rule = gramopt.AdaptiveDamping(warmup=warmup)
+    opt = gramopt.GGN(model, loss=task.loss, damping_adaptation=rule)
+    forwards = [0]
+    model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    generator = torch.Generator().manual_seed(seed)
+    n = split.train_x.shape[0]
+    losses: list[float] = []
+    for _ in range(steps):
+        index = torch.randint(0, n, (task.batch_size,), generator=generator)
+        opt.zero_grad()
+        losses.append(float(opt.backward(model(split.train_x[index]), split.train_y[index])))
+        opt.step()
+    checks = forwards[0] - steps  # every step makes one forward pass; a check one more
+    with torch.no_grad():
+        output = model(split.test_x)
+    if task.loss == "cross_entropy":
+        metric = float((output.argmax(1) == split.test_y).float().mean())
+    else:
+        metric = float(torch.nn.functional.mse_loss(output, split.test_y))
+    return {
+        "seed": seed,
+        "warmup": warmup,
+        "last_losses": losses[-3:],
+        task.metric: metric,
+        "checks": checks,
+        "rejected": int(opt.extra_state["rejected_steps"]),
+        "final_damping": opt.damping,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="mnist")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    default_warmup = gramopt.AdaptiveDamping().warmup
+    runs = []
+    for seed in range(args.seeds):
+        for warmup in (0, default_warmup):
+            run = train(args.task, seed, args.steps, warmup)
+            print(run, flush=True)
+            runs.append(run)
+    out = RESULTS if not args.tag else RESULTS.with_name(f"ggn_warmup_probe_{args.tag}.json")
+    out.write_text(
+        json.dumps(
+            {
+                "what": "GGN at its defaults, with and without the damping warm-up, per seed",
+                "task": args.task,
+                "steps": args.steps,
+                "machine": f"{platform.platform()}, torch {torch.__version__}",
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "runs": runs,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
