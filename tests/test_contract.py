@@ -338,3 +338,24 @@ def test_eval_mode_and_no_grad_capture_nothing(case):
     model.train()
     case.step(opt, model, x, y)
     assert opt.steps_taken == 1
+
+
+@pytest.mark.parametrize(
+    "cls, lr, damping", [(gramopt.SENG, 0.1, 1.0), (gramopt.FNGD, 0.1, 1e-3), (gramopt.GGN, 0.3, 10.0)], ids=lambda v: getattr(v, "__name__", None)
+)
+def test_constructor_defaults_train_a_classifier(cls, lr, damping):
+    """``cls(model, loss=...)`` needs no lr or damping (as torch.optim's optimizers): the
+    documented defaults (docs/guides/tuning.md's "a good start"), and 60 steps of them
+    lower a small classifier's loss (labels of a linear teacher)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    x = torch.randn(64, 8)
+    y = (x @ torch.randn(8, 3)).argmax(1)
+    opt = cls(model, loss="cross_entropy")
+    assert opt.param_groups[0]["lr"] == lr and opt.param_groups[0]["damping"] == damping
+    first = float(nn.functional.cross_entropy(model(x), y))
+    for _ in range(60):
+        opt.zero_grad()
+        opt.backward(model(x), y)
+        opt.step()
+    assert float(nn.functional.cross_entropy(model(x), y)) < 0.8 * first

@@ -159,9 +159,10 @@ class FNGD(SampleSpaceOptimizer):
 
     Args:
         model: the network; its Linear / Conv1d / Conv2d layers are hooked.
-        lr: step size (the paper's eta with its 1/lam folded in), > 0.
-        damping: alpha of Eq. (14): lam_l = damping * ||K_l||_F, > 0 (at 0 the folded-in
-            form gives v = 0); with ``damping_mode="absolute"``, lam_l = damping. v = lam
+        lr: step size (the paper's eta with its 1/lam folded in), > 0. Default 0.1, with
+            ``damping=1e-3`` the centre of ``gramopt compare``'s grids (docs/guides/tuning.md).
+        damping: alpha of Eq. (14) (default 1e-3): lam_l = damping * ||K_l||_F, > 0 (at 0
+            the folded-in form gives v = 0); with ``damping_mode="absolute"``, lam_l = damping. v = lam
             (K + lam M I)^{-1} 1 shrinks the mean-gradient weights 1/M by
             1 / (1 + mu / (lam M)) along each eigenvector of K (eigenvalue mu): damping * M
             >> 1 (relative) is the plain gradient; smaller damping preconditions more and
@@ -205,8 +206,8 @@ class FNGD(SampleSpaceOptimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float,
-        damping: float,
+        lr: float = 0.1,
+        damping: float = 1e-3,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         coefficient_steps: int | None = DEFAULT_COEFFICIENT_STEPS,

@@ -81,8 +81,9 @@ class SENG(SampleSpaceOptimizer):
 
     Args:
         model: the network (its supported layers are hooked).
-        lr: step size alpha_k, > 0 (LR schedulers work as usual).
-        damping: lam_k > 0, or a callable ``step -> lam_k`` (e.g.
+        lr: step size alpha_k, > 0 (LR schedulers work as usual). Default 0.1, with
+            ``damping=1`` the centre of ``gramopt compare``'s grids (docs/guides/tuning.md).
+        damping: lam_k > 0 (default 1.0), or a callable ``step -> lam_k`` (e.g.
             :class:`~gramopt.optim.schedules.DampingDecay`, Appendix A). A callable is
             evaluated at every step and its value written to each param group's
             ``"damping"``; ``state_dict()`` keeps the step, not the callable: pass the
@@ -127,8 +128,8 @@ class SENG(SampleSpaceOptimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float,
-        damping: Damping,
+        lr: float = 0.1,
+        damping: Damping = 1.0,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         curvature_every: int = 1,
