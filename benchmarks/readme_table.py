@@ -17,6 +17,9 @@ method the ratio of its first steps (FNGD's estimation phase, not its cheaper sh
 
 Files that hold the same task with other optimizers (one comparison split over several
 processes) are merged into one set of rows when their rungs, budget and seeds agree.
+``--replace`` lets a later file's optimizer take the place of an earlier file's (a re-run
+of some optimizers of a task, e.g. GGN after a change to it); without it a repeated
+optimizer is refused.
 """
 
 from __future__ import annotations
@@ -128,11 +131,12 @@ def main() -> None:
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--leaders", action="store_true", help="also the first optimizer per rung, per (merged) task")
     parser.add_argument("--work", action="store_true", help="also the table in SGD-momentum steps' worth of work (load-independent)")
+    parser.add_argument("--replace", action="store_true", help="a later file's optimizer replaces an earlier file's of the same task")
     args = parser.parse_args()
     merged: dict[str, Any] = {"tasks": {}}
     for path in args.results:
         for name, task in json.loads(path.read_text())["tasks"].items():
-            merge_task(merged["tasks"], name, task, path)
+            merge_task(merged["tasks"], name, task, path, replace=args.replace)
     print(markdown(*rows(merged)))
     if args.work:
         print("\nSGD-momentum steps' worth of work to each rung (steps x step-time ratio):\n")
@@ -146,10 +150,11 @@ def main() -> None:
                 print("| " + " | ".join(row) + " |")
 
 
-def merge_task(tasks: dict[str, Any], name: str, task: dict[str, Any], path: Path) -> None:
+def merge_task(tasks: dict[str, Any], name: str, task: dict[str, Any], path: Path, replace: bool = False) -> None:
     """Add ``task`` to ``tasks``; a task already there (runs of one task split over
     several processes) takes the new optimizers if both have the same rungs, budget and
-    seeds, and is refused otherwise, as is an optimizer that both ran."""
+    seeds, and is refused otherwise, as is an optimizer that both ran (unless
+    ``replace``: then the new file's run of it is kept)."""
     if name not in tasks:
         tasks[name] = task
         return
@@ -158,7 +163,7 @@ def merge_task(tasks: dict[str, Any], name: str, task: dict[str, Any], path: Pat
         if kept[key] != task[key]:
             raise SystemExit(f"{path}: task {name!r} has other {key} than an earlier file; cannot merge")
     both = set(kept["optimizers"]) & set(task["optimizers"])
-    if both:
+    if both and not replace:
         raise SystemExit(f"{path}: task {name!r} repeats optimizer(s) {', '.join(sorted(both))}; cannot merge")
     kept["optimizers"] = {**kept["optimizers"], **task["optimizers"]}
     kept["skipped"] = {**kept.get("skipped", {}), **task.get("skipped", {})}

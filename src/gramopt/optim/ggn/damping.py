@@ -70,10 +70,10 @@ class AdaptiveDamping:
     """How GGN adapts its damping (``GGN(..., damping_adaptation=AdaptiveDamping(...))``).
 
     Attributes:
-        every: adapt after every ``every``-th step (the first step is one), >= 1.  ``every=1``
-            also stops cascades that fall between checks (module doc) but made GGN 1.4-3.2x
-            slower to the targets of ``gramopt compare`` (mnist, teacher, fashion-mnist:
-            ``benchmarks/results/compare/after-reject``), so the default stays 5.
+        every: adapt after every ``every``-th step (the first step is one), >= 1; the
+            warm-up, a surge and a failed check call checks in between. ``every=1`` made
+            GGN 1.4-3.2x slower to the targets of ``gramopt compare`` (mnist, teacher,
+            fashion-mnist: ``benchmarks/results/compare/after-reject``), so the default is 5.
         warmup: check each of the first ``warmup`` steps, >= 0 (module doc).
         surge: also check a step whose batch loss (before it) exceeds ``surge`` times the
             running mean of recent batch losses, > 1 (None: only every ``every``-th step and
