@@ -170,7 +170,9 @@ class GGN(SampleSpaceOptimizer):
             and both live in ``state_dict()``, so a resumed run draws the same columns.
         damping_adaptation: an :class:`AdaptiveDamping` (the default; off under
             ``distributed``) or None for a fixed damping. It costs one extra forward
-            pass every ``every`` steps and a copy of the parameters, undoes a step
+            pass on each checked step (the first ``warmup`` steps, every ``every``-th
+            step, and those a loss surge or a failed check calls:
+            :meth:`AdaptiveDamping.due`) and a copy of the parameters, undoes a step
             that raised its own batch's loss (``opt.last_info.rejected``), and needs
             ``opt.backward(model(x), y)`` with the
             model's own output, its ``.logits`` (a Hugging Face ``ModelOutput``) or its
