@@ -25,6 +25,7 @@ import torch
 
 import gramopt
 from gramopt.tasks import get_task
+from gramopt.training.loop import evaluate
 
 RESULTS = Path(__file__).parent / "results" / "ggn_warmup_probe.json"
 
@@ -47,12 +48,7 @@ def train(task_name: str, seed: int, steps: int, warmup: int) -> dict[str, Any]:
         losses.append(float(opt.backward(model(split.train_x[index]), split.train_y[index])))
         opt.step()
     checks = forwards[0] - steps  # every step makes one forward pass; a check one more
-    with torch.no_grad():
-        output = model(split.test_x)
-    if task.loss == "cross_entropy":
-        metric = float((output.argmax(1) == split.test_y).float().mean())
-    else:
-        metric = float(torch.nn.functional.mse_loss(output, split.test_y))
+    _, metric = evaluate(model, task, split.test_x, split.test_y)
     return {
         "seed": seed,
         "warmup": warmup,
