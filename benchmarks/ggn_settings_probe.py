@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--task", default="digits")
     parser.add_argument("--seconds", type=float, default=3.0, help="optimizer-clock budget per run")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed ... first-seed + seeds - 1")
     parser.add_argument("--settings", type=json.loads, default=None, help="JSON list of [optimizer, hyper] pairs")
     parser.add_argument("--tag", default="", help="results/ggn_settings_probe_TAG.json")
     args = parser.parse_args()
@@ -69,7 +70,7 @@ def main() -> None:
     task = get_task(args.task)
     console = Console(quiet=True)
     runs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(settings))}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         split = with_validation(task.load(seed), seed)
         for i, (name, hyper) in enumerate(settings):  # settings interleaved within a seed
             with Progress(console=console, disable=True) as progress:
@@ -92,7 +93,7 @@ def main() -> None:
         "task": args.task,
         "rungs": [r.describe() for r in rungs],
         "budget_seconds": args.seconds,
-        "seeds": args.seeds,
+        "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
         "machine": f"{platform.platform()}, torch {torch.__version__}, 1 thread",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "settings": [
