@@ -103,6 +103,8 @@ PRECONDITIONED = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)  # 
 #: Estimation steps before the coefficients are shared when none are given (see the
 #: module docstring: the paper estimates during one epoch, which the class cannot know).
 DEFAULT_COEFFICIENT_STEPS = 100
+#: The constructor's lr and damping (the centres of ``gramopt compare``'s grids, which add momentum 0.9).
+DEFAULT_LR, DEFAULT_DAMPING = 0.1, 1e-3
 
 #: ``damping_mode`` values: lam = damping * ||K||_F (Eq. 14) or lam = damping (Theorem 1).
 DAMPING_MODES = ("relative", "absolute")
@@ -206,8 +208,8 @@ class FNGD(SampleSpaceOptimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 0.1,
-        damping: float = 1e-3,
+        lr: float = DEFAULT_LR,
+        damping: float = DEFAULT_DAMPING,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         coefficient_steps: int | None = DEFAULT_COEFFICIENT_STEPS,

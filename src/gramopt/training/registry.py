@@ -18,7 +18,11 @@ import gramopt
 from gramopt.losses import get_loss
 from gramopt.optim.base import SampleSpaceOptimizer
 from gramopt.optim.fngd import DEFAULT_COEFFICIENT_STEPS
+from gramopt.optim.fngd import DEFAULT_DAMPING as FNGD_DEFAULT_DAMPING
+from gramopt.optim.fngd import DEFAULT_LR as FNGD_DEFAULT_LR
 from gramopt.optim.ggn.optimizer import DEFAULT_HYPER as GGN_DEFAULT_HYPER
+from gramopt.optim.seng.optimizer import DEFAULT_DAMPING as SENG_DEFAULT_DAMPING
+from gramopt.optim.seng.optimizer import DEFAULT_LR as SENG_DEFAULT_LR
 
 
 # What a step may raise when the optimizer diverges: gramopt's NonFiniteError and
@@ -109,14 +113,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "fngd",
         "gramopt fast natural gradient (coefficients estimated in the first epoch, then shared)",
         _fngd,
-        dict(lr=0.1, damping=1e-3, momentum=0.9, weight_decay=0.0, coefficient_steps=DEFAULT_COEFFICIENT_STEPS),
+        # the constructor's lr and damping, with the tuned momentum 0.9
+        dict(lr=FNGD_DEFAULT_LR, damping=FNGD_DEFAULT_DAMPING, momentum=0.9, weight_decay=0.0, coefficient_steps=DEFAULT_COEFFICIENT_STEPS),
         per_epoch=("coefficient_steps",),
     ),
     "seng": OptimizerSpec(
         "seng",
         "gramopt sketchy empirical natural gradient (layer-wise empirical Fisher by SMW)",
         _seng,
-        dict(lr=0.1, damping=1.0, momentum=0.9, weight_decay=0.0, curvature_every=10),
+        dict(lr=SENG_DEFAULT_LR, damping=SENG_DEFAULT_DAMPING, momentum=0.9, weight_decay=0.0, curvature_every=10),
     ),
     "sgd": OptimizerSpec(
         "sgd", "torch SGD with momentum", _sgd, dict(lr=0.1, momentum=0.9, weight_decay=0.0), source="torch"

@@ -56,6 +56,8 @@ Damping = float | Callable[[int], float]
 
 #: ``local_gradient`` values: the global gradient (Eq. 26) or each rank's own.
 LOCAL_GRADIENTS = ("global", "own")
+#: The constructor's lr and damping (the centres of ``gramopt compare``'s grids, which add momentum 0.9).
+DEFAULT_LR, DEFAULT_DAMPING = 0.1, 1.0
 
 
 _SKIPPED_HINT = (
@@ -128,8 +130,8 @@ class SENG(SampleSpaceOptimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 0.1,
-        damping: Damping = 1.0,
+        lr: float = DEFAULT_LR,
+        damping: Damping = DEFAULT_DAMPING,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         curvature_every: int = 1,
