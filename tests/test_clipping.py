@@ -1,6 +1,7 @@
 """Clipping: ``max_update_norm`` clips the direction of every method; clip_grad_norm_ on
 ``.grad`` takes effect where the step reads ``.grad`` (SENG) and is warned about where
-the method ignores it (FNGD, GGN: their step comes from the captured rows)."""
+the method ignores it (FNGD, GGN: their step comes from the captured rows; GGN fills that
+``.grad`` on its first backward only, for this check)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,59 @@ def test_clip_grad_norm_where_ignored_is_warned_about():
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
+
+
+@pytest.mark.parametrize(("loss", "curvature"), [("cross_entropy", "top"), ("cross_entropy", "sampled"), ("mse", "exact")])
+def test_ggn_first_step_fills_grad_and_its_clipping_is_warned_about(loss, curvature):
+    """GGN's step ignores .grad of the layers it preconditions; until its first step,
+    backward fills it (the gradient of the mean loss, checked against torch.func) so that
+    clip_grad_norm_ on it is reported; later steps leave it empty (filling it every step
+    would cost 10-30% of one)."""
+    x, y = _data()
+    if loss == "mse":
+        y = torch.randn(8, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    model = _model()
+    names = [name for name, _ in model.named_parameters()]
+    mean_loss = F.cross_entropy if loss == "cross_entropy" else F.mse_loss
+
+    def loss_of(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return mean_loss(torch.func.functional_call(model, params, (x,)), y)
+
+    reference = torch.func.grad(loss_of)({n: p.detach() for n, p in model.named_parameters()})
+    opt = gramopt.GGN(model, lr=0.5, damping=0.1, loss=loss, curvature=curvature, **({"seed": 0} if curvature == "sampled" else {}))
+    opt.backward(model(x), y)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, reference[name], rtol=1e-10, atol=1e-12)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    with pytest.warns(RuntimeWarning, match=r"\.grad of 0\.weight.*GGN.*max_update_norm"):
+        opt.step()
+    opt.zero_grad()
+    opt.backward(model(x), y)
+    assert all(p.grad is None for p in model.parameters()), names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+
+
+def test_ggn_first_step_grad_under_accumulation_and_unmodified_grad_is_quiet():
+    """Micro-batches of the first step: .grad is the mean loss's over their concatenation
+    (as plain-gradient parameters'), clipping it is reported; an unmodified one is not."""
+    x, y = _data()
+    model, whole = _model(), _model()
+    F.cross_entropy(whole(x), y).backward()
+    opt = gramopt.GGN(model, lr=0.5, damping=0.1, loss="cross_entropy", damping_adaptation=None)
+    opt.backward(model(x[:3]), y[:3])
+    opt.backward(model(x[3:]), y[3:])
+    for p, q in zip(model.parameters(), whole.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    with pytest.warns(RuntimeWarning, match=r"\.grad of 0\.weight.*GGN"):
+        opt.step()
+    quiet = gramopt.GGN(_model(), lr=0.5, damping=0.1, loss="cross_entropy", damping_adaptation=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.backward(quiet.model(x), y)
+        quiet.step()
 
 
 def test_zero_grad_drops_the_captures_of_earlier_backward_passes():

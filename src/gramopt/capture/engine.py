@@ -500,6 +500,13 @@ class CaptureEngine:
             if p.requires_grad and hasattr(p, "register_post_accumulate_grad_hook"):
                 self._grad_handles.append(p.register_post_accumulate_grad_hook(hook))
 
+    def remember_gradients(self, params: Iterable[nn.Parameter]) -> None:
+        """Remember ``.grad`` of ``params`` as it is now (an optimizer's ``backward`` that
+        filled it itself), for :meth:`modified_gradients`."""
+        for p in params:
+            if p.grad is not None:
+                self._grad_versions[id(p)] = (id(p.grad), p.grad._version)
+
     def modified_gradients(self, params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
         """Those of ``params`` whose ``.grad`` changed since a backward pass left it."""
         out = []

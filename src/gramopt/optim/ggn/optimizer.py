@@ -183,8 +183,9 @@ class GGN(SampleSpaceOptimizer):
         unsupported: ``"gradient"`` (default: plain-gradient steps for parameters no
             handler covers, with one warning naming them) or ``"error"`` (refused by name).
         max_update_norm: None or c > 0: clip the direction's norm (see
-            :class:`~gramopt.optim.base.SampleSpaceOptimizer`); GGN leaves ``.grad`` of
-            its layers empty, so ``clip_grad_norm_`` cannot clip its step.
+            :class:`~gramopt.optim.base.SampleSpaceOptimizer`); GGN's step does not read
+            ``.grad`` of its layers, so ``clip_grad_norm_`` cannot clip it (reported:
+            below).
         solver_options: the solver's options as a dict (e.g. ``{"tol": 1e-6}``); each
             solver documents those it takes, anything else is a ValueError.
         distributed: None, ``"exact"`` (the step of all ranks' batches concatenated) or
@@ -196,9 +197,13 @@ class GGN(SampleSpaceOptimizer):
 
     ``backward(output, target)`` runs one backward pass per row direction (down to the
     layers' outputs: no weight gradients) and returns the mean loss; ``.grad`` is
-    filled only for plain-gradient parameters (``unsupported="gradient"``), whose step
-    uses it. ``step()`` solves and updates. ``last_info`` tells what the solve
-    did (method, fallbacks, seconds).
+    filled for plain-gradient parameters (``unsupported="gradient"``), whose step uses
+    it, and, until the first ``step()``, for the layers GGN preconditions (the gradient
+    of the mean loss, from one more backward pass, once), so that ``step()`` warns when
+    it was modified, e.g. by ``clip_grad_norm_``: the step ignores it (clip with
+    ``max_update_norm``). Later steps leave that ``.grad`` empty (filling it costs
+    10-30% of a step). ``step()`` solves and updates. ``last_info`` tells what the
+    solve did (method, fallbacks, seconds).
 
     Gradient accumulation: several ``backward`` calls (micro-batches) before one
     ``step()`` give the step of their concatenated batch: the Jacobian rows, residuals
@@ -285,6 +290,9 @@ class GGN(SampleSpaceOptimizer):
         self._before: tuple[list[Tensor], list[Tensor], list[Tensor | None]] | None = None
         self._last_call: tuple[Any, Any, Any] | None = None
         self._warned_adaptation = False
+        # .grad of the preconditioned layers is filled until the first step succeeds
+        # (:meth:`_probe_params`): the step ignores it, so a change to it is reported
+        self._gradient_probe = True
         if self.damping_adaptation is not None:
             owner = weakref.ref(self)  # the model's hook must not keep the optimizer alive
 
@@ -391,7 +399,8 @@ class GGN(SampleSpaceOptimizer):
         return directions, q, None, outside
 
     def _backward(self, output: Tensor, target: Tensor) -> Tensor:
-        """Loss and Jacobian passes (``.grad`` only for plain-gradient parameters);
+        """Loss and Jacobian passes (``.grad`` for plain-gradient parameters, and until the
+        first step for the preconditioned ones);
         returns the mean loss (detached)."""
         self._seconds = {}
         previous = self._pending if isinstance(self._pending, GaussNewtonBatch) else None
@@ -427,27 +436,31 @@ class GGN(SampleSpaceOptimizer):
             adapt = self._adaptation_record(output, wide, wide_target, float(value.detach()))
             self.engine.backward_passes(output, [d.to(output.dtype) for d in directions])
         with self._phase("gradient"):
-            # .grad only where the step uses it: the plain-gradient parameters, from one more
+            # .grad where the step uses it: the plain-gradient parameters, from one more
             # pass through the kept graph that no hook records. The preconditioned layers get
-            # none: their step comes from the factors, and filling .grad would cost another
-            # backward pass (1.8x instead of 1.2x an SGD step, benchmarks/ggn_step_time.py).
+            # it on the first step only (_probe_params, to report clipping): their step comes
+            # from the factors, and filling .grad every step would cost a product with the
+            # rows (~10-30% of a step) or this pass (1.8x instead of 1.2x an SGD step,
+            # benchmarks/ggn_step_time.py).
             # Hooked layers whose module was not called (weights used functionally) get the
             # plain gradient too when the pass reaches them (never silently frozen).
             uncalled = self.engine.uncalled_params()
             plain = [p for p in self.engine.plain_params if p.requires_grad] + uncalled
             stray: list[nn.Parameter] = []
             weight = self._micro_batch_weight(b)  # gradient accumulation: the mean over all micro-batches
-            if plain:
+            probe = self._probe_params(plain) if self._gradient_probe else []
+            if plain or probe:
                 (grad_output,) = torch.autograd.grad(value, detached)  # only the plain gradient needs it
                 with self.engine.paused():
-                    grads = torch.autograd.grad(output, plain, grad_outputs=grad_output * weight, allow_unused=True)
+                    grads = torch.autograd.grad(output, plain + probe, grad_outputs=grad_output * weight, allow_unused=True)
                 stray_ids = {id(p) for p in uncalled}
-                for p, g in zip(plain, grads):
+                for p, g in zip(plain + probe, grads):
                     if g is not None:
                         g = g.to(p.dtype)
                         p.grad = g if p.grad is None else p.grad + g
                         if id(p) in stray_ids:
                             stray.append(p)
+                self.engine.remember_gradients(probe)
             self._warn_stray(stray, stacklevel=4)  # user -> backward -> _backward
         if w is not None:
             w = w.reshape(b, -1)
@@ -482,6 +495,17 @@ class GGN(SampleSpaceOptimizer):
             curvature=self.batch_curvature(wide),
         )
         return value.detach()
+
+    def _probe_params(self, plain: list[nn.Parameter]) -> list[nn.Parameter]:
+        """Until the first step succeeds: the parameters of the layers GGN preconditions,
+        whose ``.grad`` ``backward`` then also fills (the gradient of the mean loss, from one
+        more pass through the kept graph) and remembers, so that ``step()`` warns when it
+        was modified, e.g. by ``clip_grad_norm_``: the step comes from the captured rows and
+        ignores it. Later steps skip the pass (on the models of benchmarks/notes.md,
+        2026-12-03, even the cheapest way to fill it, from the rows, costs 10-30% of a
+        step) and leave that ``.grad`` empty."""
+        known = {id(p) for p in plain}
+        return [p for layer in self.engine.layers for p in layer.params if p.requires_grad and id(p) not in known]
 
     def _adaptation_record(self, output: Tensor, wide: Tensor, target: Tensor, loss: float) -> dict[str, Any] | None:
         """What the reduction ratio of this step needs (None when it is not checked:
@@ -595,6 +619,7 @@ class GGN(SampleSpaceOptimizer):
         """Damping adaptation: one forward pass on the step's batch, the reduction ratio,
         the new damping (in every param group, so ``state_dict()`` keeps it)."""
         pending, config = self._pending, self.damping_adaptation
+        self._gradient_probe = False  # (_probe_params)
         # kept only once the step succeeded: a failed step changes no state
         if pending is not None:
             if pending.outside is not None:  # a sampled system (configured, or the default for positions)
