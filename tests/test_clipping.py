@@ -115,8 +115,9 @@ def test_ggn_first_step_fills_grad_and_its_clipping_is_warned_about(loss, curvat
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, reference[name], rtol=1e-10, atol=1e-12)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
-    with pytest.warns(RuntimeWarning, match=r"\.grad of 0\.weight.*GGN.*max_update_norm"):
+    with pytest.warns(RuntimeWarning, match=r"\.grad of 0\.weight.*GGN.*max_update_norm") as record:
         opt.step()
+    assert record[0].filename == __file__  # it points at the user's opt.step(), not into torch
     opt.zero_grad()
     opt.backward(model(x), y)
     assert all(p.grad is None for p in model.parameters()), names

@@ -37,6 +37,7 @@ captures are complete) and :meth:`apply_directions` (``"local"`` averages the di
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 import weakref
@@ -56,6 +57,16 @@ from gramopt.linalg.dense import SolveInfo
 from gramopt.losses import GaussNewtonLoss
 
 _EXTRA_KEY = "gramopt"
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the calling function that points at the
+    first frame outside gramopt and torch (the user's ``opt.step()``), however many of
+    torch.optim's wrappers (profiling hook, ``no_grad``) lie between."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(("gramopt.", "torch.")):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @dataclass
@@ -614,7 +625,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 "the step of these layers from the per-sample gradients it captured and ignores their .grad: "
                 "clipping .grad has no effect there; pass max_update_norm=... to clip the update instead",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=_user_stacklevel(),
             )
 
     def _check_micro_batches(self, pending: PendingBatch | None) -> None:
