@@ -59,7 +59,7 @@ from gramopt.losses import GaussNewtonLoss
 _EXTRA_KEY = "gramopt"
 
 
-def _user_stacklevel() -> int:
+def user_stacklevel() -> int:
     """``stacklevel`` for a ``warnings.warn`` in the calling function that points at the
     first frame outside gramopt and torch (the user's ``opt.step()``), however many of
     torch.optim's wrappers (profiling hook, ``no_grad``) lie between."""
@@ -570,7 +570,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         functionally). They follow the plain gradient (see :meth:`_warn_stray`)."""
         return self.engine.stray_params()
 
-    def _warn_stray(self, params: Sequence[Tensor], stacklevel: int = 3) -> None:
+    def _warn_stray(self, params: Sequence[Tensor]) -> None:
         """One warning per optimizer and parameter: it has a gradient that the method
         cannot precondition, so it follows the plain gradient (never silently frozen)."""
         names = [self._names.get(id(p), "?") for p in params]
@@ -582,7 +582,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 "nothing (its weights were used without calling the module, e.g. F.linear(x, layer.weight)); "
                 "they follow the plain gradient of the loss",
                 RuntimeWarning,
-                stacklevel=stacklevel,
+                stacklevel=user_stacklevel(),
             )
 
     def _warn_unsupported(self, names: Sequence[str]) -> None:
@@ -595,14 +595,14 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 "(pass unsupported='error' to refuse them with the reason, or register a handler with "
                 "gramopt.register_handler)",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
         if not self.engine.layers and any(len(g["params"]) for g in self.param_groups):
             warnings.warn(
                 f"gramopt: {type(self).__name__} preconditions no layer of this model (none it supports has "
                 "trainable parameters): every parameter follows the plain gradient, i.e. SGD",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
 
     def _watch_ignored_gradients(self, layers: Sequence[Any]) -> None:
@@ -625,7 +625,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 "the step of these layers from the per-sample gradients it captured and ignores their .grad: "
                 "clipping .grad has no effect there; pass max_update_norm=... to clip the update instead",
                 RuntimeWarning,
-                stacklevel=_user_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
 
     def _check_micro_batches(self, pending: PendingBatch | None) -> None:
@@ -644,7 +644,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 "multiplied by b_m / B (dividing by the number of micro-batches is exact for equal sizes "
                 "only); opt.backward(output, target) weighs micro-batches exactly",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
 
     def _clip(self, directions: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:

@@ -51,7 +51,7 @@ from gramopt.errors import CaptureError, DivergenceError, NonFiniteError
 from gramopt.linalg.dense import NumericalWarning, SolveInfo
 from gramopt.losses import GaussNewtonLoss, get_loss
 from gramopt.optim.ggn.damping import AdaptiveDamping
-from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper
+from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper, user_stacklevel
 from gramopt.optim.ggn.solvers import SOLVERS, check_solver_options
 from gramopt.optim.ggn.system import GaussNewtonSystem, is_selection
 
@@ -461,7 +461,7 @@ class GGN(SampleSpaceOptimizer):
                         if id(p) in stray_ids:
                             stray.append(p)
                 self.engine.remember_gradients(probe)
-            self._warn_stray(stray, stacklevel=4)  # user -> backward -> _backward
+            self._warn_stray(stray)
         if w is not None:
             w = w.reshape(b, -1)
         if outside is not None:
@@ -475,7 +475,7 @@ class GGN(SampleSpaceOptimizer):
                     "GGN damping_adaptation measures its reduction ratio on single batches: the damping stays fixed "
                     "on a step that accumulates several backward calls",
                     RuntimeWarning,
-                    stacklevel=4,
+                    stacklevel=user_stacklevel(),
                 )
             adapt = None
         self._strays = stray
@@ -524,7 +524,7 @@ class GGN(SampleSpaceOptimizer):
                     "or its first element (it re-runs the model on the same input after the step); the damping "
                     "stays fixed at this step",
                     RuntimeWarning,
-                    stacklevel=5,
+                    stacklevel=user_stacklevel(),
                 )
             return None
         before = float(self.loss.total(wide, target))
@@ -565,7 +565,7 @@ class GGN(SampleSpaceOptimizer):
             system = GaussNewtonSystem(factors, q, w, self.damping * pending.positions, self.steps_taken, outside, selected)
             a, info = SOLVERS[self.solver](system, **self.solver_options)
             if not info.converged:
-                warnings.warn(f"GGN step {self.steps_taken}: {info.fallback}", NumericalWarning, stacklevel=3)
+                warnings.warn(f"GGN step {self.steps_taken}: {info.fallback}", NumericalWarning, stacklevel=user_stacklevel())
             self._seconds.update(info.seconds)
             with self._phase("direction"):
                 x = system.coefficients(a)
