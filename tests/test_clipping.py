@@ -1,7 +1,7 @@
 """Clipping: ``max_update_norm`` clips the direction of every method; clip_grad_norm_ on
 ``.grad`` takes effect where the step reads ``.grad`` (SENG) and is warned about where
-the method ignores it (FNGD, GGN: their step comes from the captured rows; GGN fills that
-``.grad`` on its first backward only, for this check)."""
+the method ignores it (FNGD, GGN: their step comes from the captured rows; GGN's backward
+fills that ``.grad`` until its first step succeeds, for this check)."""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def test_scalar_outputs_without_feature_dim(float64):
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 def test_backward_returns_the_loss_and_fills_grad(loss, float64):
     """The returned loss is the usual mean loss; plain-gradient parameters get the loss
-    gradient on every backward, the preconditioned layers on the first one only (their step
+    gradient on every backward, the preconditioned layers until the first step (their step
     comes from the factors; that .grad is there to report clipping, tests/test_clipping.py)."""
 
     class Scale(nn.Module):
@@ -80,7 +80,7 @@ def test_backward_returns_the_loss_and_fills_grad(loss, float64):
     value = opt.backward(model(x), y)
     torch.testing.assert_close(value, expected_loss.detach())
     torch.testing.assert_close(model[1].s.grad, reference[1].s.grad, rtol=1e-10, atol=1e-12)
-    # the preconditioned layers' .grad: filled on the first backward only (for the clipping check)
+    # the preconditioned layers' .grad: filled until the first step (for the clipping check)
     for m, r in ((model[0], reference[0]), (model[3], reference[3])):
         for p, q in zip(m.parameters(), r.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
