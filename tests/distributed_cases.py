@@ -43,6 +43,30 @@ def token_net() -> nn.Module:
         return nn.Sequential(nn.Embedding(10, 4), MeanPool(), nn.Linear(4, 2)).double()
 
 
+class AttentionNet(nn.Module):
+    """``[b, D_IN]`` -> tokens ``[b, 3, 4]`` and a context ``[b, 2, 3]`` (Linear + tanh) ->
+    packed self-attention (its handler saves one input) -> cross-attention to the
+    context with ``kdim = vdim = 3`` (separate q/k/v weights; its handler saves query, key
+    and value) -> mean over tokens -> Linear: ``nn.MultiheadAttention(batch_first=True)``
+    under ``distributed="exact"``."""
+
+    def __init__(self, out: int) -> None:
+        super().__init__()
+        self.tokens = nn.Linear(D_IN, 3 * 4)
+        self.context = nn.Linear(D_IN, 2 * 3)
+        self.self_attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(4, 2, kdim=3, vdim=3, batch_first=True)
+        self.head = nn.Linear(4, out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.shape[0]
+        h = torch.tanh(self.tokens(x)).reshape(b, 3, 4)
+        c = torch.tanh(self.context(x)).reshape(b, 2, 3)
+        h = h + self.self_attn(h, h, h, need_weights=False)[0]
+        h = h + self.cross_attn(h, c, c)[0]
+        return self.head(h.mean(dim=1))
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -56,6 +80,7 @@ class Case:
     norm: bool = False
     loop: str = "uniform"  # or "ordinary": loss.backward(); opt.step()
     ddp: bool = False  # the worker wraps the model in DistributedDataParallel
+    attention: bool = False  # AttentionNet instead of the MLP
 
     @property
     def world_size(self) -> int:
@@ -64,7 +89,7 @@ class Case:
     def model(self) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(7)
-            return net(self.out, self.norm).double()
+            return (AttentionNet(self.out) if self.attention else net(self.out, self.norm)).double()
 
     def optimizer(self, model: nn.Module, distributed: str | None, **override: Any) -> gramopt.GGN:
         options = {**self.options, **override}
@@ -121,6 +146,12 @@ CASES_2 = [
          dict(lr=0.1, damping=1e-2, momentum=0.9, coefficient_steps=2), norm=True),
     Case("fngd-exact-ddp", "fngd", "exact", "cross_entropy", 3, (4, 4), 4,
          dict(lr=0.1, damping=1e-2, coefficient_steps=2), loop="ordinary", ddp=True),
+    # nn.MultiheadAttention: handlers that save several tensors (query, key, value)
+    Case("ggn-attention-exact", "ggn", "exact", "mse", 2, (3, 2), 2, dict(lr=0.5, damping=0.1), attention=True),
+    Case("seng-attention-exact", "seng", "exact", "cross_entropy", 3, (2, 3), 2, dict(lr=0.2, damping=0.5),
+         loop="ordinary", attention=True),
+    Case("fngd-attention-exact", "fngd", "exact", "mse", 2, (3, 3), 3, dict(lr=0.1, damping=1e-2, coefficient_steps=2),
+         attention=True),
     Case("ggn-local", "ggn", "local", "mse", 2, (5, 3), 2, dict(lr=0.7, damping=0.1), norm=True),
     Case("seng-local-ddp", "seng", "local", "cross_entropy", 3, (6, 2), 3,
          dict(lr=0.2, damping=0.5, curvature_every=2, local_gradient="own"), ddp=True),

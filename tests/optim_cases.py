@@ -143,10 +143,17 @@ class MethodInfo:
             3 outputs (``models.mlp(out=3)``) of the representative cross-entropy cases.
         linear_conv_only: the method preconditions Linear/Conv layers only and gives
             every other parameter the plain gradient (no handler is required).
+        loops: the training loops the method supports (``"uniform"``: ``opt.backward``;
+            ``"ordinary"``: ``loss.backward()``); ``step()`` refuses the others.
+        reads_grad: whether its step reads ``.grad`` of the layers it preconditions
+            (then clipping ``.grad`` changes the step; otherwise the step ignores it and
+            warns when it was modified).
     """
 
     error_inputs: list[tuple[dict[str, Any], str]]
     linear_conv_only: bool = False
+    loops: tuple[str, ...] = ("uniform", "ordinary")
+    reads_grad: bool = False
 
 
 #: ``(name, value, match)`` every method refuses.
@@ -177,7 +184,8 @@ METHODS: dict[type[SampleSpaceOptimizer], MethodInfo] = {
             ({"solver": "cg", "solver_options": {"tol": 2.0}}, "tol must be"),
             ({"solver_options": {"rank": 3}}, "takes no option"),
             ({"loss": "cross_entropy", "damping": 0.0}, "damping must be > 0 with loss='cross_entropy'"),
-        ]
+        ],
+        loops=("uniform",),
     ),
     SENG: MethodInfo(
         [
@@ -194,7 +202,8 @@ METHODS: dict[type[SampleSpaceOptimizer], MethodInfo] = {
                 r"factor_size=4 is larger than implicit layer 4 .*n_G=3",
             ),
             ({"implicit": dict(threshold=1)}, "implicit must be a gramopt.ImplicitConfig"),
-        ]
+        ],
+        reads_grad=True,
     ),
     FNGD: MethodInfo(
         [

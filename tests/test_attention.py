@@ -363,3 +363,37 @@ def test_accumulated_micro_batches_give_the_whole_batch_step(method):
         opt.step()
         results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-11)
+
+
+
+class _CrossEncoder(_TinyEncoder):
+    """``_TinyEncoder`` whose attention gets key and value as copies of the query: the
+    same function, but not a packed self-attention call, so that its handler saves
+    query, key and value apiece."""
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        kv = h.clone()
+        out, _ = self.attn(h, kv, kv, need_weights=False)
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize("method", ["ggn", "seng"])
+def test_micro_batches_of_unpacked_calls_give_the_whole_batch_step(method):
+    """The in-projection's three saved inputs are concatenated over micro-batches
+    (``merge_saved`` through ``saved_tensors`` / ``restore_saved``), float64."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, 3, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=generator)
+    results = []
+    for parts in (((x, y),), ((x[:2], y[:2]), (x[2:], y[2:]))):
+        model = _CrossEncoder().double()
+        if method == "ggn":
+            opt = gramopt.GGN(model, lr=0.5, damping=0.3, loss="cross_entropy", damping_adaptation=None)
+        else:
+            opt = gramopt.SENG(model, lr=0.5, damping=0.1, loss="cross_entropy")
+        for xs, ys in parts:
+            opt.backward(model(xs), ys)
+        opt.step()
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-11)

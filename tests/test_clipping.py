@@ -1,10 +1,13 @@
 """Clipping: ``max_update_norm`` clips the direction of every method; clip_grad_norm_ on
 ``.grad`` takes effect where the step reads ``.grad`` (SENG) and is warned about where
-the method ignores it (FNGD, GGN: their step comes from the captured rows; GGN's backward
-fills that ``.grad`` until its first step succeeds, for this check)."""
+the method ignores it (FNGD, GGN: their step comes from the captured rows; in the
+uniform loop their backward fills that ``.grad`` until the first step succeeds, for this
+check), in both training loops: never silently nothing."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import warnings
 
 import pytest
@@ -13,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gramopt
+from gramopt.errors import CaptureError
+from optim_cases import LOSS_FUNCTIONS, REPRESENTATIVE, OptimizerCase
 
 
 def _model() -> nn.Module:
@@ -161,3 +166,74 @@ def test_zero_grad_drops_the_captures_of_earlier_backward_passes():
     opt_once.step()
     for p, q in zip(once.parameters(), twice.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
+
+
+MODIFIED = r"\.grad of .* was modified after backward"
+CONTRACT = [
+    dataclasses.replace(case, loop=loop, id=f"{case.id.removesuffix('-ordinary')}-{loop}")
+    for case in REPRESENTATIVE
+    for loop in ("uniform", "ordinary")
+]
+
+
+def _first_step(
+    case: OptimizerCase, clip: bool
+) -> tuple[list[torch.Tensor], list[bool], list[warnings.WarningMessage]]:
+    """One step of ``case`` in its loop on a fixed float64 batch, ``clip_grad_norm_`` on
+    every ``.grad`` between backward and step if ``clip``: the update of each parameter,
+    whether the method preconditions it, and the step's warnings."""
+    torch.manual_seed(0)
+    model = case.build_model(torch.float64)
+    opt = case.make(model)
+    x, y = case.data(torch.Generator().manual_seed(1), dtype=torch.float64)
+    before = [p.detach().clone() for p in model.parameters()]
+    if case.loop == "uniform":
+        opt.backward(model(x), y)
+    else:
+        LOSS_FUNCTIONS[case.loss](model(x), y).backward()
+    if clip:
+        assert any(p.grad is not None for p in model.parameters())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    layers = {id(p) for layer in opt.engine.layers for p in layer.params}
+    updates = [p.detach() - q for p, q in zip(model.parameters(), before)]
+    return updates, [id(p) in layers for p in model.parameters()], list(caught)
+
+
+@pytest.mark.parametrize("case", CONTRACT, ids=lambda c: c.id)
+def test_clip_grad_norm_after_backward_changes_the_step_or_is_warned_about(case):
+    """The contract of every method in both loops: clipping ``.grad`` between backward and
+    step either changes the step (a method whose step reads ``.grad``) or warns that the
+    step ignores it, whose preconditioned layers then take the unclipped step; a loop the
+    method does not support is refused, changing nothing. Never silently nothing."""
+    if case.loop not in case.method.loops:
+        torch.manual_seed(0)
+        model = case.build_model(torch.float64)
+        opt = case.make(model)
+        x, y = case.data(torch.Generator().manual_seed(1), dtype=torch.float64)
+        before = [p.detach().clone() for p in model.parameters()]
+        LOSS_FUNCTIONS[case.loss](model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-4)
+        with pytest.raises(CaptureError, match=r"needs opt\.backward"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (GGN also warns that its step would ignore the clipped .grad)
+            opt.step()
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        return
+    free, _, quiet = _first_step(case, clip=False)
+    clipped, preconditioned, caught = _first_step(case, clip=True)
+    assert not [w for w in quiet if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in quiet]
+    warned = [w for w in caught if issubclass(w.category, RuntimeWarning) and re.search(MODIFIED, str(w.message))]
+    changed = [i for i, (a, b) in enumerate(zip(free, clipped)) if not torch.allclose(a, b, rtol=1e-6, atol=1e-12)]
+    assert warned or changed, "clipping .grad changed nothing and was not warned about"
+    if case.method.reads_grad:
+        assert not warned and any(preconditioned[i] for i in changed)
+        norm = lambda updates: torch.cat([u.reshape(-1) for u in updates]).norm()  # noqa: E731
+        assert norm(clipped) < 0.5 * norm(free)
+    else:
+        assert len(warned) == 1 and warned[0].filename == __file__  # at the user's opt.step()
+        assert case.cls.__name__ in str(warned[0].message) and "max_update_norm" in str(warned[0].message)
+        for i, is_layer in enumerate(preconditioned):
+            if is_layer:  # the step ignores their .grad: the unclipped step
+                torch.testing.assert_close(clipped[i], free[i], rtol=0, atol=0)

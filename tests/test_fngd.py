@@ -169,14 +169,23 @@ def test_sharing_phase_builds_no_gram_no_solve_no_per_sample_gradients(float64, 
     assert not torch.equal(params_vector(model), before)
 
 
-def test_backward_fills_grad_of_plain_parameters_only(float64):
+def test_backward_fills_grad_of_plain_parameters_and_of_the_layers_until_the_first_step(float64):
     """Norm and embedding parameters get the mean-loss gradient in .grad (what their
-    step uses); Linear/Conv weight gradients are not computed."""
+    step uses); Linear/Conv layers get it until the first step succeeds (so that the step
+    warns when it was clipped, as in the ordinary loop), no weight gradients after it."""
     model = models.TinyTransformer(out=3)
     x, y = batch("transformer", 5)
     reference = copy.deepcopy(model)
     F.cross_entropy(reference(x), y).backward()
     opt = gramopt.FNGD(model, lr=0.1, damping=0.05)
+    opt.zero_grad()
+    opt.backward(model(x), y)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    opt.step()
+    reference.load_state_dict(model.state_dict())  # the parameters after the step
+    reference.zero_grad()
+    F.cross_entropy(reference(x), y).backward()
     opt.zero_grad()
     opt.backward(model(x), y)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):

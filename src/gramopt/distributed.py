@@ -19,9 +19,9 @@ themselves, with or without a ``DistributedDataParallel`` wrapper around the mod
     only on its curvature-refresh steps and FNGD gathers them in its sharing phase too
     (its weights index the global batch).
 
-    ``.grad``: GGN's ``backward`` computes it from the gathered factors (the global
-    batch's); after ``step()`` every ``.grad`` the step read is the global one; the
-    others (FNGD's preconditioned layers in the ordinary loop) hold this rank's own.
+    ``.grad``: after ``step()`` every ``.grad`` the step read is the global one; the
+    others (the layers GGN and FNGD precondition, whose ``.grad`` ``loss.backward()``
+    fills, or their own ``backward`` until the first step) hold this rank's own.
 
 ``"local"``: each rank's own step, averaged (the block-diagonal approximation).
     Each rank computes the direction d_r that a single process would compute on B_r

@@ -324,12 +324,18 @@ class InProjectionHandler(LayerHandler):
             return x, x, x, True
         return query.detach(), key.detach(), value.detach(), False
 
-    def merge_saved(self, saved: list[Any]) -> Any:
-        packed = all(s[3] for s in saved)
-        if packed:
-            x = torch.cat([s[0] for s in saved], dim=0)
+    def saved_tensors(self, saved: Any) -> list[Tensor]:
+        """The batch-first inputs: ``[query]`` of a packed self-attention call (one tensor
+        for q, k and v), ``[query, key, value]`` otherwise."""
+        query, key, value, packed = saved
+        return [query] if packed else [query, key, value]
+
+    def restore_saved(self, template: Any, tensors: list[Tensor]) -> Any:
+        if template[3]:
+            (x,) = tensors
             return x, x, x, True
-        return (*(torch.cat([s[i] for s in saved], dim=0) for i in range(3)), False)
+        query, key, value = tensors
+        return query, key, value, False
 
     def factors(self, module, params, saved, grads):
         return in_projection_factors(module, params, saved, grads)

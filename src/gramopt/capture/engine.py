@@ -529,10 +529,10 @@ class CaptureEngine:
         """Everything captured since the last clear, as tensors with the batch first.
 
         Returns:
-            per layer (in order) and per forward call that got gradients: its saved
-            tensor, then its output-gradients; per tensor whether it is an
-            output-gradient; and the layout (layer names, calls, passes) that a
-            replacement must keep.
+            per layer (in order) and per forward call that got gradients: the tensors its
+            handler saved (:meth:`LayerHandler.saved_tensors`), then its
+            output-gradients; per tensor whether it is an output-gradient; and the
+            layout (layer names, saved tensors, calls, passes) that a replacement must keep.
         """
         self.merge_micro_batches()
         tensors: list[Tensor] = []
@@ -540,18 +540,19 @@ class CaptureEngine:
         layout = []
         for layer in self.layers:
             calls = [c for c in self._calls[id(layer.module)] if c.grads]
-            layout.append(f"{layer.name}:" + ",".join(str([i for i, _ in c.grads]) for c in calls))
+            entries = []
             for call in calls:
-                if not isinstance(call.saved, Tensor):
-                    raise CaptureError(
-                        f"layer {layer.name}: its handler saved a {type(call.saved).__name__}; distributed='exact' "
-                        "gathers what handlers save as tensors with a leading batch dimension"
-                    )
-                tensors.append(call.saved)
-                is_grad.append(False)
+                try:
+                    saved = layer.handler.saved_tensors(call.saved)
+                except CaptureError as err:
+                    raise CaptureError(f"layer {layer.name}: {err}") from err
+                entries.append(f"{len(saved)}{[i for i, _ in call.grads]}")
+                tensors.extend(saved)
+                is_grad.extend([False] * len(saved))
                 for _, grad in call.grads:
                     tensors.append(grad)
                     is_grad.append(True)
+            layout.append(f"{layer.name}:" + ",".join(entries))
         return tensors, is_grad, "|".join(layout)
 
     def replace_capture_tensors(self, tensors: Sequence[Tensor]) -> None:
@@ -562,7 +563,8 @@ class CaptureEngine:
             calls = self._calls[id(layer.module)]
             calls[:] = [c for c in calls if c.grads]
             for call in calls:
-                call.saved = next(supply)
+                count = len(layer.handler.saved_tensors(call.saved))
+                call.saved = layer.handler.restore_saved(call.saved, [next(supply) for _ in range(count)])
                 call.output = None
                 call.grads = [(index, next(supply)) for index, _ in call.grads]
 

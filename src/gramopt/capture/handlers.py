@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from gramopt.capture.conv import ConvFactors
 from gramopt.capture.factors import ExplicitFactors, LayerFactors
 from gramopt.capture.shared_weight import EmbeddingFactors, SharedWeightFactors
-from gramopt.errors import UnsupportedModuleError
+from gramopt.errors import CaptureError, UnsupportedModuleError
 
 
 class LayerHandler(ABC):
@@ -44,11 +44,46 @@ class LayerHandler(ABC):
             )
         return args[0].detach()
 
+    def saved_tensors(self, saved: Any) -> list[Tensor]:
+        """The tensors of what :meth:`save` kept from one call, each with the batch
+        dimension first (``[b, ...]``): what travels when the batch grows, i.e. what
+        ``distributed="exact"`` gathers from every rank and gradient accumulation
+        concatenates over micro-batches. Everything else in ``saved`` (flags, options,
+        a tensor without a batch dimension) stays in the template that
+        :meth:`restore_saved` gets, so it must be the same on every rank and micro-batch.
+
+        Default: ``saved`` itself, one tensor. A handler whose :meth:`save` keeps anything
+        else (a tuple, a dict, a tensor whose batch dimension is not first) overrides this
+        and :meth:`restore_saved`.
+        """
+        if not isinstance(saved, Tensor):
+            raise CaptureError(
+                f"{type(self).__name__}.save kept a {type(saved).__name__}, not one tensor with the batch dimension "
+                "first: define its saved_tensors(saved) and restore_saved(template, tensors) (docs/guides/layers.md) "
+                "so that distributed='exact' and gradient accumulation can carry it"
+            )
+        return [saved]
+
+    def restore_saved(self, template: Any, tensors: list[Tensor]) -> Any:
+        """What :meth:`save` would have kept from a call on a larger (or other) batch:
+        ``template`` with its tensors replaced by ``tensors``, laid out as
+        :meth:`saved_tensors` returned those of ``template`` (same count, order and shapes
+        past the batch dimension; the batch dimension first). Default: the one tensor."""
+        (tensor,) = tensors
+        return tensor
+
     def merge_saved(self, saved: list[Any]) -> Any:
         """What :meth:`save` kept from one call in each of several micro-batches (gradient
-        accumulation), as if kept from one call on their concatenated batch (default:
-        tensors concatenated along the batch dimension)."""
-        return torch.cat(saved, dim=0)
+        accumulation), as if kept from one call on their concatenated batch (default: each
+        of :meth:`saved_tensors` concatenated along the batch dimension, put back by
+        :meth:`restore_saved` into the first micro-batch's template)."""
+        parts = [self.saved_tensors(s) for s in saved]
+        counts = {len(p) for p in parts}
+        if len(counts) != 1:
+            raise CaptureError(
+                f"{type(self).__name__} saved {sorted(counts)} tensors in different micro-batches of one step"
+            )
+        return self.restore_saved(saved[0], [torch.cat(group, dim=0) for group in zip(*parts)])
 
     @abstractmethod
     def factors(

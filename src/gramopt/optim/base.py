@@ -187,6 +187,9 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         )
         self._finalizer = weakref.finalize(self, self.engine.close)
         self._warned_gradients = False
+        # Until the first step succeeds, the backward of a method whose step ignores .grad of
+        # its layers fills that .grad too (_probe_params), so that a change to it is reported.
+        self._gradient_probe = self.reads_gradients == "plain"
         self._warned_micro = False
         self._warn_unsupported(self.engine.unsupported_names)
         self._watch_ignored_gradients(self.engine.layers)
@@ -429,6 +432,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             with self._phase("update"):
                 self.apply_directions(directions)
                 self.commit()
+            self._gradient_probe = False  # (_probe_params)
         finally:
             self.engine.clear()
             self._pending = None
@@ -610,6 +614,40 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         remember it after each backward, to warn when it is modified (clipping)."""
         if self.reads_gradients == "plain":
             self.engine.watch_gradients(p for layer in layers for p in layer.params)
+
+    def _probe_params(self, plain: Sequence[Tensor]) -> list[nn.Parameter]:
+        """The parameters whose ``.grad`` a method's ``backward`` fills besides ``plain``
+        (those whose step reads it): until the first step succeeds, for a method whose
+        step ignores ``.grad`` of the layers it preconditions (:attr:`reads_gradients`
+        ``"plain"``: GGN, FNGD), those layers' trainable parameters, else none.
+
+        In the ordinary loop ``loss.backward()`` fills every ``.grad``, and :meth:`step`
+        warns when one it ignores was modified (``clip_grad_norm_``). The method's own
+        ``backward`` computes no weight gradients of its layers; filling them on the
+        first step (the gradient of the mean loss, from the same backward pass, given to
+        :meth:`_add_gradients` with ``probe``) gives the uniform loop the same warning.
+        Later steps leave that ``.grad`` empty: computing it every step would cost weight
+        gradients that the step never reads."""
+        if not self._gradient_probe:
+            return []
+        known = {id(p) for p in plain}
+        return [p for layer in self.engine.layers for p in layer.params if p.requires_grad and id(p) not in known]
+
+    def _add_gradients(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor | None], probe: Sequence[Tensor] = ()
+    ) -> list[Tensor]:
+        """Add ``grads`` (a method's ``backward``: the gradients of its mean loss, None
+        where one was not reached) to ``.grad`` of ``params`` (in their dtype), and
+        remember ``.grad`` of ``probe`` (:meth:`_probe_params`) as it is then, for the
+        warning about a modified one. Returns the parameters that received a gradient."""
+        received = []
+        for p, g in zip(params, grads):
+            if g is not None:
+                g = g if g.dtype == p.dtype else g.to(p.dtype)
+                p.grad = g if p.grad is None else p.grad + g
+                received.append(p)
+        self.engine.remember_gradients(probe)
+        return received
 
     def _warn_modified_gradients(self) -> None:
         if self.reads_gradients != "plain" or self._warned_gradients or not self.engine.remembers_gradients():

@@ -194,8 +194,11 @@ class FNGD(SampleSpaceOptimizer):
             the gradient, as ``torch.optim.SGD``'s weight_decay) or ``"decoupled"``.
 
     :meth:`backward` runs one backward pass down to the layers' outputs (no weight
-    gradients) and fills ``.grad`` of the plain-gradient parameters only; ``.grad`` of
-    Linear/Conv parameters is left untouched (computing it would cost one more
+    gradients) and fills ``.grad`` of the plain-gradient parameters, whose step uses it.
+    ``.grad`` of Linear/Conv parameters is filled only until the first step succeeds (the
+    gradient of the mean loss, from the same pass), so that ``step()`` warns when it was
+    modified, e.g. by ``clip_grad_norm_``, as in the ordinary loop: the step ignores it
+    (clip with ``max_update_norm``). Later steps leave it empty (it would cost one more
     weight-gradient per layer). The ordinary ``loss.backward(); opt.step()`` works as
     well and gives the same step; its loss must be a mean over the batch (rows of U are
     M times the captured gradients; with a summed loss the step is M times too long).
@@ -270,7 +273,8 @@ class FNGD(SampleSpaceOptimizer):
     # -- backward ------------------------------------------------------------------------
     def _backward(self, output: Tensor, target: Tensor) -> Tensor:
         """Mean loss, one backward pass to the layers' outputs (and to the plain-gradient
-        parameters, whose ``.grad`` it fills); returns the loss (detached)."""
+        parameters, whose ``.grad`` it fills; until the first step, to every parameter:
+        :meth:`_probe_params`); returns the loss (detached)."""
         self._seconds = {}
         with self._phase("backward"):
             try:
@@ -280,18 +284,16 @@ class FNGD(SampleSpaceOptimizer):
                 if not math.isfinite(loss):
                     raise NonFiniteError(f"the loss is {loss} (a NaN or inf in the output or target?); nothing was changed")
                 plain = [p for p in self.engine.plain_params if p.requires_grad] + self.engine.uncalled_params()
+                probe = self._probe_params(plain)  # the first step: .grad of the layers too
                 samples = output.shape[0]
                 weight = self._micro_batch_weight(samples)  # gradient accumulation
                 direction = torch.full_like(value, weight)
-                (grads,) = self.engine.backward_passes(value, [direction], inputs=plain, retain_graph=False)
+                (grads,) = self.engine.backward_passes(value, [direction], inputs=plain + probe, retain_graph=False)
             except BaseException:
                 self.engine.clear()
                 self._pending = None  # (a failed micro-batch ends the accumulation too)
                 raise
-            for p, g in zip(plain, grads):
-                if g is not None:
-                    g = g if g.dtype == p.dtype else g.to(p.dtype)
-                    p.grad = g if p.grad is None else p.grad + g
+            self._add_gradients(plain + probe, grads, probe)
         mean, samples, micro, seconds = self._merged_pending(loss, samples, self._seconds)
         self._pending = PendingBatch(mean, seconds, samples, micro)
         return value.detach()

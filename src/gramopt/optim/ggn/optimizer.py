@@ -290,9 +290,6 @@ class GGN(SampleSpaceOptimizer):
         self._before: tuple[list[Tensor], list[Tensor], list[Tensor | None]] | None = None
         self._last_call: tuple[Any, Any, Any] | None = None
         self._warned_adaptation = False
-        # .grad of the preconditioned layers is filled until the first step succeeds
-        # (:meth:`_probe_params`): the step ignores it, so a change to it is reported
-        self._gradient_probe = True
         if self.damping_adaptation is not None:
             owner = weakref.ref(self)  # the model's hook must not keep the optimizer alive
 
@@ -448,19 +445,13 @@ class GGN(SampleSpaceOptimizer):
             plain = [p for p in self.engine.plain_params if p.requires_grad] + uncalled
             stray: list[nn.Parameter] = []
             weight = self._micro_batch_weight(b)  # gradient accumulation: the mean over all micro-batches
-            probe = self._probe_params(plain) if self._gradient_probe else []
+            probe = self._probe_params(plain)
             if plain or probe:
                 (grad_output,) = torch.autograd.grad(value, detached)  # only the plain gradient needs it
                 with self.engine.paused():
                     grads = torch.autograd.grad(output, plain + probe, grad_outputs=grad_output * weight, allow_unused=True)
                 stray_ids = {id(p) for p in uncalled}
-                for p, g in zip(plain + probe, grads):
-                    if g is not None:
-                        g = g.to(p.dtype)
-                        p.grad = g if p.grad is None else p.grad + g
-                        if id(p) in stray_ids:
-                            stray.append(p)
-                self.engine.remember_gradients(probe)
+                stray = [p for p in self._add_gradients(plain + probe, grads, probe) if id(p) in stray_ids]
             self._warn_stray(stray)
         if w is not None:
             w = w.reshape(b, -1)
@@ -495,17 +486,6 @@ class GGN(SampleSpaceOptimizer):
             curvature=self.batch_curvature(wide),
         )
         return value.detach()
-
-    def _probe_params(self, plain: list[nn.Parameter]) -> list[nn.Parameter]:
-        """Until the first step succeeds: the parameters of the layers GGN preconditions,
-        whose ``.grad`` ``backward`` then also fills (the gradient of the mean loss, from one
-        more pass through the kept graph) and remembers, so that ``step()`` warns when it
-        was modified, e.g. by ``clip_grad_norm_``: the step comes from the captured rows and
-        ignores it. Later steps skip the pass (on the models of benchmarks/notes.md,
-        2026-12-03, even the cheapest way to fill it, from the rows, costs 10-30% of a
-        step) and leave that ``.grad`` empty."""
-        known = {id(p) for p in plain}
-        return [p for layer in self.engine.layers for p in layer.params if p.requires_grad and id(p) not in known]
 
     def _adaptation_record(self, output: Tensor, wide: Tensor, target: Tensor, loss: float) -> dict[str, Any] | None:
         """What the reduction ratio of this step needs (None when it is not checked:
@@ -619,7 +599,6 @@ class GGN(SampleSpaceOptimizer):
         """Damping adaptation: one forward pass on the step's batch, the reduction ratio,
         the new damping (in every param group, so ``state_dict()`` keeps it)."""
         pending, config = self._pending, self.damping_adaptation
-        self._gradient_probe = False  # (_probe_params)
         # kept only once the step succeeded: a failed step changes no state
         if pending is not None:
             if pending.outside is not None:  # a sampled system (configured, or the default for positions)
