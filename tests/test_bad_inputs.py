@@ -289,6 +289,27 @@ def test_target_mismatch(case, index):
     _unchanged(model, opt, before)
 
 
+@pytest.mark.parametrize("method", [gramopt.GGN, gramopt.SENG, gramopt.FNGD], ids=lambda c: c.__name__)
+def test_classes_last_logits_name_the_class_dimension_and_the_fix(method):
+    """[b, T, C] logits (classes last, as a language model's head gives them) with [b, T]
+    targets: the error says the classes go in dim 1 and how to move them there."""
+    model = nn.Linear(4, 5)
+    # (GGN's damping adaptation re-runs the model and needs its own output, not a transpose)
+    opt = method(model, loss="cross_entropy", **({"damping_adaptation": None} if method is gramopt.GGN else {}))
+    x, target = torch.randn(6, 7, 4), torch.randint(0, 5, (6, 7))
+    before = _before(model, opt)
+    fix = r"classes go in dim 1 .*logits\.transpose\(1, 2\) or logits\.permute\(0, 2, 1\)"
+    with pytest.raises(ValueError, match=fix):
+        opt.backward(model(x), target)
+    _unchanged(model, opt, before)
+    opt.backward(model(x).transpose(1, 2), target)  # the fix it names
+    opt.step()
+    # a target of another shape gets no such hint
+    with pytest.raises(ValueError, match="integer class targets") as caught:
+        opt.backward(model(x), target[:, :3])
+    assert "dim 1" not in str(caught.value)
+
+
 @representative
 def test_empty_batch(case):
     model = case.build_model()
