@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import warnings
 
@@ -212,6 +213,46 @@ def test_unsupported_trainable_modules(case):
     messages = [str(w.message) for w in caught if "cannot precondition" in str(w.message)]
     assert len(messages) == 1, [str(w.message) for w in caught]
     assert "net.1.s" in messages[0] and "pos" in messages[0]
+
+
+REFUSED_MODULES = {
+    "no-handler": lambda: Scale(3),
+    "sequence-first": lambda: nn.TransformerEncoderLayer(8, 2, 16),
+    "add-bias-kv": lambda: nn.MultiheadAttention(8, 2, add_bias_kv=True),
+    "embedding-sparse": lambda: nn.Embedding(5, 8, sparse=True),
+    "embedding-scale-grad": lambda: nn.Embedding(5, 8, scale_grad_by_freq=True),
+    "embedding-max-norm": lambda: nn.Embedding(5, 8, max_norm=1.0),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED_MODULES))
+@pytest.mark.parametrize("method", [gramopt.GGN, gramopt.SENG, gramopt.FNGD], ids=lambda c: c.__name__)
+def test_the_fallback_warning_gives_the_reason_and_fix_that_the_error_gives(method, kind):
+    """Under the default policy the warning names each refused module's reason (with its
+    fix: batch_first=True, no add_bias_kv, the Embedding option to drop, a handler to
+    register) exactly as unsupported="error" does."""
+    model = nn.ModuleDict({"refused": REFUSED_MODULES[kind](), "head": nn.Linear(3, 3)})
+    try:
+        method(model, unsupported="error")
+    except gramopt.UnsupportedModuleError as err:
+        reasons = re.findall(r"^  - (.*)$", str(err), re.M)
+    else:  # FNGD leaves embeddings to the plain gradient by design: no warning either
+        reasons = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        method(model)
+    warned = [str(w.message) for w in caught if "cannot precondition" in str(w.message)]
+    if not reasons:
+        assert method is gramopt.FNGD and kind.startswith("embedding") and not warned, warned
+        return
+    assert len(warned) == 1 and reasons, (warned, reasons)
+    for reason in reasons:
+        assert f"  - {reason}" in warned[0], (reason, warned[0])
+    fixes = {"no-handler": "gramopt.register_handler", "sequence-first": "build it with batch_first=True",
+             "add-bias-kv": "build it without add_bias_kv", "embedding-sparse": "build it with sparse=False",
+             "embedding-scale-grad": "build it with scale_grad_by_freq=False",
+             "embedding-max-norm": "build it with max_norm=None"}
+    assert fixes[kind] in warned[0]
 
 
 @representative

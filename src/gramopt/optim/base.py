@@ -589,11 +589,15 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         """One warning for the parameters no handler covers (the default policy), and one
         when the method preconditions no layer of the model at all."""
         if names:
+            by_reason: dict[str, list[str]] = {}  # the reason unsupported="error" would give, and its fix
+            for name in names:
+                by_reason.setdefault(self.engine.unsupported_reasons.get(name, "no gramopt handler"), []).append(name)
             warnings.warn(
-                f"gramopt: {type(self).__name__} cannot precondition {', '.join(names)} (no handler for their "
-                "module, or a configuration its handler refuses); they follow the plain gradient of the loss "
-                "(pass unsupported='error' to refuse them with the reason, or register a handler with "
-                "gramopt.register_handler)",
+                f"gramopt: {type(self).__name__} cannot precondition these parameters; they follow the plain "
+                "gradient of the loss:\n  - "
+                + "\n  - ".join(f"{', '.join(group)}: {reason}" for reason, group in by_reason.items())
+                + "\n(register a handler for a module without one with gramopt.register_handler; pass "
+                "unsupported='error' to refuse these parameters instead)",
                 RuntimeWarning,
                 stacklevel=user_stacklevel(),
             )
