@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gramopt
-from optim_cases import CASES, REPRESENTATIVE, OptimizerCase, assert_same_params, snapshot
+from optim_cases import CASES, LOSS_FUNCTIONS, REPRESENTATIVE, OptimizerCase, assert_same_params, snapshot
 
 representative = pytest.mark.parametrize("case", REPRESENTATIVE, ids=[c.id for c in REPRESENTATIVE])
 
@@ -349,6 +349,38 @@ def test_classes_last_logits_name_the_class_dimension_and_the_fix(method):
     with pytest.raises(ValueError, match="integer class targets") as caught:
         opt.backward(model(x), target[:, :3])
     assert "dim 1" not in str(caught.value)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_a_second_step_after_one_backward_says_so(case):
+    """step() twice after one backward pass: the first step used up the captures; the
+    second says that (not "no backward pass reached a hooked layer"), changing nothing.
+    After zero_grad, or a new backward pass that reached no hooked layer, the message is
+    the one about the missing backward pass. (SENG between curvature refreshes reads only
+    .grad and its cached curvature: a second step there repeats the first, as torch's
+    optimizers do; so the second step here is a refresh.)"""
+    model = case.build_model()
+    opt = case.make(model, **({"curvature_every": 1} if case.cls is gramopt.SENG else {}))
+    x, y = case.batches(1)[0]
+    case.step(opt, model, x, y)
+    before = _before(model, opt)
+    with pytest.raises(gramopt.CaptureError, match=r"step\(\) was already called after this backward pass") as err:
+        opt.step()
+    assert ("loss.backward()" in str(err.value)) == (case.cls is not gramopt.GGN)
+    _unchanged(model, opt, before)
+    opt.zero_grad()
+    with pytest.raises(gramopt.CaptureError) as err:
+        opt.step()
+    assert "already called" not in str(err.value)
+    _unchanged(model, opt, before)
+    if case.loop == "ordinary":  # a backward pass of an eval-mode forward: not the same backward
+        model.eval()
+        LOSS_FUNCTIONS[case.loss](model(x), y).backward()
+        model.train()
+        with pytest.raises(gramopt.CaptureError) as err:
+            opt.step()
+        assert "already called" not in str(err.value)
+    case.step(opt, model, x, y)  # and the loop goes on
 
 
 @representative

@@ -187,6 +187,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         )
         self._finalizer = weakref.finalize(self, self.engine.close)
         self._warned_gradients = False
+        self._grads_at_step: list[tuple[int, int] | None] | None = None  # see _missing_captures
         self._warned_micro = False
         self._warn_unsupported(self.engine.unsupported_names)
         self._watch_ignored_gradients(self.engine.layers)
@@ -323,6 +324,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         :meth:`_backward`."""
         with self._agreement():
             self._require_open()
+            self._grads_at_step = None
             loss = self._backward(output, target)
             self._own_backward = True
             return loss
@@ -337,6 +339,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         new step for the GradScaler protocol: the next backward is not ``opt.backward``
         until it says so (see :meth:`step`)."""
         self._own_backward = False
+        self._grads_at_step = None
         super().zero_grad(set_to_none)
         engine = getattr(self, "engine", None)
         if engine is not None:
@@ -429,6 +432,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             with self._phase("update"):
                 self.apply_directions(directions)
                 self.commit()
+            self._grads_at_step = self._gradient_marks()
         finally:
             self.engine.clear()
             self._pending = None
@@ -440,6 +444,25 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             getattr(pending, "curvature", None),
             self._rejected,
         )
+
+    def _gradient_marks(self) -> list[tuple[int, int] | None]:
+        """Which ``.grad`` tensor each parameter holds and its version: any backward pass
+        since changes them (accumulates in place, or sets a new tensor)."""
+        return [None if p.grad is None else (id(p.grad), p.grad._version) for g in self.param_groups for p in g["params"]]
+
+    def _missing_captures(self, message: str) -> CaptureError:
+        """The error of a step that finds nothing captured: ``message``, unless the last
+        thing that happened was a step (no ``opt.backward`` since, no ``.grad`` changed),
+        which consumed the captures of the backward pass before it: then that."""
+        if self._grads_at_step is not None and self._grads_at_step == self._gradient_marks():
+            # (a method that captures a mean loss's gradients also takes the ordinary loop)
+            backward = "opt.backward(model(x), y)" + (", or loss.backward()" if self.captures_mean_loss else "")
+            return CaptureError(
+                f"{type(self).__name__}.step() was already called after this backward pass, and that step used "
+                f"up its per-sample captures (they are dropped after every step). Run the forward and backward "
+                f"pass again ({backward}) before each step(), also to take several steps on one batch"
+            )
+        return CaptureError(message)
 
     # torch.amp.GradScaler.step(opt) hands such an optimizer the loss scale and the inf check
     # (attributes grad_scale, found_inf) instead of unscaling .grad itself: the per-sample
