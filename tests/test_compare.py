@@ -201,6 +201,7 @@ def test_cli_runs_a_tiny_comparison_and_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "diabetes: seconds to each rung" in out and "adamw" in out and "1 epochs per run" in out
     assert "| optimizer |" in out and "winning setting |" in out  # not a terminal: the whole table, uncut
+    assert "…" not in out
     assert "diabetes: first per rung" in out and "| rung | first |" in out  # and who is first, as report.md has it
     assert {p.name for p in tmp_path.iterdir()} == {"report.md", "curves.png", "results.json"}
     history = json.loads((tmp_path / "results.json").read_text())["tasks"]["diabetes"]["optimizers"]["sgd"]["settings"][0]["runs"][0]["history"]
