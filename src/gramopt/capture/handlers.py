@@ -166,7 +166,9 @@ class EmbeddingHandler(LayerHandler):
 
     def validate(self, module: nn.Module) -> None:
         if module.sparse:
-            raise UnsupportedModuleError("Embedding(sparse=True): sparse gradients are not supported; build it with sparse=False")
+            raise UnsupportedModuleError(
+                "Embedding(sparse=True): sparse gradients are not supported; build it with sparse=False"
+            )
         if module.scale_grad_by_freq:
             raise UnsupportedModuleError(
                 "Embedding(scale_grad_by_freq=True) couples the samples of a batch and is not supported; "

@@ -448,7 +448,8 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
     def _gradient_marks(self) -> list[tuple[int, int] | None]:
         """Which ``.grad`` tensor each parameter holds and its version: any backward pass
         since changes them (accumulates in place, or sets a new tensor)."""
-        return [None if p.grad is None else (id(p.grad), p.grad._version) for g in self.param_groups for p in g["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        return [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
 
     def _missing_captures(self, message: str) -> CaptureError:
         """The error of a step that finds nothing captured: ``message``, unless the last
