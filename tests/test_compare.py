@@ -19,7 +19,7 @@ from gramopt.compare.run import (
 )
 from gramopt.compare.config import GRID_SIZE, GRID_SIZES, LADDERS, TARGETS, Target, grid
 from gramopt.compare.memory import AVAILABLE, peak_memory
-from gramopt.compare.plots import _on_grid
+from gramopt.compare.plots import STYLES, _on_grid, style
 from gramopt.cli import _parser, main
 from gramopt.errors import SingularSystemError
 from gramopt.tasks import TASKS, Task, get_task
@@ -201,6 +201,7 @@ def test_cli_runs_a_tiny_comparison_and_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "diabetes: seconds to each rung" in out and "adamw" in out and "1 epochs per run" in out
     assert "| optimizer |" in out and "winning setting |" in out  # not a terminal: the whole table, uncut
+    assert "…" not in out
     assert "diabetes: first per rung" in out and "| rung | first |" in out  # and who is first, as report.md has it
     assert {p.name for p in tmp_path.iterdir()} == {"report.md", "curves.png", "results.json"}
     history = json.loads((tmp_path / "results.json").read_text())["tasks"]["diabetes"]["optimizers"]["sgd"]["settings"][0]["runs"][0]["history"]
@@ -278,6 +279,22 @@ def test_piped_output_gets_plain_progress_lines(tmp_path, capsys):
     run_comparison(config)
     out = capsys.readouterr().out
     assert "runs: 1 optimizers x 3 settings (quick grid)" in out and "[3/3 runs" in out
+
+
+def test_every_registered_optimizer_has_its_own_colour_and_marker():
+    """curves.png tells every optimizer apart: the style mapping covers the registry (the
+    installed optimizers, and the peers whose package is missing) and no two share a
+    colour or a marker."""
+    from gramopt.training.peers import PEERS
+    from gramopt.training.registry import MISSING_PEERS
+
+    names = set(OPTIMIZERS) | set(MISSING_PEERS) | {spec.name for _, spec in PEERS}
+    assert names <= set(STYLES), names - set(STYLES)
+    looks = {name: style(name) for name in names}
+    colours = [look["color"].lower() for look in looks.values()]
+    markers = [look["marker"] for look in looks.values()]
+    assert len(set(colours)) == len(names), sorted(looks.items(), key=lambda item: item[1]["color"])
+    assert len(set(markers)) == len(names), sorted(looks.items(), key=lambda item: item[1]["marker"])
 
 
 def test_curves_are_step_functions_that_stop_with_the_run():

@@ -120,6 +120,9 @@ class CaptureEngine:
         self.plain_params: list[nn.Parameter] = []
         #: Full names of the parameters no handler covers (they follow the plain gradient).
         self.unsupported_names: list[str] = []
+        #: Why each of :attr:`unsupported_names` is not covered (the reason
+        #: ``unsupported="error"`` would give), for the optimizer's warning.
+        self.unsupported_reasons: dict[str, str] = {}
         self._calls: dict[int, list[_Call]] = {}
         self._handles: list[RemovableHandle] = []
         self._grad_handles: list[RemovableHandle] = []
@@ -162,6 +165,7 @@ class CaptureEngine:
         extended: list[tuple[Layer, list[nn.Parameter]]] = []
         plain: list[nn.Parameter] = []
         unsupported: list[str] = []
+        reasons: dict[str, str] = {}  # of the unsupported ones
         problems: list[str] = []
         inside: list[str] = []  # prefixes of functional containers (their submodules are skipped)
         attentions: list[tuple[nn.MultiheadAttention, attention.InProjection]] = []
@@ -201,6 +205,7 @@ class CaptureEngine:
                 if self.unsupported == "gradient" and not reason.startswith(f"{label} is in training mode"):
                     plain.extend(own)
                     unsupported.extend(full)
+                    reasons.update(dict.fromkeys(full, reason))
                 else:
                     problems.append(f"{', '.join(full)}: {reason}")
                 continue
@@ -225,6 +230,7 @@ class CaptureEngine:
             attention.attach(module, proxy)
         self.plain_params.extend(plain)
         self.unsupported_names.extend(unsupported)
+        self.unsupported_reasons.update(reasons)
         for layer in new_layers:
             self.layers.append(layer)
             self._calls[id(layer.module)] = []

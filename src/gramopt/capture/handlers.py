@@ -201,14 +201,18 @@ class EmbeddingHandler(LayerHandler):
 
     def validate(self, module: nn.Module) -> None:
         if module.sparse:
-            raise UnsupportedModuleError("Embedding(sparse=True): sparse gradients are not supported")
+            raise UnsupportedModuleError(
+                "Embedding(sparse=True): sparse gradients are not supported; build it with sparse=False"
+            )
         if module.scale_grad_by_freq:
             raise UnsupportedModuleError(
-                "Embedding(scale_grad_by_freq=True) couples the samples of a batch and is not supported"
+                "Embedding(scale_grad_by_freq=True) couples the samples of a batch and is not supported; "
+                "build it with scale_grad_by_freq=False"
             )
         if module.max_norm is not None:
             raise UnsupportedModuleError(
-                "Embedding(max_norm=...) renormalizes weights in the forward pass and is not supported"
+                "Embedding(max_norm=...) renormalizes weights in the forward pass and is not supported; "
+                "build it with max_norm=None"
             )
 
     def save(self, module, args, output):

@@ -149,8 +149,8 @@ def _varied(method: dict[str, Any]) -> str:
 
 def rich_table(task: dict[str, Any]) -> Table:
     """The printed summary: report.md's table, of the winning setting only what the
-    grid varies. Print it at its natural width (``console.print(table, width=...)``
-    with :func:`table_width`) so no column is cut."""
+    grid varies. Its cells fold to the terminal's width, never cut (a reader without a
+    terminal gets :func:`plain_table`)."""
     table = Table(title=f"{task['task']['name']}: seconds to each rung; budget {task['budget']['text']}")
     for header in _headers(task):
         table.add_column(header, overflow="fold")
@@ -166,7 +166,7 @@ def plain_table(task: dict[str, Any]) -> str:
     for row, method in zip(body, task["optimizers"].values()):
         row[-1] = _varied(method)
     title = f"{task['task']['name']}: seconds to each rung; budget {task['budget']['text']}"
-    return "\n".join([title, "", *_markdown_table(_headers(task), body)])
+    return "\n".join([title, "", *markdown_table(_headers(task), body)])
 
 
 def _leaders_title(task: dict[str, Any]) -> str:
@@ -185,10 +185,11 @@ def rich_leaders(task: dict[str, Any]) -> Table:
 
 def plain_leaders(task: dict[str, Any]) -> str:
     """The first-per-rung table as Markdown (for a reader without a terminal)."""
-    return "\n".join([_leaders_title(task), "", *_markdown_table(list(LEADER_COLUMNS), leader_rows(task))])
+    return "\n".join([_leaders_title(task), "", *markdown_table(list(LEADER_COLUMNS), leader_rows(task))])
 
 
-def _markdown_table(headers: list[str], body: list[list[str]]) -> list[str]:
+def markdown_table(headers: list[str], body: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table (``|`` in a cell becomes ``/``)."""
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in body]
     return lines
@@ -266,14 +267,14 @@ def markdown(results: dict[str, Any]) -> str:
                if info.get("eval_samples") else ""),
             "",
         ]
-        lines += _markdown_table(_headers(task), rows(task))
+        lines += markdown_table(_headers(task), rows(task))
         if task.get("rungs"):
             lines += ["", "First per rung (median over seeds of each selected setting; margin: the runner-up's median over the first's):", ""]
-            lines += _markdown_table(list(LEADER_COLUMNS), leader_rows(task))
+            lines += markdown_table(list(LEADER_COLUMNS), leader_rows(task))
         for name, reason in task.get("skipped", {}).items():
             lines += ["", f"Skipped: {name}, which cannot train this task ({reason_line(reason)})."]
         lines += ["", "Grids (median over seeds per setting):", ""]
-        lines += _markdown_table(
+        lines += markdown_table(
             ["optimizer", "setting", "validation s to each rung", "final val loss", "final train loss", "diverged", "failed"],
             _grid_rows(task),
         )

@@ -190,6 +190,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         # Until the first step succeeds, the backward of a method whose step ignores .grad of
         # its layers fills that .grad too (_probe_params), so that a change to it is reported.
         self._gradient_probe = self.reads_gradients == "plain"
+        self._grads_at_step: list[tuple[int, int] | None] | None = None  # see _missing_captures
         self._warned_micro = False
         self._warn_unsupported(self.engine.unsupported_names)
         self._watch_ignored_gradients(self.engine.layers)
@@ -326,6 +327,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         :meth:`_backward`."""
         with self._agreement():
             self._require_open()
+            self._grads_at_step = None
             loss = self._backward(output, target)
             self._own_backward = True
             return loss
@@ -340,6 +342,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         new step for the GradScaler protocol: the next backward is not ``opt.backward``
         until it says so (see :meth:`step`)."""
         self._own_backward = False
+        self._grads_at_step = None
         super().zero_grad(set_to_none)
         engine = getattr(self, "engine", None)
         if engine is not None:
@@ -433,6 +436,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 self.apply_directions(directions)
                 self.commit()
             self._gradient_probe = False  # (_probe_params)
+            self._grads_at_step = self._gradient_marks()
         finally:
             self.engine.clear()
             self._pending = None
@@ -444,6 +448,26 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             getattr(pending, "curvature", None),
             self._rejected,
         )
+
+    def _gradient_marks(self) -> list[tuple[int, int] | None]:
+        """Which ``.grad`` tensor each parameter holds and its version: any backward pass
+        since changes them (accumulates in place, or sets a new tensor)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        return [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
+
+    def _missing_captures(self, message: str) -> CaptureError:
+        """The error of a step that finds nothing captured: ``message``, unless the last
+        thing that happened was a step (no ``opt.backward`` since, no ``.grad`` changed),
+        which consumed the captures of the backward pass before it: then that."""
+        if self._grads_at_step is not None and self._grads_at_step == self._gradient_marks():
+            # (a method that captures a mean loss's gradients also takes the ordinary loop)
+            backward = "opt.backward(model(x), y)" + (", or loss.backward()" if self.captures_mean_loss else "")
+            return CaptureError(
+                f"{type(self).__name__}.step() was already called after this backward pass, and that step used "
+                f"up its per-sample captures (they are dropped after every step). Run the forward and backward "
+                f"pass again ({backward}) before each step(), also to take several steps on one batch"
+            )
+        return CaptureError(message)
 
     # torch.amp.GradScaler.step(opt) hands such an optimizer the loss scale and the inf check
     # (attributes grad_scale, found_inf) instead of unscaling .grad itself: the per-sample
@@ -593,11 +617,15 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         """One warning for the parameters no handler covers (the default policy), and one
         when the method preconditions no layer of the model at all."""
         if names:
+            by_reason: dict[str, list[str]] = {}  # the reason unsupported="error" would give, and its fix
+            for name in names:
+                by_reason.setdefault(self.engine.unsupported_reasons.get(name, "no gramopt handler"), []).append(name)
             warnings.warn(
-                f"gramopt: {type(self).__name__} cannot precondition {', '.join(names)} (no handler for their "
-                "module, or a configuration its handler refuses); they follow the plain gradient of the loss "
-                "(pass unsupported='error' to refuse them with the reason, or register a handler with "
-                "gramopt.register_handler)",
+                f"gramopt: {type(self).__name__} cannot precondition these parameters; they follow the plain "
+                "gradient of the loss:\n  - "
+                + "\n  - ".join(f"{', '.join(group)}: {reason}" for reason, group in by_reason.items())
+                + "\n(register a handler for a module without one with gramopt.register_handler; pass "
+                "unsupported='error' to refuse these parameters instead)",
                 RuntimeWarning,
                 stacklevel=user_stacklevel(),
             )

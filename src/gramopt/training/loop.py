@@ -150,6 +150,15 @@ def eval_subset(x: Tensor, y: Tensor, samples: int, seed: int) -> tuple[Tensor, 
     return x[rows], y[rows]
 
 
+def _load(task: Task, seed: int) -> Split:
+    """``task.load(seed)``; a data set that is not installed is a ValueError saying how to
+    install it (what the command line prints as an error, without a traceback)."""
+    try:
+        return task.load(seed)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from err
+
+
 def environment() -> dict[str, str]:
     import numpy
 
@@ -191,7 +200,7 @@ class Trainer:
         self.progress = progress if self.main else False
         self.verbose = verbose and self.main
         self.out = Path(self.config.out)
-        self.split: Split = split if split is not None else self.task.load(self.config.seed)
+        self.split: Split = split if split is not None else _load(self.task, self.config.seed)
         if self.run_part is not None:
             self.run_part.check_batches(self.split.train_x.shape[0], self.config.batch_size)
         self.eval_train = eval_subset(self.split.train_x, self.split.train_y, self.config.eval_samples, self.config.seed)

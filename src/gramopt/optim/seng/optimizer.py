@@ -399,7 +399,7 @@ class SENG(SampleSpaceOptimizer):
         self._gather_batch()  # distributed="exact": the global batch's
         b = self.engine.batch_size()
         if b is None:
-            raise CaptureError(
+            raise self._missing_captures(
                 "SENG needs the per-sample gradients of this step, but no backward pass reached a hooked "
                 "layer: run the forward pass in training mode with autograd enabled, then loss.backward()"
                 + self._skipped_hint()
