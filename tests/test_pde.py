@@ -14,6 +14,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from gramopt.capture import CaptureEngine, LayerFactors
 from gramopt.capture.channels import active_bias_positions, bias_positions
+from gramopt.capture.shared_weight import shared_weight_gram
 from gramopt.errors import CaptureError, UnsupportedModuleError
 from gramopt.optim.seng.implicit import layer_factors
 from gramopt.pde import Derivatives, Sin, activations, forward_laplacian, register_activation
@@ -300,6 +301,14 @@ def check_factors(factors: dict[str, LayerFactors], blocks, j: torch.Tensor) -> 
         x_side, z_side = f.kronecker_factors()  # U_i = sum_s z_is (x) [x_is, m_is]
         kron = torch.einsum("bksz,bsx->bkzx", z_side, x_side).reshape(n, -1)
         torch.testing.assert_close(kron, _weight_then_bias(u, f), rtol=1e-10, atol=1e-12)
+        for strategy in ("pairs", "explicit"):  # both forms of the shared-weight Gram
+            gram_l = shared_weight_gram(f.inputs, f.grads, f.with_bias, strategy, None, f.bias_positions)
+            torch.testing.assert_close(gram_l, u @ u.T, rtol=1e-10, atol=1e-12)
+        b, k = f.batch_size, f.passes  # the first pass's rows (GGN's sampled systems)
+        first = u.reshape(b, k, -1)[:, :1].reshape(b, -1)
+        torch.testing.assert_close(f.pass_block(b, k, 1).gram(), first @ first.T, rtol=1e-10, atol=1e-12)
+        c = torch.randn(n, generator=gen, dtype=DT)
+        torch.testing.assert_close(f.block_product(b, k, 1, c), first @ (u.T @ c), rtol=1e-10, atol=1e-12)
         restored = LayerFactors.from_state(f.module, f.params, f.state())
         torch.testing.assert_close(restored.per_sample(), u, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(restored.gram(), u @ u.T, rtol=1e-10, atol=1e-12)

@@ -81,7 +81,9 @@ def forward_laplacian(
         with respect to the model's parameters.
 
     Cost: one forward pass on ``g + 2`` channels per point, i.e. about ``g + 2`` times an
-    ordinary forward pass (the first layer's derivative channels are unit vectors).
+    ordinary forward pass (the first layer's derivative channels are unit vectors). A model
+    that is not an ``nn.Sequential`` is traced again at every call (milliseconds; nothing is
+    cached, so a changed model is never read from a stale trace).
     """
     d_in = _check_points(x)
     lap = _check_dims(dims, d_in, "dims") if dims is not None else tuple(range(d_in))
