@@ -18,12 +18,12 @@ from typing import Any
 
 from gramopt.compare import config as bench_config
 
-#: Optimizers whose step runs matrix products in bfloat16 whatever the model's dtype,
-#: what they do in it, and the alternative where there is one.
-BFLOAT16_STEPS: dict[str, str] = {
-    "muon": "torch.optim.Muon orthogonalizes in bfloat16 (torch has no option for float32); "
-    "muon-f32 runs the same update with a float32 orthogonalization",
-    "muon-po": "pytorch-optimizer's Muon orthogonalizes in bfloat16",
+#: Optimizers whose step runs matrix products in bfloat16 whatever the model's dtype:
+#: what they do in it, and the alternative ("" if none).
+BFLOAT16_STEPS: dict[str, tuple[str, str]] = {
+    "muon": ("torch.optim.Muon orthogonalizes in bfloat16 (torch has no option for float32)",
+             "muon-f32 runs the same update with a float32 orthogonalization"),
+    "muon-po": ("pytorch-optimizer's Muon orthogonalizes in bfloat16", ""),
 }
 
 
@@ -36,7 +36,8 @@ def likely_cause(name: str, bfloat16: dict[str, Any]) -> str:
     """Why optimizer ``name``'s step may be slow on this machine, "" if no cause is known.
     ``bfloat16``: ``hardware.BFloat16Matmul.as_dict()`` of the machine."""
     if name in BFLOAT16_STEPS and not bfloat16["fast"]:
-        return f"{BFLOAT16_STEPS[name]}; this CPU has {bfloat16['text']}"
+        what, alternative = BFLOAT16_STEPS[name]
+        return f"{what} and this CPU has {bfloat16['text']}" + (f"; {alternative}" if alternative else "")
     return ""
 
 
