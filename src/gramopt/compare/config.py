@@ -39,30 +39,27 @@ Step-time flags. Each optimizer's step is expected to cost at most
 listed: :data:`DEFAULT_EXPECTED_STEP_COST`). A step that measures more than
 :data:`STEP_COST_MARGIN` times its expectation is flagged (``gramopt.compare.flags``): its
 seconds to each rung then measure something other than the method, a slow kernel path
-of this machine most likely. The expectations, from the methods' arithmetic on the
-embedded tasks (batch b of 64-128, hidden widths up to 256) and the largest median ratio
-of the committed comparisons (``benchmarks/results/compare``), rounded up:
+of this machine most likely. The expectations follow the methods' arithmetic on the
+embedded tasks (batch b of 64-128, hidden widths up to 256), rounded up to the largest
+ratio the committed comparisons measured (the comment at :data:`EXPECTED_STEP_COST`):
 
 - SGD-momentum 1 (the reference); AdamW 1.5: a few elementwise passes over the
-  parameters, next to a forward and backward pass of b samples (measured 0.98-1.41);
+  parameters, next to a forward and backward pass of b samples;
 - Muon (every implementation) 5: five Newton-Schulz steps per hidden m x n matrix
   (m <= n), at most 30 m^2 n flops against the 6 b m n of that layer's forward and
-  backward pass (5 m / b: up to 10 for teacher's 256-wide layer at b = 128, but these
-  small models' passes run far below the matmul peak), plus a Python loop over the
-  parameters that dominates the smallest models (measured 1.0-3.71; the float32
-  variant up to 5.8 on a loaded machine);
+  backward pass, i.e. up to 5 m / b of that layer's share in flops (less in time: these
+  small models' passes are dominated by per-operation overhead), plus a Python loop over
+  the parameters that dominates the smallest models;
 - SENG, FNGD 4: per-sample gradients or Jacobian rows, a b x b Gram per layer and its
-  solve (measured up to 3.63);
+  solve;
 - IKFAC, SINGD, Shampoo, SOAP, PSGD-Kron 6: Kronecker factors per layer (side up to
-  256), their updates, roots or eigenbases, and a Python loop per parameter (measured up
-  to 5.34);
+  256), their updates, roots or eigenbases, and a Python loop per parameter;
 - GGN 10: Jacobian rows for every output, a second backward pass for the curvature and
-  a bk x bk Gram for k outputs (measured up to 8.31).
+  a bk x bk Gram for k outputs.
 
-The margin, 3, leaves room for the load of a shared machine, which moved the
-interleaved ratios by up to 2x (torch's Muon on diabetes: 3.65x in the committed run,
-7.0x at load average 7); torch's bfloat16 Muon on a CPU without a fast bfloat16 matmul
-measured 83-141x.
+The margin, 3, leaves room for the load of a shared machine, which moves the
+interleaved ratios by less than 3x, and is far below what a slow path costs (torch's
+bfloat16 Muon on a CPU without a fast bfloat16 matmul).
 """
 
 from __future__ import annotations
@@ -214,7 +211,12 @@ EVALUATIONS = 40  # evaluation points per run, evenly spaced over its budget
 # evaluation uses a fixed random subset of at most this many samples of each set.
 EVAL_SAMPLES: dict[str, int] = {"mnist": 1000, "fashion-mnist": 2000, "fashion-resnet": 2000, "recall": 1000, "charlm": 1000}
 # Expected step cost in SGD-momentum steps (module docstring); a step costing more than
-# STEP_COST_MARGIN times its expectation is flagged.
+# STEP_COST_MARGIN times its expectation is flagged. Largest ratios (any seed) measured in
+# the committed comparisons (benchmarks/results/compare/*/results.json): AdamW 1.41, Muon
+# 3.67 (muon-po 3.71; muon-f32 5.59 on teacher at load average 6-10, teacher-muon-bfloat16),
+# SENG 2.54, FNGD 3.63, IKFAC 3.92, SINGD 3.78, Shampoo 3.08, SOAP 5.34, GGN 8.31. Load moved
+# them by up to 2x (torch's Muon on diabetes: 3.65x committed, 7.0x at load average 7);
+# torch's bfloat16 Muon without a fast bfloat16 matmul: medians 64-96x (teacher-muon-bfloat16).
 EXPECTED_STEP_COST: dict[str, float] = {
     "sgd": 1.0,
     "adamw": 1.5,

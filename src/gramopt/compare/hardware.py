@@ -3,15 +3,14 @@
 Some peers run part of their step in bfloat16 whatever the model's dtype (torch's and
 pytorch-optimizer's Muon orthogonalize the update in bfloat16). On a CPU with native
 bfloat16 instructions (x86 AVX512_BF16 or AMX-BF16, Arm BF16) that is as fast as float32
-or faster; on one without, torch's bfloat16 matmul takes a slow path, 30-60x float32's
-(a 256 x 256 product: 37 ms against 0.6 ms on an AMD EPYC without AVX-512), and such a
-peer's step time measures the machine, not the method.
+or faster; on one without, torch's bfloat16 matmul takes a slow path, many times
+float32's, and such a peer's step time measures the machine, not the method.
 
 The rule (:func:`bfloat16_matmul`): bfloat16 matmul is *fast* when a 256 x 256 bfloat16
 product takes at most :data:`SLOW_FACTOR` times a float32 one. Each is timed
 :data:`PROBE_PAIRS` times, in turns, and the minimum of each is compared (the minimum is
 the least disturbed by other work on a shared machine). The measurement runs once per
-process (cached) and costs under 0.3 s on the slowest CPU seen. The environment variable
+process (cached), a few products of each kind. The environment variable
 ``GRAMOPT_FAST_BFLOAT16`` overrides it: ``1`` (fast) or ``0`` (slow). The CPU's flags
 (:func:`cpu_bfloat16_flags`) are recorded beside it but do not decide: whether torch uses
 the instructions depends on its build and its oneDNN's settings too.

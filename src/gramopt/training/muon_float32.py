@@ -2,7 +2,7 @@
 
 ``torch.optim.Muon`` (torch 2.13) casts each update to bfloat16 before its Newton-Schulz
 iteration and takes no option to do otherwise. On a CPU without a fast bfloat16 matmul
-(``gramopt.compare.hardware``) that iteration alone costs 30-100x an SGD step, so a
+(``gramopt.compare.hardware``) that iteration alone costs dozens of SGD steps, so a
 comparison would time the CPU's bfloat16 path, not Muon. :class:`Float32Muon` is torch's
 optimizer (its constructor, checks, state and parameter groups) whose step runs the same
 update with the iteration in float32 (float64 for float64 parameters):

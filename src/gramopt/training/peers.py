@@ -10,8 +10,8 @@ documentation:
   convolution kernels go with the rest), ``torch.optim.AdamW`` on embeddings, the head,
   biases, gains and kernels (``adamw_lr``, ``adamw_weight_decay``), chained as one
   optimizer (``training.chain.Chain``). Its Newton-Schulz orthogonalization runs in
-  bfloat16 (torch has no option for another dtype), which costs 30-100x an SGD step on a
-  CPU without a fast bfloat16 matmul (``gramopt.compare.hardware``).
+  bfloat16 (torch has no option for another dtype), which costs dozens of SGD steps on
+  a CPU without a fast bfloat16 matmul (``gramopt.compare.hardware``).
 - ``muon-f32``: the same, with ``training.muon_float32.Float32Muon`` in place of
   ``torch.optim.Muon``: torch's update with the orthogonalization in float32. gramopt's
   variant, for CPUs without a fast bfloat16 matmul; its own row, never a silent stand-in
