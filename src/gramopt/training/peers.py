@@ -166,7 +166,7 @@ PEERS: tuple[tuple[str, OptimizerSpec], ...] = (
     )),
     ("torch", OptimizerSpec(
         "muon-f32", "torch.optim.Muon's update with float32 Newton-Schulz (gramopt's variant) + AdamW for the rest",
-        _muon(Float32Muon), dict(MUON_DEFAULTS), source="torch, float32 variant", tuned_as="muon",
+        _muon(Float32Muon), dict(MUON_DEFAULTS), source="gramopt variant of torch", tuned_as="muon",
     )),
     ("singd", OptimizerSpec(
         "ikfac", "IKFAC, inverse-free K-FAC (singd, kfac_like=True) + SGD for unsupported layers", _singd(True),
