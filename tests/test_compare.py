@@ -450,6 +450,13 @@ def test_the_bfloat16_probe_measures_once_follows_its_rule_and_can_be_overridden
     assert measured.decided_by == "measured" and measured.bfloat16_ms > 0 and measured.float32_ms > 0
     assert measured.fast == (measured.bfloat16_ms <= hardware.SLOW_FACTOR * measured.float32_ms)
     assert hardware.bfloat16_matmul() == measured  # cached: measured once per process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        hardware._measured.__wrapped__()  # measured on one thread, the caller's count restored
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setattr(hardware, "_measured", lambda: (37.0, 0.6))  # the AMD EPYC without AVX-512
     assert not hardware.bfloat16_matmul().fast and "37 ms in bfloat16" in hardware.bfloat16_matmul().describe()
     monkeypatch.setattr(hardware, "_measured", lambda: (0.2, 0.4))

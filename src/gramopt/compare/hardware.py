@@ -8,8 +8,9 @@ float32's, and such a peer's step time measures the machine, not the method.
 
 The rule (:func:`bfloat16_matmul`): bfloat16 matmul is *fast* when a 256 x 256 bfloat16
 product takes at most :data:`SLOW_FACTOR` times a float32 one. Each is timed
-:data:`PROBE_PAIRS` times, in turns, and the minimum of each is compared (the minimum is
-the least disturbed by other work on a shared machine). The measurement runs once per
+:data:`PROBE_PAIRS` times, in turns, on one thread (several threads contend with other
+work on a shared machine), and the minimum of each is compared (the minimum is the least
+disturbed by other work). The measurement runs once per
 process (cached), a few products of each kind. The environment variable
 ``GRAMOPT_FAST_BFLOAT16`` overrides it: ``1`` (fast) or ``0`` (slow). The CPU's flags
 (:func:`cpu_bfloat16_flags`) are recorded beside it but do not decide: whether torch uses
@@ -30,7 +31,7 @@ import torch
 
 OVERRIDE_VARIABLE = "GRAMOPT_FAST_BFLOAT16"
 PROBE_SIZE = 256  # the side of the square matrices multiplied
-PROBE_PAIRS = 3  # timed (bfloat16, float32) pairs, after one untimed pair
+PROBE_PAIRS = 5  # timed (bfloat16, float32) pairs, after one untimed pair
 SLOW_FACTOR = 2.0  # bfloat16 slower than this x float32: not fast
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (the first two) and Arm names in /proc/cpuinfo
 
@@ -74,7 +75,17 @@ def _override() -> bool | None:
 
 @functools.cache
 def _measured() -> tuple[float, float]:
-    """(bfloat16 ms, float32 ms): the fastest of ``PROBE_PAIRS`` products each, timed in turns."""
+    """(bfloat16 ms, float32 ms): the fastest of ``PROBE_PAIRS`` products each, timed in
+    turns on one thread (the process's thread count is restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _timed_products()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _timed_products() -> tuple[float, float]:
     generator = torch.Generator().manual_seed(0)
     a32 = torch.randn(PROBE_SIZE, PROBE_SIZE, generator=generator)
     b32 = torch.randn(PROBE_SIZE, PROBE_SIZE, generator=generator)
