@@ -18,7 +18,7 @@ from rich.table import Table
 
 from gramopt.compare import config as bench_config
 from gramopt.compare.run import CompareConfig, run_comparison, write_outputs
-from gramopt.compare.report import markdown_table, plain_leaders, plain_table, rich_leaders, rich_table
+from gramopt.compare.report import flag_lines, markdown_table, plain_leaders, plain_table, rich_leaders, rich_table
 from gramopt.distributed import POLICIES, rank
 from gramopt.errors import GramoptError
 from gramopt.tasks import TASKS
@@ -187,6 +187,9 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
         else:  # piped to a log: the whole tables as Markdown, never cut to the terminal's width
             for text in (plain_table(task), plain_leaders(task)):
                 console.print(text, highlight=False, markup=False, soft_wrap=True)
+        for text in flag_lines(task):
+            console.print(f"[yellow]flagged ({task['task']['name']}):[/] {escape(text)}", highlight=False,
+                          soft_wrap=True)
     console.print(f"{results['wall_seconds']:.0f} s; wrote {', '.join(str(p) for p in paths.values())}", soft_wrap=True)
     return 0
 

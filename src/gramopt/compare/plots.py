@@ -30,7 +30,7 @@ POINTS = 200
 # checks that both are one-to-one over the registry). Colours: the Okabe-Ito palette
 # (Okabe & Ito, "Color Universal Design", 2008; distinguishable under the common
 # colour-vision deficiencies; its yellow, too pale on white, left out) with its grey,
-# extended by four of Paul Tol's "muted" colours (Tol, "Colour Schemes", SRON technical
+# extended by five of Paul Tol's "muted" colours (Tol, "Colour Schemes", SRON technical
 # note SRON/EPS/TN/09-002, issue 3.2, 2021). gramopt's methods are solid and thicker, torch's dashed, the other peers
 # dotted or dash-dotted.
 STYLES: dict[str, tuple[str, str, str]] = {
@@ -46,6 +46,7 @@ STYLES: dict[str, tuple[str, str, str]] = {
     "shampoo": ("#999933", ":", "h"),  # olive (Tol)
     "muon-po": ("#882255", ":", "<"),  # wine (Tol)
     "psgd-kron": ("#44AA99", ":", ">"),  # teal (Tol)
+    "muon-f32": ("#AA4499", "-.", "8"),  # purple (Tol)
 }
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#999999")
 RUNG_COLOUR = "#BBBBBB"

@@ -41,6 +41,7 @@ from gramopt.training.registry import (
     build_optimizer,
     get_optimizer_spec,
     loss_value,
+    task_hyper,
     training_step,
     with_epoch_defaults,
 )
@@ -79,7 +80,7 @@ class TrainConfig:
             raise ValueError(
                 f"{self.optimizer} takes no hyper-parameter {sorted(unknown)}; it takes {sorted(spec.hyper_names)}"
             )
-        hyper = {**task.hyper.get(self.optimizer, {}), **self.hyper}
+        hyper = {**task_hyper(task, self.optimizer), **self.hyper}
         epochs = task.epochs if self.epochs is None else self.epochs
         batch = task.batch_size if self.batch_size is None else self.batch_size
         if epochs < 1:
