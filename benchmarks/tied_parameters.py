@@ -128,7 +128,9 @@ def gram_cost(rounds: int = 20) -> dict[str, dict[str, float]]:
     out = {}
     setups = {
         "linear-linear 256x256, b=128": (lambda: tc.TiedLinears(256), torch.randn(128, 256)),
-        "embedding-linear V=512 d=64, b=32 T=16": (lambda: tc.TiedEmbeddingHead(512, 64), torch.randint(0, 512, (32, 16))),
+        "embedding-linear V=512 d=64, b=32 T=16": (
+            lambda: tc.TiedEmbeddingHead(512, 64), torch.randint(0, 512, (32, 16))
+        ),
         "conv-conv 16ch 3x3 8x8, b=64": (lambda: tc.TiedConvs(16, 8, 10), torch.randn(64, 16, 8, 8)),
     }
     for name, (build, x) in setups.items():

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from reference import jacobian, per_sample_grads
+from torch import Tensor, nn
 
 
 class TiedLinears(nn.Module):

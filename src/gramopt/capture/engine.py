@@ -42,6 +42,7 @@ from torch.utils.hooks import RemovableHandle
 from gramopt.capture.factors import LayerFactors
 from gramopt.capture import attention
 from gramopt.capture.handlers import LayerHandler, handler_for
+from gramopt.capture.tied import TiedFactors, TiedHandler, TiedModules
 from gramopt.errors import CaptureError, UnsupportedModuleError
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
@@ -74,12 +75,29 @@ class _Call:
 
 @dataclass
 class Layer:
-    """A supported module, its handler and its trainable parameters (weight, bias, ...)."""
+    """A supported module, its handler and its trainable parameters (weight, bias, ...).
+
+    A *tied block* (:attr:`CaptureEngine.blocks`) is a Layer too: the hooked layers that
+    share a parameter (``members``), its module a :class:`~gramopt.capture.tied.TiedModules`,
+    its params the union of theirs, each once."""
 
     name: str
     module: nn.Module
     handler: LayerHandler
     params: list[nn.Parameter]
+    members: list["Layer"] = field(default_factory=list)
+
+
+@dataclass
+class _Use:
+    """A module among those whose own parameters include one being covered (tie analysis
+    in :meth:`CaptureEngine.add_params`)."""
+
+    module: nn.Module
+    label: str
+    status: str  # "hooked", "filtered" (the method's layer_filter said no) or "refused"
+    name: str = ""
+    handler: LayerHandler | None = None
 
 
 class CaptureEngine:
@@ -117,9 +135,15 @@ class CaptureEngine:
         self.layer_filter = layer_filter
         self.batchnorm_training = batchnorm_training
         self.layers: list[Layer] = []
+        #: The units the methods precondition: each hooked layer, except that layers sharing
+        #: a parameter (weight tying) are joined into one block (:class:`Layer` with members).
+        self.blocks: list[Layer] = []
         self.plain_params: list[nn.Parameter] = []
         #: Full names of the parameters no handler covers (they follow the plain gradient).
         self.unsupported_names: list[str] = []
+        #: Why tied parameters follow the plain gradient: a module sharing them has no
+        #: handler (or one that refuses it), so no hook sees that use (one line each).
+        self.tied_fallbacks: list[str] = []
         self._calls: dict[int, list[_Call]] = {}
         self._handles: list[RemovableHandle] = []
         self._grad_handles: list[RemovableHandle] = []
@@ -153,6 +177,12 @@ class CaptureEngine:
             the full names of those among them that no handler covers (they follow
             the plain gradient); raises :class:`UnsupportedModuleError` naming them
             instead under ``unsupported="error"``, changing nothing.
+
+        A parameter several modules own (weight tying) is preconditioned once, by the block
+        of the hooked layers sharing it (:attr:`blocks`). If the method's ``layer_filter``
+        leaves out some of those modules, they are hooked for the shared parameter alone;
+        if one of them cannot be hooked at all (no handler), the parameter follows the plain
+        gradient (:attr:`tied_fallbacks`), or is refused under ``unsupported="error"``.
         """
         model = self.model
         wanted = {id(p) for p in params}
@@ -165,6 +195,12 @@ class CaptureEngine:
         problems: list[str] = []
         inside: list[str] = []  # prefixes of functional containers (their submodules are skipped)
         attentions: list[tuple[nn.MultiheadAttention, attention.InProjection]] = []
+        uses: dict[int, list[_Use]] = {}  # id(p) -> the modules owning p (weight tying when several)
+
+        def used(own: list[nn.Parameter], use: _Use) -> None:
+            for q in own:
+                uses.setdefault(id(q), []).append(use)
+
         for name, module in model.named_modules():
             if any(name.startswith(prefix) for prefix in inside):
                 continue
@@ -179,7 +215,10 @@ class CaptureEngine:
                     continue
                 if self.layer_filter is not None and not self.layer_filter(module):
                     plain.extend(own)
-                elif id(module) in self._attention:
+                    used(own, _Use(module, label, "refused"))  # (a proxy is not pulled into a tie)
+                    continue
+                used(own, _Use(module, label, "hooked"))
+                if id(module) in self._attention:
                     extended.append((known[id(module.__dict__[attention.PROXY])], own))
                 else:  # attached below, once nothing was refused
                     proxy = module.__dict__.get(attention.PROXY) or attention.InProjection(module)
@@ -194,8 +233,11 @@ class CaptureEngine:
                 handler = handler_for(module)
                 if handler is not None and self.layer_filter is not None and not self.layer_filter(module):
                     plain.extend(own)  # the method's own choice, not a fallback: no warning
+                    status = "filtered" if self._refusal(module, handler, label) is None else "refused"
+                    used(own, _Use(module, label, status, name or type(module).__name__, handler))
                     continue
                 reason = self._refusal(module, handler, label)
+            used(own, _Use(module, label, "hooked" if reason is None else "refused"))
             if reason is not None:
                 full = [names.get(id(p), "?") for p in own]
                 if self.unsupported == "gradient" and not reason.startswith(f"{label} is in training mode"):
@@ -208,6 +250,7 @@ class CaptureEngine:
                 extended.append((known[id(module)], own))
             else:
                 new_layers.append(Layer(name or type(module).__name__, module, handler, own))
+        tied_plain, tied_notes = self._resolve_ties(uses, names, new_layers, extended, plain, known)
         if problems:
             raise UnsupportedModuleError(
                 "gramopt cannot precondition these parameters:\n  - "
@@ -223,13 +266,83 @@ class CaptureEngine:
         for module, proxy in attentions:  # only now: a refusal above changes nothing
             self._attention[id(module)] = module
             attention.attach(module, proxy)
-        self.plain_params.extend(plain)
+        known_plain = {id(q) for q in self.plain_params}
+        for q in plain:  # each once (a tied parameter may come from several modules)
+            if id(q) not in known_plain:
+                known_plain.add(id(q))
+                self.plain_params.append(q)
+        tied_names = {names.get(id(q), "?") for q in tied_plain}
+        unsupported = list(dict.fromkeys(n for n in unsupported if n not in tied_names))
         self.unsupported_names.extend(unsupported)
+        self.tied_fallbacks.extend(tied_notes)
         for layer in new_layers:
             self.layers.append(layer)
             self._calls[id(layer.module)] = []
             self._handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
+        self.blocks = tied_blocks(self.layers)
+        self._block_of = {id(member.module): block for block in self.blocks for member in block.members or [block]}
         return unsupported
+
+    def _resolve_ties(
+        self,
+        uses: dict[int, list[_Use]],
+        names: dict[int, str],
+        new_layers: list[Layer],
+        extended: list[tuple[Layer, list[nn.Parameter]]],
+        plain: list[nn.Parameter],
+        known: dict[int, Layer],
+    ) -> tuple[list[nn.Parameter], list[str]]:
+        """Parameters owned by several modules (weight tying), edited in place:
+
+        - hooked by some, left out by the method's ``layer_filter`` for others: those others
+          are hooked too, for the shared parameters alone (new member layers), so that the
+          block sees every use;
+        - owned by a module that cannot be hooked (no handler, a refused configuration) and
+          by a hooked or filtered one: no hook sees every use, so the parameter leaves the
+          hooked layers and follows the plain gradient.
+
+        Returns the latter parameters and one line per tie saying why."""
+        fallback: list[nn.Parameter] = []
+        notes: list[str] = []
+        pulled: dict[int, tuple[_Use, list[nn.Parameter]]] = {}
+        by_id = {id(q): q for q in plain}
+        for layer in new_layers:
+            by_id.update((id(q), q) for q in layer.params)
+        for _, own in extended:
+            by_id.update((id(q), q) for q in own)
+        for pid, owners in uses.items():
+            if len(owners) < 2:
+                continue
+            p = by_id[pid]
+            statuses = {use.status for use in owners}
+            if "refused" in statuses and statuses != {"refused"}:
+                fallback.append(p)
+                labels = ", ".join(use.label for use in owners)
+                blind = ", ".join(use.label for use in owners if use.status == "refused")
+                notes.append(f"{names.get(pid, '?')} (shared by {labels}; no hook sees its use in {blind})")
+                if all(q is not p for q in plain):
+                    plain.append(p)
+            elif statuses == {"hooked", "filtered"}:
+                for use in owners:
+                    if use.status == "filtered":
+                        pulled.setdefault(id(use.module), (use, []))[1].append(p)
+                plain[:] = [q for q in plain if q is not p]
+        if fallback:
+            for layer in new_layers:
+                layer.params[:] = [q for q in layer.params if all(q is not f for f in fallback)]
+            new_layers[:] = [layer for layer in new_layers if layer.params]
+            for _, own in extended:
+                own[:] = [q for q in own if all(q is not f for f in fallback)]
+        for use, own in pulled.values():
+            if id(use.module) in known:
+                extended.append((known[id(use.module)], own))
+            else:
+                new_layers.append(Layer(use.name, use.module, use.handler, own))
+        return fallback, notes
+
+    def block_of(self, layer: Layer) -> Layer:
+        """The block (:attr:`blocks`) a hooked layer belongs to: itself, or its tied block."""
+        return self._block_of.get(id(layer.module), layer)
 
     def _refusal(self, module: nn.Module, handler: LayerHandler | None, label: str) -> str | None:
         """Why ``module``'s own parameters cannot be preconditioned, or None."""
@@ -354,7 +467,7 @@ class CaptureEngine:
         calls = [c for calls in self._calls.values() for c in calls if c.micro == self._micro and not c.skipped]
         if all(call.output is not None and call.output._version == call.version for call in calls):
             return [call.output for call in calls]
-        return [p for layer in self.layers for p in trainable(layer)]
+        return [p for block in self.blocks for p in trainable(block)]
 
     # -- factors ------------------------------------------------------------------------
     def factors(self, scale: float = 1.0, dtype: torch.dtype | None = None) -> dict[str, LayerFactors]:
@@ -371,30 +484,50 @@ class CaptureEngine:
         self.merge_micro_batches()
         scale = scale * self.gradient_scale
         out: dict[str, LayerFactors] = {}
-        batch = None
-        for layer in self.layers:
-            calls = [c for c in self._calls[id(layer.module)] if c.grads]
-            params = trainable(layer)
-            if not calls or not params:
-                continue
-            grads = [self._stack(c.grads) for c in calls]
-            target = dtype or _compute_dtype(grads[0].dtype)
-            if scale != 1.0:
-                grads = [g.to(target) * scale for g in grads]
-            elif grads[0].dtype != target or len(grads) > 1:
-                grads = [g.to(target) for g in grads]
-            b = grads[0].shape[0]
-            if b == 0:
-                raise ValueError(f"empty batch: layer {layer.name} saw 0 samples")
-            if batch is None:
-                batch = b
-            elif b != batch:
-                raise CaptureError(
-                    f"layer {layer.name} saw a batch of {b} samples, an earlier layer {batch}: every "
-                    "layer must see the same leading batch dimension"
-                )
-            out[layer.name] = layer.handler.factors(layer.module, params, [c.saved for c in calls], grads)
+        batch: list[int] = []
+        for block in self.blocks:
+            params = trainable(block)
+            members = block.members or [block]
+            if not params or not all(self._grad_calls(member) for member in members):
+                continue  # (a tied block with a member that recorded nothing: stray_params)
+            parts = []
+            for member in members:
+                own = trainable(member)
+                if own:
+                    parts.append(self._layer_factors(member, own, scale, dtype, batch))
+            if not block.members:
+                out[block.name] = parts[0]
+            elif parts:
+                indices = [i for i, member in enumerate(members) if trainable(member)]
+                out[block.name] = TiedFactors(block.module, params, parts, indices)
         return out
+
+    def _grad_calls(self, layer: Layer) -> list[_Call]:
+        return [c for c in self._calls[id(layer.module)] if c.grads]
+
+    def _layer_factors(
+        self, layer: Layer, params: list[nn.Parameter], scale: float, dtype: torch.dtype | None, batch: list[int]
+    ) -> LayerFactors:
+        """The factors of one hooked layer from its calls (``batch``: the batch size the
+        layers before saw, checked and recorded)."""
+        calls = self._grad_calls(layer)
+        grads = [self._stack(c.grads) for c in calls]
+        target = dtype or _compute_dtype(grads[0].dtype)
+        if scale != 1.0:
+            grads = [g.to(target) * scale for g in grads]
+        elif grads[0].dtype != target or len(grads) > 1:
+            grads = [g.to(target) for g in grads]
+        b = grads[0].shape[0]
+        if b == 0:
+            raise ValueError(f"empty batch: layer {layer.name} saw 0 samples")
+        if not batch:
+            batch.append(b)
+        elif b != batch[0]:
+            raise CaptureError(
+                f"layer {layer.name} saw a batch of {b} samples, an earlier layer {batch[0]}: every "
+                "layer must see the same leading batch dimension"
+            )
+        return layer.handler.factors(layer.module, params, [c.saved for c in calls], grads)
 
     @staticmethod
     def _stack(grads: list[tuple[int, Tensor]]) -> Tensor:
@@ -567,21 +700,33 @@ class CaptureEngine:
                 call.grads = [(index, next(supply)) for index, _ in call.grads]
 
     def uncalled_params(self) -> list[nn.Parameter]:
-        """Trainable parameters of hooked layers whose module recorded no training forward
-        call since the last clear. A backward pass may still reach them when the model
-        uses their weights without calling the module (``F.linear(x, fc.weight)``):
-        methods differentiate for them too, so that they are not silently frozen."""
-        return [p for layer in self.layers if not self._calls[id(layer.module)] for p in trainable(layer)]
+        """Trainable parameters of blocks (:attr:`blocks`) with a module that recorded no
+        training forward call since the last clear. A backward pass may still reach them
+        when the model uses their weights without calling the module
+        (``F.linear(x, fc.weight)``): methods differentiate for them too, so that they are
+        not silently frozen. (For a tied block with one member called and another not, the
+        hooks cannot tell whether the other's weights were used without calling it.)"""
+        return [
+            p
+            for block in self.blocks
+            if not all(self._calls[id(member.module)] for member in block.members or [block])
+            for p in trainable(block)
+        ]
 
     def stray_params(self) -> list[nn.Parameter]:
-        """Trainable parameters with a ``.grad`` whose hooked layer captured no
-        output-gradient since the last clear: their module's forward was bypassed, so the
-        sample-space math has nothing for them. They follow the plain gradient. Empty
-        when no layer captured anything (a forward in eval mode: a clear error elsewhere)."""
-        uncaptured = [layer for layer in self.layers if not _captured(self._calls[id(layer.module)])]
-        if not uncaptured or len(uncaptured) == len(self.layers):  # all captured, or none (eval mode)
-            return []
-        return [p for layer in uncaptured for p in trainable(layer) if p.grad is not None]
+        """Trainable parameters with a ``.grad`` whose block (one of :attr:`blocks`) has a
+        module that captured no output-gradient since the last clear: its forward was
+        bypassed, so the sample-space math has nothing (or, in a tied block, not every use)
+        for them. They follow the plain gradient. Empty when no layer captured anything (a
+        forward in eval mode: a clear error elsewhere)."""
+        uncaptured = [
+            block
+            for block in self.blocks
+            if not all(_captured(self._calls[id(member.module)]) for member in block.members or [block])
+        ]
+        if not uncaptured or not any(_captured(self._calls[id(layer.module)]) for layer in self.layers):
+            return []  # all captured, or none (eval mode)
+        return [p for block in uncaptured for p in trainable(block) if p.grad is not None]
 
     def has_factors(self) -> bool:
         for calls in self._calls.values():
@@ -618,6 +763,44 @@ class CaptureEngine:
         self._attention.clear()
         self.clear()
         self.closed = True
+
+
+_TIED = TiedHandler()
+
+
+def tied_blocks(layers: Sequence[Layer]) -> list[Layer]:
+    """The layers, with those that share a parameter (directly or through others: the
+    connected components of "covers a common parameter") joined into one block: a
+    :class:`Layer` named ``"a+b"`` whose members are the layers in model order and whose
+    params are theirs, each once, in that order. A layer sharing nothing is its own block."""
+    parent = list(range(len(layers)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[int, int] = {}
+    for i, layer in enumerate(layers):
+        for p in layer.params:
+            j = owner.setdefault(id(p), i)
+            if root(j) != root(i):
+                parent[root(i)] = root(j)
+    groups: dict[int, list[Layer]] = {}
+    for i, layer in enumerate(layers):
+        groups.setdefault(root(i), []).append(layer)
+    blocks = []
+    for members in groups.values():
+        if len(members) == 1:
+            blocks.append(members[0])
+            continue
+        params: list[nn.Parameter] = []
+        for member in members:
+            params.extend(p for p in member.params if all(p is not q for q in params))
+        module = TiedModules([(member.module, member.params) for member in members])
+        blocks.append(Layer("+".join(member.name for member in members), module, _TIED, params, list(members)))
+    return blocks
 
 
 def _whole_module_refusal(module: nn.Module, label: str) -> str | None:

@@ -188,8 +188,8 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         self._finalizer = weakref.finalize(self, self.engine.close)
         self._warned_gradients = False
         self._warned_micro = False
-        self._warn_unsupported(self.engine.unsupported_names)
-        self._watch_ignored_gradients(self.engine.layers)
+        self._warn_unsupported(self.engine.unsupported_names, self.engine.tied_fallbacks)
+        self._watch_ignored_gradients(self.engine.blocks)
         self.extra_state: dict[str, Any] = {"step": 0}
         self.last_info: StepInfo | None = None
         self._warned_stray: set[str] = set()
@@ -273,14 +273,15 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             check_hyper("lr", group["lr"], inclusive=False)
             self._validate_group(group)
             _check_params(self._names, [p for g in self.param_groups for p in g["params"]])
-            before = {id(layer.module) for layer in engine.layers}
+            before = {id(p) for layer in engine.blocks for p in layer.params}
+            tied = len(engine.tied_fallbacks)
             names = engine.add_params(group["params"])
         except BaseException:
             del self.param_groups[count:]
             raise
         self._group_index = None  # l2_term's parameter -> group map is stale
-        self._warn_unsupported(names)
-        self._watch_ignored_gradients([layer for layer in engine.layers if id(layer.module) not in before])
+        self._warn_unsupported(names, engine.tied_fallbacks[tied:])
+        self._watch_ignored_gradients([layer for layer in engine.blocks if any(id(p) not in before for p in layer.params)])
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_hyper("lr", group["lr"])
@@ -585,9 +586,20 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 stacklevel=user_stacklevel(),
             )
 
-    def _warn_unsupported(self, names: Sequence[str]) -> None:
-        """One warning for the parameters no handler covers (the default policy), and one
-        when the method preconditions no layer of the model at all."""
+    def _warn_unsupported(self, names: Sequence[str], tied: Sequence[str] = ()) -> None:
+        """One warning for the parameters no handler covers (the default policy), one for
+        tied parameters that a module without a handler shares (``tied``: the engine's
+        :attr:`~gramopt.capture.engine.CaptureEngine.tied_fallbacks`), and one when the
+        method preconditions no layer of the model at all."""
+        if tied:
+            warnings.warn(
+                f"gramopt: {type(self).__name__} cannot precondition the tied parameters {'; '.join(tied)}: their "
+                "per-sample rows need every module that uses them, so they follow the plain gradient of the loss "
+                "(pass unsupported='error' to refuse them, or register a handler for that module with "
+                "gramopt.register_handler)",
+                RuntimeWarning,
+                stacklevel=user_stacklevel(),
+            )
         if names:
             warnings.warn(
                 f"gramopt: {type(self).__name__} cannot precondition {', '.join(names)} (no handler for their "
@@ -609,12 +621,12 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         """Methods whose step ignores ``.grad`` of the preconditioned layers (FNGD, GGN)
         remember it after each backward, to warn when it is modified (clipping)."""
         if self.reads_gradients == "plain":
-            self.engine.watch_gradients(p for layer in layers for p in layer.params)
+            self.engine.watch_gradients(p for layer in layers for p in layer.params)  # (blocks: each once)
 
     def _warn_modified_gradients(self) -> None:
         if self.reads_gradients != "plain" or self._warned_gradients or not self.engine.remembers_gradients():
             return
-        params = [p for layer in self.engine.layers for p in layer.params]
+        params = [p for layer in self.engine.blocks for p in layer.params]
         modified = self.engine.modified_gradients(params)
         if modified:
             self._warned_gradients = True

@@ -505,7 +505,7 @@ class GGN(SampleSpaceOptimizer):
         2026-12-03, even the cheapest way to fill it, from the rows, costs 10-30% of a
         step) and leave that ``.grad`` empty."""
         known = {id(p) for p in plain}
-        return [p for layer in self.engine.layers for p in layer.params if p.requires_grad and id(p) not in known]
+        return [p for layer in self.engine.blocks for p in layer.params if p.requires_grad and id(p) not in known]
 
     def _adaptation_record(self, output: Tensor, wide: Tensor, target: Tensor, loss: float) -> dict[str, Any] | None:
         """What the reduction ratio of this step needs (None when it is not checked:
