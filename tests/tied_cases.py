@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from reference import jacobian, per_sample_grads
 from torch import Tensor, nn
+
+from reference import jacobian, per_sample_grads
 
 
 class TiedLinears(nn.Module):

@@ -30,6 +30,7 @@ garbage-collected.
 from __future__ import annotations
 
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from torch.utils.hooks import RemovableHandle
 from gramopt.capture.factors import LayerFactors
 from gramopt.capture import attention
 from gramopt.capture.handlers import LayerHandler, handler_for
+from gramopt.capture import uses
 from gramopt.capture.tied import TiedFactors, TiedHandler, TiedModules
 from gramopt.errors import CaptureError, UnsupportedModuleError
 
@@ -71,6 +73,7 @@ class _Call:
     micro: int = 0  # the micro-batch (gradient accumulation) it belongs to
     scale: float = 1.0  # multiplies its output-gradients (see CaptureEngine.scale_captured)
     skipped: bool = False  # the layer ran, but capture_filter said its step needs no capture
+    nodes: tuple[Any, list[Any]] | None = None  # (its output's node, its inputs' nodes) for audit_uses
 
 
 @dataclass
@@ -163,7 +166,14 @@ class CaptureEngine:
         #: records only that the layer ran (no saved input, no gradient hook), for a step
         #: that will not read this layer's factors (SENG between curvature refreshes).
         self.capture_filter: Callable[[Layer], bool] | None = None
+        #: Called with one line naming the parameters :meth:`audit_uses` found used outside
+        #: their modules' calls (they follow the plain gradient from then on), for a warning.
+        self.on_escaped: Callable[[str], None] | None = None
+        #: Full names of those parameters.
+        self.escaped_names: list[str] = []
+        self._audit_pending = True  # audit_uses at the next training forward of the model
         self.closed = False
+        self._handles.append(model.register_forward_hook(self._make_audit_hook()))
         self.add_params(params)
         if not batchnorm_training:
             for module in model.modules():
@@ -279,9 +289,13 @@ class CaptureEngine:
             self.layers.append(layer)
             self._calls[id(layer.module)] = []
             self._handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
+        self._group_blocks()
+        self._audit_pending = True
+        return unsupported
+
+    def _group_blocks(self) -> None:
         self.blocks = tied_blocks(self.layers)
         self._block_of = {id(member.module): block for block in self.blocks for member in block.members or [block]}
-        return unsupported
 
     def _resolve_ties(
         self,
@@ -338,6 +352,14 @@ class CaptureEngine:
                 extended.append((known[id(use.module)], own))
             else:
                 new_layers.append(Layer(use.name, use.module, use.handler, own))
+        if pulled:  # the new layers in the model's order again
+            rank = {id(module): i for i, module in enumerate(self.model.modules())}
+
+            def position(layer: Layer) -> int:
+                owner = getattr(layer.module, "attention", layer.module)  # (an in-projection: its attention)
+                return rank.get(id(owner), len(rank))
+
+            new_layers.sort(key=position)
         return fallback, notes
 
     def block_of(self, layer: Layer) -> Layer:
@@ -383,6 +405,8 @@ class CaptureEngine:
                 calls.append(_Call(None, None, 0, micro=engine_ref._micro, skipped=True))
                 return
             call = _Call(save(module, args, output), output, output._version, micro=engine_ref._micro)
+            if engine_ref._audit_pending:
+                call.nodes = (output.grad_fn, [a.grad_fn for a in args if isinstance(a, Tensor) and a.grad_fn is not None])
             calls.append(call)
             # The hook lives in the output's autograd node (C++), which Python's GC cannot
             # see: a strong reference to the call (which holds the output) would make an
@@ -406,6 +430,67 @@ class CaptureEngine:
             output.register_hook(grad_hook)
 
         return forward_hook
+
+    # -- parameters used outside their modules' calls ---------------------------------------
+    def _make_audit_hook(self) -> Callable[[nn.Module, tuple, Any], None]:
+        engine = self  # a function, not a bound method: a deep copy of the model copies none of it
+
+        def audit_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if engine._audit_pending and module is engine.model and torch.is_grad_enabled() and not engine._paused:
+                if not uses.in_transform():  # (a deep copy of the model carries the hook along)
+                    engine.audit_uses(output)
+
+        return audit_hook
+
+    def audit_uses(self, output: Any) -> list[nn.Parameter]:
+        """Check, once after construction (and after :meth:`add_params`), at the end of the
+        model's first training forward, that the graph of its ``output`` uses every
+        preconditioned parameter only inside the recorded calls of the modules that own it
+        (:mod:`gramopt.capture.uses`). Those used elsewhere as well (``F.linear(h,
+        tok.weight)`` besides ``tok(idx)``) leave their layers and follow the plain
+        gradient (:attr:`escaped_names`, :attr:`on_escaped`); under ``unsupported="error"``
+        :class:`UnsupportedModuleError` names them (what was captured is dropped).
+        Returns the parameters found (none if no hooked call was recorded: checked at the
+        next forward)."""
+        calls = [c for layer in self.layers for c in self._calls[id(layer.module)] if c.nodes is not None]
+        if not calls:
+            return []
+        inside: Counter = Counter()
+        for call in calls:
+            node, stop = call.nodes
+            inside.update(uses.edge_counts([node], stop))
+            call.nodes = None
+        total = uses.edge_counts(uses.output_nodes(output))
+        recorded = {id(layer.module) for layer in self.layers if self._calls[id(layer.module)]}
+        escaped = []
+        for block in self.blocks:
+            if all(id(member.module) in recorded for member in block.members or [block]):
+                for p in trainable(block):
+                    node = uses.gradient_node(p)
+                    if total[node] > inside[node]:
+                        escaped.append(p)
+        self._audit_pending = False
+        if not escaped:
+            return []
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        listed = ", ".join(names.get(id(p), "?") for p in escaped)
+        if self.unsupported == "error":
+            self._audit_pending = True
+            self.clear()
+            raise UnsupportedModuleError(
+                f"gramopt cannot precondition {listed}: the model uses them outside the calls of the modules that "
+                "own them (e.g. F.linear(h, tok.weight) for a tied head), and the hooks see the modules' calls only; "
+                "tie weights by sharing the parameter between modules (head.weight = tok.weight) and call the modules, "
+                "or pass unsupported='gradient' to update them with the plain gradient"
+            )
+        for layer in self.layers:
+            layer.params[:] = [q for q in layer.params if all(q is not p for p in escaped)]
+        self.plain_params.extend(escaped)
+        self.escaped_names.extend(names.get(id(p), "?") for p in escaped)
+        self._group_blocks()
+        if self.on_escaped is not None:
+            self.on_escaped(listed)
+        return escaped
 
     # -- passes -------------------------------------------------------------------------
     def backward_passes(

@@ -186,6 +186,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             batchnorm_training=self.batchnorm_training,
         )
         self._finalizer = weakref.finalize(self, self.engine.close)
+        self.engine.on_escaped = _weak_callback(self._warn_escaped)  # (the model's hooks must not keep self alive)
         self._warned_gradients = False
         self._warned_micro = False
         self._warn_unsupported(self.engine.unsupported_names, self.engine.tied_fallbacks)
@@ -617,6 +618,18 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 stacklevel=user_stacklevel(),
             )
 
+    def _warn_escaped(self, names: str) -> None:
+        """The capture engine found parameters used outside their modules' calls
+        (:meth:`~gramopt.capture.engine.CaptureEngine.audit_uses`)."""
+        warnings.warn(
+            f"gramopt: {type(self).__name__} cannot precondition {names}: the model uses them outside the calls of "
+            "the modules that own them (e.g. F.linear(h, tok.weight) for a tied head), which the hooks cannot see; "
+            "they follow the plain gradient of the loss from now on (share the parameter between modules instead, "
+            "head.weight = tok.weight, and call the modules, to precondition it)",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+
     def _watch_ignored_gradients(self, layers: Sequence[Any]) -> None:
         """Methods whose step ignores ``.grad`` of the preconditioned layers (FNGD, GGN)
         remember it after each backward, to warn when it is modified (clipping)."""
@@ -734,6 +747,18 @@ def _check_params(names: dict[int, str], params: list[Tensor]) -> None:
             f"all parameters must have one dtype and one device, got {found}: "
             "convert the model with model.to(dtype, device) before building the optimizer"
         )
+
+
+def _weak_callback(method: Callable[..., None]) -> Callable[..., None]:
+    """``method`` through a weak reference (nothing once its object is gone)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+
+    return call
 
 
 def _sum_of(scalars: list[Tensor]) -> Tensor:
