@@ -120,12 +120,17 @@ def errors() -> dict[str, dict[str, float]]:
     return table
 
 
-def gram_cost(rounds: int = 20) -> dict[str, dict[str, float]]:
-    """Seconds of a tied block's Gram (cross terms included) against the sum of its
-    members' own Grams, median of ``rounds``, on larger tied models (float32)."""
+def gram_cost(rounds: int = 10) -> dict[str, dict[str, float]]:
+    """Seconds of a tied block's Gram (its members' Grams and their cross block) against
+    the members' Grams alone, and of the cross block by the members' structure
+    (:meth:`LayerFactors.cross_gram`) against the generic form from their columns; median
+    of ``rounds``, in turns, float32, one thread, one ordinary backward pass (SENG's and
+    FNGD's rows)."""
     from gramopt.capture.engine import CaptureEngine  # noqa: PLC0415
+    from gramopt.capture.tied import columns_cross_gram  # noqa: PLC0415
 
     out = {}
+    torch.set_num_threads(1)
     setups = {
         "linear-linear 256x256, b=128": (lambda: tc.TiedLinears(256), torch.randn(128, 256)),
         "embedding-linear V=512 d=64, b=32 T=16": (
@@ -138,19 +143,25 @@ def gram_cost(rounds: int = 20) -> dict[str, dict[str, float]]:
         model = build()
         engine = CaptureEngine(model, list(model.parameters()))
         model(x).sum().backward()
-        factors = engine.factors()
-        tied = next(f for f in factors.values() if hasattr(f, "members"))
-        times = {"block": [], "members": []}
+        tied = next(f for f in engine.factors().values() if hasattr(f, "members"))
+        a, b, shared = next(tied.shared_pairs())
+        work = {
+            "block": tied.gram,
+            "members": lambda t=tied: [m.gram() for m in t.members],
+            "cross (structure)": lambda t=tied, a=a, b=b, s=shared: t.cross_block(a, b, s),
+            "cross (columns)": lambda t=tied, a=a, b=b, s=shared: columns_cross_gram(t.members[a], t.members[b], s),
+        }
+        times: dict[str, list[float]] = {k: [] for k in work}
         for _ in range(rounds):
-            start = time.perf_counter()
-            tied.gram()
-            times["block"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            for member in tied.members:
-                member.gram()
-            times["members"].append(time.perf_counter() - start)
+            for key, run in work.items():
+                for member in tied.members:  # (what one Gram formed and kept is not reused by the next)
+                    member.__dict__.pop("_rows", None)
+                    member.__dict__.pop("_input_gram", None)
+                start = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - start)
         med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-        out[name] = {**med, "ratio": med["block"] / med["members"]}
+        out[name] = {**med, "block / members": med["block"] / med["members"]}
         engine.close()
     return out
 
