@@ -22,7 +22,11 @@ saved inputs and output-gradients alike), so the factors are those of the concat
 batch. Each micro-batch's backward must come before the next micro-batch's forward.
 
 :meth:`CaptureEngine.factors` turns what was captured into one
-:class:`~gramopt.capture.factors.LayerFactors` per layer. Hooks are removed by
+:class:`~gramopt.capture.factors.LayerFactors` per layer, except that layers sharing a
+parameter (weight tying) are one block (:attr:`CaptureEngine.blocks`,
+:mod:`gramopt.capture.tied`). At the model's first training forward the engine checks
+that the graph uses each preconditioned parameter only inside its modules' calls
+(:meth:`CaptureEngine.audit_uses`). Hooks are removed by
 :meth:`CaptureEngine.close`, which the optimizers call on ``close()`` and when they are
 garbage-collected.
 """
