@@ -486,3 +486,15 @@ def test_fngd_hooks_an_embedding_tied_to_a_linear_head():
         opt = gramopt.FNGD(case.model, loss="cross_entropy")
     assert [b.name for b in opt.engine.blocks] == ["tok+head", "mix"]
     assert all(p is not case.model.tok.weight for p in opt.engine.plain_params)
+
+
+def test_fngd_refuses_or_warns_for_an_embedding_it_cannot_hook_tied_to_a_linear_head():
+    """An Embedding whose configuration its handler refuses (sparse gradients) tied to a
+    Linear head: the head cannot decide the shared weight's step alone."""
+    case = tc.embedding_linear()
+    case.model.tok.sparse = True
+    with pytest.raises(gramopt.UnsupportedModuleError, match=r"tok\.weight \(shared by tok \(Embedding\), head"):
+        gramopt.FNGD(case.model, loss="cross_entropy", unsupported="error")
+    with pytest.warns(RuntimeWarning, match=r"the tied parameters tok\.weight .*no hook sees its use in tok"):
+        opt = gramopt.FNGD(case.model, loss="cross_entropy")
+    assert [b.name for b in opt.engine.blocks] == ["mix"] and opt.engine.plain_params == [case.model.tok.weight]

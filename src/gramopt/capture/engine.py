@@ -265,6 +265,8 @@ class CaptureEngine:
             else:
                 new_layers.append(Layer(name or type(module).__name__, module, handler, own))
         tied_plain, tied_notes = self._resolve_ties(uses, names, new_layers, extended, plain, known)
+        if self.unsupported == "error":
+            problems.extend(f"{note}: tied parameters need every use hooked" for note in tied_notes)
         if problems:
             raise UnsupportedModuleError(
                 "gramopt cannot precondition these parameters:\n  - "
