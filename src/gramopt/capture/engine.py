@@ -412,7 +412,8 @@ class CaptureEngine:
                 return
             call = _Call(save(module, args, output), output, output._version, micro=engine_ref._micro)
             if engine_ref._audit_pending:
-                call.nodes = (output.grad_fn, [a.grad_fn for a in args if isinstance(a, Tensor) and a.grad_fn is not None])
+                inputs = [a.grad_fn for a in args if isinstance(a, Tensor) and a.grad_fn is not None]
+                call.nodes = (output.grad_fn, inputs)
             calls.append(call)
             # The hook lives in the output's autograd node (C++), which Python's GC cannot
             # see: a strong reference to the call (which holds the output) would make an

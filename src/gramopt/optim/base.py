@@ -282,7 +282,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             raise
         self._group_index = None  # l2_term's parameter -> group map is stale
         self._warn_unsupported(names, engine.tied_fallbacks[tied:])
-        self._watch_ignored_gradients([layer for layer in engine.blocks if any(id(p) not in before for p in layer.params)])
+        self._watch_ignored_gradients([b for b in engine.blocks if any(id(p) not in before for p in b.params)])
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_hyper("lr", group["lr"])
