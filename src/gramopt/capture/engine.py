@@ -210,10 +210,12 @@ class CaptureEngine:
         inside: list[str] = []  # prefixes of functional containers (their submodules are skipped)
         attentions: list[tuple[nn.MultiheadAttention, attention.InProjection]] = []
         uses: dict[int, list[_Use]] = {}  # id(p) -> the modules owning p (weight tying when several)
+        owned: dict[int, nn.Parameter] = {}
 
         def used(own: list[nn.Parameter], use: _Use) -> None:
             for q in own:
                 uses.setdefault(id(q), []).append(use)
+                owned[id(q)] = q
 
         for name, module in model.named_modules():
             if any(name.startswith(prefix) for prefix in inside):
@@ -264,7 +266,7 @@ class CaptureEngine:
                 extended.append((known[id(module)], own))
             else:
                 new_layers.append(Layer(name or type(module).__name__, module, handler, own))
-        tied_plain, tied_notes = self._resolve_ties(uses, names, new_layers, extended, plain, known)
+        tied_plain, tied_notes = self._resolve_ties(uses, owned, names, new_layers, extended, plain, known)
         if self.unsupported == "error":
             problems.extend(f"{note}: tied parameters need every use hooked" for note in tied_notes)
         if problems:
@@ -306,6 +308,7 @@ class CaptureEngine:
     def _resolve_ties(
         self,
         uses: dict[int, list[_Use]],
+        owned: dict[int, nn.Parameter],
         names: dict[int, str],
         new_layers: list[Layer],
         extended: list[tuple[Layer, list[nn.Parameter]]],
@@ -325,15 +328,10 @@ class CaptureEngine:
         fallback: list[nn.Parameter] = []
         notes: list[str] = []
         pulled: dict[int, tuple[_Use, list[nn.Parameter]]] = {}
-        by_id = {id(q): q for q in plain}
-        for layer in new_layers:
-            by_id.update((id(q), q) for q in layer.params)
-        for _, own in extended:
-            by_id.update((id(q), q) for q in own)
         for pid, owners in uses.items():
             if len(owners) < 2:
                 continue
-            p = by_id[pid]
+            p = owned[pid]
             statuses = {use.status for use in owners}
             if "refused" in statuses and statuses != {"refused"}:
                 fallback.append(p)
@@ -579,18 +577,14 @@ class CaptureEngine:
         batch: list[int] = []
         for block in self.blocks:
             params = trainable(block)
-            members = block.members or [block]
+            members = _active(block)
             if not params or not all(self._grad_calls(member) for member in members):
                 continue  # (a tied block with a member that recorded nothing: stray_params)
-            parts = []
-            for member in members:
-                own = trainable(member)
-                if own:
-                    parts.append(self._layer_factors(member, own, scale, dtype, batch))
+            parts = [self._layer_factors(member, trainable(member), scale, dtype, batch) for member in members]
             if not block.members:
                 out[block.name] = parts[0]
-            elif parts:
-                indices = [i for i, member in enumerate(members) if trainable(member)]
+            else:
+                indices = [i for i, member in enumerate(block.members) if trainable(member)]
                 out[block.name] = TiedFactors(block.module, params, parts, indices)
         return out
 
@@ -801,7 +795,7 @@ class CaptureEngine:
         return [
             p
             for block in self.blocks
-            if not all(self._calls[id(member.module)] for member in block.members or [block])
+            if not all(self._calls[id(member.module)] for member in _active(block))
             for p in trainable(block)
         ]
 
@@ -814,7 +808,7 @@ class CaptureEngine:
         uncaptured = [
             block
             for block in self.blocks
-            if not all(_captured(self._calls[id(member.module)]) for member in block.members or [block])
+            if not all(_captured(self._calls[id(member.module)]) for member in _active(block))
         ]
         if not uncaptured or not any(_captured(self._calls[id(layer.module)]) for layer in self.layers):
             return []  # all captured, or none (eval mode)
@@ -941,6 +935,12 @@ def _captured(calls: list[_Call]) -> bool:
         if call.grads or call.skipped:
             return True
     return False
+
+
+def _active(block: Layer) -> list[Layer]:
+    """The layers of a block (:attr:`CaptureEngine.blocks`) with a parameter that requires
+    grad now: the block itself, or those of its members."""
+    return [member for member in block.members or [block] if trainable(member)]
 
 
 def trainable(layer: Layer) -> list[nn.Parameter]:
