@@ -44,30 +44,35 @@ EXPLICIT_MAX_ELEMENTS = 2**27
 
 
 def position_pair_gram(
-    grads: Tensor, input_kernel: Callable[[int, int], Tensor]
+    grads: Tensor, input_kernel: Callable[[int, int], Tensor], other: Tensor | None = None
 ) -> Tensor:
     """Evaluate ``K_rq = sum_{s,t} (z_rs . z_qt) A_{i s j t}`` in chunks of samples.
 
     Args:
         grads: Z, ``[b, k, s, d_out]``.
         input_kernel: ``(i0, i1) -> A[i0:i1]``, the input kernel over position pairs
-            for samples ``i0 <= i < i1`` against all samples, ``[i1 - i0, s, b, s]``.
+            for samples ``i0 <= i < i1`` against all samples, ``[i1 - i0, s, b, s']``.
+        other: None (K of one layer, s' = s), or Z' ``[b, k, s', d_out]`` of a second layer
+            sharing the weight: the cross block ``sum_{s,t} (z_rs . z'_qt) A_{i s j t}``.
 
     Returns:
         K without the bias term, ``[b k, b k]``.
     """
     b, k, s, d_out = grads.shape
+    right = grads if other is None else other
+    s2 = right.shape[2]
     n = b * k
     flat = grads.reshape(n * s, d_out)
-    per_sample = k * s * n * s
+    flat_right = right.reshape(n * s2, d_out)
+    per_sample = k * s * n * s2
     chunk = max(1, PAIR_CHUNK_ELEMENTS // max(per_sample, 1))
     blocks = []
     for i0 in range(0, b, chunk):
         i1 = min(b, i0 + chunk)
         c = i1 - i0
-        zz = flat[i0 * k * s : i1 * k * s] @ flat.T  # [c k s, n s]
-        zz = zz.view(c, k, s, b, k, s)
-        xx = input_kernel(i0, i1).view(c, 1, s, b, 1, s)
+        zz = flat[i0 * k * s : i1 * k * s] @ flat_right.T  # [c k s, n s']
+        zz = zz.view(c, k, s, b, k, s2)
+        xx = input_kernel(i0, i1).view(c, 1, s, b, 1, s2)
         blocks.append((zz * xx).sum(dim=(2, 5)).reshape(c * k, n))
     return torch.cat(blocks, dim=0)
 
@@ -470,19 +475,63 @@ class SharedWeightFactors(LayerFactors):
         return self.positions, self.d_in + 1, self.d_out
 
     def columns(self, index: Tensor) -> Tensor:
-        if self.passes != 1:
-            return super().columns(index)
-        z = self.grads[:, 0]  # [b, s, d_out]
-        d_in = self.inputs.shape[-1]
+        """``U[:, index]``: ``sum_s z_rs[o] x_is[j]`` for weight entry (o, j), ``sum_s z_rs[o]``
+        for bias entry o, never the whole of U."""
+        z = self.grads  # [b, k, s, d_out]
+        n, d_in = self.num_rows, self.inputs.shape[-1]
         n_weight = self.weight_shape.numel() if self.with_weight else 0
-        out = torch.empty(self.batch_size, index.numel(), dtype=z.dtype, device=z.device)
+        out = torch.empty(n, index.numel(), dtype=z.dtype, device=z.device)
         is_weight = index < n_weight
         if is_weight.any():
             w = index[is_weight]
-            out[:, is_weight] = (z[:, :, w // d_in] * self.inputs[:, :, w % d_in]).sum(dim=1)
+            if self.passes == 1:
+                out[:, is_weight] = (z[:, 0][:, :, w // d_in] * self.inputs[:, :, w % d_in]).sum(dim=1)
+            else:
+                per_pass = torch.einsum("bksq,bsq->bkq", z[..., w // d_in], self.inputs[:, :, w % d_in])
+                out[:, is_weight] = per_pass.reshape(n, -1)
         if not is_weight.all():
-            out[:, ~is_weight] = self._bias_sum(z)[:, index[~is_weight] - n_weight]
+            out[:, ~is_weight] = bias_sum(z, self.bias_positions)[:, index[~is_weight] - n_weight]
         return out
+
+    def cross_gram(self, other: LayerFactors, params: Sequence[nn.Parameter]) -> Tensor | None:
+        """The cross block with another layer ``y'_jt = W x'_jt (+ c)`` sharing the weight
+        (and/or the bias): ``sum_{s,t} (z_rs . z'_qt) (x_is . x'_jt (+ 1))``, by position
+        pairs or the explicit rows, whichever costs fewer flops (as :meth:`gram`)."""
+        if not isinstance(other, SharedWeightFactors):
+            return None
+        if (other.batch_size, other.passes) != (self.batch_size, self.passes):
+            return None
+        if self.bias_positions is not None or other.bias_positions is not None:
+            return None  # (derivative channels: the generic columns form is exact)
+        weight = self.with_weight and other.with_weight and self.params[0] is other.params[0]
+        bias = self.with_bias and other.with_bias and self.params[-1] is other.params[-1]
+        covered = [p for p in (self.params[0] if weight else None, self.params[-1] if bias else None) if p is not None]
+        if not covered or len(covered) != len(params) or not all(any(p is q for q in covered) for p in params):
+            return None
+        b, k, n = self.batch_size, self.passes, self.num_rows
+        if not weight:
+            return self.grads.sum(dim=2).reshape(n, -1) @ other.grads.sum(dim=2).reshape(n, -1).T
+        s1, s2, d_in, d_out = self.positions, other.positions, self.d_in, self.d_out
+        if s1 == 1 and s2 == 1:
+            xx = self.inputs.reshape(b, d_in) @ other.inputs.reshape(b, d_in).T
+            if bias:
+                xx += 1.0
+            zz = self.grads.reshape(n, d_out) @ other.grads.reshape(n, d_out).T
+            return zz.mul_(xx) if k == 1 else (zz.view(b, k, b, k) * xx.view(b, 1, b, 1)).view(n, n)
+        pairs = n * n * s1 * s2 * (d_out + 2) + b * b * s1 * s2 * d_in
+        formed = sum("_rows" not in f.__dict__ for f in (self, other))
+        explicit = formed * n * max(s1, s2) * d_in * d_out + n * n * d_in * d_out
+        if explicit < pairs and n * d_in * d_out <= EXPLICIT_MAX_ELEMENTS:
+            mine, theirs = self.explicit_rows(), other.explicit_rows()
+            out = mine[0] @ theirs[0].T
+            return out.addmm_(mine[-1], theirs[-1].T) if bias else out
+        flat_x = other.inputs.reshape(-1, d_in)
+
+        def input_kernel(i0: int, i1: int) -> Tensor:
+            xx = (self.inputs[i0:i1].reshape(-1, d_in) @ flat_x.T).view(i1 - i0, s1, b, s2)
+            return xx + 1.0 if bias else xx
+
+        return position_pair_gram(self.grads, input_kernel, other.grads)
 
     def row_block(self, i0: int, i1: int) -> Tensor:
         if self.passes != 1:
@@ -588,6 +637,38 @@ class EmbeddingFactors(LayerFactors):
         if (samples, passes) != (self.batch_size, self.passes):
             return super().pass_block(samples, passes, keep)
         return EmbeddingFactors(self.module, self.params, self.indices, self.grads[:, :keep], self.num_embeddings)
+
+    def columns(self, index: Tensor) -> Tensor:
+        """``U[:, index]``: entry (v, c) of the table is ``sum_s [idx_is = v] z_rs[c]``."""
+        b, k, s, d = self.grads.shape
+        hit = (self.indices.unsqueeze(2) == (index // d)).unsqueeze(1)  # [b, 1, s, q]
+        return (self.grads[..., index % d] * hit).sum(dim=2).reshape(b * k, -1)
+
+    def cross_gram(self, other: LayerFactors, params: Sequence[nn.Parameter]) -> Tensor | None:
+        """The cross block with a Linear layer ``y'_jt = W x'_jt`` whose weight is this
+        table (GPT weight tying, ``W`` ``[V, d]``): ``sum_{s,t} z'_qt[idx_is] (z_rs . x'_jt)``,
+        ``n^2 s t`` multiplications in chunks of samples, never the ``[n, V d]`` rows."""
+        if (
+            not isinstance(other, SharedWeightFactors)
+            or not other.with_weight
+            or len(params) != 1
+            or params[0] is not self.params[0]
+            or other.params[0] is not params[0]
+            or (other.batch_size, other.passes) != (self.batch_size, self.passes)
+        ):
+            return None
+        b, k, s, d = self.grads.shape
+        n, t = self.num_rows, other.positions
+        x = other.inputs.to(self.grads.dtype)  # [b, t, d]
+        z = other.grads.to(self.grads.dtype)  # [b, k, t, V]
+        chunk = max(1, PAIR_CHUNK_ELEMENTS // max(1, k * s * b * k * t))
+        blocks = []
+        for i0 in range(0, b, chunk):
+            i1 = min(b, i0 + chunk)
+            dots = torch.einsum("iksd,jtd->iksjt", self.grads[i0:i1], x)  # z_rs . x'_jt
+            picked = z[:, :, :, self.indices[i0:i1]].permute(3, 4, 0, 1, 2)  # z'_qt[idx_is], [c, s, b, k, t]
+            blocks.append(torch.einsum("iksjt,isjlt->ikjl", dots, picked).reshape((i1 - i0) * k, n))
+        return torch.cat(blocks, dim=0)
 
     def per_sample(self) -> Tensor:
         b, k, s, d = self.grads.shape
