@@ -37,7 +37,10 @@ CONFIGS = {
                                sketch=gramopt.SketchConfig(size=0.5, seed=1)),
         "cross_entropy",
     ),
-    "fngd-sharing": (lambda m: gramopt.FNGD(m, lr=0.1, damping=0.05, loss="cross_entropy", coefficient_steps=2), "cross_entropy"),
+    "fngd-sharing": (
+        lambda m: gramopt.FNGD(m, lr=0.1, damping=0.05, loss="cross_entropy", coefficient_steps=2),
+        "cross_entropy",
+    ),
 }
 
 

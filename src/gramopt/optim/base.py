@@ -13,10 +13,8 @@ beyond torch's per-parameter state. A method states what it needs
 
 from __future__ import annotations
 
-import functools
 import math
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -32,8 +30,7 @@ from gramopt.capture.factors import LayerFactors, all_finite
 from gramopt.errors import CaptureError, NonFiniteError
 from gramopt.linalg.dense import SolveInfo
 from gramopt.losses import GaussNewtonLoss
-from gramopt.optim import notices
-from gramopt.optim.notices import user_stacklevel
+from gramopt.optim.notices import Notices, user_stacklevel
 from gramopt.optim.update import all_norms_finite, clip_directions, decorated_update
 
 __all__ = ["Batch", "MethodNeeds", "SampleSpaceOptimizer", "StepInfo", "check_hyper", "user_stacklevel"]
@@ -83,7 +80,9 @@ class MethodNeeds:
         if self.rows == "jacobian" and self.reads_gradients != "plain":
             raise ValueError('MethodNeeds: rows="jacobian" passes reach no weight, so reads_gradients must be "plain"')
         if not self.weight_decay_modes or set(self.weight_decay_modes) - {"decoupled", "l2"}:
-            raise ValueError(f"MethodNeeds.weight_decay_modes must be taken from ('decoupled', 'l2'), got {self.weight_decay_modes!r}")
+            raise ValueError(
+                f"MethodNeeds.weight_decay_modes must be taken from ('decoupled', 'l2'), got {self.weight_decay_modes!r}"
+            )
 
 
 @dataclass
@@ -154,6 +153,12 @@ class Batch:
         owner._gather(self)
         return owner.engine.batch_size()
 
+    def missing_captures(self, message: str) -> CaptureError:
+        """The error for ``directions`` to raise when it finds nothing captured: ``message``,
+        unless the last thing that happened was a step, which used up the captures of the
+        backward pass before it: then that."""
+        return self._owner()._missing_captures(message)
+
     def join(self, later: Batch) -> Batch:
         """This step's micro-batches so far with ``later``, the next one, appended
         (gradient accumulation): the mean loss over all samples, seconds summed,
@@ -188,40 +193,6 @@ def check_hyper(name: str, value: Any, *, low: float = 0.0, inclusive: bool = Tr
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < low or (not inclusive and value == low):
         raise ValueError(f"{name} must be {'>=' if inclusive else '>'} {low}, got {value!r}")
-
-
-def positional_deprecated(*names: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """A method's ``__init__(self, model, lr, damping, *, ...)`` that still takes the
-    arguments it took positionally after ``damping`` in gramopt 0.1 (``names``, in that
-    order), with a FutureWarning naming each keyword."""
-
-    def wrap(init: Callable[..., None]) -> Callable[..., None]:
-        @functools.wraps(init)
-        def __init__(self: Any, model: Any, *args: Any, **kwargs: Any) -> None:
-            if len(args) > 2:
-                owner = type(self).__name__
-                extra = args[2:]
-                if len(extra) > len(names):
-                    raise TypeError(f"{owner}() takes model, lr and damping positionally, and at most {len(names)} "
-                                    f"more (deprecated) positional arguments, got {len(args) + 1}")
-                given = dict(zip(names, extra))
-                for name in given:
-                    if name in kwargs:
-                        raise TypeError(f"{owner}() got multiple values for argument {name!r}")
-                warnings.warn(
-                    f"{owner}(model, lr, damping, ...): passing {', '.join(given)} positionally is deprecated and "
-                    f"stops working in gramopt 0.3; pass them by keyword: "
-                    + ", ".join(f"{name}={value!r}" for name, value in given.items()),
-                    FutureWarning,
-                    stacklevel=2,
-                )
-                kwargs.update(given)
-                args = args[:2]
-            init(self, model, *args, **kwargs)
-
-        return __init__
-
-    return wrap
 
 
 class SampleSpaceOptimizer(torch.optim.Optimizer):
@@ -365,18 +336,17 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             batchnorm_training=self.needs.batchnorm_training,
         )
         self._finalizer = weakref.finalize(self, self.engine.close)
-        self.engine.on_escaped = _weak_callback(self._warn_escaped)  # (the model's hooks must not keep self alive)
-        self._warned_gradients = False
+        self._notices = Notices(type(self).__name__, self._names)
+        self.engine.on_escaped = self._notices.escaped_parameters
         # Until the first step succeeds, the backward of a method whose step ignores .grad of
         # its layers fills that .grad too (_probe_params), so that a change to it is reported.
         self._gradient_probe = self.needs.reads_gradients == "plain"
         self._grads_at_step: list[tuple[int, int] | None] | None = None  # see _missing_captures
-        self._warned_micro = False
-        self._warn_unsupported(self.engine.unsupported_names, self.engine.tied_fallbacks)
+        engine = self.engine
+        self._notices.uncovered(engine, engine.unsupported_names, engine.tied_fallbacks, bool(self._params()))
         self._watch_ignored_gradients(self.engine.blocks)
         self.extra_state: dict[str, Any] = {"step": 0}
         self.last_info: StepInfo | None = None
-        self._warned_stray: set[str] = set()
         self._pending: Batch | None = None  # the micro-batches backward saw since the last step
         self._seconds: dict[str, float] = {}
         self.sync: dp.DataParallel | None = None
@@ -436,7 +406,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             return []
         if self.needs.reads_gradients == "all":
             return [p for g in self.param_groups for p in g["params"]]
-        return self.engine.plain_params + self._strays(batch)
+        return self.engine.plain_params + (batch.strays if batch.strays is not None else self.engine.stray_params())
 
     def l2_term(self, p: Tensor) -> Tensor | None:
         """``weight_decay_mode="l2"``: ``wd * p``, the gradient of (wd/2)||p||^2 that the
@@ -444,7 +414,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         weight_decay of p's param group); None when there is none to add."""
         if self.weight_decay_mode != "l2":
             return None
-        decay = self._group_of(p)["weight_decay"]
+        decay = self.group_of(p)["weight_decay"]
         return p.detach() * decay if decay else None
 
     # -- torch.optim's interface -----------------------------------------------------------
@@ -481,8 +451,8 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         except BaseException:
             del self.param_groups[count:]
             raise
-        self._group_index = None  # l2_term's parameter -> group map is stale
-        self._warn_unsupported(names, engine.tied_fallbacks[tied:])
+        self._group_index = None  # group_of's parameter -> group map is stale
+        self._notices.uncovered(engine, names, engine.tied_fallbacks[tied:], bool(self._params()))
         self._watch_ignored_gradients([b for b in engine.blocks if any(id(p) not in before for p in b.params)])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -563,12 +533,12 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         needs = self.needs
         jacobian = needs.rows == "jacobian"
         with self._phase("jacobian" if jacobian else "backward"):
-            self._check_batch(output, target)
+            _check_batch(self.loss, output, target)
             # Jacobian rows: the loss of a detached output, whose gradient seeds the pass for .grad
             graph = output.detach().requires_grad_(True) if jacobian else output
             with torch.enable_grad():
                 value = self.loss.value(graph, target)
-            batch.loss = self._finite_loss(value, output, target)
+            batch.loss = _finite_loss(value, output, target)
             batch.samples = samples = output.shape[0]
             if jacobian:
                 directions = self.row_directions(output, target, batch)
@@ -585,10 +555,10 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 self._add_gradients(plain + probe, grads, probe)
         if jacobian:
             with self._phase("gradient"):
-                batch.plain, batch.strays = self._plain_gradients(value, graph, output, samples)
+                batch.plain, batch.strays = self._gradient_pass(value, graph, output, samples)
         return value.detach()
 
-    def _plain_gradients(
+    def _gradient_pass(
         self, value: Tensor, graph: Tensor, output: Tensor, samples: int
     ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """``rows="jacobian"``: ``.grad`` where the step reads it, the plain-gradient
@@ -608,34 +578,8 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 grads = torch.autograd.grad(output, plain + probe, grad_outputs=grad_output * weight, allow_unused=True)
             uncalled_ids = {id(p) for p in uncalled}
             strays = [p for p in self._add_gradients(plain + probe, grads, probe) if id(p) in uncalled_ids]
-        self._warn_stray(strays)
+        self._notices.stray_parameters(strays)
         return plain, strays
-
-    def _check_batch(self, output: Tensor, target: Tensor) -> None:
-        """Two tensors on one device, a target that fits the output under ``self.loss``,
-        at least one sample."""
-        if not isinstance(output, Tensor) or not isinstance(target, Tensor):
-            raise TypeError("backward(output, target) takes two tensors")
-        if target.device != output.device:
-            raise ValueError(f"target is on {target.device}, output on {output.device}")
-        self.loss.check(output, target)
-        if output.shape[0] == 0:
-            raise ValueError("empty batch: the output has 0 samples")
-
-    @staticmethod
-    def _finite_loss(value: Tensor, output: Tensor, target: Tensor) -> float:
-        """The loss as a float, after one fused check (one host sync) of the loss, the
-        output and a floating-point target: NonFiniteError naming the first non-finite one."""
-        sums = [value.detach(), output.detach().sum()] + ([target.sum()] if target.is_floating_point() else [])
-        loss, *rest = torch.stack([t.to(value.dtype) for t in sums]).tolist()
-        if not math.isfinite(loss + sum(rest)):  # (a finite sum that overflowed: checked below)
-            if not torch.isfinite(output).all():
-                raise NonFiniteError(f"the model output has NaN or inf (the loss is {loss}); nothing was changed")
-            if target.is_floating_point() and not torch.isfinite(target).all():
-                raise NonFiniteError(f"the target has NaN or inf (the loss is {loss}); nothing was changed")
-            if not math.isfinite(loss):
-                raise NonFiniteError(f"the loss is {loss}; nothing was changed")
-        return loss
 
     def _micro_batch_weight(self, samples: int) -> float:
         """Gradient accumulation: before the backward pass of a micro-batch of ``samples``
@@ -727,17 +671,18 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
 
     def _step_body(self) -> None:
         """Steps 1-5 of ``step`` (the class docstring)."""
-        self._warn_modified_gradients()
+        if self.needs.reads_gradients == "plain":
+            self._notices.modified_gradients(self.engine)
         recorded = self._pending
         batch = recorded if recorded is not None else self.batch_type()
         self._synchronize_gradients(batch)
         self._seconds = dict(batch.seconds)
         batch._optimizer = self
         try:
-            self._check_micro_batches(recorded)
+            self._notices.micro_batches(self.engine, recorded.micro_batches if recorded is not None else 0)
             if recorded is None and self.needs.rows == "jacobian":
                 raise self._missing_captures(f"{type(self).__name__}.step() needs opt.backward(model(x), y) first")
-            if batch.per_sample and self._exact():
+            if batch.per_sample and self.sync is not None and self.sync.policy == "exact":
                 with self._phase("factors"):
                     self._gather(batch)
             directions = self.directions(batch)
@@ -748,10 +693,10 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             if self.max_update_norm is not None:
                 directions = clip_directions(directions, self.max_update_norm)
             with self._phase("update"):
-                self._update(directions)
+                self.apply_directions(directions)
                 self.commit(batch)
             self._gradient_probe = False  # (_probe_params)
-            self._grads_at_step = self._gradient_marks()
+            self._grads_at_step = _gradient_marks(self._params())
         finally:
             batch._optimizer = None
             self.engine.clear()
@@ -767,13 +712,10 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         if batch.plain is not None:
             return batch.plain
         strays = self.engine.stray_params()
-        self._warn_stray(strays)
+        self._notices.stray_parameters(strays)
         return self.engine.plain_params + strays
 
-    def _strays(self, batch: Batch) -> list[nn.Parameter]:
-        return batch.strays if batch.strays is not None else self.engine.stray_params()
-
-    def _update(self, directions: dict[Tensor, Tensor]) -> None:
+    def apply_directions(self, directions: dict[Tensor, Tensor]) -> None:
         """Check every direction is finite, then decorate and apply them (all or nothing;
         ``"local"`` first averages the ranks' directions)."""
         if self.sync is not None and self.sync.policy == "local":
@@ -839,17 +781,11 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         self.engine.forget_gradients()  # (not the user's clipping)
         self.engine.gradient_scale = inverse
 
-    def _gradient_marks(self) -> list[tuple[int, int] | None]:
-        """Which ``.grad`` tensor each parameter holds and its version: any backward pass
-        since changes them (accumulates in place, or sets a new tensor)."""
-        params = [p for group in self.param_groups for p in group["params"]]
-        return [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
-
     def _missing_captures(self, message: str) -> CaptureError:
         """The error of a step that finds nothing captured: ``message``, unless the last
         thing that happened was a step (no ``opt.backward`` since, no ``.grad`` changed),
         which consumed the captures of the backward pass before it: then that."""
-        if self._grads_at_step is not None and self._grads_at_step == self._gradient_marks():
+        if self._grads_at_step is not None and self._grads_at_step == _gradient_marks(self._params()):
             # (a method that captures a mean loss's gradients also takes the ordinary loop)
             ordinary = self.needs.rows == "loss_gradients"
             backward = "opt.backward(model(x), y)" + (", or loss.backward()" if ordinary else "")
@@ -860,7 +796,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             )
         return CaptureError(message)
 
-    def _group_of(self, p: Tensor) -> dict[str, Any]:
+    def group_of(self, p: Tensor) -> dict[str, Any]:
         """The param group of ``p`` (one dict lookup: the map is rebuilt only after
         ``add_param_group``)."""
         if self._group_index is None:
@@ -880,9 +816,6 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         """Where a local failure must reach the other ranks (``backward``, ``step``)."""
         return nullcontext() if self.sync is None else self.sync.agreement()
 
-    def _exact(self) -> bool:
-        return self.sync is not None and self.sync.policy == "exact"
-
     def _draw_seed(self) -> int:
         """A random seed from torch's generator; rank 0's on every rank when distributed."""
         seed = int(torch.randint(0, 2**62, (1,)))
@@ -897,7 +830,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         """Under ``"exact"``, once per step: replace the engine's captures by the global
         batch's (every rank's rows, in rank order; gradients of a rank's mean loss times
         b_r / B) and ``batch.per_sample`` likewise (unscaled)."""
-        if batch._gathered or not self._exact():
+        if batch._gathered or self.sync is None or self.sync.policy != "exact":
             return
         batch._gathered = True
         tensors, is_grad, layout = self.engine.capture_tensors()
@@ -915,65 +848,14 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         if params:
             self.sync.synchronize_gradients(params, self._local_samples())
 
-    # -- reports (gramopt.optim.notices says them) ----------------------------------------
-    def _warn_stray(self, params: Sequence[Tensor]) -> None:
-        """Once per optimizer and parameter: it has a gradient that the method cannot
-        precondition, so it follows the plain gradient (never silently frozen)."""
-        names = [self._names.get(id(p), "?") for p in params]
-        new = [n for n in names if n not in self._warned_stray]
-        if new:
-            self._warned_stray.update(new)
-            notices.stray(new)
-
-    def _warn_unsupported(self, names: Sequence[str], tied: Sequence[str] = ()) -> None:
-        """The parameters no handler covers (the default policy), tied parameters that a
-        module without a handler shares (``tied``: the engine's
-        :attr:`~gramopt.capture.engine.CaptureEngine.tied_fallbacks`), and a method that
-        preconditions no layer of the model at all."""
-        owner = type(self).__name__
-        if tied:
-            notices.tied_without_handler(owner, tied)
-        if names:
-            by_reason: dict[str, list[str]] = {}  # the reason unsupported="error" would give, and its fix
-            for name in names:
-                by_reason.setdefault(self.engine.unsupported_reasons.get(name, "no gramopt handler"), []).append(name)
-            notices.unsupported(owner, by_reason)
-        if not self.engine.layers and any(len(g["params"]) for g in self.param_groups):
-            notices.no_layer(owner)
-
-    def _warn_escaped(self, names: str) -> None:
-        """The capture engine found parameters used outside their modules' calls
-        (:meth:`~gramopt.capture.engine.CaptureEngine.audit_uses`)."""
-        notices.escaped(type(self).__name__, names)
-
     def _watch_ignored_gradients(self, layers: Sequence[Any]) -> None:
         """Methods whose step ignores ``.grad`` of the preconditioned layers remember it
         after each backward, to warn when it is modified (clipping)."""
         if self.needs.reads_gradients == "plain":
             self.engine.watch_gradients(p for layer in layers for p in layer.params)  # (blocks: each once)
 
-    def _warn_modified_gradients(self) -> None:
-        if self.needs.reads_gradients != "plain" or self._warned_gradients or not self.engine.remembers_gradients():
-            return
-        params = [p for layer in self.engine.blocks for p in layer.params]
-        modified = self.engine.modified_gradients(params)
-        if modified:
-            self._warned_gradients = True
-            notices.modified_gradients(
-                type(self).__name__, [self._names.get(id(p), "?") for p in modified[:5]], len(modified) > 5
-            )
-
-    def _check_micro_batches(self, recorded: Batch | None) -> None:
-        """Micro-batches of unequal sizes accumulated by ``loss.backward()`` (not by the
-        optimizer's ``backward``, which weighs them exactly): the step is that of the
-        concatenated batch only if each micro-batch's mean loss was multiplied by b_m / B."""
-        if not self.engine.accumulated():  # one micro-batch: nothing to compare
-            return
-        sizes = self.engine.micro_batch_sizes()
-        own = recorded.micro_batches if recorded is not None else 0
-        if len(set(sizes)) > 1 and own != len(sizes) and not self._warned_micro:
-            self._warned_micro = True
-            notices.unequal_micro_batches(sizes)
+    def _params(self) -> list[nn.Parameter]:
+        return [p for group in self.param_groups for p in group["params"]]
 
 
 class _PhaseTimer:
@@ -999,7 +881,8 @@ _NOT_SETTINGS = frozenset({"defaults", "state", "param_groups", "model", "engine
 def _public_options(optimizer: SampleSpaceOptimizer) -> dict[str, Any]:
     """The method's public options: its public attributes (set before the base class's
     ``__init__``), for the ranks' agreement on settings."""
-    return {key: value for key, value in sorted(vars(optimizer).items()) if not key.startswith("_") and key not in _NOT_SETTINGS}
+    options = sorted(vars(optimizer).items())
+    return {key: value for key, value in options if not key.startswith("_") and key not in _NOT_SETTINGS}
 
 
 def _check_params(names: dict[int, str], params: list[Tensor]) -> None:
@@ -1026,6 +909,39 @@ def _check_params(names: dict[int, str], params: list[Tensor]) -> None:
         )
 
 
+def _check_batch(loss: GaussNewtonLoss, output: Tensor, target: Tensor) -> None:
+    """Two tensors on one device, a target that fits the output under ``loss``, at least
+    one sample."""
+    if not isinstance(output, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("backward(output, target) takes two tensors")
+    if target.device != output.device:
+        raise ValueError(f"target is on {target.device}, output on {output.device}")
+    loss.check(output, target)
+    if output.shape[0] == 0:
+        raise ValueError("empty batch: the output has 0 samples")
+
+
+def _finite_loss(value: Tensor, output: Tensor, target: Tensor) -> float:
+    """The loss as a float, after one fused check (one host sync) of the loss, the output
+    and a floating-point target: NonFiniteError naming the first non-finite one."""
+    sums = [value.detach(), output.detach().sum()] + ([target.sum()] if target.is_floating_point() else [])
+    loss, *rest = torch.stack([t.to(value.dtype) for t in sums]).tolist()
+    if not math.isfinite(loss + sum(rest)):  # (a finite sum that overflowed: checked below)
+        if not torch.isfinite(output).all():
+            raise NonFiniteError(f"the model output has NaN or inf (the loss is {loss}); nothing was changed")
+        if target.is_floating_point() and not torch.isfinite(target).all():
+            raise NonFiniteError(f"the target has NaN or inf (the loss is {loss}); nothing was changed")
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"the loss is {loss}; nothing was changed")
+    return loss
+
+
+def _gradient_marks(params: Sequence[Tensor]) -> list[tuple[int, int] | None]:
+    """Which ``.grad`` tensor each parameter holds and its version: any backward pass since
+    changes them (accumulates in place, or sets a new tensor)."""
+    return [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
+
+
 def _join_rows(key: str, old: Tensor | None, new: Tensor | None) -> Tensor | None:
     """Two micro-batches' per-sample tensors ``[b_m, ...]`` concatenated (both None: None)."""
     if old is None and new is None:
@@ -1040,18 +956,6 @@ def _union(first: list[nn.Parameter] | None, second: list[nn.Parameter] | None) 
     if first is None or second is None:
         return second
     return first + [p for p in second if all(p is not q for q in first)]
-
-
-def _weak_callback(method: Callable[..., None]) -> Callable[..., None]:
-    """``method`` through a weak reference (nothing once its object is gone)."""
-    ref = weakref.WeakMethod(method)
-
-    def call(*args: Any) -> None:
-        bound = ref()
-        if bound is not None:
-            bound(*args)
-
-    return call
 
 
 def _clone_tree(tree: Any) -> Any:

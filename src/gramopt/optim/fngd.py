@@ -93,7 +93,8 @@ from gramopt.capture.factors import LayerFactors
 from gramopt.errors import NonFiniteError
 from gramopt.linalg.dense import solve_damped_psd
 from gramopt.losses import GaussNewtonLoss, get_loss
-from gramopt.optim.base import Batch, MethodNeeds, SampleSpaceOptimizer, check_hyper, positional_deprecated
+from gramopt.optim.base import Batch, MethodNeeds, SampleSpaceOptimizer, check_hyper
+from gramopt.optim.compat import positional_deprecated
 
 #: The layer types FNGD preconditions (the paper's Linear and convolutional layers,
 #: transposed and grouped convolutions included); every other parameter (norms,
@@ -288,7 +289,7 @@ class FNGD(SampleSpaceOptimizer):
         with self._phase("factors"):
             factors = batch.factors()  # (distributed="exact": the global batch's)
             if self.engine.layers and not factors:
-                raise self._missing_captures(
+                raise batch.missing_captures(
                     "FNGD.step() needs a backward pass of a training-mode forward first: "
                     "opt.backward(model(x), y), or loss.backward() with a mean loss"
                 )
@@ -342,7 +343,7 @@ class FNGD(SampleSpaceOptimizer):
         return v, w * m
 
     def _damping(self, name: str, factor: LayerFactors) -> float:
-        values = {self._group_of(p)["damping"] for p in factor.params}
+        values = {self.group_of(p)["damping"] for p in factor.params}
         if len(values) != 1:
             raise ValueError(
                 f"the parameters of layer {name} lie in param groups with different damping {sorted(values)}: "

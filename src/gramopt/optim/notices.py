@@ -1,8 +1,7 @@
 """The warnings every method shares: what the optimizer cannot precondition, and uses of
 the training loop that change the step. Each says what happened, what the optimizer does
 instead (the plain gradient: never a silently frozen parameter) and how to change it.
-:class:`~gramopt.optim.base.SampleSpaceOptimizer` decides when to warn (once per
-optimizer and parameter); these functions say it.
+:class:`Notices` gives each once per optimizer (and parameter, where it names some).
 """
 
 from __future__ import annotations
@@ -10,6 +9,9 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
 
 
 def user_stacklevel() -> int:
@@ -94,3 +96,61 @@ def unequal_micro_batches(sizes: Sequence[int]) -> None:
         "multiplied by b_m / B (dividing by the number of micro-batches is exact for equal sizes "
         "only); opt.backward(output, target) weighs micro-batches exactly"
     )
+
+
+class Notices:
+    """The shared warnings of one optimizer (``owner``: its class name; ``names``: the
+    parameters' full names by id), each given once."""
+
+    def __init__(self, owner: str, names: dict[int, str]) -> None:
+        self.owner, self.names = owner, names
+        self._strays: set[str] = set()
+        self._modified = False
+        self._micro = False
+
+    def stray_parameters(self, params: Sequence[Tensor]) -> None:
+        """Parameters with a gradient that the method cannot precondition (their module
+        recorded nothing): they follow the plain gradient. Once per parameter."""
+        new = [n for n in (self.names.get(id(p), "?") for p in params) if n not in self._strays]
+        if new:
+            self._strays.update(new)
+            stray(new)
+
+    def uncovered(self, engine: Any, names: Sequence[str], tied: Sequence[str], has_params: bool) -> None:
+        """The parameters no handler covers (``names``), tied parameters that a module
+        without a handler shares (``tied``: the engine's ``tied_fallbacks``), and a model
+        of which the method preconditions no layer at all (``has_params``: the optimizer
+        has parameters)."""
+        if tied:
+            tied_without_handler(self.owner, tied)
+        if names:
+            by_reason: dict[str, list[str]] = {}  # the reason unsupported="error" would give, and its fix
+            for name in names:
+                by_reason.setdefault(engine.unsupported_reasons.get(name, "no gramopt handler"), []).append(name)
+            unsupported(self.owner, by_reason)
+        if not engine.layers and has_params:
+            no_layer(self.owner)
+
+    def escaped_parameters(self, names: str) -> None:
+        """The capture engine found parameters used outside their modules' calls."""
+        escaped(self.owner, names)
+
+    def modified_gradients(self, engine: Any) -> None:
+        """``.grad`` of a preconditioned layer, which the step ignores, changed since the
+        backward pass left it (clipping). Once."""
+        if self._modified or not engine.remembers_gradients():
+            return
+        changed = engine.modified_gradients([p for layer in engine.blocks for p in layer.params])
+        if changed:
+            self._modified = True
+            modified_gradients(self.owner, [self.names.get(id(p), "?") for p in changed[:5]], len(changed) > 5)
+
+    def micro_batches(self, engine: Any, own: int) -> None:
+        """Micro-batches of unequal sizes accumulated by ``loss.backward()`` (``own``: how
+        many the optimizer's ``backward`` saw, which weighs them exactly). Once."""
+        if self._micro or not engine.accumulated():  # one micro-batch: nothing to compare
+            return
+        sizes = engine.micro_batch_sizes()
+        if len(set(sizes)) > 1 and own != len(sizes):
+            self._micro = True
+            unequal_micro_batches(sizes)

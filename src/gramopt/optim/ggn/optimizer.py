@@ -35,7 +35,6 @@ Usage::
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -49,7 +48,8 @@ from gramopt.distributed import rank as process_rank
 from gramopt.errors import DivergenceError, NonFiniteError
 from gramopt.linalg.dense import NumericalWarning
 from gramopt.losses import GaussNewtonLoss, get_loss
-from gramopt.optim.base import Batch, MethodNeeds, SampleSpaceOptimizer, StepInfo, check_hyper, positional_deprecated
+from gramopt.optim.base import Batch, MethodNeeds, SampleSpaceOptimizer, StepInfo, check_hyper
+from gramopt.optim.compat import positional_deprecated
 from gramopt.optim.ggn.damping import AdaptiveDamping
 from gramopt.optim.ggn.solvers import SOLVERS, check_solver_options
 from gramopt.optim.ggn.system import GaussNewtonSystem, is_selection
@@ -347,7 +347,8 @@ class GGN(SampleSpaceOptimizer):
 
     def _generator(self, device: torch.device, offset: int) -> torch.Generator:
         """The generator of this backward's draws: seeded by (seed, number of draws so far,
-        ``offset``: the step's micro-batches before this one, the process's rank). Under ``distributed=`` every rank holds rank 0's seed; the rank
+        ``offset``: the step's micro-batches before this one, the process's rank). Under
+        ``distributed=`` every rank holds rank 0's seed; the rank
         term gives each rank its own columns (identical draws on every rank would repeat
         one sample of the curvature R times instead of R independent ones), reproducibly:
         a rank's draws depend on (seed, step, rank) only. Rank 0 (and a single process)
@@ -472,7 +473,9 @@ class GGN(SampleSpaceOptimizer):
         system = GaussNewtonSystem(factors, q, w, self.damping * batch.positions, self.steps_taken, outside, selected)
         a, batch.solve = SOLVERS[self.solver](system, **self.solver_options)
         if not batch.solve.converged:
-            warnings.warn(f"GGN step {self.steps_taken}: {batch.solve.fallback}", NumericalWarning, stacklevel=user_stacklevel())
+            warnings.warn(
+                f"GGN step {self.steps_taken}: {batch.solve.fallback}", NumericalWarning, stacklevel=user_stacklevel()
+            )
         self._seconds.update(batch.solve.seconds)
         with self._phase("direction"):
             x = system.coefficients(a)

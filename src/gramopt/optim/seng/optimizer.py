@@ -47,7 +47,8 @@ from gramopt.capture.handlers import ConvHandler, LinearHandler
 from gramopt.errors import CaptureError, NonFiniteError
 from gramopt.linalg.dense import SolveInfo
 from gramopt.losses import GaussNewtonLoss, get_loss
-from gramopt.optim.base import Batch, MethodNeeds, SampleSpaceOptimizer, check_hyper, positional_deprecated
+from gramopt.optim.base import Batch, MethodNeeds, SampleSpaceOptimizer, check_hyper
+from gramopt.optim.compat import positional_deprecated
 from gramopt.optim.seng.config import ImplicitConfig, SketchConfig
 from gramopt.optim.seng.explicit import ExplicitCurvature
 from gramopt.optim.seng.implicit import ImplicitCurvature
@@ -384,7 +385,7 @@ class SENG(SampleSpaceOptimizer):
         the parameters that require grad now)."""
         b = batch.captured_samples()  # (distributed="exact": the global batch's)
         if b is None:
-            raise self._missing_captures(
+            raise batch.missing_captures(
                 "SENG needs the per-sample gradients of this step, but no backward pass reached a hooked "
                 "layer: run the forward pass in training mode with autograd enabled, then loss.backward()"
                 + self._skipped_hint()
