@@ -129,9 +129,10 @@ def auto_choice(build, loss: str, damping: float) -> str:
     model, x, y = build()
     opt = gramopt.GGN(model, damping=damping, loss=loss)
     opt.backward(model(x), y)
-    pending = opt._pending
-    dtype = next(iter(pending.factors.values())).dtype
-    system = GaussNewtonSystem(pending.factors, None if pending.q is None else pending.q.to(dtype), pending.w.to(dtype), damping)
+    factors = opt.engine.factors()
+    q, w = (opt._pending.per_sample[key] for key in ("q", "w"))  # (GGN's batch before its step)
+    dtype = next(iter(factors.values())).dtype
+    system = GaussNewtonSystem(factors, None if q is None else q.to(dtype), w.reshape(-1).to(dtype), damping)
     choice = choose_solver(system)
     opt.close()
     return choice

@@ -221,8 +221,15 @@ class GGN(SampleSpaceOptimizer):
     of the mean loss, from one more backward pass, once), so that ``step()`` warns when
     it was modified, e.g. by ``clip_grad_norm_``: the step ignores it (clip with
     ``max_update_norm``). Later steps leave that ``.grad`` empty (filling it costs
-    10-30% of a step). ``step()`` solves and updates. ``last_info`` tells what the
-    solve did (method, fallbacks, seconds).
+    10-30% of a step). ``step()`` solves and updates. ``last_info``, a
+    :class:`GGNStepInfo`, tells what the solve did (method, fallbacks, seconds), the
+    output curvature it used and whether damping adaptation undid the step.
+
+    State: the damping lives in the param groups (``opt.damping`` reads it);
+    ``extra_state`` holds the generator's ``seed`` and ``draws``, the ``first_loss``
+    (``divergence``) and, with ``damping_adaptation``, the adaptation's own state
+    ``extra_state["damping_adaptation"]`` (its floor ``min_damping``, ``loss_average``,
+    ``last_ratio``, ``rejected_steps``: :meth:`AdaptiveDamping.initial_state`).
 
     Gradient accumulation: several ``backward`` calls (micro-batches) before one
     ``step()`` give the step of their concatenated batch: the Jacobian rows, residuals
