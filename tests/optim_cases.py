@@ -151,12 +151,15 @@ class MethodInfo:
         reads_grad: whether its step reads ``.grad`` of the layers it preconditions
             (then clipping ``.grad`` changes the step; otherwise the step ignores it and
             warns when it was modified).
+        factors_grams: whether its step factors a Gram matrix (Cholesky; the toy methods
+            form none).
     """
 
     error_inputs: list[tuple[dict[str, Any], str]]
     linear_conv_only: bool = False
     loops: tuple[str, ...] = ("uniform", "ordinary")
     reads_grad: bool = False
+    factors_grams: bool = True
 
 
 #: ``(name, value, match)`` every method refuses.
@@ -219,9 +222,11 @@ METHODS: dict[type[SampleSpaceOptimizer], MethodInfo] = {
         ],
         linear_conv_only=True,
     ),
-    DiagonalFisher: MethodInfo([({"damping": 0.0}, "damping must be > 0")]),
+    DiagonalFisher: MethodInfo([({"damping": 0.0}, "damping must be > 0")], factors_grams=False),
     DiagonalGaussNewton: MethodInfo(
-        [({"damping": 0.0}, "damping must be > 0"), ({"loss": "cross_entropy"}, "takes loss='mse'")], loops=("uniform",)
+        [({"damping": 0.0}, "damping must be > 0"), ({"loss": "cross_entropy"}, "takes loss='mse'")],
+        loops=("uniform",),
+        factors_grams=False,
     ),
 }
 

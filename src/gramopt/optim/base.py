@@ -103,8 +103,9 @@ class Batch:
     """What the step computes from: the batch of every ``backward`` call since the last
     step (micro-batches joined), or of the ordinary loop (``loss`` None, ``samples`` 0).
     A method that keeps more (its per-batch values, what :meth:`~SampleSpaceOptimizer.commit`
-    needs) declares a subclass with fields and names it in ``batch_type``; everything on a
-    batch lives for one step.
+    needs) declares a dataclass subclass whose fields have defaults (the base class makes
+    one per ``backward`` call, and one for the ordinary loop) and names it in
+    ``batch_type``; everything on a batch lives for one step.
 
     Attributes:
         loss: the mean loss over the micro-batches ``backward`` saw (None in the ordinary loop).

@@ -12,16 +12,25 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
+from torch.optim import Optimizer
 
 
 def user_stacklevel() -> int:
     """``stacklevel`` for a ``warnings.warn`` in the calling function that points at the
-    first frame outside gramopt and torch (the user's ``opt.step()``), however many of
-    torch.optim's wrappers (profiling hook, ``no_grad``) lie between."""
+    first frame outside gramopt, torch and the optimizer's own methods (the user's
+    ``opt.step()``), however many of torch.optim's wrappers (profiling hook, ``no_grad``)
+    or overrides of a method defined outside gramopt lie between."""
     frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(("gramopt.", "torch.")):
+    while frame.f_back is not None and _internal(frame):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _internal(frame: Any) -> bool:
+    """A frame of gramopt, of torch, or of a method of an optimizer (``self`` one)."""
+    if frame.f_globals.get("__name__", "").startswith(("gramopt.", "torch.")):
+        return True
+    return isinstance(frame.f_locals.get("self"), Optimizer)
 
 
 def _warn(message: str) -> None:
