@@ -1,13 +1,13 @@
 """Coarse search for each optimizer's per-task default, the same procedure for all.
 
 ``gramopt compare`` tunes every optimizer on a 3-point grid around its per-task default
-(``Task.hyper``, else its own defaults). So that no optimizer's grid sits in a bad place,
+(``Task.tuned`` over its own defaults). So that no optimizer's grid sits in a bad place,
 the defaults themselves come from this coarse search: for each task and optimizer, the
 grid knob (damping for GGN, the learning rate(s) for everyone else, as in
 ``gramopt.compare.config.GRIDS``) times {1/10, 1/3, 1, 3, 10} around the current default, on
 one seed that the comparison does not use (seed 100), under the task's comparison
 budget. The best setting (smallest time-to-target, ties by final train loss) is
-reported; the maintainers copy the winners into ``Task.hyper``. Results:
+reported; the maintainers copy the winners into ``Task.tuned``. Results:
 ``benchmarks/results/tune_defaults.json``.
 
     python benchmarks/tune_defaults.py --tasks teacher,diabetes --optimizers ggn,sgd,adamw
@@ -50,16 +50,15 @@ def main() -> None:
     for task_name in args.tasks.split(","):
         task = get_task(task_name)
         target = config.TARGETS[task_name]
-        budget = config.BUDGET_SECONDS[task_name]
+        budget = task.budget_seconds
         split = task.load(SEED)
         for name in args.optimizers.split(","):
-            spec = OPTIMIZERS[name]
-            base = {**spec.run_defaults, **task.hyper.get(name, {})}
+            base = task.hyper[name]
             rows = []
             for hyper in settings(name, base):
                 cfg = TrainConfig(
                     task=task_name, optimizer=name, epochs=100_000, seed=SEED, hyper=hyper, max_seconds=budget,
-                    eval_every_seconds=budget / config.EVALUATIONS, eval_samples=config.EVAL_SAMPLES.get(task_name, 0),
+                    eval_every_seconds=budget / config.EVALUATIONS, eval_samples=task.eval_samples or 0,
                     save=False,
                 )
                 try:

@@ -38,7 +38,7 @@ EPOCHS = {"teacher": 20, "diabetes": 40}
 
 def configurations(task_name: str) -> dict[str, list[dict[str, Any]]]:
     """method -> the settings of its grid."""
-    tuned = get_task(task_name).hyper["ggn"]
+    tuned = {key: get_task(task_name).hyper["ggn"][key] for key in ("lr", "damping")}
     return {
         "ggn (lambda=1, alpha=0.1)": [dict(kind="ggn", lr=1.0, damping=0.1)],
         f"ggn (task default, lr={tuned['lr']}, damping={tuned['damping']})": [dict(kind="ggn", **tuned)],

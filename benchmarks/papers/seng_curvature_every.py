@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         split = random_images(256, 64, args.seed)
     else:
         split = load_split(task.name, args.seed)
-    hyper = {k: v for k, v in task.hyper["seng"].items() if k != "curvature_every"}
+    hyper = {key: task.hyper["seng"][key] for key in ("lr", "damping")}  # SENG's own momentum (0), not the registry's
     runs: dict[str, Any] = {}
     for s in range(seeds):
         seed = args.seed + s
