@@ -177,3 +177,15 @@ def test_a_registered_handler_opts_into_fngd_and_seng_implicit(capable, monkeypa
     got = _steps(seng, mine)
     want = _steps(gramopt.SENG(reference, lr=0.1, damping=1.0, implicit=implicit), reference)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # (implicit with the exact product: the same step)
+
+
+def test_a_proxy_handler_must_define_how_it_reroutes():
+    class HalfProxy(MyLinearHandler):
+        proxy_name = "inner"
+
+        def proxy(self, module):
+            return module
+
+    with pytest.raises(TypeError, match="HalfProxy sets proxy_name but does not define attach, detach"):
+        gramopt.register_handler(MyLinear, HalfProxy(True))
+    assert MyLinear not in _REGISTRY

@@ -41,6 +41,10 @@ def register_handler(module_type: type, handler: LayerHandler) -> None:
         raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
     if not isinstance(handler, LayerHandler):
         raise TypeError(f"handler must be a LayerHandler, got {type(handler).__name__}")
+    if handler.proxy_name is not None:
+        missing = [m for m in ("proxy", "attach", "detach") if getattr(type(handler), m) is getattr(LayerHandler, m)]
+        if missing:
+            raise TypeError(f"{type(handler).__name__} sets proxy_name but does not define {', '.join(missing)}")
     _REGISTRY[module_type] = handler
 
 
