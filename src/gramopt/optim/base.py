@@ -51,9 +51,8 @@ from torch import Tensor, nn
 
 from gramopt import distributed as dp
 from gramopt.capture.engine import CaptureEngine
-from gramopt.capture.factors import all_finite
 from gramopt.errors import CaptureError, NonFiniteError
-from gramopt.linalg.dense import SolveInfo
+from gramopt.linalg.dense import SolveInfo, all_finite
 from gramopt.losses import GaussNewtonLoss
 
 _EXTRA_KEY = "gramopt"
