@@ -33,6 +33,9 @@ from typing import Any
 from gramopt.compare.report import LEADER_COLUMNS, leader_rows
 from gramopt.compare.run import to_target_spread
 
+#: What ``--quick`` reads: two committed comparisons (a smoke run of every table).
+QUICK_RESULTS = [Path(__file__).resolve().parent / "results" / "compare" / task / "results.json" for task in ("teacher", "digits")]
+
 
 def _seconds(summary: dict[str, Any]) -> float:
     value = summary.get("median_with_misses", summary.get("median"))
@@ -128,11 +131,17 @@ def markdown(names: list[str], table: list[list[str]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", type=Path)
+    parser.add_argument("results", nargs="*", type=Path)
     parser.add_argument("--leaders", action="store_true", help="also the first optimizer per rung, per (merged) task")
     parser.add_argument("--work", action="store_true", help="also the table in SGD-momentum steps' worth of work (load-independent)")
     parser.add_argument("--replace", action="store_true", help="a later file's optimizer replaces an earlier file's of the same task")
+    parser.add_argument("--quick", action="store_true", help="every table of the committed teacher and digits results")
+    parser.add_argument("--out", type=Path, help="(writes no file: the tables go to stdout)")
     args = parser.parse_args()
+    if args.quick:
+        args.results, args.leaders, args.work = args.results or QUICK_RESULTS, True, True
+    if not args.results:
+        parser.error("give at least one results.json")
     merged: dict[str, Any] = {"tasks": {}}
     for path in args.results:
         for name, task in json.loads(path.read_text())["tasks"].items():
