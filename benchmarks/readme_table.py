@@ -20,6 +20,25 @@ processes) are merged into one set of rows when their rungs, budget and seeds ag
 ``--replace`` lets a later file's optimizer take the place of an earlier file's (a re-run
 of some optimizers of a task, e.g. GGN after a change to it); without it a repeated
 optimizer is refused.
+
+The README and the guides show the committed comparison (:data:`COMMITTED`, merged with
+``--replace``) between markers, which ``--update`` regenerates in place (and
+tests/test_docs.py checks):
+
+    python benchmarks/readme_table.py --update README.md docs/guides/which-method.md
+
+- ``<!-- results-table -->`` ... ``<!-- /results-table -->``: the seconds table above;
+- ``<!-- results-work-table TASK ... -->`` ... ``<!-- /results-work-table -->``: the work
+  table's rows of those tasks;
+- inline, one figure: ``<!-- s TASK RUNG OPT -->`` seconds to the rung (median over seeds,
+  "miss" when the median seed missed), ``<!-- w TASK RUNG OPT -->`` the work to the rung,
+  ``<!-- n TASK RUNG OPT -->`` the seeds that reached it, ``<!-- x TASK OPT -->`` the step
+  time over SGD-momentum's, ``<!-- d TASK[,TASK...] OPT -->`` "D of N": the runs of every
+  setting of its grid that diverged; each closed by ``<!-- /s -->`` (``/w``, ``/n``, ``/x``,
+  ``/d``). RUNG is
+  the rung's threshold as its text gives it (``0.95``, ``3e-3`` for 0.003); an optional
+  DIGITS (decimals; default 2 for s and x, 0 for w) and ``from=DIR`` (one directory under
+  benchmarks/results/compare instead of :data:`COMMITTED`, e.g. a ``--grid full`` run).
 """
 
 from __future__ import annotations
@@ -27,14 +46,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from gramopt.compare.report import LEADER_COLUMNS, leader_rows
 from gramopt.compare.run import to_target_spread
-
-#: What ``--quick`` reads: two committed comparisons (a smoke run of every table).
-QUICK_RESULTS = [Path(__file__).resolve().parent / "results" / "compare" / task / "results.json" for task in ("teacher", "digits")]
 
 
 def _seconds(summary: dict[str, Any]) -> float:
@@ -129,9 +146,114 @@ def markdown(names: list[str], table: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+COMPARE_DIR = Path(__file__).resolve().parent / "results" / "compare"
+#: What ``--quick`` reads: two committed comparisons (a smoke run of every table).
+QUICK_RESULTS = [COMPARE_DIR / task / "results.json" for task in ("teacher", "digits")]
+
+#: The committed comparison the README's and the guides' results show: directories under
+#: benchmarks/results/compare in merge order (a later directory's run of an optimizer
+#: replaces an earlier one's: re-runs of some optimizers of a task).
+COMMITTED = (
+    "teacher", "diabetes", "digits", "mnist", "recall", "recall-ggn-sgd", "charlm", "charlm-ggn-sgd",
+    "fashion-mnist-ggn-sgd", "fashion-mnist-fngd-adamw", "fashion-mnist-seng-soap",
+    "fashion-mnist-muon-ikfac-singd-shampoo-muonpo", "fashion-resnet-fngd-seng", "fashion-resnet-sgd-adamw-soap",
+    "fashion-resnet-muon-ikfac-singd", "fashion-resnet-shampoo-muonpo-ggn",
+)
+
+_TABLE = re.compile(r"(<!-- results-table -->\n).*?(\n<!-- /results-table -->)", re.S)
+_WORK_TABLE = re.compile(r"(<!-- results-work-table ([^>]*?) -->\n).*?(\n<!-- /results-work-table -->)", re.S)
+_FIGURE = re.compile(r"(<!-- (s|w|n|x|d) ([^>\n]*?) -->)([^<\n]*)(<!-- /\2 -->)")
+
+
+def load(directories: tuple[str, ...] = COMMITTED, root: Path = COMPARE_DIR) -> dict[str, Any]:
+    """The tasks of ``root/DIR/results.json`` for each directory, merged in order (a later
+    directory's optimizers replace an earlier one's)."""
+    merged: dict[str, Any] = {"tasks": {}}
+    for directory in directories:
+        path = root / directory / "results.json"
+        for name, task in json.loads(path.read_text())["tasks"].items():
+            merge_task(merged["tasks"], name, task, path, replace=True)
+    return merged
+
+
+def _rung_index(task: dict[str, Any], threshold: str) -> int:
+    wanted = float(threshold)
+    for index, rung in enumerate(task["rungs"]):
+        if math.isclose(float(rung["value"]), wanted, rel_tol=1e-9):
+            return index
+    raise ValueError(f"task {task['task']['name']!r} has no rung {threshold} ({[r['value'] for r in task['rungs']]})")
+
+
+def figure(kind: str, args: list[str], results: dict[str, Any], root: Path = COMPARE_DIR) -> str:
+    """The text of one inline figure (see the module docstring)."""
+    source = next((a.removeprefix("from=") for a in args if a.startswith("from=")), None)
+    args = [a for a in args if not a.startswith("from=")]
+    if source is not None:
+        results = load((source,), root)
+    positional = 2 if kind in ("x", "d") else 3
+    if len(args) not in (positional, positional + 1):
+        raise ValueError(f"<!-- {kind} ... --> takes {positional} names and optional digits, got {args}")
+    digits = int(args[positional]) if len(args) > positional else (0 if kind in ("w", "n") else 2)
+    task_name, optimizer = args[0], args[positional - 1]
+    if kind == "d":
+        statuses = [
+            run["status"] for name in task_name.split(",")
+            for setting in _method(results, name, optimizer)["settings"] for run in setting["runs"]
+        ]
+        return f"{statuses.count('diverged')} of {len(statuses)}"
+    _method(results, task_name, optimizer)
+    task = results["tasks"][task_name]
+    if kind == "x":
+        return f"{float(task['optimizers'][optimizer]['summary']['step_time_ratio']['median']):.{digits}f}x"
+    index = _rung_index(task, args[1])
+    if kind == "w":
+        names, table = work_rows({"tasks": {task_name: task}})
+        cell = table[index][1 + names.index(optimizer)]
+    else:
+        summary = task["optimizers"][optimizer]["summary"]["time_to_rungs"][index]
+        if kind == "n":
+            return str(summary["n"])
+        seconds = _seconds(summary)
+        return f"{seconds:.{digits}f}" if math.isfinite(seconds) else "miss"
+    value = cell.split(" (")[0].strip("*")
+    return value if value in ("miss", "n/a", "not run") else f"{float(value):.{digits}f}"
+
+
+def _method(results: dict[str, Any], task_name: str, optimizer: str) -> dict[str, Any]:
+    if task_name not in results["tasks"]:
+        raise ValueError(f"no task {task_name!r} in the results")
+    if optimizer not in results["tasks"][task_name]["optimizers"]:
+        raise ValueError(f"task {task_name!r} has no optimizer {optimizer!r} in the results")
+    return results["tasks"][task_name]["optimizers"][optimizer]
+
+
+def render(text: str, results: dict[str, Any] | None = None, root: Path = COMPARE_DIR) -> str:
+    """``text`` with every marked table and figure regenerated from ``results`` (default:
+    :func:`load` of :data:`COMMITTED`)."""
+    if results is None:
+        results = load(root=root)
+    text = _TABLE.sub(lambda m: m.group(1) + markdown(*rows(results)) + m.group(2), text)
+
+    def work_table(match: re.Match[str]) -> str:
+        tasks = match.group(2).split()
+        missing = [t for t in tasks if t not in results["tasks"]]
+        if missing:
+            raise ValueError(f"results-work-table: no task {', '.join(missing)} in the results")
+        names, table = work_rows(results)
+        picked = [row for row in table if row[0].split(" (")[0] in tasks]
+        return match.group(1) + markdown(names, picked) + match.group(3)
+
+    text = _WORK_TABLE.sub(work_table, text)
+    return _FIGURE.sub(lambda m: m.group(1) + figure(m.group(2), m.group(3).split(), results, root) + m.group(5), text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="*", type=Path)
+    parser.add_argument(
+        "--update", nargs="+", type=Path, metavar="MARKDOWN",
+        help="regenerate the marked tables and figures of these Markdown files from the committed results",
+    )
     parser.add_argument("--leaders", action="store_true", help="also the first optimizer per rung, per (merged) task")
     parser.add_argument("--work", action="store_true", help="also the table in SGD-momentum steps' worth of work (load-independent)")
     parser.add_argument("--replace", action="store_true", help="a later file's optimizer replaces an earlier file's of the same task")
@@ -140,8 +262,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.results, args.leaders, args.work = args.results or QUICK_RESULTS, True, True
+    if args.update:
+        results = load()
+        for path in args.update:
+            text = path.read_text()
+            new = render(text, results)
+            if new != text:
+                path.write_text(new)
+                print(f"updated {path}")
+        return
     if not args.results:
-        parser.error("give at least one results.json")
+        parser.error("give results.json files, or --update MARKDOWN")
     merged: dict[str, Any] = {"tasks": {}}
     for path in args.results:
         for name, task in json.loads(path.read_text())["tasks"].items():

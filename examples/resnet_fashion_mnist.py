@@ -8,8 +8,9 @@ FNGD papers' ResNets: both methods only need per-sample rows whose sum is the ba
 gradient, which BatchNorm's rows are (GGN refuses it; use ``--norm group`` for GroupNorm).
 
 Data: Debian's ``dataset-fashion-mnist`` package (the IDX files in
-/usr/share/datasets/fashion-mnist; ``apt-get install dataset-fashion-mnist``), or
-``--data DIR`` with the four IDX files. Needs matplotlib (``pip install "gramopt[compare]"``).
+/usr/share/datasets/fashion-mnist; ``apt-get install dataset-fashion-mnist``), or the
+folder with the four IDX files that ``--data DIR`` or the environment variable
+``GRAMOPT_FASHION_MNIST_DIR`` names. Needs matplotlib (``pip install "gramopt[compare]"``).
 
     python examples/resnet_fashion_mnist.py                       # 4 optimizers x 45 s
     python examples/resnet_fashion_mnist.py --seconds 120 --optimizers fngd,adamw
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 import gramopt
-from gramopt.tasks.images import FASHION_MNIST_DIR, load_fashion_mnist, norm_layer
+from gramopt.tasks.images import FASHION_MNIST_ENV, load_fashion_mnist, norm_layer
 
 
 class Block(nn.Module):
@@ -123,7 +124,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--norm", choices=["batch", "group"], default="batch", help="BatchNorm2d or GroupNorm layers")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--data", type=Path, default=FASHION_MNIST_DIR, help="folder with the Fashion-MNIST IDX files")
+    parser.add_argument(
+        "--data", type=Path,
+        help=f"folder with the Fashion-MNIST IDX files (default: ${FASHION_MNIST_ENV}, "
+        "else /usr/share/datasets/fashion-mnist)",
+    )
     parser.add_argument("--plot", type=Path, default=Path("resnet_fashion_mnist.png"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

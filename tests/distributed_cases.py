@@ -21,13 +21,19 @@ from gramopt.losses import get_loss
 D_IN = 5
 
 
-def net(out: int, norm: bool = False) -> nn.Module:
+def net(out: int, norm: bool = False, tied: bool = False) -> nn.Module:
     """A small MLP (a LayerNorm in it, optionally: explicit factors for GGN/SENG and a
-    plain-gradient parameter for FNGD)."""
+    plain-gradient parameter for FNGD; ``tied``: a second hidden Linear layer sharing the
+    first's weight, one tied block)."""
     layers: list[nn.Module] = [nn.Linear(D_IN, 6), nn.Tanh()]
     if norm:
         layers.append(nn.LayerNorm(6))
-    layers += [nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, out)]
+    layers += [nn.Linear(6, 6), nn.Tanh()]
+    if tied:
+        again = nn.Linear(6, 6)
+        again.weight = layers[-2].weight
+        layers += [again, nn.Tanh()]
+    layers.append(nn.Linear(6, out))
     return nn.Sequential(*layers)
 
 
@@ -81,6 +87,7 @@ class Case:
     loop: str = "uniform"  # or "ordinary": loss.backward(); opt.step()
     ddp: bool = False  # the worker wraps the model in DistributedDataParallel
     attention: bool = False  # AttentionNet instead of the MLP
+    tied: bool = False  # two hidden Linear layers share their weight
 
     @property
     def world_size(self) -> int:
@@ -89,7 +96,7 @@ class Case:
     def model(self) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(7)
-            return (AttentionNet(self.out) if self.attention else net(self.out, self.norm)).double()
+            return (AttentionNet(self.out) if self.attention else net(self.out, self.norm, self.tied)).double()
 
     def optimizer(self, model: nn.Module, distributed: str | None, **override: Any) -> gramopt.GGN:
         options = {**self.options, **override}
@@ -152,6 +159,11 @@ CASES_2 = [
          loop="ordinary", attention=True),
     Case("fngd-attention-exact", "fngd", "exact", "mse", 2, (3, 3), 3, dict(lr=0.1, damping=1e-2, coefficient_steps=2),
          attention=True),
+    Case("ggn-tied-exact", "ggn", "exact", "cross_entropy", 3, (4, 3), 2, dict(lr=0.5, damping=0.3), tied=True),
+    Case("seng-tied-exact", "seng", "exact", "mse", 2, (3, 5), 3, dict(lr=0.2, damping=0.5, curvature_every=2),
+         loop="ordinary", tied=True),
+    Case("fngd-tied-exact", "fngd", "exact", "cross_entropy", 3, (5, 3), 3,
+         dict(lr=0.1, damping=1e-2, coefficient_steps=2), tied=True),
     Case("ggn-local", "ggn", "local", "mse", 2, (5, 3), 2, dict(lr=0.7, damping=0.1), norm=True),
     Case("seng-local-ddp", "seng", "local", "cross_entropy", 3, (6, 2), 3,
          dict(lr=0.2, damping=0.5, curvature_every=2, local_gradient="own"), ddp=True),

@@ -171,3 +171,98 @@ def fngd_trajectory(
                     p.sub_(lr * directions[id(p)])
         history.append(params_vector(model))
     return history
+
+
+# -- Gauss-Newton for a least-squares residual (gramopt.GaussNewton's oracle) -------------------
+ResidualClosure = Callable[[], "Tensor | Sequence[Tensor]"]
+
+
+def flat_residual(residuals: Tensor | Sequence[Tensor]) -> Tensor:
+    """Every residual row concatenated, ``[M]``: a tensor ``[N]`` / ``[N, k]`` or a list of them
+    (rows point-major within each group: ``r[i, c]`` is row ``i * k + c`` of its group)."""
+    groups = [residuals] if isinstance(residuals, Tensor) else list(residuals)
+    return torch.cat([r.reshape(-1) for r in groups])
+
+
+class _ClosureModule(nn.Module):
+    """``forward()`` runs the closure: ``functional_call`` on this wrapper swaps the parameters
+    of ``model`` (its submodule, the module the closure uses) for the ones given."""
+
+    def __init__(self, model: nn.Module, closure: ResidualClosure) -> None:
+        super().__init__()
+        self.model = model
+        self.closure = closure
+
+    def forward(self) -> Tensor:
+        return flat_residual(self.closure())
+
+
+def residual_jacobian(
+    model: nn.Module,
+    closure: ResidualClosure,
+    params: Sequence[nn.Parameter] | None = None,
+    method: str = "jacrev",
+) -> tuple[Tensor, Tensor]:
+    """``(J [M, p], r [M])`` of the residual rows that ``closure()`` returns (:func:`flat_residual`),
+    J with respect to the model's trainable parameters (columns in ``named_parameters`` order).
+
+    ``method="jacrev"``: ``torch.func.jacrev`` through ``functional_call`` (the closure must run
+    under torch.func: no ``requires_grad_`` or ``torch.autograd.grad`` inside);
+    ``"autograd"``: one ``torch.autograd.grad`` per row (any closure, e.g. derivatives taken
+    with ``torch.autograd.grad(create_graph=True)``; slow, for small tests)."""
+    chosen = named_trainable(model, params)
+    if method == "jacrev":
+        wrapper = _ClosureModule(model, closure)
+        theta = {f"model.{n}": t for n, t in chosen.items()}
+        r = wrapper().detach()
+        jac = jacrev(lambda th: functional_call(wrapper, th, ()))(theta)
+        return torch.cat([jac[n].reshape(r.shape[0], -1) for n in theta], dim=1), r
+    if method == "autograd":
+        named = dict(model.named_parameters())
+        targets = [named[n] for n in chosen]
+        r = flat_residual(closure())
+        rows = []
+        for i in range(r.shape[0]):
+            grads = torch.autograd.grad(r[i], targets, retain_graph=True, allow_unused=True)
+            full = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, targets)]
+            rows.append(torch.cat([g.reshape(-1) for g in full]))
+        return torch.stack(rows), r.detach()
+    raise ValueError(f"method must be 'jacrev' or 'autograd', got {method!r}")
+
+
+def gauss_newton_delta(j: Tensor, r: Tensor, lr: float, damping: float, space: str = "parameter") -> Tensor:
+    """``delta = -lr (J^T J + damping I)^{-1} J^T r`` ``[p]``, by a dense solve in
+    ``"parameter"`` space (p x p) or, equivalently (push-through identity), in ``"sample"``
+    space, ``-lr J^T (J J^T + damping I)^{-1} r`` (M x M)."""
+    if space == "parameter":
+        system = j.T @ j + damping * torch.eye(j.shape[1], dtype=j.dtype)
+        return -lr * torch.linalg.solve(system, j.T @ r)
+    if space == "sample":
+        system = j @ j.T + damping * torch.eye(j.shape[0], dtype=j.dtype)
+        return -lr * j.T @ torch.linalg.solve(system, r)
+    raise ValueError(f"space must be 'parameter' or 'sample', got {space!r}")
+
+
+def gauss_newton_step(
+    model: nn.Module,
+    closure: ResidualClosure,
+    lr: float,
+    damping: float,
+    params: Sequence[nn.Parameter] | None = None,
+    method: str = "jacrev",
+    space: str = "parameter",
+) -> tuple[Tensor, Tensor]:
+    """``(delta [p], L)``: the Gauss-Newton step of ``L = 1/2 ||r||^2`` at the model's current
+    parameters (:func:`residual_jacobian`, :func:`gauss_newton_delta`), not applied."""
+    j, r = residual_jacobian(model, closure, params, method)
+    return gauss_newton_delta(j, r, lr, damping, space), 0.5 * r.pow(2).sum()
+
+
+def input_derivatives(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(u [N, k], du/dx [N, k, d], d2u/dx2 [N, k, d, d])`` of ``fn: [n, d] -> [n, k]`` at the
+    points ``x [N, d]``, point by point with ``torch.func`` (vmap of jacrev / hessian)."""
+
+    def one(xi: Tensor) -> Tensor:
+        return fn(xi.unsqueeze(0)).squeeze(0)
+
+    return vmap(one)(x), vmap(jacrev(one))(x), vmap(torch.func.hessian(one))(x)

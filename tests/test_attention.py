@@ -319,7 +319,7 @@ def test_sequence_first_transformer_layers_fall_back_by_name():
     model = nn.Sequential(nn.Linear(4, 8), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0))
     with pytest.raises(UnsupportedModuleError, match=r"1 \(TransformerEncoderLayer\) is sequence-first.*batch_first=True"):
         gramopt.SENG(model, lr=0.1, damping=1.0, unsupported="error")
-    with pytest.warns(RuntimeWarning, match=r"1\.self_attn\.in_proj_weight"):
+    with pytest.warns(RuntimeWarning, match=r"1\.self_attn\.in_proj_weight.*sequence-first.*batch_first=True"):
         opt = gramopt.SENG(model, lr=0.1, damping=1.0)
     assert [layer.name for layer in opt.engine.layers] == ["0"]
     x = torch.randn(6, 6, 4)  # T == b: shapes alone could not tell

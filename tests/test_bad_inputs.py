@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import warnings
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gramopt
-from optim_cases import CASES, REPRESENTATIVE, OptimizerCase, assert_same_params, snapshot
+from optim_cases import CASES, LOSS_FUNCTIONS, REPRESENTATIVE, OptimizerCase, assert_same_params, snapshot
 
 representative = pytest.mark.parametrize("case", REPRESENTATIVE, ids=[c.id for c in REPRESENTATIVE])
 
@@ -214,6 +215,46 @@ def test_unsupported_trainable_modules(case):
     assert "net.1.s" in messages[0] and "pos" in messages[0]
 
 
+REFUSED_MODULES = {
+    "no-handler": lambda: Scale(3),
+    "sequence-first": lambda: nn.TransformerEncoderLayer(8, 2, 16),
+    "add-bias-kv": lambda: nn.MultiheadAttention(8, 2, add_bias_kv=True),
+    "embedding-sparse": lambda: nn.Embedding(5, 8, sparse=True),
+    "embedding-scale-grad": lambda: nn.Embedding(5, 8, scale_grad_by_freq=True),
+    "embedding-max-norm": lambda: nn.Embedding(5, 8, max_norm=1.0),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED_MODULES))
+@pytest.mark.parametrize("method", [gramopt.GGN, gramopt.SENG, gramopt.FNGD], ids=lambda c: c.__name__)
+def test_the_fallback_warning_gives_the_reason_and_fix_that_the_error_gives(method, kind):
+    """Under the default policy the warning names each refused module's reason (with its
+    fix: batch_first=True, no add_bias_kv, the Embedding option to drop, a handler to
+    register) exactly as unsupported="error" does."""
+    model = nn.ModuleDict({"refused": REFUSED_MODULES[kind](), "head": nn.Linear(3, 3)})
+    try:
+        method(model, unsupported="error")
+    except gramopt.UnsupportedModuleError as err:
+        reasons = re.findall(r"^  - (.*)$", str(err), re.M)
+    else:  # FNGD leaves embeddings to the plain gradient by design: no warning either
+        reasons = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        method(model)
+    warned = [str(w.message) for w in caught if "cannot precondition" in str(w.message)]
+    if not reasons:
+        assert method is gramopt.FNGD and kind.startswith("embedding") and not warned, warned
+        return
+    assert len(warned) == 1 and reasons, (warned, reasons)
+    for reason in reasons:
+        assert f"  - {reason}" in warned[0], (reason, warned[0])
+    fixes = {"no-handler": "gramopt.register_handler", "sequence-first": "build it with batch_first=True",
+             "add-bias-kv": "build it without add_bias_kv", "embedding-sparse": "build it with sparse=False",
+             "embedding-scale-grad": "build it with scale_grad_by_freq=False",
+             "embedding-max-norm": "build it with max_norm=None"}
+    assert fixes[kind] in warned[0]
+
+
 @representative
 def test_model_without_supported_layer_warns_and_trains(case):
     """No layer the method preconditions: one warning, and plain-gradient steps."""
@@ -287,6 +328,59 @@ def test_target_mismatch(case, index):
     with pytest.raises(ValueError, match=match):
         opt.backward(model(x), target)
     _unchanged(model, opt, before)
+
+
+@pytest.mark.parametrize("method", [gramopt.GGN, gramopt.SENG, gramopt.FNGD], ids=lambda c: c.__name__)
+def test_classes_last_logits_name_the_class_dimension_and_the_fix(method):
+    """[b, T, C] logits (classes last, as a language model's head gives them) with [b, T]
+    targets: the error says the classes go in dim 1 and how to move them there."""
+    model = nn.Linear(4, 5)
+    # (GGN's damping adaptation re-runs the model and needs its own output, not a transpose)
+    opt = method(model, loss="cross_entropy", **({"damping_adaptation": None} if method is gramopt.GGN else {}))
+    x, target = torch.randn(6, 7, 4), torch.randint(0, 5, (6, 7))
+    before = _before(model, opt)
+    fix = r"classes go in dim 1 .*logits\.transpose\(1, 2\) or logits\.permute\(0, 2, 1\)"
+    with pytest.raises(ValueError, match=fix):
+        opt.backward(model(x), target)
+    _unchanged(model, opt, before)
+    opt.backward(model(x).transpose(1, 2), target)  # the fix it names
+    opt.step()
+    # a target of another shape gets no such hint
+    with pytest.raises(ValueError, match="integer class targets") as caught:
+        opt.backward(model(x), target[:, :3])
+    assert "dim 1" not in str(caught.value)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_a_second_step_after_one_backward_says_so(case):
+    """step() twice after one backward pass: the first step used up the captures; the
+    second says that (not "no backward pass reached a hooked layer"), changing nothing.
+    After zero_grad, or a new backward pass that reached no hooked layer, the message is
+    the one about the missing backward pass. (SENG between curvature refreshes reads only
+    .grad and its cached curvature: a second step there repeats the first, as torch's
+    optimizers do; so the second step here is a refresh.)"""
+    model = case.build_model()
+    opt = case.make(model, **({"curvature_every": 1} if case.cls is gramopt.SENG else {}))
+    x, y = case.batches(1)[0]
+    case.step(opt, model, x, y)
+    before = _before(model, opt)
+    with pytest.raises(gramopt.CaptureError, match=r"step\(\) was already called after this backward pass") as err:
+        opt.step()
+    assert ("loss.backward()" in str(err.value)) == (case.cls is not gramopt.GGN)
+    _unchanged(model, opt, before)
+    opt.zero_grad()
+    with pytest.raises(gramopt.CaptureError) as err:
+        opt.step()
+    assert "already called" not in str(err.value)
+    _unchanged(model, opt, before)
+    if case.loop == "ordinary":  # a backward pass of an eval-mode forward: not the same backward
+        model.eval()
+        LOSS_FUNCTIONS[case.loss](model(x), y).backward()
+        model.train()
+        with pytest.raises(gramopt.CaptureError) as err:
+            opt.step()
+        assert "already called" not in str(err.value)
+    case.step(opt, model, x, y)  # and the loop goes on
 
 
 @representative

@@ -8,7 +8,9 @@ benchmarks/results/papers/README.md reads. The figures themselves are benchmarks
 The processes are forked from a multiprocessing fork server that imported torch, gramopt
 and matplotlib once (tests/benchmark_preload.py: a fresh interpreter pays seconds for them,
 more than most quick runs); each is still a process of its own, as
-``python benchmarks/SCRIPT`` is.
+``python benchmarks/SCRIPT`` is. Two run at a time (one torch thread each), started ahead
+in the order of the tests, which wait for their own; a change under benchmarks/results/
+fails the scripts that were running when it was seen.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import multiprocessing
 import os
 import runpy
 import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import pytest
@@ -42,6 +47,7 @@ SLOW = {
     "step_profile.py",
 }
 SECONDS = 240  # per script, to fail a script that ignores --quick instead of hanging
+PARALLEL = 2  # scripts at a time (each runs one torch thread)
 #: What the fork server imports once for every script.
 PRELOAD = ["benchmark_preload"]
 
@@ -131,8 +137,7 @@ def run_script(script: Path, argv: list[str], log: Path) -> None:
     runpy.run_path(str(script), run_name="__main__")
 
 
-@pytest.fixture(scope="module")
-def fork_server() -> multiprocessing.context.BaseContext:
+def start_fork_server() -> multiprocessing.context.BaseContext:
     """The fork server, started with :data:`PRELOAD` imported (it finds modules through
     ``PYTHONPATH``, not through this process's ``sys.path``)."""
     context = multiprocessing.get_context("forkserver")
@@ -151,28 +156,96 @@ def fork_server() -> multiprocessing.context.BaseContext:
     return context
 
 
+@dataclass
+class Run:
+    """One script's quick run: its exit code (None: killed after :data:`SECONDS`), its
+    output, its --out folder, and the scripts that ran while benchmarks/results/ changed
+    (empty when nothing there changed)."""
+
+    exitcode: int | None
+    output: str
+    out: Path
+    wrote_results: list[str]
+
+
+class QuickRuns:
+    """The selected scripts' quick runs, :data:`PARALLEL` at a time in the order the tests
+    ask for them, each in a process of its own; :meth:`result` waits for one."""
+
+    def __init__(self, scripts: list[str], folder: Path) -> None:
+        self.context = start_fork_server()
+        self.folder = folder
+        self.waiting = list(scripts)
+        self.running: dict[str, tuple[multiprocessing.process.BaseProcess, float]] = {}
+        self.finished: dict[str, Run] = {}
+        self.results = committed_results()
+
+    def _start(self) -> None:
+        while self.waiting and len(self.running) < PARALLEL:
+            script = self.waiting.pop(0)
+            folder = self.folder / script.replace("/", "-")
+            argv = ["--quick", "--out", str(folder / "out")]
+            folder.mkdir(parents=True)
+            process = self.context.Process(target=run_script, args=(BENCHMARKS / script, argv, folder / "log.txt"))
+            process.start()
+            self.running[script] = (process, time.monotonic() + SECONDS)
+
+    def _collect(self) -> None:
+        """Wait until a running script ends (or overstays), and record it."""
+        first_deadline = min(deadline for _, deadline in self.running.values())
+        wait([process.sentinel for process, _ in self.running.values()], max(0.0, first_deadline - time.monotonic()))
+        for script, (process, deadline) in list(self.running.items()):
+            if process.is_alive() and time.monotonic() < deadline:
+                continue
+            if process.is_alive():
+                process.kill()
+            process.join()
+            results = committed_results()
+            wrote = sorted(self.running) if results != self.results else []
+            self.results = results
+            del self.running[script]
+            folder = self.folder / script.replace("/", "-")
+            log = folder / "log.txt"
+            output = log.read_text() if log.exists() else ""
+            self.finished[script] = Run(process.exitcode, output, folder / "out", wrote)
+
+    def result(self, script: str) -> Run:
+        if script not in self.running and script not in self.finished:  # asked for out of order: it goes first
+            self.waiting = [script] + [s for s in self.waiting if s != script]
+        while script not in self.finished:
+            self._start()
+            self._collect()
+        return self.finished[script]
+
+    def close(self) -> None:
+        for process, _ in self.running.values():
+            process.kill()
+            process.join()
+
+
+@pytest.fixture(scope="module")
+def quick_runs(request, tmp_path_factory):
+    items = request.session.items
+    selected = [item.callspec.params["script"] for item in items if item.originalname == "test_quick_run"]
+    runs = QuickRuns(selected, tmp_path_factory.mktemp("quick"))
+    yield runs
+    runs.close()
+
+
 @pytest.mark.parametrize("script", [pytest.param(s, marks=[pytest.mark.slow] if s in SLOW else []) for s in scripts()])
-def test_quick_run(script, tmp_path, fork_server):
-    before = committed_results()
-    out, log = tmp_path / "out", tmp_path / "log.txt"
-    process = fork_server.Process(target=run_script, args=(BENCHMARKS / script, ["--quick", "--out", str(out)], log))
-    process.start()
-    process.join(SECONDS)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    output = log.read_text() if log.exists() else ""
-    assert process.exitcode == 0, f"{script} --quick exited {process.exitcode}:\n{output[-6000:]}"
-    assert committed_results() == before, f"{script} --quick wrote into benchmarks/results/ (it must write under --out)"
-    written = [p for p in out.rglob("*") if p.is_file()]
+def test_quick_run(script, quick_runs):
+    run = quick_runs.result(script)
+    assert run.exitcode == 0, f"{script} --quick exited {run.exitcode}:\n{run.output[-6000:]}"
+    assert not run.wrote_results, f"benchmarks/results/ changed while {run.wrote_results} ran (write under --out)"
+    written = [p for p in run.out.rglob("*") if p.is_file()]
     if script in PRINTS_ONLY:
         assert not written, f"{script} wrote {written} (listed as printing only)"
     else:
         assert written, f"{script} --quick wrote nothing under --out (write there, or list it in PRINTS_ONLY)"
     name = Path(script).stem
     if script.startswith("papers/"):
-        record = json.loads((out / f"{name}.json").read_text())
-        assert (out / f"{name}.png").stat().st_size > 0
+        record = json.loads((run.out / f"{name}.json").read_text())
+        assert (run.out / f"{name}.png").stat().st_size > 0
         missing = (COMMON_KEYS | STUDIES[name]) - set(record)
         assert not missing, f"{name}.json lacks {sorted(missing)}"
         assert record["held"] in (True, False)

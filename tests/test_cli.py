@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import torch
+from rich.console import Console
 
-from gramopt.cli import main
+from gramopt.cli import _tasks, main
+from gramopt.tasks import TASKS
 from gramopt.training import load_checkpoint
 
 
@@ -14,11 +17,24 @@ def train(tmp_path, *extra):
     return main(["train", "--task", "diabetes", "--no-progress", "--out", str(tmp_path), *extra])
 
 
-def test_tasks_lists_the_tasks(capsys):
+def test_tasks_lists_the_tasks_uncut_when_piped(capsys):
+    """Piped (not a terminal, rich's 80 columns): one whole line per task, name and
+    description uncut."""
     assert main(["tasks"]) == 0
-    out = capsys.readouterr().out
-    for name in ("teacher", "diabetes", "digits", "mnist", "recall"):
-        assert name in out
+    lines = capsys.readouterr().out.splitlines()
+    assert "…" not in "".join(lines)
+    for task in TASKS.values():
+        row = [line for line in lines if line.startswith(f"| {task.name} |")]
+        assert len(row) == 1 and row[0].endswith(f"| {task.description} |"), (task.name, row)
+
+
+def test_tasks_on_a_narrow_terminal_keep_the_names_whole():
+    console = Console(force_terminal=True, width=60, record=True)
+    _tasks(console)
+    text = console.export_text()
+    assert "…" not in text
+    for task in TASKS.values():
+        assert re.search(rf"│ {re.escape(task.name)} +│", text), task.name
 
 
 def test_train_writes_metrics_and_checkpoint(tmp_path, capsys):

@@ -19,7 +19,7 @@ from gramopt.compare.run import (
 )
 from gramopt.compare.config import GRID_SIZE, GRID_SIZES, LADDERS, TARGETS, Target, grid
 from gramopt.compare.memory import AVAILABLE, peak_memory
-from gramopt.compare.plots import _on_grid
+from gramopt.compare.plots import STYLES, _on_grid, style
 from gramopt.cli import _parser, main
 from gramopt.errors import SingularSystemError
 from gramopt.tasks import TASKS, Task, get_task
@@ -80,7 +80,8 @@ def test_every_optimizer_gets_a_grid_of_the_same_size_around_its_defaults():
             settings = grid(name, task)
             assert len(settings) == GRID_SIZE
             assert len({json.dumps(s, sort_keys=True) for s in settings}) == GRID_SIZE
-            base = {**OPTIMIZERS[name].run_defaults_for(task.loss), **task.hyper.get(name, {})}
+            tuned_as = OPTIMIZERS[name].tuned_as or name  # muon-f32 takes muon's settings
+            base = {**OPTIMIZERS[name].run_defaults_for(task.loss), **task.hyper.get(tuned_as, {})}
             assert settings[GRID_SIZE // 2] == base  # the middle setting is the default
             full = grid(name, task, "full")
             assert len(full) == GRID_SIZES["full"] == 9
@@ -201,6 +202,7 @@ def test_cli_runs_a_tiny_comparison_and_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "diabetes: seconds to each rung" in out and "adamw" in out and "1 epochs per run" in out
     assert "| optimizer |" in out and "winning setting |" in out  # not a terminal: the whole table, uncut
+    assert "…" not in out
     assert "diabetes: first per rung" in out and "| rung | first |" in out  # and who is first, as report.md has it
     assert {p.name for p in tmp_path.iterdir()} == {"report.md", "curves.png", "results.json"}
     history = json.loads((tmp_path / "results.json").read_text())["tasks"]["diabetes"]["optimizers"]["sgd"]["settings"][0]["runs"][0]["history"]
@@ -278,6 +280,22 @@ def test_piped_output_gets_plain_progress_lines(tmp_path, capsys):
     run_comparison(config)
     out = capsys.readouterr().out
     assert "runs: 1 optimizers x 3 settings (quick grid)" in out and "[3/3 runs" in out
+
+
+def test_every_registered_optimizer_has_its_own_colour_and_marker():
+    """curves.png tells every optimizer apart: the style mapping covers the registry (the
+    installed optimizers, and the peers whose package is missing) and no two share a
+    colour or a marker."""
+    from gramopt.training.peers import PEERS
+    from gramopt.training.registry import MISSING_PEERS
+
+    names = set(OPTIMIZERS) | set(MISSING_PEERS) | {spec.name for _, spec in PEERS}
+    assert names <= set(STYLES), names - set(STYLES)
+    looks = {name: style(name) for name in names}
+    colours = [look["color"].lower() for look in looks.values()]
+    markers = [look["marker"] for look in looks.values()]
+    assert len(set(colours)) == len(names), sorted(looks.items(), key=lambda item: item[1]["color"])
+    assert len(set(markers)) == len(names), sorted(looks.items(), key=lambda item: item[1]["marker"])
 
 
 def test_curves_are_step_functions_that_stop_with_the_run():
@@ -373,3 +391,107 @@ def test_the_printed_first_per_rung_table_on_a_terminal():
     text = console.export_text()
     assert "synthetic: first per rung" in text
     assert all(cell in text for cell in leader_rows(task)[0])
+
+
+# -- step times far outside the optimizers' arithmetic ------------------------------------
+FAST_BF16 = {"fast": True, "bfloat16_ms": 0.2, "float32_ms": 0.4, "decided_by": "measured",
+             "text": "fast bfloat16 matmul"}
+SLOW_BF16 = {"fast": False, "bfloat16_ms": 37.0, "float32_ms": 0.6, "decided_by": "measured",
+             "text": "no fast bfloat16 matmul (256x256: 37 ms in bfloat16, 0.6 ms in float32)"}
+
+
+def test_step_times_beyond_the_margin_over_the_expected_cost_are_flagged_with_their_likely_cause(monkeypatch):
+    from gramopt.compare.flags import expected_step_cost, step_time_flags
+
+    monkeypatch.setattr(bench_config, "STEP_COST_MARGIN", 3.0)
+    expected = {"sgd": 1.0, "adamw": 1.5, "ggn": 10.0, "muon": 5.0, "muon-f32": 5.0}
+    monkeypatch.setattr(bench_config, "EXPECTED_STEP_COST", expected)
+    monkeypatch.setattr(bench_config, "DEFAULT_EXPECTED_STEP_COST", 10.0)
+    assert expected_step_cost("ggn") == 10.0 and expected_step_cost("newly-registered") == 10.0
+    ratios = {"sgd": 1.0, "adamw": 4.5, "ggn": 29.0, "muon": 141.0, "muon-f32": 3.1, "seng": None,
+              "newly-registered": 31.0}
+    flags = {f["optimizer"]: f for f in step_time_flags(ratios, SLOW_BF16)}
+    # adamw at its limit (3 x 1.5) and ggn under its own (3 x 10) pass; nothing measured, nothing flagged
+    assert set(flags) == {"muon", "newly-registered"}
+    muon = flags["muon"]
+    assert (muon["ratio"], muon["expected"], muon["limit"]) == (141.0, 5.0, 15.0)
+    assert "bfloat16" in muon["cause"] and "37 ms in bfloat16" in muon["cause"] and "muon-f32" in muon["cause"]
+    assert muon["text"].startswith("muon's step took 141x SGD-momentum's, over 15x") and "Likely cause" in muon["text"]
+    assert flags["newly-registered"]["cause"] == "" and "No known cause" in flags["newly-registered"]["text"]
+    # on a CPU with a fast bfloat16 matmul the same ratio is flagged, with no cause claimed
+    (fast,) = [f for f in step_time_flags({"muon": 141.0}, FAST_BF16)]
+    assert fast["cause"] == ""
+    assert step_time_flags({"adamw": 4.51}, FAST_BF16)[0]["limit"] == 4.5
+
+
+def _synthetic_step_times(slow: str, factor: float):
+    """interleaved_times with made-up samples: every optimizer as fast as SGD but ``slow``."""
+
+    def times(steps, rounds=20, steps_per_round=5, warmup=3, device=None):
+        return {name: [(factor if name == slow else 1.0) * 1e-3] * rounds for name in steps}
+
+    return times
+
+
+def test_a_slow_optimizer_is_flagged_in_the_console_the_report_and_the_json(monkeypatch, tmp_path, capsys):
+    import gramopt.compare.run as compare_run
+
+    monkeypatch.setitem(OPTIMIZERS, "slow-sgd", OptimizerSpec("slow-sgd", "SGD, timed as slow", OPTIMIZERS["sgd"].build,
+                                                              dict(OPTIMIZERS["sgd"].defaults)))
+    monkeypatch.setitem(bench_config.EXPECTED_STEP_COST, "slow-sgd", 2.0)
+    monkeypatch.setattr(compare_run, "interleaved_times", _synthetic_step_times("slow-sgd", 50.0))
+    monkeypatch.setenv("GRAMOPT_FAST_BFLOAT16", "1")
+    argv = ["compare", "--task", "diabetes", "--optimizers", "slow-sgd,sgd,adamw", "--seeds", "1", "--epochs", "1",
+            "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    expected = "slow-sgd's step took 50x SGD-momentum's, over 6x (3 x the 2x its arithmetic predicts)"
+    assert f"flagged (diabetes): {expected}" in out
+    assert "adamw's step" not in out and "sgd's step took 1x" not in out
+    report = (tmp_path / "report.md").read_text()
+    assert "| slow-sgd (step time flagged) |" in report and "| adamw |" in report
+    assert "Flagged step times:" in report and "- slow-sgd's step took 50x" in report
+    assert "Step time flagged: the median step time over SGD-momentum's exceeds 3 times" in report
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [f["optimizer"] for f in results["tasks"]["diabetes"]["flags"]] == ["slow-sgd"]
+    env = results["environment"]
+    assert env["cpu_model"] and env["bfloat16_matmul"]["decided_by"] == "GRAMOPT_FAST_BFLOAT16=1"
+    assert f"CPU {env['cpu_model']}" in report
+
+
+def test_the_bfloat16_probe_measures_once_follows_its_rule_and_can_be_overridden(monkeypatch):
+    from gramopt.compare import hardware
+
+    monkeypatch.delenv(hardware.OVERRIDE_VARIABLE, raising=False)
+    measured = hardware.bfloat16_matmul()
+    assert measured.decided_by == "measured" and measured.bfloat16_ms > 0 and measured.float32_ms > 0
+    assert measured.fast == (measured.bfloat16_ms <= hardware.SLOW_FACTOR * measured.float32_ms)
+    assert hardware.bfloat16_matmul() == measured  # cached: measured once per process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        hardware._measured.__wrapped__()  # measured on one thread, the caller's count restored
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(hardware, "_measured", lambda: (37.0, 0.6))  # the AMD EPYC without AVX-512
+    assert not hardware.bfloat16_matmul().fast and "37 ms in bfloat16" in hardware.bfloat16_matmul().describe()
+    monkeypatch.setattr(hardware, "_measured", lambda: (0.2, 0.4))
+    assert hardware.bfloat16_matmul().fast
+    monkeypatch.setenv(hardware.OVERRIDE_VARIABLE, "0")
+    assert hardware.bfloat16_matmul() == hardware.BFloat16Matmul(False, None, None, "GRAMOPT_FAST_BFLOAT16=0")
+    monkeypatch.setenv(hardware.OVERRIDE_VARIABLE, "yes")
+    assert hardware.bfloat16_matmul().fast
+    monkeypatch.setenv(hardware.OVERRIDE_VARIABLE, "sometimes")
+    with pytest.raises(ValueError, match="GRAMOPT_FAST_BFLOAT16='sometimes'"):
+        hardware.bfloat16_matmul()
+    assert isinstance(hardware.cpu_model(), str)
+    assert set(hardware.cpu_bfloat16_flags()) <= set(hardware.BFLOAT16_CPU_FLAGS)
+
+
+def test_the_default_comparison_adds_the_float32_muon_where_bfloat16_is_slow(monkeypatch):
+    monkeypatch.setenv("GRAMOPT_FAST_BFLOAT16", "0")
+    slow = default_optimizers()
+    assert slow.index("muon-f32") == slow.index("muon") + 1  # beside torch's Muon, not instead of it
+    monkeypatch.setenv("GRAMOPT_FAST_BFLOAT16", "1")
+    assert "muon-f32" not in default_optimizers() and "muon" in default_optimizers()

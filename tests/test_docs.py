@@ -1,5 +1,6 @@
 """The documentation site: `mkdocs build --strict` with zero warnings, every public name
-in the API reference, every paper cited in full, and every guide's Python code runs."""
+in the API reference, every paper cited in full, every guide's Python code runs, and the
+results the README and the guides quote are those of the committed comparison."""
 
 from __future__ import annotations
 
@@ -77,3 +78,71 @@ def test_every_python_block_of_a_page_runs(page, tmp_path):
         env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"},
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+# -- results quoted from the committed comparison ------------------------------------------
+MARKED = [ROOT / "README.md", *PAGES]
+_OPENING = re.compile(r"<!-- (?:s|w|n|x|d) [^>]*-->")
+_UNMARKED_FIGURE = re.compile(r"\b\d+\.\d+ ?s\b|\b\d+(?:\.\d+)?x\b")
+
+
+@pytest.fixture(scope="module")
+def tables():
+    """benchmarks/readme_table.py, which generates the results tables and figures (it
+    reads gramopt.compare: the compare extra)."""
+    pytest.importorskip("rich", reason="benchmarks/readme_table.py needs the compare extra")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import readme_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return readme_table
+
+
+@pytest.fixture(scope="module")
+def committed_results(tables):
+    return tables.load()
+
+
+def _without_marked(tables, text: str) -> str:
+    text = tables._FIGURE.sub("", text)
+    return tables._WORK_TABLE.sub("", tables._TABLE.sub("", text))
+
+
+@pytest.mark.parametrize("page", MARKED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_quoted_results_are_those_of_the_committed_json(page, tables, committed_results):
+    """Every table and figure marked for benchmarks/readme_table.py equals what the
+    committed results.json files give; regenerate them with
+    ``python benchmarks/readme_table.py --update README.md docs/guides/which-method.md``."""
+    text = page.read_text()
+    rendered = tables.render(text, committed_results)
+    if rendered != text:
+        stale = [(old, new) for old, new in zip(text.splitlines(), rendered.splitlines(), strict=False) if old != new]
+        old, new = stale[0] if stale else ("(the number of lines)", "")
+        pytest.fail(f"{page.name}: {len(stale)} line(s) disagree with the committed JSON, first:\n{old}\n{new}")
+    # every opening marker is closed (an unclosed one would be skipped, never checked)
+    assert len(_OPENING.findall(text)) == len(tables._FIGURE.findall(text)), page.name
+
+
+def test_the_readme_and_which_method_quote_the_results_through_markers(tables):
+    """The results tables and the prose that reads them ("What it says, plainly", the
+    short answer of which-method.md) quote no seconds or step-time ratio by hand."""
+    for page in (ROOT / "README.md", DOCS / "guides" / "which-method.md"):
+        text = page.read_text()
+        assert "<!-- results-table -->" in text and "<!-- results-work-table " in text, page.name
+        plainly = _without_marked(tables, text.split("What it says, plainly:")[1].split("\n#")[0])
+        assert not _UNMARKED_FIGURE.findall(plainly), (page.name, _UNMARKED_FIGURE.findall(plainly))
+    short_answer = (DOCS / "guides" / "which-method.md").read_text().split("\n## ")[0]
+    rows = [row for row in _without_marked(tables, short_answer).splitlines() if "MNIST" in row or "teacher" in row]
+    assert rows and not any(re.search(r"\b\d+\.\d+ ?s\b", row) for row in rows), rows
+
+
+def test_a_figure_that_disagrees_with_the_json_is_regenerated(tables, committed_results):
+    text = "FNGD: <!-- s mnist 0.95 fngd -->1.5<!-- /s --> s, <!-- x mnist fngd -->1.15x<!-- /x -->."
+    expected = committed_results["tasks"]["mnist"]["optimizers"]["fngd"]["summary"]
+    rendered = tables.render(text, committed_results)
+    assert rendered != text
+    assert f"-->{expected['time_to_rungs'][1]['median']:.2f}<!--" in rendered
+    assert f"-->{expected['step_time_ratio']['median']:.2f}x<!--" in rendered
+    with pytest.raises(ValueError, match="no rung 0.96"):
+        tables.render("<!-- s mnist 0.96 fngd -->?<!-- /s -->", committed_results)

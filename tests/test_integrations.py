@@ -243,6 +243,38 @@ def test_gramopt_trainer_accumulation_gives_the_step_of_the_whole_batch(method, 
     ref_opt.close()
 
 
+@pytest.mark.parametrize("method", ["seng", "fngd", "ggn"])
+def test_gramopt_trainer_logs_the_real_gradient_norm_or_none(method, tmp_path):
+    """SENG's logged grad_norm is the norm of the mean loss's gradient (its .grad, which its
+    step reads), here the plain loop's at the first step; GGN and FNGD leave .grad of their
+    layers unset, so no grad_norm is logged (not the 0 or the partial norm of .grad)."""
+    transformers, trained = tiny_bert()
+    from gramopt.integrations.huggingface import GramoptTrainer
+
+    reference = type(trained)(trained.config).double()
+    reference.load_state_dict(trained.state_dict())
+    opt = HF_METHODS[method](trained)
+    args = hf_args(transformers, tmp_path, 2)
+    args.logging_strategy, args.logging_steps = "steps", 1
+    trainer = GramoptTrainer(model=trained, args=args, train_dataset=Sequences(), optimizers=(opt, None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(steps) == 2
+    if method != "seng":
+        assert not any("grad_norm" in entry for entry in trainer.state.log_history), trainer.state.log_history
+        return
+    if not hasattr(transformers.Trainer, "_get_grad_norm"):
+        pytest.skip("this transformers logs grad_norm only when it clips .grad itself")
+    batch = Sequences().batch()
+    reference(**batch).loss.backward()
+    expected = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters() if p.grad is not None])))
+    assert expected > 0 and steps[0]["grad_norm"] == pytest.approx(expected, rel=1e-6)
+    assert steps[1]["grad_norm"] > 0 and steps[1]["grad_norm"] != steps[0]["grad_norm"]
+    opt.close()
+
+
 def test_gramopt_trainer_adapts_ggns_damping_with_a_model_output(tmp_path):
     """A BERT model returns a ModelOutput: GGN's damping adaptation re-runs it and takes
     ``.logits`` as the step did, so the damping adapts (no warning) exactly as in a plain

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import EXTERNAL_DATA
 
+from gramopt.cli import main
 from gramopt.tasks import TASKS, get_task
 from gramopt.training import build_optimizer, training_step
 
@@ -53,6 +57,44 @@ def test_registry_lists_every_task():
     assert set(OFFLINE) <= set(TASKS)
 
 
+@pytest.mark.parametrize("name", sorted(set(TASKS) - set(EXTERNAL_DATA)))
+def test_every_other_task_loads_with_what_pip_installs(name, external_data_hidden):
+    """The tasks outside tests/conftest.py's EXTERNAL_DATA read nothing but pip packages'
+    files (or generate their data): a task that reads another folder belongs in that list."""
+    split = get_task(name).load(0)
+    assert split.train_x.shape[0] == split.train_y.shape[0] > 0 and split.test_x.shape[0] > 0
+
+
+@pytest.mark.parametrize("name", sorted(EXTERNAL_DATA))
+def test_a_task_whose_data_is_missing_says_how_to_install_it(name, external_data_hidden, tmp_path, capsys):
+    data = EXTERNAL_DATA[name]
+    with pytest.raises(FileNotFoundError) as caught:
+        get_task(name).load(0)
+    assert str(external_data_hidden) in str(caught.value) and data.env in str(caught.value)
+    assert "apt-get install" in str(caught.value)
+    # the command line prints the same as an error, without a traceback
+    argv = ["train", "--task", name, "--optimizer", "sgd", "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "error:" in printed and data.env in printed and "Traceback" not in printed
+
+
+def test_ci_runs_the_suite_with_every_external_data_set_hidden():
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    assert 'no_data=$(mktemp -d)' in ci
+    for data in EXTERNAL_DATA.values():
+        assert f'export {data.env}="$no_data"' in ci, data.env
+
+
+@pytest.mark.needs_data("fashion-mnist")
+def test_fashion_mnist_is_the_official_split():
+    """The installed data set itself (skipped where it is not installed)."""
+    split = get_task("fashion-mnist").load(0)
+    assert split.train_x.shape == (60_000, 1, 28, 28) and split.test_x.shape == (10_000, 1, 28, 28)
+    assert torch.bincount(split.train_y).tolist() == [6000] * 10 and torch.bincount(split.test_y).tolist() == [1000] * 10
+    assert 0.0 <= float(split.train_x.min()) and float(split.train_x.max()) <= 1.0
+
+
 @pytest.mark.parametrize("name", sorted(__import__("gramopt.training", fromlist=["OPTIMIZERS"]).OPTIMIZERS))
 def test_every_registered_optimizer_builds_and_steps_with_its_defaults(name):
     """Each registry entry (gramopt's methods, torch's, the installed peers) builds from
@@ -65,7 +107,8 @@ def test_every_registered_optimizer_builds_and_steps_with_its_defaults(name):
     model = task.build_model(0)
     hyper = with_epoch_defaults(name, dict(task.hyper.get(name, {})), 4)
     opt = build_optimizer(name, model, task.loss, hyper)
-    assert OPTIMIZERS[name].source in ("gramopt", "torch", "pytorch-optimizer", "heavyball", "singd")
+    sources = ("gramopt", "torch", "gramopt variant of torch", "pytorch-optimizer", "heavyball", "singd")
+    assert OPTIMIZERS[name].source in sources
     losses = [float(training_step(opt, model, task.loss, split.train_x[:64], split.train_y[:64])) for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses)))
 

@@ -13,24 +13,13 @@ import struct
 import numpy as np
 import pytest
 import torch
+from conftest import fashion_folder, task_batch, write_idx
 
 from gramopt.cli import main
 from gramopt.losses import get_loss
 from gramopt.tasks import TASKS, get_task
-from gramopt.tasks.images import load_fashion_mnist, read_idx
+from gramopt.tasks.images import FASHION_MNIST_ENV, load_fashion_mnist, read_idx
 from gramopt.training import TrainConfig, Trainer, build_optimizer, with_epoch_defaults
-
-
-def write_idx(path, array: np.ndarray, code: int, compress: bool = False) -> None:
-    """IDX: two zero bytes, the element-type code, the number of dims, big-endian
-    uint32 dims, then the big-endian data."""
-    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-    if compress:
-        with gzip.open(path, "wb") as handle:
-            handle.write(payload)
-    else:
-        path.write_bytes(payload)
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -63,20 +52,6 @@ def test_read_idx_rejects_bad_files(tmp_path):
         read_idx(short)
 
 
-def fashion_folder(tmp_path, n_train: int = 6, n_test: int = 4):
-    rng = np.random.default_rng(1)
-    files = {
-        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
-        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
-        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
-        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
-    }
-    for i, (name, array) in enumerate(files.items()):
-        compress = i % 2 == 0  # both .gz and plain files are found
-        write_idx(tmp_path / (name + (".gz" if compress else "")), array, 0x08, compress)
-    return files
-
-
 def test_load_fashion_mnist_from_idx_folder(tmp_path):
     files = fashion_folder(tmp_path)
     split = load_fashion_mnist(0, directory=tmp_path)
@@ -87,21 +62,26 @@ def test_load_fashion_mnist_from_idx_folder(tmp_path):
     assert split.test_y.tolist() == files["t10k-labels-idx1-ubyte"].tolist()
 
 
+@pytest.mark.parametrize("name", ["fashion-mnist", "fashion-resnet"])
+def test_fashion_tasks_read_the_folder_the_environment_names_at_call_time(name, tmp_path, monkeypatch, capsys):
+    """GRAMOPT_FASHION_MNIST_DIR, set after gramopt is imported, is where the tasks, and
+    ``gramopt train``, read the IDX files."""
+    files = fashion_folder(tmp_path, n_train=8, n_test=4)
+    monkeypatch.setenv(FASHION_MNIST_ENV, str(tmp_path))
+    split = get_task(name).load(0)
+    assert split.train_y.tolist() == files["train-labels-idx1-ubyte"].tolist()
+    out = tmp_path / "run"
+    assert main(["train", "--task", name, "--optimizer", "sgd", "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["config"]["task"] == name
+
+
 def test_load_fashion_mnist_missing_files_say_how_to_install(tmp_path):
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+    with pytest.raises(FileNotFoundError, match=f"apt-get install dataset-fashion-mnist.*{FASHION_MNIST_ENV}"):
         load_fashion_mnist(0, directory=tmp_path)
     fashion_folder(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
         load_fashion_mnist(0, directory=tmp_path)
-
-
-def _smoke_batch(name: str):
-    if name == "fashion-mnist":  # 60k images: a synthetic batch of the same shape
-        generator = torch.Generator().manual_seed(0)
-        return torch.rand(64, 1, 28, 28, generator=generator), torch.randint(0, 10, (64,), generator=generator)
-    split = get_task(name).load(0)
-    return split.train_x[:64], split.train_y[:64]
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -110,7 +90,7 @@ def test_every_task_trains_with_fngd(name):
     lower the loss of a fixed batch."""
     task = get_task(name)
     model = task.build_model(0)
-    x, y = _smoke_batch(name)
+    x, y = task_batch(name)  # a synthetic batch for the tasks whose data is outside pip
     hyper = with_epoch_defaults("fngd", dict(task.hyper["fngd"]), steps_per_epoch=2)
     opt = build_optimizer("fngd", model, task.loss, hyper)
     loss_fn = get_loss(task.loss)

@@ -96,12 +96,13 @@ class ViTTiny(nn.Module):
 
 
 class GPTMini(nn.Module):
-    """Token and position embeddings, causal nn.MultiheadAttention, an MLP, an untied head.
+    """Token and position embeddings, causal nn.MultiheadAttention, an MLP, a head.
 
     ``idx [b, T]`` -> logits ``[b, V, T]`` (class dimension 1, so that GGN's
-    ``opt.backward(model(idx), targets)`` gets the model's own output)."""
+    ``opt.backward(model(idx), targets)`` gets the model's own output). ``tied``: the
+    head is bias-free and its weight is the token embedding's (GPT-2's weight tying)."""
 
-    def __init__(self, vocab: int = 11, dim: int = 16, context: int = 8) -> None:
+    def __init__(self, vocab: int = 11, dim: int = 16, context: int = 8, tied: bool = False) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab, dim)
         self.positions = nn.Embedding(context, dim)
@@ -109,7 +110,9 @@ class GPTMini(nn.Module):
         self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        self.head = nn.Linear(dim, vocab)
+        self.head = nn.Linear(dim, vocab, bias=not tied)
+        if tied:
+            self.head.weight = self.tokens.weight
 
     def forward(self, idx: Tensor) -> Tensor:
         t = idx.shape[1]
@@ -154,6 +157,11 @@ def gpt(generator: torch.Generator):
     return GPTMini(vocab=8, context=6), idx[:, :-1], idx[:, 1:], "token_cross_entropy"
 
 
+def gpt_tied(generator: torch.Generator):
+    idx = torch.randint(0, 8, (6, 7), generator=generator)
+    return GPTMini(vocab=8, context=6, tied=True), idx[:, :-1], idx[:, 1:], "token_cross_entropy"
+
+
 def autoencoder(generator: torch.Generator):
     x = torch.rand(4, 1, 8, 8, generator=generator)
     return ConvAutoencoder(), x, x.clone(), "mse"
@@ -164,5 +172,6 @@ ZOO: dict[str, Callable[[torch.Generator], tuple[nn.Module, Tensor, Tensor, str]
     "mobilenet": mobilenet,
     "vit": vit,
     "gpt": gpt,
+    "gpt-tied": gpt_tied,
     "autoencoder": autoencoder,
 }

@@ -11,6 +11,11 @@ Optimizers
     FNGD        inverse-free fast natural gradient (per-layer weighted per-sample gradients,
                 coefficients shared after an estimation phase)
 
+Physics-informed residuals (gramopt.pde)
+    pde.forward_laplacian (value, gradient and Laplacian through the model's own modules),
+    pde.Derivatives, pde.register_activation, pde.Sin; pde.problems (the papers' Poisson and
+    heat problems)
+
 Extending
     register_handler, LayerHandler, LayerFactors, ExplicitFactors
 
@@ -22,6 +27,7 @@ Data parallelism
     distributed="exact" | "local" on every optimizer; gramopt.distributed explains both
 """
 
+from gramopt import pde
 from gramopt.capture import ExplicitFactors, LayerFactors, LayerHandler, register_handler
 from gramopt.distributed import CollectiveError, DistributedError
 from gramopt.errors import (
@@ -69,5 +75,6 @@ __all__ = [
     "StepInfo",
     "UnsupportedModuleError",
     "WarmupPolyDecay",
+    "pde",
     "register_handler",
 ]

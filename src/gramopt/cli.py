@@ -18,7 +18,7 @@ from rich.table import Table
 
 from gramopt.compare import config as bench_config
 from gramopt.compare.run import CompareConfig, run_comparison, write_outputs
-from gramopt.compare.report import plain_leaders, plain_table, rich_leaders, rich_table
+from gramopt.compare.report import flag_lines, markdown_table, plain_leaders, plain_table, rich_leaders, rich_table
 from gramopt.distributed import POLICIES, rank
 from gramopt.errors import GramoptError
 from gramopt.tasks import TASKS
@@ -119,12 +119,20 @@ def _coefficient_steps(text: str) -> int | str:
 
 
 def _tasks(console: Console) -> int:
-    table = Table(title="gramopt tasks")
-    for column in ("task", "loss", "metric", "epochs", "batch", "description"):
-        table.add_column(column)
-    for task in TASKS.values():
-        table.add_row(task.name, task.loss, task.metric, str(task.epochs), str(task.batch_size), task.description)
-    console.print(table)
+    headers = ["task", "loss", "metric", "epochs", "batch", "description"]
+    body = [[t.name, t.loss, t.metric, str(t.epochs), str(t.batch_size), t.description] for t in TASKS.values()]
+    if console.is_terminal:  # names whole, the descriptions folded to the terminal's width
+        table = Table(title="gramopt tasks")
+        for i, header in enumerate(headers):
+            names = i < 3
+            table.add_column(header, overflow="fold", no_wrap=names,
+                             min_width=max(len(row[i]) for row in body) if names else None)
+        for row in body:
+            table.add_row(*row)
+        console.print(table)
+    else:  # piped: the whole table as Markdown, one line per task, as compare prints its tables
+        console.print("\n".join(["gramopt tasks", "", *markdown_table(headers, body)]), highlight=False, markup=False,
+                      soft_wrap=True)
     return 0
 
 
@@ -174,11 +182,14 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
     paths = write_outputs(results, Path(args.out))
     for task in results["tasks"].values():
         if console.is_terminal:
-            for table in (rich_table(task), rich_leaders(task)):
-                console.print(table, width=max(console.width, console.measure(table).maximum))
+            for table in (rich_table(task), rich_leaders(task)):  # (cells fold, never cut)
+                console.print(table)
         else:  # piped to a log: the whole tables as Markdown, never cut to the terminal's width
             for text in (plain_table(task), plain_leaders(task)):
                 console.print(text, highlight=False, markup=False, soft_wrap=True)
+        for text in flag_lines(task):
+            console.print(f"[yellow]flagged ({task['task']['name']}):[/] {escape(text)}", highlight=False,
+                          soft_wrap=True)
     console.print(f"{results['wall_seconds']:.0f} s; wrote {', '.join(str(p) for p in paths.values())}", soft_wrap=True)
     return 0
 

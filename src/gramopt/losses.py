@@ -160,6 +160,7 @@ class CrossEntropyLoss(GaussNewtonLoss):
             raise ValueError(
                 f"cross_entropy needs integer class targets (torch.long) of shape {list(expected)}, got "
                 f"target shape {tuple(target.shape)} ({target.dtype}) for output shape {tuple(output.shape)}"
+                + self._classes_last_hint(output, target)
             )
         classes = output.shape[1]
         if not target.numel():
@@ -180,6 +181,19 @@ class CrossEntropyLoss(GaussNewtonLoss):
                 f"cross_entropy targets must lie in [0, {classes - 1}] (or equal "
                 f"ignore_index={self.ignore_index}), got [{low}, {high}]"
             )
+
+    @staticmethod
+    def _classes_last_hint(output: Tensor, target: Tensor) -> str:
+        """For a target shaped as the output without its last dimension (``[b, T, C]``
+        logits, classes last, with ``[b, T]`` targets): where the classes go and the fix."""
+        if output.dim() < 3 or tuple(target.shape) != tuple(output.shape[:-1]):
+            return ""
+        return (
+            ". The classes go in dim 1 of the logits ([b, C, ...], as F.cross_entropy takes them); these look "
+            "like [b, T, C] logits with the classes last (the target's shape is the output's without its last "
+            "dim): pass logits.transpose(1, 2) or logits.permute(0, 2, 1) (logits.movedim(-1, 1) for more dims), "
+            f"of shape {[output.shape[0], output.shape[-1], *output.shape[1:-1]]}"
+        )
 
     def value(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output, target, ignore_index=self.ignore_index)

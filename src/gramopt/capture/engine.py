@@ -22,7 +22,11 @@ saved inputs and output-gradients alike), so the factors are those of the concat
 batch. Each micro-batch's backward must come before the next micro-batch's forward.
 
 :meth:`CaptureEngine.factors` turns what was captured into one
-:class:`~gramopt.capture.factors.LayerFactors` per layer. Hooks are removed by
+:class:`~gramopt.capture.factors.LayerFactors` per layer, except that layers sharing a
+parameter (weight tying) are one block (:attr:`CaptureEngine.blocks`,
+:mod:`gramopt.capture.tied`). At the model's first training forward the engine checks
+that the graph uses each preconditioned parameter only inside its modules' calls
+(:meth:`CaptureEngine.audit_uses`). Hooks are removed by
 :meth:`CaptureEngine.close`, which the optimizers call on ``close()`` and when they are
 garbage-collected.
 """
@@ -30,6 +34,7 @@ garbage-collected.
 from __future__ import annotations
 
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +47,8 @@ from torch.utils.hooks import RemovableHandle
 from gramopt.capture.factors import LayerFactors
 from gramopt.capture import attention
 from gramopt.capture.handlers import LayerHandler, handler_for
+from gramopt.capture import uses
+from gramopt.capture.tied import TiedFactors, TiedHandler, TiedModules
 from gramopt.errors import CaptureError, UnsupportedModuleError
 
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
@@ -70,16 +77,34 @@ class _Call:
     micro: int = 0  # the micro-batch (gradient accumulation) it belongs to
     scale: float = 1.0  # multiplies its output-gradients (see CaptureEngine.scale_captured)
     skipped: bool = False  # the layer ran, but capture_filter said its step needs no capture
+    nodes: tuple[Any, list[Any]] | None = None  # (its output's node, its inputs' nodes) for audit_uses
 
 
 @dataclass
 class Layer:
-    """A supported module, its handler and its trainable parameters (weight, bias, ...)."""
+    """A supported module, its handler and its trainable parameters (weight, bias, ...).
+
+    A *tied block* (:attr:`CaptureEngine.blocks`) is a Layer too: the hooked layers that
+    share a parameter (``members``), its module a :class:`~gramopt.capture.tied.TiedModules`,
+    its params the union of theirs, each once."""
 
     name: str
     module: nn.Module
     handler: LayerHandler
     params: list[nn.Parameter]
+    members: list["Layer"] = field(default_factory=list)
+
+
+@dataclass
+class _Use:
+    """A module among those whose own parameters include one being covered (tie analysis
+    in :meth:`CaptureEngine.add_params`)."""
+
+    module: nn.Module
+    label: str
+    status: str  # "hooked", "filtered" (the method's layer_filter said no) or "refused"
+    name: str = ""
+    handler: LayerHandler | None = None
 
 
 class CaptureEngine:
@@ -117,9 +142,18 @@ class CaptureEngine:
         self.layer_filter = layer_filter
         self.batchnorm_training = batchnorm_training
         self.layers: list[Layer] = []
+        #: The units the methods precondition: each hooked layer, except that layers sharing
+        #: a parameter (weight tying) are joined into one block (:class:`Layer` with members).
+        self.blocks: list[Layer] = []
         self.plain_params: list[nn.Parameter] = []
         #: Full names of the parameters no handler covers (they follow the plain gradient).
         self.unsupported_names: list[str] = []
+        #: Why each of :attr:`unsupported_names` is not covered (the reason
+        #: ``unsupported="error"`` would give), for the optimizer's warning.
+        self.unsupported_reasons: dict[str, str] = {}
+        #: Why tied parameters follow the plain gradient: a module sharing them has no
+        #: handler (or one that refuses it), so no hook sees that use (one line each).
+        self.tied_fallbacks: list[str] = []
         self._calls: dict[int, list[_Call]] = {}
         self._handles: list[RemovableHandle] = []
         self._grad_handles: list[RemovableHandle] = []
@@ -139,7 +173,14 @@ class CaptureEngine:
         #: records only that the layer ran (no saved input, no gradient hook), for a step
         #: that will not read this layer's factors (SENG between curvature refreshes).
         self.capture_filter: Callable[[Layer], bool] | None = None
+        #: Called with one line naming the parameters :meth:`audit_uses` found used outside
+        #: their modules' calls (they follow the plain gradient from then on), for a warning.
+        self.on_escaped: Callable[[str], None] | None = None
+        #: Full names of those parameters.
+        self.escaped_names: list[str] = []
+        self._audit_pending = True  # audit_uses at the next training forward of the model
         self.closed = False
+        self._handles.append(model.register_forward_hook(self._make_audit_hook()))
         self.add_params(params)
         if not batchnorm_training:
             for module in model.modules():
@@ -153,6 +194,12 @@ class CaptureEngine:
             the full names of those among them that no handler covers (they follow
             the plain gradient); raises :class:`UnsupportedModuleError` naming them
             instead under ``unsupported="error"``, changing nothing.
+
+        A parameter several modules own (weight tying) is preconditioned once, by the block
+        of the hooked layers sharing it (:attr:`blocks`). If the method's ``layer_filter``
+        leaves out some of those modules, they are hooked for the shared parameter alone;
+        if one of them cannot be hooked at all (no handler), the parameter follows the plain
+        gradient (:attr:`tied_fallbacks`), or is refused under ``unsupported="error"``.
         """
         model = self.model
         wanted = {id(p) for p in params}
@@ -162,9 +209,18 @@ class CaptureEngine:
         extended: list[tuple[Layer, list[nn.Parameter]]] = []
         plain: list[nn.Parameter] = []
         unsupported: list[str] = []
+        reasons: dict[str, str] = {}  # of the unsupported ones
         problems: list[str] = []
         inside: list[str] = []  # prefixes of functional containers (their submodules are skipped)
         attentions: list[tuple[nn.MultiheadAttention, attention.InProjection]] = []
+        uses: dict[int, list[_Use]] = {}  # id(p) -> the modules owning p (weight tying when several)
+        owned: dict[int, nn.Parameter] = {}
+
+        def used(own: list[nn.Parameter], use: _Use) -> None:
+            for q in own:
+                uses.setdefault(id(q), []).append(use)
+                owned[id(q)] = q
+
         for name, module in model.named_modules():
             if any(name.startswith(prefix) for prefix in inside):
                 continue
@@ -179,7 +235,10 @@ class CaptureEngine:
                     continue
                 if self.layer_filter is not None and not self.layer_filter(module):
                     plain.extend(own)
-                elif id(module) in self._attention:
+                    used(own, _Use(module, label, "refused"))  # (a proxy is not pulled into a tie)
+                    continue
+                used(own, _Use(module, label, "hooked"))
+                if id(module) in self._attention:
                     extended.append((known[id(module.__dict__[attention.PROXY])], own))
                 else:  # attached below, once nothing was refused
                     proxy = module.__dict__.get(attention.PROXY) or attention.InProjection(module)
@@ -194,13 +253,17 @@ class CaptureEngine:
                 handler = handler_for(module)
                 if handler is not None and self.layer_filter is not None and not self.layer_filter(module):
                     plain.extend(own)  # the method's own choice, not a fallback: no warning
+                    status = "filtered" if self._refusal(module, handler, label) is None else "refused"
+                    used(own, _Use(module, label, status, name or type(module).__name__, handler))
                     continue
                 reason = self._refusal(module, handler, label)
+            used(own, _Use(module, label, "hooked" if reason is None else "refused"))
             if reason is not None:
                 full = [names.get(id(p), "?") for p in own]
                 if self.unsupported == "gradient" and not reason.startswith(f"{label} is in training mode"):
                     plain.extend(own)
                     unsupported.extend(full)
+                    reasons.update(dict.fromkeys(full, reason))
                 else:
                     problems.append(f"{', '.join(full)}: {reason}")
                 continue
@@ -208,6 +271,9 @@ class CaptureEngine:
                 extended.append((known[id(module)], own))
             else:
                 new_layers.append(Layer(name or type(module).__name__, module, handler, own))
+        tied_plain, tied_notes = self._resolve_ties(uses, owned, names, new_layers, extended, plain, known)
+        if self.unsupported == "error":
+            problems.extend(f"{note}: tied parameters need every use hooked" for note in tied_notes)
         if problems:
             raise UnsupportedModuleError(
                 "gramopt cannot precondition these parameters:\n  - "
@@ -223,13 +289,92 @@ class CaptureEngine:
         for module, proxy in attentions:  # only now: a refusal above changes nothing
             self._attention[id(module)] = module
             attention.attach(module, proxy)
-        self.plain_params.extend(plain)
+        known_plain = {id(q) for q in self.plain_params}
+        for q in plain:  # each once (a tied parameter may come from several modules)
+            if id(q) not in known_plain:
+                known_plain.add(id(q))
+                self.plain_params.append(q)
+        tied_names = {names.get(id(q), "?") for q in tied_plain}
+        unsupported = list(dict.fromkeys(n for n in unsupported if n not in tied_names))
         self.unsupported_names.extend(unsupported)
+        self.unsupported_reasons.update(reasons)
+        self.tied_fallbacks.extend(tied_notes)
         for layer in new_layers:
             self.layers.append(layer)
             self._calls[id(layer.module)] = []
             self._handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
+        self._group_blocks()
+        self._audit_pending = True
         return unsupported
+
+    def _group_blocks(self) -> None:
+        self.blocks = tied_blocks(self.layers)
+        self._block_of = {id(member.module): block for block in self.blocks for member in block.members or [block]}
+
+    def _resolve_ties(
+        self,
+        uses: dict[int, list[_Use]],
+        owned: dict[int, nn.Parameter],
+        names: dict[int, str],
+        new_layers: list[Layer],
+        extended: list[tuple[Layer, list[nn.Parameter]]],
+        plain: list[nn.Parameter],
+        known: dict[int, Layer],
+    ) -> tuple[list[nn.Parameter], list[str]]:
+        """Parameters owned by several modules (weight tying), edited in place:
+
+        - hooked by some, left out by the method's ``layer_filter`` for others: those others
+          are hooked too, for the shared parameters alone (new member layers), so that the
+          block sees every use;
+        - owned by a module that cannot be hooked (no handler, a refused configuration) and
+          by a hooked or filtered one: no hook sees every use, so the parameter leaves the
+          hooked layers and follows the plain gradient.
+
+        Returns the latter parameters and one line per tie saying why."""
+        fallback: list[nn.Parameter] = []
+        notes: list[str] = []
+        pulled: dict[int, tuple[_Use, list[nn.Parameter]]] = {}
+        for pid, owners in uses.items():
+            if len(owners) < 2:
+                continue
+            p = owned[pid]
+            statuses = {use.status for use in owners}
+            if "refused" in statuses and statuses != {"refused"}:
+                fallback.append(p)
+                labels = ", ".join(use.label for use in owners)
+                blind = ", ".join(use.label for use in owners if use.status == "refused")
+                notes.append(f"{names.get(pid, '?')} (shared by {labels}; no hook sees its use in {blind})")
+                if all(q is not p for q in plain):
+                    plain.append(p)
+            elif statuses == {"hooked", "filtered"}:
+                for use in owners:
+                    if use.status == "filtered":
+                        pulled.setdefault(id(use.module), (use, []))[1].append(p)
+                plain[:] = [q for q in plain if q is not p]
+        if fallback:
+            for layer in new_layers:
+                layer.params[:] = [q for q in layer.params if all(q is not f for f in fallback)]
+            new_layers[:] = [layer for layer in new_layers if layer.params]
+            for _, own in extended:
+                own[:] = [q for q in own if all(q is not f for f in fallback)]
+        for use, own in pulled.values():
+            if id(use.module) in known:
+                extended.append((known[id(use.module)], own))
+            else:
+                new_layers.append(Layer(use.name, use.module, use.handler, own))
+        if pulled:  # the new layers in the model's order again
+            rank = {id(module): i for i, module in enumerate(self.model.modules())}
+
+            def position(layer: Layer) -> int:
+                owner = getattr(layer.module, "attention", layer.module)  # (an in-projection: its attention)
+                return rank.get(id(owner), len(rank))
+
+            new_layers.sort(key=position)
+        return fallback, notes
+
+    def block_of(self, layer: Layer) -> Layer:
+        """The block (:attr:`blocks`) a hooked layer belongs to: itself, or its tied block."""
+        return self._block_of.get(id(layer.module), layer)
 
     def _refusal(self, module: nn.Module, handler: LayerHandler | None, label: str) -> str | None:
         """Why ``module``'s own parameters cannot be preconditioned, or None."""
@@ -270,6 +415,9 @@ class CaptureEngine:
                 calls.append(_Call(None, None, 0, micro=engine_ref._micro, skipped=True))
                 return
             call = _Call(save(module, args, output), output, output._version, micro=engine_ref._micro)
+            if engine_ref._audit_pending:
+                inputs = [a.grad_fn for a in args if isinstance(a, Tensor) and a.grad_fn is not None]
+                call.nodes = (output.grad_fn, inputs)
             calls.append(call)
             # The hook lives in the output's autograd node (C++), which Python's GC cannot
             # see: a strong reference to the call (which holds the output) would make an
@@ -293,6 +441,67 @@ class CaptureEngine:
             output.register_hook(grad_hook)
 
         return forward_hook
+
+    # -- parameters used outside their modules' calls ---------------------------------------
+    def _make_audit_hook(self) -> Callable[[nn.Module, tuple, Any], None]:
+        engine = self  # a function, not a bound method: a deep copy of the model copies none of it
+
+        def audit_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if engine._audit_pending and module is engine.model and torch.is_grad_enabled() and not engine._paused:
+                if not uses.in_transform():  # (a deep copy of the model carries the hook along)
+                    engine.audit_uses(output)
+
+        return audit_hook
+
+    def audit_uses(self, output: Any) -> list[nn.Parameter]:
+        """Check, once after construction (and after :meth:`add_params`), at the end of the
+        model's first training forward, that the graph of its ``output`` uses every
+        preconditioned parameter only inside the recorded calls of the modules that own it
+        (:mod:`gramopt.capture.uses`). Those used elsewhere as well (``F.linear(h,
+        tok.weight)`` besides ``tok(idx)``) leave their layers and follow the plain
+        gradient (:attr:`escaped_names`, :attr:`on_escaped`); under ``unsupported="error"``
+        :class:`UnsupportedModuleError` names them (what was captured is dropped).
+        Returns the parameters found (none if no hooked call was recorded: checked at the
+        next forward)."""
+        calls = [c for layer in self.layers for c in self._calls[id(layer.module)] if c.nodes is not None]
+        if not calls:
+            return []
+        inside: Counter = Counter()
+        for call in calls:
+            node, stop = call.nodes
+            inside.update(uses.edge_counts([node], stop))
+            call.nodes = None
+        total = uses.edge_counts(uses.output_nodes(output))
+        recorded = {id(layer.module) for layer in self.layers if self._calls[id(layer.module)]}
+        escaped = []
+        for block in self.blocks:
+            if all(id(member.module) in recorded for member in block.members or [block]):
+                for p in trainable(block):
+                    node = uses.gradient_node(p)
+                    if total[node] > inside[node]:
+                        escaped.append(p)
+        self._audit_pending = False
+        if not escaped:
+            return []
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        listed = ", ".join(names.get(id(p), "?") for p in escaped)
+        if self.unsupported == "error":
+            self._audit_pending = True
+            self.clear()
+            raise UnsupportedModuleError(
+                f"gramopt cannot precondition {listed}: the model uses them outside the calls of the modules that "
+                "own them (e.g. F.linear(h, tok.weight) for a tied head), and the hooks see the modules' calls only; "
+                "tie weights by sharing the parameter between modules (head.weight = tok.weight) and call the modules, "
+                "or pass unsupported='gradient' to update them with the plain gradient"
+            )
+        for layer in self.layers:
+            layer.params[:] = [q for q in layer.params if all(q is not p for p in escaped)]
+        self.plain_params.extend(escaped)
+        self.escaped_names.extend(names.get(id(p), "?") for p in escaped)
+        self._group_blocks()
+        if self.on_escaped is not None:
+            self.on_escaped(listed)
+        return escaped
 
     # -- passes -------------------------------------------------------------------------
     def backward_passes(
@@ -354,7 +563,7 @@ class CaptureEngine:
         calls = [c for calls in self._calls.values() for c in calls if c.micro == self._micro and not c.skipped]
         if all(call.output is not None and call.output._version == call.version for call in calls):
             return [call.output for call in calls]
-        return [p for layer in self.layers for p in trainable(layer)]
+        return [p for block in self.blocks for p in trainable(block)]
 
     # -- factors ------------------------------------------------------------------------
     def factors(self, scale: float = 1.0, dtype: torch.dtype | None = None) -> dict[str, LayerFactors]:
@@ -371,30 +580,46 @@ class CaptureEngine:
         self.merge_micro_batches()
         scale = scale * self.gradient_scale
         out: dict[str, LayerFactors] = {}
-        batch = None
-        for layer in self.layers:
-            calls = [c for c in self._calls[id(layer.module)] if c.grads]
-            params = trainable(layer)
-            if not calls or not params:
-                continue
-            grads = [self._stack(c.grads) for c in calls]
-            target = dtype or _compute_dtype(grads[0].dtype)
-            if scale != 1.0:
-                grads = [g.to(target) * scale for g in grads]
-            elif grads[0].dtype != target or len(grads) > 1:
-                grads = [g.to(target) for g in grads]
-            b = grads[0].shape[0]
-            if b == 0:
-                raise ValueError(f"empty batch: layer {layer.name} saw 0 samples")
-            if batch is None:
-                batch = b
-            elif b != batch:
-                raise CaptureError(
-                    f"layer {layer.name} saw a batch of {b} samples, an earlier layer {batch}: every "
-                    "layer must see the same leading batch dimension"
-                )
-            out[layer.name] = layer.handler.factors(layer.module, params, [c.saved for c in calls], grads)
+        batch: list[int] = []
+        for block in self.blocks:
+            params = trainable(block)
+            members = _active(block)
+            if not params or not all(self._grad_calls(member) for member in members):
+                continue  # (a tied block with a member that recorded nothing: stray_params)
+            parts = [self._layer_factors(member, trainable(member), scale, dtype, batch) for member in members]
+            if not block.members:
+                out[block.name] = parts[0]
+            else:
+                indices = [i for i, member in enumerate(block.members) if trainable(member)]
+                out[block.name] = TiedFactors(block.module, params, parts, indices)
         return out
+
+    def _grad_calls(self, layer: Layer) -> list[_Call]:
+        return [c for c in self._calls[id(layer.module)] if c.grads]
+
+    def _layer_factors(
+        self, layer: Layer, params: list[nn.Parameter], scale: float, dtype: torch.dtype | None, batch: list[int]
+    ) -> LayerFactors:
+        """The factors of one hooked layer from its calls (``batch``: the batch size the
+        layers before saw, checked and recorded)."""
+        calls = self._grad_calls(layer)
+        grads = [self._stack(c.grads) for c in calls]
+        target = dtype or _compute_dtype(grads[0].dtype)
+        if scale != 1.0:
+            grads = [g.to(target) * scale for g in grads]
+        elif grads[0].dtype != target or len(grads) > 1:
+            grads = [g.to(target) for g in grads]
+        b = grads[0].shape[0]
+        if b == 0:
+            raise ValueError(f"empty batch: layer {layer.name} saw 0 samples")
+        if not batch:
+            batch.append(b)
+        elif b != batch[0]:
+            raise CaptureError(
+                f"layer {layer.name} saw a batch of {b} samples, an earlier layer {batch[0]}: every "
+                "layer must see the same leading batch dimension"
+            )
+        return layer.handler.factors(layer.module, params, [c.saved for c in calls], grads)
 
     @staticmethod
     def _stack(grads: list[tuple[int, Tensor]]) -> Tensor:
@@ -569,21 +794,33 @@ class CaptureEngine:
                 call.grads = [(index, next(supply)) for index, _ in call.grads]
 
     def uncalled_params(self) -> list[nn.Parameter]:
-        """Trainable parameters of hooked layers whose module recorded no training forward
-        call since the last clear. A backward pass may still reach them when the model
-        uses their weights without calling the module (``F.linear(x, fc.weight)``):
-        methods differentiate for them too, so that they are not silently frozen."""
-        return [p for layer in self.layers if not self._calls[id(layer.module)] for p in trainable(layer)]
+        """Trainable parameters of blocks (:attr:`blocks`) with a module that recorded no
+        training forward call since the last clear. A backward pass may still reach them
+        when the model uses their weights without calling the module
+        (``F.linear(x, fc.weight)``): methods differentiate for them too, so that they are
+        not silently frozen. (For a tied block with one member called and another not, the
+        hooks cannot tell whether the other's weights were used without calling it.)"""
+        return [
+            p
+            for block in self.blocks
+            if not all(self._calls[id(member.module)] for member in _active(block))
+            for p in trainable(block)
+        ]
 
     def stray_params(self) -> list[nn.Parameter]:
-        """Trainable parameters with a ``.grad`` whose hooked layer captured no
-        output-gradient since the last clear: their module's forward was bypassed, so the
-        sample-space math has nothing for them. They follow the plain gradient. Empty
-        when no layer captured anything (a forward in eval mode: a clear error elsewhere)."""
-        uncaptured = [layer for layer in self.layers if not _captured(self._calls[id(layer.module)])]
-        if not uncaptured or len(uncaptured) == len(self.layers):  # all captured, or none (eval mode)
-            return []
-        return [p for layer in uncaptured for p in trainable(layer) if p.grad is not None]
+        """Trainable parameters with a ``.grad`` whose block (one of :attr:`blocks`) has a
+        module that captured no output-gradient since the last clear: its forward was
+        bypassed, so the sample-space math has nothing (or, in a tied block, not every use)
+        for them. They follow the plain gradient. Empty when no layer captured anything (a
+        forward in eval mode: a clear error elsewhere)."""
+        uncaptured = [
+            block
+            for block in self.blocks
+            if not all(_captured(self._calls[id(member.module)]) for member in _active(block))
+        ]
+        if not uncaptured or not any(_captured(self._calls[id(layer.module)]) for layer in self.layers):
+            return []  # all captured, or none (eval mode)
+        return [p for block in uncaptured for p in trainable(block) if p.grad is not None]
 
     def has_factors(self) -> bool:
         for calls in self._calls.values():
@@ -620,6 +857,44 @@ class CaptureEngine:
         self._attention.clear()
         self.clear()
         self.closed = True
+
+
+_TIED = TiedHandler()
+
+
+def tied_blocks(layers: Sequence[Layer]) -> list[Layer]:
+    """The layers, with those that share a parameter (directly or through others: the
+    connected components of "covers a common parameter") joined into one block: a
+    :class:`Layer` named ``"a+b"`` whose members are the layers in model order and whose
+    params are theirs, each once, in that order. A layer sharing nothing is its own block."""
+    parent = list(range(len(layers)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[int, int] = {}
+    for i, layer in enumerate(layers):
+        for p in layer.params:
+            j = owner.setdefault(id(p), i)
+            if root(j) != root(i):
+                parent[root(i)] = root(j)
+    groups: dict[int, list[Layer]] = {}
+    for i, layer in enumerate(layers):
+        groups.setdefault(root(i), []).append(layer)
+    blocks = []
+    for members in groups.values():
+        if len(members) == 1:
+            blocks.append(members[0])
+            continue
+        params: list[nn.Parameter] = []
+        for member in members:
+            params.extend(p for p in member.params if all(p is not q for q in params))
+        module = TiedModules([(member.module, member.params) for member in members])
+        blocks.append(Layer("+".join(member.name for member in members), module, _TIED, params, list(members)))
+    return blocks
 
 
 def _whole_module_refusal(module: nn.Module, label: str) -> str | None:
@@ -668,6 +943,12 @@ def _captured(calls: list[_Call]) -> bool:
         if call.grads or call.skipped:
             return True
     return False
+
+
+def _active(block: Layer) -> list[Layer]:
+    """The layers of a block (:attr:`CaptureEngine.blocks`) with a parameter that requires
+    grad now: the block itself, or those of its members."""
+    return [member for member in block.members or [block] if trainable(member)]
 
 
 def trainable(layer: Layer) -> list[nn.Parameter]:

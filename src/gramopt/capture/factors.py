@@ -20,6 +20,7 @@ factor class, and nothing in ``gramopt.optim`` tests a factor's type):
 
 - ``compact()``: U in its smaller exact form (the rows or the factors), ``held_numel()``;
 - ``columns(index)``: ``U[:, index]``; ``column_norms()``: ``||U[:, j]||^2``; ``row_block(i0, i1)``;
+- ``cross_gram(other, params)``: the cross block with another layer sharing ``params``;
 - ``held_rows()``: U when held explicitly; ``kronecker_factors()``: (X, Z) of a layer
   ``y = W x + c`` (bias column appended to X) for Kronecker sketches;
 - ``state()`` / :meth:`LayerFactors.from_state`: the tensors, for an optimizer's state_dict;
@@ -173,6 +174,13 @@ class LayerFactors(ABC):
     def columns(self, index: Tensor) -> Tensor:
         """``U[:, index]``, ``[n, q]``."""
         return self.per_sample()[:, index]
+
+    def cross_gram(self, other: "LayerFactors", params: Sequence[nn.Parameter]) -> Tensor | None:
+        """``U[:, S] U'[:, S]^T`` ``[n, n]`` with the factors ``other`` of another layer
+        over the parameters S = ``params`` both cover (weight tying,
+        :mod:`gramopt.capture.tied`), where the structure of both gives a cheaper form than
+        their columns; None otherwise (the default: the block then uses the columns)."""
+        return None
 
     def row_block(self, i0: int, i1: int) -> Tensor:
         """Rows ``i0:i1`` of U, ``[i1 - i0, p]``."""

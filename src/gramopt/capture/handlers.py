@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gramopt.capture import channels
 from gramopt.capture.conv import ConvFactors
 from gramopt.capture.factors import ExplicitFactors, LayerFactors
 from gramopt.capture.shared_weight import EmbeddingFactors, SharedWeightFactors
@@ -110,6 +111,9 @@ class LinearHandler(LayerHandler):
             raise UnsupportedModuleError(
                 f"Linear got an input of shape {tuple(x.shape)}: gramopt needs a leading batch dimension"
             )
+        indicator = channels.active_bias_positions()
+        if indicator is not None:  # derivative channels: the bias reaches some positions only
+            x = channels.append_bias_indicator(x, indicator, type(module).__name__)
         return x
 
     def factors(self, module, params, saved, grads):
@@ -121,12 +125,23 @@ def linear_factors(
 ) -> SharedWeightFactors:
     """Factors of ``y = weight x + bias`` called once per entry of ``inputs`` (each
     ``[b, *, d_in]``) with output-gradients ``grads`` (each ``[b, k, *, d_out]``): the calls'
-    positions side by side."""
+    positions side by side.
+
+    A call saved with a bias indicator (``[b, C, d_in + 1]``, see
+    :mod:`gramopt.capture.channels`) puts the bias on the positions the indicator names
+    only; calls without one put it on all of theirs."""
     b, k = grads[0].shape[:2]
     d_out, d_in = weight.shape
-    xs = _cat([_positions(x, b, d_in) for x in inputs], dim=1)
+    split = [channels.split_bias_indicator(_positions(x, b, x.shape[-1]), d_in) for x in inputs]
+    xs = _cat([x for x, _ in split], dim=1)
     zs = _cat([g.reshape(b, k, -1, d_out) for g in grads], dim=2)
-    return SharedWeightFactors(module, params, weight, bias, xs if xs.dtype == zs.dtype else xs.to(zs.dtype), zs)
+    indicator = None
+    if any(m is not None for _, m in split):
+        ones = [torch.ones(x.shape[:2], dtype=x.dtype, device=x.device) if m is None else m for x, m in split]
+        indicator = _cat(ones, dim=1).to(zs.dtype)
+    return SharedWeightFactors(
+        module, params, weight, bias, xs if xs.dtype == zs.dtype else xs.to(zs.dtype), zs, bias_positions=indicator
+    )
 
 
 def _cat(tensors: list[Tensor], dim: int) -> Tensor:
@@ -201,14 +216,18 @@ class EmbeddingHandler(LayerHandler):
 
     def validate(self, module: nn.Module) -> None:
         if module.sparse:
-            raise UnsupportedModuleError("Embedding(sparse=True): sparse gradients are not supported")
+            raise UnsupportedModuleError(
+                "Embedding(sparse=True): sparse gradients are not supported; build it with sparse=False"
+            )
         if module.scale_grad_by_freq:
             raise UnsupportedModuleError(
-                "Embedding(scale_grad_by_freq=True) couples the samples of a batch and is not supported"
+                "Embedding(scale_grad_by_freq=True) couples the samples of a batch and is not supported; "
+                "build it with scale_grad_by_freq=False"
             )
         if module.max_norm is not None:
             raise UnsupportedModuleError(
-                "Embedding(max_norm=...) renormalizes weights in the forward pass and is not supported"
+                "Embedding(max_norm=...) renormalizes weights in the forward pass and is not supported; "
+                "build it with max_norm=None"
             )
 
     def save(self, module, args, output):

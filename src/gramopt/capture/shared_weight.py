@@ -17,6 +17,13 @@ and the Gram entries are
 :class:`SharedWeightFactors` picks the cheaper per layer (plain Linear layers, s = 1,
 always use position pairs, which is the well-known ``(Z Z^T) * (X X^T + 1)``).
 Embedding inputs are one-hot, so ``x_is . x_jt`` becomes ``[idx_is == idx_jt]``.
+
+Bias indicator: a layer called on derivative channels (:mod:`gramopt.capture.channels`)
+computes ``y_is = W x_is + m_is c`` with ``m_is`` in {0, 1} (the bias reaches the value
+channel only). The bias is then the weight of one more input column ``m``: its per-sample
+gradient is ``sum_s m_is z_rs`` and the bias term of (*) is
+``(sum_s m_is z_rs) . (sum_t m_jt z_qt)``. ``m = 1`` everywhere (no indicator) is the
+ordinary layer.
 """
 
 from __future__ import annotations
@@ -37,30 +44,35 @@ EXPLICIT_MAX_ELEMENTS = 2**27
 
 
 def position_pair_gram(
-    grads: Tensor, input_kernel: Callable[[int, int], Tensor]
+    grads: Tensor, input_kernel: Callable[[int, int], Tensor], other: Tensor | None = None
 ) -> Tensor:
     """Evaluate ``K_rq = sum_{s,t} (z_rs . z_qt) A_{i s j t}`` in chunks of samples.
 
     Args:
         grads: Z, ``[b, k, s, d_out]``.
         input_kernel: ``(i0, i1) -> A[i0:i1]``, the input kernel over position pairs
-            for samples ``i0 <= i < i1`` against all samples, ``[i1 - i0, s, b, s]``.
+            for samples ``i0 <= i < i1`` against all samples, ``[i1 - i0, s, b, s']``.
+        other: None (K of one layer, s' = s), or Z' ``[b, k, s', d_out]`` of a second layer
+            sharing the weight: the cross block ``sum_{s,t} (z_rs . z'_qt) A_{i s j t}``.
 
     Returns:
         K without the bias term, ``[b k, b k]``.
     """
     b, k, s, d_out = grads.shape
+    right = grads if other is None else other
+    s2 = right.shape[2]
     n = b * k
     flat = grads.reshape(n * s, d_out)
-    per_sample = k * s * n * s
+    flat_right = right.reshape(n * s2, d_out)
+    per_sample = k * s * n * s2
     chunk = max(1, PAIR_CHUNK_ELEMENTS // max(per_sample, 1))
     blocks = []
     for i0 in range(0, b, chunk):
         i1 = min(b, i0 + chunk)
         c = i1 - i0
-        zz = flat[i0 * k * s : i1 * k * s] @ flat.T  # [c k s, n s]
-        zz = zz.view(c, k, s, b, k, s)
-        xx = input_kernel(i0, i1).view(c, 1, s, b, 1, s)
+        zz = flat[i0 * k * s : i1 * k * s] @ flat_right.T  # [c k s, n s']
+        zz = zz.view(c, k, s, b, k, s2)
+        xx = input_kernel(i0, i1).view(c, 1, s, b, 1, s2)
         blocks.append((zz * xx).sum(dim=(2, 5)).reshape(c * k, n))
     return torch.cat(blocks, dim=0)
 
@@ -78,11 +90,25 @@ def gram_strategy(d_in: int, grads_shape: torch.Size) -> str:
     return "explicit" if explicit < pairs else "pairs"
 
 
+def bias_sum(grads: Tensor, bias_positions: Tensor | None = None) -> Tensor:
+    """Per-sample bias gradients ``sum_s m_is z_rs`` for Z ``[b, k, s, d_out]`` and the
+    bias indicator m ``[b, s]`` (None: 1 everywhere), ``[b k, d_out]``."""
+    b, k, s, d_out = grads.shape
+    if bias_positions is None:
+        return grads.sum(dim=2).reshape(b * k, d_out) if s > 1 else grads.reshape(b * k, d_out)
+    return torch.einsum("bksz,bs->bkz", grads, bias_positions.to(grads.dtype)).reshape(b * k, d_out)
+
+
 def shared_weight_gram(
-    inputs: Tensor | None, grads: Tensor, bias: bool = False, strategy: str | None = None, input_gram: Tensor | None = None
+    inputs: Tensor | None,
+    grads: Tensor,
+    bias: bool = False,
+    strategy: str | None = None,
+    input_gram: Tensor | None = None,
+    bias_positions: Tensor | None = None,
 ) -> Tensor:
     """K = U U^T for per-sample gradients ``G_r = sum_s z_rs x_is^T`` (weight) and, if
-    ``bias``, ``sum_s z_rs`` (bias), ``[b k, b k]``.
+    ``bias``, ``sum_s m_is z_rs`` (bias), ``[b k, b k]``.
 
     Args:
         inputs: X ``[b, s, d_in]``, or None when the weight is not covered.
@@ -90,21 +116,22 @@ def shared_weight_gram(
         bias: whether the bias is covered.
         strategy: ``"pairs"`` or ``"explicit"`` for s > 1 (default: :func:`gram_strategy`).
         input_gram: for s = 1, ``X X^T`` ``[b, b]`` if already formed (not modified).
+        bias_positions: the bias indicator m ``[b, s]`` (module doc); None: 1 everywhere.
     """
     b, k, s, d_out = grads.shape
     n = b * k
     if inputs is None:
-        zsum = grads.sum(dim=2).reshape(n, d_out) if s > 1 else grads.reshape(n, d_out)
+        zsum = bias_sum(grads, bias_positions)
         return zsum @ zsum.T
-    if s == 1:  # (the bias block z z^T is folded into the weight block: (x x^T + 1))
+    if s == 1:  # (the bias block z z^T is folded into the weight block: (x x^T + m m^T))
         z = grads.reshape(n, d_out)
         if input_gram is None:
             x = inputs.reshape(b, -1)
             xx = x @ x.T
             if bias:
-                xx += 1.0
+                xx += _bias_kernel(bias_positions, b, xx)
         else:
-            xx = input_gram + 1.0 if bias else input_gram
+            xx = input_gram + _bias_kernel(bias_positions, b, input_gram) if bias else input_gram
         zz = z @ z.T
         if k == 1:
             return zz.mul_(xx)
@@ -121,9 +148,17 @@ def shared_weight_gram(
 
         gram = position_pair_gram(grads, input_kernel)
     if bias:
-        zsum = grads.sum(dim=2).reshape(n, d_out)
+        zsum = bias_sum(grads, bias_positions)
         gram = gram + zsum @ zsum.T
     return gram
+
+
+def _bias_kernel(bias_positions: Tensor | None, b: int, like: Tensor) -> Tensor | float:
+    """``m m^T`` ``[b, b]`` for one position per sample (1 without an indicator)."""
+    if bias_positions is None:
+        return 1.0
+    m = bias_positions.reshape(b, 1).to(like.dtype)
+    return m @ m.T
 
 
 def weighted_sum(grads: Tensor, coeffs: Tensor, b: int, k: int) -> Tensor:
@@ -159,7 +194,13 @@ class SharedWeightFactors(LayerFactors):
         bias: the layer's bias or ``None``.
         inputs: X, ``[b, s, d_in]``.
         grads: Z, ``[b, k, s, d_out]`` (already scaled).
+        bias_positions: the bias indicator m ``[b, s]``: the bias enters position s of
+            sample i ``m_is`` times (module doc; :mod:`gramopt.capture.channels`). None: at
+            every position once, as in an ordinary layer.
     """
+
+    #: m ``[b, s]`` (see the module doc), or None for an ordinary layer.
+    bias_positions: Tensor | None = None
 
     def __init__(
         self,
@@ -169,6 +210,7 @@ class SharedWeightFactors(LayerFactors):
         bias: Tensor | None,
         inputs: Tensor,
         grads: Tensor,
+        bias_positions: Tensor | None = None,
     ) -> None:
         self.module = module
         self.params = params
@@ -181,12 +223,30 @@ class SharedWeightFactors(LayerFactors):
         self.batch_size, self.passes, self.positions = b, k, s
         self.d_in, self.d_out = inputs.shape[-1], d_out
         self.num_rows = b * k
+        if bias_positions is not None:
+            if bias_positions.shape != (b, s):
+                raise ValueError(f"bias_positions must be [b, s] = {[b, s]}, got {list(bias_positions.shape)}")
+            self.bias_positions = bias_positions
 
     def _dtype_source(self) -> Tensor:
         return self.grads
 
     def tensors(self) -> list[Tensor]:
         return [self.inputs, self.grads]
+
+    def bias_inputs(self) -> Tensor:
+        """The bias's input column ``[b, s, 1]``: m (module doc), or ones."""
+        x = self.inputs
+        if self.bias_positions is None:
+            return torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+        return self.bias_positions.to(x.dtype).unsqueeze(-1)
+
+    def _bias_sum(self, z: Tensor, samples: slice = slice(None)) -> Tensor:
+        """``sum_s m_is z_is`` for z ``[c, s, d_out]`` (one pass; the ``samples`` of the batch),
+        ``[c, d_out]``."""
+        if self.bias_positions is None:
+            return z.sum(dim=1)
+        return torch.einsum("bsz,bs->bz", z, self.bias_positions[samples].to(z.dtype))
 
     # -- the Gram ---------------------------------------------------------------------
     def gram(self) -> Tensor:
@@ -197,7 +257,8 @@ class SharedWeightFactors(LayerFactors):
             rows = self.explicit_rows()  # kept: U^T a then needs one GEMV per parameter
             return symmetric_gram(rows)
         input_gram = self.input_gram() if self.with_weight and self.positions == 1 else None
-        return shared_weight_gram(self.inputs if self.with_weight else None, self.grads, self.with_bias, "pairs", input_gram)
+        inputs = self.inputs if self.with_weight else None
+        return shared_weight_gram(inputs, self.grads, self.with_bias, "pairs", input_gram, self.bias_positions)
 
     def pass_positions(self) -> Tensor | None:
         """With several positions: ``[k]``, the one position each pass reaches, when every
@@ -221,17 +282,19 @@ class SharedWeightFactors(LayerFactors):
 
     def _one_position_gram(self, where: Tensor) -> Tensor:
         """``K = (Z Z^T) * (X X^T + 1)`` over rows ``(i, c)`` with ``z_(i,c) = Z[i, c, t_c]``
-        and ``x_(i,c) = X[i, t_c]`` (:meth:`pass_positions`; the bias adds the 1), ``[n, n]``."""
+        and ``x_(i,c) = X[i, t_c]`` (:meth:`pass_positions`; the bias adds ``m_(i,c) m_(j,c')``
+        with ``m_(i,c) = m[i, t_c]``, 1 without an indicator), ``[n, n]``."""
         b, k, _, d_out = self.grads.shape
         n = b * k
         z = self.grads.gather(2, where.view(1, k, 1, 1).expand(b, k, 1, d_out)).reshape(n, d_out)
         zz = z @ z.T
+        m = None if self.bias_positions is None else self.bias_positions[:, where].reshape(n, 1).to(zz.dtype)
         if not self.with_weight:
-            return zz
+            return zz if m is None or not self.with_bias else zz.mul_(m @ m.T)
         x = self.inputs[:, where].reshape(n, self.d_in)  # [b, k, d_in]: each pass's position
         xx = x @ x.T
         if self.with_bias:
-            xx += 1.0
+            xx += 1.0 if m is None else m @ m.T
         return zz.mul_(xx)
 
     def input_gram(self) -> Tensor:
@@ -268,6 +331,7 @@ class SharedWeightFactors(LayerFactors):
         b, d_in, d_out = self.batch_size, self.d_in, self.d_out
         if (
             self.positions != 1
+            or self.bias_positions is not None
             or (samples, passes) != (b, self.passes)
             or b * (d_in + d_out) >= 2 * d_in * d_out
         ):
@@ -300,8 +364,9 @@ class SharedWeightFactors(LayerFactors):
         return rows
 
     def _bias_rows(self) -> Tensor:
-        """Per-sample bias gradients, the output-gradients summed over positions, ``[n, d_out]``."""
-        return self.grads.sum(dim=2).reshape(self.num_rows, self.d_out)
+        """Per-sample bias gradients, the output-gradients summed over positions (weighted by
+        the bias indicator, if any), ``[n, d_out]``."""
+        return bias_sum(self.grads, self.bias_positions)
 
     def _param_shapes(self) -> list[torch.Size]:
         return ([self.weight_shape] if self.with_weight else []) + ([torch.Size([self.d_out])] if self.with_bias else [])
@@ -342,7 +407,7 @@ class SharedWeightFactors(LayerFactors):
             weighted = (coeffs.view(b, k, 1, 1) * self.inputs.unsqueeze(1)).reshape(-1, d_in)  # a_(i,c) x_is
             out = [(flat_z.T @ weighted).view(self.weight_shape)]
             if self.with_bias:
-                out.append(flat_z.T @ coeffs.view(b, k, 1).expand(b, k, s).reshape(-1))
+                out.append(flat_z.T @ (coeffs.view(b, k, 1) * self.bias_inputs().reshape(b, 1, s)).reshape(-1))
             return out
         if k == 1:  # (the ordinary backward pass: one multiply, no reduction over passes)
             zbar = self.grads.reshape(b, s * d_out).mul(coeffs.view(b, 1))
@@ -355,7 +420,8 @@ class SharedWeightFactors(LayerFactors):
             g = torch.mm(zbar.t(), self.inputs.reshape(-1, d_in))
             out.append(g if g.shape == self.weight_shape else g.view(self.weight_shape))
         if self.with_bias:
-            out.append(zbar.sum(dim=0))
+            m = self.bias_positions
+            out.append(zbar.sum(dim=0) if m is None else self._bias_sum(zbar.view(b, s, d_out)).sum(dim=0))
         return out
 
     def matvec(self, vectors: Sequence[Tensor]) -> Tensor:
@@ -366,19 +432,23 @@ class SharedWeightFactors(LayerFactors):
             zv = (flat_z @ vectors[0].reshape(d_out, d_in)).view(b, k, s, d_in)
             out = torch.einsum("bksx,bsx->bk", zv, self.inputs)
             if self.with_bias:
-                out = out + (flat_z @ vectors[1]).view(b, k, s).sum(dim=2)
+                out = out + ((flat_z @ vectors[1]).view(b, k, s) * self.bias_inputs().reshape(b, 1, s)).sum(dim=2)
             return out.reshape(b * k)
-        if self.with_weight and s == 1 and k == 1:  # (one mm, then in place: no temporaries)
+        m = self.bias_positions
+        if self.with_weight and s == 1 and k == 1 and m is None:  # (one mm, then in place: no temporaries)
             y = torch.mm(self.inputs.reshape(b, d_in), vectors[0].reshape(d_out, -1).t())
             if self.with_bias:
                 y += vectors[1]
             return y.mul_(self.grads.reshape(b, d_out)).sum(dim=1)
-        if self.with_weight:  # y_is = V x_is (+ v_b): the layer's output under weight v
+        v_bias = None
+        if self.with_bias:  # m_is v_b: the bias's share of the output
+            v_bias = vectors[-1] if m is None else self.bias_inputs() * vectors[-1]
+        if self.with_weight:  # y_is = V x_is (+ m_is v_b): the layer's output under weight v
             y = self.inputs @ vectors[0].reshape(d_out, -1).T
-            if self.with_bias:
-                y = y + vectors[1]
+            if v_bias is not None:
+                y = y + v_bias
         else:
-            y = vectors[0].expand(b, s, d_out)
+            y = v_bias.expand(b, s, d_out)
         if k == 1:
             return (self.grads[:, 0] * y).sum(dim=(1, 2))
         return torch.einsum("bksz,bsz->bk", self.grads, y).reshape(b * k)
@@ -397,28 +467,71 @@ class SharedWeightFactors(LayerFactors):
 
     def kronecker_factors(self) -> tuple[Tensor, Tensor]:
         x = self.inputs
-        ones = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
         if not self.with_weight:
-            return ones, self.grads
-        return (torch.cat([x, ones], dim=-1) if self.with_bias else x), self.grads
+            return self.bias_inputs(), self.grads
+        return (torch.cat([x, self.bias_inputs()], dim=-1) if self.with_bias else x), self.grads
 
     def kronecker_sides(self) -> tuple[int, int, int]:
         return self.positions, self.d_in + 1, self.d_out
 
     def columns(self, index: Tensor) -> Tensor:
-        if self.passes != 1:
-            return super().columns(index)
-        z = self.grads[:, 0]  # [b, s, d_out]
-        d_in = self.inputs.shape[-1]
+        """``U[:, index]``: ``sum_s z_rs[o] x_is[j]`` for weight entry (o, j), ``sum_s z_rs[o]``
+        for bias entry o, never the whole of U."""
+        z = self.grads  # [b, k, s, d_out]
+        n, d_in = self.num_rows, self.inputs.shape[-1]
         n_weight = self.weight_shape.numel() if self.with_weight else 0
-        out = torch.empty(self.batch_size, index.numel(), dtype=z.dtype, device=z.device)
+        out = torch.empty(n, index.numel(), dtype=z.dtype, device=z.device)
         is_weight = index < n_weight
         if is_weight.any():
             w = index[is_weight]
-            out[:, is_weight] = (z[:, :, w // d_in] * self.inputs[:, :, w % d_in]).sum(dim=1)
+            if self.passes == 1:
+                out[:, is_weight] = (z[:, 0][:, :, w // d_in] * self.inputs[:, :, w % d_in]).sum(dim=1)
+            else:
+                per_pass = torch.einsum("bksq,bsq->bkq", z[..., w // d_in], self.inputs[:, :, w % d_in])
+                out[:, is_weight] = per_pass.reshape(n, -1)
         if not is_weight.all():
-            out[:, ~is_weight] = z.sum(dim=1)[:, index[~is_weight] - n_weight]
+            out[:, ~is_weight] = bias_sum(z, self.bias_positions)[:, index[~is_weight] - n_weight]
         return out
+
+    def cross_gram(self, other: LayerFactors, params: Sequence[nn.Parameter]) -> Tensor | None:
+        """The cross block with another layer ``y'_jt = W x'_jt (+ c)`` sharing the weight
+        (and/or the bias): ``sum_{s,t} (z_rs . z'_qt) (x_is . x'_jt (+ 1))``, by position
+        pairs or the explicit rows, whichever costs fewer flops (as :meth:`gram`)."""
+        if not isinstance(other, SharedWeightFactors):
+            return None
+        if (other.batch_size, other.passes) != (self.batch_size, self.passes):
+            return None
+        if self.bias_positions is not None or other.bias_positions is not None:
+            return None  # (derivative channels: the generic columns form is exact)
+        weight = self.with_weight and other.with_weight and self.params[0] is other.params[0]
+        bias = self.with_bias and other.with_bias and self.params[-1] is other.params[-1]
+        covered = [p for p in (self.params[0] if weight else None, self.params[-1] if bias else None) if p is not None]
+        if not covered or len(covered) != len(params) or not all(any(p is q for q in covered) for p in params):
+            return None
+        b, k, n = self.batch_size, self.passes, self.num_rows
+        if not weight:
+            return self.grads.sum(dim=2).reshape(n, -1) @ other.grads.sum(dim=2).reshape(n, -1).T
+        s1, s2, d_in, d_out = self.positions, other.positions, self.d_in, self.d_out
+        if s1 == 1 and s2 == 1:
+            xx = self.inputs.reshape(b, d_in) @ other.inputs.reshape(b, d_in).T
+            if bias:
+                xx += 1.0
+            zz = self.grads.reshape(n, d_out) @ other.grads.reshape(n, d_out).T
+            return zz.mul_(xx) if k == 1 else (zz.view(b, k, b, k) * xx.view(b, 1, b, 1)).view(n, n)
+        pairs = n * n * s1 * s2 * (d_out + 2) + b * b * s1 * s2 * d_in
+        formed = sum("_rows" not in f.__dict__ for f in (self, other))
+        explicit = formed * n * max(s1, s2) * d_in * d_out + n * n * d_in * d_out
+        if explicit < pairs and n * d_in * d_out <= EXPLICIT_MAX_ELEMENTS:
+            mine, theirs = self.explicit_rows(), other.explicit_rows()
+            out = mine[0] @ theirs[0].T
+            return out.addmm_(mine[-1], theirs[-1].T) if bias else out
+        flat_x = other.inputs.reshape(-1, d_in)
+
+        def input_kernel(i0: int, i1: int) -> Tensor:
+            xx = (self.inputs[i0:i1].reshape(-1, d_in) @ flat_x.T).view(i1 - i0, s1, b, s2)
+            return xx + 1.0 if bias else xx
+
+        return position_pair_gram(self.grads, input_kernel, other.grads)
 
     def row_block(self, i0: int, i1: int) -> Tensor:
         if self.passes != 1:
@@ -428,7 +541,7 @@ class SharedWeightFactors(LayerFactors):
         if self.with_weight:
             parts.append(torch.einsum("bsz,bsx->bzx", z, self.inputs[i0:i1]).reshape(i1 - i0, -1))
         if self.with_bias:
-            parts.append(z.sum(dim=1))
+            parts.append(self._bias_sum(z, slice(i0, i1)))
         return torch.cat(parts, dim=1)
 
     def column_norms(self) -> Tensor:
@@ -439,15 +552,21 @@ class SharedWeightFactors(LayerFactors):
         if self.with_weight:
             parts.append((z2.T @ self.inputs[:, 0].pow(2)).reshape(-1))
         if self.with_bias:
-            parts.append(z2.sum(dim=0))
+            m2 = None if self.bias_positions is None else self.bias_inputs()[:, 0].pow(2)
+            parts.append(z2.sum(dim=0) if m2 is None else (z2 * m2).sum(dim=0))
         return torch.cat(parts)
 
     def state(self) -> dict[str, Any]:
-        return {"form": "shared", "inputs": self.inputs, "grads": self.grads}
+        out = {"form": "shared", "inputs": self.inputs, "grads": self.grads}
+        if self.bias_positions is not None:
+            out["bias_positions"] = self.bias_positions
+        return out
 
     @classmethod
     def _from_state(cls, module: nn.Module, params: list[nn.Parameter], state: dict[str, Any]) -> LayerFactors:
-        return cls(module, params, module.weight, module.bias, state["inputs"], state["grads"])
+        return cls(
+            module, params, module.weight, module.bias, state["inputs"], state["grads"], state.get("bias_positions")
+        )
 
 
 class EmbeddingFactors(LayerFactors):
@@ -518,6 +637,38 @@ class EmbeddingFactors(LayerFactors):
         if (samples, passes) != (self.batch_size, self.passes):
             return super().pass_block(samples, passes, keep)
         return EmbeddingFactors(self.module, self.params, self.indices, self.grads[:, :keep], self.num_embeddings)
+
+    def columns(self, index: Tensor) -> Tensor:
+        """``U[:, index]``: entry (v, c) of the table is ``sum_s [idx_is = v] z_rs[c]``."""
+        b, k, s, d = self.grads.shape
+        hit = (self.indices.unsqueeze(2) == (index // d)).unsqueeze(1)  # [b, 1, s, q]
+        return (self.grads[..., index % d] * hit).sum(dim=2).reshape(b * k, -1)
+
+    def cross_gram(self, other: LayerFactors, params: Sequence[nn.Parameter]) -> Tensor | None:
+        """The cross block with a Linear layer ``y'_jt = W x'_jt`` whose weight is this
+        table (GPT weight tying, ``W`` ``[V, d]``): ``sum_{s,t} z'_qt[idx_is] (z_rs . x'_jt)``,
+        ``n^2 s t`` multiplications in chunks of samples, never the ``[n, V d]`` rows."""
+        if (
+            not isinstance(other, SharedWeightFactors)
+            or not other.with_weight
+            or len(params) != 1
+            or params[0] is not self.params[0]
+            or other.params[0] is not params[0]
+            or (other.batch_size, other.passes) != (self.batch_size, self.passes)
+        ):
+            return None
+        b, k, s, d = self.grads.shape
+        n, t = self.num_rows, other.positions
+        x = other.inputs.to(self.grads.dtype)  # [b, t, d]
+        z = other.grads.to(self.grads.dtype)  # [b, k, t, V]
+        chunk = max(1, PAIR_CHUNK_ELEMENTS // max(1, k * s * b * k * t))
+        blocks = []
+        for i0 in range(0, b, chunk):
+            i1 = min(b, i0 + chunk)
+            dots = torch.einsum("iksd,jtd->iksjt", self.grads[i0:i1], x)  # z_rs . x'_jt
+            picked = z[:, :, :, self.indices[i0:i1]].permute(3, 4, 0, 1, 2)  # z'_qt[idx_is], [c, s, b, k, t]
+            blocks.append(torch.einsum("iksjt,isjlt->ikjl", dots, picked).reshape((i1 - i0) * k, n))
+        return torch.cat(blocks, dim=0)
 
     def per_sample(self) -> Tensor:
         b, k, s, d = self.grads.shape

@@ -33,6 +33,33 @@ or diverges counts as infinitely slow.
 Divergence. A run is diverged if its loss becomes non-finite (or a step raises a
 divergence error), or if its final train loss exceeds :data:`DIVERGENCE_FACTOR` times
 its initial train loss.
+
+Step-time flags. Each optimizer's step is expected to cost at most
+:data:`EXPECTED_STEP_COST` SGD-momentum steps on the same model and batch (optimizers not
+listed: :data:`DEFAULT_EXPECTED_STEP_COST`). A step that measures more than
+:data:`STEP_COST_MARGIN` times its expectation is flagged (``gramopt.compare.flags``): its
+seconds to each rung then measure something other than the method, a slow kernel path
+of this machine most likely. The expectations follow the methods' arithmetic on the
+embedded tasks (batch b of 64-128, hidden widths up to 256), rounded up to the largest
+ratio the committed comparisons measured (the comment at :data:`EXPECTED_STEP_COST`):
+
+- SGD-momentum 1 (the reference); AdamW 1.5: a few elementwise passes over the
+  parameters, next to a forward and backward pass of b samples;
+- Muon (every implementation) 5: five Newton-Schulz steps per hidden m x n matrix
+  (m <= n), at most 30 m^2 n flops against the 6 b m n of that layer's forward and
+  backward pass, i.e. up to 5 m / b of that layer's share in flops (less in time: these
+  small models' passes are dominated by per-operation overhead), plus a Python loop over
+  the parameters that dominates the smallest models;
+- SENG, FNGD 4: per-sample gradients or Jacobian rows, a b x b Gram per layer and its
+  solve;
+- IKFAC, SINGD, Shampoo, SOAP, PSGD-Kron 6: Kronecker factors per layer (side up to
+  256), their updates, roots or eigenbases, and a Python loop per parameter;
+- GGN 10: Jacobian rows for every output, a second backward pass for the curvature and
+  a bk x bk Gram for k outputs.
+
+The margin, 3, leaves room for the load of a shared machine, which moves the
+interleaved ratios by less than 3x, and is far below what a slow path costs (torch's
+bfloat16 Muon on a CPU without a fast bfloat16 matmul).
 """
 
 from __future__ import annotations
@@ -41,7 +68,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gramopt.tasks import Task
-from gramopt.training.registry import get_optimizer_spec
+from gramopt.training.registry import get_optimizer_spec, task_hyper
 
 GRIDS_BY_NAME = ("full", "quick")
 DEFAULT_GRID = "full"  # `gramopt compare` without options uses "quick" (see DEFAULT_COMMAND_GRID)
@@ -183,6 +210,30 @@ EVALUATIONS = 40  # evaluation points per run, evenly spaced over its budget
 # Where evaluating the whole sets 40 times would cost more than the budget itself, each
 # evaluation uses a fixed random subset of at most this many samples of each set.
 EVAL_SAMPLES: dict[str, int] = {"mnist": 1000, "fashion-mnist": 2000, "fashion-resnet": 2000, "recall": 1000, "charlm": 1000}
+# Expected step cost in SGD-momentum steps (module docstring); a step costing more than
+# STEP_COST_MARGIN times its expectation is flagged. Largest ratios (any seed) measured in
+# the committed comparisons (benchmarks/results/compare/*/results.json): AdamW 1.41, Muon
+# 3.67 (muon-po 3.71; muon-f32 5.59 on teacher at load average 6-10, teacher-muon-bfloat16),
+# SENG 2.54, FNGD 3.63, IKFAC 3.92, SINGD 3.78, Shampoo 3.08, SOAP 5.34, GGN 8.31. Load moved
+# them by up to 2x (torch's Muon on diabetes: 3.65x committed, 7.0x at load average 7);
+# torch's bfloat16 Muon without a fast bfloat16 matmul: medians 64-96x (teacher-muon-bfloat16).
+EXPECTED_STEP_COST: dict[str, float] = {
+    "sgd": 1.0,
+    "adamw": 1.5,
+    "muon": 5.0,
+    "muon-f32": 5.0,
+    "muon-po": 5.0,
+    "seng": 4.0,
+    "fngd": 4.0,
+    "ikfac": 6.0,
+    "singd": 6.0,
+    "shampoo": 6.0,
+    "soap": 6.0,
+    "psgd-kron": 6.0,
+    "ggn": 10.0,
+}
+DEFAULT_EXPECTED_STEP_COST = 10.0  # an optimizer registered without an entry above
+STEP_COST_MARGIN = 3.0
 TIMING_ROUNDS, TIMING_STEPS = 10, 3  # interleaved step timing: rounds x steps per optimizer
 MEMORY_STEPS = 10  # steps of a fresh model and optimizer measured for peak memory
 
@@ -191,11 +242,13 @@ def axes(name: str, size: str) -> tuple[Axis, ...]:
     """The knobs of optimizer ``name`` in a grid of ``size`` ("full" or "quick")."""
     if size not in GRID_SIZES:
         raise ValueError(f"unknown grid {size!r}; choose one of {', '.join(GRIDS_BY_NAME)}")
+    spec = get_optimizer_spec(name)
+    name = spec.tuned_as or name
     if size == "quick":
         return QUICK_GRIDS.get(name, (LR,))
     if name in FULL_GRIDS:
         return FULL_GRIDS[name]
-    defaults = get_optimizer_spec(name).defaults
+    defaults = spec.defaults
     if "weight_decay" in defaults:
         return (LR, WEIGHT_DECAY)
     return (Axis("lr", factors=(1 / 9, 1 / 5, 1 / 3, 1 / 2, 1.0, 2.0, 3.0, 5.0, 9.0)),)
@@ -206,7 +259,7 @@ def grid(name: str, task: Task, size: str = "quick") -> list[dict[str, Any]]:
     (the middle one is the base setting)."""
     spec = get_optimizer_spec(name)
     # FNGD's coefficient_steps: one epoch (left out); GGN's lr and damping: its per-loss defaults
-    base = {**spec.run_defaults_for(task.loss), **task.hyper.get(name, {})}
+    base = {**spec.run_defaults_for(task.loss), **task_hyper(task, name)}
     settings: list[dict[str, Any]] = [dict(base)]
     for axis in axes(name, size):
         try:

@@ -9,9 +9,8 @@ seed's curve is a step function of its evaluations (the last value at or before 
 stops where its run stopped. Losses and the test MSE are drawn on a log scale,
 accuracies linearly; the rungs are light grey lines (the loosest thicker).
 
-Each optimizer keeps its colour and line style in every panel and every figure
-(:func:`style`): the Okabe-Ito colour-blind-safe palette, and a line style per
-palette cycle so no two optimizers look alike.
+Each optimizer keeps its colour, line style and marker in every panel and every figure
+(:func:`style`); no two registered optimizers share a colour or a marker.
 """
 
 from __future__ import annotations
@@ -27,23 +26,27 @@ import numpy as np  # noqa: E402
 
 POINTS = 200
 
-# Okabe & Ito, "Color Universal Design" (2008): distinguishable under the common
-# colour-vision deficiencies (plus its grey). gramopt's methods are solid and thicker;
-# where two optimizers share a colour their line styles and markers differ (muon and
-# muon-po share one on purpose: the same method, two implementations).
+# Every registered optimizer has its own colour and its own marker (tests/test_compare.py
+# checks that both are one-to-one over the registry). Colours: the Okabe-Ito palette
+# (Okabe & Ito, "Color Universal Design", 2008; distinguishable under the common
+# colour-vision deficiencies; its yellow, too pale on white, left out) with its grey,
+# extended by five of Paul Tol's "muted" colours (Tol, "Colour Schemes", SRON technical
+# note SRON/EPS/TN/09-002, issue 3.2, 2021). gramopt's methods are solid and thicker, torch's dashed, the other peers
+# dotted or dash-dotted.
 STYLES: dict[str, tuple[str, str, str]] = {
-    "ggn": ("#0072B2", "-", "o"),
-    "seng": ("#009E73", "-", "s"),
-    "fngd": ("#CC79A7", "-", "D"),
-    "sgd": ("#000000", "--", "v"),
-    "adamw": ("#E69F00", "--", "^"),
-    "muon": ("#D55E00", "--", "P"),
-    "ikfac": ("#56B4E9", ":", "X"),
-    "singd": ("#999999", "-.", "*"),
-    "soap": ("#CC79A7", "--", "p"),
-    "shampoo": ("#009E73", ":", "h"),
-    "muon-po": ("#D55E00", ":", "<"),
-    "psgd-kron": ("#000000", ":", ">"),
+    "ggn": ("#0072B2", "-", "o"),  # blue
+    "seng": ("#009E73", "-", "s"),  # bluish green
+    "fngd": ("#CC79A7", "-", "D"),  # reddish purple
+    "sgd": ("#000000", "--", "v"),  # black
+    "adamw": ("#E69F00", "--", "^"),  # orange
+    "muon": ("#D55E00", "--", "P"),  # vermillion
+    "ikfac": ("#56B4E9", ":", "X"),  # sky blue
+    "singd": ("#999999", "-.", "*"),  # grey
+    "soap": ("#332288", "--", "p"),  # indigo (Tol)
+    "shampoo": ("#999933", ":", "h"),  # olive (Tol)
+    "muon-po": ("#882255", ":", "<"),  # wine (Tol)
+    "psgd-kron": ("#44AA99", ":", ">"),  # teal (Tol)
+    "muon-f32": ("#AA4499", "-.", "8"),  # purple (Tol)
 }
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#999999")
 RUNG_COLOUR = "#BBBBBB"

@@ -112,10 +112,13 @@ def rows(task: dict[str, Any]) -> list[list[str]]:
     """One row per optimizer (its winning setting): the time to each rung, then the
     columns of :data:`COLUMNS` after the first."""
     out = []
+    flagged = {flag["optimizer"] for flag in task.get("flags", [])}
     for name, method in task["optimizers"].items():
         s = method["summary"]
         label = name
         trouble = [f"{s[k]}/{s['final_train_loss']['of']} {k}" for k in ("diverged", "failed") if s[k]]
+        if name in flagged:
+            trouble.append("step time flagged")
         if trouble:
             label += f" ({', '.join(trouble)})"
         out.append(
@@ -149,8 +152,8 @@ def _varied(method: dict[str, Any]) -> str:
 
 def rich_table(task: dict[str, Any]) -> Table:
     """The printed summary: report.md's table, of the winning setting only what the
-    grid varies. Print it at its natural width (``console.print(table, width=...)``
-    with :func:`table_width`) so no column is cut."""
+    grid varies. Its cells fold to the terminal's width, never cut (a reader without a
+    terminal gets :func:`plain_table`)."""
     table = Table(title=f"{task['task']['name']}: seconds to each rung; budget {task['budget']['text']}")
     for header in _headers(task):
         table.add_column(header, overflow="fold")
@@ -166,7 +169,7 @@ def plain_table(task: dict[str, Any]) -> str:
     for row, method in zip(body, task["optimizers"].values()):
         row[-1] = _varied(method)
     title = f"{task['task']['name']}: seconds to each rung; budget {task['budget']['text']}"
-    return "\n".join([title, "", *_markdown_table(_headers(task), body)])
+    return "\n".join([title, "", *markdown_table(_headers(task), body)])
 
 
 def _leaders_title(task: dict[str, Any]) -> str:
@@ -185,10 +188,11 @@ def rich_leaders(task: dict[str, Any]) -> Table:
 
 def plain_leaders(task: dict[str, Any]) -> str:
     """The first-per-rung table as Markdown (for a reader without a terminal)."""
-    return "\n".join([_leaders_title(task), "", *_markdown_table(list(LEADER_COLUMNS), leader_rows(task))])
+    return "\n".join([_leaders_title(task), "", *markdown_table(list(LEADER_COLUMNS), leader_rows(task))])
 
 
-def _markdown_table(headers: list[str], body: list[list[str]]) -> list[str]:
+def markdown_table(headers: list[str], body: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table (``|`` in a cell becomes ``/``)."""
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in body]
     return lines
@@ -217,14 +221,41 @@ def _grid_rows(task: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def flag_lines(task: dict[str, Any]) -> list[str]:
+    """The task's flagged step times (``compare.flags``), a sentence each."""
+    return [flag["text"] for flag in task.get("flags", [])]
+
+
+def _cpu(env: dict[str, Any]) -> str:
+    """The CPU's model and bfloat16 matmul, where the results record them."""
+    if "cpu_model" not in env:
+        return "CPU model not recorded"
+    flags = ", ".join(env.get("cpu_bfloat16_flags") or []) or "none"
+    matmul = env.get("bfloat16_matmul") or {}
+    return f"CPU {env['cpu_model']} (bfloat16 flags: {flags}; {matmul.get('text', 'bfloat16 matmul not measured')})"
+
+
+def _flag_rule(results: dict[str, Any]) -> str:
+    rule = results.get("step_time_flags")
+    if rule is None:
+        return "- Step times were not checked against expectations in this run."
+    costs = ", ".join(f"{name} {cost:g}x" for name, cost in rule["expected_step_cost"].items())
+    return (
+        "- Step time flagged: the median step time over SGD-momentum's exceeds "
+        f"{rule['margin']:g} times the cost the optimizer's arithmetic predicts ({costs}; others "
+        f"{rule['default_expected_step_cost']:g}x; reasons in `gramopt.compare.config`). Such a row's seconds "
+        "measure a slow path of this machine more than the method; each flag names the likely cause where one is known."
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     lines = [
         "# gramopt compare",
         "",
-        f"Machine: {env['platform']}, {env['cpu_count']} CPUs, {env['threads']} torch thread(s); Python {env['python']}; "
-        f"{versions}. Whole comparison: {results['wall_seconds']:.0f} s of wall-clock time.",
+        f"Machine: {env['platform']}, {_cpu(env)}, {env['cpu_count']} CPUs, {env['threads']} torch thread(s); "
+        f"Python {env['python']}; {versions}. Whole comparison: {results['wall_seconds']:.0f} s of wall-clock time.",
         "",
         "How to read it:",
         "",
@@ -244,6 +275,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Step time / SGD: a fresh model and optimizer per method, their steps timed in turns (round robin, "
         f"{results['timing']['rounds']} rounds of {results['timing']['steps_per_round']} steps) in one process, "
         "the ratio to SGD-momentum's step in the same round (median over rounds), per seed.",
+        _flag_rule(results),
         f"- Peak memory: resident memory added during {results['memory_steps']} training steps of a fresh model and "
         "optimizer (activations, gradients, optimizer state, temporaries; not the model or data), read from "
         "Linux's peak resident-set counter after resetting it (/proc/self/clear_refs), freed memory returned to "
@@ -266,14 +298,16 @@ def markdown(results: dict[str, Any]) -> str:
                if info.get("eval_samples") else ""),
             "",
         ]
-        lines += _markdown_table(_headers(task), rows(task))
+        lines += markdown_table(_headers(task), rows(task))
+        if task.get("flags"):
+            lines += ["", "Flagged step times:", ""] + [f"- {text}" for text in flag_lines(task)]
         if task.get("rungs"):
             lines += ["", "First per rung (median over seeds of each selected setting; margin: the runner-up's median over the first's):", ""]
-            lines += _markdown_table(list(LEADER_COLUMNS), leader_rows(task))
+            lines += markdown_table(list(LEADER_COLUMNS), leader_rows(task))
         for name, reason in task.get("skipped", {}).items():
             lines += ["", f"Skipped: {name}, which cannot train this task ({reason_line(reason)})."]
         lines += ["", "Grids (median over seeds per setting):", ""]
-        lines += _markdown_table(
+        lines += markdown_table(
             ["optimizer", "setting", "validation s to each rung", "final val loss", "final train loss", "diverged", "failed"],
             _grid_rows(task),
         )

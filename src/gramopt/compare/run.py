@@ -14,7 +14,10 @@ Then, for each optimizer's winning setting (``config`` module docstring):
   (round robin) in this process, reported as the ratio to SGD-momentum in the same
   rounds (``gramopt.compare.timing``), per seed;
 - peak memory: ``MEMORY_STEPS`` steps of a fresh model and optimizer, measured with the
-  kernel's peak resident-set counter (``gramopt.compare.memory``), per seed.
+  kernel's peak resident-set counter (``gramopt.compare.memory``), per seed;
+- flags: every step time far outside what the optimizer's arithmetic predicts, with
+  its likely cause where known (``gramopt.compare.flags``); the results record the
+  CPU's model and whether its bfloat16 matmul is fast (``gramopt.compare.hardware``).
 
 A diverged setting (NaN, or a divergence error) is reported as such and the comparison
 goes on; so is a setting that fails for another reason (with the error).
@@ -44,6 +47,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from gramopt.compare import config as bench_config
 from gramopt.compare.config import DIVERGENCE_FACTOR, GRID_SIZES, LADDERS, Target, grid
+from gramopt.compare.flags import step_time_flags
+from gramopt.compare.hardware import bfloat16_matmul, cpu_bfloat16_flags, cpu_model
 from gramopt.compare.memory import peak_memories
 from gramopt.compare.plots import plot_curves
 from gramopt.compare.report import markdown, reason_line
@@ -56,6 +61,7 @@ from gramopt.training.registry import (
     DIVERGENCE_ERRORS,
     build_optimizer,
     get_optimizer_spec,
+    task_hyper,
     training_step,
     with_epoch_defaults,
 )
@@ -122,9 +128,13 @@ class CompareConfig:
 
 
 def default_optimizers() -> tuple[str, ...]:
-    """Every gramopt method, torch's SGD-momentum and AdamW, and the installed default peers."""
+    """Every gramopt method, torch's SGD-momentum and AdamW, and the installed default peers;
+    on a CPU without a fast bfloat16 matmul (``hardware.bfloat16_matmul``) also
+    ``muon-f32`` beside torch's ``muon``, whose orthogonalization runs in bfloat16."""
     gramopt_methods = [name for name, spec in OPTIMIZERS.items() if spec.source == "gramopt"]
     peers = [name for name in bench_config.DEFAULT_PEERS if name in OPTIMIZERS]
+    if "muon" in peers and "muon-f32" in OPTIMIZERS and not bfloat16_matmul().fast:
+        peers.insert(peers.index("muon") + 1, "muon-f32")
     return tuple(gramopt_methods + ["sgd", "adamw"] + peers)
 
 
@@ -375,7 +385,7 @@ def supports(task: Task, name: str, split: Split) -> str | None:
     Other errors are left to the runs, which report them as failed."""
     model = task.build_model(0)
     try:
-        optimizer = build_optimizer(name, model, task.loss, with_epoch_defaults(name, dict(task.hyper.get(name, {})), 1))
+        optimizer = build_optimizer(name, model, task.loss, with_epoch_defaults(name, task_hyper(task, name), 1))
         training_step(optimizer, model, task.loss, split.train_x[:2], split.train_y[:2])
     except (ValueError, NotImplementedError) as err:
         return f"{type(err).__name__}: {err}"
@@ -417,8 +427,11 @@ def _run_text(record: dict[str, Any]) -> str:
 
 def compare_task(
     config: CompareConfig, task: Task, splits: dict[int, Split], console: Console, progress: Progress, overall: Any,
-    plain: PlainProgress | None = None,
+    plain: PlainProgress | None = None, bfloat16: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Every run of ``task``, the winners' step times and memory, and the step times
+    flagged as far outside their arithmetic (``compare.flags``; ``bfloat16``: the
+    machine's ``hardware.BFloat16Matmul.as_dict()``, measured if None)."""
     budget = task_budget(config, task)
     seeds = sorted(splits)
     size = GRID_SIZES[config.grid]
@@ -489,6 +502,10 @@ def compare_task(
             "failed": sum(r["status"] == "failed" for r in runs),
         }
     target = rungs[0] if rungs else None
+    flags = step_time_flags(
+        {name: method["summary"]["step_time_ratio"]["median"] for name, method in methods.items()},
+        bfloat16 if bfloat16 is not None else bfloat16_matmul().as_dict(),
+    )
     return {
         "task": {"name": task.name, "description": task.description, "loss": task.loss, "metric": task.metric,
                  "batch_size": task.batch_size, "eval_samples": bench_config.EVAL_SAMPLES.get(task.name, 0),
@@ -500,6 +517,7 @@ def compare_task(
         "seeds": seeds,
         "optimizers": methods,
         "skipped": skipped,
+        "flags": flags,
     }
 
 
@@ -521,6 +539,7 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
     previous_threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    bfloat16 = bfloat16_matmul().as_dict()
     started, started_at = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     try:
         progress = Progress(
@@ -542,7 +561,9 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
         with progress:
             overall = progress.add_task("runs", total=total, status="")
             for name in config.tasks:
-                tasks[name] = compare_task(config, get_task(name), data.pop(name), console, progress, overall, plain)
+                tasks[name] = compare_task(
+                    config, get_task(name), data.pop(name), console, progress, overall, plain, bfloat16
+                )
     finally:
         torch.set_num_threads(previous_threads)
     return {
@@ -552,6 +573,9 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
         "divergence_rule": f"non-finite loss, a divergence error, or final train loss > {DIVERGENCE_FACTOR:g} x the initial",
         "evaluations_per_run": bench_config.EVALUATIONS,
         "timing": {"reference": REFERENCE, "rounds": bench_config.TIMING_ROUNDS, "steps_per_round": bench_config.TIMING_STEPS},
+        "step_time_flags": {"expected_step_cost": dict(bench_config.EXPECTED_STEP_COST),
+                            "default_expected_step_cost": bench_config.DEFAULT_EXPECTED_STEP_COST,
+                            "margin": bench_config.STEP_COST_MARGIN},
         "memory_steps": bench_config.MEMORY_STEPS,
         "selection": "test-accuracy ladders: on the validation set carved from the training data, smallest median "
         "(over seeds) validation time to the highest rung (missed or diverged = infinite), ties by the next rung "
@@ -564,6 +588,9 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
             **environment(),
             "threads": str(torch.get_num_threads() if config.threads is None else config.threads),
             "platform": platform.platform(),
+            "cpu_model": cpu_model(),
+            "cpu_bfloat16_flags": cpu_bfloat16_flags(),
+            "bfloat16_matmul": bfloat16,
             "cpu_count": str(os.cpu_count()),
             "versions": _versions(),
         },

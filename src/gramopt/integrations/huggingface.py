@@ -62,6 +62,10 @@ class GramoptTrainer(Trainer):
     because GGN's and FNGD's steps do not read ``.grad``. If the optimizer already has a
     different ``max_update_norm``, construction raises ValueError; set ``max_grad_norm=0``
     to clip only with the optimizer's own ``max_update_norm``, or not at all.
+
+    The logged ``grad_norm`` is the norm of the gradient of the step's mean loss with SENG
+    (its ``.grad``); GGN and FNGD do not fill ``.grad`` of the layers they precondition, so
+    no ``grad_norm`` is logged for them rather than the norm of a partial gradient.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -96,6 +100,17 @@ class GramoptTrainer(Trainer):
         )
         self.args = copy.copy(self.args)
         self.args.max_grad_norm = 0.0
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """What the Trainer logs as ``grad_norm`` (transformers >= 5 computes it from
+        ``.grad`` before each step): the norm of ``.grad`` where it holds the gradient of the
+        step's mean loss, i.e. for SENG, whose step reads it; None, so that no ``grad_norm``
+        is logged, for GGN and FNGD, whose ``opt.backward`` leaves ``.grad`` of the
+        preconditioned layers unset (their step reads the per-sample captures): the norm of
+        ``.grad`` would cover the other parameters only (0 for GGN after its first step)."""
+        if self.gramopt_optimizer.reads_gradients != "all":
+            return None
+        return super()._get_grad_norm(model, grad_norm)
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None

@@ -186,13 +186,15 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             batchnorm_training=self.batchnorm_training,
         )
         self._finalizer = weakref.finalize(self, self.engine.close)
+        self.engine.on_escaped = _weak_callback(self._warn_escaped)  # (the model's hooks must not keep self alive)
         self._warned_gradients = False
         # Until the first step succeeds, the backward of a method whose step ignores .grad of
         # its layers fills that .grad too (_probe_params), so that a change to it is reported.
         self._gradient_probe = self.reads_gradients == "plain"
+        self._grads_at_step: list[tuple[int, int] | None] | None = None  # see _missing_captures
         self._warned_micro = False
-        self._warn_unsupported(self.engine.unsupported_names)
-        self._watch_ignored_gradients(self.engine.layers)
+        self._warn_unsupported(self.engine.unsupported_names, self.engine.tied_fallbacks)
+        self._watch_ignored_gradients(self.engine.blocks)
         self.extra_state: dict[str, Any] = {"step": 0}
         self.last_info: StepInfo | None = None
         self._warned_stray: set[str] = set()
@@ -276,14 +278,15 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             check_hyper("lr", group["lr"], inclusive=False)
             self._validate_group(group)
             _check_params(self._names, [p for g in self.param_groups for p in g["params"]])
-            before = {id(layer.module) for layer in engine.layers}
+            before = {id(p) for layer in engine.blocks for p in layer.params}
+            tied = len(engine.tied_fallbacks)
             names = engine.add_params(group["params"])
         except BaseException:
             del self.param_groups[count:]
             raise
         self._group_index = None  # l2_term's parameter -> group map is stale
-        self._warn_unsupported(names)
-        self._watch_ignored_gradients([layer for layer in engine.layers if id(layer.module) not in before])
+        self._warn_unsupported(names, engine.tied_fallbacks[tied:])
+        self._watch_ignored_gradients([b for b in engine.blocks if any(id(p) not in before for p in b.params)])
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_hyper("lr", group["lr"])
@@ -326,6 +329,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         :meth:`_backward`."""
         with self._agreement():
             self._require_open()
+            self._grads_at_step = None
             loss = self._backward(output, target)
             self._own_backward = True
             return loss
@@ -340,6 +344,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         new step for the GradScaler protocol: the next backward is not ``opt.backward``
         until it says so (see :meth:`step`)."""
         self._own_backward = False
+        self._grads_at_step = None
         super().zero_grad(set_to_none)
         engine = getattr(self, "engine", None)
         if engine is not None:
@@ -433,6 +438,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 self.apply_directions(directions)
                 self.commit()
             self._gradient_probe = False  # (_probe_params)
+            self._grads_at_step = self._gradient_marks()
         finally:
             self.engine.clear()
             self._pending = None
@@ -444,6 +450,26 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             getattr(pending, "curvature", None),
             self._rejected,
         )
+
+    def _gradient_marks(self) -> list[tuple[int, int] | None]:
+        """Which ``.grad`` tensor each parameter holds and its version: any backward pass
+        since changes them (accumulates in place, or sets a new tensor)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        return [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
+
+    def _missing_captures(self, message: str) -> CaptureError:
+        """The error of a step that finds nothing captured: ``message``, unless the last
+        thing that happened was a step (no ``opt.backward`` since, no ``.grad`` changed),
+        which consumed the captures of the backward pass before it: then that."""
+        if self._grads_at_step is not None and self._grads_at_step == self._gradient_marks():
+            # (a method that captures a mean loss's gradients also takes the ordinary loop)
+            backward = "opt.backward(model(x), y)" + (", or loss.backward()" if self.captures_mean_loss else "")
+            return CaptureError(
+                f"{type(self).__name__}.step() was already called after this backward pass, and that step used "
+                f"up its per-sample captures (they are dropped after every step). Run the forward and backward "
+                f"pass again ({backward}) before each step(), also to take several steps on one batch"
+            )
+        return CaptureError(message)
 
     # torch.amp.GradScaler.step(opt) hands such an optimizer the loss scale and the inf check
     # (attributes grad_scale, found_inf) instead of unscaling .grad itself: the per-sample
@@ -589,15 +615,30 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 stacklevel=user_stacklevel(),
             )
 
-    def _warn_unsupported(self, names: Sequence[str]) -> None:
-        """One warning for the parameters no handler covers (the default policy), and one
-        when the method preconditions no layer of the model at all."""
-        if names:
+    def _warn_unsupported(self, names: Sequence[str], tied: Sequence[str] = ()) -> None:
+        """One warning for the parameters no handler covers (the default policy), one for
+        tied parameters that a module without a handler shares (``tied``: the engine's
+        :attr:`~gramopt.capture.engine.CaptureEngine.tied_fallbacks`), and one when the
+        method preconditions no layer of the model at all."""
+        if tied:
             warnings.warn(
-                f"gramopt: {type(self).__name__} cannot precondition {', '.join(names)} (no handler for their "
-                "module, or a configuration its handler refuses); they follow the plain gradient of the loss "
-                "(pass unsupported='error' to refuse them with the reason, or register a handler with "
+                f"gramopt: {type(self).__name__} cannot precondition the tied parameters {'; '.join(tied)}: their "
+                "per-sample rows need every module that uses them, so they follow the plain gradient of the loss "
+                "(pass unsupported='error' to refuse them, or register a handler for that module with "
                 "gramopt.register_handler)",
+                RuntimeWarning,
+                stacklevel=user_stacklevel(),
+            )
+        if names:
+            by_reason: dict[str, list[str]] = {}  # the reason unsupported="error" would give, and its fix
+            for name in names:
+                by_reason.setdefault(self.engine.unsupported_reasons.get(name, "no gramopt handler"), []).append(name)
+            warnings.warn(
+                f"gramopt: {type(self).__name__} cannot precondition these parameters; they follow the plain "
+                "gradient of the loss:\n  - "
+                + "\n  - ".join(f"{', '.join(group)}: {reason}" for reason, group in by_reason.items())
+                + "\n(register a handler for a module without one with gramopt.register_handler; pass "
+                "unsupported='error' to refuse these parameters instead)",
                 RuntimeWarning,
                 stacklevel=user_stacklevel(),
             )
@@ -609,11 +650,23 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 stacklevel=user_stacklevel(),
             )
 
+    def _warn_escaped(self, names: str) -> None:
+        """The capture engine found parameters used outside their modules' calls
+        (:meth:`~gramopt.capture.engine.CaptureEngine.audit_uses`)."""
+        warnings.warn(
+            f"gramopt: {type(self).__name__} cannot precondition {names}: the model uses them outside the calls of "
+            "the modules that own them (e.g. F.linear(h, tok.weight) for a tied head), which the hooks cannot see; "
+            "they follow the plain gradient of the loss from now on (share the parameter between modules instead, "
+            "head.weight = tok.weight, and call the modules, to precondition it)",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+
     def _watch_ignored_gradients(self, layers: Sequence[Any]) -> None:
         """Methods whose step ignores ``.grad`` of the preconditioned layers (FNGD, GGN)
         remember it after each backward, to warn when it is modified (clipping)."""
         if self.reads_gradients == "plain":
-            self.engine.watch_gradients(p for layer in layers for p in layer.params)
+            self.engine.watch_gradients(p for layer in layers for p in layer.params)  # (blocks: each once)
 
     def _probe_params(self, plain: Sequence[Tensor]) -> list[nn.Parameter]:
         """The parameters whose ``.grad`` a method's ``backward`` fills besides ``plain``
@@ -631,7 +684,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         if not self._gradient_probe:
             return []
         known = {id(p) for p in plain}
-        return [p for layer in self.engine.layers for p in layer.params if p.requires_grad and id(p) not in known]
+        return [p for block in self.engine.blocks for p in block.params if p.requires_grad and id(p) not in known]
 
     def _add_gradients(
         self, params: Sequence[Tensor], grads: Sequence[Tensor | None], probe: Sequence[Tensor] = ()
@@ -652,7 +705,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
     def _warn_modified_gradients(self) -> None:
         if self.reads_gradients != "plain" or self._warned_gradients or not self.engine.remembers_gradients():
             return
-        params = [p for layer in self.engine.layers for p in layer.params]
+        params = [p for layer in self.engine.blocks for p in layer.params]
         modified = self.engine.modified_gradients(params)
         if modified:
             self._warned_gradients = True
@@ -760,6 +813,18 @@ def _check_params(names: dict[int, str], params: list[Tensor]) -> None:
             f"all parameters must have one dtype and one device, got {found}: "
             "convert the model with model.to(dtype, device) before building the optimizer"
         )
+
+
+def _weak_callback(method: Callable[..., None]) -> Callable[..., None]:
+    """``method`` through a weak reference (nothing once its object is gone)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+
+    return call
 
 
 def _sum_of(scalars: list[Tensor]) -> Tensor:

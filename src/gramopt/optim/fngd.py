@@ -89,7 +89,7 @@ import torch
 from torch import Tensor, nn
 
 from gramopt.capture.factors import LayerFactors
-from gramopt.errors import CaptureError, NonFiniteError
+from gramopt.errors import NonFiniteError
 from gramopt.linalg.dense import SolveInfo, solve_damped_psd
 from gramopt.losses import GaussNewtonLoss, get_loss
 from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper
@@ -307,7 +307,7 @@ class FNGD(SampleSpaceOptimizer):
             self._gather_batch()  # distributed="exact": the global batch's
             factors = self.engine.factors()
             if self.engine.layers and not factors:
-                raise CaptureError(
+                raise self._missing_captures(
                     "FNGD.step() needs a backward pass of a training-mode forward first: "
                     "opt.backward(model(x), y), or loss.backward() with a mean loss"
                 )

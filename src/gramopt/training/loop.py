@@ -41,6 +41,7 @@ from gramopt.training.registry import (
     build_optimizer,
     get_optimizer_spec,
     loss_value,
+    task_hyper,
     training_step,
     with_epoch_defaults,
 )
@@ -79,7 +80,7 @@ class TrainConfig:
             raise ValueError(
                 f"{self.optimizer} takes no hyper-parameter {sorted(unknown)}; it takes {sorted(spec.hyper_names)}"
             )
-        hyper = {**task.hyper.get(self.optimizer, {}), **self.hyper}
+        hyper = {**task_hyper(task, self.optimizer), **self.hyper}
         epochs = task.epochs if self.epochs is None else self.epochs
         batch = task.batch_size if self.batch_size is None else self.batch_size
         if epochs < 1:
@@ -150,6 +151,15 @@ def eval_subset(x: Tensor, y: Tensor, samples: int, seed: int) -> tuple[Tensor, 
     return x[rows], y[rows]
 
 
+def _load(task: Task, seed: int) -> Split:
+    """``task.load(seed)``; a data set that is not installed is a ValueError saying how to
+    install it (what the command line prints as an error, without a traceback)."""
+    try:
+        return task.load(seed)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from err
+
+
 def environment() -> dict[str, str]:
     import numpy
 
@@ -191,7 +201,7 @@ class Trainer:
         self.progress = progress if self.main else False
         self.verbose = verbose and self.main
         self.out = Path(self.config.out)
-        self.split: Split = split if split is not None else self.task.load(self.config.seed)
+        self.split: Split = split if split is not None else _load(self.task, self.config.seed)
         if self.run_part is not None:
             self.run_part.check_batches(self.split.train_x.shape[0], self.config.batch_size)
         self.eval_train = eval_subset(self.split.train_x, self.split.train_y, self.config.eval_samples, self.config.seed)

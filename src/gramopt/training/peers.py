@@ -1,17 +1,24 @@
 """Peer optimizers from PyPI, registered in ``OPTIMIZERS`` when their package imports.
 
 They are used as installed, with their documented defaults (the comparison's grid
-varies the learning rate around them); nothing of their math is re-implemented here.
-Only the way they take parameters follows their documentation:
+varies the learning rate around them); nothing of their math is re-implemented here but
+``muon-f32``'s, a labelled variant. Only the way they take parameters follows their
+documentation:
 
-- ``muon``: ``torch.optim.Muon`` (float32 Newton-Schulz) on the hidden weight matrices
-  (2-D weights of Linear layers other than the output head; torch's Muon takes 2-D
-  parameters only, so convolution kernels go with the rest), ``torch.optim.AdamW`` on
-  embeddings, the head, biases, gains and kernels (``adamw_lr``, ``adamw_weight_decay``),
-  chained as one optimizer (``training.chain.Chain``).
+- ``muon``: ``torch.optim.Muon`` on the hidden weight matrices (2-D weights of Linear
+  layers other than the output head; torch's Muon takes 2-D parameters only, so
+  convolution kernels go with the rest), ``torch.optim.AdamW`` on embeddings, the head,
+  biases, gains and kernels (``adamw_lr``, ``adamw_weight_decay``), chained as one
+  optimizer (``training.chain.Chain``). Its Newton-Schulz orthogonalization runs in
+  bfloat16 (torch has no option for another dtype), which costs dozens of SGD steps on
+  a CPU without a fast bfloat16 matmul (``gramopt.compare.hardware``).
+- ``muon-f32``: the same, with ``training.muon_float32.Float32Muon`` in place of
+  ``torch.optim.Muon``: torch's update with the orthogonalization in float32. gramopt's
+  variant, for CPUs without a fast bfloat16 matmul; its own row, never a silent stand-in
+  for ``muon``.
 - ``muon-po``: pytorch-optimizer's Muon (the previous ``muon``). Its Newton-Schulz runs
-  in bfloat16, which costs about 100x an SGD step on CPUs without bfloat16 matmul. Its
-  docs put embeddings, the output layer, biases and gains in an AdamW group.
+  in bfloat16 too. Its docs put embeddings, the output layer, biases and gains in an
+  AdamW group.
 - ``ikfac``, ``singd``: singd's SINGD (Lin et al., "Structured Inverse-Free Natural
   Gradient Descent: Memory-Efficient & Numerically-Stable KFAC", ICML 2024,
   arXiv:2312.05705) with ``kfac_like=True`` (IKFAC, Lin et al., "Simplifying
@@ -47,6 +54,7 @@ import torch
 from torch import nn
 
 from gramopt.training.chain import Chain
+from gramopt.training.muon_float32 import Float32Muon
 from gramopt.training.registry import MISSING_PEERS, OPTIMIZERS, OptimizerSpec
 
 
@@ -92,21 +100,26 @@ def _muon_po(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.
     return Muon(muon_groups(model), **hyper)
 
 
-def _muon(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
-    """torch.optim.Muon on the hidden weight matrices (it takes 2-D parameters only),
-    torch.optim.AdamW (``adamw_lr``, ``adamw_weight_decay``) on everything else."""
-    hyper = dict(hyper)
-    adamw = dict(lr=hyper.pop("adamw_lr"), weight_decay=hyper.pop("adamw_weight_decay"))
-    hidden_ids = _hidden_matrix_ids(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    hidden = [p for p in params if id(p) in hidden_ids]
-    rest = [p for p in params if id(p) not in hidden_ids]
-    optimizers: list[torch.optim.Optimizer] = []
-    if hidden:
-        optimizers.append(torch.optim.Muon(hidden, **hyper))
-    if rest:
-        optimizers.append(torch.optim.AdamW(rest, **adamw))
-    return Chain(*optimizers)
+def _muon(muon: type[torch.optim.Muon]) -> Callable[[nn.Module, str, dict[str, Any]], torch.optim.Optimizer]:
+    """``muon`` (torch.optim.Muon or its float32 variant) on the hidden weight matrices
+    (it takes 2-D parameters only), torch.optim.AdamW (``adamw_lr``,
+    ``adamw_weight_decay``) on everything else."""
+
+    def build(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
+        hyper = dict(hyper)
+        adamw = dict(lr=hyper.pop("adamw_lr"), weight_decay=hyper.pop("adamw_weight_decay"))
+        hidden_ids = _hidden_matrix_ids(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        hidden = [p for p in params if id(p) in hidden_ids]
+        rest = [p for p in params if id(p) not in hidden_ids]
+        optimizers: list[torch.optim.Optimizer] = []
+        if hidden:
+            optimizers.append(muon(hidden, **hyper))
+        if rest:
+            optimizers.append(torch.optim.AdamW(rest, **adamw))
+        return Chain(*optimizers)
+
+    return build
 
 
 def _singd(kfac_like: bool) -> Callable[[nn.Module, str, dict[str, Any]], torch.optim.Optimizer]:
@@ -142,12 +155,18 @@ def _psgd_kron(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.opti
     return heavyball.PSGDKron(model.parameters(), **hyper)
 
 
+MUON_DEFAULTS = dict(lr=2e-2, momentum=0.95, weight_decay=0.0, adamw_lr=3e-3, adamw_weight_decay=0.0)
+
 # Learning rates are the packages' own defaults (pytorch-optimizer 4.1.0, heavyball 3.2.1,
 # singd 0.0.5) or, where a package has none that fits, the one its authors recommend.
 PEERS: tuple[tuple[str, OptimizerSpec], ...] = (
     ("torch", OptimizerSpec(
-        "muon", "torch.optim.Muon on hidden weight matrices + AdamW for the rest", _muon,
-        dict(lr=2e-2, momentum=0.95, weight_decay=0.0, adamw_lr=3e-3, adamw_weight_decay=0.0), source="torch",
+        "muon", "torch.optim.Muon on hidden weight matrices + AdamW for the rest (bfloat16 Newton-Schulz)",
+        _muon(torch.optim.Muon), dict(MUON_DEFAULTS), source="torch",
+    )),
+    ("torch", OptimizerSpec(
+        "muon-f32", "torch.optim.Muon's update with float32 Newton-Schulz (gramopt's variant) + AdamW for the rest",
+        _muon(Float32Muon), dict(MUON_DEFAULTS), source="gramopt variant of torch", tuned_as="muon",
     )),
     ("singd", OptimizerSpec(
         "ikfac", "IKFAC, inverse-free K-FAC (singd, kfac_like=True) + SGD for unsupported layers", _singd(True),

@@ -39,7 +39,9 @@ class OptimizerSpec:
     :func:`with_epoch_defaults`); ``per_loss`` gives, per loss name, the values of
     hyper-parameters whose default depends on the loss (their ``defaults`` entry is None:
     the optimizer's constructor picks the same value itself); ``source`` says where the
-    method comes from ("gramopt", "torch" or the peer package)."""
+    method comes from ("gramopt", "torch" or the peer package); ``tuned_as`` names the
+    optimizer whose per-task settings (``Task.hyper``) and tuning grids this one shares
+    (another implementation of the same method, e.g. ``muon-f32`` of ``muon``)."""
 
     name: str
     description: str
@@ -48,6 +50,7 @@ class OptimizerSpec:
     per_epoch: tuple[str, ...] = field(default=(), kw_only=True)
     per_loss: dict[str, dict[str, Any]] = field(default_factory=dict, kw_only=True)
     source: str = field(default="gramopt", kw_only=True)
+    tuned_as: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         unknown = set(self.per_epoch) - set(self.defaults)
@@ -140,6 +143,15 @@ def get_optimizer_spec(name: str) -> OptimizerSpec:
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(sorted(OPTIMIZERS))}")
     return OPTIMIZERS[name]
+
+
+def task_hyper(task: Any, name: str) -> dict[str, Any]:
+    """The task's settings for optimizer ``name`` (``task.hyper``), under its own name or,
+    where it has none there, under its spec's ``tuned_as``."""
+    spec = get_optimizer_spec(name)
+    if name not in task.hyper and spec.tuned_as is not None:
+        return dict(task.hyper.get(spec.tuned_as, {}))
+    return dict(task.hyper.get(name, {}))
 
 
 def with_epoch_defaults(name: str, hyper: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:

@@ -518,7 +518,7 @@ class GGN(SampleSpaceOptimizer):
         """Solve ``(Q^T R R^T Q + damping I) a = w``; the direction is ``R^T x``,
         ``x = system.coefficients(a)``."""
         if not isinstance(pending, GaussNewtonBatch):
-            raise CaptureError("GGN.step() needs opt.backward(model(x), y) first")
+            raise self._missing_captures("GGN.step() needs opt.backward(model(x), y) first")
         with self._phase("factors"):
             # distributed="exact": every rank's rows
             q, w, outside = self._gather_batch(pending.q, pending.w, pending.outside, scaled=(False, False, False))

@@ -37,14 +37,15 @@ from gramopt.optim.seng.solve import kept_factor, solve_shifted, with_solve_stat
 
 def layer_factors(factors: SharedWeightFactors) -> tuple[Tensor, Tensor]:
     """``(G, A)`` of Eq. 15 before truncation: ``G [b, kappa, n_G]`` (the output-gradients
-    z_is) and ``A [b, kappa, n_A]`` (the inputs x_is, then a column of ones for the
-    bias), so that ``u_i = vec(G_i^T A_i) = vec([weight gradient | bias gradient])``."""
+    z_is) and ``A [b, kappa, n_A]`` (the inputs x_is, then the bias's column: ones, or the
+    bias indicator of derivative channels), so that
+    ``u_i = vec(G_i^T A_i) = vec([weight gradient | bias gradient])``."""
     if factors.passes != 1:
         raise ValueError("SENG's per-sample gradients come from one backward pass (k = 1)")
     g = factors.grads[:, 0]
     parts = [factors.inputs] if factors.with_weight else []
     if factors.with_bias:
-        parts.append(torch.ones(*factors.inputs.shape[:2], 1, dtype=g.dtype, device=g.device))
+        parts.append(factors.bias_inputs().to(g.dtype))
     return g, torch.cat(parts, dim=2)
 
 

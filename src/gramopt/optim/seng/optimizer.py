@@ -166,7 +166,7 @@ class SENG(SampleSpaceOptimizer):
             model, params, defaults, unsupported, distributed=distributed, weight_decay_mode=weight_decay_mode,
             max_update_norm=max_update_norm,
         )
-        self.implicit_layers = {layer.name for layer in self.engine.layers if self._is_implicit(layer)}
+        self.implicit_layers = {layer.name for layer in self.engine.blocks if self._is_implicit(layer)}
         self._check_sketch_sizes()
         self.extra_state["curvature"] = {}
         if sketch is not None:
@@ -185,9 +185,11 @@ class SENG(SampleSpaceOptimizer):
     def _capture_needed(self, layer: Layer) -> bool:
         """Whether the coming step refreshes the curvature of ``layer`` (asked by the
         engine at the layer's forward call): on every ``curvature_every``-th step, and when
-        the layer has no cached curvature for the parameters that require grad now."""
+        the layer has no cached curvature for the parameters that require grad now (the
+        curvature of a tied layer is its block's, :attr:`CaptureEngine.blocks`)."""
         if self.steps_taken % self.curvature_every == 0:
             return True
+        layer = self.engine.block_of(layer)
         state = self.extra_state["curvature"].get(layer.name)
         return state is None or state.get("covered") != [p.requires_grad for p in layer.params]
 
@@ -207,7 +209,7 @@ class SENG(SampleSpaceOptimizer):
     def _is_implicit(self, layer: Layer) -> bool:
         threshold = self.implicit.threshold
         if threshold is None or not isinstance(layer.handler, (LinearHandler, ConvHandler)):
-            return False
+            return False  # (tied blocks too: their Gram has the members' cross terms, Eq. 20 has none)
         if isinstance(layer.handler, ConvHandler) and not (
             type(layer.module) in (nn.Conv1d, nn.Conv2d) and layer.module.groups == 1
         ):
@@ -227,7 +229,7 @@ class SENG(SampleSpaceOptimizer):
         sketch = self.sketch
         if sketch is None:
             return
-        for layer in self.engine.layers:
+        for layer in self.engine.blocks:
             if layer.name in self.implicit_layers:
                 if isinstance(sketch.factor_size, int):
                     n_g, n_a = self._factor_sides(layer)
@@ -294,7 +296,7 @@ class SENG(SampleSpaceOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "implicit_layers"):  # after construction: the new layers' kind
-            self.implicit_layers = {layer.name for layer in self.engine.layers if self._is_implicit(layer)}
+            self.implicit_layers = {layer.name for layer in self.engine.blocks if self._is_implicit(layer)}
             self._check_sketch_sizes()
 
     def directions(self, pending: PendingBatch | None) -> tuple[dict[Tensor, Tensor], SolveInfo | None]:
@@ -306,7 +308,7 @@ class SENG(SampleSpaceOptimizer):
         layers: dict[str, Layer] = {}
         grads: dict[str, list[Tensor]] = {}
         covered: dict[str, list[bool]] = {}  # which of the layer's parameters require grad
-        for layer in self.engine.layers:
+        for layer in self.engine.blocks:  # (layers sharing a parameter: one block)
             params = trainable(layer)  # a parameter frozen after construction is left alone
             present = [p.grad for p in params]
             if all(g is None for g in present):
@@ -399,7 +401,7 @@ class SENG(SampleSpaceOptimizer):
         self._gather_batch()  # distributed="exact": the global batch's
         b = self.engine.batch_size()
         if b is None:
-            raise CaptureError(
+            raise self._missing_captures(
                 "SENG needs the per-sample gradients of this step, but no backward pass reached a hooked "
                 "layer: run the forward pass in training mode with autograd enabled, then loss.backward()"
                 + self._skipped_hint()
