@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import socket
@@ -167,6 +168,8 @@ def worker(rank: int, world: int, port: int, out: Path, rounds: int, steps_per_t
     result = timed(world, rank, rounds, steps_per_turn)
     if rank == 0:
         out.write_text(json.dumps(result))
+    dist.barrier()
+    gc.collect()  # the DDP model and the optimizers' hooks go before their process group
     dist.destroy_process_group()
 
 
