@@ -208,6 +208,8 @@ def _first_and_gramopt(task: dict[str, Any], medians: dict[str, float]) -> list[
 
 
 COMPARE_DIR = Path(__file__).resolve().parent / "results" / "compare"
+#: What ``--quick`` reads: two committed comparisons (a smoke run of every table).
+QUICK_RESULTS = [COMPARE_DIR / task / "results.json" for task in ("teacher", "digits")]
 
 #: The committed comparison the README, docs/results.md and the guides show: directories under
 #: benchmarks/results/compare in merge order (a later directory's run of an optimizer
@@ -343,7 +345,11 @@ def main() -> None:
     parser.add_argument(
         "--replace", action="store_true", help="a later file's optimizer replaces an earlier file's of the same task"
     )
+    parser.add_argument("--quick", action="store_true", help="every table of the committed teacher and digits results")
+    parser.add_argument("--out", type=Path, help="(writes no file: the tables go to stdout)")
     args = parser.parse_args()
+    if args.quick:
+        args.results, args.leaders, args.work = args.results or QUICK_RESULTS, True, True
     if args.update is not None:
         results = load()
         for path in args.update or [ROOT / page for page in PAGES]:

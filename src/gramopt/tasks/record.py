@@ -118,16 +118,6 @@ class Task:
         if not self.metric:
             self.metric = supervised_metric(self.loss)
 
-    @property
-    def hyper(self) -> dict[str, dict[str, Any]]:
-        """Per registered optimizer name, every hyper-parameter it takes on this task but
-        the per-epoch ones (FNGD's ``coefficient_steps``, which each run sets to one epoch):
-        the registry's defaults for the task's loss with :attr:`tuned` over them
-        (``gramopt.training.registry.task_hyper``)."""
-        from gramopt.training.registry import OPTIMIZERS, task_hyper
-
-        return {name: task_hyper(self, name) for name in OPTIMIZERS}
-
     def problems(self) -> list[str]:
         """What keeps this task from being registered (empty when nothing does)."""
         found = []
