@@ -1,7 +1,13 @@
-"""What the step-time benchmarks share (``step_overhead.py``, ``step_profile.py``,
-``fngd_speed.py``, ``seng_speed.py``): the tasks' batches and models, the optimizers
-they compare, the interleaved timing loop (synchronized on CUDA) and the environment
-record.
+"""What the benchmarks share: the command line of every script, where results go, the
+environment record, the tasks' batches and models, the optimizers the step-time benchmarks
+compare and the interleaved timing loop (synchronized on CUDA).
+
+Command line. Every script under ``benchmarks/`` (``probes/`` and ``papers/`` too) starts
+from :func:`arguments`: ``--quick`` is a smoke run of a few seconds (tiny sizes, a few
+steps; its figures mean nothing) and ``--out DIR`` the folder its files go to (default
+``benchmarks/results``, where the committed results are). ``tests/test_benchmarks.py``
+runs every script with ``--quick --out TMP``. A script in a subfolder finds this module by
+putting ``benchmarks/`` first on ``sys.path``.
 
 Timing: the compared step functions run in turns, rounds in a rotating order, several
 steps per turn; each turn starts and ends with :func:`gramopt.compare.timing.synchronize`
@@ -14,6 +20,7 @@ other processes; with several threads it misses the other threads' work).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -21,6 +28,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,9 +36,38 @@ from torch import nn
 import gramopt
 from gramopt.compare.timing import synchronize
 from gramopt.tasks import get_task
+from gramopt.training.registry import training_step
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def arguments(doc: str | None, out: Path = RESULTS) -> argparse.ArgumentParser:
+    """The parser every benchmark starts from (its description: the first line of
+    ``doc``): ``--quick`` and ``--out`` (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=(doc or "").strip().split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run of seconds: tiny sizes, a few steps")
+    parser.add_argument("--out", type=Path, default=out, help="folder of the written files (default: %(default)s)")
+    return parser
+
+
+def write_json(record: dict[str, Any], path: Path) -> Path:
+    """``record`` as indented JSON at ``path`` (folders made; what JSON cannot hold as
+    its ``str``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def task_batches(task_name: str, batch: int = 128, seed: int = 0, count: int = 16) -> Batches:
@@ -74,7 +111,9 @@ def build_method(method: str, model: nn.Module, lr: float = 1e-3) -> tuple[torch
     ``sgd`` (momentum 0.9, the reference), ``ggn-mse`` (exact, Cholesky), ``fngd-estimate``
     (FNGD estimating on every step), ``fngd-share`` (sharing from the second step),
     ``seng-every<T>`` (SENG with ``curvature_every=T``). All with momentum 0.9 and small
-    steps (timing only)."""
+    steps (timing only). A ``-ordinary`` suffix (``fngd-share-ordinary``) builds the same
+    optimizer, for :func:`cycling_step` to run in the ordinary loop."""
+    method = method.removesuffix("-ordinary")
     if method == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), None
     if method == "ggn-mse":
@@ -87,6 +126,30 @@ def build_method(method: str, model: nn.Module, lr: float = 1e-3) -> tuple[torch
         every = int(method[len("seng-every") :])
         return gramopt.SENG(model, lr=lr, damping=1.0, momentum=0.9, curvature_every=every), None
     raise ValueError(f"unknown method {method!r}")
+
+
+def ordinary_step(opt: torch.optim.Optimizer, model: nn.Module, loss: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One step of the ordinary loop, ``loss.backward(); opt.step()`` (a gramopt method
+    then reads the ``.grad`` that backward filled)."""
+    opt.zero_grad(set_to_none=True)
+    gramopt.losses.get_loss(loss).value(model(x), y).backward()
+    opt.step()
+
+
+def cycling_step(
+    opt: torch.optim.Optimizer, model: nn.Module, loss: str, batches: Batches, ordinary: bool = False
+) -> Callable[[], None]:
+    """A no-argument training step (:func:`gramopt.training.registry.training_step`, or
+    :func:`ordinary_step`) on the next of ``batches``, cycling."""
+    step = ordinary_step if ordinary else training_step
+    cursor = [0]
+
+    def one() -> None:
+        x, y = batches[cursor[0] % len(batches)]
+        cursor[0] += 1
+        step(opt, model, loss, x, y)
+
+    return one
 
 
 def interleaved(
@@ -127,14 +190,15 @@ def interleaved(
     return wall, cpu, inner
 
 
+def ratio_spread(values: list[float], base: list[float]) -> dict[str, float]:
+    """Median, min and max of the per-round ratios ``values[i] / base[i]``."""
+    r = [a / b for a, b in zip(values, base, strict=True)]
+    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
+
+
 def ratios(samples: dict[str, list[float]], baseline: str = "sgd") -> dict[str, dict[str, float]]:
     """Per function but the baseline: the per-round ratio to the baseline, median, min, max."""
-    out = {}
-    for key, values in samples.items():
-        if key != baseline:
-            r = [a / b for a, b in zip(values, samples[baseline])]
-            out[key] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
-    return out
+    return {key: ratio_spread(values, samples[baseline]) for key, values in samples.items() if key != baseline}
 
 
 def environment(device: torch.device | str = "cpu") -> dict:
@@ -158,7 +222,6 @@ def environment(device: torch.device | str = "cpu") -> dict:
 
 def write_results(results: dict, out: Path, plot: Callable[[dict, Path], None]) -> None:
     """``out``.json (the results) and ``out``.png (``plot(results, path)``), folders made."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    write_json(results, out.with_suffix(".json"))
     plot(results, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    print(f"wrote {out.with_suffix('.png')}")

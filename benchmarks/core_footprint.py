@@ -13,9 +13,7 @@ benchmarks/results/core_footprint.json.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata as metadata
-import json
 import re
 import statistics
 import subprocess
@@ -23,8 +21,10 @@ import sys
 import tarfile
 import tempfile
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
+from bench_common import arguments, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,11 +92,12 @@ def extracted_source(revision: str, into: Path) -> tuple[Path, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__)
     parser.add_argument("--before", default="main", help="git revision to compare with (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "core_footprint.json"))
     args = parser.parse_args()
+    if args.quick:  # the checked-out commit against the working tree, once
+        args.before, args.repeats = "HEAD", 1
     with tempfile.TemporaryDirectory() as tmp:
         before_src, before_pyproject = extracted_source(args.before, Path(tmp))
         trees = {"before": before_src, "after": ROOT / "src"}
@@ -125,8 +126,7 @@ def main() -> None:
             "total_without_torch_mib": sum(v for k, v in per_dist.items() if k != "torch") / 2**20,
         }
     result["installed"] = sizes
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.out / "core_footprint.json")
     for name in ("torch", "before", "after"):
         print(f"import {'torch' if name == 'torch' else 'gramopt (' + name + ')'}: "
               f"{result['import_seconds_median'][name]:.3f} s median of {args.repeats}")

@@ -32,32 +32,33 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from bench_common import arguments, environment, pyplot, write_json
 
-RESULTS = Path(__file__).parent / "results"
 GLOBAL_BATCH = 128
 VARIANTS = ("ddp-sgd", "ggn-exact", "ggn-local", "seng-exact", "seng-local", "fngd-estimate-exact",
             "fngd-estimate-local", "fngd-share-exact", "fngd-share-local")
-STEPS = 10  # per turn: a whole SENG curvature cycle
+STEPS = 10  # per turn: a whole SENG curvature cycle (--quick: 2)
 
 
 def build(variant: str, world: int, rank: int) -> tuple[Callable[[], None], Callable[[], dict]]:
     """A step function of a fresh model and optimizer for ``variant``, and a function
     returning its traffic since the last call (bytes and calls per rank)."""
     from gramopt.tasks import get_task
-    from gramopt.training.registry import build_optimizer, training_step
+    from gramopt.training.registry import build_optimizer, task_hyper, training_step
 
     task = get_task("teacher")
     split = task.load(0)
@@ -68,7 +69,9 @@ def build(variant: str, world: int, rank: int) -> tuple[Callable[[], None], Call
     if variant == "ddp-sgd":
         forward = model
         if world > 1:
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import (
+                allreduce_hook,
+            )
             from torch.nn.parallel import DistributedDataParallel
 
             forward = DistributedDataParallel(model)
@@ -83,7 +86,7 @@ def build(variant: str, world: int, rank: int) -> tuple[Callable[[], None], Call
     else:
         method, policy = variant.rsplit("-", 1)
         name, _, phase = method.partition("-")
-        hyper = dict(task.hyper[name])
+        hyper = dict(task_hyper(task, name))
         if name == "fngd":
             hyper["coefficient_steps"] = 1 if phase == "share" else None
         optimizer = build_optimizer(name, model, task.loss, hyper, policy if world > 1 else None)
@@ -109,12 +112,12 @@ def build(variant: str, world: int, rank: int) -> tuple[Callable[[], None], Call
     return step, traffic
 
 
-def timed(world: int, rank: int, rounds: int) -> dict:
+def timed(world: int, rank: int, rounds: int, steps_per_turn: int = STEPS) -> dict:
     """Round-robin timing of every variant; per variant the seconds per step of each
     round and the traffic per step."""
     steppers = {v: build(v, world, rank) for v in VARIANTS}
     for step, traffic in steppers.values():  # warm-up (and the first SENG refresh, FNGD's estimate)
-        for _ in range(STEPS):
+        for _ in range(steps_per_turn):
             step()
         traffic()
     seconds = {v: [] for v in VARIANTS}
@@ -125,10 +128,10 @@ def timed(world: int, rank: int, rounds: int) -> dict:
             if world > 1:
                 dist.barrier()
             start = time.perf_counter()
-            for _ in range(STEPS):
+            for _ in range(steps_per_turn):
                 step()
-            seconds[v].append((time.perf_counter() - start) / STEPS)
-    steps = rounds * STEPS
+            seconds[v].append((time.perf_counter() - start) / steps_per_turn)
+    steps = rounds * steps_per_turn
     out = {
         v: {"seconds": seconds[v], "traffic_per_step": {k: n / steps for k, n in steppers[v][1]().items()}}
         for v in VARIANTS
@@ -159,33 +162,33 @@ def collective_seconds(world: int, repeats: int = 50) -> dict[str, float]:
     return out
 
 
-def worker(rank: int, world: int, port: int, out: Path, rounds: int) -> None:
+def worker(rank: int, world: int, port: int, out: Path, rounds: int, steps_per_turn: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
     )
-    result = timed(world, rank, rounds)
+    result = timed(world, rank, rounds, steps_per_turn)
     if rank == 0:
         out.write_text(json.dumps(result))
+    dist.barrier()
+    gc.collect()  # the DDP model and the optimizers' hooks go before their process group
     dist.destroy_process_group()
 
 
-def two_processes(rounds: int) -> dict:
+def two_processes(rounds: int, steps_per_turn: int) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = RESULTS / "distributed.rank0.tmp.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen([sys.executable, __file__, "--worker", str(rank), "--port", str(port), "--rounds", str(rounds)], env=env)
-        for rank in range(2)
-    ]
-    for proc in procs:
-        if proc.wait(timeout=1800) != 0:
-            raise SystemExit(f"a worker failed with exit code {proc.returncode}")
-    result = json.loads(out.read_text())
-    out.unlink()
-    return result
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "rank0.json"
+        command = [sys.executable, __file__, "--port", str(port), "--rounds", str(rounds), "--steps", str(steps_per_turn)]
+        command += ["--worker-out", str(out), "--worker"]
+        procs = [subprocess.Popen([*command, str(rank)], env=env) for rank in range(2)]
+        for proc in procs:
+            if proc.wait(timeout=1800) != 0:
+                raise SystemExit(f"a worker failed with exit code {proc.returncode}")
+        return json.loads(out.read_text())
 
 
 def summarize(one: dict, two: dict) -> dict:
@@ -196,7 +199,7 @@ def summarize(one: dict, two: dict) -> dict:
     for v in VARIANTS:
         t2 = statistics.median(two[v]["seconds"])
         t1 = statistics.median(one[v]["seconds"])
-        ratios = [a / b for a, b in zip(two[v]["seconds"], two["ddp-sgd"]["seconds"])]
+        ratios = [a / b for a, b in zip(two[v]["seconds"], two["ddp-sgd"]["seconds"], strict=True)]
         out[v] = {
             "seconds_per_step_2_processes": t2,
             "seconds_per_step_1_process": t1,
@@ -210,11 +213,7 @@ def summarize(one: dict, two: dict) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(results["variants"])
     rows = [results["variants"][n] for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
@@ -242,39 +241,36 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = arguments(__doc__)
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=STEPS, help="steps per turn")
     args = parser.parse_args()
     if args.worker is not None:
-        worker(args.worker, 2, args.port, RESULTS / "distributed.rank0.tmp.json", args.rounds)
+        worker(args.worker, 2, args.port, args.worker_out, args.rounds, args.steps)
         return
-    RESULTS.mkdir(exist_ok=True)
+    if args.quick:  # one round of 2 steps per variant
+        args.rounds, args.steps = 1, 2
     torch.set_num_threads(1)
     started = time.time()
-    one = timed(1, 0, args.rounds)
-    two = two_processes(args.rounds)
+    one = timed(1, 0, args.rounds, args.steps)
+    two = two_processes(args.rounds, args.steps)
     results = {
         "benchmark": "benchmarks/distributed.py",
         "setup": f"teacher MLP, float32, global batch {GLOBAL_BATCH} (2 x 64), gloo on 127.0.0.1, {args.rounds} rounds x "
-        f"{STEPS} steps per variant, round robin",
+        f"{args.steps} steps per variant, round robin",
         **summarize(one, two),
         "collective_seconds_2_processes": two.pop("collectives"),
         "raw": {"one_process": one, "two_processes": two},
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "threads_per_process": torch.get_num_threads(),
-        },
+        "machine": {**environment(), "threads_per_process": torch.get_num_threads()},
         "wall_seconds": time.time() - started,
         "note": "2 processes on a shared 2-core machine cannot show real scaling; the efficiency says what "
         "communication and synchronization cost here",
     }
-    (RESULTS / "distributed.json").write_text(json.dumps(results, indent=1))
-    plot(results, RESULTS / "distributed.png")
+    write_json(results, args.out / "distributed.json")
+    plot(results, args.out / "distributed.png")
     for name, row in results["variants"].items():
         sent, share = row["traffic_per_step"]["sent"] / 1024, row["sent_per_step_over_parameter_bytes"]
         print(
@@ -286,7 +282,3 @@ def main() -> None:
 if __name__ == "__main__":
     main()
 
-
-def replot() -> None:
-    """Redraw the PNG from the saved JSON."""
-    plot(json.loads((RESULTS / "distributed.json").read_text()), RESULTS / "distributed.png")

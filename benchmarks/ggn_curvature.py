@@ -29,27 +29,17 @@ where time goes.
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
+import torch
+from bench_common import arguments, environment, interleaved, pyplot, write_json
+from torch import Tensor, nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import gramopt
+from gramopt.compare.timing import ratio_summary
+from gramopt.tasks import get_task
 
-import gramopt  # noqa: E402
-from gramopt.compare.timing import ratio_summary  # noqa: E402
-from gramopt.tasks import get_task  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import environment, interleaved  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
-BATCH = 128
 ROUNDS, TURN_SECONDS = 15, 0.05
 VARIANTS: dict[str, dict] = {
     "exact": dict(curvature="exact"),
@@ -63,20 +53,20 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
 
 
-def workload(name: str) -> tuple[Callable[[], nn.Module], Tensor, Tensor]:
+def workload(name: str, batch: int) -> tuple[Callable[[], nn.Module], Tensor, Tensor]:
     """``(build_model, x [b, ...], y [b])`` of a workload."""
     if name == "mlp":
         generator = torch.Generator().manual_seed(0)
-        x = torch.randn(BATCH, 64, generator=generator)
-        y = torch.randint(0, 10, (BATCH,), generator=generator)
+        x = torch.randn(batch, 64, generator=generator)
+        y = torch.randint(0, 10, (batch,), generator=generator)
         return mlp, x, y
     task = get_task(name)
     split = task.load(0)
-    return (lambda: task.build_model(0)), split.train_x[:BATCH], split.train_y[:BATCH]
+    return (lambda: task.build_model(0)), split.train_x[:batch], split.train_y[:batch]
 
 
-def time_workload(name: str) -> dict:
-    build, x, y = workload(name)
+def time_workload(name: str, batch: int, rounds: int, turn_seconds: float) -> dict:
+    build, x, y = workload(name, batch)
     loss_fn = nn.CrossEntropyLoss()
     steps: dict[str, Callable[[], None]] = {}
     sgd_model = build()
@@ -102,7 +92,7 @@ def time_workload(name: str) -> dict:
             opt.step()
 
         steps[variant] = step
-    wall, cpu, inner = interleaved(steps, rounds=ROUNDS, seconds_per_turn=TURN_SECONDS, device=torch.device("cpu"))
+    wall, cpu, inner = interleaved(steps, rounds=rounds, seconds_per_turn=turn_seconds, device=torch.device("cpu"))
     summary, summary_cpu = ratio_summary(wall, "sgd"), ratio_summary(cpu, "sgd")
     phases = {}
     for variant, opt in optimizers.items():
@@ -121,11 +111,17 @@ def time_workload(name: str) -> dict:
 
 
 def main() -> None:
+    parser = arguments(__doc__)
+    parser.add_argument("--workloads", nargs="+", default=["mlp", "mnist", "recall"])
+    args = parser.parse_args()
+    batch, rounds, turn_seconds = (16, 2, 0.0) if args.quick else (128, ROUNDS, TURN_SECONDS)
+    if args.quick:
+        args.workloads = ["mlp"]
     torch.set_num_threads(1)
     record: dict = {
-        "what": "seconds per step, cross-entropy, batch 128; ratio to SGD-momentum per round (median, min, max)",
+        "what": f"seconds per step, cross-entropy, batch {batch}; ratio to SGD-momentum per round (median, min, max)",
         "method": (
-            f"bench_common.interleaved: {ROUNDS} rounds, rotating order, turns of ~{TURN_SECONDS} s of SGD steps, "
+            f"bench_common.interleaved: {rounds} rounds, rotating order, turns of ~{turn_seconds} s of SGD steps, "
             "5 warm-up steps; wall clock (summary) and main-thread CPU time (summary_thread_cpu)"
         ),
         "ggn": "lr 0.01, damping 3; damping_adaptation=None except top3-adaptive (the default AdaptiveDamping: every step, reject)",
@@ -133,8 +129,8 @@ def main() -> None:
         "workloads": {},
         "environment": environment("cpu"),
     }
-    for name in ("mlp", "mnist", "recall"):
-        entry = time_workload(name)
+    for name in args.workloads:
+        entry = time_workload(name, batch, rounds, turn_seconds)
         record["workloads"][name] = entry
         for variant, s in entry["summary"].items():
             c = entry["summary_thread_cpu"][variant]
@@ -145,26 +141,25 @@ def main() -> None:
                 f"[{s['ratio_min']:.2f}, {s['ratio_max']:.2f}]  thread CPU {c['ratio_median']:6.2f}{tail}",
                 flush=True,
             )
-    record["goals_met"] = {
-        f"{w}/{v}": record["workloads"][w]["summary"][v]["ratio_median"] <= g for (w, v), g in GOALS.items()
-    }
-    record["goals_met_thread_cpu"] = {
-        f"{w}/{v}": record["workloads"][w]["summary_thread_cpu"][v]["ratio_median"] <= g for (w, v), g in GOALS.items()
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ggn_curvature.json").write_text(json.dumps(record, indent=2))
-    plot(record)
+    workloads = record["workloads"]
+    for key, summary in (("goals_met", "summary"), ("goals_met_thread_cpu", "summary_thread_cpu")):
+        record[key] = {
+            f"{w}/{v}": workloads[w][summary][v]["ratio_median"] <= g for (w, v), g in GOALS.items() if w in workloads
+        }
+    write_json(record, args.out / "ggn_curvature.json")
+    plot(record, args.out / "ggn_curvature.png", batch)
 
 
-def plot(record: dict) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+def plot(record: dict, path: Path, batch: int) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(record["workloads"]), figsize=(4 * len(record["workloads"]), 3.4), squeeze=False)
     titles = {"mlp": "MLP 64-256-256-10", "mnist": "mnist task CNN", "recall": "recall task Transformer"}
-    for ax, (name, entry) in zip(axes, record["workloads"].items()):
+    for ax, (name, entry) in zip(axes[0], record["workloads"].items(), strict=True):
         summary = entry["summary"]
         labels = [n for n in summary if n != "sgd"]
         medians = [summary[n]["ratio_median"] for n in labels]
-        low = [m - summary[n]["ratio_min"] for n, m in zip(labels, medians)]
-        high = [summary[n]["ratio_max"] - m for n, m in zip(labels, medians)]
+        low = [m - summary[n]["ratio_min"] for n, m in zip(labels, medians, strict=True)]
+        high = [summary[n]["ratio_max"] - m for n, m in zip(labels, medians, strict=True)]
         ax.bar(labels, medians, yerr=[low, high], color=["tab:red", "tab:blue", "tab:green", "tab:cyan"], capsize=3)
         for variant in labels:
             goal = GOALS.get((name, variant))
@@ -172,12 +167,12 @@ def plot(record: dict) -> None:
                 i = labels.index(variant)
                 ax.hlines(goal, i - 0.4, i + 0.4, colors="k", linestyles="--", lw=1)
         ax.set_yscale("log")
-        ax.set_title(f"{titles[name]}, b={BATCH}")
+        ax.set_title(f"{titles[name]}, b={batch}")
         ax.set_ylabel("step time / SGD-momentum step")
         ax.tick_params(axis="x", labelrotation=20)
     fig.suptitle("GGN cross-entropy step time by curvature (dashed: issue 16 goals)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "ggn_curvature.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -18,34 +18,32 @@ Nystrom-preconditioned CG. Writes benchmarks/results/gn_solvers.{json,png}.
    preconditioner of fast_regression, and Nystrom of rank 32 and 128.
 
     python benchmarks/gn_solvers.py            # about 12 minutes on 2 shared cores (728 s measured)
-    python benchmarks/gn_solvers.py --quick    # smaller sizes, for a smoke run
+    python benchmarks/gn_solvers.py --medium   # smaller sizes (n <= 1024, m = 16384)
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import gc
-import json
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import matplotlib
+import torch
+from bench_common import arguments, environment, pyplot, write_json
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import gramopt
+from gramopt.linalg import fast_regression, nystrom_preconditioner, pcg
 
-import gramopt  # noqa: E402
-from gramopt.linalg import fast_regression, nystrom_preconditioner, pcg  # noqa: E402
-from gramopt.optim.ggn.solvers import choose_solver  # noqa: E402
-from gramopt.optim.ggn import GaussNewtonSystem  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 ROUNDS = 2
+#: (paper sizes n, paper width m, MLP batches, CNN batches, conditioning rows x columns) per size
+SIZES = {
+    "full": ([512, 1024, 2048, 4096], 65536, [128, 512, 2048], [64, 128, 256], (16384, 256)),
+    "medium": ([256, 512, 1024], 16384, [128, 512], [64, 128], (4096, 128)),
+    "quick": ([32, 64], 512, [16, 32], [8, 16], (256, 32)),
+}
 
 
 def two_layer(n: int, m: int, d: int = 16, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -85,7 +83,8 @@ def digits_cnn(b: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 def time_solvers(build, configs: dict, *, loss: str, damping: float, rounds: int) -> dict:
-    """One GN step per solver from the same weights, in turns; seconds and solve info."""
+    """One GN step per solver from the same weights, in turns (a garbage collection before
+    each but in a one-round smoke run); seconds and solve info."""
     model, x, y = build()
     start_state = {k: v.clone() for k, v in model.state_dict().items()}
     fn = nn.MSELoss() if loss == "mse" else nn.CrossEntropyLoss()
@@ -95,7 +94,8 @@ def time_solvers(build, configs: dict, *, loss: str, damping: float, rounds: int
         for name in names[r % len(names):] + names[: r % len(names)]:
             solver, options = configs[name]
             model.load_state_dict(start_state)
-            gc.collect()
+            if rounds > 1:
+                gc.collect()
             opt = gramopt.GGN(model, lr=1.0, damping=damping, loss=loss, solver=solver, solver_options=options)
             t0 = time.perf_counter()
             output = model(x)
@@ -118,22 +118,20 @@ def time_solvers(build, configs: dict, *, loss: str, damping: float, rounds: int
             rec["phases"] = {k: round(v, 4) for k, v in info.seconds.items()}
             del opt, output
     model.load_state_dict(start_state)
-    for name, rec in out.items():
+    for rec in out.values():
         rec["step_median"] = statistics.median(rec["step"])
         rec["backward_median"] = statistics.median(rec["backward"])
     return out
 
 
 def auto_choice(build, loss: str, damping: float) -> str:
-    """What solver='auto' picks for this model and batch (from the captured factors)."""
+    """The path ``solver="auto"`` takes for this model and batch (``SolveInfo.method`` of
+    one step: ``cholesky``, or ``fast-regression-cg`` for sketch-pcg)."""
     model, x, y = build()
-    opt = gramopt.GGN(model, damping=damping, loss=loss)
+    opt = gramopt.GGN(model, damping=damping, loss=loss, solver="auto")
     opt.backward(model(x), y)
-    factors = opt.engine.factors()
-    q, w = (opt._pending.per_sample[key] for key in ("q", "w"))  # (GGN's batch before its step)
-    dtype = next(iter(factors.values())).dtype
-    system = GaussNewtonSystem(factors, None if q is None else q.to(dtype), w.reshape(-1).to(dtype), damping)
-    choice = choose_solver(system)
+    opt.step()
+    choice = opt.last_info.solve.method
     opt.close()
     return choice
 
@@ -151,8 +149,8 @@ def paper_regime(sizes: list[int], width: int, rounds: int) -> dict:
             configs["cg"] = ("cg", tol)
             configs["nystrom-pcg r32"] = ("nystrom-pcg", {**tol, "rank": 32})
         print(f"[paper] n={n} m={width}", flush=True)
-        res = time_solvers(lambda: two_layer(n, width), configs, loss="mse", damping=0.0, rounds=rounds)
-        res["auto_choice"] = auto_choice(lambda: two_layer(n, width), "mse", 0.0)
+        res = time_solvers(functools.partial(two_layer, n, width), configs, loss="mse", damping=0.0, rounds=rounds)
+        res["auto_choice"] = auto_choice(functools.partial(two_layer, n, width), "mse", 0.0)
         for name, rec in res.items():
             if isinstance(rec, dict):
                 print(f"  {name:28s} step {rec['step_median']:7.2f}s  backward {rec['backward_median']:6.2f}s  it {rec['iterations']:4d}  "
@@ -161,7 +159,7 @@ def paper_regime(sizes: list[int], width: int, rounds: int) -> dict:
     return results
 
 
-def deeper(rounds: int, quick: bool) -> dict:
+def deeper(rounds: int, mlp_batches: list[int], cnn_batches: list[int]) -> dict:
     configs = {
         "dense": ("cholesky", None),
         "cg": ("cg", None),
@@ -169,15 +167,15 @@ def deeper(rounds: int, quick: bool) -> dict:
         "nystrom-pcg r64": ("nystrom-pcg", {"rank": 64}),
     }
     results: dict = {"mlp": {}, "cnn": {}}
-    for b in [128, 512] if quick else [128, 512, 2048]:
+    for b in mlp_batches:
         print(f"[mlp] b={b}", flush=True)
-        res = time_solvers(lambda: teacher_mlp(b), configs, loss="mse", damping=0.1, rounds=rounds)
-        res["auto_choice"] = auto_choice(lambda: teacher_mlp(b), "mse", 0.1)
+        res = time_solvers(functools.partial(teacher_mlp, b), configs, loss="mse", damping=0.1, rounds=rounds)
+        res["auto_choice"] = auto_choice(functools.partial(teacher_mlp, b), "mse", 0.1)
         results["mlp"][b] = res
-    for b in [64, 128] if quick else [64, 128, 256]:
+    for b in cnn_batches:
         print(f"[cnn] b={b}", flush=True)
-        res = time_solvers(lambda: digits_cnn(b), configs, loss="cross_entropy", damping=1.0, rounds=rounds)
-        res["auto_choice"] = auto_choice(lambda: digits_cnn(b), "cross_entropy", 1.0)
+        res = time_solvers(functools.partial(digits_cnn, b), configs, loss="cross_entropy", damping=1.0, rounds=rounds)
+        res["auto_choice"] = auto_choice(functools.partial(digits_cnn, b), "cross_entropy", 1.0)
         results["cnn"][b] = res
     for kind, by_b in results.items():
         for b, res in by_b.items():
@@ -186,10 +184,9 @@ def deeper(rounds: int, quick: bool) -> dict:
     return results
 
 
-def conditioning(quick: bool) -> dict:
-    """CG iterations to 1e-8 against cond(A^T A), float64."""
+def conditioning(rows: int, k: int) -> dict:
+    """CG iterations to 1e-8 against cond(A^T A), float64, ``A`` ``[rows, k]``."""
     torch.manual_seed(0)
-    rows, k = (4096, 128) if quick else (16384, 256)
     conds = [1e2, 1e4, 1e6, 1e8, 1e10]
     out: dict = {"rows": rows, "cols": k, "conds": conds, "iterations": {}}
     for cond in conds:
@@ -198,10 +195,10 @@ def conditioning(quick: bool) -> dict:
         v = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64)).Q
         a = u * torch.logspace(0, -0.5 * math.log10(cond), k, dtype=torch.float64) @ v.T
         y = a.T @ torch.randn(rows, generator=g, dtype=torch.float64)
-        matvec = lambda z: a.T @ (a @ z)  # noqa: E731
+        matvec = functools.partial(normal_product, a)
         runs = {"none": pcg(matvec, y, tol=1e-8, max_iter=5000)[1]}
         runs["sketch (QR)"] = fast_regression(a, y, tol=1e-8, generator=torch.Generator().manual_seed(0))[1]
-        for rank in (32, 128):
+        for rank in (32, 128) if k > 128 else (k // 4, k // 2):
             pre = nystrom_preconditioner(matvec, k, rank, 0.0, generator=torch.Generator().manual_seed(0))
             runs[f"nystrom r{rank}"] = pcg(matvec, y, precond=pre, tol=1e-8, max_iter=5000)[1]
         for name, info in runs.items():
@@ -210,26 +207,31 @@ def conditioning(quick: bool) -> dict:
     return out
 
 
+def normal_product(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``A^T A z``."""
+    return a.T @ (a @ z)
+
+
 def slope(ns: list[int], ts: list[float]) -> float:
     lx, ly = [math.log(v) for v in ns], [math.log(v) for v in ts]
     mx, my = statistics.mean(lx), statistics.mean(ly)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sum((a - mx) ** 2 for a in lx)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    parser = arguments(__doc__)
+    parser.add_argument("--medium", action="store_true", help="smaller sizes (n <= 1024, m = 16384)")
     args = parser.parse_args()
     torch.manual_seed(0)
     began = time.perf_counter()
-    sizes, width = ([256, 512, 1024], 16384) if args.quick else ([512, 1024, 2048, 4096], 65536)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    partial = RESULTS / "gn_solvers.partial.json"
-    paper = paper_regime(sizes, width, ROUNDS)
-    partial.write_text(json.dumps({"paper_regime": paper}, default=str))
-    deep = deeper(ROUNDS, args.quick)
-    partial.write_text(json.dumps({"paper_regime": paper, "deeper_models": deep}, default=str))
-    cond = conditioning(args.quick)
+    sizes, width, mlp_batches, cnn_batches, (rows, cols) = SIZES["quick" if args.quick else "medium" if args.medium else "full"]
+    rounds = 1 if args.quick else ROUNDS
+    partial = args.out / "gn_solvers.partial.json"
+    paper = paper_regime(sizes, width, rounds)
+    write_json({"paper_regime": paper}, partial)
+    deep = deeper(rounds, mlp_batches, cnn_batches)
+    write_json({"paper_regime": paper, "deeper_models": deep}, partial)
+    cond = conditioning(rows, cols)
     partial.unlink()
     ns = sorted(paper)
     summary = {}
@@ -238,7 +240,7 @@ def main() -> None:
         summary[name] = {"slope": slope(ns, times), "seconds": times}
     largest = ns[-1]
     for name in ("sketch-pcg", "sketch-pcg countsketch x1"):
-        ratios = [d / s for d, s in zip(paper[largest]["dense"]["step"], paper[largest][name]["step"])]
+        ratios = [d / s for d, s in zip(paper[largest]["dense"]["step"], paper[largest][name]["step"], strict=True)]
         summary[name]["speedup_vs_dense_at_largest_n"] = statistics.median(ratios)
         summary[name]["speedup_per_round"] = ratios
     record = {
@@ -247,24 +249,17 @@ def main() -> None:
         "deeper_models": deep,
         "conditioning": cond,
         "seconds_total": time.perf_counter() - began,
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-            "platform": platform.platform(),
-        },
+        "environment": environment(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gn_solvers.json").write_text(json.dumps(record, indent=1, default=str))
-    plot(record)
+    write_json(record, args.out / "gn_solvers.json")
+    plot(record, args.out / "gn_solvers.png")
     for name, s in summary.items():
         print(f"{name}: slope {s['slope']:.2f}" + (f", speedup at n={largest}: {s['speedup_vs_dense_at_largest_n']:.2f}x" if "speedup_vs_dense_at_largest_n" in s else ""))
     print(f"total {record['seconds_total']:.0f}s")
 
 
-def plot(record: dict) -> None:
+def plot(record: dict, path: Path) -> None:
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     paper = record["paper_regime"]["by_n"]
     ns = sorted(paper)
@@ -272,7 +267,7 @@ def plot(record: dict) -> None:
     for name in ("dense", "cg", "sketch-pcg", "sketch-pcg countsketch x1", "nystrom-pcg r32"):
         pts = [(n, paper[n][name]["step_median"]) for n in ns if name in paper[n]]
         if pts:
-            ax.loglog(*zip(*pts), "o-", label=name)
+            ax.loglog(*zip(*pts, strict=True), "o-", label=name)
     ax.set_xlabel("n (batch)")
     ax.set_ylabel("GN step seconds (median)")
     ax.set_title(f"two-layer ReLU, m={record['paper_regime']['width']}, d=16")
@@ -290,14 +285,14 @@ def plot(record: dict) -> None:
     ax = axes[2]
     cond = record["conditioning"]
     for name, its in cond["iterations"].items():
-        pts = [(c, i) for c, i in zip(cond["conds"], its) if i is not None]
-        ax.loglog(*zip(*pts), "o-", label=name)
+        pts = [(c, i) for c, i in zip(cond["conds"], its, strict=True) if i is not None]
+        ax.loglog(*zip(*pts, strict=True), "o-", label=name)
     ax.set_xlabel("cond(A^T A)")
     ax.set_ylabel("CG iterations to 1e-8")
     ax.set_title(f"A {cond['rows']} x {cond['cols']}, prescribed spectrum")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "gn_solvers.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

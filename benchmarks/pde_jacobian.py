@@ -23,10 +23,10 @@ The torch.func variants run on a deep copy of the model (the hooks of the captur
 inside the transforms). Every J is checked against ``vmap_jacrev_hessian`` (max abs difference in
 the JSON), the Gram against ``J J^T`` (relative to its largest entry).
 
-    python benchmarks/pde_jacobian.py --quick     # 5 rounds (about a minute on 2 cores)
+    python benchmarks/pde_jacobian.py --rounds 5  # about a minute on 2 cores
     python benchmarks/pde_jacobian.py             # 20 rounds
 
-Both use the paper's points, N_in = 900 and N_bd = 120.
+Both use the paper's points, N_in = 900 and N_bd = 120 (``--quick``: 30 and 8, one round).
 
 Writes ``benchmarks/results/pde_jacobian.json``. Times on shared machines drift; the ratios to
 ``gradient`` in the same round are the figures to read.
@@ -34,9 +34,7 @@ Writes ``benchmarks/results/pde_jacobian.json``. Times on shared machines drift;
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 import statistics
 import sys
@@ -46,7 +44,7 @@ import torch
 from torch.func import functional_call, jacrev, vmap
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import RESULTS, environment  # noqa: E402
+from bench_common import arguments, environment, write_json  # noqa: E402
 
 from gramopt.capture import CaptureEngine  # noqa: E402
 from gramopt.capture.factors import symmetric_gram  # noqa: E402
@@ -174,17 +172,17 @@ class _Residuals(torch.nn.Module):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="5 rounds instead of 20")
+    parser = arguments(__doc__)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch threads (default 1: on a loaded 2-core machine two OpenMP threads made small ops 10-70x slower)",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS / "pde_jacobian.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rounds = 5 if args.quick else 20
-    model, x, xb = setup(POISSON_2D.interior_points, POISSON_2D.boundary_points)
+    rounds = 1 if args.quick else args.rounds
+    points = (30, 8) if args.quick else (POISSON_2D.interior_points, POISSON_2D.boundary_points)
+    model, x, xb = setup(*points)
     steps, engine = make_steps(model, x, xb)
 
     reference = steps["vmap_jacrev_hessian"]()
@@ -213,18 +211,16 @@ def main(argv: list[str] | None = None) -> None:
         "summary": summary,
         "speedup_of_hooks_rows": {
             "over_vmap_jacrev_hessian": statistics.median(
-                [a / b for a, b in zip(samples["vmap_jacrev_hessian"], samples["hooks_rows"])]
+                [a / b for a, b in zip(samples["vmap_jacrev_hessian"], samples["hooks_rows"], strict=True)]
             ),
             "over_vmap_jacrev_forward_laplacian": statistics.median(
-                [a / b for a, b in zip(samples["vmap_jacrev_forward_laplacian"], samples["hooks_rows"])]
+                [a / b for a, b in zip(samples["vmap_jacrev_forward_laplacian"], samples["hooks_rows"], strict=True)]
             ),
         },
         "environment": environment("cpu"),
     }
     engine.close()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    write_json(results, args.out / "pde_jacobian.json")
 
 
 if __name__ == "__main__":

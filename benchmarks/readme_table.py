@@ -1,4 +1,4 @@
-"""The README's Results table from ``gramopt compare`` results (``results.json``).
+"""The results tables of the README and the docs from ``gramopt compare`` results (``results.json``).
 
 One row per task and rung: the median (over seeds) optimizer-clock seconds of each
 optimizer's selected setting to reach the rung, ``(n/N)`` seeds that reached it, "miss"
@@ -21,15 +21,21 @@ processes) are merged into one set of rows when their rungs, budget and seeds ag
 of some optimizers of a task, e.g. GGN after a change to it); without it a repeated
 optimizer is refused.
 
-The README and the guides show the committed comparison (:data:`COMMITTED`, merged with
-``--replace``) between markers, which ``--update`` regenerates in place (and
-tests/test_docs.py checks):
+The README, docs/results.md and the guides (:data:`PAGES`) show the committed comparison
+(:data:`COMMITTED`, merged with ``--replace``) between markers, which ``--update``
+regenerates in place (and tests/test_docs.py checks):
 
-    python benchmarks/readme_table.py --update README.md docs/guides/which-method.md
+    python benchmarks/readme_table.py --update             # every page of PAGES
+    python benchmarks/readme_table.py --update README.md   # the pages named
 
-- ``<!-- results-table -->`` ... ``<!-- /results-table -->``: the seconds table above;
+- ``<!-- results-table [TASK ...] -->`` ... ``<!-- /results-table -->``: the seconds table
+  above, of the tasks named (every task without a name);
 - ``<!-- results-work-table TASK ... -->`` ... ``<!-- /results-work-table -->``: the work
   table's rows of those tasks;
+- ``<!-- results-summary [TASK ...] -->`` ... ``<!-- /results-summary -->``: one row per
+  task: its first rung and the hardest rung some optimizer's median seed reached, each with
+  the first optimizer there and the fastest of gramopt's methods (``source`` "gramopt" in
+  the JSON) with its seconds over the first's;
 - inline, one figure: ``<!-- s TASK RUNG OPT -->`` seconds to the rung (median over seeds,
   "miss" when the median seed missed), ``<!-- w TASK RUNG OPT -->`` the work to the rung,
   ``<!-- n TASK RUNG OPT -->`` the seeds that reached it, ``<!-- x TASK OPT -->`` the step
@@ -39,6 +45,11 @@ tests/test_docs.py checks):
   the rung's threshold as its text gives it (``0.95``, ``3e-3`` for 0.003); an optional
   DIGITS (decimals; default 2 for s and x, 0 for w) and ``from=DIR`` (one directory under
   benchmarks/results/compare instead of :data:`COMMITTED`, e.g. a ``--grid full`` run).
+
+A rung is met from above or below as its JSON says (``below``: a train loss or a relative
+L2 error falls to it, an accuracy rises to it); every table reads the seconds to reach it,
+so lower is faster whichever way the metric points, and a rung's label is its own text
+(``train loss <= 0.01``, ``test accuracy >= 0.95``).
 """
 
 from __future__ import annotations
@@ -134,21 +145,73 @@ def work_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                     continue
                 value = _seconds(work[n])
                 text = f"{value:.0f}" if math.isfinite(value) else "miss"
-                cells.append(f"{f'**{text}**' if value == fastest and math.isfinite(value) else text} ({work[n]['n']}/{work[n]['of']})")
+                text = f"**{text}**" if value == fastest and math.isfinite(value) else text
+                cells.append(f"{text} ({work[n]['n']}/{work[n]['of']})")
             table.append([label, *cells])
     return names, table
 
 
 def markdown(names: list[str], table: list[list[str]]) -> str:
-    header = "| task (rung, budget) | " + " | ".join(f"`{n}`" for n in names) + " |"
-    lines = [header, "| --- " * (len(names) + 1) + "|"]
+    return _markdown_table(["task (rung, budget)", *(f"`{n}`" for n in names)], table)
+
+
+def _markdown_table(header: list[str], table: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| --- " * len(header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in table]
     return "\n".join(lines)
 
 
-COMPARE_DIR = Path(__file__).resolve().parent / "results" / "compare"
+#: The columns of :func:`summary_rows`.
+SUMMARY_COLUMNS = (
+    "task (budget)", "first rung", "first there", "gramopt's fastest",
+    "hardest rung reached", "first there", "gramopt's fastest",
+)
 
-#: The committed comparison the README's and the guides' results show: directories under
+
+def summary_rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row per task (:data:`SUMMARY_COLUMNS`): its first rung and the hardest rung
+    that some optimizer's median seed reached, each with the first optimizer there (ties
+    listed) and the fastest of gramopt's methods (the optimizers whose ``source`` is
+    "gramopt"), its median seconds and their ratio to the first's."""
+    table = []
+    for task in results["tasks"].values():
+        medians = [
+            {n: _seconds(o["summary"]["time_to_rungs"][index]) for n, o in task["optimizers"].items()}
+            for index in range(len(task["rungs"]))
+        ]
+        reached = [i for i, m in enumerate(medians) if any(math.isfinite(v) for v in m.values())]
+        cells = [f"{task['task']['name']} ({task['budget']['seconds']:g} s)"]
+        for index in (0, reached[-1] if reached else None):
+            if index is None:
+                cells += ["none", "nobody", "-"]
+                continue
+            cells += [task["rungs"][index]["text"].replace("_", " "), *_first_and_gramopt(task, medians[index])]
+        table.append(cells)
+    return table
+
+
+def _first_and_gramopt(task: dict[str, Any], medians: dict[str, float]) -> list[str]:
+    first = min(medians.values(), default=math.inf)
+    if not math.isfinite(first):
+        return ["nobody", "-"]
+    leaders = ", ".join(f"`{n}`" for n, v in medians.items() if v == first)
+    own = sorted((v, n) for n, v in medians.items() if task["optimizers"][n].get("source") == "gramopt")
+    if not own:
+        gramopt = "not run"
+    elif not math.isfinite(own[0][0]):
+        gramopt = "none reaches it"
+    elif own[0][0] == first:
+        gramopt = f"`{own[0][1]}` (first)"
+    else:
+        gramopt = f"`{own[0][1]}` {own[0][0]:.2f} s ({own[0][0] / first:.2f}x)"
+    return [f"{leaders} {first:.2f} s", gramopt]
+
+
+COMPARE_DIR = Path(__file__).resolve().parent / "results" / "compare"
+#: What ``--quick`` reads: two committed comparisons (a smoke run of every table).
+QUICK_RESULTS = [COMPARE_DIR / task / "results.json" for task in ("teacher", "digits")]
+
+#: The committed comparison the README, docs/results.md and the guides show: directories under
 #: benchmarks/results/compare in merge order (a later directory's run of an optimizer
 #: replaces an earlier one's: re-runs of some optimizers of a task).
 COMMITTED = (
@@ -158,8 +221,16 @@ COMMITTED = (
     "fashion-resnet-muon-ikfac-singd", "fashion-resnet-shampoo-muonpo-ggn",
 )
 
-_TABLE = re.compile(r"(<!-- results-table -->\n).*?(\n<!-- /results-table -->)", re.S)
-_WORK_TABLE = re.compile(r"(<!-- results-work-table ([^>]*?) -->\n).*?(\n<!-- /results-work-table -->)", re.S)
+#: The pages whose marked tables and figures ``--update`` regenerates by default, relative
+#: to the repository root (tests/test_docs.py checks that no other page holds a marker).
+PAGES = ("README.md", "docs/results.md", "docs/guides/which-method.md")
+ROOT = Path(__file__).resolve().parents[1]
+
+# A table's markers: the opening one (group 1, with the task names in group 2), the old
+# table (possibly empty) and the closing one (group 3).
+_TABLE = re.compile(r"(<!-- results-table(?: ([^>]*?))? -->\n)(?:.*?\n)??(<!-- /results-table -->)", re.S)
+_WORK_TABLE = re.compile(r"(<!-- results-work-table ([^>]*?) -->\n)(?:.*?\n)??(<!-- /results-work-table -->)", re.S)
+_SUMMARY = re.compile(r"(<!-- results-summary(?: ([^>]*?))? -->\n)(?:.*?\n)??(<!-- /results-summary -->)", re.S)
 _FIGURE = re.compile(r"(<!-- (s|w|n|x|d) ([^>\n]*?) -->)([^<\n]*)(<!-- /\2 -->)")
 
 
@@ -230,35 +301,58 @@ def render(text: str, results: dict[str, Any] | None = None, root: Path = COMPAR
     :func:`load` of :data:`COMMITTED`)."""
     if results is None:
         results = load(root=root)
-    text = _TABLE.sub(lambda m: m.group(1) + markdown(*rows(results)) + m.group(2), text)
+    text = _TABLE.sub(lambda m: m.group(1) + markdown(*rows(_tasks(results, m))) + "\n" + m.group(3), text)
 
     def work_table(match: re.Match[str]) -> str:
         tasks = match.group(2).split()
-        missing = [t for t in tasks if t not in results["tasks"]]
-        if missing:
-            raise ValueError(f"results-work-table: no task {', '.join(missing)} in the results")
-        names, table = work_rows(results)
+        names, table = work_rows(_tasks(results, match))
         picked = [row for row in table if row[0].split(" (")[0] in tasks]
-        return match.group(1) + markdown(names, picked) + match.group(3)
+        return match.group(1) + markdown(names, picked) + "\n" + match.group(3)
 
     text = _WORK_TABLE.sub(work_table, text)
+    def summary(match: re.Match[str]) -> str:
+        table = _markdown_table(list(SUMMARY_COLUMNS), summary_rows(_tasks(results, match)))
+        return match.group(1) + table + "\n" + match.group(3)
+
+    text = _SUMMARY.sub(summary, text)
     return _FIGURE.sub(lambda m: m.group(1) + figure(m.group(2), m.group(3).split(), results, root) + m.group(5), text)
+
+
+def _tasks(results: dict[str, Any], marker: re.Match[str]) -> dict[str, Any]:
+    """The tasks a table's marker names (every task when it names none), in its order."""
+    names = (marker.group(2) or "").split()
+    if not names:
+        return results
+    missing = [n for n in names if n not in results["tasks"]]
+    if missing:
+        kind = marker.group(1).split()[1]
+        raise ValueError(f"{kind}: no task {', '.join(missing)} in the results")
+    return {"tasks": {n: results["tasks"][n] for n in names}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="*", type=Path)
     parser.add_argument(
-        "--update", nargs="+", type=Path, metavar="MARKDOWN",
-        help="regenerate the marked tables and figures of these Markdown files from the committed results",
+        "--update", nargs="*", type=Path, metavar="MARKDOWN",
+        help="regenerate the marked tables and figures of these Markdown files (default: "
+        + ", ".join(PAGES) + ") from the committed results",
     )
     parser.add_argument("--leaders", action="store_true", help="also the first optimizer per rung, per (merged) task")
-    parser.add_argument("--work", action="store_true", help="also the table in SGD-momentum steps' worth of work (load-independent)")
-    parser.add_argument("--replace", action="store_true", help="a later file's optimizer replaces an earlier file's of the same task")
+    parser.add_argument(
+        "--work", action="store_true", help="also the table in SGD-momentum steps' worth of work (load-independent)"
+    )
+    parser.add_argument(
+        "--replace", action="store_true", help="a later file's optimizer replaces an earlier file's of the same task"
+    )
+    parser.add_argument("--quick", action="store_true", help="every table of the committed teacher and digits results")
+    parser.add_argument("--out", type=Path, help="(writes no file: the tables go to stdout)")
     args = parser.parse_args()
-    if args.update:
+    if args.quick:
+        args.results, args.leaders, args.work = args.results or QUICK_RESULTS, True, True
+    if args.update is not None:
         results = load()
-        for path in args.update:
+        for path in args.update or [ROOT / page for page in PAGES]:
             text = path.read_text()
             new = render(text, results)
             if new != text:
@@ -266,7 +360,7 @@ def main() -> None:
                 print(f"updated {path}")
         return
     if not args.results:
-        parser.error("give results.json files, or --update MARKDOWN")
+        parser.error("give results.json files, or --update [MARKDOWN ...]")
     merged: dict[str, Any] = {"tasks": {}}
     for path in args.results:
         for name, task in json.loads(path.read_text())["tasks"].items():

@@ -23,7 +23,7 @@ and the data), each as a ratio to SGD's.
 
 Writes ``benchmarks/results/seng_speed.json`` and ``seng_speed.png``.
 
-    PYTHONPATH=src python benchmarks/seng_speed.py [--quick]
+    PYTHONPATH=src python benchmarks/seng_speed.py
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import arguments, environment, interleaved, pyplot, task_batches, write_json
 from torch import nn
 
 import gramopt
-from bench_common import RESULTS, environment, interleaved, task_batches
 from gramopt.tasks import get_task
 from gramopt.training.registry import training_step
 
@@ -69,9 +69,9 @@ def time_configs() -> dict[str, callable]:
     }
 
 
-def time_model(task_name: str, rounds: int, window: int, warmup: int, device: torch.device) -> dict:
+def time_model(task_name: str, rounds: int, window: int, warmup: int, device: torch.device, batch: int = 128) -> dict:
     task = get_task(task_name)
-    x, y = task_batches(task_name, 128, SEED, count=1)[0]
+    x, y = task_batches(task_name, batch, SEED, count=1)[0]
     x, y = x.to(device), y.to(device)
     runs = {}
     for name, build in time_configs().items():
@@ -87,10 +87,10 @@ def time_model(task_name: str, rounds: int, window: int, warmup: int, device: to
     )
     sgd_median = statistics.median(windows["sgd"])
     sgd_mean = statistics.fmean(windows["sgd"])
-    out = {"batch": 128, "rounds": rounds, "window": window, "warmup": warmup, "configs": {}}
+    out = {"batch": batch, "rounds": rounds, "window": window, "warmup": warmup, "configs": {}}
     for name, times in windows.items():
         median, mean = statistics.median(times), statistics.fmean(times)
-        paired = [t / base for t, base in zip(times, windows["sgd"])]
+        paired = [t / base for t, base in zip(times, windows["sgd"], strict=True)]
         out["configs"][name] = {
             "median_ms": 1e3 * median,
             "amortized_ms": 1e3 * mean,
@@ -135,11 +135,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def memory_child(name: str) -> None:
+def memory_child(name: str, width: int) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(SEED)
-    model = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10))
-    x, y = torch.randn(128, 4096), torch.randint(0, 10, (128,))
+    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+    x, y = torch.randn(128, width), torch.randint(0, 10, (128,))
     opt = memory_configs()[name](model)
     before = rss_bytes()
     for _ in range(5):
@@ -151,14 +151,22 @@ def memory_child(name: str) -> None:
     print(json.dumps({"peak_bytes": peak, "rss_before_bytes": before, "kinds": kinds}))
 
 
-def measure_memory() -> dict:
+def measure_memory(names: list[str], width: int, parallel: bool = False) -> dict:
+    """Each configuration's peak in a fresh subprocess, one after the other (``parallel``:
+    all at once, for a smoke run; each process's peak is its own either way)."""
     out = {}
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    for name in memory_configs():
-        done = subprocess.run(
-            [sys.executable, __file__, "--memory-child", name], capture_output=True, text=True, env=env, check=True
-        )
-        out[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    children = []
+    for name in names:
+        command = [sys.executable, __file__, "--memory-child", name, "--memory-width", str(width)]
+        children.append((name, subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)))
+        if not parallel:
+            children[-1][1].wait()
+    for name, child in children:
+        stdout, _ = child.communicate()
+        if child.returncode != 0:
+            raise SystemExit(f"the memory run of {name!r} failed with exit code {child.returncode}")
+        out[name] = json.loads(stdout.strip().splitlines()[-1])
     base = out["sgd"]
     for record in out.values():
         record["increment_bytes"] = record["peak_bytes"] - record["rss_before_bytes"]
@@ -169,11 +177,7 @@ def measure_memory() -> dict:
 
 # -- report ---------------------------------------------------------------------------
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     models = list(result["time"])
     names = [n for n in time_configs() if n != "sgd"]
@@ -194,39 +198,44 @@ def plot(result: dict, path: Path) -> None:
     axes[1].axhline(TARGETS["memory"], color="red", linestyle="--", label="target (1.5)")
     axes[1].set_xticks([j + 0.2 for j in range(len(labels))], labels, fontsize=7, rotation=15)
     axes[1].set_ylabel("ratio to SGD-momentum")
-    axes[1].set_title("peak memory, Linear 4096x4096, batch 128")
+    width = result["memory_width"]
+    axes[1].set_title(f"peak memory, Linear {width}x{width}, batch 128")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser = arguments(__doc__)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-width", type=int, default=4096, help="width of the memory runs' Linear layers")
     parser.add_argument("--device", default="cpu", help="device of the step-time runs (the memory runs: CPU)")
     args = parser.parse_args()
     if args.memory_child:
-        memory_child(args.memory_child)
+        memory_child(args.memory_child, args.memory_width)
         return
     torch.set_num_threads(1)
-    scale = 0.2 if args.quick else 1.0
+    device = torch.device(args.device)
     started = time.perf_counter()
+    if args.quick:  # the MLP at batch 16, 2 rounds of one step; memory of two configurations at width 256
+        times = {"digits-mlp": time_model("digits", 2, 1, 1, device, batch=16)}
+        memory = measure_memory(["sgd", "seng implicit (Eq. 23)"], 256, parallel=True)
+        args.memory_width = 256
+    else:
+        times = {"digits-mlp": time_model("digits", 30, 20, 10, device), "mnist-cnn": time_model("mnist", 40, 10, 5, device)}
+        memory = measure_memory(list(memory_configs()), args.memory_width)
     result = {
         "environment": environment(args.device),
         "targets": TARGETS,
         "seed": SEED,
-        "time": {
-            "digits-mlp": time_model("digits", max(3, int(30 * scale)), 20, 10, torch.device(args.device)),
-            "mnist-cnn": time_model("mnist", max(3, int(40 * scale)), 10, 5, torch.device(args.device)),
-        },
-        "memory": measure_memory(),
+        "time": times,
+        "memory": memory,
+        "memory_width": args.memory_width,
     }
     result["environment"]["load_average_end"] = os.getloadavg()
     result["seconds"] = time.perf_counter() - started
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "seng_speed.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / "seng_speed.png")
+    write_json(result, args.out / "seng_speed.json")
+    plot(result, args.out / "seng_speed.png")
     for model, record in result["time"].items():
         for name, c in record["configs"].items():
             print(f"{model:11s} {name:26s} {c['median_ms']:8.2f} ms  paired x{c['ratio_paired']:.2f}  medians x{c['ratio_median']:.2f}  amortized x{c['ratio_amortized']:.2f}")

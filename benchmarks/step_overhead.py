@@ -10,7 +10,9 @@ backward pass(es), update):
   against the digit's label as a number: the GGN goal of issue 2 is for one output; with
   k = 10 outputs the Gram is ``[1280, 1280]`` and its Cholesky alone costs tens of SGD
   steps); on the CNN and the Transformer against one-hot targets (k = 10 and 8);
-- ``fngd-estimate`` / ``fngd-share``: FNGD's estimation and sharing phases;
+- ``fngd-estimate`` / ``fngd-share``: FNGD's estimation and sharing phases (on request also
+  ``fngd-share-ordinary``: the sharing phase in the ordinary loop, ``loss.backward();
+  opt.step()``, whose backward computes weight gradients the step does not use);
 - ``seng-every1`` / ``seng-every200``: SENG with ``curvature_every`` 1 and 200 (with 200,
   the timed steps reuse the curvature of the warm-up's refresh: its cost, about one
   ``seng-every1`` step per 200 steps, adds under 1% to the ratio).
@@ -23,11 +25,11 @@ sensitive to other processes on a shared machine; with 2 threads it misses the s
 thread's work). On CUDA each turn is bracketed by ``torch.cuda.synchronize``.
 
     PYTHONPATH=src python benchmarks/step_overhead.py --tag after   # results/step_overhead_after.{json,png}
+    PYTHONPATH=src python benchmarks/step_overhead.py --quick --out /tmp/bench   # a smoke run
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -35,9 +37,19 @@ import statistics
 from pathlib import Path
 
 import torch
-
-from bench_common import RESULTS, build_method, environment, interleaved, load_model, mlp_model, ratios, regression_target, write_results
-from gramopt.training.registry import training_step
+from bench_common import (
+    arguments,
+    build_method,
+    cycling_step,
+    environment,
+    interleaved,
+    load_model,
+    mlp_model,
+    pyplot,
+    ratios,
+    regression_target,
+    write_results,
+)
 
 MODELS = ("mlp", "mnist", "recall")
 METHODS = ("sgd", "ggn-mse", "fngd-estimate", "fngd-share", "seng-every1", "seng-every200")
@@ -48,9 +60,11 @@ GOALS = {
 }
 
 
-def bench(name: str, threads: int, rounds: int, seconds_per_turn: float, device: torch.device, methods: list[str]) -> dict:
+def bench(
+    name: str, threads: int, rounds: int, seconds_per_turn: float, device: torch.device, methods: list[str], batch: int = 128
+) -> dict:
     torch.set_num_threads(threads)
-    model, task_loss, batches = load_model(name)
+    model, task_loss, batches = load_model(name, batch=batch)
     model = model.to(device)
     classes = int(max(int(y.max()) for _, y in batches)) + 1
     runs = {}
@@ -61,20 +75,9 @@ def bench(name: str, threads: int, rounds: int, seconds_per_turn: float, device:
         loss = loss or task_loss
         data = [(x.to(device), regression_target(y, loss, classes, scalar).to(device)) for x, y in batches]
         runs[method] = (m, opt, loss, data)
-    cursor = dict.fromkeys(runs, 0)
-
-    def stepper(key: str):
-        m, opt, loss, data = runs[key]
-
-        def one() -> None:
-            x, y = data[cursor[key] % len(data)]
-            cursor[key] += 1
-            training_step(opt, m, loss, x, y)
-
-        return one
-
+    steps = {k: cycling_step(opt, m, loss, data, ordinary=k.endswith("-ordinary")) for k, (m, opt, loss, data) in runs.items()}
     # (the warm-up's first step is SENG every 200's curvature refresh)
-    wall, cpu, inner = interleaved({k: stepper(k) for k in runs}, rounds, seconds_per_turn, device)
+    wall, cpu, inner = interleaved(steps, rounds, seconds_per_turn, device)
     out = {
         "steps_per_turn": inner,
         "rounds": rounds,
@@ -90,15 +93,11 @@ def bench(name: str, threads: int, rounds: int, seconds_per_turn: float, device:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = results["runs"]
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), squeeze=False)
-    for ax, (label, models) in zip(axes[0], runs.items()):
-        methods = [m for m in METHODS if m != "sgd"]
+    for ax, (label, models) in zip(axes[0], runs.items(), strict=True):
+        methods = [m for m in results["settings"].get("methods", METHODS) if m != "sgd"]
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
             xs, med, lo, hi = [], [], [], []
@@ -127,24 +126,26 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--seconds-per-turn", type=float, default=0.04)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tag", default="after")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--tag", default="after", help="results step_overhead_TAG.{json,png}")
     parser.add_argument("--replot", default=None, help="redraw the PNG of this JSON and exit")
     args = parser.parse_args()
     if args.replot:
         plot(json.loads(Path(args.replot).read_text()), Path(args.replot).with_suffix(".png"))
         return
+    if args.quick:  # the MLP at batch 16, one thread, two rounds of one step per method
+        args.models, args.threads, args.rounds, args.seconds_per_turn, args.batch = ["mlp"], [1], 2, 0.0, 16
     device = torch.device(args.device)
     methods = ["sgd"] + [m for m in args.methods if m != "sgd"]
     results = {
-        "benchmark": "step time / SGD-momentum step time, same model, batch 128, interleaved in one process",
+        "benchmark": f"step time / SGD-momentum step time, same model, batch {args.batch}, interleaved in one process",
         "tag": args.tag,
         "goals": GOALS,
         "environment": environment(device),
@@ -155,7 +156,7 @@ def main() -> None:
         label = f"{threads} thread{'s' if threads > 1 else ''}"
         results["runs"][label] = {}
         for name in args.models:
-            r = bench(name, threads, args.rounds, args.seconds_per_turn, device, methods)
+            r = bench(name, threads, args.rounds, args.seconds_per_turn, device, methods, args.batch)
             results["runs"][label][name] = r
             print(
                 f"{label} {name:6s} sgd {r['ms_per_step']['sgd']:.2f} ms  "
@@ -165,8 +166,7 @@ def main() -> None:
                 flush=True,
             )
     results["environment"]["load_average_after"] = os.getloadavg()
-    out = Path(args.out) if args.out else RESULTS / f"step_overhead_{args.tag}"
-    write_results(results, out, plot)
+    write_results(results, args.out / f"step_overhead_{args.tag}", plot)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ unprofiled ones (``step_overhead.py`` measures those); the split is what this sh
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import statistics
@@ -41,14 +40,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from bench_common import (
+    arguments,
+    build_method,
+    environment,
+    load_model,
+    mlp_model,
+    pyplot,
+    regression_target,
+    write_results,
+)
+from step_overhead import METHODS, MODELS
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from gramopt.compare.memory import peak_memories
 from gramopt.losses import get_loss
 from gramopt.optim.base import SampleSpaceOptimizer
-
-from bench_common import RESULTS, build_method, environment, load_model, mlp_model, regression_target, write_results
-from step_overhead import METHODS, MODELS
 
 BUCKETS = ("forward", "backward passes", "factors", "Grams", "solve", "direction", "update", "checks", "Python overhead")
 PHASE_BUCKET = {
@@ -155,8 +162,8 @@ def operator_count(events) -> int:
     return sum(len(_contents(r)[0]) for r in events if r.name.startswith(PREFIX))
 
 
-def profile_method(name: str, method: str, steps: int, device: torch.device) -> dict:
-    model, task_loss, batches = load_model(name)
+def profile_method(name: str, method: str, steps: int, device: torch.device, batch: int = 128) -> dict:
+    model, task_loss, batches = load_model(name, batch=batch)
     scalar = name == "mlp" and method == "ggn-mse"
     model = (mlp_model(1) if scalar else copy.deepcopy(model)).to(device)
     opt, loss = build_method(method, model)
@@ -186,22 +193,18 @@ def profile_method(name: str, method: str, steps: int, device: torch.device) -> 
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = results["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.2), squeeze=False)
     colors = plt.get_cmap("tab10").colors
-    for ax, (model, methods) in zip(axes[0], models.items()):
+    for ax, (model, methods) in zip(axes[0], models.items(), strict=True):
         names = list(methods)
         bottom = [0.0] * len(names)
         sgd = methods["sgd"]["total_ms"]
         for i, bucket in enumerate(BUCKETS):
             values = [methods[m]["ms_per_step"][bucket] / sgd for m in names]
             ax.bar(range(len(names)), values, bottom=bottom, color=colors[i % 10], label=bucket)
-            bottom = [b + v for b, v in zip(bottom, values)]
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
         ax.set_title(f"{model}: one step (profiled), in SGD steps", fontsize=9)
         ax.axhline(1.0, color="black", linewidth=0.8)
@@ -212,19 +215,21 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=str(RESULTS / "step_profile"))
+    parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args()
+    if args.quick:  # the MLP at batch 16, one profiled step per method
+        args.models, args.steps, args.batch = ["mlp"], 1, 16
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     methods = ["sgd"] + [m for m in args.methods if m != "sgd"]
     results = {
-        "benchmark": "one step's time split by phase (torch.profiler, CPU activity), batch 128, ms per step",
+        "benchmark": f"one step's time split by phase (torch.profiler, CPU activity), batch {args.batch}, ms per step",
         "buckets": BUCKETS,
         "environment": environment(device),
         "settings": vars(args),
@@ -233,13 +238,12 @@ def main() -> None:
     for name in args.models:
         results["models"][name] = {}
         for method in methods:
-            r = profile_method(name, method, args.steps, device)
+            r = profile_method(name, method, args.steps, device, args.batch)
             results["models"][name][method] = r
             print(f"{name:6s} {method:14s} {r['total_ms']:7.2f} ms  {r['operators_per_step']:5.0f} operators  "
                   + "  ".join(f"{k} {v:.2f}" for k, v in r["ms_per_step"].items() if v >= 0.01), flush=True)
     results["environment"]["load_average_after"] = os.getloadavg()
-    out = Path(args.out)
-    write_results(results, out, plot)
+    write_results(results, args.out / "step_profile", plot)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,14 @@ writes benchmarks/results/tied_parameters[-TAG].json.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from bench_common import arguments, write_json
 
 import gramopt
 from gramopt.losses import get_loss
@@ -28,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import tied_cases as tc  # noqa: E402
 from reference import params_vector  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 LR, DAMPING, SEED, SAMPLES = 0.5, 0.3, 5, 2
 
 
@@ -167,21 +165,21 @@ def gram_cost(rounds: int = 10) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = arguments(__doc__)
     parser.add_argument("--tag", default=None)
     parser.add_argument("--cost", action="store_true")
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
     result: dict = {"relative_error": errors()}
     torch.set_default_dtype(torch.float32)
-    if args.cost:
-        result["gram_seconds"] = gram_cost()
+    if args.cost or args.quick:  # quick: the errors and one round of the Gram costs
+        result["gram_seconds"] = gram_cost(rounds=1 if args.quick else 10)
     for method, row in result["relative_error"].items():
         print(f"{method:18s}", "  ".join(f"{k}={v:.2e}" for k, v in row.items()))
     for name, row in result.get("gram_seconds", {}).items():
         print(name, row)
     suffix = f"-{args.tag}" if args.tag else ""
-    (RESULTS / f"tied_parameters{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.out / f"tied_parameters{suffix}.json")
 
 
 if __name__ == "__main__":

@@ -1,86 +1,89 @@
 """Coarse search for each optimizer's per-task default, the same procedure for all.
 
-``gramopt compare`` tunes every optimizer on a 3-point grid around its per-task default
-(``Task.hyper``, else its own defaults). So that no optimizer's grid sits in a bad place,
-the defaults themselves come from this coarse search: for each task and optimizer, the
-grid knob (damping for GGN, the learning rate(s) for everyone else, as in
-``gramopt.compare.config.GRIDS``) times {1/10, 1/3, 1, 3, 10} around the current default, on
-one seed that the comparison does not use (seed 100), under the task's comparison
-budget. The best setting (smallest time-to-target, ties by final train loss) is
-reported; the maintainers copy the winners into ``Task.hyper``. Results:
-``benchmarks/results/tune_defaults.json``.
+``gramopt compare`` tunes every optimizer on a grid around its per-task default
+(``Task.tuned``, else its own defaults for the task's loss). So that no optimizer's grid
+sits in a bad place, the defaults themselves come from this coarse search: for each task
+and optimizer, the knob(s) of its quick grid (``gramopt.compare.config.axes(name,
+"quick")``: the damping for GGN, the learning rate(s) for everyone else) times
+{1/10, 1/3, 1, 3, 10} around the current default, on one seed that the comparison does not
+use (seed 100), trained as ``gramopt compare`` trains a setting (``run_one``: the task's
+data less its validation set, the task's comparison budget) and picked by its rule
+(``select``: the validation rungs, then the final selection loss). The maintainers copy
+the winners into ``Task.tuned``. Results: ``benchmarks/results/tune_defaults.json``.
 
     python benchmarks/tune_defaults.py --tasks teacher,diabetes --optimizers ggn,sgd,adamw
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-from pathlib import Path
+from typing import Any
 
 import torch
+from bench_common import arguments, write_json
+from rich.console import Console
+from rich.progress import Progress
 
 from gramopt.compare import config
-from gramopt.compare.run import time_to_target
-from gramopt.tasks import get_task
-from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
+from gramopt.compare.run import CompareConfig, run_one, select, task_budget
+from gramopt.tasks import get_task, with_validation
+from gramopt.training import OPTIMIZERS
+from gramopt.training.registry import task_hyper
 
-RESULTS = Path(__file__).parent / "results" / "tune_defaults.json"
 SCALES = (0.1, 1 / 3, 1.0, 3.0, 10.0)
 SEED = 100
 
 
-def settings(name: str, base: dict) -> list[dict]:
-    knobs = [key for grid_point in config.GRIDS.get(name, config.LR_GRID) for key in grid_point]
-    out = []
-    for scale in SCALES:
-        out.append({**base, **{key: base[key] * scale for key in set(knobs)}})
-    return out
+def settings(name: str, base: dict[str, Any], scales: tuple[float, ...] = SCALES) -> list[dict[str, Any]]:
+    """``base`` with the keys of optimizer ``name``'s quick-grid axes (each axis's key and
+    the keys scaled with it) times each of ``scales``."""
+    knobs = {key for axis in config.axes(name, "quick") for key in (axis.key, *axis.with_keys)}
+    return [{**base, **{key: base[key] * scale for key in knobs}} for scale in scales]
+
+
+def tune(task_name: str, name: str, budget_seconds: float | None, scales: tuple[float, ...]) -> dict[str, Any]:
+    """Every setting of :func:`settings` for one seed; the rows and the winner."""
+    task = get_task(task_name)
+    split = with_validation(task.load(SEED), SEED)
+    budget = task_budget(CompareConfig(budget_seconds=budget_seconds), task)
+    base = {**OPTIMIZERS[name].run_defaults_for(task.loss), **task_hyper(task, name)}
+    console = Console(quiet=True)
+    rows = []
+    for hyper in settings(name, base, scales):
+        with Progress(console=console, disable=True) as progress:
+            record = run_one(task, name, hyper, split, SEED, budget, console, progress)
+        rows.append(
+            {
+                "hyper": hyper,
+                "status": record["status"],
+                "reason": record["reason"][:200],
+                "val_time_to_rungs": record.get("val_time_to_rungs"),
+                "final_selection_loss": record.get("final_selection_loss"),
+                "final_train_loss": record.get("final_train_loss"),
+            }
+        )
+        rungs = record.get("val_time_to_rungs")
+        print(f"{task_name:8s} {name:10s} {hyper} {record['status']} validation rungs {rungs}", flush=True)
+    best = select([{"runs": [row]} for row in rows])
+    return {"base": base, "budget": budget.describe(), "rows": rows, "best": rows[best]["hyper"]}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = arguments(__doc__)
     parser.add_argument("--tasks", default="teacher,diabetes,digits,mnist,recall")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     args = parser.parse_args()
+    budget_seconds, scales = None, SCALES
+    if args.quick:  # GGN and SGD on teacher, 0.2 s per run, two scales
+        args.tasks, args.optimizers, budget_seconds, scales = "teacher", "ggn,sgd", 0.2, (1 / 3, 1.0)
     torch.set_num_threads(1)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    path = args.out / "tune_defaults.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
     for task_name in args.tasks.split(","):
-        task = get_task(task_name)
-        target = config.TARGETS[task_name]
-        budget = config.BUDGET_SECONDS[task_name]
-        split = task.load(SEED)
         for name in args.optimizers.split(","):
-            spec = OPTIMIZERS[name]
-            base = {**spec.run_defaults, **task.hyper.get(name, {})}
-            rows = []
-            for hyper in settings(name, base):
-                cfg = TrainConfig(
-                    task=task_name, optimizer=name, epochs=100_000, seed=SEED, hyper=hyper, max_seconds=budget,
-                    eval_every_seconds=budget / config.EVALUATIONS, eval_samples=config.EVAL_SAMPLES.get(task_name, 0),
-                    save=False,
-                )
-                try:
-                    result = Trainer(cfg, progress=False, verbose=False, split=split).run()
-                except Exception as err:  # a setting that cannot even start is a result too
-                    rows.append({"hyper": hyper, "error": f"{type(err).__name__}: {err}"})
-                    continue
-                reached, _ = time_to_target(result.epochs, target)
-                final = result.epochs[-1]["train_loss"] if result.epochs else math.nan
-                rows.append({"hyper": hyper, "time_to_target": reached, "final_train_loss": final, "diverged": result.diverged})
-                print(f"{task_name:8s} {name:10s} {hyper} ttt={reached} final={final:.4g}{' diverged' if result.diverged else ''}", flush=True)
-            scored = [r for r in rows if "error" not in r and not r["diverged"]]
-            best = min(
-                scored,
-                key=lambda r: (r["time_to_target"] if r["time_to_target"] is not None else math.inf, r["final_train_loss"]),
-                default=None,
-            )
-            results.setdefault(task_name, {})[name] = {"base": base, "rows": rows, "best": best and best["hyper"]}
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(results, indent=2, default=str))
-            print(f"==> {task_name} {name}: best {best and best['hyper']}", flush=True)
+            results.setdefault(task_name, {})[name] = tune(task_name, name, budget_seconds, scales)
+            write_json(results, path)
+            print(f"==> {task_name} {name}: best {results[task_name][name]['best']}", flush=True)
 
 
 if __name__ == "__main__":

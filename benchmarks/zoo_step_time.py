@@ -17,27 +17,20 @@ zoo_step_time-TAG.{json,png}, so a re-run keeps the earlier results.)
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
-import matplotlib
+import torch
+import torch.nn.functional as F
+from bench_common import arguments, environment, pyplot, write_json
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import gramopt
+from gramopt.compare.timing import interleaved_times, ratio_summary
 
-import gramopt  # noqa: E402
-from gramopt.compare.timing import interleaved_times, ratio_summary  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from zoo import ZOO  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def _loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -93,18 +86,18 @@ def _commit() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = arguments(__doc__)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--models", default=",".join(ZOO), help=f"comma-separated, of {list(ZOO)}")
     parser.add_argument("--tag", default="", help="suffix of the output files (zoo_step_time-TAG.json)")
     args = parser.parse_args()
+    if args.quick:  # two zoo models, one round
+        args.rounds, args.models = 1, "vit,gpt"
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in ZOO]
     if unknown or not models:
         parser.error(f"unknown zoo models {unknown}; choose from {list(ZOO)}")
     torch.set_num_threads(1)
-    import warnings
-
     warnings.filterwarnings("ignore", message=".*cannot precondition.*")
     record = {
         "what": "seconds per step on the zoo's fixed batch (size per model below), ordinary loop (GGN: opt.backward); ratio to SGD-momentum per round",
@@ -112,7 +105,7 @@ def main() -> None:
         "ggn_note": "GGN's copies of the ResNet and the MobileNet run BatchNorm in eval mode (GGN refuses training mode)",
         "models": {},
         "commit": _commit(),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1, "machine": platform.machine()},
+        "environment": environment(),
     }
     for name in models:
         samples = interleaved_times(steps_for(name), rounds=args.rounds)
@@ -121,9 +114,9 @@ def main() -> None:
         record["models"][name] = {"batch": batch, "summary": summary, "samples": samples}
         for label, s in summary.items():
             print(f"{name:12s} {label:14s} {1e3 * s['median_seconds']:8.2f} ms  ratio {s['ratio_median']:.2f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "zoo_step_time" + (f"-{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2))
+    write_json(record, args.out / f"{stem}.json")
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.5))
     labels = ["seng", "fngd", "fngd-sharing", "ggn"]
     width = 0.2
@@ -137,7 +130,7 @@ def main() -> None:
     ax.set_title("zoo (tests/zoo.py sizes), 1 CPU thread; GGN: BatchNorm in eval mode")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{stem}.png", dpi=120)
+    fig.savefig(args.out / f"{stem}.png", dpi=120)
 
 
 if __name__ == "__main__":

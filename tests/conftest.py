@@ -1,4 +1,5 @@
 import gzip
+import os
 import struct
 import sys
 from collections.abc import Callable
@@ -8,8 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 
 from gramopt.tasks.images import FASHION_MNIST_ENV, FASHION_MNIST_INSTALL, fashion_mnist_installed
+
+# Property tests draw the same examples on every run ("deterministic", the default: CI and
+# `main` stay reproducible); HYPOTHESIS_PROFILE=explore draws new ones each run.
+settings.register_profile("deterministic", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -8,7 +8,11 @@ import math
 import pytest
 import torch
 
+from gramopt.cli import _parser, main
 from gramopt.compare import config as bench_config
+from gramopt.compare.config import GRID_SIZE, GRID_SIZES, LADDERS, TARGETS, Target, grid
+from gramopt.compare.memory import AVAILABLE, peak_memory
+from gramopt.compare.plots import STYLES, _on_grid, style
 from gramopt.compare.run import (
     CompareConfig,
     default_optimizers,
@@ -17,14 +21,10 @@ from gramopt.compare.run import (
     time_to_target,
     write_outputs,
 )
-from gramopt.compare.config import GRID_SIZE, GRID_SIZES, LADDERS, TARGETS, Target, grid
-from gramopt.compare.memory import AVAILABLE, peak_memory
-from gramopt.compare.plots import STYLES, _on_grid, style
-from gramopt.cli import _parser, main
 from gramopt.errors import SingularSystemError
 from gramopt.tasks import TASKS, Task, get_task
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
-from gramopt.training.registry import OptimizerSpec, build_optimizer
+from gramopt.training.registry import OptimizerSpec, build_optimizer, task_hyper
 
 TINY = dict(tasks=("diabetes",), seeds=2, budget_seconds=0.15, progress=False)
 
@@ -81,7 +81,7 @@ def test_every_optimizer_gets_a_grid_of_the_same_size_around_its_defaults():
             assert len(settings) == GRID_SIZE
             assert len({json.dumps(s, sort_keys=True) for s in settings}) == GRID_SIZE
             tuned_as = OPTIMIZERS[name].tuned_as or name  # muon-f32 takes muon's settings
-            base = {**OPTIMIZERS[name].run_defaults_for(task.loss), **task.hyper.get(tuned_as, {})}
+            base = {**OPTIMIZERS[name].run_defaults_for(task.loss), **task_hyper(task, tuned_as)}
             assert settings[GRID_SIZE // 2] == base  # the middle setting is the default
             full = grid(name, task, "full")
             assert len(full) == GRID_SIZES["full"] == 9

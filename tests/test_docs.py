@@ -106,14 +106,16 @@ def committed_results(tables):
 
 def _without_marked(tables, text: str) -> str:
     text = tables._FIGURE.sub("", text)
-    return tables._WORK_TABLE.sub("", tables._TABLE.sub("", text))
+    for table in (tables._TABLE, tables._WORK_TABLE, tables._SUMMARY):
+        text = table.sub("", text)
+    return text
 
 
 @pytest.mark.parametrize("page", MARKED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_quoted_results_are_those_of_the_committed_json(page, tables, committed_results):
     """Every table and figure marked for benchmarks/readme_table.py equals what the
     committed results.json files give; regenerate them with
-    ``python benchmarks/readme_table.py --update README.md docs/guides/which-method.md``."""
+    ``python benchmarks/readme_table.py --update``."""
     text = page.read_text()
     rendered = tables.render(text, committed_results)
     if rendered != text:
@@ -124,17 +126,75 @@ def test_quoted_results_are_those_of_the_committed_json(page, tables, committed_
     assert len(_OPENING.findall(text)) == len(tables._FIGURE.findall(text)), page.name
 
 
-def test_the_readme_and_which_method_quote_the_results_through_markers(tables):
-    """The results tables and the prose that reads them ("What it says, plainly", the
-    short answer of which-method.md) quote no seconds or step-time ratio by hand."""
-    for page in (ROOT / "README.md", DOCS / "guides" / "which-method.md"):
-        text = page.read_text()
-        assert "<!-- results-table -->" in text and "<!-- results-work-table " in text, page.name
-        plainly = _without_marked(tables, text.split("What it says, plainly:")[1].split("\n#")[0])
-        assert not _UNMARKED_FIGURE.findall(plainly), (page.name, _UNMARKED_FIGURE.findall(plainly))
+def test_every_page_with_results_is_regenerated_by_update(tables):
+    """``readme_table.py --update`` without names regenerates every page that quotes the
+    committed comparison."""
+    quoting = {
+        str(page.relative_to(ROOT)) for page in MARKED
+        if "<!-- results-" in page.read_text() or _OPENING.search(page.read_text())
+    }
+    assert quoting == set(tables.PAGES)
+
+
+def test_the_results_are_quoted_through_markers(tables):
+    """The README's summary and the results page's tables come from the JSON, and the prose
+    that reads them (each "What it says" of docs/results.md, the short answer of
+    which-method.md) quotes no seconds or step-time ratio by hand."""
+    assert "<!-- results-summary -->" in (ROOT / "README.md").read_text()
+    results = (DOCS / "results.md").read_text()
+    for marker in ("<!-- results-summary -->", "<!-- results-table ", "<!-- results-work-table "):
+        assert marker in results, marker
+    readings = results.split("What it says")[1:]
+    assert len(readings) >= 8  # one per task of the committed comparison and one across them
+    for reading in readings:
+        plainly = _without_marked(tables, reading.split("\n#")[0])
+        assert not _UNMARKED_FIGURE.findall(plainly), (_UNMARKED_FIGURE.findall(plainly), plainly[:300])
     short_answer = (DOCS / "guides" / "which-method.md").read_text().split("\n## ")[0]
     rows = [row for row in _without_marked(tables, short_answer).splitlines() if "MNIST" in row or "teacher" in row]
     assert rows and not any(re.search(r"\b\d+\.\d+ ?s\b", row) for row in rows), rows
+
+
+def _fake_task(name: str, rungs: list[dict], seconds: dict[str, list[float | None]]) -> dict:
+    """A results.json task with the fields the tables read: per optimizer the median
+    seconds to each rung (None: the median seed missed it)."""
+    def summary(value):
+        return {"median": value, "median_with_misses": value, "n": 3 if value is not None else 0, "of": 3}
+    return {
+        "task": {"name": name}, "rungs": rungs, "budget": {"seconds": 10.0},
+        "optimizers": {
+            opt: {
+                "source": "gramopt" if opt in ("ggn", "seng", "fngd") else "torch",
+                "summary": {"time_to_rungs": [summary(v) for v in values], "step_time_ratio": {"median": 1.0}},
+            }
+            for opt, values in seconds.items()
+        },
+    }
+
+
+def test_a_lower_is_better_metric_reads_like_the_others(tables):
+    """A ladder whose metric falls to its rungs (a PINN's relative L2 error) is labelled by
+    its own text and ranked by the seconds to reach each rung, like an accuracy ladder."""
+    rungs = [
+        {"metric": "relative_l2_error", "value": v, "below": True, "text": f"relative_l2_error <= {v:g}"}
+        for v in (1e-2, 1e-3, 1e-4)
+    ]
+    results = {"tasks": {"poisson2d": _fake_task(
+        "poisson2d", rungs, {"ggn": [2.0, 4.0, None], "adamw": [1.0, 6.0, None], "sgd": [3.0, None, None]},
+    )}}
+    names, table = tables.rows(results)
+    assert names == ["ggn", "sgd", "adamw"]
+    assert table[0] == ["poisson2d (relative l2 error <= 0.01, 10 s)", "2.00 (3/3)", "3.00 (3/3)", "**1.00** (3/3)"]
+    assert table[1][1].startswith("**4.00**") and table[2][1:] == ["miss (0/3)"] * 3
+    summary = tables.summary_rows(results)
+    assert summary == [[
+        "poisson2d (10 s)", "relative l2 error <= 0.01", "`adamw` 1.00 s", "`ggn` 2.00 s (2.00x)",
+        "relative l2 error <= 0.001", "`ggn` 4.00 s", "`ggn` (first)",
+    ]]
+    text = "<!-- results-summary poisson2d -->\n<!-- /results-summary -->\n<!-- s poisson2d 1e-3 ggn -->?<!-- /s -->"
+    rendered = tables.render(text, results)
+    assert "| poisson2d (10 s) |" in rendered and "-->4.00<!--" in rendered
+    with pytest.raises(ValueError, match="no task heat1d"):
+        tables.render("<!-- results-table heat1d -->\n<!-- /results-table -->", results)
 
 
 def test_a_figure_that_disagrees_with_the_json_is_regenerated(tables, committed_results):

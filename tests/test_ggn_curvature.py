@@ -698,7 +698,7 @@ def test_damping_adapts_when_the_model_returns_a_model_output(form, float64):
 def test_symmetric_gram_is_the_sum_of_the_blocks_products(n, float64):
     """symmetric_gram (lower blocks and their mirror) against the plain products, for
     sizes below, at and above its split into parts, with uneven parts."""
-    from gramopt.capture.factors import symmetric_gram
+    from gramopt.linalg.kernels import symmetric_gram
 
     rows = [torch.randn(n, 500), torch.randn(n, 30)]  # 530 columns: split from 192 rows
     gram = symmetric_gram(rows)

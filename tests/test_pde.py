@@ -14,9 +14,8 @@ from torch.func import functional_call, jacrev, vmap
 
 from gramopt.capture import CaptureEngine, LayerFactors
 from gramopt.capture.channels import active_bias_positions, bias_positions
-from gramopt.capture.shared_weight import shared_weight_gram
 from gramopt.errors import CaptureError, UnsupportedModuleError
-from gramopt.optim.seng.implicit import layer_factors
+from gramopt.linalg.kernels import shared_weight_gram
 from gramopt.pde import Derivatives, Sin, activations, forward_laplacian, register_activation
 from tests.reference import input_derivatives, named_trainable
 
@@ -402,7 +401,8 @@ def test_seng_implicit_factors_use_the_bias_indicator():
     u = forward_laplacian(model, x)
     (-u.laplacian).sum().backward()
     for factor in engine.factors().values():
-        g, a = layer_factors(factor)  # u_i = vec(G_i^T A_i) = [weight | bias] rows
+        low_rank = factor.low_rank_factors()  # u_i = vec(G_i^T A_i) = [weight | bias] rows
+        g, a = low_rank.g, low_rank.a
         rows = torch.einsum("bsz,bsx->bzx", g, a).reshape(6, -1)
         torch.testing.assert_close(rows, _weight_then_bias(factor.per_sample(), factor), rtol=1e-10, atol=1e-12)
     engine.close()

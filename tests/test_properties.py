@@ -75,12 +75,20 @@ def test_every_step_of_every_method_is_invariant_to_batch_order(case, seed):
     twin = copy.deepcopy(model)
     opt, other = case.make(model), case.make(twin)
     generator = torch.Generator().manual_seed(seed)
-    tol = 1e-6 if case.kwargs.get("solver") in ITERATIVE else 1e-9
+    iterative = case.kwargs.get("solver") in ITERATIVE
+    start = params_vector(model)
     for x, y in case.batches(3, seed=seed, dtype=torch.float64):
         order = torch.randperm(x.shape[0], generator=generator)
         case.step(opt, model, x, y)
         case.step(other, twin, x[order], y[order])
-        torch.testing.assert_close(params_vector(twin), params_vector(model), rtol=tol, atol=tol * 1e-2)
+        if iterative:
+            # an iterative solve stops at a relative residual: the two orders agree to a
+            # fraction of the distance travelled, not entry by entry
+            moved = torch.linalg.vector_norm(params_vector(model) - start)
+            gap = torch.linalg.vector_norm(params_vector(twin) - params_vector(model))
+            assert gap <= 1e-6 * moved, f"permuted batch: {float(gap):.3g} apart after moving {float(moved):.3g}"
+        else:
+            torch.testing.assert_close(params_vector(twin), params_vector(model), rtol=1e-9, atol=1e-11)
 
 
 def test_fngd_sharing_phase_depends_on_batch_order(float64):

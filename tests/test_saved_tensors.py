@@ -22,8 +22,7 @@ import torch
 from torch import Tensor, nn
 
 import gramopt
-from gramopt.capture.attention import InProjectionHandler
-from gramopt.capture.handlers import _REGISTRY
+from gramopt.capture.registry import _REGISTRY
 from gramopt.errors import CaptureError
 
 
@@ -143,7 +142,7 @@ def test_the_twin_rank_models_cover_every_registered_handler():
         assert not opt.engine.plain_params
         covered |= {type(layer.handler) for layer in opt.engine.layers}
     built_in = {type(handler) for handler in _REGISTRY.values() if type(handler).__module__.startswith("gramopt.")}
-    assert covered == built_in | {InProjectionHandler}
+    assert covered == built_in
 
 
 class Scale(nn.Module):

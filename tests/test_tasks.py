@@ -11,6 +11,7 @@ from conftest import EXTERNAL_DATA
 from gramopt.cli import main
 from gramopt.tasks import TASKS, get_task
 from gramopt.training import build_optimizer, training_step
+from gramopt.training.registry import task_hyper
 
 OFFLINE = ["teacher", "diabetes", "digits", "mnist", "recall"]
 
@@ -31,7 +32,7 @@ def test_each_task_trains_a_few_steps(name, optimizer):
     task = get_task(name)
     split = task.load(0)
     model = task.build_model(0)
-    opt = build_optimizer(optimizer, model, task.loss, dict(task.hyper.get(optimizer, {})))
+    opt = build_optimizer(optimizer, model, task.loss, dict(task_hyper(task, optimizer)))
     x, y = split.train_x[:32], split.train_y[:32]
     losses = [float(training_step(opt, model, task.loss, x, y)) for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -105,7 +106,7 @@ def test_every_registered_optimizer_builds_and_steps_with_its_defaults(name):
     task = get_task("teacher")
     split = task.load(0)
     model = task.build_model(0)
-    hyper = with_epoch_defaults(name, dict(task.hyper.get(name, {})), 4)
+    hyper = with_epoch_defaults(name, dict(task_hyper(task, name)), 4)
     opt = build_optimizer(name, model, task.loss, hyper)
     sources = ("gramopt", "torch", "gramopt variant of torch", "pytorch-optimizer", "heavyball", "singd")
     assert OPTIMIZERS[name].source in sources
@@ -127,7 +128,7 @@ def test_the_character_language_model_trains(optimizer):
     changed = split.train_x[:4].clone()
     changed[:, 20] = (changed[:, 20] + 1) % logits.shape[1]
     assert torch.allclose(model(changed)[:, :, :20], logits[:, :, :20], atol=1e-6)
-    opt = build_optimizer(optimizer, model, task.loss, dict(task.hyper.get(optimizer, {})))
+    opt = build_optimizer(optimizer, model, task.loss, dict(task_hyper(task, optimizer)))
     x, y = split.train_x[:64], split.train_y[:64]
     losses = [float(training_step(opt, model, task.loss, x, y)) for _ in range(5)]
     assert losses[-1] < losses[0]
@@ -142,6 +143,6 @@ def test_the_resnet_task_uses_batchnorm_and_trains_with_seng():
     assert not any(isinstance(m, nn.GroupNorm) for m in model.modules())
     x = torch.rand(32, 1, 28, 28)
     y = torch.randint(0, 10, (32,))
-    opt = build_optimizer("seng", model, task.loss, dict(task.hyper["seng"]))
+    opt = build_optimizer("seng", model, task.loss, dict(task_hyper(task, "seng")))
     losses = [float(training_step(opt, model, task.loss, x, y)) for _ in range(4)]
     assert losses[-1] < losses[0]

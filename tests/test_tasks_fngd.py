@@ -5,7 +5,6 @@ from estimation to sharing)."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import struct
@@ -20,6 +19,7 @@ from gramopt.losses import get_loss
 from gramopt.tasks import TASKS, get_task
 from gramopt.tasks.images import FASHION_MNIST_ENV, load_fashion_mnist, read_idx
 from gramopt.training import TrainConfig, Trainer, build_optimizer, with_epoch_defaults
+from gramopt.training.registry import task_hyper
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -91,7 +91,7 @@ def test_every_task_trains_with_fngd(name):
     task = get_task(name)
     model = task.build_model(0)
     x, y = task_batch(name)  # a synthetic batch for the tasks whose data is outside pip
-    hyper = with_epoch_defaults("fngd", dict(task.hyper["fngd"]), steps_per_epoch=2)
+    hyper = with_epoch_defaults("fngd", dict(task_hyper(task, "fngd")), steps_per_epoch=2)
     opt = build_optimizer("fngd", model, task.loss, hyper)
     loss_fn = get_loss(task.loss)
     with torch.no_grad():

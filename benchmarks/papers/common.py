@@ -1,8 +1,8 @@
 """What every paper study shares: arguments, one torch thread, training epochs of an
 embedded task, and writing the JSON + PNG under ``benchmarks/results/papers/``.
 
-Every study is a script with ``main(argv) -> dict`` (the JSON it wrote), so the smoke test
-can run it in-process with ``--quick``.
+Every study is a script with ``main(argv) -> dict`` (the JSON it wrote); like every
+benchmark it runs with ``--quick`` (a smoke run) and ``--out DIR`` (``bench_common``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import functools
 import json
 import math
-import platform
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +29,10 @@ from gramopt.tasks import Split, Task, get_task  # noqa: E402
 from gramopt.training.loop import epoch_order, evaluate  # noqa: E402
 from gramopt.training.registry import training_step  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "papers"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for bench_common
+import bench_common  # noqa: E402
+
+RESULTS = bench_common.RESULTS / "papers"
 
 PAPERS = {
     "ggn": (
@@ -53,9 +56,9 @@ PAPERS = {
 
 
 def parse_args(description: str, argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (tiny sizes)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})")
+    """``--quick``, ``--out`` (default ``benchmarks/results/papers``) and ``--seed``; one
+    torch thread, the global seed set."""
+    parser = bench_common.arguments(description, out=RESULTS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -63,14 +66,8 @@ def parse_args(description: str, argv: Sequence[str] | None) -> argparse.Namespa
     return args
 
 
-def environment() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "threads": str(torch.get_num_threads()),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
+def environment() -> dict[str, Any]:
+    return {**bench_common.environment(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def write(out: Path, name: str, payload: dict[str, Any], figure: Any) -> dict[str, Any]:
@@ -165,7 +162,7 @@ def fngd_absolute_damping() -> dict[str, Any] | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_split(task_name: str, seed: int) -> Split:
     """The task's split, loaded once per process (the smoke test runs several studies)."""
     return get_task(task_name).load(seed)

@@ -35,18 +35,27 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from common import (
+    PAPERS,
+    fngd_absolute_damping,
+    load_split,
+    parse_args,
+    random_images,
+    steps_per_epoch,
+    train_epoch,
+    write,
+)
 
 import gramopt
 from gramopt.tasks import Split, get_task
-
-from common import PAPERS, load_split, random_images, fngd_absolute_damping, parse_args, steps_per_epoch, train_epoch, write
+from gramopt.training.registry import task_hyper
 
 CONSTANT_DAMPING = 0.3  # the paper's "w/o damping" value
 
 
 def arms(task, split: Split, absolute: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """name -> FNGD keyword arguments."""
-    hyper = dict(task.hyper["fngd"])
+    hyper = dict(task_hyper(task, "fngd"))
     share = steps_per_epoch(split, task.batch_size)
     out = {
         "FNGD (sharing, relative damping)": dict(hyper, coefficient_steps=share),
@@ -105,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "study": "FNGD Table IV analog: sharing and damping-rule ablation",
         "paper": PAPERS["fngd"],
         "claim": "coefficient sharing halves the time per epoch (w/o sharing 2.0-2.1x) with equal or slightly better accuracy; a constant damping 0.3 instead of Eq. (14) loses accuracy (Table IV)",
-        "settings": {"task": "mnist", "epochs": epochs, "seeds": seeds, "schedule": "lr x0.1 at 50% and 75% of the epochs", "hyper": task.hyper["fngd"], "coefficient_steps": steps_per_epoch(split, task.batch_size), "constant_damping": CONSTANT_DAMPING},
+        "settings": {"task": "mnist", "epochs": epochs, "seeds": seeds, "schedule": "lr x0.1 at 50% and 75% of the epochs", "hyper": task_hyper(task, "fngd"), "coefficient_steps": steps_per_epoch(split, task.batch_size), "constant_damping": CONSTANT_DAMPING},
         "absolute_damping_option": absolute,
         "constant_damping_arms": "run" if absolute is not None else "not available: gramopt.FNGD has no absolute damping mode yet (the study runs these arms once it has one)",
         "summary": summary,

@@ -23,11 +23,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from common import (
+    PAPERS,
+    load_split,
+    parse_args,
+    random_images,
+    steps_per_epoch,
+    train_epoch,
+    write,
+)
 
 import gramopt
 from gramopt.tasks import Split, get_task
-
-from common import PAPERS, load_split, random_images, parse_args, steps_per_epoch, train_epoch, write
+from gramopt.training.registry import task_hyper
 
 DAMPINGS = [0.01, 0.008, 0.005, 0.003, 0.001]
 SMALLER_LR = 0.1  # a third of the task's FNGD lr
@@ -69,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         split = random_images(128, 64, args.seed)
     else:
         split = load_split(task.name, args.seed)
-    hyper = task.hyper["fngd"]
+    hyper = task_hyper(task, "fngd")
     share = steps_per_epoch(split, task.batch_size)
     sweeps = {str(lr): sweep(task, split, lr, hyper["momentum"], dampings, share, epochs, seeds) for lr in (hyper["lr"], SMALLER_LR)}
     ranges = {lr: 100 * (max(v["mean"] for v in s.values()) - min(v["mean"] for v in s.values())) for lr, s in sweeps.items()}

@@ -23,10 +23,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from common import PAPERS, load_split, parse_args, train_task, write
+
 import gramopt
 from gramopt.tasks import Split, get_task
-
-from common import PAPERS, load_split, parse_args, train_task, write
 
 LAMBDAS = [0.25, 0.5, 1.0, 2.0, 4.0]
 ALPHAS = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]

@@ -26,11 +26,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from common import PAPERS, load_split, parse_args, train_task, write
 
 import gramopt
 from gramopt.tasks import Split, get_task
-
-from common import PAPERS, load_split, parse_args, train_task, write
+from gramopt.training.registry import task_hyper
 
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-2)  # none, the paper's 1e-4, and a strong one
 EPOCHS = {"teacher": 20, "diabetes": 40}
@@ -38,7 +38,7 @@ EPOCHS = {"teacher": 20, "diabetes": 40}
 
 def configurations(task_name: str) -> dict[str, list[dict[str, Any]]]:
     """method -> the settings of its grid."""
-    tuned = get_task(task_name).hyper["ggn"]
+    tuned = {key: task_hyper(get_task(task_name), "ggn")[key] for key in ("lr", "damping")}
     return {
         "ggn (lambda=1, alpha=0.1)": [dict(kind="ggn", lr=1.0, damping=0.1)],
         f"ggn (task default, lr={tuned['lr']}, damping={tuned['damping']})": [dict(kind="ggn", **tuned)],

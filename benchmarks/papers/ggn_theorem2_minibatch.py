@@ -28,12 +28,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from common import PAPERS, parse_args, write
+from ggn_theorem1_width import TwoLayer
 
 import gramopt
 from gramopt.tasks.regression import load_teacher
-
-from common import PAPERS, parse_args, write
-from ggn_theorem1_width import TwoLayer
 
 FLOOR = 1e-11
 

@@ -24,10 +24,19 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from common import (
+    PAPERS,
+    load_split,
+    parse_args,
+    random_images,
+    steps_per_epoch,
+    train_epoch,
+    write,
+)
+
 import gramopt
 from gramopt.tasks import get_task
-
-from common import PAPERS, load_split, random_images, parse_args, steps_per_epoch, train_epoch, write
+from gramopt.training.registry import task_hyper
 
 FREQUENCIES = [1, 10, 50, 200]
 TARGET = 0.90
@@ -42,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         split = random_images(256, 64, args.seed)
     else:
         split = load_split(task.name, args.seed)
-    hyper = {k: v for k, v in task.hyper["seng"].items() if k != "curvature_every"}
+    hyper = {key: task_hyper(task, "seng")[key] for key in ("lr", "damping")}  # SENG's own momentum (0), not the registry's
     runs: dict[str, Any] = {}
     for s in range(seeds):
         seed = args.seed + s

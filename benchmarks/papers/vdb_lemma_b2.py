@@ -36,10 +36,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from common import PAPERS, parse_args, write
 
 from gramopt.linalg import fast_regression, make_sketch
-
-from common import PAPERS, parse_args, write
 
 LEMMA = 9.0 / 16.0
 DOCUMENTED_OVERSAMPLING = 64

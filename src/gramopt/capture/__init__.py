@@ -2,8 +2,9 @@
 
 from gramopt.capture.conv import ConvFactors
 from gramopt.capture.engine import CaptureEngine, Layer
-from gramopt.capture.factors import ExplicitFactors, LayerFactors
-from gramopt.capture.handlers import LayerHandler, handler_for, register_handler
+from gramopt.capture.factors import ExplicitFactors, LayerFactors, LowRankFactors, LowRankLayout
+from gramopt.capture.handlers import LayerHandler
+from gramopt.capture.registry import handler_for, register_handler
 from gramopt.capture.shared_weight import EmbeddingFactors, SharedWeightFactors
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "Layer",
     "LayerFactors",
     "LayerHandler",
+    "LowRankFactors",
+    "LowRankLayout",
     "SharedWeightFactors",
     "handler_for",
     "register_handler",

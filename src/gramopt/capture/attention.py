@@ -311,9 +311,30 @@ def _explicit_rows(
     return torch.cat([blocks[id(p)].reshape(b * k, -1) for p in params], dim=1)
 
 
-class InProjectionHandler(LayerHandler):
-    """The handler of :class:`InProjection` (the engine creates it for every covered
-    ``nn.MultiheadAttention``; not in the module-type registry)."""
+class MultiheadAttentionHandler(LayerHandler):
+    """The handler of ``nn.MultiheadAttention``: its in-projection is the layer
+    ``<attention>.in_proj``, captured through a proxy (:class:`InProjection`) that the
+    rerouted forward (:func:`attach`) calls; ``out_proj`` is an ``nn.Linear`` the rerouted
+    forward calls, captured by the Linear handler.
+
+    :meth:`validate`, :meth:`proxy`, :meth:`attach` and :meth:`detach` get the attention
+    module; :meth:`save`, :meth:`factors`, :meth:`saved_tensors` and :meth:`restore_saved`
+    its in-projection (the hooked module)."""
+
+    dense_layer = True  # (its projections)
+    proxy_name = "in_proj"
+
+    def validate(self, module: nn.Module) -> None:
+        validate(module)
+
+    def proxy(self, module: nn.Module) -> InProjection:
+        return module.__dict__.get(PROXY) or InProjection(module)
+
+    def attach(self, module: nn.Module, proxy: nn.Module) -> None:
+        attach(module, proxy)
+
+    def detach(self, module: nn.Module) -> None:
+        detach(module)
 
     def save(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
         """The call's inputs, detached, and whether it was a packed self-attention call

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gramopt.capture.shared_weight import SharedWeightFactors, gram_strategy, weight_inputs, weighted_sum
+from gramopt.capture.shared_weight import SharedWeightFactors, weight_inputs, weighted_sum
+from gramopt.linalg.kernels import gram_strategy
 
 
 def conv_pads(module: nn.Module) -> list[tuple[int, int]]:
@@ -131,7 +132,7 @@ class ConvFactors(SharedWeightFactors):
         return {"form": "conv", "inputs": list(self.raw_inputs), "grads": list(self.raw_grads)}
 
     @classmethod
-    def _from_state(cls, module: nn.Module, params: list[nn.Parameter], state: dict[str, Any]) -> "ConvFactors":
+    def _from_state(cls, module: nn.Module, params: list[nn.Parameter], state: dict[str, Any]) -> ConvFactors:
         return cls(module, params, state["inputs"], state["grads"])
 
     @cached_property
@@ -183,7 +184,7 @@ class ConvFactors(SharedWeightFactors):
 
     def _form_rows(self) -> list[Tensor]:
         """Per-sample weight gradients with the batch as groups, and bias sums."""
-        b, k, n = self.batch_size, self.passes, self.num_rows
+        b, n = self.batch_size, self.num_rows
         rows = []
         if self.with_weight:
             total = None

@@ -44,23 +44,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from gramopt.capture.factors import LayerFactors
-from gramopt.capture import attention
-from gramopt.capture.handlers import LayerHandler, handler_for
 from gramopt.capture import uses
+from gramopt.capture.factors import LayerFactors, LowRankLayout
+from gramopt.capture.handlers import LayerHandler
+from gramopt.capture.registry import handler_for
 from gramopt.capture.tied import TiedFactors, TiedHandler, TiedModules
 from gramopt.errors import CaptureError, UnsupportedModuleError
 
-_BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 UNSUPPORTED_POLICIES = ("error", "gradient")
-#: Modules whose forward uses the parameters of their submodules without calling them
-#: (``F.multi_head_attention_forward`` reads ``out_proj.weight`` directly), so that a hook on
-#: such a submodule would never fire.
-FUNCTIONAL_CONTAINERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
-#: Their in-projection is a layer of its own (see :mod:`gramopt.capture.attention`) unless
-#: :func:`gramopt.capture.attention.validate` refuses the module; then every parameter below
-#: it follows the plain gradient (or is refused, under ``unsupported="error"``).
-_IN_PROJECTION = attention.InProjectionHandler()
 #: Layers whose feed-forward Linear layers see ``[T, b, d]`` unless built with
 #: ``batch_first=True``: covered as a whole by the unsupported-parameter policy then.
 _SEQUENCE_FIRST_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -92,7 +83,15 @@ class Layer:
     module: nn.Module
     handler: LayerHandler
     params: list[nn.Parameter]
-    members: list["Layer"] = field(default_factory=list)
+    members: list[Layer] = field(default_factory=list)
+    #: The model's module the layer belongs to, when ``module`` is a proxy its handler
+    #: hooks in its place (:attr:`LayerHandler.proxy_name`: an attention's in-projection).
+    owner: nn.Module | None = None
+
+    def low_rank_layout(self) -> LowRankLayout | None:
+        """How the layer's rows factor as ``vec(G_r^T A_r)`` (SENG's implicit layers), from
+        its handler (:meth:`LayerHandler.low_rank_layout`); None for a tied block."""
+        return self.handler.low_rank_layout(self.module, self.params)
 
 
 @dataclass
@@ -157,7 +156,7 @@ class CaptureEngine:
         self._calls: dict[int, list[_Call]] = {}
         self._handles: list[RemovableHandle] = []
         self._grad_handles: list[RemovableHandle] = []
-        self._attention: dict[int, nn.MultiheadAttention] = {}  # attached by this engine
+        self._attached: list[tuple[nn.Module, LayerHandler]] = []  # modules rerouted through a proxy
         self._grad_versions: dict[int, tuple[int, int]] = {}  # id(p) -> (id(p.grad), version)
         self._pass: int | None = None  # index of the current pass in backward_passes
         self._paused = False  # see paused()
@@ -184,7 +183,7 @@ class CaptureEngine:
         self.add_params(params)
         if not batchnorm_training:
             for module in model.modules():
-                if isinstance(module, _BATCHNORM):
+                if _couples_samples(module):
                     self._handles.append(module.register_forward_pre_hook(_refuse_batchnorm_training))
 
     def add_params(self, params: Iterable[nn.Parameter]) -> list[str]:
@@ -211,8 +210,8 @@ class CaptureEngine:
         unsupported: list[str] = []
         reasons: dict[str, str] = {}  # of the unsupported ones
         problems: list[str] = []
-        inside: list[str] = []  # prefixes of functional containers (their submodules are skipped)
-        attentions: list[tuple[nn.MultiheadAttention, attention.InProjection]] = []
+        inside: list[str] = []  # prefixes of modules refused as a whole (their submodules are skipped)
+        proxies: list[tuple[nn.Module, LayerHandler, nn.Module]] = []  # attached once nothing was refused
         uses: dict[int, list[_Use]] = {}  # id(p) -> the modules owning p (weight tying when several)
         owned: dict[int, nn.Parameter] = {}
 
@@ -225,35 +224,23 @@ class CaptureEngine:
             if any(name.startswith(prefix) for prefix in inside):
                 continue
             label = f"{name or 'model'} ({type(module).__name__})"
-            reason = _whole_module_refusal(module, label)
+            handler = handler_for(module)
+            proxied = handler is not None and handler.proxy_name is not None
+            reason = _sequence_first_refusal(module, label)
+            if reason is None and proxied:  # refused: its own forward does not call its submodules
+                reason = self._refusal(module, handler, label)
             if reason is not None:  # every parameter below it follows the policy
                 inside.append(f"{name}." if name else "")
                 own = [p for p in module.parameters() if id(p) in wanted]
-            elif isinstance(module, FUNCTIONAL_CONTAINERS):  # its in-projection is a layer; out_proj comes next
-                own = [p for p in attention.in_projection_params(module) if id(p) in wanted]
-                if not own:
-                    continue
-                if self.layer_filter is not None and not self.layer_filter(module):
-                    plain.extend(own)
-                    used(own, _Use(module, label, "refused"))  # (a proxy is not pulled into a tie)
-                    continue
-                used(own, _Use(module, label, "hooked"))
-                if id(module) in self._attention:
-                    extended.append((known[id(module.__dict__[attention.PROXY])], own))
-                else:  # attached below, once nothing was refused
-                    proxy = module.__dict__.get(attention.PROXY) or attention.InProjection(module)
-                    attentions.append((module, proxy))
-                    new_layers.append(Layer(f"{name}.in_proj" if name else "in_proj", proxy, _IN_PROJECTION, own))
-                continue
             else:
                 own = [p for p in module.parameters(recurse=False) if id(p) in wanted]
             if not own:
                 continue
             if reason is None:
-                handler = handler_for(module)
                 if handler is not None and self.layer_filter is not None and not self.layer_filter(module):
                     plain.extend(own)  # the method's own choice, not a fallback: no warning
-                    status = "filtered" if self._refusal(module, handler, label) is None else "refused"
+                    # (a proxy is not pulled into a tie)
+                    status = "filtered" if not proxied and self._refusal(module, handler, label) is None else "refused"
                     used(own, _Use(module, label, status, name or type(module).__name__, handler))
                     continue
                 reason = self._refusal(module, handler, label)
@@ -267,10 +254,16 @@ class CaptureEngine:
                 else:
                     problems.append(f"{', '.join(full)}: {reason}")
                 continue
-            if id(module) in known:
-                extended.append((known[id(module)], own))
+            target, owner, layer_name = module, None, name or type(module).__name__
+            if proxied:  # the layer is the proxy, named after the module
+                target, owner = handler.proxy(module), module
+                layer_name = f"{name}.{handler.proxy_name}" if name else handler.proxy_name
+            if id(target) in known:
+                extended.append((known[id(target)], own))
             else:
-                new_layers.append(Layer(name or type(module).__name__, module, handler, own))
+                if proxied:
+                    proxies.append((module, handler, target))
+                new_layers.append(Layer(layer_name, target, handler, own, owner=owner))
         tied_plain, tied_notes = self._resolve_ties(uses, owned, names, new_layers, extended, plain, known)
         if self.unsupported == "error":
             problems.extend(f"{note}: tied parameters need every use hooked" for note in tied_notes)
@@ -286,9 +279,9 @@ class CaptureEngine:
         for layer, own in extended:
             layer.params.extend(p for p in own if all(p is not q for q in layer.params))
             layer.params.sort(key=_canonical_order(layer))
-        for module, proxy in attentions:  # only now: a refusal above changes nothing
-            self._attention[id(module)] = module
-            attention.attach(module, proxy)
+        for module, handler, proxy in proxies:  # only now: a refusal above changes nothing
+            self._attached.append((module, handler))
+            handler.attach(module, proxy)
         known_plain = {id(q) for q in self.plain_params}
         for q in plain:  # each once (a tied parameter may come from several modules)
             if id(q) not in known_plain:
@@ -366,8 +359,7 @@ class CaptureEngine:
             rank = {id(module): i for i, module in enumerate(self.model.modules())}
 
             def position(layer: Layer) -> int:
-                owner = getattr(layer.module, "attention", layer.module)  # (an in-projection: its attention)
-                return rank.get(id(owner), len(rank))
+                return rank.get(id(layer.owner or layer.module), len(rank))
 
             new_layers.sort(key=position)
         return fallback, notes
@@ -380,7 +372,7 @@ class CaptureEngine:
         """Why ``module``'s own parameters cannot be preconditioned, or None."""
         if handler is None:
             return f"{label} has no gramopt handler"
-        if isinstance(module, _BATCHNORM) and module.training and not self.batchnorm_training:
+        if handler.couples_samples and module.training and not self.batchnorm_training:
             return (
                 f"{label} is in training mode: this method treats its batch statistics as coupling "
                 "the samples and refuses it; use SENG or FNGD, nn.GroupNorm / nn.LayerNorm, or keep "
@@ -852,9 +844,9 @@ class CaptureEngine:
             handle.remove()
         self._handles.clear()
         self._grad_handles.clear()
-        for module in self._attention.values():
-            attention.detach(module)
-        self._attention.clear()
+        for module, handler in self._attached:
+            handler.detach(module)
+        self._attached.clear()
         self.clear()
         self.closed = True
 
@@ -897,33 +889,28 @@ def tied_blocks(layers: Sequence[Layer]) -> list[Layer]:
     return blocks
 
 
-def _whole_module_refusal(module: nn.Module, label: str) -> str | None:
-    """Why a module cannot be preconditioned as a whole, submodules included, or None:
-    sequence-first Transformer layers, attention options :mod:`~gramopt.capture.attention`
-    refuses."""
+def _sequence_first_refusal(module: nn.Module, label: str) -> str | None:
+    """Why a Transformer layer cannot be preconditioned as a whole, submodules included
+    (sequence-first: its Linear layers see ``[T, b, d]``), or None."""
     if isinstance(module, _SEQUENCE_FIRST_LAYERS) and not module.self_attn.batch_first:
         return (
             f"{label} is sequence-first (batch_first=False): its Linear layers see [T, b, d] inputs "
             "and gramopt needs the batch dimension first; build it with batch_first=True"
         )
-    if isinstance(module, FUNCTIONAL_CONTAINERS):
-        try:
-            attention.validate(module)
-        except UnsupportedModuleError as err:
-            return f"{label}: {err}"
     return None
 
 
+def _couples_samples(module: nn.Module) -> bool:
+    """Whether ``module``'s handler says it couples the samples in training mode (BatchNorm)."""
+    handler = handler_for(module)
+    return handler is not None and handler.couples_samples
+
+
 def _canonical_order(layer: Layer) -> Callable[[nn.Parameter], int]:
-    """Sort key putting a layer's parameters in the order its module declares them
-    (weight before bias; the in-projection's order of
-    :func:`~gramopt.capture.attention.in_projection_params`), whatever order the
+    """Sort key putting a layer's parameters in the order its module (for a proxy: the
+    module it stands for) declares them (weight before bias), whatever order the
     parameter groups named them in."""
-    module = layer.module
-    if isinstance(module, attention.InProjection):
-        declared = attention.in_projection_params(module.attention)
-    else:
-        declared = list(module.parameters(recurse=False))
+    declared = list((layer.owner or layer.module).parameters(recurse=False))
     index = {id(p): i for i, p in enumerate(declared)}
     return lambda p: index.get(id(p), len(index))
 

@@ -3,8 +3,9 @@
 For one layer l and one step, U_l is the n x p_l matrix whose rows are per-sample
 vectors over the layer's trainable parameters (weight and bias together): output
 Jacobian rows for Gauss-Newton, per-sample loss gradients for natural gradient
-(every method of :mod:`gramopt.optim` works with ``K_l = U_l U_l^T``, ``[n, n]``). Rows are ordered sample-major: with k backward passes over a
-batch of b samples, row ``r = i * k + c`` belongs to sample ``i`` and pass ``c``.
+(every method of :mod:`gramopt.optim` works with ``K_l = U_l U_l^T``, ``[n, n]``). Rows
+are ordered sample-major: with k backward passes over a batch of b samples, row
+``r = i * k + c`` belongs to sample ``i`` and pass ``c``.
 
 A :class:`LayerFactors` never has to materialize U_l. It offers what every method needs:
 
@@ -22,11 +23,18 @@ factor class, and nothing in ``gramopt.optim`` tests a factor's type):
 - ``columns(index)``: ``U[:, index]``; ``column_norms()``: ``||U[:, j]||^2``; ``row_block(i0, i1)``;
 - ``cross_gram(other, params)``: the cross block with another layer sharing ``params``;
 - ``held_rows()``: U when held explicitly; ``kronecker_factors()``: (X, Z) of a layer
-  ``y = W x + c`` (bias column appended to X) for Kronecker sketches;
+  ``y = W x + c`` (bias column appended to X) for Kronecker sketches, and
+  ``kronecker_sides()``: their sizes, for cost estimates;
+- ``low_rank_factors()``: G and A with rows ``vec(G_r^T A_r)`` (:class:`LowRankFactors`),
+  SENG's implicit layers;
 - ``state()`` / :meth:`LayerFactors.from_state`: the tensors, for an optimizer's state_dict;
 - ``pass_block(b, r, m)``: the factors of the rows of each sample's first m passes (whose
   ``gram()`` is that block of K alone), ``block_product(b, r, m, c)``: those rows times
   ``U^T c`` (GGN's sampled systems use only these, :mod:`gramopt.optim.ggn.system`).
+
+What a method needs to know of a layer before any factors exist (whether FNGD
+preconditions it, whether SENG may keep it implicit, which parameter is the bias) its
+handler says (:class:`~gramopt.capture.handlers.LayerHandler`).
 """
 
 from __future__ import annotations
@@ -34,55 +42,67 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-
-def all_finite(t: Tensor) -> bool:
-    """Whether ``t`` has no NaN or inf, by one min/max reduction: ``isfinite(t).all()``
-    allocates ``t.abs()`` and boolean masks, several times the memory of a wide layer's
-    gradient."""
-    if t.numel() == 0:
-        return True
-    low, high = torch.aminmax(t)
-    return bool(torch.isfinite(low) and torch.isfinite(high))
+from gramopt.linalg.dense import all_finite
+from gramopt.linalg.kernels import symmetric_gram
 
 
+@dataclass(frozen=True)
+class LowRankLayout:
+    """How a layer ``y_is = W x_is + c`` (a weight shared over kappa positions) writes its
+    per-sample gradients as low-rank factors: row r of U is ``vec(G_r^T A_r)`` with
+    ``G_r`` ``[kappa, n_G]`` (the output-gradients at the positions) and ``A_r``
+    ``[kappa, n_A]`` (the inputs, then the bias's column), the factors of SENG's implicit
+    layers (Eq. 15 of Yang et al., "Sketchy Empirical Natural Gradient Methods for Deep
+    Learning", arXiv:2006.05924, 2020). Given by a handler
+    (:meth:`~gramopt.capture.handlers.LayerHandler.low_rank_layout`) for a layer's covered
+    parameters, before any factors exist.
 
-#: :func:`symmetric_gram` splits the rows into at most this many blocks ...
-SYMMETRIC_PARTS = 4
-#: ... of at least this many rows (smaller Grams: one product) ...
-SYMMETRIC_MIN_ROWS = 96
-#: ... when the rows are at least this long in all (thinner: the copies cost more than the
-#: multiplications saved; measured [384, 256] 0.97 -> 0.93 ms, [768, 32] 0.65 -> 1.15 ms).
-SYMMETRIC_MIN_COLUMNS = 512
+    Attributes:
+        output_features: n_G, the weight's first dimension (d_out).
+        weight_shape: the weight's shape ``[d_out, *]`` when the weight is covered (the
+            first parameter), else None.
+        bias: whether the bias is covered (the last parameter).
+    """
+
+    output_features: int
+    weight_shape: torch.Size | None
+    bias: bool
+
+    @property
+    def input_features(self) -> int:
+        """n_A: the weight's input width ``prod(weight_shape[1:])`` (if covered), plus one
+        column for the bias (if covered)."""
+        width = 0 if self.weight_shape is None else self.weight_shape[1:].numel()
+        return width + int(self.bias)
+
+    def split(self, tensors: Sequence[Tensor]) -> tuple[Tensor | None, Tensor | None]:
+        """``(weight's, bias's)`` of parameter-ordered tensors (one per covered parameter,
+        e.g. gradients), None for a parameter not covered."""
+        weight = tensors[0] if self.weight_shape is not None else None
+        bias = tensors[-1] if self.bias else None
+        return weight, bias
 
 
-def symmetric_gram(rows: Sequence[Tensor]) -> Tensor:
-    """``sum_l U_l U_l^T`` ``[n, n]`` for row blocks ``U_l`` ``[n, p_l]`` (one layer's
-    parameters): only the blocks on and below the diagonal of a partition of the rows
-    into up to :data:`SYMMETRIC_PARTS` parts are multiplied, the rest is their mirror
-    (torch has no SYRK): 10/16 of the multiplications at 4 parts.
-    Measured on one CPU thread, float32: ``[384, 1024]`` 3.5 -> 2.6 ms, ``[384, 2048]``
-    7.0 -> 5.1 ms (the rows of "top" s = 3 on the recall Transformer, b = 128)."""
-    n = rows[0].shape[0]
-    parts = min(SYMMETRIC_PARTS, n // SYMMETRIC_MIN_ROWS)
-    if parts < 2 or sum(u.shape[1] for u in rows) < SYMMETRIC_MIN_COLUMNS:
-        gram = rows[0] @ rows[0].T
-        for u in rows[1:]:
-            gram = gram.addmm_(u, u.T)
-        return gram
-    gram = torch.empty(n, n, dtype=rows[0].dtype, device=rows[0].device)
-    edges = [round(i * n / parts) for i in range(parts + 1)]
-    for i0, i1 in zip(edges[:-1], edges[1:]):
-        block = rows[0][i0:i1] @ rows[0][:i1].T  # rows i0:i1 against rows 0:i1
-        for u in rows[1:]:
-            block = block.addmm_(u[i0:i1], u[:i1].T)
-        gram[i0:i1, :i1] = block
-        gram[:i0, i0:i1] = block[:, :i0].T
-    return gram
+@dataclass(frozen=True)
+class LowRankFactors:
+    """The factors of :class:`LowRankLayout` for n rows of U: row r is ``vec(G_r^T A_r)``.
+
+    Attributes:
+        layout: which covered parameter is the weight and which the bias.
+        g: G ``[n, kappa, n_G]``, the output-gradients of each row at kappa positions.
+        a: A ``[n, kappa, n_A]``, the inputs of the row's sample (if the weight is
+            covered), then the bias's column (if the bias is covered).
+    """
+
+    layout: LowRankLayout
+    g: Tensor
+    a: Tensor
 
 
 class LayerFactors(ABC):
@@ -100,7 +120,7 @@ class LayerFactors(ABC):
     num_rows: int
     #: The name of the class's :meth:`state` form (registered for :meth:`from_state`).
     form: ClassVar[str | None] = None
-    _forms: ClassVar[dict[str, type["LayerFactors"]]] = {}
+    _forms: ClassVar[dict[str, type[LayerFactors]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -150,7 +170,7 @@ class LayerFactors(ABC):
         """How many numbers the factors hold (inf: only their rows can be kept)."""
         return math.inf
 
-    def compact(self) -> "LayerFactors":
+    def compact(self) -> LayerFactors:
         """U in its smaller exact form: the explicit rows ``[n, p]`` or these factors."""
         if self.num_rows * self.num_params <= self.held_numel():
             return ExplicitFactors(self.module, self.params, self.per_sample())
@@ -166,6 +186,12 @@ class LayerFactors(ABC):
         on; None for other layers."""
         return None
 
+    def low_rank_factors(self) -> LowRankFactors | None:
+        """G and A with row r of U equal to ``vec(G_r^T A_r)`` (weight block, then bias;
+        :class:`LowRankFactors`), before any truncation; None for factors without that
+        structure (the default; a tied block's rows also have cross terms)."""
+        return None
+
     def kronecker_sides(self) -> tuple[int, int, int] | None:
         """``(s, d_in + 1, d_out)`` of :meth:`kronecker_factors` for cost estimates,
         without forming them; None for other layers."""
@@ -175,7 +201,7 @@ class LayerFactors(ABC):
         """``U[:, index]``, ``[n, q]``."""
         return self.per_sample()[:, index]
 
-    def cross_gram(self, other: "LayerFactors", params: Sequence[nn.Parameter]) -> Tensor | None:
+    def cross_gram(self, other: LayerFactors, params: Sequence[nn.Parameter]) -> Tensor | None:
         """``U[:, S] U'[:, S]^T`` ``[n, n]`` with the factors ``other`` of another layer
         over the parameters S = ``params`` both cover (weight tying,
         :mod:`gramopt.capture.tied`), where the structure of both gives a cheaper form than
@@ -197,7 +223,7 @@ class LayerFactors(ABC):
         return total
 
     # -- blocks of rows (sampled Gauss-Newton systems) ---------------------------------------
-    def pass_block(self, samples: int, passes: int, keep: int) -> "LayerFactors":
+    def pass_block(self, samples: int, passes: int, keep: int) -> LayerFactors:
         """The factors of the rows of the first ``keep`` of each sample's ``passes`` passes
         (rows are sample-major, ``n = samples * passes``): ``U[S]`` with
         ``S = {i * passes + c : c < keep}``, ``samples * keep`` rows. Its :meth:`gram` is
@@ -219,11 +245,11 @@ class LayerFactors(ABC):
         raise TypeError(f"cannot cache factors of type {type(self).__name__}")
 
     @classmethod
-    def _from_state(cls, module: nn.Module, params: list[nn.Parameter], state: dict[str, Any]) -> "LayerFactors":
+    def _from_state(cls, module: nn.Module, params: list[nn.Parameter], state: dict[str, Any]) -> LayerFactors:
         raise NotImplementedError
 
     @staticmethod
-    def from_state(module: nn.Module, params: list[nn.Parameter], state: dict[str, Any], name: str = "?") -> "LayerFactors":
+    def from_state(module: nn.Module, params: list[nn.Parameter], state: dict[str, Any], name: str = "?") -> LayerFactors:
         """The factors :meth:`state` saved, for ``module`` (``name``: for messages)."""
         cls = LayerFactors._forms.get(state["form"])
         if cls is None:

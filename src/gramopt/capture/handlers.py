@@ -1,9 +1,11 @@
-"""Module handlers: what to keep from a layer's forward pass, and how to turn it and
-the captured output-gradients into :class:`~gramopt.capture.factors.LayerFactors`.
+"""Module handlers: what to keep from a layer's forward pass, how to turn it and the
+captured output-gradients into :class:`~gramopt.capture.factors.LayerFactors`, and what
+the methods may ask of a layer before any factors exist (its capabilities).
 
-A registry maps module types to handlers (BackPACK's module -> extension dict). Users
-support their own module types with :func:`register_handler`; the simplest handler
-returns :class:`~gramopt.capture.factors.ExplicitFactors` from per-sample gradients.
+A registry maps module types to handlers (:mod:`gramopt.capture.registry`, BackPACK's
+module -> extension dict). Users support their own module types with
+:func:`~gramopt.capture.registry.register_handler`; the simplest handler returns
+:class:`~gramopt.capture.factors.ExplicitFactors` from per-sample gradients.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import Tensor, nn
 
 from gramopt.capture import channels
 from gramopt.capture.conv import ConvFactors
-from gramopt.capture.factors import ExplicitFactors, LayerFactors
+from gramopt.capture.factors import ExplicitFactors, LayerFactors, LowRankLayout
 from gramopt.capture.shared_weight import EmbeddingFactors, SharedWeightFactors
 from gramopt.errors import CaptureError, UnsupportedModuleError
 
@@ -28,14 +30,63 @@ class LayerHandler(ABC):
     ``grads`` given to :meth:`factors` is a list with one tensor per forward call of the
     module in this step, each ``[b, k, *output_shape[1:]]``: the output-gradients of the
     k backward passes, already multiplied by the method's scale.
+
+    Capabilities (what a method may ask of a layer, so that no method tests a module's
+    type): :attr:`dense_layer`, :attr:`couples_samples`, :attr:`captures_in_eval`,
+    :meth:`low_rank_layout`; a handler of a module whose forward it reroutes through a
+    proxy module (``nn.MultiheadAttention``) sets :attr:`proxy_name` and defines
+    :meth:`proxy`, :meth:`attach` and :meth:`detach`.
     """
 
     #: Whether the layer is captured in eval mode too (in a model training in train mode):
     #: BatchNorm kept in eval mode, whose affine parameters still train.
     captures_in_eval: bool = False
 
+    #: Whether the module is a dense layer: a weight that multiplies the input (Linear,
+    #: convolutions, attention projections), not a lookup table (Embedding) or an
+    #: elementwise affine map (norm layers). FNGD preconditions dense layers only (its
+    #: paper's fully connected and convolutional layers) and gives the others the plain
+    #: gradient by design.
+    dense_layer: bool = False
+
+    #: Whether the layer couples the samples of a batch in training mode (BatchNorm's batch
+    #: statistics): its rows then sum to the batch gradient but are not per-sample
+    #: Jacobian rows, so a method that needs those (GGN) refuses it in training mode.
+    couples_samples: bool = False
+
+    #: None (default): the engine hooks the module itself. A name (``"in_proj"``): the
+    #: module's forward uses parameters without calling a module (``nn.MultiheadAttention``
+    #: reads its projection weights inside ``F.multi_head_attention_forward``), so the
+    #: engine hooks a proxy (:meth:`proxy`, named ``<module name>.<proxy_name>``) whose
+    #: calls :meth:`attach` makes the module's forward go through; :meth:`save` and
+    #: :meth:`factors` then get the proxy. The module's submodules are hooked as usual
+    #: (the rerouted forward calls them), and a module :meth:`validate` refuses is refused
+    #: with everything below it (its own forward would not call them).
+    proxy_name: str | None = None
+
     def validate(self, module: nn.Module) -> None:
         """Raise :class:`UnsupportedModuleError` for configurations the math can't handle."""
+
+    def low_rank_layout(self, module: nn.Module, params: list[nn.Parameter]) -> LowRankLayout | None:
+        """How the layer's rows over ``params`` (its covered parameters) factor as
+        ``vec(G_r^T A_r)`` (:class:`~gramopt.capture.factors.LowRankLayout`: SENG's implicit
+        layers), when its factors always offer
+        :meth:`~gramopt.capture.factors.LayerFactors.low_rank_factors`; None (default)
+        otherwise."""
+        return None
+
+    def proxy(self, module: nn.Module) -> nn.Module:
+        """The module the engine hooks in place of ``module`` (only asked when
+        :attr:`proxy_name` is set): the one already attached, or a new one."""
+        raise NotImplementedError(f"{type(self).__name__} sets proxy_name but defines no proxy()")
+
+    def attach(self, module: nn.Module, proxy: nn.Module) -> None:
+        """Make ``module``'s forward call ``proxy`` (once per engine covering it; only with
+        :attr:`proxy_name`)."""
+        raise NotImplementedError(f"{type(self).__name__} sets proxy_name but defines no attach()")
+
+    def detach(self, module: nn.Module) -> None:
+        """Undo one :meth:`attach`."""
 
     def save(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
         """What to keep from a forward call (default: the first input, detached)."""
@@ -116,8 +167,22 @@ class LinearHandler(LayerHandler):
             x = channels.append_bias_indicator(x, indicator, type(module).__name__)
         return x
 
+    dense_layer = True
+
+    def low_rank_layout(self, module, params):
+        return weight_bias_layout(module, params)
+
     def factors(self, module, params, saved, grads):
         return linear_factors(module, params, module.weight, module.bias, saved, grads)
+
+
+def weight_bias_layout(module: nn.Module, params: list[nn.Parameter]) -> LowRankLayout:
+    """The :class:`~gramopt.capture.factors.LowRankLayout` of a layer ``y = W x + c`` with
+    ``module.weight`` ``[d_out, *]`` and ``module.bias`` (covered where among ``params``)."""
+    weight, bias = module.weight, module.bias
+    with_weight = any(p is weight for p in params)
+    with_bias = bias is not None and any(p is bias for p in params)
+    return LowRankLayout(weight.shape[0], weight.shape if with_weight else None, with_bias)
 
 
 def linear_factors(
@@ -170,9 +235,20 @@ class ConvHandler(LayerHandler):
             )
         return x
 
+    dense_layer = True
+
+    @staticmethod
+    def structured(module: nn.Module) -> bool:
+        """Whether the layer gets :class:`~gramopt.capture.conv.ConvFactors` (Conv1d / Conv2d,
+        groups = 1) rather than explicit rows."""
+        return type(module) in (nn.Conv1d, nn.Conv2d) and module.groups == 1
+
+    def low_rank_layout(self, module, params):
+        return weight_bias_layout(module, params) if self.structured(module) else None
+
     def factors(self, module, params, saved, grads):
         dtype = grads[0].dtype
-        if type(module) in (nn.Conv1d, nn.Conv2d) and module.groups == 1:
+        if self.structured(module):
             return ConvFactors(module, params, [x.to(dtype) for x in saved], grads)
         rows = None
         for x, g in zip(saved, grads):
@@ -317,6 +393,7 @@ class BatchNormHandler(_AffineNormHandler):
     Jacobian rows would need the statistics held constant)."""
 
     captures_in_eval = True
+    couples_samples = True
 
     def save(self, module, args, output):
         x = super().save(module, args, output)
@@ -337,37 +414,3 @@ class BatchNormHandler(_AffineNormHandler):
 
     def reduce_dims(self, module, x):
         return tuple(range(3, x.dim() + 1))
-
-
-_REGISTRY: dict[type, LayerHandler] = {
-    nn.Linear: LinearHandler(),
-    nn.Conv1d: ConvHandler(),
-    nn.Conv2d: ConvHandler(),
-    nn.Conv3d: ConvHandler(),
-    nn.ConvTranspose1d: ConvHandler(),
-    nn.ConvTranspose2d: ConvHandler(),
-    nn.ConvTranspose3d: ConvHandler(),
-    nn.modules.batchnorm._BatchNorm: BatchNormHandler(),
-    nn.Embedding: EmbeddingHandler(),
-    nn.LayerNorm: LayerNormHandler(),
-    nn.GroupNorm: GroupNormHandler(),
-}
-if hasattr(nn, "RMSNorm"):
-    _REGISTRY[nn.RMSNorm] = LayerNormHandler()
-
-
-def register_handler(module_type: type, handler: LayerHandler) -> None:
-    """Support ``module_type`` (and its subclasses) with ``handler``."""
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
-    if not isinstance(handler, LayerHandler):
-        raise TypeError(f"handler must be a LayerHandler, got {type(handler).__name__}")
-    _REGISTRY[module_type] = handler
-
-
-def handler_for(module: nn.Module) -> LayerHandler | None:
-    """The handler of the most specific registered type in the module's MRO, if any."""
-    for cls in type(module).__mro__:
-        if cls in _REGISTRY:
-            return _REGISTRY[cls]
-    return None

@@ -8,14 +8,11 @@ and the Gram entries are
 
     K_rq = sum_{s,t} (z_rs . z_qt) (x_is . x_jt)  +  (sum_s z_rs) . (sum_t z_qt)     (*)
 
-(the sample-space kernel ``K = U U^T`` of :mod:`gramopt.capture.factors`). Two ways to build K:
-
-- *position pairs*: evaluate (*) directly, cost ~ (n s)^2 (d_in + d_out);
-- *explicit*: form U (n x d_out d_in) with one batched matmul, then U U^T,
-  cost ~ n s d_in d_out + n^2 d_in d_out.
-
-:class:`SharedWeightFactors` picks the cheaper per layer (plain Linear layers, s = 1,
-always use position pairs, which is the well-known ``(Z Z^T) * (X X^T + 1)``).
+(the sample-space kernel ``K = U U^T`` of :mod:`gramopt.capture.factors`), built by
+position pairs or from explicit per-sample gradients, whichever costs fewer flops
+(:mod:`gramopt.linalg.kernels`, which holds both forms and their cost model).
+:class:`SharedWeightFactors` picks per layer (plain Linear layers, s = 1, always use
+position pairs, which is the well-known ``(Z Z^T) * (X X^T + 1)``).
 Embedding inputs are one-hot, so ``x_is . x_jt`` becomes ``[idx_is == idx_jt]``.
 
 Bias indicator: a layer called on derivative channels (:mod:`gramopt.capture.channels`)
@@ -29,136 +26,22 @@ ordinary layer.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gramopt.capture.factors import LayerFactors, symmetric_gram
-
-#: Upper bound on the number of elements of one temporary of the position-pair Gram.
-PAIR_CHUNK_ELEMENTS = 2**24
-#: Explicit per-sample gradients larger than this (elements) are never formed.
-EXPLICIT_MAX_ELEMENTS = 2**27
-
-
-def position_pair_gram(
-    grads: Tensor, input_kernel: Callable[[int, int], Tensor], other: Tensor | None = None
-) -> Tensor:
-    """Evaluate ``K_rq = sum_{s,t} (z_rs . z_qt) A_{i s j t}`` in chunks of samples.
-
-    Args:
-        grads: Z, ``[b, k, s, d_out]``.
-        input_kernel: ``(i0, i1) -> A[i0:i1]``, the input kernel over position pairs
-            for samples ``i0 <= i < i1`` against all samples, ``[i1 - i0, s, b, s']``.
-        other: None (K of one layer, s' = s), or Z' ``[b, k, s', d_out]`` of a second layer
-            sharing the weight: the cross block ``sum_{s,t} (z_rs . z'_qt) A_{i s j t}``.
-
-    Returns:
-        K without the bias term, ``[b k, b k]``.
-    """
-    b, k, s, d_out = grads.shape
-    right = grads if other is None else other
-    s2 = right.shape[2]
-    n = b * k
-    flat = grads.reshape(n * s, d_out)
-    flat_right = right.reshape(n * s2, d_out)
-    per_sample = k * s * n * s2
-    chunk = max(1, PAIR_CHUNK_ELEMENTS // max(per_sample, 1))
-    blocks = []
-    for i0 in range(0, b, chunk):
-        i1 = min(b, i0 + chunk)
-        c = i1 - i0
-        zz = flat[i0 * k * s : i1 * k * s] @ flat_right.T  # [c k s, n s']
-        zz = zz.view(c, k, s, b, k, s2)
-        xx = input_kernel(i0, i1).view(c, 1, s, b, 1, s2)
-        blocks.append((zz * xx).sum(dim=(2, 5)).reshape(c * k, n))
-    return torch.cat(blocks, dim=0)
-
-
-def gram_strategy(d_in: int, grads_shape: torch.Size) -> str:
-    """``"pairs"`` or ``"explicit"`` for the weight part of a shared-weight Gram with
-    inputs of width ``d_in`` and Z of shape ``[b, k, s, d_out]``: whichever costs fewer
-    flops (see module doc); never an explicit U above ``EXPLICIT_MAX_ELEMENTS``."""
-    b, k, s, d_out = grads_shape
-    n = b * k
-    pairs = b * b * s * s * d_in + n * n * s * s * (d_out + 2)
-    explicit = n * s * d_in * d_out + n * n * d_in * d_out
-    if n * d_in * d_out > EXPLICIT_MAX_ELEMENTS:
-        return "pairs"
-    return "explicit" if explicit < pairs else "pairs"
-
-
-def bias_sum(grads: Tensor, bias_positions: Tensor | None = None) -> Tensor:
-    """Per-sample bias gradients ``sum_s m_is z_rs`` for Z ``[b, k, s, d_out]`` and the
-    bias indicator m ``[b, s]`` (None: 1 everywhere), ``[b k, d_out]``."""
-    b, k, s, d_out = grads.shape
-    if bias_positions is None:
-        return grads.sum(dim=2).reshape(b * k, d_out) if s > 1 else grads.reshape(b * k, d_out)
-    return torch.einsum("bksz,bs->bkz", grads, bias_positions.to(grads.dtype)).reshape(b * k, d_out)
-
-
-def shared_weight_gram(
-    inputs: Tensor | None,
-    grads: Tensor,
-    bias: bool = False,
-    strategy: str | None = None,
-    input_gram: Tensor | None = None,
-    bias_positions: Tensor | None = None,
-) -> Tensor:
-    """K = U U^T for per-sample gradients ``G_r = sum_s z_rs x_is^T`` (weight) and, if
-    ``bias``, ``sum_s m_is z_rs`` (bias), ``[b k, b k]``.
-
-    Args:
-        inputs: X ``[b, s, d_in]``, or None when the weight is not covered.
-        grads: Z ``[b, k, s, d_out]``.
-        bias: whether the bias is covered.
-        strategy: ``"pairs"`` or ``"explicit"`` for s > 1 (default: :func:`gram_strategy`).
-        input_gram: for s = 1, ``X X^T`` ``[b, b]`` if already formed (not modified).
-        bias_positions: the bias indicator m ``[b, s]`` (module doc); None: 1 everywhere.
-    """
-    b, k, s, d_out = grads.shape
-    n = b * k
-    if inputs is None:
-        zsum = bias_sum(grads, bias_positions)
-        return zsum @ zsum.T
-    if s == 1:  # (the bias block z z^T is folded into the weight block: (x x^T + m m^T))
-        z = grads.reshape(n, d_out)
-        if input_gram is None:
-            x = inputs.reshape(b, -1)
-            xx = x @ x.T
-            if bias:
-                xx += _bias_kernel(bias_positions, b, xx)
-        else:
-            xx = input_gram + _bias_kernel(bias_positions, b, input_gram) if bias else input_gram
-        zz = z @ z.T
-        if k == 1:
-            return zz.mul_(xx)
-        return (zz.view(b, k, b, k) * xx.view(b, 1, b, 1)).view(n, n)
-    d_in = inputs.shape[-1]
-    if (strategy or gram_strategy(d_in, grads.shape)) == "explicit":
-        u = torch.einsum("bksz,bsx->bkzx", grads, inputs).reshape(n, -1)
-        gram = symmetric_gram([u])
-    else:
-        flat_x = inputs.reshape(-1, d_in)
-
-        def input_kernel(i0: int, i1: int) -> Tensor:
-            return (inputs[i0:i1].reshape(-1, d_in) @ flat_x.T).view(i1 - i0, s, b, s)
-
-        gram = position_pair_gram(grads, input_kernel)
-    if bias:
-        zsum = bias_sum(grads, bias_positions)
-        gram = gram + zsum @ zsum.T
-    return gram
-
-
-def _bias_kernel(bias_positions: Tensor | None, b: int, like: Tensor) -> Tensor | float:
-    """``m m^T`` ``[b, b]`` for one position per sample (1 without an indicator)."""
-    if bias_positions is None:
-        return 1.0
-    m = bias_positions.reshape(b, 1).to(like.dtype)
-    return m @ m.T
+from gramopt.capture.factors import LayerFactors, LowRankFactors, LowRankLayout
+from gramopt.linalg.kernels import (
+    EXPLICIT_MAX_ELEMENTS,
+    PAIR_CHUNK_ELEMENTS,
+    bias_sum,
+    gram_strategy,
+    position_pair_gram,
+    shared_weight_gram,
+    symmetric_gram,
+)
 
 
 def weighted_sum(grads: Tensor, coeffs: Tensor, b: int, k: int) -> Tensor:
@@ -473,6 +356,22 @@ class SharedWeightFactors(LayerFactors):
 
     def kronecker_sides(self) -> tuple[int, int, int]:
         return self.positions, self.d_in + 1, self.d_out
+
+    def low_rank_factors(self) -> LowRankFactors:
+        """G ``[n, s, d_out]``: the output-gradients of each row; A ``[n, s, n_A]``: its
+        sample's inputs (if the weight is covered), then the bias's column (if the bias is
+        covered: ones, or the bias indicator m), so that row r of U is ``vec(G_r^T A_r)``.
+        With one pass (k = 1), G is a view of the output-gradients."""
+        b, k, s = self.batch_size, self.passes, self.positions
+        g = self.grads[:, 0] if k == 1 else self.grads.reshape(b * k, s, self.d_out)
+        parts = [self.inputs] if self.with_weight else []
+        if self.with_bias:
+            parts.append(self.bias_inputs().to(g.dtype))
+        a = torch.cat(parts, dim=2)
+        if k > 1:  # each pass's row has its sample's inputs
+            a = a.repeat_interleave(k, dim=0)
+        layout = LowRankLayout(self.d_out, self.weight_shape if self.with_weight else None, self.with_bias)
+        return LowRankFactors(layout, g, a)
 
     def columns(self, index: Tensor) -> Tensor:
         """``U[:, index]``: ``sum_s z_rs[o] x_is[j]`` for weight entry (o, j), ``sum_s z_rs[o]``

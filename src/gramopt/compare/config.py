@@ -1,10 +1,15 @@
-"""What ``gramopt compare`` compares, as data: tuning grids, target ladders, budgets, defaults.
+"""What ``gramopt compare`` compares, as data: tuning grids, selection, divergence, defaults.
+
+Everything that belongs to one task (its ladder of targets, its budget, how much of the
+data each evaluation reads, the hyper-parameters tuned for it) is in its record,
+:class:`gramopt.tasks.Task`.
 
 Grids. Two sizes, the same for every optimizer: ``full`` (3 x 3 = 9 settings over two
 knobs) and ``quick`` (3 settings over one knob, the default command's). A knob is an
 :class:`Axis`: factors applied to the *base* value (the task's defaults for the
-optimizer, ``Task.hyper``, over the optimizer's own, ``OptimizerSpec.loss_defaults`` of the task's loss) or
-absolute values. The middle setting is always the base. The knobs (:data:`FULL_GRIDS`):
+optimizer: ``Task.tuned`` over the optimizer's own defaults for the task's loss,
+``gramopt.training.registry.task_hyper``) or absolute values. The middle setting is
+always the base. The knobs (:data:`FULL_GRIDS`):
 
 - second-order methods (ggn, seng, fngd, ikfac, singd): learning rate x damping;
 - shampoo: learning rate x ``matrix_eps`` (its damping); soap: learning rate x eps;
@@ -13,7 +18,7 @@ absolute values. The middle setting is always the base. The knobs (:data:`FULL_G
 - adamw, psgd-kron and any newly registered optimizer with a weight decay: learning
   rate x weight decay; without one: 9 learning rates.
 
-Targets. Per task a ladder of rungs on one metric (:data:`LADDERS`): train loss for
+Targets. Per task a ladder of rungs on one metric (``Task.ladder``): train loss for
 the regression tasks (targets are standardized, so 0.01 is 1% of the target variance),
 test accuracy for classification. Time-to-target is reported per rung.
 
@@ -64,10 +69,11 @@ bfloat16 Muon on a CPU without a fast bfloat16 matmul).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from gramopt.tasks import Task
+from gramopt.tasks import TASKS, Target, Task
 from gramopt.training.registry import get_optimizer_spec, task_hyper
 
 GRIDS_BY_NAME = ("full", "quick")
@@ -127,78 +133,31 @@ FULL_GRIDS: dict[str, tuple[Axis, ...]] = {
 }
 
 
-@dataclass(frozen=True)
-class Target:
-    """Reached once ``metric`` (a key of the evaluation records) is <= ``value``
-    (``below``) or >= ``value``."""
-
-    metric: str
-    value: float
-    below: bool
-
-    def reached(self, record: dict[str, float]) -> bool:
-        value = record.get(self.metric)
-        if value is None or value != value:  # missing or NaN
-            return False
-        return value <= self.value if self.below else value >= self.value
-
-    def describe(self) -> str:
-        return f"{self.metric} {'<=' if self.below else '>='} {self.value:g}"
-
-    def on_validation(self) -> "Target":
-        """The rung that selects settings: test_X -> val_X (the validation set); a
-        train_loss rung is its own (see the module docstring)."""
-        return Target(self.metric.replace("test_", "val_", 1), self.value, self.below)
-
-    @property
-    def selection_loss(self) -> str:
-        """The final loss that breaks selection ties: train_loss for a train-loss ladder,
-        val_loss otherwise."""
-        return "train_loss" if self.metric == "train_loss" else "val_loss"
+Field = TypeVar("Field")
 
 
-def ladder(metric: str, values: tuple[float, ...], below: bool) -> tuple[Target, ...]:
-    """Rungs from the loosest to the tightest."""
-    return tuple(Target(metric, v, below) for v in values)
+class PerTask(Mapping[str, Field], Generic[Field]):
+    """Per registered task name, one field of its record, read at each access (so that a
+    task registered later is in it too)."""
+
+    def __init__(self, read: Callable[[Task], Field]) -> None:
+        self._read = read
+
+    def __getitem__(self, name: str) -> Field:
+        return self._read(TASKS[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(TASKS)
+
+    def __len__(self) -> int:
+        return len(TASKS)
 
 
-LADDERS: dict[str, tuple[Target, ...]] = {
-    # Top rungs are set where the best optimizer of the committed run reaches them within the
-    # task's budget: on teacher nobody reached 1e-3 in 3 s (best final train loss 0.0018,
-    # pytorch-optimizer's Muon; GGN 0.0027), so its top rung is 3e-3 and the budget (the
-    # default command's) stays 3 s.
-    "teacher": ladder("train_loss", (1e-1, 1e-2, 3e-3), below=True),
-    # Diabetes: every optimizer reached 0.4 / 0.3 / 0.2 within a tenth of the 1-s budget
-    # (the two-knob grid's run), so they no longer separated anyone; the best reach 0.01
-    # in 0.3 s (GGN, AdamW, pytorch-optimizer's Muon, quick grid).
-    "diabetes": ladder("train_loss", (1e-1, 3e-2, 1e-2), below=True),
-    "digits": ladder("test_accuracy", (0.95, 0.97, 0.98), below=False),
-    "mnist": ladder("test_accuracy", (0.93, 0.95, 0.97), below=False),
-    # The small CNN (9k parameters) tops out near 0.905 test accuracy: in 120 s AdamW (lr
-    # 0.0067) and SOAP (lr 0.003), the fastest to 0.90 at 60 s, peaked at 0.907 and 0.908,
-    # so 0.91 is no rung of fashion-mnist (the ResNet keeps it).
-    "fashion-mnist": ladder("test_accuracy", (0.85, 0.88, 0.90), below=False),
-    "fashion-resnet": ladder("test_accuracy", (0.85, 0.88, 0.90, 0.91), below=False),
-    "recall": ladder("test_accuracy", (0.5, 0.9, 0.99), below=False),
-    "charlm": ladder("test_accuracy", (0.3, 0.4, 0.5), below=False),
-}
-# The loosest rung of each ladder (what a single target used to be).
-TARGETS: dict[str, Target] = {name: rungs[0] for name, rungs in LADDERS.items()}
+# Each task's ladder (``Task.ladder``) and its loosest rung (what a single target used to be).
+LADDERS: Mapping[str, tuple[Target, ...]] = PerTask(lambda task: task.ladder)
+TARGETS: Mapping[str, Target] = PerTask(lambda task: task.ladder[0])
 
 DIVERGENCE_FACTOR = 10.0  # final train loss > this x initial train loss: diverged
-
-# Optimizer-clock seconds per run when neither --budget-seconds nor --epochs is given.
-BUDGET_SECONDS: dict[str, float] = {
-    "teacher": 3.0,
-    "diabetes": 1.0,
-    "digits": 3.0,
-    "mnist": 15.0,
-    "fashion-mnist": 120.0,
-    "fashion-resnet": 240.0,
-    "recall": 15.0,
-    "charlm": 30.0,
-}
-FALLBACK_BUDGET_SECONDS = 10.0
 
 # The default comparison (`gramopt compare` with no options): every gramopt method,
 # torch's SGD-momentum and AdamW, and these peers when installed.
@@ -206,10 +165,10 @@ DEFAULT_TASK = "teacher"
 DEFAULT_SEEDS = 3
 DEFAULT_PEERS = ("soap", "muon", "ikfac", "singd")
 
-EVALUATIONS = 40  # evaluation points per run, evenly spaced over its budget
-# Where evaluating the whole sets 40 times would cost more than the budget itself, each
-# evaluation uses a fixed random subset of at most this many samples of each set.
-EVAL_SAMPLES: dict[str, int] = {"mnist": 1000, "fashion-mnist": 2000, "fashion-resnet": 2000, "recall": 1000, "charlm": 1000}
+# Evaluation points per run, evenly spaced over its budget; each reads the task's
+# ``eval_samples`` of each set (where the whole sets, this many times, would cost more than
+# the budget itself).
+EVALUATIONS = 40
 # Expected step cost in SGD-momentum steps (module docstring); a step costing more than
 # STEP_COST_MARGIN times its expectation is flagged. Largest ratios (any seed) measured in
 # the committed comparisons (benchmarks/results/compare/*/results.json): AdamW 1.41, Muon
@@ -257,9 +216,8 @@ def axes(name: str, size: str) -> tuple[Axis, ...]:
 def grid(name: str, task: Task, size: str = "quick") -> list[dict[str, Any]]:
     """The ``GRID_SIZES[size]`` hyper-parameter settings of optimizer ``name`` on ``task``
     (the middle one is the base setting)."""
-    spec = get_optimizer_spec(name)
     # FNGD's coefficient_steps: one epoch (left out); GGN's lr and damping: its per-loss defaults
-    base = {**spec.run_defaults_for(task.loss), **task_hyper(task, name)}
+    base = task_hyper(task, name)
     settings: list[dict[str, Any]] = [dict(base)]
     for axis in axes(name, size):
         try:

@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from gramopt.compare import config as bench_config
-from gramopt.compare.config import DIVERGENCE_FACTOR, GRID_SIZES, LADDERS, Target, grid
+from gramopt.compare.config import DIVERGENCE_FACTOR, GRID_SIZES, Target, grid
 from gramopt.compare.flags import step_time_flags
 from gramopt.compare.hardware import bfloat16_matmul, cpu_bfloat16_flags, cpu_model
 from gramopt.compare.memory import peak_memories
@@ -74,7 +74,7 @@ UNBOUNDED_EPOCHS = 10**9  # a time-budgeted run stops on its clock, not on epoch
 @dataclass
 class CompareConfig:
     """A comparison. ``optimizers=None``: :func:`default_optimizers`; ``budget_seconds``
-    and ``epochs`` both None: each task's ``BUDGET_SECONDS``."""
+    and ``epochs`` both None: each task's ``Task.budget_seconds``."""
 
     tasks: tuple[str, ...] = (bench_config.DEFAULT_TASK,)
     optimizers: tuple[str, ...] | None = None
@@ -154,7 +154,9 @@ class Budget:
 def task_budget(config: CompareConfig, task: Task) -> Budget:
     if config.epochs is not None:
         return Budget(None, config.epochs)
-    seconds = config.budget_seconds or bench_config.BUDGET_SECONDS.get(task.name, bench_config.FALLBACK_BUDGET_SECONDS)
+    seconds = config.budget_seconds or task.budget_seconds
+    if seconds is None:
+        raise ValueError(f"task {task.name!r} has no budget_seconds; give --budget-seconds or --epochs")
     return Budget(seconds, None)
 
 
@@ -196,7 +198,7 @@ def run_one(
         max_seconds=budget.seconds,
         eval_every_seconds=budget.seconds / bench_config.EVALUATIONS if budget.seconds else 0.0,
         eval_every_steps=max(1, budget.epochs * steps_per_epoch // bench_config.EVALUATIONS) if budget.epochs else 0,
-        eval_samples=bench_config.EVAL_SAMPLES.get(task.name, 0),
+        eval_samples=task.eval_samples or 0,
         save=False,
         distributed=distributed,
     )
@@ -213,7 +215,7 @@ def run_one(
     diverged, reason = result.diverged, result.diverged_reason
     if not diverged:
         diverged, reason = blew_up(history)
-    rungs = LADDERS.get(task.name, ())
+    rungs = task.ladder
     # A run that diverges counts as not having reached any rung, even if it passed it first.
     reached = [(None, None) if diverged else time_to_target(history, rung) for rung in rungs]
     reached_val = [None if diverged else time_to_target(history, rung.on_validation())[0] for rung in rungs]
@@ -481,7 +483,7 @@ def compare_task(
     if plain is not None:
         plain.note(f"{task.name}: interleaved step timing and peak memory of the winners")
     ratios = [step_time_ratios(task, winners, splits[seed], seed, config.distributed) for seed in seeds]
-    rungs = LADDERS.get(task.name, ())
+    rungs = task.ladder
     for name, method in methods.items():
         runs = method["settings"][method["winner"]]["runs"]
         memory = [peak_step_memory(task, name, winners[name], splits[seed], seed, config.distributed) for seed in seeds]
@@ -508,7 +510,7 @@ def compare_task(
     )
     return {
         "task": {"name": task.name, "description": task.description, "loss": task.loss, "metric": task.metric,
-                 "batch_size": task.batch_size, "eval_samples": bench_config.EVAL_SAMPLES.get(task.name, 0),
+                 "batch_size": task.batch_size, "eval_samples": task.eval_samples or 0,
                  "train_samples": int(next(iter(splits.values())).train_x.shape[0]),
                  "val_samples": int(next(iter(splits.values())).val_x.shape[0])},  # type: ignore[union-attr]
         "target": None if target is None else {**asdict(target), "text": target.describe()},

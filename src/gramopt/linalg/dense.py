@@ -9,6 +9,9 @@ eigen-solve with clamped eigenvalues is used. Every fallback is reported in the
 returned :class:`SolveInfo` (``jitter``: the damping actually used is damping + jitter)
 and as a warning. With damping = 0 (the ridgeless Eq. 9 of the GGN paper) a singular
 system (estimated condition number above 1/(n eps)) is an error.
+
+:func:`all_finite` is the finiteness check every method shares (gradients, Grams,
+directions).
 """
 
 from __future__ import annotations
@@ -22,6 +25,16 @@ import torch
 from torch import Tensor
 
 from gramopt.errors import NonFiniteError, SingularSystemError
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether ``t`` has no NaN or inf, by one min/max reduction: ``isfinite(t).all()``
+    allocates ``t.abs()`` and boolean masks, several times the memory of a wide layer's
+    gradient."""
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 class NumericalWarning(RuntimeWarning):

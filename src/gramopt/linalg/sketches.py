@@ -40,7 +40,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from gramopt.capture.shared_weight import shared_weight_gram
+from gramopt.linalg.kernels import shared_weight_gram
 
 
 class Sketch(ABC):

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from gramopt import distributed as dp
 from gramopt.capture.engine import CaptureEngine
-from gramopt.capture.factors import LayerFactors, all_finite
+from gramopt.capture.factors import LayerFactors
 from gramopt.errors import CaptureError, NonFiniteError
-from gramopt.linalg.dense import SolveInfo
+from gramopt.linalg.dense import SolveInfo, all_finite
 from gramopt.losses import GaussNewtonLoss
 from gramopt.optim.notices import Notices, user_stacklevel
 from gramopt.optim.update import all_norms_finite, clip_directions, decorated_update

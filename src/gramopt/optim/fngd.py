@@ -89,6 +89,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gramopt.capture import handler_for
 from gramopt.capture.factors import LayerFactors
 from gramopt.errors import NonFiniteError
 from gramopt.linalg.dense import solve_damped_psd
@@ -96,11 +97,6 @@ from gramopt.losses import GaussNewtonLoss, get_loss
 from gramopt.optim.base import Batch, MethodNeeds, SampleSpaceOptimizer, check_hyper
 from gramopt.optim.compat import positional_deprecated
 
-#: The layer types FNGD preconditions (the paper's Linear and convolutional layers,
-#: transposed and grouped convolutions included); every other parameter (norms,
-#: embeddings) takes the plain gradient of the mean loss, as in the paper: that is the
-#: method, not a fallback, so it is not warned about.
-PRECONDITIONED = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)  # attention: its in-projection
 
 #: Estimation steps before the coefficients are shared when none are given (see the
 #: module docstring: the paper estimates during one epoch, which the class cannot know).
@@ -113,7 +109,14 @@ DAMPING_MODES = ("relative", "absolute")
 
 
 def _preconditioned(module: nn.Module) -> bool:
-    return isinstance(module, PRECONDITIONED)
+    """Whether FNGD preconditions ``module``: a dense layer by its handler
+    (:attr:`~gramopt.capture.handlers.LayerHandler.dense_layer`: the paper's Linear and
+    convolutional layers, transposed and grouped convolutions and attention projections
+    included). Every other parameter (norms, embeddings) takes the plain gradient of the
+    mean loss, as in the paper: that is the method, not a fallback, so it is not warned
+    about."""
+    handler = handler_for(module)
+    return handler is not None and handler.dense_layer
 
 
 def fngd_damping(gram: Tensor, damping: float, mode: str = "relative", *, what: str = "FNGD Gram matrix") -> float:

@@ -1,103 +1,41 @@
-"""Embedded tasks: a model, data with a fixed split, the loss and the test metric.
+"""Embedded tasks: each one a :class:`Task` record (model, data with a fixed split, loss,
+metric, ladder of targets, budget, evaluation size, tuned hyper-parameters).
 
-Every task's data is generated or ships with an installed package, so nothing is
-downloaded at run time. ``gramopt tasks`` lists them.
+Every task's data is generated or ships with an installed package (or a Debian data
+package that the task names), so nothing is downloaded at run time. ``gramopt tasks``
+lists them.
+
+Adding a task is one file in this package: build the model and the data (the helpers of
+:mod:`gramopt.tasks.data` and :mod:`gramopt.tasks.models`), then ``register_task(Task(...))``.
+Every module here is imported when the package is: the families of :data:`FAMILIES` first,
+in that order (the order of ``gramopt tasks`` and ``--task all``), then any other module
+by file name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+import importlib
+import pkgutil
 
-import torch
-from torch import Tensor, nn
+from gramopt.tasks.data import Split, random_split, standardized, with_validation
+from gramopt.tasks.models import mlp, seeded
+from gramopt.tasks.record import KINDS, TASKS, Target, Task, get_task, ladder, register_task
 
-
-@dataclass
-class Split:
-    """Train and test tensors; inputs ``[n, ...]``, targets ``[n]`` or ``[n, k]``;
-    optionally a validation set carved from the training data (:func:`with_validation`)."""
-
-    train_x: Tensor
-    train_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
-    val_x: Tensor | None = None
-    val_y: Tensor | None = None
+#: The task files whose tasks come first, in this order.
+FAMILIES = ("regression", "classification", "images", "sequence", "language")
 
 
-VALIDATION_FRACTION = 0.1
-VALIDATION_MAX = 5000
+def _import_task_files() -> None:
+    """Import :data:`FAMILIES`, then every other module of this package by name: a file
+    that registers tasks adds them."""
+    others = sorted({module.name for module in pkgutil.iter_modules(__path__)} - set(FAMILIES))
+    for name in (*FAMILIES, *others):
+        importlib.import_module(f"{__name__}.{name}")
 
 
-def with_validation(split: Split, seed: int, fraction: float = VALIDATION_FRACTION, most: int = VALIDATION_MAX) -> Split:
-    """``split`` with ``min(round(fraction * n_train), most)`` training samples moved to a
-    validation set: a random choice fixed by ``seed`` (the same for every optimizer and
-    setting of that seed). The test set is unchanged."""
-    if split.val_x is not None:
-        raise ValueError("this split already has a validation set")
-    n = split.train_x.shape[0]
-    n_val = min(int(round(fraction * n)), most)
-    if not 0 < n_val < n:
-        raise ValueError(f"cannot carve {n_val} validation samples out of {n} training samples")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(30_000 + seed))
-    val, train = order[:n_val], order[n_val:]
-    return Split(split.train_x[train], split.train_y[train], split.test_x, split.test_y, split.train_x[val], split.train_y[val])
+_import_task_files()
 
-
-@dataclass
-class Task:
-    """An embedded task.
-
-    Attributes:
-        name: what ``--task`` takes.
-        description: one line for ``gramopt tasks``.
-        loss: ``"mse"`` or ``"cross_entropy"``.
-        build_model: ``seed -> model`` (the seed fixes the initialization).
-        load: ``seed -> Split`` (the seed fixes the split).
-        epochs, batch_size: defaults of ``gramopt train``.
-        hyper: per optimizer name, its default hyper-parameters on this task (the
-            classification tasks give GGN none: its constructor's cross-entropy defaults,
-            chosen by benchmarks/results/ggn_ce_defaults.json, are the centre of its grids).
-    """
-
-    name: str
-    description: str
-    loss: str
-    build_model: Callable[[int], nn.Module]
-    load: Callable[[int], Split]
-    epochs: int
-    batch_size: int
-    hyper: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def metric(self) -> str:
-        return "test_mse" if self.loss == "mse" else "test_accuracy"
-
-
-TASKS: dict[str, Task] = {}
-
-
-def register_task(task: Task) -> Task:
-    TASKS[task.name] = task
-    return task
-
-
-def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}")
-    return TASKS[name]
-
-
-def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
-    """Build a model under ``torch.manual_seed(seed)`` without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
-# Registration: importing the task modules adds them to TASKS.
-from gramopt.tasks import classification, images, language, regression, sequence  # noqa: E402,F401
-
-__all__ = ["Split", "TASKS", "Task", "get_task", "register_task", "seeded", "with_validation"]
+__all__ = [
+    "KINDS", "Split", "TASKS", "Target", "Task", "get_task", "ladder", "mlp", "random_split", "register_task", "seeded",
+    "standardized", "with_validation",
+]

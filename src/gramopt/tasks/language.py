@@ -19,7 +19,7 @@ import importlib.resources
 import torch
 from torch import Tensor, nn
 
-from gramopt.tasks import Split, Task, register_task, seeded
+from gramopt.tasks import Split, Task, ladder, register_task, seeded
 from gramopt.tasks.sequence import SelfAttention
 
 CONTEXT = 32
@@ -111,16 +111,14 @@ register_task(
         load=load_charlm,
         epochs=5,
         batch_size=64,
-        hyper={
-            "seng": dict(lr=0.1, damping=1.0, curvature_every=10),
-            "fngd": dict(lr=0.03, damping=1e-2, momentum=0.9),
-            "sgd": dict(lr=0.3, momentum=0.9),
-            "adamw": dict(lr=3e-3, weight_decay=0.01),
-            "soap": dict(lr=3e-3),
-            "shampoo": dict(lr=0.1),
-            "muon": dict(lr=0.02, adamw_lr=3e-3),
-            "ikfac": dict(lr=0.05),
-            "singd": dict(lr=0.05),
+        ladder=ladder("test_accuracy", (0.3, 0.4, 0.5), below=False),
+        budget_seconds=30.0,
+        eval_samples=1000,
+        # every other optimizer (SENG, SOAP, Shampoo, Muon, IKFAC, SINGD, PSGD-Kron) at its defaults
+        tuned={
+            "fngd": dict(lr=0.03, damping=1e-2),
+            "sgd": dict(lr=0.3),
+            "adamw": dict(lr=3e-3),
         },
     )
 )

@@ -40,7 +40,7 @@ class OptimizerSpec:
     hyper-parameters whose default depends on the loss (their ``defaults`` entry is None:
     the optimizer's constructor picks the same value itself); ``source`` says where the
     method comes from ("gramopt", "torch" or the peer package); ``tuned_as`` names the
-    optimizer whose per-task settings (``Task.hyper``) and tuning grids this one shares
+    optimizer whose per-task settings (``Task.tuned``) and tuning grids this one shares
     (another implementation of the same method, e.g. ``muon-f32`` of ``muon``)."""
 
     name: str
@@ -146,12 +146,20 @@ def get_optimizer_spec(name: str) -> OptimizerSpec:
 
 
 def task_hyper(task: Any, name: str) -> dict[str, Any]:
-    """The task's settings for optimizer ``name`` (``task.hyper``), under its own name or,
-    where it has none there, under its spec's ``tuned_as``."""
+    """Every hyper-parameter of optimizer ``name`` on ``task`` but the ``per_epoch`` ones:
+    its defaults for the task's loss (:meth:`OptimizerSpec.run_defaults_for`) with the
+    task's own values (``task.tuned``) over them, found under ``name`` or, where the task
+    has none there, under the spec's ``tuned_as``. A tuned value of a hyper-parameter the
+    optimizer does not take is a ValueError naming the task."""
     spec = get_optimizer_spec(name)
-    if name not in task.hyper and spec.tuned_as is not None:
-        return dict(task.hyper.get(spec.tuned_as, {}))
-    return dict(task.hyper.get(name, {}))
+    tuned = task.tuned.get(name)
+    if tuned is None and spec.tuned_as is not None:
+        tuned = task.tuned.get(spec.tuned_as)
+    tuned = dict(tuned or {})
+    unknown = set(tuned) - set(spec.defaults)
+    if unknown:
+        raise ValueError(f"task {task.name!r} tunes {sorted(unknown)} of {name}, which takes {sorted(spec.defaults)}")
+    return {**spec.run_defaults_for(task.loss), **tuned}
 
 
 def with_epoch_defaults(name: str, hyper: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:

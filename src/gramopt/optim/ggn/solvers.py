@@ -66,14 +66,13 @@ import torch
 from torch import Tensor
 
 from gramopt.capture.factors import LayerFactors, unflatten
-from gramopt.capture.shared_weight import gram_strategy
 from gramopt.linalg.dense import SolveInfo, solve_damped_psd
+from gramopt.linalg.kernels import shared_weight_gram_flops
 from gramopt.linalg.krylov import nystrom_preconditioner, pcg
 from gramopt.linalg.operators import LinearOperator
 from gramopt.linalg.regression import fast_regression
 from gramopt.linalg.sketches import SKETCHES, KroneckerSketch, make_sketch
 from gramopt.optim.ggn.system import GaussNewtonSystem
-
 
 #: CG iterations auto budgets for sketch-pcg (measured 5-8 at float32's default tol).
 AUTO_PCG_ITERATIONS = 8
@@ -254,18 +253,10 @@ def _layer_flops(f: LayerFactors, n: int, oversampling: float) -> tuple[float, f
         s, d_in, d_out = sides
         product = 4.0 * n * s * d_in * d_out
         target = math.ceil(oversampling * n * s)
-
-        def gram_cost(di: int, do: int) -> float:
-            if s == 1:
-                return 2.0 * n * n * (di + do)
-            if gram_strategy(di, (n, 1, s, do)) == "explicit":
-                return 2.0 * (n * s * di * do + n * n * di * do)
-            return 2.0 * (n * n * s * s * (di + do + 2))
-
-        exact = gram_cost(d_in, d_out)
+        exact = shared_weight_gram_flops(n, s, d_in, d_out)
         m_g, m_a = min(target, d_out), min(target, d_in)
         sketch = SKETCH_PENALTY * 2.0 * SPARSE_ZETA * n * s * ((d_out if m_g < d_out else 0) + (d_in if m_a < d_in else 0))
-        sketched = exact if (m_g, m_a) == (d_out, d_in) else sketch + gram_cost(m_a, m_g)
+        sketched = exact if (m_g, m_a) == (d_out, d_in) else sketch + shared_weight_gram_flops(n, s, m_a, m_g)
         return exact, sketched, product
     p = f.num_params
     exact = 2.0 * n * n * p

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gramopt.capture.factors import LayerFactors, all_finite
+from gramopt.capture.factors import LayerFactors
 from gramopt.errors import NonFiniteError
+from gramopt.linalg.dense import all_finite
 
 
 @dataclass

@@ -39,6 +39,7 @@ from gramopt.linalg.sketches import RowSampleSketch
 from gramopt.optim.seng.config import SketchConfig, sketch_rows
 from gramopt.optim.seng.solve import kept_factor, solve_shifted, with_solve_state
 
+
 def _flat_gather(tensors: Sequence[Tensor], index: Tensor) -> Tensor:
     """``cat([t.reshape(-1) for t in tensors])[index]`` without the concatenation."""
     out = torch.empty(index.numel(), dtype=tensors[0].dtype, device=tensors[0].device)
@@ -84,7 +85,7 @@ class ExplicitCurvature:
         return self.factors.num_rows
 
     @classmethod
-    def build(cls, name: str, factors: LayerFactors, sketched: bool, leverage: bool) -> "ExplicitCurvature":
+    def build(cls, name: str, factors: LayerFactors, sketched: bool, leverage: bool) -> ExplicitCurvature:
         u = factors.compact()
         gram = None if sketched else u.gram()
         weights = u.column_norms() if sketched and leverage else None
@@ -95,7 +96,7 @@ class ExplicitCurvature:
         return with_solve_state(state, self.gram, self.chol, weights=self.weights)
 
     @classmethod
-    def from_state(cls, layer: Layer, state: dict[str, Any]) -> "ExplicitCurvature":
+    def from_state(cls, layer: Layer, state: dict[str, Any]) -> ExplicitCurvature:
         factors = LayerFactors.from_state(layer.module, layer.params, state, layer.name)
         return cls(layer.name, factors, state.get("gram"), state.get("weights"), kept_factor(state))
 

@@ -2,9 +2,12 @@
 Minghan Yang, Dong Xu, Zaiwen Wen, Mengyun Chen, Pengxiang Xu, "Sketchy Empirical
 Natural Gradient Methods for Deep Learning", arXiv:2006.05924, 2020).
 
-A Linear or Conv layer keeps per-sample factors ``G_i [r, n_G]`` and ``A_i [r, n_A]``
-with ``u_i = vec(G_i^T A_i)`` (Eq. 15: G from the output-gradients, A from the inputs
-with a last column of ones for the bias), truncated to rank r by an SVD when the layer
+A layer whose factors have that form (its handler's
+:meth:`~gramopt.capture.handlers.LayerHandler.low_rank_layout`: Linear, ungrouped Conv1d
+and Conv2d) keeps per-sample factors ``G_i [r, n_G]`` and ``A_i [r, n_A]`` with
+``u_i = vec(G_i^T A_i)`` (Eq. 15: G from the output-gradients, A from the inputs with a
+last column of ones for the bias; :meth:`~gramopt.capture.factors.LayerFactors.low_rank_factors`),
+truncated to rank r by an SVD when the layer
 shares its weight over kappa > r positions. From them (the direction is that of
 :mod:`gramopt.optim.seng.explicit`, ``d = (g - U^T beta) / lam``):
 
@@ -26,27 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from gramopt.capture.engine import Layer
-from gramopt.capture.shared_weight import SharedWeightFactors, shared_weight_gram
+from gramopt.capture.factors import LayerFactors, LowRankLayout
 from gramopt.errors import NonFiniteError
-from gramopt.linalg.dense import SolveInfo, solve_damped_psd
+from gramopt.linalg.dense import SolveInfo, all_finite, solve_damped_psd
+from gramopt.linalg.kernels import shared_weight_gram
 from gramopt.linalg.sketches import KroneckerSketch, RowSampleSketch
-from gramopt.capture.factors import all_finite
 from gramopt.optim.seng.config import SketchConfig, sketch_rows
 from gramopt.optim.seng.solve import kept_factor, solve_shifted, with_solve_state
-
-
-def layer_factors(factors: SharedWeightFactors) -> tuple[Tensor, Tensor]:
-    """``(G, A)`` of Eq. 15 before truncation: ``G [b, kappa, n_G]`` (the output-gradients
-    z_is) and ``A [b, kappa, n_A]`` (the inputs x_is, then the bias's column: ones, or the
-    bias indicator of derivative channels), so that
-    ``u_i = vec(G_i^T A_i) = vec([weight gradient | bias gradient])``."""
-    if factors.passes != 1:
-        raise ValueError("SENG's per-sample gradients come from one backward pass (k = 1)")
-    g = factors.grads[:, 0]
-    parts = [factors.inputs] if factors.with_weight else []
-    if factors.with_bias:
-        parts.append(factors.bias_inputs().to(g.dtype))
-    return g, torch.cat(parts, dim=2)
 
 
 def truncate(g: Tensor, a: Tensor, rank: int | None) -> tuple[Tensor, Tensor]:
@@ -160,8 +149,10 @@ class ImplicitCurvature:
     Args:
         name: the layer's name.
         params: the layer's parameters covered (weight and/or bias, in that order).
-        weight_shape: the weight's shape (``[n_G, *]``).
-        g: ``[b, r, n_G]``; a: ``[b, r, n_A]`` (Eq. 15, see :func:`layer_factors`).
+        layout: which of them is the weight (and its shape ``[n_G, *]``) and which the
+            bias (:class:`~gramopt.capture.factors.LowRankLayout`).
+        g: ``[b, r, n_G]``; a: ``[b, r, n_A]`` (Eq. 15, the factors'
+            :meth:`~gramopt.capture.factors.LayerFactors.low_rank_factors`).
         gram: Eq. 21 unsketched ``[b, b]``, or None when the factors are sketched.
         weights: ``(weights_G [n_G], weights_A [n_A])`` for leverage sampling, or None.
         exact: U^T beta exactly (True) or by Eq. 23 (False).
@@ -173,7 +164,7 @@ class ImplicitCurvature:
         self,
         name: str,
         params: list[nn.Parameter],
-        weight_shape: torch.Size,
+        layout: LowRankLayout,
         g: Tensor,
         a: Tensor,
         gram: Tensor | None,
@@ -181,7 +172,7 @@ class ImplicitCurvature:
         exact: bool,
         chol: tuple[Tensor, float] | None = None,
     ) -> None:
-        self.name, self.params, self.weight_shape = name, params, weight_shape
+        self.name, self.params, self.layout = name, params, layout
         self.g, self.a, self.gram, self.weights, self.exact, self.chol = g, a, gram, weights, exact, chol
 
     @property
@@ -190,15 +181,18 @@ class ImplicitCurvature:
 
     @classmethod
     def build(
-        cls, name: str, factors: SharedWeightFactors, rank: int | None, sketched: bool, leverage: bool, exact: bool
-    ) -> "ImplicitCurvature":
-        g, a = layer_factors(factors)
+        cls, name: str, factors: LayerFactors, rank: int | None, sketched: bool, leverage: bool, exact: bool
+    ) -> ImplicitCurvature:
+        low_rank = factors.low_rank_factors()
+        if low_rank is None:
+            raise ValueError(f"internal: layer {name} has no low-rank factors; it cannot be implicit")
+        layout, g, a = low_rank.layout, low_rank.g, low_rank.a
         if not (all_finite(g) and all_finite(a)):
             raise NonFiniteError(f"the per-sample gradients of layer {name} have NaN or inf entries; nothing was changed")
         g, a = truncate(g, a, rank)
         gram = None if sketched else factor_gram(a, g)  # Eq. 20
         weights = (g.pow(2).sum(dim=(0, 1)), a.pow(2).sum(dim=(0, 1))) if sketched and leverage else None
-        return cls(name, factors.params, factors.weight_shape, g, a, gram, weights, exact)
+        return cls(name, factors.params, layout, g, a, gram, weights, exact)
 
     def state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"kind": self.kind, "g": self.g, "a": self.a}
@@ -206,16 +200,16 @@ class ImplicitCurvature:
         return with_solve_state(state, self.gram, self.chol, **weights)
 
     @classmethod
-    def from_state(cls, layer: Layer, state: dict[str, Any], exact: bool) -> "ImplicitCurvature":
+    def from_state(cls, layer: Layer, state: dict[str, Any], exact: bool) -> ImplicitCurvature:
         weights = (state["weights_g"], state["weights_a"]) if "weights_g" in state else None
-        return cls(
-            layer.name, layer.params, layer.module.weight.shape, state["g"], state["a"], state.get("gram"), weights, exact, kept_factor(state)
-        )
+        layout = layer.low_rank_layout()
+        if layout is None:
+            raise ValueError(f"internal: layer {layer.name} has no low-rank layout; its cache cannot be implicit")
+        g, a, gram = state["g"], state["a"], state.get("gram")
+        return cls(layer.name, layer.params, layout, g, a, gram, weights, exact, kept_factor(state))
 
     def _matrix(self, grads: Sequence[Tensor]) -> GradientMatrix:
-        weight = grads[0] if self.params[0].dim() > 1 else None
-        bias = grads[-1] if self.params[-1].dim() == 1 else None
-        return GradientMatrix(weight, bias)
+        return GradientMatrix(*self.layout.split(grads))
 
     def coefficients(
         self,
@@ -265,9 +259,10 @@ class ImplicitCurvature:
         left, right = (_exact_factors if self.exact else eq23_factors)(coeffs, self.g, self.a)
         out = []
         d_in = 0
-        if self.params[0].dim() > 1:
-            d_in = self.weight_shape[1:].numel()
-            out.append((left.T @ right[:, :d_in]).view(self.weight_shape))
-        if self.params[-1].dim() == 1:
+        shape = self.layout.weight_shape
+        if shape is not None:
+            d_in = shape[1:].numel()
+            out.append((left.T @ right[:, :d_in]).view(shape))
+        if self.layout.bias:
             out.append(left.T @ right[:, d_in])
         return out

@@ -42,10 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from gramopt.capture.engine import Layer, trainable
-from gramopt.capture.factors import all_finite
-from gramopt.capture.handlers import ConvHandler, LinearHandler
 from gramopt.errors import CaptureError, NonFiniteError
-from gramopt.linalg.dense import SolveInfo
+from gramopt.linalg.dense import SolveInfo, all_finite
 from gramopt.losses import GaussNewtonLoss, get_loss
 from gramopt.optim.base import Batch, MethodNeeds, SampleSpaceOptimizer, check_hyper
 from gramopt.optim.compat import positional_deprecated
@@ -220,22 +218,13 @@ class SENG(SampleSpaceOptimizer):
         return float(value)
 
     def _is_implicit(self, layer: Layer) -> bool:
+        """Whether the layer keeps low-rank factors (its handler gives their layout: Linear,
+        ungrouped Conv1d/2d; not a tied block, whose Gram has the members' cross terms that
+        Eq. 20 has not) and has at least ``implicit.threshold`` parameters."""
         threshold = self.implicit.threshold
-        if threshold is None or not isinstance(layer.handler, (LinearHandler, ConvHandler)):
-            return False  # (tied blocks too: their Gram has the members' cross terms, Eq. 20 has none)
-        if isinstance(layer.handler, ConvHandler) and not (
-            type(layer.module) in (nn.Conv1d, nn.Conv2d) and layer.module.groups == 1
-        ):
-            return False  # grouped / transposed / 3-d convolutions: explicit rows
+        if threshold is None or layer.low_rank_layout() is None:
+            return False
         return sum(p.numel() for p in layer.params) >= threshold
-
-    @staticmethod
-    def _factor_sides(layer: Layer) -> tuple[int, int]:
-        """(n_G, n_A) of an implicit layer: output features; input features + bias."""
-        weight = layer.module.weight
-        n_a = weight[0].numel() if any(p is weight for p in layer.params) else 0
-        n_a += int(any(p is layer.module.bias for p in layer.params))
-        return weight.shape[0], n_a
 
     def _check_sketch_sizes(self) -> None:
         """A sketch larger than a layer (or a factor side) is an error."""
@@ -245,7 +234,8 @@ class SENG(SampleSpaceOptimizer):
         for layer in self.engine.blocks:
             if layer.name in self.implicit_layers:
                 if isinstance(sketch.factor_size, int):
-                    n_g, n_a = self._factor_sides(layer)
+                    layout = layer.low_rank_layout()
+                    n_g, n_a = layout.output_features, layout.input_features
                     if sketch.factor_size > min(n_g, n_a):
                         raise ValueError(
                             f"SketchConfig.factor_size={sketch.factor_size} is larger than implicit layer "

@@ -1,26 +1,32 @@
-"""Can GGN catch SGD-momentum on digits with another setting? (issue 16)
+"""Probe: can GGN catch SGD-momentum on classification with another setting? No setting did.
 
-GGN at its cross-entropy defaults (lr 0.3, damping 10, curvature "top", s = 3) ties
-SGD-momentum to digits' first rung and trails it to the second
-(benchmarks/results/compare/digits). This probe trains, exactly as ``gramopt compare``
-trains a setting (``gramopt.compare.run.run_one``: the task's data less its validation
-set, the task's batch size, a time budget, 40 evaluations), SGD-momentum's winning setting
-and GGN with heavy-ball momentum, larger learning rates, less damping and s = 2 columns,
-per seed, in one process, and records the validation and test seconds to each rung.
+Conclusion (benchmarks/notes.md, "can GGN catch SGD-momentum on a second classification
+task?" and "last probes of GGN against SGD-momentum"; ``benchmarks/results/
+ggn_settings_probe*.json``, one file per ``--tag``): on digits no GGN setting beat
+SGD-momentum, and heavy-ball momentum made GGN's cross-entropy step unstable; on mnist
+"top" s = 3 stays the default (s = 2 was not faster) and lr 0.5 beat lr 0.3 in 6 of 6
+seeds but SGD-momentum in only 3, so the defaults stayed; on the recall Transformer
+"sampled" s = 1 reached the rungs sooner than "top" (a "top" step there costs ~8x SGD's),
+so recall's grid centre is "sampled" (``gramopt/tasks/sequence.py``), while on the CNN and
+the MLPs "top" was ahead.
 
-Writes benchmarks/results/ggn_settings_probe[_TAG].json.
+What it runs: settings trained exactly as ``gramopt compare`` trains a setting
+(``gramopt.compare.run.run_one``: the task's data less its validation set, the task's batch
+size, a time budget, 40 evaluations), interleaved per seed in one process: by default
+SGD-momentum's digits winner and GGN with heavy-ball momentum, larger learning rates, less
+damping and s = 2 columns; ``--settings`` takes others. Records the validation and test
+seconds to each rung.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/ggn_settings_probe.py [--task digits --seconds 3 --seeds 3]
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/probes/ggn_settings_probe.py [--task digits --seconds 3 --seeds 3]
     # other settings: a JSON list of [optimizer, hyper-parameters] pairs
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/ggn_settings_probe.py --task mnist --seconds 15 --tag mnist \
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/probes/ggn_settings_probe.py --task mnist --seconds 15 --tag mnist \\
         --settings '[["sgd", {"lr": 0.05, "momentum": 0.9}], ["ggn", {"samples": 2}]]'
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +39,9 @@ from gramopt.compare.config import LADDERS
 from gramopt.compare.run import Budget, run_one, to_target_spread
 from gramopt.tasks import get_task, with_validation
 
-RESULTS = Path(__file__).parent / "results" / "ggn_settings_probe.json"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for bench_common
+from bench_common import arguments, environment, write_json  # noqa: E402
+
 #: (optimizer, hyper-parameters): SGD-momentum's digits winner, then GGN variants.
 SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("sgd", {"lr": 0.3, "momentum": 0.9}),
@@ -56,7 +64,7 @@ def median_seconds(values: list[float | None]) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__)
     parser.add_argument("--task", default="digits")
     parser.add_argument("--seconds", type=float, default=3.0, help="optimizer-clock budget per run")
     parser.add_argument("--seeds", type=int, default=3)
@@ -65,7 +73,9 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="results/ggn_settings_probe_TAG.json")
     args = parser.parse_args()
     settings = SETTINGS if args.settings is None else tuple((name, dict(hyper)) for name, hyper in args.settings)
-    results = RESULTS.with_name(f"{RESULTS.stem}_{args.tag}.json") if args.tag else RESULTS
+    if args.quick:  # the first two settings, one seed, 0.2 s each
+        settings, args.seeds, args.seconds = settings[:2], 1, 0.2
+    results = args.out / (f"ggn_settings_probe_{args.tag}.json" if args.tag else "ggn_settings_probe.json")
     torch.set_num_threads(1)
     task = get_task(args.task)
     console = Console(quiet=True)
@@ -94,7 +104,7 @@ def main() -> None:
         "rungs": [r.describe() for r in rungs],
         "budget_seconds": args.seconds,
         "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
-        "machine": f"{platform.platform()}, torch {torch.__version__}, 1 thread",
+        "environment": environment(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "settings": [
             {
@@ -108,8 +118,7 @@ def main() -> None:
             for i, (name, hyper) in enumerate(settings)
         ],
     }
-    results.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {results}")
+    write_json(out, results)
 
 
 if __name__ == "__main__":

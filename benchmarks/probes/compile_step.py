@@ -1,4 +1,12 @@
-"""Does ``torch.compile`` speed up the per-step linear algebra of gramopt's methods? (issue 15)
+"""Probe: does ``torch.compile`` speed up the per-step linear algebra? Not on CPU: no flag.
+
+Conclusion (benchmarks/notes.md, "torch.compile of the per-step linear algebra";
+``benchmarks/results/compile_step.{json,png}``): on CPU no piece gains more than 5% of a
+whole step. The break-free pieces are GEMMs, ``convolution_backward`` and LAPACK calls that
+inductor leaves to aten (compiled = eager within noise); the pieces as the library runs
+them break into 13-17 graphs per FNGD/SENG step at the host syncs of the finiteness checks
+and recompile on every new damping value; a compiled step costs 20-30 s of start-up plus
+recompiles. CUDA was not measured (``--device cuda`` is accepted, untested).
 
 Two questions, on the ``digits`` MLP 64-256-256-10 and the ``mnist`` CNN, batch 128 of
 the tasks' own training data, one thread by default:
@@ -48,18 +56,21 @@ same model (forward, backward, step): every figure is reported as ms and as a ra
 step, wall and thread CPU. ``recompiles`` counts the graphs dynamo compiled during the timed
 phase (0 when the guards held on new data).
 
-    PYTHONPATH=src python benchmarks/compile_step.py   # writes benchmarks/results/compile_step.{json,png}
+    PYTHONPATH=src python benchmarks/probes/compile_step.py   # writes benchmarks/results/compile_step.{json,png}
+
+``--quick`` compiles with dynamo's ``eager`` backend (graphs, breaks and guards, no code
+generation) at batch 16, one mode, one round.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 import shutil
-import tempfile
 import statistics
+import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -69,13 +80,25 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from bench_common import RESULTS, build_method, environment, interleaved, load_model, regression_target, write_results
 from gramopt.capture.conv import ConvFactors
 from gramopt.capture.factors import LayerFactors
 from gramopt.capture.shared_weight import SharedWeightFactors
 from gramopt.linalg.dense import solve_damped_psd
 from gramopt.optim.fngd import fngd_coefficients
 from gramopt.training.registry import training_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for bench_common
+from bench_common import (  # noqa: E402
+    arguments,
+    build_method,
+    environment,
+    interleaved,
+    load_model,
+    pyplot,
+    ratio_spread,
+    regression_target,
+    write_results,
+)
 
 MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 PIECES = ("gram", "rmatvec", "matvec", "solve", "solve_core", "fngd_estimate", "fngd_core", "seng_direction")
@@ -142,7 +165,7 @@ def piece_functions(layers: list[Layer]) -> dict[str, Callable[..., list[Tensor]
     def rmatvec(*ts: Tensor) -> list[Tensor]:
         factors = rebuild(layers, list(ts[: 2 * n_layers]))
         coeffs = ts[2 * n_layers :]
-        return [d for f, a in zip(factors, coeffs) for d in f.rmatvec(a)]
+        return [d for f, a in zip(factors, coeffs) for d in f.rmatvec(a)]  # noqa: B905 (traced by dynamo)
 
     def matvec(*ts: Tensor) -> list[Tensor]:
         factors = rebuild(layers, list(ts[: 2 * n_layers]))
@@ -188,7 +211,7 @@ def piece_functions(layers: list[Layer]) -> dict[str, Callable[..., list[Tensor]
             g = list(grads[i : i + len(f.params)])
             i += len(f.params)
             beta, _ = solve_damped_psd(f.gram(), f.matvec(g), f.num_rows * DAMPING)
-            out.extend((gj - uj) / DAMPING for gj, uj in zip(g, f.rmatvec(beta)))
+            out.extend((gj - uj) / DAMPING for gj, uj in zip(g, f.rmatvec(beta)))  # noqa: B905 (traced)
         return out
 
     return {
@@ -271,10 +294,12 @@ def start_up(call: Callable[[], object], eager_s: float) -> dict:
     }
 
 
-def compile_fn(fn: Callable, mode: str, inputs: list[list[Tensor]], eager_s: float) -> tuple[Callable | None, dict]:
-    """``torch.compile(fn, dynamic=False, mode=mode)`` and its :func:`start_up` on the
-    captured ``inputs`` (cycled); on failure (None, the error)."""
-    compiled = torch.compile(fn, dynamic=False, mode=None if mode == "default" else mode)
+def compile_fn(
+    fn: Callable, mode: str, inputs: list[list[Tensor]], eager_s: float, backend: str = "inductor"
+) -> tuple[Callable | None, dict]:
+    """``torch.compile(fn, dynamic=False, mode=mode, backend=backend)`` and its
+    :func:`start_up` on the captured ``inputs`` (cycled); on failure (None, the error)."""
+    compiled = torch.compile(fn, dynamic=False, mode=None if mode == "default" else mode, backend=backend)
     try:
         info = start_up(cycler(compiled, inputs), eager_s)
     except Exception as exc:  # noqa: BLE001 (recorded, not hidden)
@@ -305,7 +330,7 @@ def cycler(fn: Callable, inputs: list[list[Tensor]]) -> Callable[[], object]:
 
 
 def max_relative_error(a: list[Tensor], b: list[Tensor]) -> float:
-    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(a, b))
+    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(a, b, strict=True))
 
 
 # -- the benchmark per model ---------------------------------------------------------------
@@ -319,8 +344,18 @@ def sgd_step(model: nn.Module, loss: str, batches: list) -> Callable[[], object]
     return cycler(lambda x, y: training_step(opt, m, loss, x, y), [list(b) for b in batches])
 
 
-def bench_pieces(name: str, modes: list[str], rounds: int, seconds: float, device: torch.device) -> dict:
-    model, loss, batches = on_device(*load_model(name), device)
+def bench_pieces(
+    name: str,
+    modes: list[str],
+    rounds: int,
+    seconds: float,
+    device: torch.device,
+    batch: int = 128,
+    backend: str = "inductor",
+    compiled_pieces: tuple[str, ...] = PIECES,
+) -> dict:
+    """Every piece eagerly; those of ``compiled_pieces`` also explained and compiled in each mode."""
+    model, loss, batches = on_device(*load_model(name, batch=batch), device)
     layers, data = capture(copy.deepcopy(model), batches, 4)
     fns = piece_functions(layers)
     inputs = piece_inputs(layers, data)
@@ -330,11 +365,13 @@ def bench_pieces(name: str, modes: list[str], rounds: int, seconds: float, devic
         fn, args = fns[piece], inputs[piece]
         eager = cycler(fn, args)
         eager_s = median_call(eager)
-        entry: dict = {"explain": explain(fn, *args[0]), "compiled": {}}
         steps[f"{piece}:eager"] = eager
+        if piece not in compiled_pieces:
+            continue
+        entry: dict = {"explain": explain(fn, *args[0]), "compiled": {}}
         for mode in modes:
             torch._dynamo.reset()
-            compiled, info = compile_fn(fn, mode, args, eager_s)
+            compiled, info = compile_fn(fn, mode, args, eager_s, backend)
             if compiled is not None:
                 info["max_relative_error"] = max_relative_error(compiled(*args[2]), fn(*args[2]))
                 steps[f"{piece}:{mode}"] = cycler(compiled, args)
@@ -351,11 +388,19 @@ def bench_pieces(name: str, modes: list[str], rounds: int, seconds: float, devic
     return result
 
 
-def bench_steps(name: str, rounds: int, seconds: float, device: torch.device) -> dict:
-    model, task_loss, batches = on_device(*load_model(name), device)
+def bench_steps(
+    name: str,
+    rounds: int,
+    seconds: float,
+    device: torch.device,
+    batch: int = 128,
+    backend: str = "inductor",
+    methods: tuple[str, ...] = METHODS,
+) -> dict:
+    model, task_loss, batches = on_device(*load_model(name, batch=batch), device)
     steps: dict[str, Callable[[], object]] = {}
     result: dict = {"methods": {}}
-    for method in ("sgd",) + METHODS:
+    for method in ("sgd", *methods):
         for compiled in (False, True):
             m = copy.deepcopy(model)
             opt, loss = build_method(method, m)
@@ -379,7 +424,7 @@ def bench_steps(name: str, rounds: int, seconds: float, device: torch.device) ->
             entry["explain"] = explain(opt2.step)
             eager_s = median_call(call, 3)
             torch._dynamo.reset()
-            opt.step = torch.compile(opt.step, dynamic=False)  # type: ignore[method-assign]
+            opt.step = torch.compile(opt.step, dynamic=False, backend=backend)  # type: ignore[method-assign]
             try:
                 entry.update(start_up(call, eager_s))
                 steps[key] = call
@@ -399,24 +444,19 @@ def bench_steps(name: str, rounds: int, seconds: float, device: torch.device) ->
 def summarize(wall: dict[str, list[float]], cpu: dict[str, list[float]], baseline: str = "sgd") -> dict:
     """Per variant: median ms (wall, thread CPU) and the median, min, max per-round ratio
     to the baseline (one eager SGD-momentum training step)."""
-    out = {}
-    for key in wall:
-        rw = [a / b for a, b in zip(wall[key], wall[baseline])]
-        rc = [a / b for a, b in zip(cpu[key], cpu[baseline])]
-        out[key] = {
-            "ms_wall": 1e3 * statistics.median(wall[key]), "ms_cpu": 1e3 * statistics.median(cpu[key]),
-            "ratio_wall": {"median": statistics.median(rw), "min": min(rw), "max": max(rw)},
-            "ratio_cpu": {"median": statistics.median(rc), "min": min(rc), "max": max(rc)},
+    return {
+        key: {
+            "ms_wall": 1e3 * statistics.median(wall[key]),
+            "ms_cpu": 1e3 * statistics.median(cpu[key]),
+            "ratio_wall": ratio_spread(wall[key], wall[baseline]),
+            "ratio_cpu": ratio_spread(cpu[key], cpu[baseline]),
         }
-    return out
+        for key in wall
+    }
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = list(results["models"])
     fig, axes = plt.subplots(len(models), 2, figsize=(13, 3.8 * len(models)), squeeze=False)
     for row, name in enumerate(models):
@@ -441,7 +481,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__)
     parser.add_argument("--models", nargs="+", default=["mlp", "mnist"])
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--rounds", type=int, default=9)
@@ -449,7 +489,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-steps", action="store_true", help="only the pieces (a)")
-    parser.add_argument("--out", default=str(RESULTS / "compile_step"))
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--pieces", nargs="+", default=list(PIECES), help="the pieces to compile (all run eagerly)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="the methods whose step() to compile")
+    parser.add_argument("--backend", default="inductor", help="torch.compile's backend (other than inductor: --modes default)")
     parser.add_argument(
         "--warm-cache", action="store_true",
         help="keep inductor's on-disk cache (default: a fresh empty one, so compile_s is a cold start)",
@@ -459,6 +502,9 @@ def main() -> None:
         help="add the models to the results already in --out.json (one model per process keeps each run short)",
     )
     args = parser.parse_args()
+    if args.quick:  # dynamo's eager backend on one piece and one method's step, batch 16, one round
+        args.models, args.modes, args.rounds, args.seconds_per_turn, args.batch = ["mlp"], ["default"], 1, 0.0, 16
+        args.backend, args.pieces, args.methods = "eager", ["gram"], ["fngd-share"]
     torch.set_num_threads(args.threads)
     fresh_cache = None
     if not args.warm_cache:  # read when inductor first compiles
@@ -471,7 +517,7 @@ def main() -> None:
         "settings": vars(args),
         "models": {},
     }
-    out = Path(args.out)
+    out = args.out / "compile_step"
     if args.append and out.with_suffix(".json").exists():
         earlier = json.loads(out.with_suffix(".json").read_text())
         if earlier["settings"]["modes"] != args.modes:
@@ -481,9 +527,10 @@ def main() -> None:
             {"environment": earlier["environment"], "settings": earlier["settings"]}
         ]
     for name in args.models:
-        entry = {"pieces": bench_pieces(name, args.modes, args.rounds, args.seconds_per_turn, device)}
+        timing = (args.rounds, args.seconds_per_turn, device, args.batch, args.backend)
+        entry = {"pieces": bench_pieces(name, args.modes, *timing, tuple(args.pieces))}
         if not args.skip_steps:
-            entry["steps"] = bench_steps(name, args.rounds, args.seconds_per_turn, device)
+            entry["steps"] = bench_steps(name, *timing, tuple(args.methods))
         results["models"][name] = entry
         for part in ("pieces", "steps"):
             for key, t in entry.get(part, {}).get("timing", {}).items():
