@@ -8,7 +8,9 @@ losses, momentum and weight decay, a Transformer (Embedding, LayerNorm, attentio
 SENG exact, sketched (leverage and uniform sampling), with implicit layers (a low
 ``ImplicitConfig.threshold``, also truncated and sketched on a CNN), ``curvature_every``
 > 1 and a damping schedule; FNGD on every step and with coefficient sharing after a few
-steps (so that tests cross from estimation into sharing); both training loops.
+steps (so that tests cross from estimation into sharing); both training loops; and the
+two toy methods of toy_method.py (a method written on the contract is one small file plus
+its entries here).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 import gramopt
 import models
 from gramopt.optim.base import SampleSpaceOptimizer
+from toy_method import DiagonalFisher, DiagonalGaussNewton
 
 LOSS_FUNCTIONS = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
 
@@ -148,12 +151,15 @@ class MethodInfo:
         reads_grad: whether its step reads ``.grad`` of the layers it preconditions
             (then clipping ``.grad`` changes the step; otherwise the step ignores it and
             warns when it was modified).
+        factors_grams: whether its step factors a Gram matrix (Cholesky; the toy methods
+            form none).
     """
 
     error_inputs: list[tuple[dict[str, Any], str]]
     linear_conv_only: bool = False
     loops: tuple[str, ...] = ("uniform", "ordinary")
     reads_grad: bool = False
+    factors_grams: bool = True
 
 
 #: ``(name, value, match)`` every method refuses.
@@ -216,6 +222,12 @@ METHODS: dict[type[SampleSpaceOptimizer], MethodInfo] = {
         ],
         linear_conv_only=True,
     ),
+    DiagonalFisher: MethodInfo([({"damping": 0.0}, "damping must be > 0")], factors_grams=False),
+    DiagonalGaussNewton: MethodInfo(
+        [({"damping": 0.0}, "damping must be > 0"), ({"loss": "cross_entropy"}, "takes loss='mse'")],
+        loops=("uniform",),
+        factors_grams=False,
+    ),
 }
 
 CASES: list[OptimizerCase] = [
@@ -275,6 +287,13 @@ CASES: list[OptimizerCase] = [
         "fngd-sharing-cnn-mse-wd-ordinary", FNGD, dict(lr=0.1, damping=0.05, weight_decay=0.01, coefficient_steps=2),
         model="cnn", loop="ordinary", permutation_invariant=False, representative=True,
     ),
+    # the toy methods (tests/toy_method.py): the contract holds for a method written on it
+    OptimizerCase("toy-fisher-ce", DiagonalFisher, dict(lr=0.1, damping=0.05), loss="cross_entropy", representative=True),
+    OptimizerCase(
+        "toy-fisher-cnn-mse-momentum-wd-ordinary", DiagonalFisher, dict(lr=0.05, damping=0.05, momentum=0.9, weight_decay=0.01),
+        model="cnn", loop="ordinary",
+    ),
+    OptimizerCase("toy-gauss-newton-mse", DiagonalGaussNewton, dict(lr=0.5, damping=0.1), representative=True),
 ]
 
 REPRESENTATIVE = [case for case in CASES if case.representative]

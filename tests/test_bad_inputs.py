@@ -276,7 +276,7 @@ def test_batchnorm_in_training_mode(case):
 
     x = torch.randn(6, 5)
     y = case.batches(1)[0][1]
-    if case.cls is gramopt.GGN:
+    if not case.cls.needs.batchnorm_training:  # (GGN)
         with pytest.raises(gramopt.UnsupportedModuleError, match=r"1 \(BatchNorm1d\) is in training mode"):
             case.make(net())
         model = net()
@@ -366,7 +366,7 @@ def test_a_second_step_after_one_backward_says_so(case):
     before = _before(model, opt)
     with pytest.raises(gramopt.CaptureError, match=r"step\(\) was already called after this backward pass") as err:
         opt.step()
-    assert ("loss.backward()" in str(err.value)) == (case.cls is not gramopt.GGN)
+    assert ("loss.backward()" in str(err.value)) == ("ordinary" in case.method.loops)
     _unchanged(model, opt, before)
     opt.zero_grad()
     with pytest.raises(gramopt.CaptureError) as err:
@@ -432,7 +432,7 @@ def test_half_precision_models(case, dtype, monkeypatch):
         factored.clear()
         case.step(opt, m, xx, yy)
         steps.append(torch.cat([p.detach().float().reshape(-1) for p in m.parameters()]) - before)
-    assert factored and set(factored) == {torch.float32}
+    assert set(factored) == ({torch.float32} if case.method.factors_grams else set())
     assert all(p.dtype == dtype for p in model.parameters())
     error = float((steps[1] - steps[0]).norm() / steps[0].norm())
     assert error < 0.05, error

@@ -222,5 +222,5 @@ def test_seng_l2_step_matches_the_dense_reference(name, float64):
 
 def test_ggn_weight_decay_is_decoupled_only():
     opt = gramopt.GGN(models.mlp(out=1), lr=0.5, damping=0.1, weight_decay=0.01, loss="mse")
-    assert opt.weight_decay_mode == "decoupled" and opt.weight_decay_modes == ("decoupled",)
+    assert opt.weight_decay_mode == "decoupled" and opt.needs.weight_decay_modes == ("decoupled",)
     opt.close()

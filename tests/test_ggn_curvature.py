@@ -194,11 +194,11 @@ def test_default_curvature_is_top_for_one_position_and_sampled_for_several(float
     model, x, y = models.mlp(out=3), torch.randn(6, 5), torch.randint(0, 3, (6,))
     opt = gramopt.GGN(model, loss="cross_entropy")
     assert (opt.param_groups[0]["lr"], opt.damping) == (DEFAULT_HYPER["cross_entropy"]["lr"], DEFAULT_HYPER["cross_entropy"]["damping"])
-    assert opt.batch_curvature(model(x)) == "top" and opt.damping_scale(model(x)) == 1
+    assert opt.batch_curvature(model(x)) == "top" and opt.positions_per_sample(model(x)) == 1
     seq = SequenceModel()
     tokens, labels = torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))
     default = gramopt.GGN(seq, loss="cross_entropy", seed=1, damping_adaptation=None)
-    assert default.batch_curvature(seq(tokens)) == "sampled" and default.damping_scale(seq(tokens)) == 4
+    assert default.batch_curvature(seq(tokens)) == "sampled" and default.positions_per_sample(seq(tokens)) == 4
     before = params_vector(seq)
     default.zero_grad()
     default.backward(seq(tokens), labels)
@@ -240,7 +240,7 @@ def test_damping_rule_on_a_quadratic(float64):
     opt = gramopt.GGN(model, lr=0.8, damping=0.5, damping_adaptation=rule)
     opt.backward(model(x), y)
     opt.step()
-    assert opt.extra_state["last_ratio"] == pytest.approx(1.0, rel=1e-9)
+    assert opt.extra_state["damping_adaptation"]["last_ratio"] == pytest.approx(1.0, rel=1e-9)
     assert opt.damping == pytest.approx(0.5 * rule.decrease)
 
     model = nn.Linear(4, 3, bias=False)
@@ -259,8 +259,8 @@ def test_damping_rule_on_a_quadratic(float64):
     predicted = g @ delta + 0.5 * delta @ m @ m.T @ delta
     actual = g @ delta + 0.5 * delta @ j.T @ j @ delta  # the loss is exactly quadratic
     rho = float(actual / predicted)
-    assert opt.extra_state["last_ratio"] == pytest.approx(rho, rel=1e-7)
-    expected = rule.update(0.5, rho, 0.5)
+    assert opt.extra_state["damping_adaptation"]["last_ratio"] == pytest.approx(rho, rel=1e-7)
+    expected = rule.update(0.5, rho, rule.min_damping)
     assert opt.damping == pytest.approx(expected)
 
 
@@ -285,8 +285,8 @@ def test_a_step_that_raises_its_batchs_loss_is_undone(float64):
     opt.zero_grad()
     opt.backward(model(x), y)
     opt.step()
-    assert opt.last_info.rejected and opt.extra_state["rejected_steps"] == 1 and opt.steps_taken == 2
-    assert opt.extra_state["last_ratio"] < 0
+    assert opt.last_info.rejected and opt.extra_state["damping_adaptation"]["rejected_steps"] == 1 and opt.steps_taken == 2
+    assert opt.extra_state["damping_adaptation"]["last_ratio"] < 0
     assert torch.equal(params_vector(model), kept)
     assert torch.equal(opt.state[model.weight]["momentum_buffer"], buffer)
     assert opt.damping == pytest.approx(0.5 * rule.decrease * rule.increase)
@@ -295,7 +295,7 @@ def test_a_step_that_raises_its_batchs_loss_is_undone(float64):
     opt.zero_grad()
     opt.backward(model(x), y)
     opt.step()
-    assert not opt.last_info.rejected and opt.extra_state["rejected_steps"] == 1
+    assert not opt.last_info.rejected and opt.extra_state["damping_adaptation"]["rejected_steps"] == 1
     assert F.mse_loss(model(x), y, reduction="sum") < loss_before
     # a first step that is rejected leaves no momentum buffer behind, and reject=False keeps it
     for reject in (True, False):
@@ -350,7 +350,7 @@ def test_checks_between_the_every_th_steps_follow_a_surge_or_a_failed_check(floa
     assert forwards(y) == 2  # step 0: every 100th
     assert [forwards(y) for _ in range(3)] == [1, 1, 1]
     assert forwards(10 * y) == 2  # the batch loss surged
-    assert opt.extra_state["last_ratio"] == pytest.approx(1.0)  # (a linear mse model is its own quadratic model)
+    assert opt.extra_state["damping_adaptation"]["last_ratio"] == pytest.approx(1.0)  # (a linear mse model is its own quadratic model)
     assert forwards(y) == 1
     assert forwards(100 * y, lr=5.0) == 2 and opt.last_info.rejected  # a surge, and a failed check ...
     assert forwards(y, lr=5.0) == 2 and opt.last_info.rejected  # ... calls the next check ...
@@ -359,7 +359,7 @@ def test_checks_between_the_every_th_steps_follow_a_surge_or_a_failed_check(floa
     state = opt.state_dict()
     other = gramopt.GGN(copy.deepcopy(model), damping_adaptation=rule)
     other.load_state_dict(state)
-    assert other.extra_state["loss_average"] == opt.extra_state["loss_average"]
+    assert other.extra_state["damping_adaptation"]["loss_average"] == opt.extra_state["damping_adaptation"]["loss_average"]
 
 
 def test_damping_rule_raises_on_a_failed_step():
@@ -389,7 +389,7 @@ def test_first_step_uses_the_constructors_damping_and_state_round_trips(float64)
     other = gramopt.GGN(copy.deepcopy(adaptive), loss="cross_entropy")
     other.load_state_dict(state)
     assert other.damping == opt.damping
-    assert other.extra_state["last_ratio"] == opt.extra_state["last_ratio"]
+    assert other.extra_state["damping_adaptation"]["last_ratio"] == opt.extra_state["damping_adaptation"]["last_ratio"]
 
 
 def test_sampled_run_checkpoint_resume_is_reproducible(float64):
@@ -688,7 +688,7 @@ def test_damping_adapts_when_the_model_returns_a_model_output(form, float64):
             out = wrapped(x, scale=1.0)  # a keyword argument travels to the re-run too
             opt.backward(out.logits if form == "logits" else out[0], y)
             opt.step()
-            assert opt.extra_state["last_ratio"] == pytest.approx(plain_opt.extra_state["last_ratio"], rel=1e-9)
+            assert opt.extra_state["damping_adaptation"]["last_ratio"] == pytest.approx(plain_opt.extra_state["damping_adaptation"]["last_ratio"], rel=1e-9)
             dampings.append((opt.damping, plain_opt.damping))
     assert all(a == pytest.approx(b) for a, b in dampings)
     assert len({a for a, _ in dampings}) > 1, dampings  # the damping did change

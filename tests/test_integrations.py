@@ -295,8 +295,10 @@ def test_gramopt_trainer_adapts_ggns_damping_with_a_model_output(tmp_path):
     assert not [w for w in caught if "damping" in str(w.message)], [str(w.message) for w in caught]
     ref_opt = make(reference)
     plain_loop_steps(reference, ref_opt, Sequences().batch(), 3)
-    assert "last_ratio" in opt.extra_state
-    assert opt.extra_state["last_ratio"] == pytest.approx(ref_opt.extra_state["last_ratio"], rel=1e-6)
+    assert opt.extra_state["damping_adaptation"]["last_ratio"] is not None
+    assert opt.extra_state["damping_adaptation"]["last_ratio"] == pytest.approx(
+        ref_opt.extra_state["damping_adaptation"]["last_ratio"], rel=1e-6
+    )
     assert opt.damping == pytest.approx(ref_opt.damping, rel=1e-9) and opt.damping != 1.0  # it adapted
     assert_same_parameters(trained, reference, atol=1e-9)
     opt.close()

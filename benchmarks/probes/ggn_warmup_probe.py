@@ -60,7 +60,7 @@ def train(task_name: str, seed: int, steps: int, warmup: int) -> dict[str, Any]:
         "last_losses": losses[-3:],
         task.metric: metric,
         "checks": checks,
-        "rejected": int(opt.extra_state["rejected_steps"]),
+        "rejected": int(opt.extra_state["damping_adaptation"]["rejected_steps"]),
         "final_damping": opt.damping,
     }
 

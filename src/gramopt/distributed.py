@@ -88,7 +88,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -107,9 +107,6 @@ from gramopt.errors import (
 )
 
 POLICIES = ("exact", "local")
-
-if TYPE_CHECKING:
-    from gramopt.optim.base import SampleSpaceOptimizer
 
 # Failures a rank reports to the others, by code (index + 1); the others raise the same
 # class (a rank's own error, re-raised, keeps its class).
@@ -440,27 +437,26 @@ def unwrap_model(model: nn.Module, policy: str | None, owner: str) -> tuple[nn.M
     return model.module, model
 
 
-_NOT_SETTINGS = frozenset({"defaults", "state", "param_groups", "model", "engine", "extra_state", "last_info", "sync"})
-
-
-def settings_fingerprint(optimizer: "SampleSpaceOptimizer") -> dict[str, str]:
-    """The settings every rank must share: type, policy, param groups (hyper-parameters
-    and shapes), hooked layers, the method's public options (its attributes set before
-    the base class's ``__init__``), initial parameter values."""
-    sync = optimizer.sync
-    print_: dict[str, str] = {"optimizer": type(optimizer).__name__, "policy": str(sync.policy if sync else None)}
-    for i, group in enumerate(optimizer.param_groups):
+def settings_fingerprint(
+    optimizer: str,
+    policy: str | None,
+    param_groups: Sequence[dict[str, Any]],
+    layers: Sequence[str],
+    options: dict[str, Any],
+) -> dict[str, str]:
+    """The settings every rank must share, as text: the optimizer's type name, the policy,
+    the param groups (hyper-parameters and shapes), the hooked layers' names, the method's
+    public options and the initial parameter values (a digest)."""
+    print_: dict[str, str] = {"optimizer": optimizer, "policy": str(policy)}
+    for i, group in enumerate(param_groups):
         for key, value in group.items():
             if key != "params":
                 print_[f"param group {i} {key}"] = describe(value)
         print_[f"param group {i} shapes"] = repr([tuple(p.shape) for p in group["params"]])
-    print_["hooked layers"] = repr([layer.name for layer in optimizer.engine.layers])
-    for key, value in sorted(vars(optimizer).items()):
-        if not key.startswith("_") and key not in _NOT_SETTINGS:
-            print_[f"option {key}"] = describe(value)
-    print_["initial parameter values (digest)"] = parameter_digest(
-        [p for g in optimizer.param_groups for p in g["params"]]
-    )
+    print_["hooked layers"] = repr(list(layers))
+    for key, value in options.items():
+        print_[f"option {key}"] = describe(value)
+    print_["initial parameter values (digest)"] = parameter_digest([p for g in param_groups for p in g["params"]])
     return print_
 
 

@@ -108,7 +108,7 @@ class GramoptTrainer(Trainer):
         is logged, for GGN and FNGD, whose ``opt.backward`` leaves ``.grad`` of the
         preconditioned layers unset (their step reads the per-sample captures): the norm of
         ``.grad`` would cover the other parameters only (0 for GGN after its first step)."""
-        if self.gramopt_optimizer.reads_gradients != "all":
+        if self.gramopt_optimizer.needs.reads_gradients != "all":
             return None
         return super()._get_grad_norm(model, grad_norm)
 

@@ -83,6 +83,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -91,9 +92,10 @@ from torch import Tensor, nn
 from gramopt.capture import handler_for
 from gramopt.capture.factors import LayerFactors
 from gramopt.errors import NonFiniteError
-from gramopt.linalg.dense import SolveInfo, solve_damped_psd
+from gramopt.linalg.dense import solve_damped_psd
 from gramopt.losses import GaussNewtonLoss, get_loss
-from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper
+from gramopt.optim.base import Batch, MethodNeeds, SampleSpaceOptimizer, check_hyper
+from gramopt.optim.compat import positional_deprecated
 
 
 #: Estimation steps before the coefficients are shared when none are given (see the
@@ -159,6 +161,14 @@ def share_coefficients(mean: Tensor, batch: int) -> Tensor:
     return mean[index] * (m / batch)
 
 
+@dataclass
+class CoefficientBatch(Batch):
+    """FNGD's batch: ``estimated``, this step's v_l per layer and the batch size M they
+    belong to (estimation with sharing on), for :meth:`FNGD.commit` to average in."""
+
+    estimated: tuple[dict[str, Tensor], int] | None = None
+
+
 class FNGD(SampleSpaceOptimizer):
     """Fast natural gradient descent: ``delta_l = -lr * U_l^T v_l`` per Linear/Conv layer.
 
@@ -211,16 +221,21 @@ class FNGD(SampleSpaceOptimizer):
     ``coefficient_counts`` and ``coefficient_batch`` (M of the estimation batches).
     """
 
+    #: one pass of the mean loss; weight decay as an L2 term (the default) or decoupled
+    needs = MethodNeeds(rows="loss_gradients", weight_decay_modes=("l2", "decoupled"))
+    batch_type = CoefficientBatch
+
+    @positional_deprecated("momentum", "weight_decay", "coefficient_steps", "loss")
     def __init__(
         self,
         model: nn.Module,
         lr: float = DEFAULT_LR,
         damping: float = DEFAULT_DAMPING,
+        *,
+        loss: str | GaussNewtonLoss = "cross_entropy",
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         coefficient_steps: int | None = DEFAULT_COEFFICIENT_STEPS,
-        loss: str = "cross_entropy",
-        *,
         params: Iterable[Any] | None = None,
         unsupported: str = "gradient",
         distributed: str | None = None,
@@ -251,14 +266,11 @@ class FNGD(SampleSpaceOptimizer):
         # The running mean of Algorithm 1, line 7, per layer, over estimation batches of
         # ``coefficient_batch`` samples (saved in state_dict()).
         self.extra_state.update(coefficient_batch=None, coefficients={}, coefficient_counts={})
-        self._estimated: tuple[dict[str, Tensor], int] | None = None  # this step's v_l, for commit()
-        self._weights_cache: dict[tuple[str, int], Tensor] = {}
+        self._weights_cache: dict[tuple[str, int], Tensor] = {}  # M' times the shared v_l (from extra_state)
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
+    def validate_group(self, group: dict[str, Any]) -> None:
+        super().validate_group(group)
         check_hyper("damping", group["damping"], inclusive=False)
-
-    weight_decay_modes = ("l2", "decoupled")
 
     @property
     def sharing(self) -> bool:
@@ -273,48 +285,18 @@ class FNGD(SampleSpaceOptimizer):
             return "estimate"
         return "share"
 
-    # -- backward ------------------------------------------------------------------------
-    def _backward(self, output: Tensor, target: Tensor) -> Tensor:
-        """Mean loss, one backward pass to the layers' outputs (and to the plain-gradient
-        parameters, whose ``.grad`` it fills; until the first step, to every parameter:
-        :meth:`_probe_params`); returns the loss (detached)."""
-        self._seconds = {}
-        with self._phase("backward"):
-            try:
-                self._check_batch(output, target)
-                value = self.loss.value(output, target)
-                loss = float(value.detach())
-                if not math.isfinite(loss):
-                    raise NonFiniteError(f"the loss is {loss} (a NaN or inf in the output or target?); nothing was changed")
-                plain = [p for p in self.engine.plain_params if p.requires_grad] + self.engine.uncalled_params()
-                probe = self._probe_params(plain)  # the first step: .grad of the layers too
-                samples = output.shape[0]
-                weight = self._micro_batch_weight(samples)  # gradient accumulation
-                direction = torch.full_like(value, weight)
-                (grads,) = self.engine.backward_passes(value, [direction], inputs=plain + probe, retain_graph=False)
-            except BaseException:
-                self.engine.clear()
-                self._pending = None  # (a failed micro-batch ends the accumulation too)
-                raise
-            self._add_gradients(plain + probe, grads, probe)
-        mean, samples, micro, seconds = self._merged_pending(loss, samples, self._seconds)
-        self._pending = PendingBatch(mean, seconds, samples, micro)
-        return value.detach()
-
     # -- step ----------------------------------------------------------------------------
-    def directions(self, pending: PendingBatch | None) -> tuple[dict[Tensor, Tensor], SolveInfo | None]:
+    def directions(self, batch: CoefficientBatch) -> dict[Tensor, Tensor]:
         """Compute (estimation) or reuse (sharing) the coefficients v_l; the direction of
         every Linear/Conv layer is ``U_l^T v_l``."""
-        self._estimated = None
         with self._phase("factors"):
-            self._gather_batch()  # distributed="exact": the global batch's
-            factors = self.engine.factors()
+            factors = batch.factors()  # (distributed="exact": the global batch's)
             if self.engine.layers and not factors:
-                raise self._missing_captures(
+                raise batch.missing_captures(
                     "FNGD.step() needs a backward pass of a training-mode forward first: "
                     "opt.backward(model(x), y), or loss.backward() with a mean loss"
                 )
-            batch = next(iter(factors.values())).num_rows if factors else 0
+            rows = next(iter(factors.values())).num_rows if factors else 0
         estimating = self.phase == "estimate"
         corrections: dict[str, Tensor] = {}  # the L2 term's per-sample weights (estimation)
         if estimating:
@@ -323,25 +305,25 @@ class FNGD(SampleSpaceOptimizer):
                 for name, factor in factors.items():
                     estimated[name], corrections[name] = self._estimate(name, factor)
                 # Rows captured from the mean loss are U_l / M: U_l^T v = (U_l / M)^T (M v).
-                weights = {name: v * batch for name, v in estimated.items()}
+                weights = {name: v * rows for name, v in estimated.items()}
             if self.coefficient_steps is not None:
-                self._estimated = (estimated, batch)
+                batch.estimated = (estimated, rows)
         directions: dict[Tensor, Tensor] = {}
         with self._phase("direction"):
             if not estimating:
-                weights = {name: self._shared_weights(name, batch, factor) for name, factor in factors.items()}
+                weights = {name: self._shared_weights(name, rows, factor) for name, factor in factors.items()}
             for name, factor in factors.items():
                 correction = corrections.get(name)
                 coeffs = weights[name] if correction is None else weights[name] - correction
                 for p, d in zip(factor.params, factor.rmatvec(coeffs)):
                     l2 = self.l2_term(p)
                     directions[p] = d if l2 is None else d + l2.to(d.dtype)
-        return directions, None
+        return directions
 
-    def commit(self) -> None:
-        if self._estimated is not None:
-            self._accumulate(*self._estimated)
-            self._estimated = None
+    def commit(self, batch: CoefficientBatch) -> None:
+        """Estimation: this step's v_l join the running mean (Algorithm 1, line 7)."""
+        if batch.estimated is not None:
+            self._accumulate(*batch.estimated)
 
     def _estimate(self, name: str, factor: LayerFactors) -> tuple[Tensor, Tensor | None]:
         """v_l of this batch (Eq. 9, 14), ``[M]``, and, under L2 weight decay, the weights
@@ -364,7 +346,7 @@ class FNGD(SampleSpaceOptimizer):
         return v, w * m
 
     def _damping(self, name: str, factor: LayerFactors) -> float:
-        values = {self._group_of(p)["damping"] for p in factor.params}
+        values = {self.group_of(p)["damping"] for p in factor.params}
         if len(values) != 1:
             raise ValueError(
                 f"the parameters of layer {name} lie in param groups with different damping {sorted(values)}: "

@@ -3,7 +3,7 @@ system of one step (``system.py``) and its solvers (``solvers.py``: dense Choles
 CG, sketch- and Nystrom-preconditioned CG, ``auto``)."""
 
 from gramopt.optim.ggn.damping import AdaptiveDamping
-from gramopt.optim.ggn.optimizer import GGN, GaussNewtonBatch
+from gramopt.optim.ggn.optimizer import GGN, GaussNewtonBatch, GGNStepInfo
 from gramopt.optim.ggn.solvers import SOLVERS, GaussNewtonOperator, check_solver_options, choose_solver
 from gramopt.optim.ggn.system import GaussNewtonSystem
 
@@ -14,6 +14,7 @@ __all__ = [
     "GaussNewtonBatch",
     "GaussNewtonOperator",
     "GaussNewtonSystem",
+    "GGNStepInfo",
     "check_solver_options",
     "choose_solver",
 ]

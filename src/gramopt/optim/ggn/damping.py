@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,13 @@ class AdaptiveDamping:
             ``rho < low`` every step is checked until one has ``rho >= low``.
         increase: factor > 1 applied when ``rho < low`` (also when the loss rose).
         decrease: factor in (0, 1) applied when ``rho > high``.
-        min_damping: the lowest damping (None: the damping given to the optimizer).
+        min_damping: the lowest damping (None: the damping given to the optimizer); the
+            floor in force is the optimizer's ``extra_state["damping_adaptation"]["min_damping"]``
+            (:meth:`initial_state`), which ``load_state_dict`` restores like ``lr``.
         max_damping: the highest damping.
         reject: undo a step that raised the loss of its own batch (module doc); the step
             still counts (``steps_taken``), ``opt.last_info.rejected`` says so and
-            ``opt.extra_state["rejected_steps"]`` counts them. Costs a copy of the
+            ``opt.extra_state["damping_adaptation"]["rejected_steps"]`` counts them. Costs a copy of the
             parameters (and momentum buffers) on every adapted step.
     """
 
@@ -151,13 +154,21 @@ class AdaptiveDamping:
             return -math.inf
         return actual / predicted
 
-    def update(self, damping: float, rho: float, floor: float = 0.0) -> float:
-        """The damping after a step whose reduction ratio was ``rho``, at least ``floor``
-        (:attr:`min_damping` if set, else the optimizer's damping). A damping of 0 (the
-        ridgeless step) that fails becomes ``max(floor, 1e-4)``."""
-        low = floor if self.min_damping is None else self.min_damping
+    def initial_state(self, damping: float) -> dict[str, Any]:
+        """The adaptation's state for an optimizer whose damping starts at ``damping``
+        (GGN keeps it as ``extra_state["damping_adaptation"]``, saved by ``state_dict()``):
+        ``min_damping``, the floor of :meth:`update` (:attr:`min_damping`, or ``damping``
+        when that is None), and the running signals of :meth:`due`: ``loss_average``,
+        ``last_ratio``, and ``rejected_steps``, the steps undone so far."""
+        floor = damping if self.min_damping is None else self.min_damping
+        return {"min_damping": float(floor), "loss_average": None, "last_ratio": None, "rejected_steps": 0}
+
+    def update(self, damping: float, rho: float, min_damping: float) -> float:
+        """The damping after a step whose reduction ratio was ``rho``, within
+        ``[min_damping, max_damping]`` (``min_damping``: the state's, :meth:`initial_state`).
+        A damping of 0 (the ridgeless step) that fails becomes ``max(min_damping, 1e-4)``."""
         if rho < self.low:
             damping = max(damping * self.increase, 1e-4)
         elif rho > self.high:
             damping *= self.decrease
-        return min(max(damping, low), self.max_damping)
+        return min(max(damping, min_damping), self.max_damping)

@@ -35,26 +35,25 @@ Usage::
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gramopt.capture.factors import LayerFactors
 from gramopt.distributed import rank as process_rank
-from gramopt.errors import CaptureError, DivergenceError, NonFiniteError
-from gramopt.linalg.dense import NumericalWarning, SolveInfo
+from gramopt.errors import DivergenceError, NonFiniteError
+from gramopt.linalg.dense import NumericalWarning
 from gramopt.losses import GaussNewtonLoss, get_loss
+from gramopt.optim.base import Batch, MethodNeeds, SampleSpaceOptimizer, StepInfo, check_hyper
+from gramopt.optim.compat import positional_deprecated
 from gramopt.optim.ggn.damping import AdaptiveDamping
-from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper, user_stacklevel
 from gramopt.optim.ggn.solvers import SOLVERS, check_solver_options
 from gramopt.optim.ggn.system import GaussNewtonSystem, is_selection
-
+from gramopt.optim.notices import user_stacklevel
 
 #: lr and damping when the constructor is given none, per loss. mse: the paper's lr = 1,
 #: damping 0.3; cross-entropy: the per-batch generalized Gauss-Newton step over-fits
@@ -83,30 +82,55 @@ _RANK_STRIDE = 0x9E3779B97F4A7C15
 
 
 @dataclass
-class GaussNewtonBatch(PendingBatch):
-    """What GGN's ``backward`` leaves for the step: the factors of the captured rows R,
-    the per-sample Q ``[b, r, m]`` (None: the identity), w ``[b m]`` (None for sampled
-    systems: computed from the factors) and c ``[b r]`` (sampled systems: g = R^T c),
-    the parameters whose ``.grad`` it filled, and what damping adaptation needs."""
+class GaussNewtonBatch(Batch):
+    """GGN's batch. ``per_sample`` holds Q ``"q"`` ``[b, r, m]`` (None: the identity),
+    w ``"w"`` ``[b, m]`` (None for sampled systems: computed from the factors) and c
+    ``"outside"`` ``[b, r]`` (sampled systems: g = R^T c) of the captured rows R.
 
-    factors: dict[str, LayerFactors] = field(default_factory=dict)
-    q: Tensor | None = None
-    w: Tensor | None = None
-    outside: Tensor | None = None
+    Attributes:
+        positions: P, the positions per sample of the last micro-batch's output
+            (:meth:`GGN.positions_per_sample`): the system's damping is ``damping * P``.
+        curvature: the output curvature of the batch (:meth:`GGN.batch_curvature`).
+        adapt: what damping adaptation needs to check this step (None: unchecked).
+        predicted: the quadratic model's change ``m(delta)`` of the step (set by
+            ``directions`` for a checked step).
+        before: the parameters and momentum buffers before the update, to undo a
+            rejected step with (``AdaptiveDamping(reject=True)`` on a checked step).
+        rejected: whether the step was undone (``last_info.rejected``).
+    """
+
     positions: int = 1
-    plain: list[nn.Parameter] = field(default_factory=list)
-    adapt: dict[str, Any] | None = None
-    #: the output curvature of this batch (:meth:`GGN.batch_curvature`), for ``last_info``
     curvature: str | None = None
+    adapt: dict[str, Any] | None = None
+    predicted: float | None = None
+    before: tuple[list[Tensor], list[Tensor], list[Tensor | None]] | None = None
+    rejected: bool = False
+
+    def join(self, later: Batch) -> GaussNewtonBatch:
+        """:meth:`Batch.join`; damping adaptation measures single batches, so an
+        accumulated step is not checked (said once per step)."""
+        if self.adapt is not None or getattr(later, "adapt", None) is not None:
+            warnings.warn(
+                "GGN damping_adaptation measures its reduction ratio on single batches: the damping stays fixed "
+                "on a step that accumulates several backward calls",
+                RuntimeWarning,
+                stacklevel=user_stacklevel(),
+            )
+        joined = super().join(later)
+        joined.adapt = None
+        return joined
 
 
-def _join_rows(old: Tensor | None, new: Tensor | None) -> Tensor | None:
-    """Concatenate two micro-batches' per-sample rows ``[b_m, ...]`` (both None: None)."""
-    if old is None and new is None:
-        return None
-    if old is None or new is None:
-        raise CaptureError("internal: micro-batches of one loss with and without a Hessian factor")
-    return torch.cat([old, new])
+@dataclass
+class GGNStepInfo(StepInfo):
+    """:class:`~gramopt.optim.base.StepInfo` and the output curvature the step used
+    (``"exact"``, ``"top"`` or ``"sampled"``: the default "top" becomes "sampled" for
+    outputs with several positions per sample), and whether the step was undone
+    (``AdaptiveDamping(reject=True)``: the step raised the loss of its own batch; the
+    parameters are those before it)."""
+
+    curvature: str | None = None
+    rejected: bool = False
 
 
 def output_candidates(output: Any) -> list[tuple[str, Tensor]]:
@@ -130,11 +154,6 @@ def output_candidates(output: Any) -> list[tuple[str, Tensor]]:
     return found
 
 
-def previous_union(first: list[nn.Parameter], second: list[nn.Parameter]) -> list[nn.Parameter]:
-    """``first`` then the parameters of ``second`` not in it (by identity)."""
-    return first + [p for p in second if all(p is not q for q in first)]
-
-
 class GGN(SampleSpaceOptimizer):
     """Gram-Gauss-Newton: ``delta = -lr * J^T (H G + damping I)^{-1} e``, ``G = J J^T``.
 
@@ -148,7 +167,7 @@ class GGN(SampleSpaceOptimizer):
             steps. 0 is the ridgeless Eq. (9) and needs a nonsingular G; cross-entropy and
             ``curvature="sampled"`` need damping > 0. Cross-entropy outputs with P > 1
             positions per sample (``[b, C, T]``) are damped per position: the system's
-            damping is ``damping * P`` (:meth:`damping_scale`).
+            damping is ``damping * P`` (:meth:`positions_per_sample`).
         loss: ``"mse"``, ``"cross_entropy"`` or a :class:`~gramopt.losses.GaussNewtonLoss`
             (e.g. ``CrossEntropyLoss(ignore_index=0)``). Outputs may have any shape
             ``[b, ...]`` (cross-entropy: classes in dim 1, as ``F.cross_entropy``); the
@@ -202,8 +221,15 @@ class GGN(SampleSpaceOptimizer):
     of the mean loss, from one more backward pass, once), so that ``step()`` warns when
     it was modified, e.g. by ``clip_grad_norm_``: the step ignores it (clip with
     ``max_update_norm``). Later steps leave that ``.grad`` empty (filling it costs
-    10-30% of a step). ``step()`` solves and updates. ``last_info`` tells what the
-    solve did (method, fallbacks, seconds).
+    10-30% of a step). ``step()`` solves and updates. ``last_info``, a
+    :class:`GGNStepInfo`, tells what the solve did (method, fallbacks, seconds), the
+    output curvature it used and whether damping adaptation undid the step.
+
+    State: the damping lives in the param groups (``opt.damping`` reads it);
+    ``extra_state`` holds the generator's ``seed`` and ``draws``, the ``first_loss``
+    (``divergence``) and, with ``damping_adaptation``, the adaptation's own state
+    ``extra_state["damping_adaptation"]`` (its floor ``min_damping``, ``loss_average``,
+    ``last_ratio``, ``rejected_steps``: :meth:`AdaptiveDamping.initial_state`).
 
     Gradient accumulation: several ``backward`` calls (micro-batches) before one
     ``step()`` give the step of their concatenated batch: the Jacobian rows, residuals
@@ -214,23 +240,25 @@ class GGN(SampleSpaceOptimizer):
     samples' Jacobian rows); in eval mode they are preconditioned like any layer.
     """
 
-    captures_mean_loss = False  # the passes capture Jacobian rows
-    #: BatchNorm in training mode is refused: its batch statistics couple the Jacobian rows
-    #: of the samples (eval mode, with running statistics, works).
-    batchnorm_training = False
+    #: Jacobian rows (one backward pass per row direction); BatchNorm in training mode is
+    #: refused: its batch statistics couple the Jacobian rows of the samples (eval mode,
+    #: with running statistics, works).
+    needs = MethodNeeds(rows="jacobian", batchnorm_training=False)
+    batch_type = GaussNewtonBatch
     #: the most rows ``"exact"`` and ``"top"`` capture in one step (their Gram is n x n)
     MAX_ROWS = 8192
 
+    @positional_deprecated("loss", "solver", "momentum", "weight_decay")
     def __init__(
         self,
         model: nn.Module,
         lr: float | None = None,
         damping: float | None = None,
+        *,
         loss: str | GaussNewtonLoss = "mse",
         solver: str = "cholesky",
         momentum: float = 0.0,
         weight_decay: float = 0.0,
-        *,
         curvature: str | None = None,
         samples: int | None = None,
         seed: int | None = None,
@@ -282,13 +310,10 @@ class GGN(SampleSpaceOptimizer):
         self.extra_state["seed"] = self._draw_seed() if seed is None else seed
         self.extra_state["draws"] = 0
         self.extra_state["first_loss"] = None
-        self.extra_state["damping_floor"] = damping
-        self.extra_state["rejected_steps"] = 0
-        self._pending: GaussNewtonBatch | None = None
-        self._strays: list[nn.Parameter] = []
-        self._draw_offset = 0
-        self._before: tuple[list[Tensor], list[Tensor], list[Tensor | None]] | None = None
-        self._last_call: tuple[Any, Any, Any] | None = None
+        if self.damping_adaptation is not None:
+            # its bounds and running signals (AdaptiveDamping.initial_state)
+            self.extra_state["damping_adaptation"] = self.damping_adaptation.initial_state(damping)
+        self._last_call: tuple[Any, Any, Any] | None = None  # the model's last call (damping adaptation re-runs it)
         self._warned_adaptation = False
         if self.damping_adaptation is not None:
             owner = weakref.ref(self)  # the model's hook must not keep the optimizer alive
@@ -308,11 +333,8 @@ class GGN(SampleSpaceOptimizer):
             self._finalizer_hook()
         super().close()
 
-    def stray_params(self) -> list[nn.Parameter]:
-        return list(self._strays)  # found by backward, whose Jacobian passes reach no weight
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
+    def validate_group(self, group: dict[str, Any]) -> None:
+        super().validate_group(group)
         check_hyper("damping", group["damping"])
         if group["damping"] == 0 and (self.loss.name == "cross_entropy" or self.curvature != "exact"):
             raise ValueError(
@@ -330,14 +352,15 @@ class GGN(SampleSpaceOptimizer):
             )
         return values.pop()
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def _generator(self, device: torch.device, offset: int) -> torch.Generator:
         """The generator of this backward's draws: seeded by (seed, number of draws so far,
-        the process's rank). Under ``distributed=`` every rank holds rank 0's seed; the rank
+        ``offset``: the step's micro-batches before this one, the process's rank). Under
+        ``distributed=`` every rank holds rank 0's seed; the rank
         term gives each rank its own columns (identical draws on every rank would repeat
         one sample of the curvature R times instead of R independent ones), reproducibly:
         a rank's draws depend on (seed, step, rank) only. Rank 0 (and a single process)
         draws what it drew before the rank term existed."""
-        seed = int(self.extra_state["seed"]) * 1_000_003 + int(self.extra_state["draws"]) + self._draw_offset
+        seed = int(self.extra_state["seed"]) * 1_000_003 + int(self.extra_state["draws"]) + offset
         seed += process_rank() * _RANK_STRIDE
         return torch.Generator(device=device).manual_seed(seed % 2**63)
 
@@ -349,7 +372,7 @@ class GGN(SampleSpaceOptimizer):
             return "sampled"
         return self.curvature
 
-    def damping_scale(self, output: Tensor) -> int:
+    def positions_per_sample(self, output: Tensor) -> int:
         """P, the positions per sample of a cross-entropy output ``[b, C, d_1, ...]``
         (1 for ``[b, C]`` and for mse): the system's damping is ``damping * P``, so the
         damping is per position (the step is that of the per-sample *mean* over positions
@@ -358,7 +381,18 @@ class GGN(SampleSpaceOptimizer):
             return 1
         return max(1, output[0].numel() // output.shape[1])
 
-    def _row_directions(self, wide: Tensor, target: Tensor) -> tuple[list[Tensor], Tensor | None, Tensor | None, Tensor | None]:
+    def damping_scale(self, output: Tensor) -> int:
+        """Deprecated name of :meth:`positions_per_sample` (it returns a count of positions)."""
+        warnings.warn(
+            "GGN.damping_scale is deprecated: it is GGN.positions_per_sample (the system's damping is damping * P)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.positions_per_sample(output)
+
+    def _row_directions(
+        self, wide: Tensor, target: Tensor, offset: int
+    ) -> tuple[list[Tensor], Tensor | None, Tensor | None, Tensor | None]:
         """``(directions, q [b, r, m], w [b, m], c [b, r])`` of the configured curvature."""
         b = wide.shape[0]
         k = wide[0].numel()
@@ -388,111 +422,137 @@ class GGN(SampleSpaceOptimizer):
             directions, w = self.loss.top_system(wide, target, samples)
             return directions, None, w, None
         samples = self.samples if self.samples is not None else DEFAULT_SAMPLES["sampled"]
-        directions = self.loss.sampled_rows(wide, target, samples, self._generator(wide.device))
+        directions = self.loss.sampled_rows(wide, target, samples, self._generator(wide.device, offset))
         q = torch.zeros(b, samples + 1, samples, dtype=wide.dtype, device=wide.device)
         q[:, :samples] = torch.eye(samples, dtype=wide.dtype, device=wide.device)
         outside = torch.zeros(b, samples + 1, dtype=wide.dtype, device=wide.device)
         outside[:, samples] = 1.0
         return directions, q, None, outside
 
-    def _backward(self, output: Tensor, target: Tensor) -> Tensor:
-        """Loss and Jacobian passes (``.grad`` for plain-gradient parameters, and until the
-        first step for the preconditioned ones);
-        returns the mean loss (detached)."""
-        self._seconds = {}
-        previous = self._pending if isinstance(self._pending, GaussNewtonBatch) else None
-        with self._phase("jacobian"):
-            self._check_batch(output, target)
-            detached = output.detach().requires_grad_(True)
-            with torch.enable_grad():
-                value = self.loss.value(detached, target)
-            # one fused check (one host sync) of the output, the target and the loss
-            sums = [value.detach(), output.detach().sum()] + ([target.sum()] if target.is_floating_point() else [])
-            loss, *rest = torch.stack([t.to(value.dtype) for t in sums]).tolist()
-            if not math.isfinite(loss + sum(rest)):  # (a finite sum that overflowed: checked below)
-                if not torch.isfinite(output).all():
-                    raise NonFiniteError("the model output has NaN or inf; nothing was changed")
-                if target.is_floating_point() and not torch.isfinite(target).all():
-                    raise NonFiniteError("the target has NaN or inf; nothing was changed")
-                if not torch.isfinite(value):
-                    raise NonFiniteError(f"the loss is {float(value)}; nothing was changed")
-            first = self.extra_state.get("first_loss")
-            if self.divergence is not None and first is not None and float(value.detach()) > self.divergence * max(first, 1e-12):
-                raise DivergenceError(
-                    f"GGN diverges: the batch loss {float(value.detach()):.4g} is more than {self.divergence:g} times the first "
-                    f"batch's {first:.4g} (damping now {self.damping:.4g}); raise the damping or lower lr "
-                    "(GGN(..., divergence=None) turns this check off); nothing was changed"
-                )
-            # the residual system in at least float32 (half-precision models solve in float32)
-            wide = output.detach().to(torch.promote_types(output.dtype, torch.float32))
-            wide_target = target.to(wide.dtype) if target.is_floating_point() else target
-            b = output.shape[0]
-            # the micro-batches of one step draw in turn (extra_state["draws"] moves on at commit)
-            self._draw_offset = previous.micro_batches if previous is not None and previous.samples else 0
-            directions, q, w, outside = self._row_directions(wide, wide_target)
-            adapt = self._adaptation_record(output, wide, wide_target, float(value.detach()))
-            self.engine.backward_passes(output, [d.to(output.dtype) for d in directions])
-        with self._phase("gradient"):
-            # .grad where the step uses it: the plain-gradient parameters, from one more
-            # pass through the kept graph that no hook records. The preconditioned layers get
-            # it on the first step only (_probe_params, to report clipping): their step comes
-            # from the factors, and filling .grad every step would cost a product with the
-            # rows (~10-30% of a step) or this pass (1.8x instead of 1.2x an SGD step,
-            # benchmarks/ggn_step_time.py).
-            # Hooked layers whose module was not called (weights used functionally) get the
-            # plain gradient too when the pass reaches them (never silently frozen).
-            uncalled = self.engine.uncalled_params()
-            plain = [p for p in self.engine.plain_params if p.requires_grad] + uncalled
-            stray: list[nn.Parameter] = []
-            weight = self._micro_batch_weight(b)  # gradient accumulation: the mean over all micro-batches
-            probe = self._probe_params(plain)
-            if plain or probe:
-                (grad_output,) = torch.autograd.grad(value, detached)  # only the plain gradient needs it
-                with self.engine.paused():
-                    grads = torch.autograd.grad(output, plain + probe, grad_outputs=grad_output * weight, allow_unused=True)
-                stray_ids = {id(p) for p in uncalled}
-                stray = [p for p in self._add_gradients(plain + probe, grads, probe) if id(p) in stray_ids]
-            self._warn_stray(stray)
-        if w is not None:
-            w = w.reshape(b, -1)
-        if outside is not None:
-            outside = outside.reshape(b, -1)
-        if previous is not None and previous.samples:  # gradient accumulation: join the micro-batches
-            stray = previous_union(self._strays, stray)
-            plain = previous_union(previous.plain, plain)
-            w, outside, q = (_join_rows(old, new) for old, new in ((previous.w, w), (previous.outside, outside), (previous.q, q)))
-            if adapt is not None or (previous.adapt is not None):
-                warnings.warn(
-                    "GGN damping_adaptation measures its reduction ratio on single batches: the damping stays fixed "
-                    "on a step that accumulates several backward calls",
-                    RuntimeWarning,
-                    stacklevel=user_stacklevel(),
-                )
-            adapt = None
-        self._strays = stray
-        mean, samples, micro, seconds = self._merged_pending(float(value.detach()), b, self._seconds)
-        positions = self.damping_scale(wide)
-        self._pending = GaussNewtonBatch(
-            mean,
-            seconds,
-            samples,
-            micro,
-            q=q,
-            w=w,
-            outside=outside,
-            positions=positions,
-            plain=plain,
-            adapt=adapt,
-            curvature=self.batch_curvature(wide),
-        )
-        return value.detach()
+    # -- the contract's hooks ------------------------------------------------------------
+    def row_directions(self, output: Tensor, target: Tensor, batch: GaussNewtonBatch) -> list[Tensor]:
+        """The divergence check, then the rows of the configured curvature (in at least
+        float32: half-precision models solve in float32) with their Q, w and c, and what
+        damping adaptation needs."""
+        first = self.extra_state.get("first_loss")
+        if self.divergence is not None and first is not None and batch.loss > self.divergence * max(first, 1e-12):
+            raise DivergenceError(
+                f"GGN diverges: the batch loss {batch.loss:.4g} is more than {self.divergence:g} times the first "
+                f"batch's {first:.4g} (damping now {self.damping:.4g}); raise the damping or lower lr "
+                "(GGN(..., divergence=None) turns this check off); nothing was changed"
+            )
+        wide = output.detach().to(torch.promote_types(output.dtype, torch.float32))
+        wide_target = target.to(wide.dtype) if target.is_floating_point() else target
+        b = output.shape[0]
+        # the micro-batches of one step draw in turn (extra_state["draws"] moves on at commit)
+        directions, q, w, outside = self._row_directions(wide, wide_target, offset=batch.micro_batches - 1)
+        batch.adapt = self._adaptation_record(output, wide, wide_target, batch.loss)
+        batch.per_sample = {
+            "q": q,
+            "w": None if w is None else w.reshape(b, -1),
+            "outside": None if outside is None else outside.reshape(b, -1),
+        }
+        batch.positions = self.positions_per_sample(wide)
+        batch.curvature = self.batch_curvature(wide)
+        return directions
+
+    def directions(self, batch: GaussNewtonBatch) -> dict[Tensor, Tensor]:
+        """Solve ``(Q^T R R^T Q + damping I) a = w``; the direction is ``R^T x``,
+        ``x = system.coefficients(a)``."""
+        with self._phase("factors"):
+            factors = batch.factors()  # the micro-batches (and, distributed="exact", the ranks) concatenated
+        q, w, outside = (batch.per_sample[key] for key in ("q", "w", "outside"))
+        directions: dict[Tensor, Tensor] = {}
+        if self.solver != "cholesky":  # the matrix-free solvers never see a Gram block to check
+            for name, factor in factors.items():
+                if not factor.is_finite():
+                    raise NonFiniteError(f"the Jacobian of layer {name} has NaN or inf; nothing was changed")
+        if not factors:
+            return directions
+        dtype = next(iter(factors.values())).dtype
+        q = None if q is None else q.to(dtype)
+        outside = None if outside is None else outside.reshape(-1).to(dtype)
+        # sampled systems: Q selects each sample's drawn rows (the gradient's row comes last),
+        # so only their block of the Gram is formed (GaussNewtonSystem.selected)
+        selected = q.shape[2] if outside is not None and is_selection(q, q.shape[2]) else None
+        w = GaussNewtonSystem.sampled_rhs(factors, q, outside, selected) if w is None else w.reshape(-1).to(dtype)
+        # the damping is per position (positions_per_sample): P times it for P positions per sample
+        system = GaussNewtonSystem(factors, q, w, self.damping * batch.positions, self.steps_taken, outside, selected)
+        a, batch.solve = SOLVERS[self.solver](system, **self.solver_options)
+        if not batch.solve.converged:
+            warnings.warn(
+                f"GGN step {self.steps_taken}: {batch.solve.fallback}", NumericalWarning, stacklevel=user_stacklevel()
+            )
+        self._seconds.update(batch.solve.seconds)
+        with self._phase("direction"):
+            x = system.coefficients(a)
+            for factor in factors.values():
+                for p, d in zip(factor.params, factor.rmatvec(x)):
+                    directions[p] = d
+        if batch.adapt is not None:
+            batch.predicted = self._predicted_change(system, x)
+            if batch.predicted is not None and self.damping_adaptation.reject:
+                batch.before = self._snapshot()
+        return directions
+
+    def commit(self, batch: GaussNewtonBatch) -> None:
+        """The draws and the first loss move on; damping adaptation: its running mean of
+        the batch losses, and on a checked step one forward pass on the step's batch, the
+        reduction ratio, the step undone if the rule rejects it, and the new damping (in
+        every param group, so ``state_dict()`` keeps it)."""
+        if batch.curvature == "sampled":  # (configured, or the default for several positions)
+            self.extra_state["draws"] += max(batch.micro_batches, 1)
+        if self.extra_state.get("first_loss") is None:
+            self.extra_state["first_loss"] = batch.loss
+        config = self.damping_adaptation
+        if config is None:
+            return
+        state = self.extra_state["damping_adaptation"]
+        state["loss_average"] = AdaptiveDamping.averaged(state["loss_average"], batch.loss)  # the surge signal
+        if batch.adapt is not None and batch.predicted is not None:
+            self._adapt(batch, config, state)
+
+    def step_info(self, batch: GaussNewtonBatch, **common: Any) -> GGNStepInfo:
+        return GGNStepInfo(**common, curvature=batch.curvature, rejected=batch.rejected)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``; a state saved by gramopt 0.1 (the adaptation's
+        state at the top level of ``extra_state``, its floor as ``damping_floor``) is
+        converted to this layout first."""
+        extra = state_dict.get("gramopt")
+        if isinstance(extra, dict):
+            state_dict = {**state_dict, "gramopt": self._upgraded_extra_state(extra)}
+        super().load_state_dict(state_dict)
+
+    def _upgraded_extra_state(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """``extra`` in this version's layout: ``damping_floor``, ``loss_average``,
+        ``last_ratio`` and ``rejected_steps`` (gramopt 0.1) move into
+        ``extra["damping_adaptation"]``, whose ``min_damping`` is the floor 0.1 applied
+        (``AdaptiveDamping.min_damping`` if set, else ``damping_floor``); a state without
+        adaptation loaded into an optimizer with it starts its adaptation afresh."""
+        extra = dict(extra)
+        config = self.damping_adaptation
+        if "damping_floor" in extra:
+            floor = float(extra.pop("damping_floor"))
+            adaptation = {
+                "min_damping": floor if config is None or config.min_damping is None else float(config.min_damping),
+                "loss_average": extra.pop("loss_average", None),
+                "last_ratio": extra.pop("last_ratio", None),
+                "rejected_steps": int(extra.pop("rejected_steps", 0)),
+            }
+            extra.setdefault("damping_adaptation", adaptation)
+        if config is not None and "damping_adaptation" not in extra:
+            extra["damping_adaptation"] = config.initial_state(self.defaults["damping"])
+        return extra
 
     def _adaptation_record(self, output: Tensor, wide: Tensor, target: Tensor, loss: float) -> dict[str, Any] | None:
         """What the reduction ratio of this step needs (None when it is not checked:
         :meth:`AdaptiveDamping.due`, from the batch's mean ``loss``)."""
         config = self.damping_adaptation
-        state = self.extra_state
-        if config is None or not config.due(self.steps_taken, loss, state.get("loss_average"), state.get("last_ratio")):
+        if config is None:
+            return None
+        state = self.extra_state["damping_adaptation"]
+        if not config.due(self.steps_taken, loss, state["loss_average"], state["last_ratio"]):
             return None
         call, self._last_call = self._last_call, None
         how = None if call is None else next((how for how, ref in call[2] if ref() is output), None)
@@ -510,52 +570,6 @@ class GGN(SampleSpaceOptimizer):
         before = float(self.loss.total(wide, target))
         return {"call": (call[0], call[1], tuple(output.shape)), "how": how, "target": target, "before": before}
 
-    def gradient_params(self) -> list[Tensor]:
-        """Those ``backward`` filled ``.grad`` of (and warned about)."""
-        return [] if self._pending is None else list(self._pending.plain)
-
-    def directions(self, pending: PendingBatch | None) -> tuple[dict[Tensor, Tensor], SolveInfo | None]:
-        """Solve ``(Q^T R R^T Q + damping I) a = w``; the direction is ``R^T x``,
-        ``x = system.coefficients(a)``."""
-        if not isinstance(pending, GaussNewtonBatch):
-            raise self._missing_captures("GGN.step() needs opt.backward(model(x), y) first")
-        with self._phase("factors"):
-            # distributed="exact": every rank's rows
-            q, w, outside = self._gather_batch(pending.q, pending.w, pending.outside, scaled=(False, False, False))
-            factors = self.engine.factors()  # the micro-batches concatenated
-        pending.q = q
-        pending.w = None if w is None else w.reshape(-1)
-        pending.outside = None if outside is None else outside.reshape(-1)
-        directions: dict[Tensor, Tensor] = {}
-        info = None
-        if self.solver != "cholesky":  # the matrix-free solvers never see a Gram block to check
-            for name, factor in factors.items():
-                if not factor.is_finite():
-                    raise NonFiniteError(f"the Jacobian of layer {name} has NaN or inf; nothing was changed")
-        self._predicted: float | None = None
-        if factors:
-            dtype = next(iter(factors.values())).dtype
-            q = None if pending.q is None else pending.q.to(dtype)
-            outside = None if pending.outside is None else pending.outside.to(dtype)
-            # sampled systems: Q selects each sample's drawn rows (the gradient's row comes last),
-            # so only their block of the Gram is formed (GaussNewtonSystem.selected)
-            selected = q.shape[2] if outside is not None and is_selection(q, q.shape[2]) else None
-            w = GaussNewtonSystem.sampled_rhs(factors, q, outside, selected) if pending.w is None else pending.w.to(dtype)
-            # the damping is per position (damping_scale): P times it for P positions per sample
-            system = GaussNewtonSystem(factors, q, w, self.damping * pending.positions, self.steps_taken, outside, selected)
-            a, info = SOLVERS[self.solver](system, **self.solver_options)
-            if not info.converged:
-                warnings.warn(f"GGN step {self.steps_taken}: {info.fallback}", NumericalWarning, stacklevel=user_stacklevel())
-            self._seconds.update(info.seconds)
-            with self._phase("direction"):
-                x = system.coefficients(a)
-                for factor in factors.values():
-                    for p, d in zip(factor.params, factor.rmatvec(x)):
-                        directions[p] = d
-            if pending.adapt is not None:
-                self._predicted = self._predicted_change(system, x)
-        return directions, info
-
     def _predicted_change(self, system: GaussNewtonSystem, x: Tensor) -> float | None:
         """``m(delta) = g^T delta + 0.5 delta^T B delta`` for ``delta = -lr R^T x``, with
         ``g = R^T c`` and ``B = R^T Q Q^T R`` (the curvature the step used)."""
@@ -567,57 +581,28 @@ class GGN(SampleSpaceOptimizer):
         c = system.gradient_coefficients()
         return float(-lr * torch.dot(c, gx) + 0.5 * lr**2 * system.apply_qt(gx).square().sum())
 
-    def apply_directions(self, directions: dict[Tensor, Tensor]) -> None:
-        """The update; on a step that damping adaptation checks with ``reject``, first a
-        copy of the parameters and momentum buffers to undo it with (:meth:`commit`)."""
-        pending, config = self._pending, self.damping_adaptation
-        self._before = None
-        if config is not None and config.reject and pending is not None and pending.adapt is not None:
-            params = [p for group in self.param_groups for p in group["params"]]
-            buffers = [self.state[p].get("momentum_buffer") if p in self.state else None for p in params]
-            self._before = (
-                params,
-                [p.detach().clone() for p in params],
-                [None if b is None else b.clone() for b in buffers],
-            )
-        super().apply_directions(directions)
+    def _snapshot(self) -> tuple[list[Tensor], list[Tensor], list[Tensor | None]]:
+        """The parameters and momentum buffers as they are now (before the update)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        buffers = [self.state[p].get("momentum_buffer") if p in self.state else None for p in params]
+        return params, [p.detach().clone() for p in params], [None if b is None else b.clone() for b in buffers]
 
-    def _undo_step(self) -> None:
-        """Put back the parameters and momentum buffers of before the step (:meth:`apply_directions`)."""
-        params, values, buffers = self._before
-        self._before = None
+    def _undo_step(self, batch: GaussNewtonBatch, state: dict[str, Any]) -> None:
+        """Put back the parameters and momentum buffers of before the step (``batch.before``)."""
+        params, values, buffers = batch.before
         torch._foreach_copy_(params, values)
         for p, buffer in zip(params, buffers):
             if buffer is None:
                 self.state.get(p, {}).pop("momentum_buffer", None)
             else:
                 self.state[p]["momentum_buffer"] = buffer
-        self.extra_state["rejected_steps"] = int(self.extra_state.get("rejected_steps", 0)) + 1
-        self._rejected = True
+        state["rejected_steps"] += 1
+        batch.rejected = True
 
-    def commit(self) -> None:
-        """Damping adaptation: one forward pass on the step's batch, the reduction ratio,
-        the new damping (in every param group, so ``state_dict()`` keeps it)."""
-        pending, config = self._pending, self.damping_adaptation
-        # kept only once the step succeeded: a failed step changes no state
-        if pending is not None:
-            if pending.outside is not None:  # a sampled system (configured, or the default for positions)
-                self.extra_state["draws"] += max(pending.micro_batches, 1)
-            if self.extra_state.get("first_loss") is None:
-                self.extra_state["first_loss"] = pending.loss
-            if self.damping_adaptation is not None:  # the surge signal's running mean
-                self.extra_state["loss_average"] = AdaptiveDamping.averaged(self.extra_state.get("loss_average"), pending.loss)
-        if config is None or pending is None or pending.adapt is None or self._predicted is None:
-            return
-        try:
-            self._adapt(pending, config)
-        finally:
-            self._before = None  # the copy of the parameters lives for one step only
-
-    def _adapt(self, pending: GaussNewtonBatch, config: AdaptiveDamping) -> None:
+    def _adapt(self, batch: GaussNewtonBatch, config: AdaptiveDamping, state: dict[str, Any]) -> None:
         """The reduction ratio of the step just taken on its own batch; the step undone if
-        the rule rejects it; the new damping."""
-        args, kwargs, shape = pending.adapt["call"]
+        the rule rejects it; the new damping, within the adaptation's bounds."""
+        args, kwargs, shape = batch.adapt["call"]
         buffers = [b.detach().clone() for b in self.model.buffers()]
         device = next((t.device for t in args if isinstance(t, Tensor)), torch.device("cpu"))
         devices = [device] if device.type == "cuda" else []
@@ -625,15 +610,15 @@ class GGN(SampleSpaceOptimizer):
             after = self.model(*args, **kwargs)
         for b, saved in zip(self.model.buffers(), buffers):
             b.copy_(saved)
-        after = dict(output_candidates(after)).get(pending.adapt["how"])
+        after = dict(output_candidates(after)).get(batch.adapt["how"])
         if after is None or tuple(after.shape) != shape:
             return
         wide = after.to(torch.promote_types(after.dtype, torch.float32))
-        actual = float(self.loss.total(wide, pending.adapt["target"])) - pending.adapt["before"]
-        rho = config.ratio(actual, self._predicted)
-        if not config.keeps(actual) and self._before is not None:
-            self._undo_step()
-        damping = config.update(self.damping, rho, float(self.extra_state.get("damping_floor", 0.0)))
+        actual = float(self.loss.total(wide, batch.adapt["target"])) - batch.adapt["before"]
+        rho = config.ratio(actual, batch.predicted)
+        if not config.keeps(actual) and batch.before is not None:
+            self._undo_step(batch, state)
+        damping = config.update(self.damping, rho, state["min_damping"])
         for group in self.param_groups:
             group["damping"] = damping
-        self.extra_state["last_ratio"] = rho
+        state["last_ratio"] = rho

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -44,8 +44,9 @@ from torch import Tensor, nn
 from gramopt.capture.engine import Layer, trainable
 from gramopt.errors import CaptureError, NonFiniteError
 from gramopt.linalg.dense import SolveInfo, all_finite
-from gramopt.losses import get_loss
-from gramopt.optim.base import PendingBatch, SampleSpaceOptimizer, check_hyper
+from gramopt.losses import GaussNewtonLoss, get_loss
+from gramopt.optim.base import Batch, MethodNeeds, SampleSpaceOptimizer, check_hyper
+from gramopt.optim.compat import positional_deprecated
 from gramopt.optim.seng.config import ImplicitConfig, SketchConfig
 from gramopt.optim.seng.explicit import ExplicitCurvature
 from gramopt.optim.seng.implicit import ImplicitCurvature
@@ -74,6 +75,17 @@ def _weak_filter(method: Callable[[Layer], bool]) -> Callable[[Layer], bool]:
         return True if bound is None else bound(layer)
 
     return capture
+
+
+@dataclass
+class SketchyBatch(Batch):
+    """SENG's batch: what :meth:`SENG.commit` keeps once the update succeeded: the
+    curvature cache per layer, the sketch generator after this step's draws and the
+    scheduled damping per param group."""
+
+    curvature: dict[str, Any] | None = None
+    sketch_generator: torch.Generator | None = None
+    dampings: list[float] | None = None
 
 
 class SENG(SampleSpaceOptimizer):
@@ -122,20 +134,22 @@ class SENG(SampleSpaceOptimizer):
     :mod:`gramopt.optim.seng.implicit`).
     """
 
-    reads_gradients = "all"  # g of every layer
-    weight_decay_modes = ("l2", "decoupled")
+    #: the per-sample gradients of the mean loss, and g of every layer from .grad
+    needs = MethodNeeds(rows="loss_gradients", reads_gradients="all", weight_decay_modes=("l2", "decoupled"))
+    batch_type = SketchyBatch
 
+    @positional_deprecated("momentum", "weight_decay", "curvature_every", "sketch", "loss")
     def __init__(
         self,
         model: nn.Module,
         lr: float = DEFAULT_LR,
         damping: Damping = DEFAULT_DAMPING,
+        *,
+        loss: str | GaussNewtonLoss = "cross_entropy",
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         curvature_every: int = 1,
         sketch: SketchConfig | None = None,
-        loss: str = "cross_entropy",
-        *,
         implicit: ImplicitConfig | None = None,
         params: Iterable[Any] | None = None,
         unsupported: str = "gradient",
@@ -170,7 +184,6 @@ class SENG(SampleSpaceOptimizer):
         if sketch is not None:
             seed = sketch.seed if sketch.seed is not None else self._draw_seed()
             self.extra_state["sketch_rng"] = torch.Generator().manual_seed(seed).get_state()
-        self._commit: tuple[dict[str, Any], torch.Generator | None, list[float]] | None = None
         if curvature_every > 1 and self.sync is None:
             # Between refreshes a step reads only .grad and the cached curvature: the forward
             # pass saves no inputs and the backward pass records no output-gradients there.
@@ -192,8 +205,8 @@ class SENG(SampleSpaceOptimizer):
         return state is None or state.get("covered") != [p.requires_grad for p in layer.params]
 
     # -- configuration -------------------------------------------------------------------
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
+    def validate_group(self, group: dict[str, Any]) -> None:
+        super().validate_group(group)
         check_hyper("damping", group["damping"], inclusive=False)
 
     def _scheduled_damping(self, step: int) -> float:
@@ -236,40 +249,19 @@ class SENG(SampleSpaceOptimizer):
                         f"use at most {n} rows or a fraction in (0, 1]"
                     )
 
-    # -- the uniform loop ----------------------------------------------------------------
-    def _backward(self, output: Tensor, target: Tensor) -> Tensor:
-        """The mean loss and its ordinary backward pass (``.grad`` and the per-sample
-        factors); returns the loss (detached). Non-finite loss: NonFiniteError, nothing
-        changed."""
-        self._check_batch(output, target)
-        with torch.enable_grad():
-            value = self.loss.value(output, target)
-        loss = float(value.detach())
-        if not math.isfinite(loss):
-            self.engine.clear()
-            raise NonFiniteError(f"the loss is {loss}; nothing was changed")
-        samples = output.shape[0]
-        weight = self._micro_batch_weight(samples)  # gradient accumulation
-        (value * weight if weight != 1.0 else value).backward()
-        mean, samples, micro, seconds = self._merged_pending(loss, samples, {})
-        self._pending = PendingBatch(mean, seconds, samples, micro)
-        return value.detach()
-
     # -- the step ------------------------------------------------------------------------
-    def _synchronize_gradients(self) -> None:
+    def global_gradient_params(self, batch: Batch) -> list[Tensor]:
         """``"exact"`` (base class), and ``"local"`` with ``local_gradient="global"``: every
         ``.grad`` becomes the global mean-loss gradient ``sum_r (b_r / B) g_r`` (Eq. 26)."""
-        sync = self.sync
-        if sync is not None and sync.policy == "local" and self.local_gradient == "global" and not sync.nested:
+        if self.sync is not None and self.sync.policy == "local" and self.local_gradient == "global":
             params = [p for g in self.param_groups for p in g["params"]]
             for p in params:  # a rank's NaN would reach every rank's g: fail here, where it arose
                 if p.grad is not None and not all_finite(p.grad):
                     raise NonFiniteError(
                         f"the gradient of parameter {self._name(p)} has NaN or inf (is the loss finite?); nothing was changed"
                     )
-            sync.synchronize_gradients(params, self._local_samples())
-            return
-        super()._synchronize_gradients()
+            return params
+        return super().global_gradient_params(batch)
 
     def _layer_dampings(self, step: int) -> tuple[dict[int, float], list[float]]:
         """lam_k per parameter (by id) and per group."""
@@ -280,19 +272,15 @@ class SENG(SampleSpaceOptimizer):
         by_param = {id(p): lam for group, lam in zip(self.param_groups, per_group) for p in group["params"]}
         return by_param, per_group
 
-    def gradient_params(self) -> list[Tensor]:
-        return [p for p in self.engine.plain_params if p.grad is not None] + self.stray_params()
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "implicit_layers"):  # after construction: the new layers' kind
             self.implicit_layers = {layer.name for layer in self.engine.blocks if self._is_implicit(layer)}
             self._check_sketch_sizes()
 
-    def directions(self, pending: PendingBatch | None) -> tuple[dict[Tensor, Tensor], SolveInfo | None]:
+    def directions(self, batch: SketchyBatch) -> dict[Tensor, Tensor]:
         """Algorithm 1 for every layer: ``d_l = (g_l - U_l^T beta) / lam``. The cache,
         the sketch generator and the scheduled damping are kept by :meth:`commit`."""
-        self._commit = None
         step = self.steps_taken
         damping_of, per_group = self._layer_dampings(step)
         layers: dict[str, Layer] = {}
@@ -307,12 +295,11 @@ class SENG(SampleSpaceOptimizer):
             covered[layer.name] = [p.requires_grad for p in layer.params]
             # NaN/inf in g surfaces in U g (or, sketched, in the direction): both are refused
             grads[layer.name] = [torch.zeros_like(p) if g is None else self._regularized(p, g) for p, g in zip(params, present)]
-        stray = self.stray_params()
+        stray = self.engine.stray_params()  # (they follow the plain gradient, warned about by the base)
         for p in stray:
             for name in [n for n, layer in layers.items() if any(p is q for q in layer.params)]:
                 del layers[name], grads[name], covered[name]  # its module recorded nothing
-        self._warn_stray(stray)
-        if not grads and not self.gradient_params():
+        if not grads and not stray and all(p.grad is None for p in self.engine.plain_params):
             raise CaptureError(
                 "SENG.step() found no gradient: call loss.backward() (mean loss) or opt.backward(model(x), y) first"
             )
@@ -323,7 +310,7 @@ class SENG(SampleSpaceOptimizer):
             stale = list(grads)
         if stale:
             with self._phase("curvature"):
-                self._refresh(cache, stale, covered)
+                self._refresh(batch, cache, stale, covered)
         generator = None
         if self.sketch is not None:
             generator = torch.Generator()
@@ -365,38 +352,35 @@ class SENG(SampleSpaceOptimizer):
             if combined:
                 torch._foreach_sub_(combined, subtracted)
                 torch._foreach_div_(combined, divisors)
-        self._commit = (cache, generator, per_group)
-        solve = SolveInfo(", ".join(methods) or "none", jitter=jitter, fallback="; ".join(fallbacks) or None)
-        return directions, solve
+        batch.curvature, batch.sketch_generator, batch.dampings = cache, generator, per_group
+        batch.solve = SolveInfo(", ".join(methods) or "none", jitter=jitter, fallback="; ".join(fallbacks) or None)
+        return directions
 
     def _regularized(self, p: Tensor, g: Tensor) -> Tensor:
         """g + wd * p under ``weight_decay_mode="l2"`` (the gradient of loss + (wd/2)||p||^2), else g."""
         l2 = None if g.is_sparse else self.l2_term(p)  # (a sparse g is refused with a clear error)
         return g if l2 is None else g + l2.to(g.dtype)
 
-    def commit(self) -> None:
+    def commit(self, batch: SketchyBatch) -> None:
         """Keep this step's cache, sketch generator state and scheduled damping."""
-        cache, generator, per_group = self._commit
-        self._commit = None
-        self.extra_state["curvature"] = cache
-        if generator is not None:
-            self.extra_state["sketch_rng"] = generator.get_state()
+        self.extra_state["curvature"] = batch.curvature
+        if batch.sketch_generator is not None:
+            self.extra_state["sketch_rng"] = batch.sketch_generator.get_state()
         if self.damping_schedule is not None:
-            for group, lam in zip(self.param_groups, per_group):
+            for group, lam in zip(self.param_groups, batch.dampings):
                 group["damping"] = lam
 
-    def _refresh(self, cache: dict[str, Any], names: list[str], covered: dict[str, list[bool]]) -> None:
+    def _refresh(self, batch: Batch, cache: dict[str, Any], names: list[str], covered: dict[str, list[bool]]) -> None:
         """Rebuild the curvature of ``names`` from this step's per-sample gradients (of
         the parameters that require grad now)."""
-        self._gather_batch()  # distributed="exact": the global batch's
-        b = self.engine.batch_size()
+        b = batch.captured_samples()  # (distributed="exact": the global batch's)
         if b is None:
-            raise self._missing_captures(
+            raise batch.missing_captures(
                 "SENG needs the per-sample gradients of this step, but no backward pass reached a hooked "
                 "layer: run the forward pass in training mode with autograd enabled, then loss.backward()"
                 + self._skipped_hint()
             )
-        factors = self.engine.factors(scale=float(b))  # mean loss -> per-sample loss gradients
+        factors = batch.factors(scale=float(b))  # mean loss -> per-sample loss gradients
         sketch = self.sketch
         leverage = sketch is not None and sketch.sampling == "leverage"
         for name in names:
