@@ -190,6 +190,7 @@ class GaussNewton(SampleSpaceOptimizer):
         )
         self.extra_state.update(jacobian=None if jacobian == "auto" else jacobian, shapes=None, previous=None)
         self._warned_precision = False
+        self._trials_need_graph = False  # the closure fails under no_grad (it differentiates itself)
         self._warn_precision()
 
     # -- hyper-parameters ------------------------------------------------------------------
@@ -324,10 +325,10 @@ class GaussNewton(SampleSpaceOptimizer):
                 mode = "functional"
                 jac, _ = jac_mod.functional_jacobian(self.engine, res, params)
         for index, ((start, end), shape) in enumerate(zip(res.group_rows(), res.shapes, strict=True)):
-            if self.steps_taken == 0 and not bool(jac[start:end].any()):
+            if not bool(jac[start:end].any()) and not _reaches(res.groups[index], params, self.engine):
                 raise ValueError(
-                    f"residual group {index} ({shape.describe()}) does not depend on the parameters (its Jacobian "
-                    "is zero at the first step); nothing was changed"
+                    f"residual group {index} ({shape.describe()}) does not depend on the parameters (no autograd "
+                    "path leads from it to them); nothing was changed"
                 )
         return jac, mode, checked
 
@@ -372,7 +373,15 @@ class GaussNewton(SampleSpaceOptimizer):
         def trial(t: float) -> float:
             self._move(params, delta, t, saved)
             with self.engine.paused():
-                return evaluate_loss(closure, shapes, dtype)
+                if not self._trials_need_graph:
+                    try:
+                        return evaluate_loss(closure, shapes, dtype)
+                    except RuntimeError:  # e.g. torch.autograd.grad inside the closure, under no_grad
+                        self._trials_need_graph = True
+                try:
+                    return evaluate_loss(closure, shapes, dtype, graph=True)
+                finally:
+                    self.engine.clear()
 
         try:
             if self.line_search == "grid":
@@ -410,6 +419,16 @@ class GaussNewton(SampleSpaceOptimizer):
                     p.copy_(value + s * part)
                     offset += p.numel()
                     index += 1
+
+
+def _reaches(residual: Tensor, params: list[nn.Parameter], engine: Any) -> bool:
+    """Whether an autograd path leads from ``residual`` to one of ``params`` (a group whose
+    Jacobian is zero may merely sit where the model saturates)."""
+    with engine.paused():
+        grads = torch.autograd.grad(
+            residual, params, grad_outputs=torch.ones_like(residual), retain_graph=True, allow_unused=True
+        )
+    return any(g is not None for g in grads)
 
 
 def _positive_int(value: Any) -> bool:
