@@ -58,13 +58,39 @@ def test_hooks_jacobian_rows_match_jacrev(k):
     assert jac_mod.gradient_mismatch(jac, r, expected.T @ r) is None
 
 
-def test_functional_jacobian_of_an_autograd_derivative_residual_matches_jacrev():
+@pytest.mark.parametrize("closure_kind", ["autograd", "forward_laplacian"])
+def test_functional_jacobian_matches_jacrev(closure_kind):
+    """jacrev through the closure where torch.func runs it; batched vector-Jacobian products
+    through the step's graph where it does not (torch.autograd.grad inside)."""
     model = small_model()
     with_autograd, with_forward_laplacian = autograd_closure(model, 6)
     expected, _ = residual_jacobian(model, with_forward_laplacian)
     opt = gramopt.GaussNewton(model, jacobian="functional")
-    res = evaluate(with_autograd, DT, torch.device("cpu"))
-    jac, _ = jac_mod.functional_jacobian(opt.engine, res, opt._params())
+    closure = with_autograd if closure_kind == "autograd" else with_forward_laplacian
+    res = evaluate(closure, DT, torch.device("cpu"))
+    jac, by_jacrev = jac_mod.functional_jacobian(opt.engine, res, opt._params(), closure)
+    assert by_jacrev == (closure_kind == "forward_laplacian")
+    torch.testing.assert_close(jac, expected, rtol=1e-10, atol=1e-12)
+    jac, by_jacrev = jac_mod.functional_jacobian(opt.engine, res, opt._params())
+    assert not by_jacrev
+    torch.testing.assert_close(jac, expected, rtol=1e-10, atol=1e-12)
+    assert not opt.engine.has_factors()
+
+
+def test_functional_jacobian_of_a_closure_that_changes_is_that_of_the_steps_rows():
+    model = small_model()
+    x = torch.rand(12, 2, dtype=DT, generator=torch.Generator().manual_seed(5))
+    calls = []
+
+    def closure():  # new points at every call (as if resampled inside the closure)
+        calls.append(1)
+        return model(x[:6] if len(calls) % 2 else x[6:])[:, 0]
+
+    opt = gramopt.GaussNewton(model, jacobian="functional")
+    res = evaluate(closure, DT, torch.device("cpu"))
+    jac, by_jacrev = jac_mod.functional_jacobian(opt.engine, res, opt._params(), closure)
+    assert not by_jacrev
+    expected, _ = residual_jacobian(model, lambda: model(x[:6])[:, 0])  # the rows of the step's own call
     torch.testing.assert_close(jac, expected, rtol=1e-10, atol=1e-12)
 
 
