@@ -58,6 +58,70 @@ def test_hooks_jacobian_rows_match_jacrev(k):
     assert jac_mod.gradient_mismatch(jac, r, expected.T @ r) is None
 
 
+class TwoHeads(nn.Module):
+    """A trunk and two one-output heads: ``forward(x) = [head0(trunk x), head1(trunk x)]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.trunk = nn.Sequential(nn.Linear(2, 5), nn.Tanh()).to(DT)
+        self.head0 = nn.Linear(5, 1).to(DT)
+        self.head1 = nn.Linear(5, 1).to(DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.trunk(x)
+        return torch.cat([self.head0(h), self.head1(h)], dim=1)
+
+
+def test_hooks_jacobian_rows_where_calls_reach_some_columns_or_groups_only():
+    """J's blocks written by the per-group passes: a group that calls the trunk twice (rows
+    added), one that reaches no call of head1 (its block zero), one of 5 points besides two
+    of 6, a [6, 2] group whose column c depends on head c only."""
+    model = TwoHeads()
+    gen = torch.Generator().manual_seed(6)
+    x, x2, x3 = (torch.rand(n, 2, dtype=DT, generator=gen) for n in (6, 6, 5))
+
+    def closure():
+        twice = model.head0(model.trunk(x2) * model.trunk(-x2))[:, 0]
+        return [model(x) - 0.5, twice, model(x3)[:, 1] ** 2]
+
+    expected, r = residual_jacobian(model, closure)
+    opt = gramopt.GaussNewton(model, jacobian="hooks")
+    params = opt._params()
+    res = evaluate(closure, DT, torch.device("cpu"))
+    jac, rest = jac_mod.hooks_jacobian(opt.engine, res, params)
+    opt.engine.clear()
+    assert rest == [] and bool(expected[12:18, -6:].eq(0).all())  # head1's columns, the second group's rows
+    assert bool(expected[0:12:2, -6:].eq(0).all()) and bool(expected[1:12:2, -6:].ne(0).any())  # by column
+    torch.testing.assert_close(jac, expected, rtol=0, atol=1e-12)
+    assert jac_mod.gradient_mismatch(jac, r, expected.T @ r) is None
+
+
+@pytest.mark.parametrize("jacobian", ["hooks", "auto"])
+def test_a_group_on_a_call_of_another_size_is_refused_by_the_hooks(jacobian):
+    """Group 1 (4 points) depends on a call of 6 points: under "hooks" an error naming
+    jacobian="functional" (nothing changed), under "auto" the functional J's dense step."""
+    model = small_model(width=5)
+    gen = torch.Generator().manual_seed(7)
+    x6, x4 = torch.rand(6, 2, dtype=DT, generator=gen), torch.rand(4, 2, dtype=DT, generator=gen)
+
+    def closure():
+        return [model(x6)[:, 0] - 0.5, model(x4)[:, 0] + model(x6)[:4, 0]]
+
+    delta, _ = dense_step(model, closure, lr=1.0, damping=1e-3)
+    before = params_vector(model)
+    opt = gramopt.GaussNewton(model, damping=1e-3, line_search=None, jacobian=jacobian)
+    if jacobian == "hooks":
+        with pytest.raises(gramopt.UnsupportedModuleError, match="called on 6 samples.*jacobian='functional'"):
+            opt.step(closure)
+        assert torch.equal(params_vector(model), before)
+        return
+    with pytest.warns(RuntimeWarning, match="called on 6 samples"):
+        opt.step(closure)
+    assert opt.last_info.jacobian == "functional"
+    torch.testing.assert_close(params_vector(model) - before, delta, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("closure_kind", ["autograd", "forward_laplacian"])
 def test_functional_jacobian_matches_jacrev(closure_kind):
     """jacrev through the closure where torch.func runs it; batched vector-Jacobian products

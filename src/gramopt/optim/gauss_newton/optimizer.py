@@ -331,7 +331,7 @@ class GaussNewton(SampleSpaceOptimizer):
                 mode = "functional"
                 jac = self._functional(res, params, closure)
         for index, ((start, end), shape) in enumerate(zip(res.group_rows(), res.shapes, strict=True)):
-            if not bool(jac[start:end].any()) and not _reaches(res.groups[index], params, self.engine):
+            if not _any_nonzero(jac[start:end]) and not _reaches(res.groups[index], params, self.engine):
                 raise ValueError(
                     f"residual group {index} ({shape.describe()}) does not depend on the parameters (no autograd "
                     "path leads from it to them); nothing was changed"
@@ -434,6 +434,15 @@ class GaussNewton(SampleSpaceOptimizer):
                     p.copy_(value + s * part)
                     offset += p.numel()
                     index += 1
+
+
+def _any_nonzero(rows: Tensor, width: int = 256) -> bool:
+    """Whether ``rows`` ``[n, q]`` has a nonzero entry, scanning blocks of ``width`` columns
+    from the last (the output layer's, which most residuals reach) and stopping at the first."""
+    for end in range(rows.shape[1], 0, -width):
+        if bool(rows[:, max(0, end - width) : end].any()):
+            return True
+    return False
 
 
 def _reaches(residual: Tensor, params: list[nn.Parameter], engine: Any) -> bool:
