@@ -177,6 +177,60 @@ def test_step_is_the_dense_gauss_newton_step(k, space, jacobian):
     assert set(opt.last_info.seconds) >= {"jacobian", "solve", "line_search", "update"}
 
 
+def loss_at(model: nn.Module, closure, theta: torch.Tensor) -> float:
+    """L = 1/2 ||r||^2 with the model's parameters set to ``theta`` (then put back)."""
+    params = list(model.parameters())
+    saved = params_vector(model)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(theta, params)
+        value = 0.5 * float(flat_residual(closure()).pow(2).sum())
+        torch.nn.utils.vector_to_parameters(saved, params)
+    return value
+
+
+@pytest.mark.parametrize("case", ["kept", "rejected"])
+def test_adaptive_damping_takes_the_dense_steps_gain_ratio(case):
+    """line_search=None with GGN's AdaptiveDamping: rho = (L(theta + s) - L) / (r^T J s + 1/2 ||J s||^2)
+    for the dense step s; rho > 3/4 lowers the damping by 2/3 (the step taken, and the next
+    step is the dense step at that damping), a step that raises L is refused and raises the
+    damping 1.5x (at least 1e-4)."""
+    model = small_model(width=6)
+    closure = pinn_closure(model, 8, 4)
+    lr, damping = (1e-3, 0.1) if case == "kept" else (0.2, 1e-3)
+    j, r = residual_jacobian(model, closure)
+    s = gauss_newton_delta(j, r, lr, damping, "sample")
+    theta = params_vector(model)
+    loss, after = 0.5 * float(r @ r), loss_at(model, closure, theta + s)
+    rho = (after - loss) / float(r @ (j @ s) + 0.5 * (j @ s).pow(2).sum())
+    assert (rho > 0.75) if case == "kept" else (after > loss)
+    expected = damping * 2 / 3 if case == "kept" else max(damping * 1.5, 1e-4)
+    opt = gramopt.GaussNewton(
+        model, lr=lr, damping=damping, line_search=None, jacobian="hooks",
+        damping_adaptation=gramopt.AdaptiveDamping(every=1, min_damping=1e-6),
+    )
+    opt.step(closure)
+    info = opt.last_info
+    assert info.ratio == pytest.approx(rho, rel=1e-8) and info.rejected == (case == "rejected")
+    assert info.damping == damping and opt.param_groups[0]["damping"] == pytest.approx(expected, rel=1e-14)
+    assert opt.state_dict()["gramopt"]["damping_adaptation"]["rejected_steps"] == int(case == "rejected")
+    if case == "rejected":
+        assert torch.equal(params_vector(model), theta) and info.lr_taken == 0.0
+        return
+    torch.testing.assert_close(params_vector(model), theta + s, rtol=1e-9, atol=1e-12)
+    delta, _ = dense_step(model, closure, lr=lr, damping=expected)
+    before = params_vector(model)
+    opt.step(closure)
+    torch.testing.assert_close(params_vector(model) - before, delta, rtol=1e-9, atol=1e-12)
+
+
+def test_adaptive_damping_needs_line_search_none_and_an_adaptive_damping():
+    model = small_model()
+    with pytest.raises(ValueError, match="line_search=None"):
+        gramopt.GaussNewton(model, damping_adaptation=gramopt.AdaptiveDamping())
+    with pytest.raises(TypeError, match="AdaptiveDamping or None"):
+        gramopt.GaussNewton(model, line_search=None, damping_adaptation="auto")
+
+
 def test_grid_line_search_takes_the_argmin_of_its_trials():
     model = small_model(width=6)
     closure = pinn_closure(model, 8, 4)
