@@ -229,6 +229,32 @@ def test_backward_passes_return_gradients_of_extra_inputs(float64):
     engine.close()
 
 
+def test_passes_of_their_own_outputs_reach_only_their_calls(float64):
+    """backward_passes with one output per pass: each pass runs through its own output's
+    graph; factors_per_call gives each call the passes that reached it, and their rows are
+    the per-sample Jacobian rows of that call's inputs."""
+    from reference import jacobian
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    engine = CaptureEngine(model, model.parameters())
+    x, y = torch.randn(5, 3), torch.randn(3, 3)
+    out_x, out_y = model(x), model(y)
+    directions = [F.one_hot(torch.full((5,), c), 2).to(out_x.dtype) for c in range(2)] + [torch.ones(3, 2)]
+    engine.backward_passes([out_x, out_x, out_y], directions)
+    with pytest.raises(ValueError, match="2 outputs for 3 directions"):
+        engine.backward_passes([out_x, out_y], directions)
+    per_call = engine.factors_per_call()
+    engine.close()
+    assert set(per_call) == {"0", "2"}
+    for name, layer in (("0", model[0]), ("2", model[2])):
+        (passes_x, fx), (passes_y, fy) = per_call[name]
+        assert passes_x == (0, 1) and passes_y == (2,)
+        torch.testing.assert_close(fx.per_sample(), jacobian(model, x, fx.params), rtol=1e-10, atol=1e-12)
+        summed = jacobian(model, y, fy.params).view(3, 2, -1).sum(dim=1)  # the pass with ones on both outputs
+        torch.testing.assert_close(fy.per_sample(), summed, rtol=1e-10, atol=1e-12)
+        assert fx.params == [layer.weight, layer.bias]
+
+
 def test_captured_outputs_are_freed_without_the_cycle_collector():
     """After clear(), nothing of a step outlives it by a reference cycle (the tensor hook
     on a layer's output must not hold the output)."""

@@ -58,6 +58,70 @@ def test_hooks_jacobian_rows_match_jacrev(k):
     assert jac_mod.gradient_mismatch(jac, r, expected.T @ r) is None
 
 
+class TwoHeads(nn.Module):
+    """A trunk and two one-output heads: ``forward(x) = [head0(trunk x), head1(trunk x)]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.trunk = nn.Sequential(nn.Linear(2, 5), nn.Tanh()).to(DT)
+        self.head0 = nn.Linear(5, 1).to(DT)
+        self.head1 = nn.Linear(5, 1).to(DT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.trunk(x)
+        return torch.cat([self.head0(h), self.head1(h)], dim=1)
+
+
+def test_hooks_jacobian_rows_where_calls_reach_some_columns_or_groups_only():
+    """J's blocks written by the per-group passes: a group that calls the trunk twice (rows
+    added), one that reaches no call of head1 (its block zero), one of 5 points besides two
+    of 6, a [6, 2] group whose column c depends on head c only."""
+    model = TwoHeads()
+    gen = torch.Generator().manual_seed(6)
+    x, x2, x3 = (torch.rand(n, 2, dtype=DT, generator=gen) for n in (6, 6, 5))
+
+    def closure():
+        twice = model.head0(model.trunk(x2) * model.trunk(-x2))[:, 0]
+        return [model(x) - 0.5, twice, model(x3)[:, 1] ** 2]
+
+    expected, r = residual_jacobian(model, closure)
+    opt = gramopt.GaussNewton(model, jacobian="hooks")
+    params = opt._params()
+    res = evaluate(closure, DT, torch.device("cpu"))
+    jac, rest = jac_mod.hooks_jacobian(opt.engine, res, params)
+    opt.engine.clear()
+    assert rest == [] and bool(expected[12:18, -6:].eq(0).all())  # head1's columns, the second group's rows
+    assert bool(expected[0:12:2, -6:].eq(0).all()) and bool(expected[1:12:2, -6:].ne(0).any())  # by column
+    torch.testing.assert_close(jac, expected, rtol=0, atol=1e-12)
+    assert jac_mod.gradient_mismatch(jac, r, expected.T @ r) is None
+
+
+@pytest.mark.parametrize("jacobian", ["hooks", "auto"])
+def test_a_group_on_a_call_of_another_size_is_refused_by_the_hooks(jacobian):
+    """Group 1 (4 points) depends on a call of 6 points: under "hooks" an error naming
+    jacobian="functional" (nothing changed), under "auto" the functional J's dense step."""
+    model = small_model(width=5)
+    gen = torch.Generator().manual_seed(7)
+    x6, x4 = torch.rand(6, 2, dtype=DT, generator=gen), torch.rand(4, 2, dtype=DT, generator=gen)
+
+    def closure():
+        return [model(x6)[:, 0] - 0.5, model(x4)[:, 0] + model(x6)[:4, 0]]
+
+    delta, _ = dense_step(model, closure, lr=1.0, damping=1e-3)
+    before = params_vector(model)
+    opt = gramopt.GaussNewton(model, damping=1e-3, line_search=None, jacobian=jacobian)
+    if jacobian == "hooks":
+        with pytest.raises(gramopt.UnsupportedModuleError, match="called on 6 samples.*jacobian='functional'"):
+            opt.step(closure)
+        assert torch.equal(params_vector(model), before)
+        return
+    with pytest.warns(RuntimeWarning, match="called on 6 samples"):
+        opt.step(closure)
+    assert opt.last_info.jacobian == "functional"
+    torch.testing.assert_close(params_vector(model) - before, delta, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("closure_kind", ["autograd", "forward_laplacian"])
 def test_functional_jacobian_matches_jacrev(closure_kind):
     """jacrev through the closure where torch.func runs it; batched vector-Jacobian products
@@ -111,6 +175,60 @@ def test_step_is_the_dense_gauss_newton_step(k, space, jacobian):
     torch.testing.assert_close(value, loss, rtol=1e-14, atol=0)
     torch.testing.assert_close(params_vector(model) - before, delta, rtol=1e-9, atol=1e-12)
     assert set(opt.last_info.seconds) >= {"jacobian", "solve", "line_search", "update"}
+
+
+def loss_at(model: nn.Module, closure, theta: torch.Tensor) -> float:
+    """L = 1/2 ||r||^2 with the model's parameters set to ``theta`` (then put back)."""
+    params = list(model.parameters())
+    saved = params_vector(model)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(theta, params)
+        value = 0.5 * float(flat_residual(closure()).pow(2).sum())
+        torch.nn.utils.vector_to_parameters(saved, params)
+    return value
+
+
+@pytest.mark.parametrize("case", ["kept", "rejected"])
+def test_adaptive_damping_takes_the_dense_steps_gain_ratio(case):
+    """line_search=None with GGN's AdaptiveDamping: rho = (L(theta + s) - L) / (r^T J s + 1/2 ||J s||^2)
+    for the dense step s; rho > 3/4 lowers the damping by 2/3 (the step taken, and the next
+    step is the dense step at that damping), a step that raises L is refused and raises the
+    damping 1.5x (at least 1e-4)."""
+    model = small_model(width=6)
+    closure = pinn_closure(model, 8, 4)
+    lr, damping = (1e-3, 0.1) if case == "kept" else (0.2, 1e-3)
+    j, r = residual_jacobian(model, closure)
+    s = gauss_newton_delta(j, r, lr, damping, "sample")
+    theta = params_vector(model)
+    loss, after = 0.5 * float(r @ r), loss_at(model, closure, theta + s)
+    rho = (after - loss) / float(r @ (j @ s) + 0.5 * (j @ s).pow(2).sum())
+    assert (rho > 0.75) if case == "kept" else (after > loss)
+    expected = damping * 2 / 3 if case == "kept" else max(damping * 1.5, 1e-4)
+    opt = gramopt.GaussNewton(
+        model, lr=lr, damping=damping, line_search=None, jacobian="hooks",
+        damping_adaptation=gramopt.AdaptiveDamping(every=1, min_damping=1e-6),
+    )
+    opt.step(closure)
+    info = opt.last_info
+    assert info.ratio == pytest.approx(rho, rel=1e-8) and info.rejected == (case == "rejected")
+    assert info.damping == damping and opt.param_groups[0]["damping"] == pytest.approx(expected, rel=1e-14)
+    assert opt.state_dict()["gramopt"]["damping_adaptation"]["rejected_steps"] == int(case == "rejected")
+    if case == "rejected":
+        assert torch.equal(params_vector(model), theta) and info.lr_taken == 0.0
+        return
+    torch.testing.assert_close(params_vector(model), theta + s, rtol=1e-9, atol=1e-12)
+    delta, _ = dense_step(model, closure, lr=lr, damping=expected)
+    before = params_vector(model)
+    opt.step(closure)
+    torch.testing.assert_close(params_vector(model) - before, delta, rtol=1e-9, atol=1e-12)
+
+
+def test_adaptive_damping_needs_line_search_none_and_an_adaptive_damping():
+    model = small_model()
+    with pytest.raises(ValueError, match="line_search=None"):
+        gramopt.GaussNewton(model, damping_adaptation=gramopt.AdaptiveDamping())
+    with pytest.raises(TypeError, match="AdaptiveDamping or None"):
+        gramopt.GaussNewton(model, line_search=None, damping_adaptation="auto")
 
 
 def test_grid_line_search_takes_the_argmin_of_its_trials():

@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,14 @@ class _Call:
     scale: float = 1.0  # multiplies its output-gradients (see CaptureEngine.scale_captured)
     skipped: bool = False  # the layer ran, but capture_filter said its step needs no capture
     nodes: tuple[Any, list[Any]] | None = None  # (its output's node, its inputs' nodes) for audit_uses
+
+
+class CallFactors(NamedTuple):
+    """The factors of one forward call (:meth:`CaptureEngine.factors_per_call`): ``passes``,
+    the indices of the passes that reached it, in order; ``factors``, their rows."""
+
+    passes: tuple[int, ...]
+    factors: LayerFactors
 
 
 @dataclass
@@ -498,7 +506,7 @@ class CaptureEngine:
     # -- passes -------------------------------------------------------------------------
     def backward_passes(
         self,
-        outputs: Tensor,
+        outputs: Tensor | Sequence[Tensor],
         directions: Sequence[Tensor],
         inputs: Sequence[Tensor] = (),
         retain_graph: bool = True,
@@ -507,8 +515,10 @@ class CaptureEngine:
         captured layer then holds ``[b, len(directions), ...]``.
 
         Args:
-            outputs: what to differentiate (model outputs, or a scalar loss).
-            directions: one ``grad_outputs`` per pass, each shaped like ``outputs``.
+            outputs: what to differentiate (model outputs, or a scalar loss), or one
+                tensor per pass (pass j differentiates ``outputs[j]``: it runs through that
+                tensor's part of the graph only, e.g. one residual group of several).
+            directions: one ``grad_outputs`` per pass, each shaped like its output.
             inputs: further tensors (e.g. :attr:`plain_params`) whose gradients the same
                 passes compute, so that no second backward pass is needed for them.
             retain_graph: keep the graph after the last pass (earlier passes always keep it).
@@ -518,6 +528,9 @@ class CaptureEngine:
         """
         targets = self._traversal_targets()
         inputs = list(inputs)
+        per_pass = [outputs] * len(directions) if isinstance(outputs, Tensor) else list(outputs)
+        if len(per_pass) != len(directions):
+            raise ValueError(f"backward_passes got {len(per_pass)} outputs for {len(directions)} directions")
         if not targets and (self.layers or not inputs):
             raise CaptureError(
                 "no supported layer was recorded in the forward pass: call the optimizer's backward "
@@ -528,7 +541,7 @@ class CaptureEngine:
             for index, direction in enumerate(directions):
                 self._pass = index
                 grads = torch.autograd.grad(
-                    outputs,
+                    per_pass[index],
                     targets + inputs,
                     grad_outputs=direction,
                     retain_graph=retain_graph or index < len(directions) - 1,
@@ -586,31 +599,29 @@ class CaptureEngine:
                 out[block.name] = TiedFactors(block.module, params, parts, indices)
         return out
 
-    def factors_per_call(self, passes: int) -> dict[str, list[LayerFactors]]:
-        """One :class:`LayerFactors` per forward call that received output-gradients since
+    def factors_per_call(self) -> dict[str, list[CallFactors]]:
+        """One :class:`CallFactors` per forward call that received output-gradients since
         the last clear, built from that call alone (:meth:`factors` joins a layer's calls
-        as positions of one sample), per untied block with a trainable parameter. Each
-        call's output-gradients of the ``passes`` passes of the last
-        :meth:`backward_passes` are stacked ``[b, passes, ...]`` (zeros for a pass that did
-        not reach it), so row ``i * passes + j`` of its factors is sample i's row in pass j.
-        Tied blocks are left out (their rows join their members' calls). For methods whose
-        rows belong to calls of different batch sizes (residual groups of a least-squares
-        closure)."""
-        out: dict[str, list[LayerFactors]] = {}
+        as positions of one sample), per untied block with a trainable parameter: the
+        passes of the last :meth:`backward_passes` that reached the call, in order, and
+        factors of their output-gradients stacked ``[b, len(passes), ...]``, so row
+        ``i * len(passes) + j`` is sample i's row in pass ``passes[j]`` (a pass that did
+        not reach the call has no rows: its rows would be zero). Tied blocks are left out
+        (their rows join their members' calls). For methods whose rows belong to calls of
+        different batch sizes (residual groups of a least-squares closure)."""
+        out: dict[str, list[CallFactors]] = {}
         for block in self.blocks:
             params = trainable(block)
             if block.members or not params:
                 continue
             parts = []
             for call in self._grad_calls(block):
-                if any(index < 0 or index >= passes for index, _ in call.grads):
+                if any(index < 0 for index, _ in call.grads):
                     raise CaptureError("internal: factors_per_call needs the captures of one backward_passes call")
-                first = call.grads[0][1]
-                grads = first.new_zeros((first.shape[0], passes, *first.shape[1:]))
-                for index, g in call.grads:
-                    grads[:, index] += g
+                grads = self._stack(call.grads)
                 grads = grads.to(_compute_dtype(grads.dtype))
-                parts.append(block.handler.factors(block.module, params, [call.saved], [grads]))
+                passes = tuple(sorted(index for index, _ in call.grads))
+                parts.append(CallFactors(passes, block.handler.factors(block.module, params, [call.saved], [grads])))
             if parts:
                 out[block.name] = parts
         return out

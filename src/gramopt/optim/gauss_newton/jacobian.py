@@ -4,11 +4,13 @@ residual rows (:mod:`.residuals`), columns in the optimizer's parameter order.
 Two ways to the same matrix:
 
 - **hooks** (:func:`hooks_jacobian`): gramopt's capture engine. One backward pass per
-  (group g, column c), ``grad_outputs`` one on that group's column c and zero elsewhere,
-  down to the hooked layers' outputs only; every forward call of a layer then holds its
-  output-gradients, and its factors give per-sample rows (for a forward-Laplacian call,
-  the sum over the call's channels, :func:`gramopt.pde.forward_laplacian`). A call with
-  N_g samples gives group g's rows; row i of the pass is point i's row. This is exact
+  (group g, column c) of group g alone, ``grad_outputs`` one on its column c, down to the
+  hooked layers' outputs only: it runs through group g's part of the graph, so each
+  forward call of a layer holds the output-gradients of the passes that reach it, and its
+  factors give per-sample rows of those passes only (for a forward-Laplacian call, the sum
+  over the call's channels, :func:`gramopt.pde.forward_laplacian`), written into J's block
+  of group g's rows and the layer's columns. A call with N_g samples gives group g's rows;
+  row i of the pass is point i's row. This is exact
   only when residual row i depends on point i's forward call alone (what a plain forward
   or ``forward_laplacian`` gives); :func:`gradient_mismatch` checks it. Parameters that no
   hooked layer covers get their columns from autograd (below).
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gramopt.capture.engine import CaptureEngine
+from gramopt.capture.factors import LayerFactors
 from gramopt.errors import CaptureError
 from gramopt.optim.gauss_newton.residuals import Residuals
 
@@ -53,16 +56,19 @@ def column_starts(params: Sequence[nn.Parameter]) -> dict[int, int]:
     return out
 
 
-def pass_directions(residuals: Residuals) -> list[Tensor]:
-    """One ``grad_outputs`` ``[M]`` per (group, column): one on the rows of that column."""
-    flat = residuals.flat
-    directions = []
-    for (start, end), shape in zip(residuals.group_rows(), residuals.shapes, strict=True):
+def group_passes(residuals: Residuals) -> tuple[list[Tensor], list[Tensor], list[int]]:
+    """``(outputs, directions, group)``: one pass per (group g, column c), which
+    differentiates group g alone (``[N_g, k_g]``) with ``grad_outputs`` one on its column c
+    (so it runs through that group's part of the graph only); ``group[j]``: pass j's group."""
+    outputs, directions, owner = [], [], []
+    for index, (r, shape) in enumerate(zip(residuals.groups, residuals.shapes, strict=True)):
         for c in range(shape.columns):
-            d = torch.zeros_like(flat)
-            d[start + c : end : shape.columns] = 1
+            d = torch.zeros_like(r)
+            d[:, c] = 1
+            outputs.append(r)
             directions.append(d)
-    return directions
+            owner.append(index)
+    return outputs, directions, owner
 
 
 def hooks_jacobian(
@@ -71,61 +77,91 @@ def hooks_jacobian(
     """``(J [M, p], the parameters whose columns came from autograd)`` (module doc).
     Raises :class:`JacobianMismatch` when a layer call of one group's size received a
     gradient from another group's rows (a residual that is not per point)."""
-    flat = residuals.flat
-    directions = pass_directions(residuals)
+    outputs, directions, owner = group_passes(residuals)
     if engine.has_factors():
         raise JacobianMismatch(
             "the closure ran a backward pass of its own through the hooked layers (torch.autograd.grad): its "
             "residuals are derivatives of the layers' outputs, whose rows the hooks cannot give"
         )
     try:
-        engine.backward_passes(flat, directions, retain_graph=True)
+        engine.backward_passes(outputs, directions, retain_graph=True)
     except CaptureError:
         per_call = {}  # no hooked layer took part: every column from autograd
     else:
-        per_call = engine.factors_per_call(len(directions))
+        per_call = engine.factors_per_call()
     starts = column_starts(params)
-    jac = flat.new_zeros(flat.shape[0], sum(p.numel() for p in params))
-    first_pass, rows = [], residuals.group_rows()
-    count = 0
-    for shape in residuals.shapes:
-        first_pass.append(count)
-        count += shape.columns
+    jac = residuals.flat.new_empty(residuals.rows, sum(p.numel() for p in params))
+    blocks = _GroupBlocks(jac, residuals, starts)
     covered: set[int] = set()
     for name, parts in per_call.items():
-        for factors in parts:
-            layer_params = [p for p in factors.params if id(p) in starts]
-            covered.update(id(p) for p in layer_params)
-            u = factors.per_sample().to(jac.dtype)
-            b = u.shape[0] // len(directions)
-            u = u.view(b, len(directions), -1)
-            for (start, end), shape, p0 in zip(rows, residuals.shapes, first_pass, strict=True):
-                block = u[:, p0 : p0 + shape.columns]
-                if b == shape.points:
-                    _add_columns(jac[start:end], block.reshape(end - start, -1), factors.params, starts)
-                elif bool(block.any()):
-                    raise JacobianMismatch(
-                        f"layer {name} was called on {b} samples, but the rows of a residual group of "
-                        f"{shape.points} points depend on that call: the hooks' rows are per point only"
-                    )
+        for passes, factors in parts:
+            covered.update(id(p) for p in factors.params if id(p) in starts)
+            b = factors.num_rows // len(passes)
+            split = [block.view(b, len(passes), -1) for block in parameter_blocks(factors)]
+            for g in sorted({owner[j] for j in passes}):
+                mine = [k for k, j in enumerate(passes) if owner[j] == g]  # consecutive (g's passes are)
+                shape = residuals.shapes[g]
+                if b != shape.points:
+                    if any(bool(u[:, mine[0] : mine[-1] + 1].any()) for u in split):
+                        raise JacobianMismatch(
+                            f"layer {name} was called on {b} samples, but the rows of a residual group of "
+                            f"{shape.points} points depend on that call: the hooks' rows are per point only"
+                        )
+                    continue
+                for p, u in zip(factors.params, split, strict=True):
+                    if id(p) in starts:  # (autograd runs every pass through the whole of its group's graph)
+                        blocks.add(g, p, u[:, mine[0] : mine[-1] + 1])
+    blocks.zero_the_rest([p for p in params if id(p) in covered])
     rest = [p for p in params if id(p) not in covered]
     if rest:
         with engine.paused():
-            columns = functional_columns(flat, rest)
-        _add_columns(jac, columns, rest, starts)
+            columns = functional_columns(residuals.flat, rest)
+        offset = 0
+        for p in rest:
+            jac[:, starts[id(p)] : starts[id(p)] + p.numel()] = columns[:, offset : offset + p.numel()]
+            offset += p.numel()
     return jac, rest
 
 
-def _add_columns(target: Tensor, rows: Tensor, params: Sequence[nn.Parameter], starts: dict[int, int]) -> None:
-    """``target[:, columns of p] += rows[:, p's part]`` for each of ``params`` (rows'
-    columns: the parameters flattened in that order; parameters not in ``starts`` skipped)."""
-    offset = 0
-    for p in params:
-        n = p.numel()
-        start = starts.get(id(p))
-        if start is not None:
-            target[:, start : start + n] += rows[:, offset : offset + n]
-        offset += n
+class _GroupBlocks:
+    """Writes the hooks' rows into J ``[M, p]`` (allocated, not zeroed): block (g, p) is group
+    g's rows and parameter p's columns; the first call's rows are copied in, later calls' added
+    (a layer called several times for one group), blocks no call reached are zeroed at the end."""
+
+    def __init__(self, jac: Tensor, residuals: Residuals, starts: dict[int, int]) -> None:
+        self.jac, self.residuals, self.starts = jac, residuals, starts
+        self.rows = residuals.group_rows()
+        self.written: set[tuple[int, int]] = set()
+
+    def block(self, g: int, p: nn.Parameter) -> Tensor:
+        """J's block (g, p) as ``[N_g, k_g, numel]`` (a view)."""
+        (start, end), shape, col = self.rows[g], self.residuals.shapes[g], self.starts[id(p)]
+        return self.jac[start:end, col : col + p.numel()].view(shape.points, shape.columns, p.numel())
+
+    def add(self, g: int, p: nn.Parameter, rows: Tensor) -> None:
+        """Add ``rows`` ``[N_g, k_g, numel]`` (one call's rows in group g's passes)."""
+        target = self.block(g, p)
+        if (g, id(p)) in self.written:
+            target += rows
+        else:
+            target.copy_(rows)
+            self.written.add((g, id(p)))
+
+    def zero_the_rest(self, params: Sequence[nn.Parameter]) -> None:
+        for g in range(len(self.rows)):
+            for p in params:
+                if (g, id(p)) not in self.written:
+                    self.block(g, p).zero_()
+
+
+def parameter_blocks(factors: LayerFactors) -> list[Tensor]:
+    """The factors' rows ``[n, numel]`` per parameter of ``factors.params``: the explicit
+    per-parameter blocks where the factors form them (no concatenation), else views of
+    :meth:`~gramopt.capture.factors.LayerFactors.per_sample`'s columns."""
+    explicit = getattr(factors, "explicit_rows", None)
+    if explicit is not None:
+        return explicit()
+    return list(factors.per_sample().split([p.numel() for p in factors.params], dim=1))
 
 
 def functional_columns(flat: Tensor, params: Sequence[nn.Parameter]) -> Tensor:

@@ -11,7 +11,11 @@ For residual rows r(theta) ``[M]`` (every group of the closure, :mod:`.residuals
    ``delta_k = mu delta_{k-1} - (J^T J + damping I)^{-1} J^T (r + mu J delta_{k-1})``;
 3. ``max_update_norm``: delta scaled to at most that norm;
 4. the line search over ``theta + t delta`` (:mod:`.line_search`), decoupled weight decay
-   ``theta <- (1 - t wd) theta`` inside each trial;
+   ``theta <- (1 - t wd) theta`` inside each trial; without one (``line_search=None``),
+   optionally GGN's adaptive damping (:class:`~gramopt.optim.ggn.damping.AdaptiveDamping`):
+   on a checked step the reduction ratio ``rho = (L(theta + s) - L) / m(s)`` of the step
+   ``s = lr delta`` against its undamped model ``m(s) = r^T J s + 1/2 ||J s||^2`` (Levenberg-
+   Marquardt's gain ratio) sets the next step's damping, and a step that raised L is not taken;
 5. the update at the chosen t.
 
 Each phase's seconds go to ``last_info.seconds`` (``jacobian`` with the closure call and
@@ -41,6 +45,7 @@ from gramopt.optim.gauss_newton.residuals import (
     evaluate_loss,
 )
 from gramopt.optim.gauss_newton.solve import SPACES, choose_solver, choose_space, solve_direction
+from gramopt.optim.ggn.damping import AdaptiveDamping
 from gramopt.optim.ggn.solvers import check_solver_options
 from gramopt.optim.notices import Notices
 
@@ -62,6 +67,8 @@ class GaussNewtonStepInfo(StepInfo):
         damping: the damping of the system.
         trials: L at each line-search trial, in the order tried.
         checked: whether the hooks' Jacobian was checked against autograd this step.
+        ratio: the adaptive damping's reduction ratio rho (None: not checked this step).
+        rejected: whether the adaptive damping refused the step (it raised L; no step taken).
     """
 
     loss_after: float | None = None
@@ -73,6 +80,8 @@ class GaussNewtonStepInfo(StepInfo):
     damping: float = 0.0
     trials: list[float] = field(default_factory=list)
     checked: bool = False
+    ratio: float | None = None
+    rejected: bool = False
 
 
 class GaussNewtonNotices(Notices):
@@ -138,6 +147,12 @@ class GaussNewton(SampleSpaceOptimizer):
         check_every: steps between checks of the hooks' Jacobian.
         space: ``"auto"`` (sample space when M <= p), ``"sample"`` or ``"parameter"``.
         solver_options: keyword options of the solver (tol, max_iter, rank, seed, ...).
+        damping_adaptation: None (fixed damping), or with ``line_search=None`` GGN's
+            :class:`~gramopt.optim.ggn.damping.AdaptiveDamping` (module doc, step 4): on
+            the steps its :meth:`~gramopt.optim.ggn.damping.AdaptiveDamping.due` picks
+            (``AdaptiveDamping(every=1)``: every step) one more closure call under
+            ``no_grad``; the damping of every param group changes within its bounds (floor:
+            the damping given), its state is ``extra_state["damping_adaptation"]``.
     """
 
     needs = MethodNeeds(rows="jacobian", batchnorm_training=False)
@@ -161,7 +176,16 @@ class GaussNewton(SampleSpaceOptimizer):
         *,
         space: str = "auto",
         solver_options: dict[str, Any] | None = None,
+        damping_adaptation: AdaptiveDamping | None = None,
     ) -> None:
+        if damping_adaptation is not None:
+            if not isinstance(damping_adaptation, AdaptiveDamping):
+                raise TypeError(f"damping_adaptation must be an AdaptiveDamping or None, got {damping_adaptation!r}")
+            if line_search is not None:
+                raise ValueError(
+                    "damping_adaptation needs line_search=None (a line search already chooses the step length); "
+                    f"got line_search={line_search!r}"
+                )
         if line_search not in LINE_SEARCHES:
             raise ValueError(f"line_search must be one of {LINE_SEARCHES}, got {line_search!r}")
         if not _positive_int(line_search_trials):
@@ -192,6 +216,9 @@ class GaussNewton(SampleSpaceOptimizer):
             max_update_norm=max_update_norm,
         )
         self.extra_state.update(jacobian=None if jacobian == "auto" else jacobian, shapes=None, previous=None)
+        self.damping_adaptation = damping_adaptation
+        if damping_adaptation is not None:
+            self.extra_state["damping_adaptation"] = damping_adaptation.initial_state(damping)
         self._warned_precision = False
         self._jacrev_works = True  # torch.func can run the closure (until it fails once)
         self._trials_need_graph = False  # the closure fails under no_grad (it differentiates itself)
@@ -262,8 +289,13 @@ class GaussNewton(SampleSpaceOptimizer):
             self.engine.clear()
             loss = 0.5 * float(r @ r)
             delta, space, solver, info = self._direction(jac, r, damping, mu)
+            adapt = self._adaptation_due(loss)
             with self._phase("line_search"):
-                t, loss_after, trials = self._search(closure, shapes, params, delta, jac, r, loss)
+                t, loss_after, trials = self._search(closure, shapes, params, delta, jac, r, loss, adapt)
+                ratio, new_damping = self._adapted(jac, r, delta, loss, loss_after) if adapt else (None, damping)
+                rejected = adapt and not self.damping_adaptation.keeps(loss_after - loss)
+                if rejected:
+                    t = 0.0
             with self._phase("update"):
                 if t:
                     self._move(params, delta, t)
@@ -271,7 +303,10 @@ class GaussNewton(SampleSpaceOptimizer):
             self.engine.clear()
         self.extra_state["step"] += 1
         self.extra_state["shapes"] = [[s.points, s.columns, s.matrix] for s in shapes]
-        self.extra_state["previous"] = delta.clone() if mu else None
+        if not rejected:
+            self.extra_state["previous"] = delta.clone() if mu else None
+        if self.damping_adaptation is not None:
+            self._commit_adaptation(loss, ratio, new_damping, rejected)
         if self.jacobian == "auto":
             self.extra_state["jacobian"] = mode
         self.last_info = GaussNewtonStepInfo(
@@ -288,6 +323,8 @@ class GaussNewton(SampleSpaceOptimizer):
             damping=damping,
             trials=trials,
             checked=checked,
+            ratio=ratio,
+            rejected=rejected,
         )
         return torch.tensor(loss, dtype=r.dtype)
 
@@ -331,7 +368,7 @@ class GaussNewton(SampleSpaceOptimizer):
                 mode = "functional"
                 jac = self._functional(res, params, closure)
         for index, ((start, end), shape) in enumerate(zip(res.group_rows(), res.shapes, strict=True)):
-            if not bool(jac[start:end].any()) and not _reaches(res.groups[index], params, self.engine):
+            if not _any_nonzero(jac[start:end]) and not _reaches(res.groups[index], params, self.engine):
                 raise ValueError(
                     f"residual group {index} ({shape.describe()}) does not depend on the parameters (no autograd "
                     "path leads from it to them); nothing was changed"
@@ -378,9 +415,12 @@ class GaussNewton(SampleSpaceOptimizer):
         jac: Tensor,
         r: Tensor,
         loss: float,
+        adapt: bool = False,
     ) -> tuple[float, float | None, list[float]]:
-        """``(t, L there, the trials' L)``; the parameters are back at theta afterwards."""
-        if self.line_search is None:
+        """``(t, L there, the trials' L)``; the parameters are back at theta afterwards.
+        Without a line search t = 1, and L there is evaluated only for the adaptive
+        damping's check (``adapt``)."""
+        if self.line_search is None and not adapt:
             return 1.0, None, []
         saved = [p.detach().clone() for p in params]
         dtype = params[0].dtype
@@ -401,14 +441,48 @@ class GaussNewton(SampleSpaceOptimizer):
         try:
             if self.line_search == "grid":
                 t, value, values = grid_search(trial, 1.0, self.line_search_trials)
-            else:
+            elif self.line_search == "armijo":
                 slope = float((r @ jac) @ self._scaled(delta))
                 t, value, values = armijo_search(trial, 1.0, loss, slope)
+            else:  # the adaptive damping's check of the fixed step
+                t, value = 1.0, trial(1.0)
+                values = [value]
         finally:
             with torch.no_grad():
                 for p, p0 in zip(params, saved, strict=True):
                     p.copy_(p0)
         return t, value, values
+
+    # -- the adaptive damping (line_search=None) --------------------------------------------------
+    def _adaptation_due(self, loss: float) -> bool:
+        """Whether this step's damping is checked (:meth:`AdaptiveDamping.due`)."""
+        config = self.damping_adaptation
+        if config is None:
+            return False
+        state = self.extra_state["damping_adaptation"]
+        return config.due(self.steps_taken, loss, state["loss_average"], state["last_ratio"])
+
+    def _adapted(self, jac: Tensor, r: Tensor, delta: Tensor, loss: float, loss_after: float) -> tuple[float, float]:
+        """``(rho, the next damping)`` for the step ``s = lr delta`` whose L went from
+        ``loss`` to ``loss_after``: rho against the model ``m(s) = r^T J s + 1/2 ||J s||^2``
+        (module doc), the damping by :meth:`AdaptiveDamping.update`."""
+        config, state = self.damping_adaptation, self.extra_state["damping_adaptation"]
+        js = jac @ self._scaled(delta)
+        predicted = float(r @ js + 0.5 * (js @ js))
+        rho = config.ratio(loss_after - loss, predicted)
+        return rho, config.update(self.damping, rho, state["min_damping"])
+
+    def _commit_adaptation(self, loss: float, ratio: float | None, damping: float, rejected: bool) -> None:
+        """The adaptation's state after a step: its running mean of L, and on a checked
+        step rho, the damping (every param group's) and the count of refused steps."""
+        state = self.extra_state["damping_adaptation"]
+        state["loss_average"] = AdaptiveDamping.averaged(state["loss_average"], loss)
+        if ratio is None:
+            return
+        state["last_ratio"] = ratio
+        state["rejected_steps"] += int(rejected)
+        for group in self.param_groups:
+            group["damping"] = damping
 
     def _scaled(self, delta: Tensor) -> Tensor:
         """delta with each parameter's part times its group's lr (the step at t = 1)."""
@@ -434,6 +508,15 @@ class GaussNewton(SampleSpaceOptimizer):
                     p.copy_(value + s * part)
                     offset += p.numel()
                     index += 1
+
+
+def _any_nonzero(rows: Tensor, width: int = 256) -> bool:
+    """Whether ``rows`` ``[n, q]`` has a nonzero entry, scanning blocks of ``width`` columns
+    from the last (the output layer's, which most residuals reach) and stopping at the first."""
+    for end in range(rows.shape[1], 0, -width):
+        if bool(rows[:, max(0, end - width) : end].any()):
+            return True
+    return False
 
 
 def _reaches(residual: Tensor, params: list[nn.Parameter], engine: Any) -> bool:
