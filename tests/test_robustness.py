@@ -9,11 +9,12 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 import gramopt
 import models
@@ -229,3 +230,48 @@ def test_condition_estimate_against_eigenvalues(cond, damping):
     exact = float(evals.max() / evals.min())
     estimate = condition_estimate(gram, torch.linalg.cholesky(system), damping)
     assert exact / 10 <= estimate <= exact * (1 + 1e-6), (estimate, exact)
+
+
+class _NoGradient(torch.autograd.Function):
+    """The identity whose backward returns no gradient (None): autograd treats the input as
+    constant, so the gradient of the layer before it is zero."""
+
+    generate_vmap_rule = True  # (torch.func transforms, for the reference)
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> None:
+        return None
+
+
+def test_a_custom_function_returning_no_gradient_is_a_zero_gradient_for_ggn() -> None:
+    """A layer whose output goes through a custom Function that returns None in backward
+    gets no gradient; the step equals the dense reference (built with torch.func, which
+    follows the same custom backward) and the hook does not crash."""
+    torch.manual_seed(0)
+
+    class TwoPaths(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(3, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return _NoGradient.apply(self.a(x)) + self.b(x)
+
+    model = TwoPaths().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    params = list(model.b.parameters())
+    expected = ggn_delta(model, x, y, "mse", 0.5, 1e-3, params)
+    before = params_vector(model, params)
+    opt = gramopt.GGN(model, lr=0.5, damping=1e-3, loss="mse", damping_adaptation=None, params=params)
+    opt.zero_grad()
+    opt.backward(model(x), y)
+    opt.step()
+    torch.testing.assert_close(params_vector(model, params) - before, expected, rtol=1e-9, atol=1e-12)

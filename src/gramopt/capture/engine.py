@@ -424,8 +424,10 @@ class CaptureEngine:
             # uncollectable cycle keeping every step's activations and gradients alive.
             call_ref = weakref.ref(call)
 
-            def grad_hook(grad: Tensor) -> None:
-                if engine_ref._paused:
+            def grad_hook(grad: Tensor | None) -> None:
+                # None: a custom autograd Function returned no gradient for this output, so
+                # no gradient reached this call in this pass (its rows are zero)
+                if engine_ref._paused or grad is None:
                     return
                 live = call_ref()
                 if live is None:  # cleared (stale graph): nothing to record
