@@ -246,10 +246,6 @@ class GaussNewton(SampleSpaceOptimizer):
         self._jacrev_works = True  # torch.func can run the closure (until it fails once)
         self._trials_need_graph = False  # the closure fails under no_grad (it differentiates itself)
         self._warned_fallback = False  # the solve's first fallback (jitter, eigen-solve) was warned about
-        # The step runs the closure's forward passes itself: the hooks record them whatever the
-        # modules' training flag (GaussNewton has no batch statistics to protect: BatchNorm in
-        # training mode stays refused, in eval mode its rows are per point).
-        self.engine.capture_in_eval = True
         self._warn_precision()
 
     # -- hyper-parameters ------------------------------------------------------------------
@@ -307,6 +303,10 @@ class GaussNewton(SampleSpaceOptimizer):
         params = self._params()
         self._seconds = {}
         self.engine.clear()  # (captures of passes outside the step, e.g. torch.func on the model, are not its)
+        # The step runs the closure's forward passes itself: the hooks record them whatever the
+        # modules' training flag (no batch statistics to protect: BatchNorm in training mode stays
+        # refused, in eval mode its rows are per point); passes outside the step stay unrecorded.
+        self.engine.capture_in_eval = True
         try:
             with self._phase("jacobian"):
                 res = evaluate(closure, params[0].dtype, params[0].device)
@@ -329,6 +329,7 @@ class GaussNewton(SampleSpaceOptimizer):
                     self._move(params, delta, t)
         finally:
             self.engine.clear()
+            self.engine.capture_in_eval = False
         self.extra_state["step"] += 1
         self.extra_state["shapes"] = [[s.points, s.columns, s.matrix] for s in shapes]
         if not rejected:
