@@ -180,6 +180,12 @@ class CaptureEngine:
         #: records only that the layer ran (no saved input, no gradient hook), for a step
         #: that will not read this layer's factors (SENG between curvature refreshes).
         self.capture_filter: Callable[[Layer], bool] | None = None
+        #: Record forward calls of modules in eval mode too (autograd still required). For a
+        #: method whose own step runs the forward passes it reads (GaussNewton's residual
+        #: closure), so that the module's training flag does not matter; the methods that
+        #: read what the user's training forward captured leave it off (an evaluation pass
+        #: with autograd on is not theirs to record).
+        self.capture_in_eval = False
         #: Called with one line naming the parameters :meth:`audit_uses` found used outside
         #: their modules' calls (they follow the plain gradient from then on), for a warning.
         self.on_escaped: Callable[[str], None] | None = None
@@ -403,7 +409,9 @@ class CaptureEngine:
 
         def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
             # (runs at every forward call of the layer: the cheapest tests first)
-            if not ((module.training or in_eval) and is_grad_enabled()) or module is not layer.module:
+            if not ((module.training or in_eval or engine_ref.capture_in_eval) and is_grad_enabled()):
+                return
+            if module is not layer.module:
                 return  # (a deep copy of the model carries the hooks along)
             if not isinstance(output, Tensor) or not output.requires_grad:
                 return

@@ -7,7 +7,8 @@ singular to working precision (estimated condition number above 1/eps, where the
 solution would be noise), jitter is added in escalating steps, and as a last resort an
 eigen-solve with clamped eigenvalues is used. Every fallback is reported in the
 returned :class:`SolveInfo` (``jitter``: the damping actually used is damping + jitter)
-and as a warning. With damping = 0 (the ridgeless Eq. 9 of the GGN paper) a singular
+and as a warning (unless the caller reports it itself: :func:`fallbacks_reported_by_caller`).
+With damping = 0 (the ridgeless Eq. 9 of the GGN paper) a singular
 system (estimated condition number above 1/(n eps)) is an error.
 
 :func:`all_finite` is the finiteness check every method shares (gradients, Grams,
@@ -19,12 +20,29 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from gramopt.errors import NonFiniteError, SingularSystemError
+
+_CALLER_REPORTS: ContextVar[bool] = ContextVar("gramopt_caller_reports_fallbacks", default=False)
+
+
+@contextmanager
+def fallbacks_reported_by_caller() -> Iterator[None]:
+    """Inside this block :func:`solve_damped_psd` warns of no fallback: the caller reads
+    ``SolveInfo.jitter`` / ``fallback`` and reports them itself (GaussNewton: once per
+    optimizer, every step's in its step info)."""
+    token = _CALLER_REPORTS.set(True)
+    try:
+        yield
+    finally:
+        _CALLER_REPORTS.reset(token)
 
 
 def all_finite(t: Tensor) -> bool:
@@ -113,7 +131,12 @@ def solve_damped_psd(gram: Tensor, rhs: Tensor, damping: float, *, what: str = "
             message = f"{reason}; added jitter {jitter:.2e}"
             # the warning's text is constant so that Python shows it once per matrix, not
             # once per step; the amount and the reason are in the step info
-            warnings.warn(f"the damped {what} could not be factored as it is: added jitter (see the step info)", NumericalWarning, stacklevel=3)
+            if not _CALLER_REPORTS.get():
+                warnings.warn(
+                    f"the damped {what} could not be factored as it is: added jitter (see the step info)",
+                    NumericalWarning,
+                    stacklevel=3,
+                )
             x = torch.cholesky_solve(column, chol)
             info = SolveInfo("cholesky", jitter=jitter, fallback=message)
             info.seconds["solve"] = time.perf_counter() - start
@@ -124,7 +147,12 @@ def solve_damped_psd(gram: Tensor, rhs: Tensor, damping: float, *, what: str = "
     evals = evals.clamp_min(floor)
     x = evecs @ ((evecs.T @ column) / evals.unsqueeze(-1))
     message = f"Cholesky of the damped {what} failed even with jitter; used an eigen-solve (eigenvalues clamped at {floor:.2e})"
-    warnings.warn(f"Cholesky of the damped {what} failed even with jitter; used an eigen-solve", NumericalWarning, stacklevel=3)
+    if not _CALLER_REPORTS.get():
+        warnings.warn(
+            f"Cholesky of the damped {what} failed even with jitter; used an eigen-solve",
+            NumericalWarning,
+            stacklevel=3,
+        )
     info = SolveInfo("eigh", fallback=message)
     info.seconds["solve"] = time.perf_counter() - start
     return _shape(x, rhs), info

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from gramopt.errors import NonFiniteError, UnsupportedModuleError
+from gramopt.linalg.dense import NumericalWarning, SolveInfo, fallbacks_reported_by_caller
 from gramopt.optim.base import MethodNeeds, SampleSpaceOptimizer, StepInfo, check_hyper, user_stacklevel
 from gramopt.optim.gauss_newton import jacobian as jac_mod
 from gramopt.optim.gauss_newton.line_search import LINE_SEARCHES, armijo_search, grid_search
@@ -65,7 +66,9 @@ class GaussNewtonStepInfo(StepInfo):
         jacobian: ``"hooks"`` or ``"functional"``.
         rows: M, the residual rows.
         damping: the damping of the system.
-        trials: L at each line-search trial, in the order tried.
+        trials: L at each line-search trial, in the order tried. Trials that all equal
+            ``loss`` to many digits mean the direction changes nothing any more (see
+            :class:`GaussNewton`, "A grid step that raises L").
         checked: whether the hooks' Jacobian was checked against autograd this step.
         ratio: the adaptive damping's reduction ratio rho (None: not checked this step).
         rejected: whether the adaptive damping refused the step (it raised L; no step taken).
@@ -114,7 +117,9 @@ class GaussNewton(SampleSpaceOptimizer):
     list of them: the residual groups, points first) and returns ``L`` before the step as
     a detached 0-dim tensor. The closure is called once with autograd for the Jacobian
     (twice for the functional Jacobian by jacrev) and once per line-search trial under
-    ``no_grad``; it must be deterministic (the same rows at the same parameters: draw new
+    ``no_grad`` (a closure that fails there, e.g. one that takes derivatives with
+    ``torch.autograd.grad``, is run with autograd from then on; no wrapping needed); it
+    must be deterministic (the same rows at the same parameters: draw new
     points between steps, not inside it) and give groups of the same shapes every time, in
     the parameters' dtype and device.
 
@@ -153,6 +158,24 @@ class GaussNewton(SampleSpaceOptimizer):
             (``AdaptiveDamping(every=1)``: every step) one more closure call under
             ``no_grad``; the damping of every param group changes within its bounds (floor:
             the damping given), its state is ``extra_state["damping_adaptation"]``.
+
+    The hooks record the closure's forward passes whatever the modules' training flag (a
+    model in eval mode gets the hooks' Jacobian too; BatchNorm in training mode stays
+    refused: its batch statistics couple the points). A solve that needs a fallback
+    (jitter added to the damping, an eigen-solve, an iterative solver short of its
+    tolerance) is warned about once per optimizer (a :class:`~gramopt.NumericalWarning`);
+    every step's is in ``last_info.solve`` (``jitter``, ``fallback``, ``converged``).
+
+    A grid step that raises L: ``"grid"`` takes its best trial even when every trial
+    raises L. With a tiny damping and fewer rows than parameters the full step solves the
+    linearization exactly and can be far too long; when even ``lr 2^-(trials-1)`` raises L,
+    the step taken can raise it by orders of magnitude, grow the weights and saturate
+    every tanh unit, after which the rows of derivative residuals (a Laplacian) vanish and
+    every later step changes L in its last digits only (``last_info.trials`` all equal to
+    ``last_info.loss``, ``lr_taken = lr``: the trials are ordered, the largest wins).
+    Gauss-Newton cannot leave such a point. If the first steps raise L, take more trials
+    (``line_search_trials=16`` reaches below ``lr 2^-8``), ``line_search="armijo"`` (never
+    raises L), or a larger damping (1e-6 to 1e-4, which bounds the step).
     """
 
     needs = MethodNeeds(rows="jacobian", batchnorm_training=False)
@@ -222,6 +245,7 @@ class GaussNewton(SampleSpaceOptimizer):
         self._warned_precision = False
         self._jacrev_works = True  # torch.func can run the closure (until it fails once)
         self._trials_need_graph = False  # the closure fails under no_grad (it differentiates itself)
+        self._warned_fallback = False  # the solve's first fallback (jitter, eigen-solve) was warned about
         self._warn_precision()
 
     # -- hyper-parameters ------------------------------------------------------------------
@@ -279,6 +303,10 @@ class GaussNewton(SampleSpaceOptimizer):
         params = self._params()
         self._seconds = {}
         self.engine.clear()  # (captures of passes outside the step, e.g. torch.func on the model, are not its)
+        # The step runs the closure's forward passes itself: the hooks record them whatever the
+        # modules' training flag (no batch statistics to protect: BatchNorm in training mode stays
+        # refused, in eval mode its rows are per point); passes outside the step stay unrecorded.
+        self.engine.capture_in_eval = True
         try:
             with self._phase("jacobian"):
                 res = evaluate(closure, params[0].dtype, params[0].device)
@@ -301,6 +329,7 @@ class GaussNewton(SampleSpaceOptimizer):
                     self._move(params, delta, t)
         finally:
             self.engine.clear()
+            self.engine.capture_in_eval = False
         self.extra_state["step"] += 1
         self.extra_state["shapes"] = [[s.points, s.columns, s.matrix] for s in shapes]
         if not rejected:
@@ -391,8 +420,9 @@ class GaussNewton(SampleSpaceOptimizer):
         w = r + mu * (jac @ previous) if spring else r
         space = choose_space(self.space, jac.shape[0], jac.shape[1])
         solver = choose_solver(self.solver)
-        with self._phase("solve"):
+        with self._phase("solve"), fallbacks_reported_by_caller():
             d, info = solve_direction(jac, w, damping, space, solver, self.solver_options, self.steps_taken)
+        self._warn_fallback(info)
         gram = info.seconds.get("gram", 0.0)
         if gram:
             self._seconds["gram"] = gram
@@ -405,6 +435,21 @@ class GaussNewton(SampleSpaceOptimizer):
             if norm > self.max_update_norm:
                 delta = delta * (self.max_update_norm / norm)
         return delta, space, solver, info
+
+    def _warn_fallback(self, info: SolveInfo) -> None:
+        """Warn of the solve's first fallback (jitter added to the damping, an eigen-solve, an
+        iterative solver short of its tolerance), once per optimizer: ill-conditioned PINN
+        systems (damping 1e-10) need one on many steps. Every step's is in
+        ``last_info.solve`` (``jitter``, ``fallback``, ``converged``)."""
+        if info.fallback is None or self._warned_fallback:
+            return
+        self._warned_fallback = True
+        warnings.warn(
+            f"gramopt: GaussNewton step {self.steps_taken}: {info.fallback}. Warned once: later steps' fallbacks "
+            "are in opt.last_info.solve (jitter, fallback, converged); a larger damping avoids them",
+            NumericalWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _search(
         self,
@@ -431,12 +476,14 @@ class GaussNewton(SampleSpaceOptimizer):
                 if not self._trials_need_graph:
                     try:
                         return evaluate_loss(closure, shapes, dtype)
-                    except RuntimeError:  # e.g. torch.autograd.grad inside the closure, under no_grad
-                        self._trials_need_graph = True
+                    except Exception:  # a closure that differentiates itself fails under no_grad, however:
+                        pass  # torch's RuntimeError, or a derivative helper's own check
                 try:
-                    return evaluate_loss(closure, shapes, dtype, graph=True)
+                    value = evaluate_loss(closure, shapes, dtype, graph=True)
                 finally:
                     self.engine.clear()
+                self._trials_need_graph = True  # (only once it ran with autograd: other errors still raise)
+                return value
 
         try:
             if self.line_search == "grid":
