@@ -197,4 +197,4 @@ def test_step_returns_the_loss_before_the_step_as_a_tensor():
     torch.testing.assert_close(loss, expected, rtol=1e-14, atol=0)
     info = opt.last_info
     assert info.step == 1 and info.rows == 6 and info.loss == float(expected) and info.damping == 1e-3
-    assert info.loss_after == min(info.trials) and len(info.trials) == 8
+    assert info.loss_after == min(info.trials) and len(info.trials) == opt.line_search_trials == 16

@@ -173,9 +173,11 @@ class GaussNewton(SampleSpaceOptimizer):
     every tanh unit, after which the rows of derivative residuals (a Laplacian) vanish and
     every later step changes L in its last digits only (``last_info.trials`` all equal to
     ``last_info.loss``, ``lr_taken = lr``: the trials are ordered, the largest wins).
-    Gauss-Newton cannot leave such a point. If the first steps raise L, take more trials
-    (``line_search_trials=16`` reaches below ``lr 2^-8``), ``line_search="armijo"`` (never
-    raises L), or a larger damping (1e-6 to 1e-4, which bounds the step).
+    Gauss-Newton cannot leave such a point. The default 16 trials (down to ``lr 2^-15``)
+    avoid it where 8 did not (small tanh networks on the 2-D Poisson problem, see
+    benchmarks/notes.md); if the first steps still raise L, take more trials,
+    ``line_search="armijo"`` (never raises L), or a larger damping (1e-6 to 1e-4, which
+    bounds the step).
     """
 
     needs = MethodNeeds(rows="jacobian", batchnorm_training=False)
@@ -187,7 +189,7 @@ class GaussNewton(SampleSpaceOptimizer):
         lr: float = 1.0,
         damping: float = 1e-10,
         line_search: str | None = "grid",
-        line_search_trials: int = 8,
+        line_search_trials: int = 16,
         solver: str = "auto",
         jacobian: str = "auto",
         momentum: float = 0.0,
