@@ -15,8 +15,10 @@ N <= p, Cholesky, grid line search). The phases are the optimizer's own timers,
 
 Expected growth: Jacobian ~ N p (one backward pass per group, per-layer rows), Gram ~ N^2 p,
 Cholesky ~ N^3 (independent of p), line search ~ N p per trial. The JSON holds each phase's
-median seconds per configuration and the log-log slopes of each phase against N (at fixed p)
-and against p (at fixed N).
+median seconds per configuration (wall clock, the optimizer's timers; the whole step also in the
+main thread's CPU time, ``time.thread_time``, which other processes disturb less) and the log-log
+slopes of each phase against N (at fixed p) and against p (at fixed N). The configurations'
+steps are interleaved (round k takes step k of each), so the load's drift falls on all alike.
 
     python benchmarks/pinn_cost.py                 # a few minutes on one core
     python benchmarks/pinn_cost.py --quick --out /tmp/bench
@@ -70,42 +72,68 @@ def problem_with(rows: int, hidden: tuple[int, ...]) -> PINNProblem:
     return dataclasses.replace(POISSON_2D, hidden=hidden, interior_points=interior, boundary_points=rows - interior)
 
 
-def measure(rows: int, hidden: tuple[int, ...], steps: int, seed: int = 0) -> dict:
-    """Median seconds of each phase over ``steps`` Gauss-Newton steps (after one warm-up step)."""
-    problem = problem_with(rows, hidden)
-    generator = torch.Generator().manual_seed(seed)
-    model = problem.build_model(generator)
-    points = problem.sample_points(generator)
-    opt = gramopt.GaussNewton(model)
-    load_before = os.getloadavg()
-    per_step: list[dict[str, float]] = []
-    totals: list[float] = []
-    for step in range(steps + 1):
-        start = time.perf_counter()
-        opt.step(lambda: problem.residuals(model, points))
-        total = time.perf_counter() - start
-        if step > 0:  # the first step pays one-time costs (the auto Jacobian check among them)
-            per_step.append(dict(opt.last_info.seconds))
-            totals.append(total)
-    info = opt.last_info
-    phases = sorted({key for seconds in per_step for key in seconds})
-    return {
-        "rows": rows,
-        "interior_points": problem.interior_points,
-        "boundary_points": problem.boundary_points,
-        "hidden": list(hidden),
-        "params": problem.num_params,
-        "steps_timed": steps,
-        "space": info.space,
-        "solver": info.solver,
-        "jacobian": info.jacobian,
-        "median_seconds": {key: statistics.median(s.get(key, 0.0) for s in per_step) for key in phases},
-        "median_step_seconds": statistics.median(totals),
-        "seconds": {key: [s.get(key, 0.0) for s in per_step] for key in phases},
-        "final_loss": float(info.loss_after) if info.loss_after is not None else None,
-        "load_before": load_before,
-        "load_after": os.getloadavg(),
-    }
+class Run:
+    """One configuration: poisson2d with ``rows`` points and the given widths, its model, points
+    and optimizer (GaussNewton at its defaults), and the phases' seconds of each timed step."""
+
+    def __init__(self, sweep: str, rows: int, hidden: tuple[int, ...], seed: int = 0) -> None:
+        self.sweep, self.rows, self.hidden = sweep, rows, hidden
+        self.problem = problem_with(rows, hidden)
+        generator = torch.Generator().manual_seed(seed)
+        self.model = self.problem.build_model(generator)
+        self.points = self.problem.sample_points(generator)
+        self.opt = gramopt.GaussNewton(self.model)
+        self.phases: list[dict[str, float]] = []
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.loads: list[float] = []
+
+    def step(self, timed: bool = True) -> None:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        self.opt.step(lambda: self.problem.residuals(self.model, self.points))
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        if timed:
+            self.phases.append(dict(self.opt.last_info.seconds))
+            self.wall.append(wall)
+            self.cpu.append(cpu)
+            self.loads.append(os.getloadavg()[0])
+
+    def record(self) -> dict:
+        info = self.opt.last_info
+        names = sorted({key for seconds in self.phases for key in seconds})
+        return {
+            "sweep": self.sweep,
+            "rows": self.rows,
+            "interior_points": self.problem.interior_points,
+            "boundary_points": self.problem.boundary_points,
+            "hidden": list(self.hidden),
+            "params": self.problem.num_params,
+            "steps_timed": len(self.wall),
+            "space": info.space,
+            "solver": info.solver,
+            "jacobian": info.jacobian,
+            "median_seconds": {key: statistics.median(s.get(key, 0.0) for s in self.phases) for key in names},
+            "median_step_seconds": statistics.median(self.wall),
+            "median_step_cpu_seconds": statistics.median(self.cpu),
+            "seconds": {key: [s.get(key, 0.0) for s in self.phases] for key in names},
+            "step_seconds": self.wall,
+            "step_cpu_seconds": self.cpu,
+            "load_average_1min": self.loads,
+            "final_loss": info.loss_after,
+        }
+
+
+def measure(configs: list[dict], steps: int) -> list[dict]:
+    """Each configuration's phases over ``steps`` Gauss-Newton steps after one warm-up step (it pays
+    one-time costs, the auto Jacobian check among them), interleaved: round k takes step k of every
+    configuration, so a change in the machine's load falls on all of them alike."""
+    runs = [Run(c["sweep"], c["rows"], c["hidden"]) for c in configs]
+    for run in runs:
+        run.step(timed=False)
+    for _ in range(steps):
+        for run in runs:
+            run.step()
+    return [run.record() for run in runs]
 
 
 def slope(xs: list[float], ys: list[float]) -> float | None:
@@ -126,10 +154,12 @@ def growth(runs: list[dict]) -> dict:
     reference = next((r for r in by_rows if r["rows"] == runs[-1]["rows"]), None)
     by_params = [r for r in runs if r["sweep"] == "p"] + ([reference] if reference else [])
     by_params.sort(key=lambda r: r["params"])
-    phases = sorted({key for r in runs for key in r["median_seconds"]}) + ["step"]
+    phases = sorted({key for r in runs for key in r["median_seconds"]}) + ["step", "step_cpu"]
 
     def seconds(run: dict, phase: str) -> float:
-        return run["median_step_seconds"] if phase == "step" else run["median_seconds"].get(phase, 0.0)
+        if phase in ("step", "step_cpu"):
+            return run["median_step_seconds" if phase == "step" else "median_step_cpu_seconds"]
+        return run["median_seconds"].get(phase, 0.0)
 
     return {
         phase: {
@@ -171,15 +201,14 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__)
-    parser.add_argument("--steps", type=int, default=5, help="steps timed per configuration (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=7, help="steps timed per configuration (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = 1 if args.quick else args.steps
-    runs = []
-    for config in configurations(args.quick):
-        run = {"sweep": config["sweep"], **measure(config["rows"], config["hidden"], steps)}
-        runs.append(run)
+    load_before = os.getloadavg()
+    runs = measure(configurations(args.quick), steps)
+    for run in runs:
         phases = "  ".join(f"{k} {v:.3f}" for k, v in run["median_seconds"].items())
         step = run["median_step_seconds"]
         print(f"N {run['rows']:5d}  p {run['params']:6d}  {run['space']} space  step {step:.3f} s  {phases}")
@@ -190,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         "runs": runs,
         "growth": growth(runs),
         "expected": {"jacobian": "N p", "gram": "N^2 p", "solve": "N^3 (Cholesky)", "line_search": "N p per trial"},
+        "load_average_before": load_before,
         "environment": environment(),
     }
     for phase, fit in results["growth"].items():
