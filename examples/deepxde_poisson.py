@@ -35,7 +35,7 @@ Two ways to the Jacobian (``--jacobian``):
     python examples/deepxde_poisson.py --seconds 120 --jacobian functional --json results.json
 
 Measured (benchmarks/results/probes/deepxde_poisson*.json; one thread, a shared 2-core machine):
-see the PINN guide (docs/guides/pinns.md).
+see the PINN guide (docs/guides/pinns.md). ``examples/pina_poisson.py`` does the same for PINA.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The PINN examples run as scripts with small settings: examples/pinn_poisson.py (the
 forward-Laplacian residual with hooks, and the torch.autograd.grad residual with the
 functional Jacobian) lowers its loss; examples/deepxde_poisson.py trains DeepXDE's problem
-with GaussNewton (skipped without DeepXDE, which is no gramopt dependency)."""
+with GaussNewton, and so does examples/pina_poisson.py with PINA's (each skipped without its
+library, neither of which is a gramopt dependency)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,18 @@ def test_deepxde_example_trains_with_gauss_newton(capsys):
         out = run_example("deepxde_poisson.py", capsys, *small, "--optimizers", "gauss-newton", "--jacobian", jacobian)
         errors = logged(out, "relative L2 error")
         assert len(errors) == 1 and math.isfinite(errors[0]), out
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_pina_example_trains_with_gauss_newton(capsys):
+    pytest.importorskip("pina", reason="examples/pina_poisson.py needs PINA (pip install pina-mathlab)")
+    small = ["--steps", "30", "--interior", "100", "--boundary", "40"]
+    for jacobian in ("hooks", "functional"):
+        default_dtype = torch.get_default_dtype()
+        try:
+            out = run_example("pina_poisson.py", capsys, *small, "--jacobian", jacobian)
+        finally:
+            torch.set_default_dtype(default_dtype)  # the example sets float64 for PINA's sampling
+        losses = logged(out, "loss")
+        assert len(losses) == 30 and all(math.isfinite(v) for v in losses), out
+        assert losses[-1] < 1e-3 * losses[0], out
