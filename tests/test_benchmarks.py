@@ -43,6 +43,7 @@ SLOW = {
     "distributed.py",
     "gn_solvers.py",
     "probes/compile_step.py",
+    "probes/pinn_gauss_newton.py",
     "seng_speed.py",
     "step_profile.py",
 }
