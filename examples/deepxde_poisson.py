@@ -83,7 +83,6 @@ def residual_closure(model: dde.Model):
     ``1/2 sum ||r||^2`` is half of DeepXDE's loss (the sum of the groups' mean squares)."""
     data = model.data
 
-    @torch.enable_grad()  # the line search calls it under no_grad; dde.grad needs autograd
     def residuals() -> list[torch.Tensor]:
         x = torch.as_tensor(data.train_x).requires_grad_()
         u = model.net(x)
@@ -141,7 +140,6 @@ def use_gauss_newton(model: dde.Model, jacobian: str = "hooks", **options) -> gr
     model.compile(opt)
 
     def train_step(inputs, targets, auxiliary_vars):
-        model.net.train()  # DeepXDE's evaluations leave the net in eval mode; gramopt's hooks record in training mode
         return opt.step(residuals)
 
     model.train_step = train_step

@@ -48,7 +48,6 @@ def conditions_closure(problem, solver):
     each divided by the square root of its size (``1/2 sum ||r||^2``: half of PINA's default
     loss, the sum over conditions of the mean squares)."""
 
-    @torch.enable_grad()  # the line search calls it under no_grad; PINA's operators need autograd
     def residuals() -> list[torch.Tensor]:
         rows = []
         for condition in problem.conditions.values():

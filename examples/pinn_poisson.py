@@ -78,8 +78,7 @@ def mlp(hidden: list[int]) -> nn.Sequential:
 def laplacian_by_autograd(model: nn.Module, x: Tensor) -> Tensor:
     """``Lap u(x)`` ``[N, 1]`` by nested ``torch.autograd.grad`` (each point's output depends
     on that point only, so the gradient of the sum is every point's gradient)."""
-    with torch.enable_grad():  # also when called under no_grad (the line search's trials)
-        return _laplacian(model, x.detach().requires_grad_(True))
+    return _laplacian(model, x.detach().requires_grad_(True))
 
 
 def _laplacian(model: nn.Module, x: Tensor) -> Tensor:
