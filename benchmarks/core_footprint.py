@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import tomllib
+
 from bench_common import arguments, write_json
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
 from bench_common import arguments, environment, pyplot, write_json
 
 GLOBAL_BATCH = 128

@@ -33,10 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from bench_common import arguments, environment, interleaved, pyplot, write_json
 from torch import Tensor, nn
 
 import gramopt
+from bench_common import arguments, environment, interleaved, pyplot, write_json
 from gramopt.compare.timing import ratio_summary
 from gramopt.tasks import get_task
 

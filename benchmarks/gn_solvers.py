@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import arguments, environment, pyplot, write_json
 from torch import nn
 
 import gramopt
+from bench_common import arguments, environment, pyplot, write_json
 from gramopt.linalg import fast_regression, nystrom_preconditioner, pcg
 
 ROUNDS = 2

@@ -39,10 +39,10 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import arguments, environment, interleaved, pyplot, task_batches, write_json
 from torch import nn
 
 import gramopt
+from bench_common import arguments, environment, interleaved, pyplot, task_batches, write_json
 from gramopt.tasks import get_task
 from gramopt.training.registry import training_step
 

@@ -37,6 +37,7 @@ import statistics
 from pathlib import Path
 
 import torch
+
 from bench_common import (
     arguments,
     build_method,

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import arguments, environment, pyplot, write_json
 
 import gramopt
+from bench_common import arguments, environment, pyplot, write_json
 from gramopt.compare.timing import interleaved_times, ratio_summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

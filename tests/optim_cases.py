@@ -89,7 +89,7 @@ class OptimizerCase:
         return 2 if self.loss == "mse" else 3
 
     @property
-    def method(self) -> "MethodInfo":
+    def method(self) -> MethodInfo:
         return METHODS[self.cls]
 
     @property

@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 import gramopt
-from gramopt.capture import CaptureEngine
-from gramopt.capture import attention
+from gramopt.capture import CaptureEngine, attention
 from gramopt.errors import CaptureError, UnsupportedModuleError
 from reference import per_sample_grads
 

@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
+from tests.reference import flat_residual, gauss_newton_delta, gauss_newton_step, residual_jacobian
 from torch import nn
 
 from gramopt.pde import forward_laplacian
-from tests.reference import flat_residual, gauss_newton_delta, gauss_newton_step, residual_jacobian
 
 DT = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

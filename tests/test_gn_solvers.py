@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from torch import nn
 import gramopt
 import models
 from gramopt.capture import SharedWeightFactors
-from gramopt.capture.factors import LayerFactors
 from gramopt.optim.ggn import GaussNewtonSystem
 from reference import ggn_delta, params_vector
 

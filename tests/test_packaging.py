@@ -8,11 +8,11 @@ import json
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import gramopt
 from gramopt.console import COMPARE_EXTRA_MODULES, INSTALL_HINT

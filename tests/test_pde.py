@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from tests.reference import input_derivatives, named_trainable
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
@@ -17,7 +18,6 @@ from gramopt.capture.channels import active_bias_positions, bias_positions
 from gramopt.errors import CaptureError, UnsupportedModuleError
 from gramopt.linalg.kernels import shared_weight_gram
 from gramopt.pde import Derivatives, Sin, activations, forward_laplacian, register_activation
-from tests.reference import input_derivatives, named_trainable
 
 DT = torch.float64
 # torch.func.hessian (forward-mode inside) loads a TorchScript decomposition that warns about torch.jit.script

@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
+from tests.reference import input_derivatives
 from torch import nn
 
 from gramopt.pde import Derivatives, Sin
 from gramopt.pde.problems import HEAT, HEAT_1D, POISSON_2D, POISSON_5D, PROBLEMS
-from tests.reference import input_derivatives
 
 DT = torch.float64
 # torch.func.hessian (forward-mode inside) loads a TorchScript decomposition that warns about torch.jit.script

@@ -8,14 +8,13 @@ import copy
 import io
 import statistics
 
-import models
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import params_vector, per_sample_grads
 from torch import nn
 
 import gramopt
+import models
 from gramopt.linalg.sketches import KroneckerSketch, RowSampleSketch
 from gramopt.optim.seng.implicit import (
     eq23_product,
@@ -29,6 +28,7 @@ from gramopt.training.registry import (
     task_hyper,
     training_step,
 )
+from reference import params_vector, per_sample_grads
 
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 CASES = {

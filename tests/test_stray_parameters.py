@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import gramopt
-from gramopt.errors import UnsupportedModuleError
 
 
 class EncoderClassifier(nn.Module):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXTERNAL_DATA
 
+from conftest import EXTERNAL_DATA
 from gramopt.cli import main
 from gramopt.tasks import TASKS, get_task
 from gramopt.training import build_optimizer, training_step

@@ -12,8 +12,8 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import fashion_folder, task_batch, write_idx
 
+from conftest import fashion_folder, task_batch, write_idx
 from gramopt.cli import main
 from gramopt.losses import get_loss
 from gramopt.tasks import TASKS, get_task

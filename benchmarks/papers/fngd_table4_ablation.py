@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+import gramopt
 from common import (
     PAPERS,
     fngd_absolute_damping,
@@ -45,8 +47,6 @@ from common import (
     train_epoch,
     write,
 )
-
-import gramopt
 from gramopt.tasks import Split, get_task
 from gramopt.training.registry import task_hyper
 

@@ -23,9 +23,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from common import PAPERS, load_split, parse_args, train_task, write
-
 import gramopt
+from common import PAPERS, load_split, parse_args, train_task, write
 from gramopt.tasks import Split, get_task
 
 LAMBDAS = [0.25, 0.5, 1.0, 2.0, 4.0]

@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from common import PAPERS, load_split, parse_args, train_task, write
 
 import gramopt
+from common import PAPERS, load_split, parse_args, train_task, write
 from gramopt.tasks import Split, get_task
 from gramopt.training.registry import task_hyper
 

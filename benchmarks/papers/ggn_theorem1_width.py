@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from common import PAPERS, parse_args, write
 from torch import nn
 
 import gramopt
+from common import PAPERS, parse_args, write
 from gramopt.tasks.regression import load_teacher
 
 FLOOR = 1e-12  # e_{t+1} below this (absolute; e_0 is about 6) is near float64 round-off, not the quadratic regime

@@ -28,10 +28,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from common import PAPERS, parse_args, write
-from ggn_theorem1_width import TwoLayer
 
 import gramopt
+from common import PAPERS, parse_args, write
+from ggn_theorem1_width import TwoLayer
 from gramopt.tasks.regression import load_teacher
 
 FLOOR = 1e-11

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import gramopt
 from common import (
     PAPERS,
     load_split,
@@ -33,8 +34,6 @@ from common import (
     train_epoch,
     write,
 )
-
-import gramopt
 from gramopt.tasks import get_task
 from gramopt.training.registry import task_hyper
 

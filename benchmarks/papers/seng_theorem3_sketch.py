@@ -35,11 +35,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from common import PAPERS, load_split, parse_args, write
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import gramopt
+from common import PAPERS, load_split, parse_args, write
 from gramopt.tasks import get_task
 
 DAMPING = 1.0

@@ -36,8 +36,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from common import PAPERS, parse_args, write
 
+from common import PAPERS, parse_args, write
 from gramopt.linalg import fast_regression, make_sketch
 
 LEMMA = 9.0 / 16.0

@@ -17,8 +17,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from gramopt.compare import config as bench_config
-from gramopt.compare.run import CompareConfig, run_comparison, write_outputs
 from gramopt.compare.report import flag_lines, markdown_table, plain_leaders, plain_table, rich_leaders, rich_table
+from gramopt.compare.run import CompareConfig, run_comparison, write_outputs
 from gramopt.distributed import POLICIES, rank
 from gramopt.errors import GramoptError
 from gramopt.tasks import TASKS

@@ -92,9 +92,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gramopt.errors import (
@@ -483,7 +481,7 @@ def _agreed(error: Exception) -> Exception:
 
 def describe(value: Any) -> str:
     """A setting as text that is the same on every rank (no object addresses)."""
-    if hasattr(value, "name") and isinstance(getattr(value, "name"), str) and not isinstance(value, type):
+    if hasattr(value, "name") and isinstance(value.name, str) and not isinstance(value, type):
         return f"{type(value).__name__}({value.name})"
     if callable(value) and hasattr(value, "__qualname__"):
         return value.__qualname__

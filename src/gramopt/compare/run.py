@@ -53,10 +53,11 @@ from gramopt.compare.memory import peak_memories
 from gramopt.compare.plots import plot_curves
 from gramopt.compare.report import markdown, reason_line
 from gramopt.compare.timing import interleaved_times
+from gramopt.distributed import CollectiveError, rank, world_size
 from gramopt.tasks import TASKS, Split, Task, get_task, with_validation
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
 from gramopt.training.loop import environment, epoch_order
-from gramopt.distributed import CollectiveError, rank, world_size
+from gramopt.training.parallel import DataParallelRun, check_distributed
 from gramopt.training.registry import (
     DIVERGENCE_ERRORS,
     build_optimizer,
@@ -65,7 +66,6 @@ from gramopt.training.registry import (
     training_step,
     with_epoch_defaults,
 )
-from gramopt.training.parallel import DataParallelRun, check_distributed
 
 REFERENCE = "sgd"  # step times are reported as ratios to this optimizer's (task default setting)
 UNBOUNDED_EPOCHS = 10**9  # a time-budgeted run stops on its clock, not on epochs
@@ -87,7 +87,7 @@ class CompareConfig:
     distributed: str | None = None  # under torchrun: "exact" (default) or "local"
     grid: str = bench_config.DEFAULT_COMMAND_GRID  # "quick" (3 settings) or "full" (3 x 3)
 
-    def validated(self) -> "CompareConfig":
+    def validated(self) -> CompareConfig:
         """Check every name and number before anything runs (ValueError naming the problem)."""
         tasks = tuple(TASKS) if self.tasks == ("all",) else tuple(self.tasks)
         for name in tasks:

@@ -97,7 +97,6 @@ from gramopt.losses import GaussNewtonLoss, get_loss
 from gramopt.optim.base import Batch, MethodNeeds, SampleSpaceOptimizer, check_hyper
 from gramopt.optim.compat import positional_deprecated
 
-
 #: Estimation steps before the coefficients are shared when none are given (see the
 #: module docstring: the paper estimates during one epoch, which the class cannot know).
 DEFAULT_COEFFICIENT_STEPS = 100

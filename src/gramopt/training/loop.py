@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
-from gramopt.losses import get_loss
+from gramopt.distributed import world_size
 from gramopt.tasks import Split, Task, get_task
 from gramopt.training.checkpoint import (
     CheckpointError,
@@ -35,7 +35,7 @@ from gramopt.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from gramopt.distributed import world_size
+from gramopt.training.parallel import DataParallelRun, check_distributed
 from gramopt.training.registry import (
     DIVERGENCE_ERRORS,
     build_optimizer,
@@ -45,7 +45,6 @@ from gramopt.training.registry import (
     training_step,
     with_epoch_defaults,
 )
-from gramopt.training.parallel import DataParallelRun, check_distributed
 from gramopt.training.schedules import build_scheduler, check_schedule
 
 
@@ -73,7 +72,7 @@ class TrainConfig:
     distributed: str | None = None
     schedule: str = "constant"  # learning-rate schedule over the run's steps (gramopt.training.schedules)
 
-    def resolved(self, task: Task) -> "TrainConfig":
+    def resolved(self, task: Task) -> TrainConfig:
         spec = get_optimizer_spec(self.optimizer)
         unknown = set(self.hyper) - set(spec.hyper_names)
         if unknown:
@@ -260,7 +259,7 @@ class Trainer:
         )
 
     @classmethod
-    def resume(cls, out: str | Path, console: Console | None = None, progress: bool = True, epochs: int | None = None) -> "Trainer":
+    def resume(cls, out: str | Path, console: Console | None = None, progress: bool = True, epochs: int | None = None) -> Trainer:
         """Continue the run saved in ``out`` (optionally with a new total of epochs)."""
         payload = load_checkpoint(Path(out) / "checkpoint.pt")
         try:

@@ -71,7 +71,7 @@ class DataParallelRun:
     policy: str
 
     @classmethod
-    def current(cls, policy: str | None) -> "DataParallelRun | None":
+    def current(cls, policy: str | None) -> DataParallelRun | None:
         """The run of the joined process group, or None for a single process."""
         check_distributed(policy)
         if world_size() == 1:

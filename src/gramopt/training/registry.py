@@ -24,7 +24,6 @@ from gramopt.optim.ggn.optimizer import DEFAULT_HYPER as GGN_DEFAULT_HYPER
 from gramopt.optim.seng.optimizer import DEFAULT_DAMPING as SENG_DEFAULT_DAMPING
 from gramopt.optim.seng.optimizer import DEFAULT_LR as SENG_DEFAULT_LR
 
-
 # What a step may raise when the optimizer diverges: gramopt's NonFiniteError and
 # SingularSystemError (ArithmeticError), and torch's LinAlgError from a peer's
 # factorization of a non-finite or indefinite matrix.
