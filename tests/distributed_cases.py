@@ -116,7 +116,7 @@ def batches(case: Case, step: int) -> list[tuple[Tensor, Tensor]]:
         y = torch.randint(0, case.out, (total,), generator=generator)
     else:
         y = torch.randn(total, case.out, generator=generator, dtype=torch.float64)
-    return list(zip(x.split(list(case.sizes)), y.split(list(case.sizes))))
+    return list(zip(x.split(list(case.sizes)), y.split(list(case.sizes)), strict=True))
 
 
 def train_step(case: Case, model: Callable[[Tensor], Tensor], opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> float:

@@ -75,7 +75,7 @@ def loss_falls(rank: int, world: int) -> dict[str, tuple[float, float]]:
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(48, 5, generator=generator, dtype=torch.float64)
     y = torch.tanh(x @ torch.tensor([[0.5], [-0.3], [0.2], [0.0], [0.4]], dtype=torch.float64))
-    shards = list(zip(x.tensor_split(world), y.tensor_split(world)))
+    shards = list(zip(x.tensor_split(world), y.tensor_split(world), strict=True))
     settings = {
         "ggn": dict(lr=1.0, damping=0.1),
         "seng": dict(lr=0.5, damping=1.0, curvature_every=2, momentum=0.5),

@@ -343,7 +343,7 @@ def hook_count(model: nn.Module) -> int:
 
 
 def assert_same_params(a: nn.Module, b: nn.Module) -> None:
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q), name
 
 

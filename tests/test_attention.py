@@ -110,7 +110,7 @@ def test_capturing_forward_computes_the_module(case, batch_first):
         assert got_weights is None
     else:
         torch.testing.assert_close(got_weights, expected_weights, rtol=1e-12, atol=1e-12)
-    for g, e in zip(got_grads, expected_grads):
+    for g, e in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
     assert isinstance(proxy, attention.InProjection)
 
@@ -296,7 +296,7 @@ def test_unbatched_call_in_training_is_reported_and_changes_nothing():
     attn(x, x, x)[0].sum().backward()
     with pytest.raises(CaptureError, match="backward"):
         opt.step()
-    assert all(torch.equal(a, p) for a, p in zip(before, attn.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(before, attn.parameters(), strict=True))
 
 
 def test_two_optimizers_share_the_attachment():

@@ -22,7 +22,7 @@ representative = pytest.mark.parametrize("case", REPRESENTATIVE, ids=[c.id for c
 
 def _unchanged(model: nn.Module, opt, before: tuple[list[torch.Tensor], dict]) -> None:
     params, state = before
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), params))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), params, strict=True))
     now = opt.state_dict()
     assert now["param_groups"] == state["param_groups"]
     assert now["gramopt"]["step"] == state["gramopt"]["step"]
@@ -86,8 +86,8 @@ def test_add_param_group_after_construction(case):
     before = [p.detach().clone() for p in late[1].parameters()]
     case.step(opt_late, late, x, y)
     case.step(opt_early, early, x, y)
-    assert all(not torch.equal(p, q) for p, q in zip(late[1].parameters(), before))
-    for p, q in zip(late.parameters(), early.parameters()):
+    assert all(not torch.equal(p, q) for p, q in zip(late[1].parameters(), before, strict=True))
+    for p, q in zip(late.parameters(), early.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 
 
@@ -304,7 +304,7 @@ UNIFORM = [case for case in REPRESENTATIVE if case.loop == "uniform"]
 
 def _bad_targets(case: OptimizerCase, b: int):
     if case.loss == "mse":
-        yield torch.randn(b), r"target shape \(%d,\) does not match output shape \(%d, 2\)" % (b, b)
+        yield torch.randn(b), rf"target shape \({b},\) does not match output shape \({b}, 2\)"
         yield torch.randn(b, 3), "does not match output shape"
         yield torch.randn(b, 2, dtype=torch.float64), "target of the output's dtype torch.float32"
     else:
@@ -401,7 +401,7 @@ def test_batch_of_one_sample(case):
     for x, y in case.batches(3):
         case.step(opt, model, x[:1], y[:1])
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
 @representative

@@ -220,7 +220,7 @@ def test_time_to_target_and_selection():
     def setting(ttts, losses, low=(1.0, 1.0, 1.0)):
         """Validation times to two rungs (the loose one at ``low``, the tight one ``ttts``)."""
         return {"runs": [{"val_time_to_rungs": [a, t], "final_val_loss": x, "time_to_target": 0.0}
-                         for a, t, x in zip(low, ttts, losses)]}
+                         for a, t, x in zip(low, ttts, losses, strict=True)]}
 
     # median validation time to the tightest rung wins (a missed seed is infinitely slow) ...
     assert select([setting([1.0, None, None], [0.1] * 3), setting([3.0, 3.0, None], [0.9] * 3)]) == 1

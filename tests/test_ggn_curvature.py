@@ -48,7 +48,7 @@ def one_step(model, x, y, **kwargs):
 def top_columns(p, y, s):
     """Q~_i ``[k, s]``: ``sqrt(p_c) (1_c - p_i)`` for the label and the s-1 most probable others."""
     out = []
-    for pi, yi in zip(p, y):
+    for pi, yi in zip(p, y, strict=True):
         order = [int(c) for c in torch.argsort(pi, descending=True) if int(c) != int(yi)]
         chosen = [int(yi)] + order[: s - 1]
         eye = torch.eye(pi.numel(), dtype=pi.dtype)
@@ -191,7 +191,7 @@ def test_default_curvature_is_top_for_one_position_and_sampled_for_several(float
     from gramopt.optim.ggn.optimizer import DEFAULT_CURVATURE, DEFAULT_HYPER
 
     assert DEFAULT_CURVATURE["cross_entropy"] == "top"
-    model, x, y = models.mlp(out=3), torch.randn(6, 5), torch.randint(0, 3, (6,))
+    model, x = models.mlp(out=3), torch.randn(6, 5)
     opt = gramopt.GGN(model, loss="cross_entropy")
     assert (opt.param_groups[0]["lr"], opt.damping) == (DEFAULT_HYPER["cross_entropy"]["lr"], DEFAULT_HYPER["cross_entropy"]["damping"])
     assert opt.batch_curvature(model(x)) == "top" and opt.positions_per_sample(model(x)) == 1
@@ -208,7 +208,7 @@ def test_default_curvature_is_top_for_one_position_and_sampled_for_several(float
     assert default.curvature == "top" and default.last_info.curvature == "sampled"  # what the step used
     with torch.no_grad():
         seq_copy = copy.deepcopy(seq)
-        for p, d in zip(seq_copy.parameters(), torch.split(delta, [p.numel() for p in seq_copy.parameters()])):
+        for p, d in zip(seq_copy.parameters(), torch.split(delta, [p.numel() for p in seq_copy.parameters()]), strict=True):
             p.sub_(d.view_as(p))  # back to the start
     same, _ = one_step(seq_copy, tokens, labels, loss="cross_entropy", curvature="sampled", seed=1)
     torch.testing.assert_close(same, delta, rtol=1e-9, atol=1e-12)

@@ -149,7 +149,7 @@ def test_randomized_solvers_are_reproducible_through_state_dict(float64):
             o.backward(m(x), y)
             o.step()
         assert opt.last_info.solve.residuals == other.last_info.solve.residuals
-    for p, q in zip(model.parameters(), clone.parameters()):
+    for p, q in zip(model.parameters(), clone.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -206,7 +206,7 @@ def test_algorithm1_halves_the_error_each_step(float64):
     e = errors["sketch-pcg"]
     assert all(e[t + 1] <= 0.5 * e[t] for t in range(6)), e
     assert e[-1] < 1e-3 * e[0]
-    for a, b in zip(e[:3], errors["cholesky"][:3]):
+    for a, b in zip(e[:3], errors["cholesky"][:3], strict=True):
         assert a == pytest.approx(b, rel=1e-2)
 
 

@@ -331,7 +331,7 @@ def test_gramopt_trainer_max_grad_norm_clips_the_update(tmp_path):
     assert_same_parameters(trained, reference, atol=1e-9)
     free_opt = HF_METHODS["ggn"](unclipped)
     plain_loop_steps(unclipped, free_opt, batch, 2)  # the clip took effect: without it, another result
-    moved = {n: (p - q).abs().max() for (n, p), q in zip(unclipped.named_parameters(), reference.parameters())}
+    moved = {n: (p - q).abs().max() for (n, p), q in zip(unclipped.named_parameters(), reference.parameters(), strict=True)}
     assert max(moved.values()) > 1e-6
     for o in (opt, ref_opt, free_opt):
         o.close()

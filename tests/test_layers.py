@@ -94,7 +94,7 @@ def test_batchnorm_rows_sum_to_the_batch_gradient(kind):
     assert "1" in factors  # the BatchNorm layer is preconditioned
     for name, factor in factors.items():
         summed = factor.rmatvec(torch.ones(factor.num_rows, dtype=torch.float64))
-        for p, s in zip(factor.params, summed):
+        for p, s in zip(factor.params, summed, strict=True):
             torch.testing.assert_close(s, p.grad, rtol=1e-10, atol=1e-12, msg=name)
     engine.close()
 
@@ -131,5 +131,5 @@ def test_every_method_steps_grouped_and_transposed_convolutions(method):
         opt.backward(model(x), y)
         opt.step()
     assert len(opt.engine.layers) == 4
-    for p, q in zip(model.parameters(), before):
+    for p, q in zip(model.parameters(), before, strict=True):
         assert not torch.equal(p, q)

@@ -291,7 +291,7 @@ def check_factors(factors: dict[str, LayerFactors], blocks, j: torch.Tensor) -> 
         v = torch.randn(u.shape[1], generator=gen, dtype=DT)
         shapes = [p.shape for p in f.params]
         parts = list(torch.split(v, [math.prod(s) for s in shapes]))
-        vectors = [p.reshape(s) for p, s in zip(parts, shapes)]
+        vectors = [p.reshape(s) for p, s in zip(parts, shapes, strict=True)]
         torch.testing.assert_close(f.matvec(vectors), u @ v, rtol=1e-10, atol=1e-12)
         index = torch.tensor([0, u.shape[1] - 1, u.shape[1] // 2])
         torch.testing.assert_close(f.columns(index), u[:, index], rtol=1e-10, atol=1e-12)

@@ -124,12 +124,12 @@ def test_float32_muon_is_torchs_update_with_its_orthogonalization_in_float32(
     for _ in range(3):
         grads = [torch.randn_like(p) for p in ours.param_groups[0]["params"]]
         for optimizer in (ours, torchs):
-            for p, g in zip(optimizer.param_groups[0]["params"], grads):
+            for p, g in zip(optimizer.param_groups[0]["params"], grads, strict=True):
                 p.grad = g.clone()
             optimizer.step()
-    for p, q in zip(ours.param_groups[0]["params"], torchs.param_groups[0]["params"]):
+    for p, q in zip(ours.param_groups[0]["params"], torchs.param_groups[0]["params"], strict=True):
         assert torch.equal(p, q)
-    for p, q in zip(ours.param_groups[0]["params"], torchs.param_groups[0]["params"]):
+    for p, q in zip(ours.param_groups[0]["params"], torchs.param_groups[0]["params"], strict=True):
         assert torch.equal(ours.state[p]["momentum_buffer"], torchs.state[q]["momentum_buffer"])
 
 
@@ -139,10 +139,10 @@ def test_float32_muons_step_is_the_float64_reference_and_torchs_is_its_bfloat16_
     starts = [p.detach().clone() for p in ours.param_groups[0]["params"]]
     grads = [torch.randn_like(p) for p in starts]
     for optimizer in (ours, torchs):
-        for p, g in zip(optimizer.param_groups[0]["params"], grads):
+        for p, g in zip(optimizer.param_groups[0]["params"], grads, strict=True):
             p.grad = g.clone()
         optimizer.step()
-    for start, g, p, q in zip(starts, grads, ours.param_groups[0]["params"], torchs.param_groups[0]["params"]):
+    for start, g, p, q in zip(starts, grads, ours.param_groups[0]["params"], torchs.param_groups[0]["params"], strict=True):
         scale = max(1.0, start.shape[0] / start.shape[1]) ** 0.5
         expected_step = -0.05 * scale * _reference_newton_schulz(g)
         error = ((p.double() - start.double()) - expected_step).norm() / expected_step.norm()

@@ -64,7 +64,7 @@ def per_sample_blocks(model, x, y, loss) -> list[torch.Tensor]:
 def reference_direction(us: list[torch.Tensor], gs: list[torch.Tensor], damping: float) -> torch.Tensor:
     """``d_l = (U_l^T U_l / b + damping I)^{-1} g_l``, concatenated in parameter order."""
     out = []
-    for u, g in zip(us, gs):
+    for u, g in zip(us, gs, strict=True):
         m = u.T @ u / u.shape[0] + damping * torch.eye(u.shape[1], dtype=u.dtype)
         out.append(torch.linalg.solve(m, g))
     return torch.cat(out)
@@ -140,7 +140,7 @@ def test_steps_between_refreshes_capture_nothing(float64):
     for t, (x, y) in enumerate(batches):
         if t == 4:  # between refreshes (3, 6): the layer's cached curvature covers the bias
             for m in (model, twin):
-                next(l for l in m.modules() if isinstance(l, nn.Linear)).bias.requires_grad_(False)
+                next(layer for layer in m.modules() if isinstance(layer, nn.Linear)).bias.requires_grad_(False)
         for o, m in ((opt, model), (full, twin)):
             o.zero_grad()
             o.backward(m(x), y)
@@ -232,7 +232,7 @@ def test_implicit_direction_with_eq23_matches_its_formula(float64):
     with torch.no_grad():
         hidden = torch.tanh(model[0](x))
     expected = []
-    for index, (layer, u, xin) in enumerate(zip((model[0], model[2]), us, (x, hidden))):
+    for index, (layer, u, xin) in enumerate(zip((model[0], model[2]), us, (x, hidden), strict=True)):
         zs = []
         for i in range(b):
             out = layer(xin[i : i + 1])
@@ -405,7 +405,7 @@ def test_both_loops_are_identical(name, config):
     for x, y in batches:
         take_step(opts[0], model, x, y, loss, "uniform")
         take_step(opts[1], twin, x, y, loss, "ordinary")
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -442,7 +442,7 @@ def test_state_dict_round_trip_bit_for_bit():
     for x, y in batches[2:]:
         take_step(opt, model, x, y, "cross_entropy")
         take_step(other, clone, x, y, "cross_entropy")
-        for p, q in zip(model.parameters(), clone.parameters()):
+        for p, q in zip(model.parameters(), clone.parameters(), strict=True):
             assert torch.equal(p, q)
 
 

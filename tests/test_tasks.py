@@ -45,7 +45,7 @@ def test_model_init_depends_on_seed_only():
     a = task.build_model(0)
     torch.manual_seed(456)
     b = task.build_model(0)
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
 
 

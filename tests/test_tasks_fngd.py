@@ -158,5 +158,5 @@ def test_resume_across_the_switch_to_sharing_is_exact(tmp_path, one_thread):
     assert state["global_step"] == 9 and state["optimizer"]["gramopt"]["coefficient_counts"]
     resumed = Trainer.resume(tmp_path / "part", progress=False).run()
     assert resumed.epochs[-1]["step"] == full.epochs[-1]["step"] == 24
-    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+    for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(p, q)

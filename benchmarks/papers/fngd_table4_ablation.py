@@ -88,13 +88,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs // 2, (3 * epochs) // 4], gamma=0.1)
             live[name] = (model, opt, schedule, [])
         for epoch in range(epochs):
-            for name, (model, opt, schedule, records) in live.items():
+            for model, opt, schedule, records in live.values():
                 records.append(train_epoch(model, opt, task, split, epoch, seed))
                 schedule.step()
         reference = live["FNGD (sharing, relative damping)"][3]
-        for name, (model, opt, schedule, records) in live.items():
+        for name, (_, opt, _, records) in live.items():
             opt.close()
-            ratios = [r["cpu_seconds"] / ref["cpu_seconds"] for r, ref in zip(records, reference) if "cpu_seconds" in r and "cpu_seconds" in ref]
+            ratios = [r["cpu_seconds"] / ref["cpu_seconds"] for r, ref in zip(records, reference, strict=True) if "cpu_seconds" in r and "cpu_seconds" in ref]
             runs[name].append({"seed": seed, "records": records, "time_ratio_per_epoch": ratios, "final_test_accuracy": records[-1].get("test_accuracy", float("nan"))})
     summary = {}
     for name, mine in runs.items():

@@ -114,7 +114,7 @@ def _figure(results):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(11, 4.2), constrained_layout=True)
-    for ax, (task_name, r) in zip(axes, results.items()):
+    for ax, (task_name, r) in zip(axes, results.items(), strict=False):
         for name, m in r["methods"].items():
             style = "-" if name.startswith("ggn") else "--"
             label = f"{name} {'' if name.startswith('ggn') else m['setting']['lr']}"

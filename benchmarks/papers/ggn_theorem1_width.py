@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _slope(xs: list[float], ys: list[float]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True)) / sum((a - mx) ** 2 for a in xs)
 
 
 def _figure(runs: list[dict[str, Any]], per_width: list[dict[str, Any]], slope: float):
@@ -118,7 +118,7 @@ def _figure(runs: list[dict[str, Any]], per_width: list[dict[str, Any]], slope: 
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     colours = plt.cm.viridis([i / max(1, len(per_width) - 1) for i in range(len(per_width))])
-    for colour, w in zip(colours, per_width):
+    for colour, w in zip(colours, per_width, strict=False):
         for r in (r for r in runs if r["width"] == w["width"]):
             left.semilogy(r["errors"], color=colour, alpha=0.7, label=f"M={w['width']}" if r["seed"] == runs[0]["seed"] else None)
     left.set(xlabel="GGN step (full batch, lr 1, damping 0)", ylabel="||f_t - y||_2", title="Full-batch GGN on the Eq. 12 network")

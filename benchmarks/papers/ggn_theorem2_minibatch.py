@@ -106,7 +106,7 @@ def run_width(x: torch.Tensor, y: torch.Tensor, width: int, batch: int, epochs: 
         "rho_A": rho,
         "rho_epoch_map": rho_epoch,
         "mu": mu,
-        "within_eq16_envelope_mu_sqrt_n_rho_T": all(e <= b for e, b in zip(errors, envelope)),
+        "within_eq16_envelope_mu_sqrt_n_rho_T": all(e <= b for e, b in zip(errors, envelope, strict=True)),
         "lambda_min_G0": float(torch.linalg.eigvalsh(gram).min()),
         "errors_per_epoch": errors,
         "measured_rate": rate,
@@ -117,7 +117,7 @@ def run_width(x: torch.Tensor, y: torch.Tensor, width: int, batch: int, epochs: 
 
 def _slope(xs: list[float], ys: list[float]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True)) / sum((a - mx) ** 2 for a in xs)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -59,16 +59,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             model = task.build_model(seed)
             arms[every] = (model, gramopt.SENG(model, loss=task.loss, curvature_every=every, **hyper), [])
         for epoch in range(epochs):
-            for every, (model, opt, records) in arms.items():
+            for model, opt, records in arms.values():
                 records.append(train_epoch(model, opt, task, split, epoch, seed))
-        for every, (model, opt, records) in arms.items():
+        for every, (_, opt, records) in arms.items():
             opt.close()
             reached = next((r["epoch"] for r in records if r.get("test_accuracy", 0.0) >= TARGET), None)
             runs[f"every={every}/seed={seed}"] = {"curvature_every": every, "seed": seed, "records": records, "epochs_to_target": reached}
         reference = arms[1][2]
         for every, (_, _, records) in arms.items():
             runs[f"every={every}/seed={seed}"]["time_ratio_to_every_1_per_epoch"] = [
-                r["cpu_seconds"] / ref["cpu_seconds"] for r, ref in zip(records, reference) if "cpu_seconds" in r and "cpu_seconds" in ref
+                r["cpu_seconds"] / ref["cpu_seconds"] for r, ref in zip(records, reference, strict=True) if "cpu_seconds" in r and "cpu_seconds" in ref
             ]
     summary = []
     for every in FREQUENCIES:
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     all_reached = [e for row in summary for e in row["epochs_to_target"]]
     epochs_stable = None not in all_reached and max(all_reached) - min(all_reached) <= 1
     ratios = [row["median_time_ratio_to_every_1"] for row in summary]
-    time_falls = all(b <= a * 1.02 for a, b in zip(ratios, ratios[1:])) and ratios[-1] < 1.0
+    time_falls = all(b <= a * 1.02 for a, b in zip(ratios, ratios[1:], strict=False)) and ratios[-1] < 1.0
     payload = {
         "study": "SENG Table 5/8 analog: epochs to target and time per epoch against curvature_every",
         "paper": PAPERS["seng"],
@@ -106,7 +106,7 @@ def _figure(runs, summary):
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for key, r in runs.items():
+    for r in runs.values():
         acc = [rec.get("test_accuracy", float("nan")) for rec in r["records"]]
         left.plot(range(1, len(acc) + 1), acc, "-o" if r["seed"] == min(x["seed"] for x in runs.values()) else ":", color=f"C{FREQUENCIES.index(r['curvature_every'])}", label=f"every {r['curvature_every']}" if r["seed"] == min(x["seed"] for x in runs.values()) else None)
     left.axhline(TARGET, color="k", lw=0.8, ls="--")

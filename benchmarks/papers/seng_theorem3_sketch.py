@@ -195,19 +195,19 @@ def _series(results: list[dict[str, Any]], sampling: str, layer: str) -> list[fl
 
 def _slope(xs: list[float], ys: list[float]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True)) / sum((a - mx) ** 2 for a in xs)
 
 
 def _figure(results, rows, fractions):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for ax, sampling in zip(axes, ("uniform", "leverage")):
+    for ax, sampling in zip(axes, ("uniform", "leverage"), strict=False):
         for name in rows:
             series = [r for r in results if r["sampling"] == sampling and r["layer"] == name]
             line = ax.loglog(fractions, [r["gramopt_median"] for r in series], "o-", label=f"layer {name} ({series[0]['layer_params']} params): gramopt")[0]
             ax.loglog(fractions, [r["dense_median"] for r in series], "x:", color=line.get_color(), label="dense reference")
-            bounds = [statistics.median(b * e for b, e in zip(r["bound_over_error"], r["dense_relative_errors"])) for r in series]
+            bounds = [statistics.median(b * e for b, e in zip(r["bound_over_error"], r["dense_relative_errors"], strict=True)) for r in series]
             ax.loglog(fractions, bounds, "--", color=line.get_color(), alpha=0.5, label="Lemma 5 bound (median)")
         ax.set(xlabel="sketch size q / layer parameters", ylabel="||d^ - d|| / ||d||", title=f"{sampling} sampling, batch {list(rows.values())[0].shape[0]}")
         ax.legend(fontsize=6)

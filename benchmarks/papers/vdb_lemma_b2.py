@@ -84,7 +84,7 @@ def measured(a: torch.Tensor, y: torch.Tensor, kind: str, oversampling: float, s
 
 def _slope(xs: list[float], ys: list[float]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True)) / sum((a - mx) ** 2 for a in xs)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

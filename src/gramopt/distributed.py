@@ -343,13 +343,13 @@ class DataParallel:
             widths = [math.prod(tensors[i].shape[1:]) for i in index]
             rows = torch.zeros(most, sum(widths), dtype=dtype, device=self.device)
             if samples:
-                rows[:samples] = torch.cat([tensors[i].reshape(samples, w).to(self.device) for i, w in zip(index, widths)], dim=1)
-            parts = [chunk[:b].split(widths, dim=1) for chunk, b in zip(self._all_gather(rows), sizes)]
+                rows[:samples] = torch.cat([tensors[i].reshape(samples, w).to(self.device) for i, w in zip(index, widths, strict=True)], dim=1)
+            parts = [chunk[:b].split(widths, dim=1) for chunk, b in zip(self._all_gather(rows), sizes, strict=True)]
             home = tensors[index[0]].device
             for j, i in enumerate(index):
-                pieces = [p[j].reshape(b, *tensors[i].shape[1:]) for p, b in zip(parts, sizes)]
+                pieces = [p[j].reshape(b, *tensors[i].shape[1:]) for p, b in zip(parts, sizes, strict=True)]
                 if scaled[i]:
-                    pieces = [p * (b / total) for p, b in zip(pieces, sizes)]
+                    pieces = [p * (b / total) for p, b in zip(pieces, sizes, strict=True)]
                 out[i] = torch.cat(pieces).to(home)
         return out  # type: ignore[return-value]
 
@@ -387,7 +387,7 @@ class DataParallel:
     def synchronize_gradients(self, params: Sequence[Tensor], samples: int) -> None:
         """``"exact"``: each ``p.grad`` becomes ``sum_r (b_r / B) g_r`` (``samples``: b_r)."""
         if params:
-            for p, g in zip(params, self.mean([p.grad for p in params], params, samples)):
+            for p, g in zip(params, self.mean([p.grad for p in params], params, samples), strict=True):
                 p.grad = g
 
     def average_directions(
@@ -397,7 +397,7 @@ class DataParallel:
         (one all-reduce); ``samples``: b_r."""
         by_id = {id(p): d for p, d in directions.items()}
         means = self.mean([by_id.get(id(p)) for p in params], params, samples)
-        return {p: d for p, d in zip(params, means) if d is not None}
+        return {p: d for p, d in zip(params, means, strict=True) if d is not None}
 
     # -- construction ------------------------------------------------------------------------
     def check_consistent(self, fingerprint: dict[str, str]) -> None:

@@ -109,7 +109,7 @@ class InProjection(nn.Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         if self.is_packed_self(query, key, value):
             return F.linear(query, self.attention.in_proj_weight, self.attention.in_proj_bias)
-        parts = [F.linear(x, w, b) for x, w, b in zip((query, key, value), self.weights(), self.biases())]
+        parts = [F.linear(x, w, b) for x, w, b in zip((query, key, value), self.weights(), self.biases(), strict=True)]
         return torch.cat(parts, dim=1)
 
 
@@ -283,7 +283,7 @@ def in_projection_factors(
         return linear_factors(proxy, params, m.in_proj_weight, m.in_proj_bias, [query for query, *_ in saved], grads)
     dtype = grads[0].dtype
     rows = None
-    for (query, key, value, packed), g in zip(saved, grads):
+    for (query, key, value, packed), g in zip(saved, grads, strict=True):
         part = _explicit_rows(m, params, query.to(dtype), key.to(dtype), value.to(dtype), packed, g)
         rows = part if rows is None else rows + part
     return ExplicitFactors(proxy, params, rows)
@@ -304,7 +304,7 @@ def _explicit_rows(
     if m._qkv_same_embed_dim:
         blocks[id(m.in_proj_weight)] = torch.cat(per_weight, dim=2)  # [b, k, 3E, E]
     else:
-        for weight, block in zip((m.q_proj_weight, m.k_proj_weight, m.v_proj_weight), per_weight):
+        for weight, block in zip((m.q_proj_weight, m.k_proj_weight, m.v_proj_weight), per_weight, strict=True):
             blocks[id(weight)] = block
     if m.in_proj_bias is not None:
         blocks[id(m.in_proj_bias)] = torch.cat([z.sum(dim=2) for z in (zq, zk, zv)], dim=-1)  # [b, k, 3E]

@@ -37,7 +37,7 @@ def conv_pads(module: nn.Module) -> list[tuple[int, int]]:
         return [(0, 0)] * len(module.kernel_size)
     if module.padding == "same":
         pads = []
-        for ksize, dil in zip(module.kernel_size, module.dilation):
+        for ksize, dil in zip(module.kernel_size, module.dilation, strict=True):
             total = dil * (ksize - 1)
             pads.append((total // 2, total - total // 2))
         return pads
@@ -107,7 +107,7 @@ class ConvFactors(SharedWeightFactors):
     def raw(self) -> list[tuple[Tensor, Tensor]]:
         """Per forward call, the input ``[b, C_in, *spatial]`` and the output-gradients
         ``[b, k, C_out, *spatial_out]`` the factors were built from."""
-        return list(zip(self.raw_inputs, self.raw_grads))
+        return list(zip(self.raw_inputs, self.raw_grads, strict=True))
 
     def gram_strategy(self) -> str:
         return gram_strategy(self.d_in, torch.Size((self.batch_size, self.passes, self.positions, self.d_out)))
@@ -168,7 +168,7 @@ class ConvFactors(SharedWeightFactors):
         weight = self._weight(dtype)
         coeffs = coeffs.to(dtype)
         gw_total = gb_total = None
-        for (x, padding), g in zip(self.calls, self.raw_grads):
+        for (x, padding), g in zip(self.calls, self.raw_grads, strict=True):
             if self.passes == 1 and weight_inputs(x.numel(), g.numel(), self.with_weight):
                 xw = x * coeffs.view(b, *([1] * (x.dim() - 1)))
                 gw, _ = self._weight_grads(g[:, 0], xw, padding, weight, 1, False)
@@ -188,7 +188,7 @@ class ConvFactors(SharedWeightFactors):
         rows = []
         if self.with_weight:
             total = None
-            for (x, padding), g in zip(self.calls, self.raw_grads):
+            for (x, padding), g in zip(self.calls, self.raw_grads, strict=True):
                 grouped = g.reshape(1, n * self.d_out, *g.shape[3:])
                 xg = x.reshape(1, b * x.shape[1], *x.shape[2:])
                 weight = x.new_empty(n * self.d_out, *self.weight_shape[1:])
@@ -215,7 +215,7 @@ class ConvFactors(SharedWeightFactors):
         weight = vectors[0] if self.with_weight else None
         bias = vectors[-1] if self.with_bias else None
         out = None
-        for (x, padding), g in zip(self.calls, self.raw_grads):
+        for (x, padding), g in zip(self.calls, self.raw_grads, strict=True):
             if weight is not None:
                 m = self.module
                 y = torch.convolution(x, weight, bias, m.stride, padding, m.dilation, False, [0] * len(padding), 1)

@@ -260,7 +260,7 @@ class SharedWeightFactors(LayerFactors):
         if rows is None:
             return None
         a = coeffs.to(rows[0].dtype)
-        return [(a @ u).view(shape) for u, shape in zip(rows, self._param_shapes())]
+        return [(a @ u).view(shape) for u, shape in zip(rows, self._param_shapes(), strict=True)]
 
     def gram_strategy(self) -> str:
         """``"pairs"`` or ``"explicit"``, whichever costs fewer flops (see module doc)."""

@@ -142,7 +142,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     tasks = list(results["tasks"].values())
     fig = plt.figure(figsize=(15, 7.2 * len(tasks)), layout="constrained")
     blocks = fig.subfigures(len(tasks), 1, squeeze=False)[:, 0]
-    for block, task in zip(blocks, tasks):
+    for block, task in zip(blocks, tasks, strict=True):
         axes = block.subplots(2, 3)
         metric = task["task"]["metric"]
         metric_log = task["task"]["loss"] == "mse"

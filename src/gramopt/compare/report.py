@@ -157,7 +157,7 @@ def rich_table(task: dict[str, Any]) -> Table:
     table = Table(title=f"{task['task']['name']}: seconds to each rung; budget {task['budget']['text']}")
     for header in _headers(task):
         table.add_column(header, overflow="fold")
-    for row, method in zip(rows(task), task["optimizers"].values()):
+    for row, method in zip(rows(task), task["optimizers"].values(), strict=True):
         row[-1] = _varied(method)
         table.add_row(*row)
     return table
@@ -166,7 +166,7 @@ def rich_table(task: dict[str, Any]) -> Table:
 def plain_table(task: dict[str, Any]) -> str:
     """The printed summary as a Markdown table (for a reader without a terminal)."""
     body = rows(task)
-    for row, method in zip(body, task["optimizers"].values()):
+    for row, method in zip(body, task["optimizers"].values(), strict=True):
         row[-1] = _varied(method)
     title = f"{task['task']['name']}: seconds to each rung; budget {task['budget']['text']}"
     return "\n".join([title, "", *markdown_table(_headers(task), body)])

@@ -351,7 +351,7 @@ def step_time_ratios(
         if name not in steppers or steppers[name][1]:
             ratios[name] = None  # cannot be built, or diverged while being timed
         else:
-            ratios[name] = statistics.median(t / b for t, b in zip(samples[name], samples[REFERENCE]))
+            ratios[name] = statistics.median(t / b for t, b in zip(samples[name], samples[REFERENCE], strict=True))
     return ratios
 
 

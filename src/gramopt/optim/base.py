@@ -626,7 +626,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         their dtype), and remember ``.grad`` of ``probe`` as it is then, for the warning
         about a modified one. Returns the parameters that received a gradient."""
         received = []
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             if g is not None:
                 g = g if g.dtype == p.dtype else g.to(p.dtype)
                 p.grad = g if p.grad is None else p.grad + g
@@ -756,7 +756,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 params, ds, buffers, lr=group["lr"], momentum=group["momentum"],
                 weight_decay=group["weight_decay"], decoupled=self.weight_decay_mode == "decoupled",
             )
-            for p, buffer in zip(params, buffers):
+            for p, buffer in zip(params, buffers, strict=True):
                 self.state[p]["momentum_buffer"] = buffer
         self.extra_state["step"] += 1
 
@@ -839,7 +839,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         flags = [g and self.needs.rows == "loss_gradients" for g in is_grad] + [False] * len(keys)
         gathered = self.sync.gather_rows(tensors + [batch.per_sample[key] for key in keys], flags, layout)
         self.engine.replace_capture_tensors(gathered[: len(tensors)])
-        batch.per_sample.update(zip(keys, gathered[len(tensors) :]))
+        batch.per_sample.update(zip(keys, gathered[len(tensors) :], strict=True))
 
     def _synchronize_gradients(self, batch: Batch) -> None:
         """Each ``.grad`` of :meth:`global_gradient_params` becomes ``sum_r (b_r / B) g_r``."""

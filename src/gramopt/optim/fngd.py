@@ -314,7 +314,7 @@ class FNGD(SampleSpaceOptimizer):
             for name, factor in factors.items():
                 correction = corrections.get(name)
                 coeffs = weights[name] if correction is None else weights[name] - correction
-                for p, d in zip(factor.params, factor.rmatvec(coeffs)):
+                for p, d in zip(factor.params, factor.rmatvec(coeffs), strict=True):
                     l2 = self.l2_term(p)
                     directions[p] = d if l2 is None else d + l2.to(d.dtype)
         return directions
@@ -337,7 +337,7 @@ class FNGD(SampleSpaceOptimizer):
         if all(t is None for t in terms):
             return v, None
         lam = fngd_damping(gram, damping, self.damping_mode, what=what)
-        x = [torch.zeros_like(p) if t is None else t for p, t in zip(factor.params, terms)]
+        x = [torch.zeros_like(p) if t is None else t for p, t in zip(factor.params, terms, strict=True)]
         projected = factor.matvec(x).to(gram.dtype) * m  # U_l x, [M]
         if lam == 0.0:  # relative mode with K = 0: U_l = 0, no correction
             return v, torch.zeros_like(projected)

@@ -67,7 +67,7 @@ class Chain(torch.optim.Optimizer):
         states = state_dict.get("optimizers")
         if not isinstance(states, list) or len(states) != len(self.optimizers):
             raise ValueError(f"expected the states of {len(self.optimizers)} chained optimizers, got {state_dict!r:.80}")
-        for optimizer, state in zip(self.optimizers, states):
+        for optimizer, state in zip(self.optimizers, states, strict=True):
             optimizer.load_state_dict(state)
 
     def __repr__(self) -> str:

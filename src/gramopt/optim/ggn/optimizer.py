@@ -487,7 +487,7 @@ class GGN(SampleSpaceOptimizer):
         with self._phase("direction"):
             x = system.coefficients(a)
             for factor in factors.values():
-                for p, d in zip(factor.params, factor.rmatvec(x)):
+                for p, d in zip(factor.params, factor.rmatvec(x), strict=True):
                     directions[p] = d
         if batch.adapt is not None:
             batch.predicted = self._predicted_change(system, x)
@@ -591,7 +591,7 @@ class GGN(SampleSpaceOptimizer):
         """Put back the parameters and momentum buffers of before the step (``batch.before``)."""
         params, values, buffers = batch.before
         torch._foreach_copy_(params, values)
-        for p, buffer in zip(params, buffers):
+        for p, buffer in zip(params, buffers, strict=True):
             if buffer is None:
                 self.state.get(p, {}).pop("momentum_buffer", None)
             else:
@@ -608,7 +608,7 @@ class GGN(SampleSpaceOptimizer):
         devices = [device] if device.type == "cuda" else []
         with torch.no_grad(), self.engine.paused(), torch.random.fork_rng(devices=devices):
             after = self.model(*args, **kwargs)
-        for b, saved in zip(self.model.buffers(), buffers):
+        for b, saved in zip(self.model.buffers(), buffers, strict=True):
             b.copy_(saved)
         after = dict(output_candidates(after)).get(batch.adapt["how"])
         if after is None or tuple(after.shape) != shape:

@@ -269,7 +269,7 @@ class SENG(SampleSpaceOptimizer):
             self._scheduled_damping(step) if self.damping_schedule is not None else float(group["damping"])
             for group in self.param_groups
         ]
-        by_param = {id(p): lam for group, lam in zip(self.param_groups, per_group) for p in group["params"]}
+        by_param = {id(p): lam for group, lam in zip(self.param_groups, per_group, strict=True) for p in group["params"]}
         return by_param, per_group
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -294,7 +294,7 @@ class SENG(SampleSpaceOptimizer):
             layers[layer.name] = replace(layer, params=params)
             covered[layer.name] = [p.requires_grad for p in layer.params]
             # NaN/inf in g surfaces in U g (or, sketched, in the direction): both are refused
-            grads[layer.name] = [torch.zeros_like(p) if g is None else self._regularized(p, g) for p, g in zip(params, present)]
+            grads[layer.name] = [torch.zeros_like(p) if g is None else self._regularized(p, g) for p, g in zip(params, present, strict=True)]
         stray = self.engine.stray_params()  # (they follow the plain gradient, warned about by the base)
         for p in stray:
             for name in [n for n, layer in layers.items() if any(p is q for q in layer.params)]:
@@ -341,7 +341,7 @@ class SENG(SampleSpaceOptimizer):
                 # a fallback's jitter j raised b lam to b lam + j: Eq. 9 holds with that lam
                 shift = lam + info.jitter / curvature.batch
             with self._phase("direction"):
-                for p, g, t in zip(curvature.params, layer_grads, curvature.combine(beta)):
+                for p, g, t in zip(curvature.params, layer_grads, curvature.combine(beta), strict=True):
                     directions[p] = t
                     combined.append(t)
                     subtracted.append(g if g.dtype == t.dtype else g.to(t.dtype))
@@ -367,7 +367,7 @@ class SENG(SampleSpaceOptimizer):
         if batch.sketch_generator is not None:
             self.extra_state["sketch_rng"] = batch.sketch_generator.get_state()
         if self.damping_schedule is not None:
-            for group, lam in zip(self.param_groups, batch.dampings):
+            for group, lam in zip(self.param_groups, batch.dampings, strict=True):
                 group["damping"] = lam
 
     def _refresh(self, batch: Batch, cache: dict[str, Any], names: list[str], covered: dict[str, list[bool]]) -> None:
