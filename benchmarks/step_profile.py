@@ -57,7 +57,17 @@ from gramopt.losses import get_loss
 from gramopt.optim.base import SampleSpaceOptimizer
 from step_overhead import METHODS, MODELS
 
-BUCKETS = ("forward", "backward passes", "factors", "Grams", "solve", "direction", "update", "checks", "Python overhead")
+BUCKETS = (
+    "forward",
+    "backward passes",
+    "factors",
+    "Grams",
+    "solve",
+    "direction",
+    "update",
+    "checks",
+    "Python overhead",
+)
 PHASE_BUCKET = {
     "forward": "forward",
     "backward": "backward passes",

@@ -46,7 +46,11 @@ def _data(n: int, loss: str):
 
 
 def _loss_fn(loss: str):
-    return (lambda out, y: 0.5 * F.mse_loss(out, y, reduction="sum") / out.shape[0] * 0 + F.mse_loss(out, y)) if loss == "mse" else F.cross_entropy
+    return (
+        (lambda out, y: 0.5 * F.mse_loss(out, y, reduction="sum") / out.shape[0] * 0 + F.mse_loss(out, y))
+        if loss == "mse"
+        else F.cross_entropy
+    )
 
 
 CASES = [

@@ -43,7 +43,11 @@ def test_invalid_hyper_parameters(case, kwargs, match):
         case.make(case.build_model(), **kwargs)
 
 
-GROUP_BAD = [("lr", -1.0, "lr must be"), ("momentum", 1.5, "momentum must be < 1"), ("damping", -1.0, "damping must be")]
+GROUP_BAD = [
+    ("lr", -1.0, "lr must be"),
+    ("momentum", 1.5, "momentum must be < 1"),
+    ("damping", -1.0, "damping must be"),
+]
 
 
 @representative
@@ -80,7 +84,9 @@ def test_add_param_group_after_construction(case):
     opt_late = case.make(late, params=list(late[0].parameters()))
     opt_late.add_param_group({"params": list(late[1].parameters())})
     torch.manual_seed(1)
-    opt_early = case.make(early, params=[{"params": list(early[0].parameters())}, {"params": list(early[1].parameters())}])
+    opt_early = case.make(
+        early, params=[{"params": list(early[0].parameters())}, {"params": list(early[1].parameters())}]
+    )
     assert len(opt_late.param_groups) == len(opt_early.param_groups) == 2
     assert [layer.name for layer in opt_late.engine.layers] == [layer.name for layer in opt_early.engine.layers]
     before = [p.detach().clone() for p in late[1].parameters()]
@@ -197,7 +203,9 @@ def test_unsupported_trainable_modules(case):
             return self.net(x) + self.pos
 
     model = WithPosition()
-    with pytest.raises(gramopt.UnsupportedModuleError, match=r"net\.1\.s: net\.1 \(Scale\) has no gramopt handler") as err:
+    with pytest.raises(
+        gramopt.UnsupportedModuleError, match=r"net\.1\.s: net\.1 \(Scale\) has no gramopt handler"
+    ) as err:
         case.make(model, unsupported="error")
     assert "pos: model (WithPosition)" in str(err.value)
     with warnings.catch_warnings(record=True) as caught:
@@ -423,7 +431,10 @@ def test_half_precision_models(case, dtype, monkeypatch):
     monkeypatch.setattr(torch.linalg, "cholesky_ex", spy)
     x, y = case.batches(1)[0]
     steps = []
-    for m, xx, yy in ((reference, x, y), (model, x.to(dtype) if x.is_floating_point() else x, y.to(dtype) if y.is_floating_point() else y)):
+    for m, xx, yy in (
+        (reference, x, y),
+        (model, x.to(dtype) if x.is_floating_point() else x, y.to(dtype) if y.is_floating_point() else y),
+    ):
         before = torch.cat([p.detach().float().reshape(-1) for p in m.parameters()])
         # (GGN: a fixed damping; its damping adaptation would undo a step this large if it raised the loss)
         fixed = {"damping_adaptation": None} if case.cls is gramopt.GGN else {}

@@ -98,7 +98,9 @@ def test_clip_grad_norm_where_ignored_is_warned_about():
         opt.step()
 
 
-@pytest.mark.parametrize(("loss", "curvature"), [("cross_entropy", "top"), ("cross_entropy", "sampled"), ("mse", "exact")])
+@pytest.mark.parametrize(
+    ("loss", "curvature"), [("cross_entropy", "top"), ("cross_entropy", "sampled"), ("mse", "exact")]
+)
 def test_ggn_first_step_fills_grad_and_its_clipping_is_warned_about(loss, curvature):
     """GGN's step ignores .grad of the layers it preconditions; until its first step,
     backward fills it (the gradient of the mean loss, checked against torch.func) so that
@@ -115,7 +117,9 @@ def test_ggn_first_step_fills_grad_and_its_clipping_is_warned_about(loss, curvat
         return mean_loss(torch.func.functional_call(model, params, (x,)), y)
 
     reference = torch.func.grad(loss_of)({n: p.detach() for n, p in model.named_parameters()})
-    opt = gramopt.GGN(model, lr=0.5, damping=0.1, loss=loss, curvature=curvature, **({"seed": 0} if curvature == "sampled" else {}))
+    opt = gramopt.GGN(
+        model, lr=0.5, damping=0.1, loss=loss, curvature=curvature, **({"seed": 0} if curvature == "sampled" else {})
+    )
     opt.backward(model(x), y)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, reference[name], rtol=1e-10, atol=1e-12)
@@ -225,7 +229,9 @@ def test_clip_grad_norm_after_backward_changes_the_step_or_is_warned_about(case)
     clipped, preconditioned, caught = _first_step(case, clip=True)
     assert not [w for w in quiet if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in quiet]
     warned = [w for w in caught if issubclass(w.category, RuntimeWarning) and re.search(MODIFIED, str(w.message))]
-    changed = [i for i, (a, b) in enumerate(zip(free, clipped, strict=True)) if not torch.allclose(a, b, rtol=1e-6, atol=1e-12)]
+    changed = [
+        i for i, (a, b) in enumerate(zip(free, clipped, strict=True)) if not torch.allclose(a, b, rtol=1e-6, atol=1e-12)
+    ]
     assert warned or changed, "clipping .grad changed nothing and was not warned about"
     if case.method.reads_grad:
         assert not warned and any(preconditioned[i] for i in changed)

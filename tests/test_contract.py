@@ -341,7 +341,9 @@ def test_eval_mode_and_no_grad_capture_nothing(case):
 
 
 @pytest.mark.parametrize(
-    "cls, lr, damping", [(gramopt.SENG, 0.1, 1.0), (gramopt.FNGD, 0.1, 1e-3), (gramopt.GGN, 0.3, 10.0)], ids=lambda v: getattr(v, "__name__", None)
+    "cls, lr, damping",
+    [(gramopt.SENG, 0.1, 1.0), (gramopt.FNGD, 0.1, 1e-3), (gramopt.GGN, 0.3, 10.0)],
+    ids=lambda v: getattr(v, "__name__", None),
 )
 def test_constructor_defaults_train_a_classifier(cls, lr, damping):
     """``cls(model, loss=...)`` needs no lr or damping (as torch.optim's optimizers): the

@@ -245,7 +245,9 @@ def test_a_step_that_fails_on_one_rank_fails_on_every_rank_and_changes_nothing(r
         if name in ("lengths", "seed"):
             continue
         assert one[name]["error"].startswith("NonFiniteError") and "another rank" not in one[name]["error"], name
-        assert zero[name]["error"].startswith("NonFiniteError: another rank failed in this step (rank 1: NonFiniteError"), name
+        assert zero[name]["error"].startswith(
+            "NonFiniteError: another rank failed in this step (rank 1: NonFiniteError"
+        ), name
         assert zero[name]["steps"] == one[name]["steps"] == 1, name  # the failed step changed nothing
         assert all(torch.equal(a, b) for a, b in zip(zero[name]["params"], one[name]["params"], strict=True)), name
     for rank in (zero, one):
@@ -282,7 +284,11 @@ def cli(args: list[str], out: Path, processes: int) -> subprocess.CompletedProce
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                     f"--master_port={free_port()}", "-m", "gramopt"]
     result = subprocess.run(
-        launcher + args + ["--out", str(out), "--no-progress"], env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT
+        launcher + args + ["--out", str(out), "--no-progress"],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result

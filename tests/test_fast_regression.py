@@ -63,7 +63,9 @@ def test_gradient_iteration_of_the_paper(float64):
     """Algorithm 2, line 7, with a sketch accurate enough for its step size 1."""
     a = prescribed(16384, 48, 1e6, seed=5)
     y = a.T @ torch.randn(16384, generator=torch.Generator().manual_seed(6))
-    x, info = fast_regression(a, y, method="gradient", sketch="gaussian", oversampling=64, generator=torch.Generator().manual_seed(0))
+    x, info = fast_regression(
+        a, y, method="gradient", sketch="gaussian", oversampling=64, generator=torch.Generator().manual_seed(0)
+    )
     assert info.converged and info.method == "fast-regression-gradient"
     assert relative_residual(a, x, y) <= 1e-8
     # the error contracts geometrically (Lemma B.2: by a constant factor per iteration)

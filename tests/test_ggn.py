@@ -20,7 +20,12 @@ CASES = {
     "layernorm": (lambda: models.layernorm_net(out=2), lambda b: torch.randn(b, 6), "mse", 2),
     "mlp-ce": (lambda: models.mlp(out=4), lambda b: torch.randn(b, 5), "cross_entropy", 4),
     "cnn-ce": (lambda: models.cnn(out=3), lambda b: torch.randn(b, 1, 8, 8), "cross_entropy", 3),
-    "transformer-ce": (lambda: models.TinyTransformer(out=3), lambda b: torch.randint(0, 11, (b, 5)), "cross_entropy", 3),
+    "transformer-ce": (
+        lambda: models.TinyTransformer(out=3),
+        lambda b: torch.randint(0, 11, (b, 5)),
+        "cross_entropy",
+        3,
+    ),
 }
 
 

@@ -17,7 +17,8 @@ from gramopt.capture import CaptureEngine
 from reference import per_sample_grads
 
 CONVS = {
-    "conv1d-grouped-stride-reflect": (nn.Conv1d(4, 6, 3, groups=2, stride=2, padding=1, padding_mode="reflect"), (4, 9)),
+    "conv1d-grouped-stride-reflect": (
+        nn.Conv1d(4, 6, 3, groups=2, stride=2, padding=1, padding_mode="reflect"), (4, 9)),
     "conv1d-depthwise-dilation-same-circular": (
         nn.Conv1d(4, 4, 3, groups=4, dilation=2, padding="same", padding_mode="circular"), (4, 9)),
     "conv2d-grouped-stride-replicate": (
@@ -40,7 +41,9 @@ def _half_squared(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 0.5 * (out - y).pow(2).sum()
 
 
-def _rows_and_reference(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+def _rows_and_reference(
+    model: nn.Module, layer: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, object]:
     """(captured rows of ``layer`` for the summed per-sample losses, the torch.func rows, factors)."""
     torch.manual_seed(1)
     y = torch.randn_like(model(x))
@@ -77,7 +80,9 @@ def test_batchnorm_rows_sum_to_the_batch_gradient(kind):
     parameters and for every layer before and after it."""
     torch.manual_seed(0)
     if kind == "bn2d":
-        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 4))
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 4)
+        )
         x = torch.randn(5, 2, 4, 4)
     elif kind == "bn1d-sequence":
         model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 4))

@@ -92,7 +92,9 @@ def test_fashion_mnist_is_the_official_split():
     """The installed data set itself (skipped where it is not installed)."""
     split = get_task("fashion-mnist").load(0)
     assert split.train_x.shape == (60_000, 1, 28, 28) and split.test_x.shape == (10_000, 1, 28, 28)
-    assert torch.bincount(split.train_y).tolist() == [6000] * 10 and torch.bincount(split.test_y).tolist() == [1000] * 10
+    assert (
+        torch.bincount(split.train_y).tolist() == [6000] * 10 and torch.bincount(split.test_y).tolist() == [1000] * 10
+    )
     assert 0.0 <= float(split.train_x.min()) and float(split.train_x.max()) <= 1.0
 
 

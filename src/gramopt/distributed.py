@@ -167,7 +167,11 @@ class Traffic:
         self.received[kind] += received
 
     def total(self) -> dict[str, int]:
-        return {"calls": sum(self.calls.values()), "sent": sum(self.sent.values()), "received": sum(self.received.values())}
+        return {
+            "calls": sum(self.calls.values()),
+            "sent": sum(self.sent.values()),
+            "received": sum(self.received.values()),
+        }
 
     def reset(self) -> None:
         self.calls.clear()
@@ -234,7 +238,9 @@ class DataParallel:
         """Rank 0's ``obj`` on every rank (e.g. a random seed drawn at construction)."""
         box = [obj]
         with self._collective("broadcast"):
-            dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+            dist.broadcast_object_list(
+                box, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group
+            )
         self.traffic.add("broadcast", 0, 0)
         return box[0]
 
@@ -333,7 +339,8 @@ class DataParallel:
         problem = None
         if any(t.shape[0] != samples for t in tensors):
             problem = CaptureError(
-                f"the exact policy gathers tensors with one leading batch dimension, got {[tuple(t.shape) for t in tensors]}"
+                "the exact policy gathers tensors with one leading batch dimension, got "
+                f"{[tuple(t.shape) for t in tensors]}"
             )
         sizes = self._agree("gather", samples, layout + "|" + _tensor_layout(tensors), problem)
         total, most = sum(sizes), max(sizes)
@@ -343,7 +350,9 @@ class DataParallel:
             widths = [math.prod(tensors[i].shape[1:]) for i in index]
             rows = torch.zeros(most, sum(widths), dtype=dtype, device=self.device)
             if samples:
-                rows[:samples] = torch.cat([tensors[i].reshape(samples, w).to(self.device) for i, w in zip(index, widths, strict=True)], dim=1)
+                rows[:samples] = torch.cat(
+                    [tensors[i].reshape(samples, w).to(self.device) for i, w in zip(index, widths, strict=True)], dim=1
+                )
             parts = [chunk[:b].split(widths, dim=1) for chunk, b in zip(self._all_gather(rows), sizes, strict=True)]
             home = tensors[index[0]].device
             for j, i in enumerate(index):
@@ -412,7 +421,8 @@ class DataParallel:
         if problems:
             raise DistributedError(
                 "the ranks' optimizers differ; every rank must build the same optimizer, with the same settings, "
-                "on the same model with the same initial parameters (DistributedDataParallel broadcasts rank 0's):\n  - "
+                "on the same model with the same initial parameters (DistributedDataParallel broadcasts rank 0's):\n  "
+                "- "
                 + "\n  - ".join(problems)
             )
 

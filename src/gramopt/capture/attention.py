@@ -176,7 +176,12 @@ def captured_attention(
         attn_mask = None
     else:
         attn_mask = F._canonical_mask(
-            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=query.dtype, check_other=False
+            mask=attn_mask,
+            mask_name="attn_mask",
+            other_type=None,
+            other_name="",
+            target_type=query.dtype,
+            check_other=False,
         )
 
     packed_self = proxy.is_packed_self(query, key, value)
@@ -221,19 +226,24 @@ def _merged_mask(
     if attn_mask is not None:
         if attn_mask.dim() == 2:
             if attn_mask.shape != (tgt_len, src_len):
-                raise RuntimeError(f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be {(tgt_len, src_len)}.")
+                raise RuntimeError(
+                    f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be {(tgt_len, src_len)}."
+                )
             mask = attn_mask.view(1, 1, tgt_len, src_len)
         elif attn_mask.dim() == 3:
             if attn_mask.shape != (b * heads, tgt_len, src_len):
                 raise RuntimeError(
-                    f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be {(b * heads, tgt_len, src_len)}."
+                    f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be "
+                    f"{(b * heads, tgt_len, src_len)}."
                 )
             mask = attn_mask.view(b, heads, tgt_len, src_len)
         else:
             raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
     if key_padding_mask is not None:
         if key_padding_mask.shape != (b, src_len):
-            raise RuntimeError(f"expecting key_padding_mask shape of {(b, src_len)}, but got {tuple(key_padding_mask.shape)}")
+            raise RuntimeError(
+                f"expecting key_padding_mask shape of {(b, src_len)}, but got {tuple(key_padding_mask.shape)}"
+            )
         padding = key_padding_mask.view(b, 1, 1, src_len)
         mask = padding if mask is None else mask + padding
     return mask
@@ -266,7 +276,10 @@ def detach(module: nn.MultiheadAttention) -> None:
 
 
 def in_projection_factors(
-    proxy: InProjection, params: list[nn.Parameter], saved: list[tuple[Tensor, Tensor, Tensor, bool]], grads: list[Tensor]
+    proxy: InProjection,
+    params: list[nn.Parameter],
+    saved: list[tuple[Tensor, Tensor, Tensor, bool]],
+    grads: list[Tensor],
 ) -> LayerFactors:
     """The in-projection's factors from its calls this step.
 
@@ -290,7 +303,13 @@ def in_projection_factors(
 
 
 def _explicit_rows(
-    m: nn.MultiheadAttention, params: list[nn.Parameter], query: Tensor, key: Tensor, value: Tensor, packed: bool, g: Tensor
+    m: nn.MultiheadAttention,
+    params: list[nn.Parameter],
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    packed: bool,
+    g: Tensor,
 ) -> Tensor:
     """Per-sample gradients of one call, ``[b k, p]`` with columns in ``params`` order."""
     b, k = g.shape[:2]

@@ -81,7 +81,9 @@ class ConvFactors(SharedWeightFactors):
     :class:`SharedWeightFactors` view, built on first use only.
     """
 
-    def __init__(self, module: nn.Module, params: list[nn.Parameter], inputs: list[Tensor], grads: list[Tensor]) -> None:
+    def __init__(
+        self, module: nn.Module, params: list[nn.Parameter], inputs: list[Tensor], grads: list[Tensor]
+    ) -> None:
         self.module = module
         self.params = params
         weight, bias = module.weight, module.bias
@@ -147,7 +149,9 @@ class ConvFactors(SharedWeightFactors):
     def _weight(self, dtype: torch.dtype) -> Tensor:
         return self.module.weight.detach().to(dtype)
 
-    def _weight_grads(self, grad_out: Tensor, x: Tensor, padding: tuple[int, ...], weight: Tensor, groups: int, bias: bool) -> tuple[Tensor | None, Tensor | None]:
+    def _weight_grads(
+        self, grad_out: Tensor, x: Tensor, padding: tuple[int, ...], weight: Tensor, groups: int, bias: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
         """(weight gradient, bias gradient) of a convolution with output-gradient ``grad_out``."""
         m = self.module
         _, gw, gb = torch.ops.aten.convolution_backward(

@@ -271,7 +271,8 @@ class CaptureEngine:
             raise UnsupportedModuleError(
                 "gramopt cannot precondition these parameters:\n  - "
                 + "\n  - ".join(problems)
-                + "\nSupported: Linear, Conv1d/2d/3d (any groups), ConvTranspose1d/2d/3d, Embedding, MultiheadAttention, "
+                + "\nSupported: Linear, Conv1d/2d/3d (any groups), ConvTranspose1d/2d/3d, Embedding, "
+                    "MultiheadAttention, "
                 "LayerNorm, GroupNorm, RMSNorm, BatchNorm (SENG, FNGD; eval mode for GGN); register "
                 "others with gramopt.register_handler, or pass unsupported='gradient' to update them "
                 "with the plain gradient (with a warning naming them)."

@@ -189,7 +189,12 @@ def weight_bias_layout(module: nn.Module, params: list[nn.Parameter]) -> LowRank
 
 
 def linear_factors(
-    module: nn.Module, params: list[nn.Parameter], weight: Tensor, bias: Tensor | None, inputs: list[Tensor], grads: list[Tensor]
+    module: nn.Module,
+    params: list[nn.Parameter],
+    weight: Tensor,
+    bias: Tensor | None,
+    inputs: list[Tensor],
+    grads: list[Tensor],
 ) -> SharedWeightFactors:
     """Factors of ``y = weight x + bias`` called once per entry of ``inputs`` (each
     ``[b, *, d_in]``) with output-gradients ``grads`` (each ``[b, k, *, d_out]``): the calls'
@@ -272,7 +277,9 @@ def per_sample_rows(module: nn.Module, params: list[nn.Parameter], x: Tensor, gr
     """
     b, k = grads.shape[:2]
     names = [n for n, p in module.named_parameters(recurse=False) if any(p is q for q in params)]
-    order = sorted(range(len(names)), key=lambda i: [j for j, q in enumerate(params) if q is getattr(module, names[i])][0])
+    order = sorted(
+        range(len(names)), key=lambda i: [j for j, q in enumerate(params) if q is getattr(module, names[i])][0]
+    )
     names = [names[i] for i in order]
     values = tuple(getattr(module, n).detach().to(grads.dtype) for n in names)
     kwargs: dict[str, Any] = {}
@@ -281,7 +288,9 @@ def per_sample_rows(module: nn.Module, params: list[nn.Parameter], x: Tensor, gr
 
     def one(x_i: Tensor, z_i: Tensor) -> Tensor:
         def forward(*weights: Tensor) -> Tensor:
-            return torch.func.functional_call(module, dict(zip(names, weights, strict=True)), (x_i.unsqueeze(0),), kwargs)
+            return torch.func.functional_call(
+                module, dict(zip(names, weights, strict=True)), (x_i.unsqueeze(0),), kwargs
+            )
 
         _, pull = torch.func.vjp(forward, *values)
         return torch.cat([t.reshape(-1) for t in pull(z_i.unsqueeze(0))])

@@ -140,7 +140,9 @@ class TiedFactors(LayerFactors):
         for member, slots in zip(self.members, self.slots, strict=True):
             for slot, part in zip(slots, member.rmatvec(coeffs), strict=True):
                 out[slot] = part if out[slot] is None else out[slot] + part
-        return [t if t is not None else torch.zeros_like(p, dtype=self.dtype) for t, p in zip(out, self.params, strict=True)]
+        return [
+            t if t is not None else torch.zeros_like(p, dtype=self.dtype) for t, p in zip(out, self.params, strict=True)
+        ]
 
     def matvec(self, vectors: Sequence[Tensor]) -> Tensor:
         out = None
@@ -197,7 +199,10 @@ class TiedFactors(LayerFactors):
         return TiedFactors(self.module, self.params, blocks, self.indices)
 
     def state(self) -> dict[str, Any]:
-        return {"form": "tied", "members": [{"member": i, **m.state()} for i, m in zip(self.indices, self.members, strict=True)]}
+        return {
+            "form": "tied",
+            "members": [{"member": i, **m.state()} for i, m in zip(self.indices, self.members, strict=True)],
+        }
 
     @classmethod
     def _from_state(cls, module: nn.Module, params: list[nn.Parameter], state: dict[str, Any]) -> LayerFactors:

@@ -122,7 +122,15 @@ class CompareConfig:
             for optimizer in optimizers:
                 grid(optimizer, get_task(name), self.grid)
         return CompareConfig(
-            tasks, optimizers, self.seeds, self.budget_seconds, self.epochs, self.out, self.threads, self.progress, distributed,
+            tasks,
+            optimizers,
+            self.seeds,
+            self.budget_seconds,
+            self.epochs,
+            self.out,
+            self.threads,
+            self.progress,
+            distributed,
             self.grid,
         )
 
@@ -281,7 +289,13 @@ def spread(values: list[float | None]) -> dict[str, Any]:
     known = [v for v in values if v is not None]
     if not known:
         return {"median": None, "min": None, "max": None, "n": 0, "of": len(values)}
-    return {"median": statistics.median(known), "min": min(known), "max": max(known), "n": len(known), "of": len(values)}
+    return {
+        "median": statistics.median(known),
+        "min": min(known),
+        "max": max(known),
+        "n": len(known),
+        "of": len(values),
+    }
 
 
 def to_target_spread(values: list[float | None]) -> dict[str, Any]:
@@ -340,7 +354,9 @@ def step_time_ratios(
     built = {name: _try_stepper(task, name, hyper, split, seed, distributed) for name, hyper in winners.items()}
     steppers = {name: stepper for name, stepper in built.items() if stepper is not None}
     if REFERENCE not in steppers:
-        steppers[REFERENCE] = _stepper(task, REFERENCE, grid(REFERENCE, task)[GRID_SIZES["quick"] // 2], split, seed, distributed)
+        steppers[REFERENCE] = _stepper(
+            task, REFERENCE, grid(REFERENCE, task)[GRID_SIZES["quick"] // 2], split, seed, distributed
+        )
     samples = interleaved_times(
         {name: step for name, (step, _) in steppers.items()},
         rounds=bench_config.TIMING_ROUNDS,
@@ -461,7 +477,9 @@ def compare_task(
                 setting = method["settings"][k]
                 status = f"{task.name}: {name} setting {k + 1}/{size} seed {seed}"
                 progress.update(overall, status=status)
-                record = run_one(task, name, setting["hyper"], splits[seed], seed, budget, console, progress, config.distributed)
+                record = run_one(
+                    task, name, setting["hyper"], splits[seed], seed, budget, console, progress, config.distributed
+                )
                 setting["runs"].append(record)
                 progress.advance(overall)
                 if plain is not None:
@@ -491,7 +509,8 @@ def compare_task(
             "time_to_target": to_target_spread([r.get("time_to_target") for r in runs]),
             "epochs_to_target": to_target_spread([r.get("epochs_to_target") for r in runs]),
             "time_to_rungs": [
-                to_target_spread([(r.get("time_to_rungs") or [None] * len(rungs))[k] for r in runs]) for k in range(len(rungs))
+                to_target_spread([(r.get("time_to_rungs") or [None] * len(rungs))[k] for r in runs])
+                for k in range(len(rungs))
             ],
             "final_train_loss": spread([r.get("final_train_loss") for r in runs]),
             "final_val_loss": spread([r.get("final_val_loss") for r in runs]),
@@ -542,7 +561,10 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     bfloat16 = bfloat16_matmul().as_dict()
-    started, started_at = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    started, started_at = (
+        time.perf_counter(),
+        datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
     try:
         progress = Progress(
             TextColumn("[progress.description]{task.description}"),
@@ -572,12 +594,19 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
         "config": asdict(config),
         "grid": config.grid,
         "grid_size": GRID_SIZES[config.grid],
-        "divergence_rule": f"non-finite loss, a divergence error, or final train loss > {DIVERGENCE_FACTOR:g} x the initial",
+        "divergence_rule": f"non-finite loss, a divergence error, or final train loss > {DIVERGENCE_FACTOR:g} x the "
+            "initial",
         "evaluations_per_run": bench_config.EVALUATIONS,
-        "timing": {"reference": REFERENCE, "rounds": bench_config.TIMING_ROUNDS, "steps_per_round": bench_config.TIMING_STEPS},
-        "step_time_flags": {"expected_step_cost": dict(bench_config.EXPECTED_STEP_COST),
-                            "default_expected_step_cost": bench_config.DEFAULT_EXPECTED_STEP_COST,
-                            "margin": bench_config.STEP_COST_MARGIN},
+        "timing": {
+            "reference": REFERENCE,
+            "rounds": bench_config.TIMING_ROUNDS,
+            "steps_per_round": bench_config.TIMING_STEPS,
+        },
+        "step_time_flags": {
+            "expected_step_cost": dict(bench_config.EXPECTED_STEP_COST),
+            "default_expected_step_cost": bench_config.DEFAULT_EXPECTED_STEP_COST,
+            "margin": bench_config.STEP_COST_MARGIN,
+        },
         "memory_steps": bench_config.MEMORY_STEPS,
         "selection": "test-accuracy ladders: on the validation set carved from the training data, smallest median "
         "(over seeds) validation time to the highest rung (missed or diverged = infinite), ties by the next rung "

@@ -57,7 +57,9 @@ class SolveInfo:
     converged: bool = True
 
 
-def solve_damped_psd(gram: Tensor, rhs: Tensor, damping: float, *, what: str = "Gram matrix") -> tuple[Tensor, SolveInfo]:
+def solve_damped_psd(
+    gram: Tensor, rhs: Tensor, damping: float, *, what: str = "Gram matrix"
+) -> tuple[Tensor, SolveInfo]:
     """Solve ``(gram + damping I) x = rhs`` for symmetric PSD ``gram``.
 
     Args:
@@ -113,7 +115,11 @@ def solve_damped_psd(gram: Tensor, rhs: Tensor, damping: float, *, what: str = "
             message = f"{reason}; added jitter {jitter:.2e}"
             # the warning's text is constant so that Python shows it once per matrix, not
             # once per step; the amount and the reason are in the step info
-            warnings.warn(f"the damped {what} could not be factored as it is: added jitter (see the step info)", NumericalWarning, stacklevel=3)
+            warnings.warn(
+                f"the damped {what} could not be factored as it is: added jitter (see the step info)",
+                NumericalWarning,
+                stacklevel=3,
+            )
             x = torch.cholesky_solve(column, chol)
             info = SolveInfo("cholesky", jitter=jitter, fallback=message)
             info.seconds["solve"] = time.perf_counter() - start
@@ -123,8 +129,13 @@ def solve_damped_psd(gram: Tensor, rhs: Tensor, damping: float, *, what: str = "
     floor = max(damping, n * eps * float(evals.abs().max()))
     evals = evals.clamp_min(floor)
     x = evecs @ ((evecs.T @ column) / evals.unsqueeze(-1))
-    message = f"Cholesky of the damped {what} failed even with jitter; used an eigen-solve (eigenvalues clamped at {floor:.2e})"
-    warnings.warn(f"Cholesky of the damped {what} failed even with jitter; used an eigen-solve", NumericalWarning, stacklevel=3)
+    message = (
+        f"Cholesky of the damped {what} failed even with jitter; "
+        f"used an eigen-solve (eigenvalues clamped at {floor:.2e})"
+    )
+    warnings.warn(
+        f"Cholesky of the damped {what} failed even with jitter; used an eigen-solve", NumericalWarning, stacklevel=3
+    )
     info = SolveInfo("eigh", fallback=message)
     info.seconds["solve"] = time.perf_counter() - start
     return _shape(x, rhs), info

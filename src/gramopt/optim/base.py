@@ -81,7 +81,8 @@ class MethodNeeds:
             raise ValueError('MethodNeeds: rows="jacobian" passes reach no weight, so reads_gradients must be "plain"')
         if not self.weight_decay_modes or set(self.weight_decay_modes) - {"decoupled", "l2"}:
             raise ValueError(
-                f"MethodNeeds.weight_decay_modes must be taken from ('decoupled', 'l2'), got {self.weight_decay_modes!r}"
+                "MethodNeeds.weight_decay_modes must be taken from ('decoupled', 'l2'), got "
+                f"{self.weight_decay_modes!r}"
             )
 
 

@@ -105,7 +105,9 @@ class DataParallelRun:
             return model
         return DistributedDataParallel(model)
 
-    def step(self, optimizer: torch.optim.Optimizer, model: nn.Module, loss: str, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
+    def step(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module, loss: str, x: Tensor, y: Tensor, idx: Tensor
+    ) -> Tensor:
         """One step on this rank's slice of the global batch ``idx`` of ``(x, y)``;
         returns this rank's mean loss."""
         rows = self.rows(idx)

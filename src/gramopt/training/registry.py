@@ -54,11 +54,15 @@ class OptimizerSpec:
     def __post_init__(self) -> None:
         unknown = set(self.per_epoch) - set(self.defaults)
         if unknown:
-            raise ValueError(f"{self.name}: per_epoch names {sorted(unknown)}, which are not among its hyper-parameters")
+            raise ValueError(
+                f"{self.name}: per_epoch names {sorted(unknown)}, which are not among its hyper-parameters"
+            )
         for loss, values in self.per_loss.items():
             unknown = set(values) - set(self.defaults)
             if unknown:
-                raise ValueError(f"{self.name}: per_loss[{loss!r}] names {sorted(unknown)}, which are not among its hyper-parameters")
+                raise ValueError(
+                    f"{self.name}: per_loss[{loss!r}] names {sorted(unknown)}, which are not among its hyper-parameters"
+                )
 
     def loss_defaults(self, loss: str) -> dict[str, Any]:
         """The defaults with the per-loss values of ``loss`` filled in (the numbers the
@@ -116,7 +120,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "gramopt fast natural gradient (coefficients estimated in the first epoch, then shared)",
         _fngd,
         # the constructor's lr and damping, with the tuned momentum 0.9
-        dict(lr=FNGD_DEFAULT_LR, damping=FNGD_DEFAULT_DAMPING, momentum=0.9, weight_decay=0.0, coefficient_steps=DEFAULT_COEFFICIENT_STEPS),
+        dict(
+            lr=FNGD_DEFAULT_LR,
+            damping=FNGD_DEFAULT_DAMPING,
+            momentum=0.9,
+            weight_decay=0.0,
+            coefficient_steps=DEFAULT_COEFFICIENT_STEPS,
+        ),
         per_epoch=("coefficient_steps",),
     ),
     "seng": OptimizerSpec(

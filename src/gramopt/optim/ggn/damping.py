@@ -121,7 +121,8 @@ class AdaptiveDamping:
             raise ValueError(f"AdaptiveDamping.decrease must lie in (0, 1), got {self.decrease!r}")
         if not (0 < (self.min_damping or 1e-300) <= self.max_damping < math.inf):
             raise ValueError(
-                f"AdaptiveDamping needs 0 < min_damping <= max_damping < inf, got {self.min_damping!r}, {self.max_damping!r}"
+                f"AdaptiveDamping needs 0 < min_damping <= max_damping < inf, got {self.min_damping!r}, "
+                f"{self.max_damping!r}"
             )
         if not isinstance(self.reject, bool):
             raise ValueError(f"AdaptiveDamping.reject must be a bool, got {self.reject!r}")

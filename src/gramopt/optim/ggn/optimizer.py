@@ -298,7 +298,9 @@ class GGN(SampleSpaceOptimizer):
             if not isinstance(damping_adaptation, AdaptiveDamping):
                 raise TypeError(f"damping_adaptation must be an AdaptiveDamping or None, got {damping_adaptation!r}")
             if distributed is not None:
-                raise ValueError("damping_adaptation is not supported with distributed=...; pass damping_adaptation=None")
+                raise ValueError(
+                    "damping_adaptation is not supported with distributed=...; pass damping_adaptation=None"
+                )
         self.damping_adaptation: AdaptiveDamping | None = damping_adaptation  # type: ignore[assignment]
         if divergence is not None and not (isinstance(divergence, (int, float)) and divergence > 1):
             raise ValueError(f"divergence must be None or a number > 1, got {divergence!r}")
@@ -348,7 +350,8 @@ class GGN(SampleSpaceOptimizer):
         values = {group["damping"] for group in self.param_groups}
         if len(values) != 1:
             raise ValueError(
-                f"GGN solves one system for all parameters: every param group needs the same damping, got {sorted(values)}"
+                "GGN solves one system for all parameters: every param group needs the same damping, got "
+                f"{sorted(values)}"
             )
         return values.pop()
 

@@ -255,7 +255,9 @@ def _layer_flops(f: LayerFactors, n: int, oversampling: float) -> tuple[float, f
         target = math.ceil(oversampling * n * s)
         exact = shared_weight_gram_flops(n, s, d_in, d_out)
         m_g, m_a = min(target, d_out), min(target, d_in)
-        sketch = SKETCH_PENALTY * 2.0 * SPARSE_ZETA * n * s * ((d_out if m_g < d_out else 0) + (d_in if m_a < d_in else 0))
+        sketch = (
+            SKETCH_PENALTY * 2.0 * SPARSE_ZETA * n * s * ((d_out if m_g < d_out else 0) + (d_in if m_a < d_in else 0))
+        )
         sketched = exact if (m_g, m_a) == (d_out, d_in) else sketch + shared_weight_gram_flops(n, s, m_a, m_g)
         return exact, sketched, product
     p = f.num_params

@@ -161,7 +161,9 @@ class GaussNewtonSystem:
         return self.outside if self.outside is not None else self.apply_q(self.rhs if w is None else w)
 
     @staticmethod
-    def sampled_rhs(factors: dict[str, LayerFactors], q: Tensor, outside: Tensor, selected: int | None = None) -> Tensor:
+    def sampled_rhs(
+        factors: dict[str, LayerFactors], q: Tensor, outside: Tensor, selected: int | None = None
+    ) -> Tensor:
         """``w = Q^T R R^T c`` ``[b m]`` of a sampled system (class doc); with ``selected``
         (``q`` = [I; 0]), the layers' ``U[S] U^T c`` (:meth:`LayerFactors.block_product`)."""
         if selected is not None:
@@ -173,7 +175,9 @@ class GaussNewtonSystem:
                 part = factor.block_product(b, r, m, outside)
                 w = part if w is None else w + part
             return w if w is not None else torch.zeros(b * m, dtype=outside.dtype, device=outside.device)
-        probe = GaussNewtonSystem(factors, q, torch.zeros(q.shape[0] * q.shape[2], dtype=outside.dtype, device=outside.device), 0.0)
+        probe = GaussNewtonSystem(
+            factors, q, torch.zeros(q.shape[0] * q.shape[2], dtype=outside.dtype, device=outside.device), 0.0
+        )
         return probe.apply_qt(probe.gram_product(outside))
 
 
