@@ -3,9 +3,8 @@
 A convolution is a Linear layer shared over output positions: with unfolded input
 patches x_is (im2col, ``[b, s, C_in * prod(kernel)]``) the per-sample gradient is
 ``sum_s z_is x_is^T`` (:mod:`gramopt.capture.shared_weight`). Unfolding costs memory
-and time (measured on 2 CPU cores, batch 128: 8-26 ms for ``U^T a`` of the small MNIST
-CNN's layers against 1.3-1.9 ms through the convolution's own weight-gradient routine),
-so :class:`ConvFactors` keeps the raw input and output-gradient and computes
+and time (several times the convolution's own weight-gradient routine; benchmarks/notes.md,
+"Capture costs"), so :class:`ConvFactors` keeps the raw input and output-gradient and computes
 
 - ``rmatvec(a) = U^T a``: ``aten.convolution_backward`` with the weighted output-gradient
   ``sum_c a_(i,c) z_(i,c)`` (one weight-gradient call, as an ordinary backward makes);

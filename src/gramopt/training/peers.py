@@ -37,10 +37,10 @@ documentation:
   every ``preconditioning_compute_steps`` = 20 steps from step ``start_preconditioning_step``
   = 10 (package defaults 1000 and 25 would never precondition in a short run), epsilon
   ``matrix_eps`` = 1e-6 (the package's). The plain ``Shampoo`` class used before
-  recomputed an SVD per dimension every step, without grafting: 6-28x an SGD step.
+  recomputed an SVD per dimension every step, without grafting (many times an SGD step).
 - ``psgd-kron``: heavyball's PSGDKron (Kronecker-factored PSGD). heavyball compiles its
-  update with ``torch.compile`` by default, which costs 10-170 s per optimizer on a CPU
-  (counted in the clock of a short run); the comparison runs it eagerly
+  update with ``torch.compile`` by default, which costs a long compilation per optimizer
+  on a CPU (counted in the clock of a short run); the comparison runs it eagerly
   (``heavyball.utils.compile_mode = None``, heavyball's switch).
 """
 

@@ -74,7 +74,8 @@ from gramopt.linalg.regression import fast_regression
 from gramopt.linalg.sketches import SKETCHES, KroneckerSketch, make_sketch
 from gramopt.optim.ggn.system import GaussNewtonSystem
 
-#: CG iterations auto budgets for sketch-pcg (measured 5-8 at float32's default tol).
+#: CG iterations auto budgets for sketch-pcg (about what its solves take at float32's
+#: default tol in benchmarks/gn_solvers.py).
 AUTO_PCG_ITERATIONS = 8
 #: Flop-rate ratios (large matmul / narrow matrix-free product, / sparse sketch).
 PRODUCT_PENALTY = 8.0

@@ -99,9 +99,9 @@ class GaussNewtonSystem:
 
     def gram_product(self, x: Tensor) -> Tensor:
         """``R R^T x`` for ``x`` ``[n]``, ``[n]``: one product with the Gram if :meth:`dense`
-        formed it (damping adaptation's predicted reduction after a Cholesky solve; on the
-        mnist CNN the pass over the factors cost 14 ms of a 60 ms step), else two passes over
-        the factors, never forming it."""
+        formed it (damping adaptation's predicted reduction after a Cholesky solve, where two
+        passes over the factors would cost a sizeable part of the step: benchmarks/notes.md),
+        else two passes over the factors, never forming it."""
         if self._gram is not None:
             return self._gram @ x.to(self._gram.dtype)
         out = torch.zeros_like(x)
