@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gramopt.cli import _parser, main
-from gramopt.compare import config as bench_config
+from gramopt.compare import config as compare_config
 from gramopt.compare.config import GRID_SIZE, GRID_SIZES, LADDERS, TARGETS, Target, grid
 from gramopt.compare.memory import AVAILABLE, peak_memory
 from gramopt.compare.plots import STYLES, _on_grid, style
@@ -202,7 +202,7 @@ def test_default_arguments_parse_to_the_default_comparison():
     )
     assert (args.out, args.threads, args.no_progress) == ("runs/compare", 1, False)
     config = CompareConfig().validated()
-    assert config.tasks == ("teacher",) and config.seeds == bench_config.DEFAULT_SEEDS
+    assert config.tasks == ("teacher",) and config.seeds == compare_config.DEFAULT_SEEDS
     assert {"ggn", "sgd", "adamw"} <= set(config.optimizers)
     assert all(OPTIMIZERS[name].source != "gramopt" or name in config.optimizers for name in OPTIMIZERS)
     with pytest.raises(SystemExit):
@@ -438,10 +438,10 @@ SLOW_BF16 = {"fast": False, "bfloat16_ms": 37.0, "float32_ms": 0.6, "decided_by"
 def test_step_times_beyond_the_margin_over_the_expected_cost_are_flagged_with_their_likely_cause(monkeypatch):
     from gramopt.compare.flags import expected_step_cost, step_time_flags
 
-    monkeypatch.setattr(bench_config, "STEP_COST_MARGIN", 3.0)
+    monkeypatch.setattr(compare_config, "STEP_COST_MARGIN", 3.0)
     expected = {"sgd": 1.0, "adamw": 1.5, "ggn": 10.0, "muon": 5.0, "muon-f32": 5.0}
-    monkeypatch.setattr(bench_config, "EXPECTED_STEP_COST", expected)
-    monkeypatch.setattr(bench_config, "DEFAULT_EXPECTED_STEP_COST", 10.0)
+    monkeypatch.setattr(compare_config, "EXPECTED_STEP_COST", expected)
+    monkeypatch.setattr(compare_config, "DEFAULT_EXPECTED_STEP_COST", 10.0)
     assert expected_step_cost("ggn") == 10.0 and expected_step_cost("newly-registered") == 10.0
     ratios = {"sgd": 1.0, "adamw": 4.5, "ggn": 29.0, "muon": 141.0, "muon-f32": 3.1, "seng": None,
               "newly-registered": 31.0}
@@ -473,7 +473,7 @@ def test_a_slow_optimizer_is_flagged_in_the_console_the_report_and_the_json(monk
 
     monkeypatch.setitem(OPTIMIZERS, "slow-sgd", OptimizerSpec("slow-sgd", "SGD, timed as slow", OPTIMIZERS["sgd"].build,
                                                               dict(OPTIMIZERS["sgd"].defaults)))
-    monkeypatch.setitem(bench_config.EXPECTED_STEP_COST, "slow-sgd", 2.0)
+    monkeypatch.setitem(compare_config.EXPECTED_STEP_COST, "slow-sgd", 2.0)
     monkeypatch.setattr(compare_run, "interleaved_times", _synthetic_step_times("slow-sgd", 50.0))
     monkeypatch.setenv("GRAMOPT_FAST_BFLOAT16", "1")
     argv = ["compare", "--task", "diabetes", "--optimizers", "slow-sgd,sgd,adamw", "--seeds", "1", "--epochs", "1",

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gramopt.compare import config as bench_config
+from gramopt.compare import config as compare_config
 from gramopt.compare.report import flag_lines, markdown_table, plain_leaders, plain_table, rich_leaders, rich_table
 from gramopt.compare.run import CompareConfig, run_comparison, write_outputs
 from gramopt.distributed import POLICIES, rank
@@ -72,16 +72,17 @@ def _parser() -> argparse.ArgumentParser:
         help="optimizers head to head: same budget, same grid size, several seeds; report.md, curves.png, results.json",
     )
     compare.add_argument(
-        "--task", default=bench_config.DEFAULT_TASK,
-        help=f"task(s) from `gramopt tasks`, comma-separated, or all (default: {bench_config.DEFAULT_TASK})",
+        "--task", default=compare_config.DEFAULT_TASK,
+        help=f"task(s) from `gramopt tasks`, comma-separated, or all (default: {compare_config.DEFAULT_TASK})",
     )
     compare.add_argument(
         "--optimizers", type=_names,
         help="comma-separated optimizer names, or all (default: the gramopt methods, sgd, adamw, "
-        f"{', '.join(bench_config.DEFAULT_PEERS)})",
+        f"{', '.join(compare_config.DEFAULT_PEERS)})",
     )
     compare.add_argument(
-        "--seeds", type=int, default=bench_config.DEFAULT_SEEDS, help="seeds 0..N-1 per setting (default: %(default)s)"
+        "--seeds", type=int, default=compare_config.DEFAULT_SEEDS,
+        help="seeds 0..N-1 per setting (default: %(default)s)",
     )
     budget = compare.add_mutually_exclusive_group()
     budget.add_argument("--budget-seconds", type=float, help="optimizer-clock seconds per run (default: the task's)")
@@ -91,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=1, help="torch threads (default: %(default)s, steadier timings)"
     )
     compare.add_argument(
-        "--grid", choices=bench_config.GRIDS_BY_NAME, default=bench_config.DEFAULT_COMMAND_GRID,
+        "--grid", choices=compare_config.GRIDS_BY_NAME, default=compare_config.DEFAULT_COMMAND_GRID,
         help="tuning grid per optimizer: quick (3 settings over one knob: damping for ggn, learning rate for the "
         "others) or full (3 x 3: learning rate x damping for second-order methods, x weight decay for AdamW, "
         "x momentum for SGD and Muon) (default: %(default)s)",

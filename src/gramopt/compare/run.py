@@ -45,7 +45,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from gramopt.compare import config as bench_config
+from gramopt.compare import config as compare_config
 from gramopt.compare.config import DIVERGENCE_FACTOR, GRID_SIZES, Target, grid
 from gramopt.compare.flags import step_time_flags
 from gramopt.compare.hardware import bfloat16_matmul, cpu_bfloat16_flags, cpu_model
@@ -76,16 +76,16 @@ class CompareConfig:
     """A comparison. ``optimizers=None``: :func:`default_optimizers`; ``budget_seconds``
     and ``epochs`` both None: each task's ``Task.budget_seconds``."""
 
-    tasks: tuple[str, ...] = (bench_config.DEFAULT_TASK,)
+    tasks: tuple[str, ...] = (compare_config.DEFAULT_TASK,)
     optimizers: tuple[str, ...] | None = None
-    seeds: int = bench_config.DEFAULT_SEEDS
+    seeds: int = compare_config.DEFAULT_SEEDS
     budget_seconds: float | None = None
     epochs: int | None = None
     out: str = "runs/compare"
     threads: int | None = 1
     progress: bool = True
     distributed: str | None = None  # under torchrun: "exact" (default) or "local"
-    grid: str = bench_config.DEFAULT_COMMAND_GRID  # "quick" (3 settings) or "full" (3 x 3)
+    grid: str = compare_config.DEFAULT_COMMAND_GRID  # "quick" (3 settings) or "full" (3 x 3)
 
     def validated(self) -> CompareConfig:
         """Check every name and number before anything runs (ValueError naming the problem)."""
@@ -140,7 +140,7 @@ def default_optimizers() -> tuple[str, ...]:
     on a CPU without a fast bfloat16 matmul (``hardware.bfloat16_matmul``) also
     ``muon-f32`` beside torch's ``muon``, whose orthogonalization runs in bfloat16."""
     gramopt_methods = [name for name, spec in OPTIMIZERS.items() if spec.source == "gramopt"]
-    peers = [name for name in bench_config.DEFAULT_PEERS if name in OPTIMIZERS]
+    peers = [name for name in compare_config.DEFAULT_PEERS if name in OPTIMIZERS]
     if "muon" in peers and "muon-f32" in OPTIMIZERS and not bfloat16_matmul().fast:
         peers.insert(peers.index("muon") + 1, "muon-f32")
     return tuple(gramopt_methods + ["sgd", "adamw"] + peers)
@@ -204,8 +204,8 @@ def run_one(
         seed=seed,
         hyper=dict(hyper),
         max_seconds=budget.seconds,
-        eval_every_seconds=budget.seconds / bench_config.EVALUATIONS if budget.seconds else 0.0,
-        eval_every_steps=max(1, budget.epochs * steps_per_epoch // bench_config.EVALUATIONS) if budget.epochs else 0,
+        eval_every_seconds=budget.seconds / compare_config.EVALUATIONS if budget.seconds else 0.0,
+        eval_every_steps=max(1, budget.epochs * steps_per_epoch // compare_config.EVALUATIONS) if budget.epochs else 0,
         eval_samples=task.eval_samples or 0,
         save=False,
         distributed=distributed,
@@ -359,8 +359,8 @@ def step_time_ratios(
         )
     samples = interleaved_times(
         {name: step for name, (step, _) in steppers.items()},
-        rounds=bench_config.TIMING_ROUNDS,
-        steps_per_round=bench_config.TIMING_STEPS,
+        rounds=compare_config.TIMING_ROUNDS,
+        steps_per_round=compare_config.TIMING_STEPS,
     )
     ratios: dict[str, float | None] = {}
     for name in winners:
@@ -381,7 +381,7 @@ def peak_step_memory(
     if stepper is None:
         return None
     step, errors = stepper
-    peaks = peak_memories(lambda: [step() for _ in range(bench_config.MEMORY_STEPS)])
+    peaks = peak_memories(lambda: [step() for _ in range(compare_config.MEMORY_STEPS)])
     return None if errors else peaks
 
 
@@ -468,7 +468,7 @@ def compare_task(
         methods[name] = {
             "description": spec.description,
             "source": spec.source,
-            "knobs": [axis.key for axis in bench_config.axes(name, config.grid)],
+            "knobs": [axis.key for axis in compare_config.axes(name, config.grid)],
             "settings": [{"hyper": hyper, "runs": []} for hyper in grid(name, task, config.grid)],
         }
     for seed in seeds:
@@ -596,18 +596,18 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
         "grid_size": GRID_SIZES[config.grid],
         "divergence_rule": f"non-finite loss, a divergence error, or final train loss > {DIVERGENCE_FACTOR:g} x the "
             "initial",
-        "evaluations_per_run": bench_config.EVALUATIONS,
+        "evaluations_per_run": compare_config.EVALUATIONS,
         "timing": {
             "reference": REFERENCE,
-            "rounds": bench_config.TIMING_ROUNDS,
-            "steps_per_round": bench_config.TIMING_STEPS,
+            "rounds": compare_config.TIMING_ROUNDS,
+            "steps_per_round": compare_config.TIMING_STEPS,
         },
         "step_time_flags": {
-            "expected_step_cost": dict(bench_config.EXPECTED_STEP_COST),
-            "default_expected_step_cost": bench_config.DEFAULT_EXPECTED_STEP_COST,
-            "margin": bench_config.STEP_COST_MARGIN,
+            "expected_step_cost": dict(compare_config.EXPECTED_STEP_COST),
+            "default_expected_step_cost": compare_config.DEFAULT_EXPECTED_STEP_COST,
+            "margin": compare_config.STEP_COST_MARGIN,
         },
-        "memory_steps": bench_config.MEMORY_STEPS,
+        "memory_steps": compare_config.MEMORY_STEPS,
         "selection": "test-accuracy ladders: on the validation set carved from the training data, smallest median "
         "(over seeds) validation time to the highest rung (missed or diverged = infinite), ties by the next rung "
         "down, then by the smallest median final validation loss; train-loss ladders (optimization speed): the "

@@ -172,7 +172,9 @@ class FNGD(SampleSpaceOptimizer):
     """Fast natural gradient descent: ``delta_l = -lr * U_l^T v_l`` per Linear/Conv layer.
 
     Args:
-        model: the network; its Linear / Conv1d / Conv2d layers are hooked.
+        model: the network; its dense layers are preconditioned (Linear, every convolution and
+            transposed convolution, the projections of ``nn.MultiheadAttention``: the handlers
+            that set ``dense_layer``), every other parameter takes the plain gradient.
         lr: step size (the paper's eta with its 1/lam folded in), > 0. Default 0.1, with
             ``damping=1e-3`` the centre of ``gramopt compare``'s grids (docs/guides/tuning.md).
         damping: alpha of Eq. (14) (default 1e-3): lam_l = damping * ||K_l||_F, > 0 (at 0

@@ -106,7 +106,7 @@ def _adamw(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Op
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     # lr and damping: None, the constructor's per-loss defaults (GGN's DEFAULT_HYPER: mse lr 1,
-    # damping 0.3; cross-entropy lr 0.3, damping 3), which ``per_loss`` repeats for the grids;
+    # damping 0.3; cross-entropy lr 0.3, damping 10), which ``per_loss`` repeats for the grids;
     # curvature and samples: None, the constructor's defaults (DEFAULT_CURVATURE, DEFAULT_SAMPLES).
     "ggn": OptimizerSpec(
         "ggn",
