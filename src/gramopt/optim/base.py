@@ -757,7 +757,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 params, ds, buffers, lr=group["lr"], momentum=group["momentum"],
                 weight_decay=group["weight_decay"], decoupled=self.weight_decay_mode == "decoupled",
             )
-            for p, buffer in zip(params, buffers, strict=True):
+            for p, buffer in zip(params, buffers, strict=False):
                 self.state[p]["momentum_buffer"] = buffer
         self.extra_state["step"] += 1
 
