@@ -121,7 +121,7 @@ def test_positional_arguments_after_damping_are_deprecated(cls, args, names):
     assert all(f"{n}=" in str(seen[0].message) for n in names)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        new = cls(models.mlp(out=3), args[0], args[1], **dict(zip(names, args[2:], strict=True)))
+        new = cls(models.mlp(out=3), args[0], args[1], **dict(zip(names, args[2:], strict=False)))
     assert old.param_groups[0].keys() == new.param_groups[0].keys()
     assert all(old.param_groups[0][k] == new.param_groups[0][k] for k in old.param_groups[0] if k != "params")
     assert old.loss.name == new.loss.name
