@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import tomllib
+
 from bench_common import arguments, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +86,9 @@ def import_seconds(src: Path, module: str) -> float:
 
 def extracted_source(revision: str, into: Path) -> tuple[Path, str]:
     archive = into / "src.tar"
-    subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), revision, "src", "pyproject.toml"], check=True)
+    subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "-o", str(archive), revision, "src", "pyproject.toml"], check=True
+    )
     with tarfile.open(archive) as tar:
         tar.extractall(into, filter="data")
     return into / "src", (into / "pyproject.toml").read_text()

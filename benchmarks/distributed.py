@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
 from bench_common import arguments, environment, pyplot, write_json
 
 GLOBAL_BATCH = 128
@@ -165,7 +166,11 @@ def collective_seconds(world: int, repeats: int = 50) -> dict[str, float]:
 def worker(rank: int, world: int, port: int, out: Path, rounds: int, steps_per_turn: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
     )
     result = timed(world, rank, rounds, steps_per_turn)
     if rank == 0:
@@ -182,7 +187,16 @@ def two_processes(rounds: int, steps_per_turn: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "rank0.json"
-        command = [sys.executable, __file__, "--port", str(port), "--rounds", str(rounds), "--steps", str(steps_per_turn)]
+        command = [
+            sys.executable,
+            __file__,
+            "--port",
+            str(port),
+            "--rounds",
+            str(rounds),
+            "--steps",
+            str(steps_per_turn),
+        ]
         command += ["--worker-out", str(out), "--worker"]
         procs = [subprocess.Popen([*command, str(rank)], env=env) for rank in range(2)]
         for proc in procs:
@@ -219,7 +233,9 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     at = range(len(names))
     axes[0].bar([i - 0.2 for i in at], [r["traffic_per_step"]["sent"] / 1024 for r in rows], width=0.4, label="sent")
-    axes[0].bar([i + 0.2 for i in at], [r["traffic_per_step"]["received"] / 1024 for r in rows], width=0.4, label="received")
+    axes[0].bar(
+        [i + 0.2 for i in at], [r["traffic_per_step"]["received"] / 1024 for r in rows], width=0.4, label="received"
+    )
     axes[0].set_xticks(list(at), names)
     axes[0].axhline(results["parameter_bytes"] / 1024, color="k", ls="--", lw=1, label="parameter bytes")
     axes[0].set_ylabel("KiB per step per rank")
@@ -259,7 +275,8 @@ def main() -> None:
     two = two_processes(args.rounds, args.steps)
     results = {
         "benchmark": "benchmarks/distributed.py",
-        "setup": f"teacher MLP, float32, global batch {GLOBAL_BATCH} (2 x 64), gloo on 127.0.0.1, {args.rounds} rounds x "
+        "setup": f"teacher MLP, float32, global batch {GLOBAL_BATCH} (2 x 64), gloo on 127.0.0.1, {args.rounds} rounds "
+            "x "
         f"{args.steps} steps per variant, round robin",
         **summarize(one, two),
         "collective_seconds_2_processes": two.pop("collectives"),

@@ -33,10 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from bench_common import arguments, environment, interleaved, pyplot, write_json
 from torch import Tensor, nn
 
 import gramopt
+from bench_common import arguments, environment, interleaved, pyplot, write_json
 from gramopt.compare.timing import ratio_summary
 from gramopt.tasks import get_task
 
@@ -79,7 +79,10 @@ def time_workload(name: str, batch: int, rounds: int, turn_seconds: float) -> di
 
     steps["sgd"] = sgd_step
     optimizers = {}
-    settings = {**{k: {**v, "damping_adaptation": None} for k, v in VARIANTS.items()}, "top3-adaptive": dict(VARIANTS["top3"])}
+    settings = {
+        **{k: {**v, "damping_adaptation": None} for k, v in VARIANTS.items()},
+        "top3-adaptive": dict(VARIANTS["top3"]),
+    }
     for variant, options in settings.items():
         model = build()
         # a small lr keeps the timed runs away from divergence (the step's cost does not depend on it)
@@ -124,7 +127,8 @@ def main() -> None:
             f"bench_common.interleaved: {rounds} rounds, rotating order, turns of ~{turn_seconds} s of SGD steps, "
             "5 warm-up steps; wall clock (summary) and main-thread CPU time (summary_thread_cpu)"
         ),
-        "ggn": "lr 0.01, damping 3; damping_adaptation=None except top3-adaptive (the default AdaptiveDamping: every step, reject)",
+        "ggn": "lr 0.01, damping 3; damping_adaptation=None except top3-adaptive (the default AdaptiveDamping: every "
+            "step, reject)",
         "goals": {f"{w}/{v}": g for (w, v), g in GOALS.items()},
         "workloads": {},
         "environment": environment("cpu"),

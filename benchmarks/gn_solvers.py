@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import arguments, environment, pyplot, write_json
 from torch import nn
 
 import gramopt
+from bench_common import arguments, environment, pyplot, write_json
 from gramopt.linalg import fast_regression, nystrom_preconditioner, pcg
 
 ROUNDS = 2
@@ -153,8 +153,12 @@ def paper_regime(sizes: list[int], width: int, rounds: int) -> dict:
         res["auto_choice"] = auto_choice(functools.partial(two_layer, n, width), "mse", 0.0)
         for name, rec in res.items():
             if isinstance(rec, dict):
-                print(f"  {name:28s} step {rec['step_median']:7.2f}s  backward {rec['backward_median']:6.2f}s  it {rec['iterations']:4d}  "
-                      f"loss {rec['loss_before']:.3f}->{rec['loss_after']:.4f}", flush=True)
+                print(
+                    f"  {name:28s} step {rec['step_median']:7.2f}s  backward {rec['backward_median']:6.2f}s  it "
+                    f"{rec['iterations']:4d}  "
+                    f"loss {rec['loss_before']:.3f}->{rec['loss_after']:.4f}",
+                    flush=True,
+                )
         results[n] = res
     return results
 
@@ -179,7 +183,11 @@ def deeper(rounds: int, mlp_batches: list[int], cnn_batches: list[int]) -> dict:
         results["cnn"][b] = res
     for kind, by_b in results.items():
         for b, res in by_b.items():
-            line = "  ".join(f"{name} {rec['step_median']:.3f}s/{rec['iterations']}it" for name, rec in res.items() if isinstance(rec, dict))
+            line = "  ".join(
+                f"{name} {rec['step_median']:.3f}s/{rec['iterations']}it"
+                for name, rec in res.items()
+                if isinstance(rec, dict)
+            )
             print(f"  {kind} b={b}: {line}  auto->{res['auto_choice']}", flush=True)
     return results
 
@@ -203,7 +211,11 @@ def conditioning(rows: int, k: int) -> dict:
             runs[f"nystrom r{rank}"] = pcg(matvec, y, precond=pre, tol=1e-8, max_iter=5000)[1]
         for name, info in runs.items():
             out["iterations"].setdefault(name, []).append(info.iterations if info.converged else None)
-        print(f"[cond] {cond:.0e}: " + "  ".join(f"{n} {i.iterations}{'' if i.converged else '(no)'}" for n, i in runs.items()), flush=True)
+        print(
+            f"[cond] {cond:.0e}: "
+            + "  ".join(f"{n} {i.iterations}{'' if i.converged else '(no)'}" for n, i in runs.items()),
+            flush=True,
+        )
     return out
 
 
@@ -224,7 +236,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     began = time.perf_counter()
-    sizes, width, mlp_batches, cnn_batches, (rows, cols) = SIZES["quick" if args.quick else "medium" if args.medium else "full"]
+    sizes, width, mlp_batches, cnn_batches, (rows, cols) = SIZES[
+        "quick" if args.quick else "medium" if args.medium else "full"
+    ]
     rounds = 1 if args.quick else ROUNDS
     partial = args.out / "gn_solvers.partial.json"
     paper = paper_regime(sizes, width, rounds)
@@ -254,7 +268,14 @@ def main() -> None:
     write_json(record, args.out / "gn_solvers.json")
     plot(record, args.out / "gn_solvers.png")
     for name, s in summary.items():
-        print(f"{name}: slope {s['slope']:.2f}" + (f", speedup at n={largest}: {s['speedup_vs_dense_at_largest_n']:.2f}x" if "speedup_vs_dense_at_largest_n" in s else ""))
+        print(
+            f"{name}: slope {s['slope']:.2f}"
+            + (
+                f", speedup at n={largest}: {s['speedup_vs_dense_at_largest_n']:.2f}x"
+                if "speedup_vs_dense_at_largest_n" in s
+                else ""
+            )
+        )
     print(f"total {record['seconds_total']:.0f}s")
 
 

@@ -45,7 +45,6 @@ from torch.func import functional_call, jacrev, vmap
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_common import arguments, environment, write_json  # noqa: E402
-
 from gramopt.capture import CaptureEngine  # noqa: E402
 from gramopt.capture.factors import symmetric_gram  # noqa: E402
 from gramopt.compare.timing import interleaved_times, ratio_summary  # noqa: E402

@@ -9,15 +9,16 @@ forward, the method's backward, step), timed by ``time.perf_counter``. We report
 median over rounds of the time per step; the *paired ratio*, the median over rounds of
 (this configuration's time / SGD's time in the same round), which cancels the load
 drift of the shared machine best; the ratio of medians; and the amortized ratio (total
-time / total steps, which includes the curvature refreshes of ``curvature_every=200``). One thread (``torch.set_num_threads(1)``): the machine's two
-cores are shared with other jobs, and one thread gives the steadiest ratios.
+time / total steps, which includes the curvature refreshes of ``curvature_every=200``).
+One thread (``torch.set_num_threads(1)``): the machine's two cores are shared with other
+jobs, and one thread gives the steadiest ratios.
 
 **Peak memory.** ``tracemalloc`` does not see torch's allocations, so each
 configuration runs in a fresh subprocess that builds a ``Linear(4096, 4096) -> ReLU ->
 Linear(4096, 10)`` model (16.8 M + 41 k parameters), reads its resident set size
 (``/proc/self/statm``) just before training, runs 5 steps on a batch of 128, and
-reads the kernel's peak RSS of the process (read as ``VmHWM`` from ``/proc/self/status``, since ``ru_maxrss`` carries the
-forked parent's peak through exec). We report the peak and the increment ``peak - RSS
+reads the kernel's peak RSS of the process (read as ``VmHWM`` from ``/proc/self/status``,
+since ``ru_maxrss`` carries the forked parent's peak through exec). We report the peak and the increment ``peak - RSS
 before training`` (what the optimizer and its passes add beyond the imports, the model
 and the data), each as a ratio to SGD's.
 
@@ -39,10 +40,10 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import arguments, environment, interleaved, pyplot, task_batches, write_json
 from torch import nn
 
 import gramopt
+from bench_common import arguments, environment, interleaved, pyplot, task_batches, write_json
 from gramopt.tasks import get_task
 from gramopt.training.registry import training_step
 
@@ -194,7 +195,12 @@ def plot(result: dict, path: Path) -> None:
     mem = result["memory"]
     labels = list(mem)
     axes[1].bar(range(len(labels)), [mem[n]["ratio_peak"] for n in labels], 0.4, label="peak RSS")
-    axes[1].bar([j + 0.4 for j in range(len(labels))], [mem[n]["ratio_increment"] for n in labels], 0.4, label="peak - RSS before training")
+    axes[1].bar(
+        [j + 0.4 for j in range(len(labels))],
+        [mem[n]["ratio_increment"] for n in labels],
+        0.4,
+        label="peak - RSS before training",
+    )
     axes[1].axhline(TARGETS["memory"], color="red", linestyle="--", label="target (1.5)")
     axes[1].set_xticks([j + 0.2 for j in range(len(labels))], labels, fontsize=7, rotation=15)
     axes[1].set_ylabel("ratio to SGD-momentum")
@@ -222,7 +228,10 @@ def main() -> None:
         memory = measure_memory(["sgd", "seng implicit (Eq. 23)"], 256, parallel=True)
         args.memory_width = 256
     else:
-        times = {"digits-mlp": time_model("digits", 30, 20, 10, device), "mnist-cnn": time_model("mnist", 40, 10, 5, device)}
+        times = {
+            "digits-mlp": time_model("digits", 30, 20, 10, device),
+            "mnist-cnn": time_model("mnist", 40, 10, 5, device),
+        }
         memory = measure_memory(list(memory_configs()), args.memory_width)
     result = {
         "environment": environment(args.device),
@@ -238,9 +247,15 @@ def main() -> None:
     plot(result, args.out / "seng_speed.png")
     for model, record in result["time"].items():
         for name, c in record["configs"].items():
-            print(f"{model:11s} {name:26s} {c['median_ms']:8.2f} ms  paired x{c['ratio_paired']:.2f}  medians x{c['ratio_median']:.2f}  amortized x{c['ratio_amortized']:.2f}")
+            print(
+                f"{model:11s} {name:26s} {c['median_ms']:8.2f} ms  paired x{c['ratio_paired']:.2f}  medians "
+                f"x{c['ratio_median']:.2f}  amortized x{c['ratio_amortized']:.2f}"
+            )
     for name, m in result["memory"].items():
-        print(f"memory {name:34s} peak {m['peak_bytes'] / 2**20:7.0f} MiB x{m['ratio_peak']:.2f}  increment {m['increment_bytes'] / 2**20:6.0f} MiB x{m['ratio_increment']:.2f}")
+        print(
+            f"memory {name:34s} peak {m['peak_bytes'] / 2**20:7.0f} MiB x{m['ratio_peak']:.2f}  increment "
+            f"{m['increment_bytes'] / 2**20:6.0f} MiB x{m['ratio_increment']:.2f}"
+        )
     print(f"{result['seconds']:.0f} s")
 
 

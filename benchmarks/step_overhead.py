@@ -37,6 +37,7 @@ import statistics
 from pathlib import Path
 
 import torch
+
 from bench_common import (
     arguments,
     build_method,
@@ -61,7 +62,13 @@ GOALS = {
 
 
 def bench(
-    name: str, threads: int, rounds: int, seconds_per_turn: float, device: torch.device, methods: list[str], batch: int = 128
+    name: str,
+    threads: int,
+    rounds: int,
+    seconds_per_turn: float,
+    device: torch.device,
+    methods: list[str],
+    batch: int = 128,
 ) -> dict:
     torch.set_num_threads(threads)
     model, task_loss, batches = load_model(name, batch=batch)
@@ -75,7 +82,10 @@ def bench(
         loss = loss or task_loss
         data = [(x.to(device), regression_target(y, loss, classes, scalar).to(device)) for x, y in batches]
         runs[method] = (m, opt, loss, data)
-    steps = {k: cycling_step(opt, m, loss, data, ordinary=k.endswith("-ordinary")) for k, (m, opt, loss, data) in runs.items()}
+    steps = {
+        k: cycling_step(opt, m, loss, data, ordinary=k.endswith("-ordinary"))
+        for k, (m, opt, loss, data) in runs.items()
+    }
     # (the warm-up's first step is SENG every 200's curvature refresh)
     wall, cpu, inner = interleaved(steps, rounds, seconds_per_turn, device)
     out = {
@@ -161,7 +171,8 @@ def main() -> None:
             print(
                 f"{label} {name:6s} sgd {r['ms_per_step']['sgd']:.2f} ms  "
                 + "  ".join(
-                    f"{k} {v['median']:.2f}x ({r['ratio_thread_cpu'][k]['median']:.2f}x cpu)" for k, v in r["ratio"].items()
+                    f"{k} {v['median']:.2f}x ({r['ratio_thread_cpu'][k]['median']:.2f}x cpu)"
+                    for k, v in r["ratio"].items()
                 ),
                 flush=True,
             )

@@ -40,6 +40,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
 from bench_common import (
     arguments,
     build_method,
@@ -50,14 +52,22 @@ from bench_common import (
     regression_target,
     write_results,
 )
-from step_overhead import METHODS, MODELS
-from torch.profiler import ProfilerActivity, profile, record_function
-
 from gramopt.compare.memory import peak_memories
 from gramopt.losses import get_loss
 from gramopt.optim.base import SampleSpaceOptimizer
+from step_overhead import METHODS, MODELS
 
-BUCKETS = ("forward", "backward passes", "factors", "Grams", "solve", "direction", "update", "checks", "Python overhead")
+BUCKETS = (
+    "forward",
+    "backward passes",
+    "factors",
+    "Grams",
+    "solve",
+    "direction",
+    "update",
+    "checks",
+    "Python overhead",
+)
 PHASE_BUCKET = {
     "forward": "forward",
     "backward": "backward passes",

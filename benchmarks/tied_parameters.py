@@ -18,9 +18,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from bench_common import arguments, write_json
 
 import gramopt
+from bench_common import arguments, write_json
 from gramopt.losses import get_loss
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))

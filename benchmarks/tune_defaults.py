@@ -20,10 +20,10 @@ import json
 from typing import Any
 
 import torch
-from bench_common import arguments, write_json
 from rich.console import Console
 from rich.progress import Progress
 
+from bench_common import arguments, write_json
 from gramopt.compare import config
 from gramopt.compare.run import CompareConfig, run_one, select, task_budget
 from gramopt.tasks import get_task, with_validation

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_common import arguments, environment, pyplot, write_json
 
 import gramopt
+from bench_common import arguments, environment, pyplot, write_json
 from gramopt.compare.timing import interleaved_times, ratio_summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -100,9 +100,12 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*cannot precondition.*")
     record = {
-        "what": "seconds per step on the zoo's fixed batch (size per model below), ordinary loop (GGN: opt.backward); ratio to SGD-momentum per round",
-        "method": f"gramopt.compare.timing.interleaved_times: {args.rounds} rounds x 5 steps, rotating order, 3 warm-up steps",
-        "ggn_note": "GGN's copies of the ResNet and the MobileNet run BatchNorm in eval mode (GGN refuses training mode)",
+        "what": "seconds per step on the zoo's fixed batch (size per model below), ordinary loop (GGN: opt.backward); "
+            "ratio to SGD-momentum per round",
+        "method": f"gramopt.compare.timing.interleaved_times: {args.rounds} rounds x 5 steps, rotating order, 3 "
+            "warm-up steps",
+        "ggn_note": "GGN's copies of the ResNet and the MobileNet run BatchNorm in eval mode (GGN refuses training "
+            "mode)",
         "models": {},
         "commit": _commit(),
         "environment": environment(),

@@ -74,7 +74,7 @@ def main() -> None:
     fast = train("sketch-pcg", {"tol": 1e-4}, args)
     exact = train("cholesky", None, args)
     floor = 1e3 * torch.finfo(torch.get_default_dtype()).eps * fast[0]
-    halved = all(b <= 0.5 * a for a, b in zip(fast, fast[1:]) if a > floor)
+    halved = all(b <= 0.5 * a for a, b in zip(fast, fast[1:], strict=False) if a > floor)
     print(f"\nTheorem 4.1 (each step at least halves ||f - y||): {'holds' if halved else 'VIOLATED'}")
     print(f"final error sketch-pcg {fast[-1]:.2e}, cholesky {exact[-1]:.2e}")
 

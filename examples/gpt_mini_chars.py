@@ -169,7 +169,7 @@ def main() -> None:
 
     figure, axis = plt.subplots(figsize=(6, 4), constrained_layout=True)
     for name, history in histories.items():
-        seconds, _, losses = zip(*history)
+        seconds, _, losses = zip(*history, strict=True)
         axis.plot(seconds, losses, marker="o", label=name)
     axis.set(xlabel="optimizer seconds", ylabel="held-out loss (nats per character)",
              title="GPT-mini on Python's help topics, 1 CPU thread")

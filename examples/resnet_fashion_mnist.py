@@ -150,7 +150,7 @@ def main() -> None:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for name, history in histories.items():
-        seconds, losses, accuracies = zip(*history)
+        seconds, losses, accuracies = zip(*history, strict=True)
         left.plot(seconds, losses, marker="o", label=name)
         right.plot(seconds, accuracies, marker="o", label=name)
     left.set(xlabel="optimizer seconds", ylabel="train loss (running mean)", yscale="log")

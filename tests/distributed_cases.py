@@ -116,10 +116,12 @@ def batches(case: Case, step: int) -> list[tuple[Tensor, Tensor]]:
         y = torch.randint(0, case.out, (total,), generator=generator)
     else:
         y = torch.randn(total, case.out, generator=generator, dtype=torch.float64)
-    return list(zip(x.split(list(case.sizes)), y.split(list(case.sizes))))
+    return list(zip(x.split(list(case.sizes)), y.split(list(case.sizes)), strict=True))
 
 
-def train_step(case: Case, model: Callable[[Tensor], Tensor], opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> float:
+def train_step(
+    case: Case, model: Callable[[Tensor], Tensor], opt: torch.optim.Optimizer, x: Tensor, y: Tensor
+) -> float:
     opt.zero_grad()
     output = model(x)
     if case.loop == "ordinary":
@@ -142,13 +144,15 @@ def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, list[Ten
 
 CASES_2 = [
     Case("ggn-mse-exact", "ggn", "exact", "mse", 2, (5, 3), 2, dict(lr=0.7, damping=0.1, momentum=0.5), norm=True),
-    Case("ggn-ce-exact-ddp", "ggn", "exact", "cross_entropy", 3, (4, 6), 2, dict(lr=0.5, damping=0.3, weight_decay=0.01), ddp=True),
+    Case("ggn-ce-exact-ddp", "ggn", "exact", "cross_entropy", 3, (4, 6), 2,
+         dict(lr=0.5, damping=0.3, weight_decay=0.01), ddp=True),
     Case("seng-exact", "seng", "exact", "cross_entropy", 3, (6, 2), 3,
          dict(lr=0.2, damping=0.5, momentum=0.9, curvature_every=2), norm=True),
     Case("seng-sketch-exact", "seng", "exact", "cross_entropy", 3, (5, 4), 2,
          dict(lr=0.2, damping=0.5, sketch=gramopt.SketchConfig(size=20, sampling="leverage", seed=5))),
     Case("seng-implicit-exact-ddp", "seng", "exact", "mse", 2, (3, 5), 3,
-         dict(lr=0.2, damping=0.5, curvature_every=2, implicit=gramopt.ImplicitConfig(threshold=30)), loop="ordinary", ddp=True),
+         dict(lr=0.2, damping=0.5, curvature_every=2, implicit=gramopt.ImplicitConfig(threshold=30)),
+         loop="ordinary", ddp=True),
     Case("fngd-exact", "fngd", "exact", "mse", 2, (5, 4), 4,
          dict(lr=0.1, damping=1e-2, momentum=0.9, coefficient_steps=2), norm=True),
     Case("fngd-exact-ddp", "fngd", "exact", "cross_entropy", 3, (4, 4), 4,
@@ -172,11 +176,14 @@ CASES_2 = [
          dict(lr=0.2, damping=0.5, curvature_every=2, weight_decay=0.01), norm=True),
     Case("seng-local-global-ordinary", "seng", "local", "mse", 2, (3, 5), 2,
          dict(lr=0.2, damping=0.5, implicit=gramopt.ImplicitConfig(threshold=30)), loop="ordinary", ddp=True),
-    Case("fngd-local", "fngd", "local", "mse", 2, (5, 4), 4, dict(lr=0.1, damping=1e-2, coefficient_steps=2), norm=True),
+    Case("fngd-local", "fngd", "local", "mse", 2, (5, 4), 4,
+         dict(lr=0.1, damping=1e-2, coefficient_steps=2), norm=True),
 ]
 
 CASES_4 = [
     Case("ggn-exact-4", "ggn", "exact", "mse", 2, (3, 2, 4, 1), 2, dict(lr=0.7, damping=0.1)),
-    Case("seng-exact-4", "seng", "exact", "cross_entropy", 3, (2, 3, 2, 3), 2, dict(lr=0.2, damping=0.5, curvature_every=2)),
-    Case("fngd-local-4", "fngd", "local", "mse", 2, (3, 2, 4, 1), 3, dict(lr=0.1, damping=1e-2, coefficient_steps=2), ddp=True),
+    Case("seng-exact-4", "seng", "exact", "cross_entropy", 3, (2, 3, 2, 3), 2,
+         dict(lr=0.2, damping=0.5, curvature_every=2)),
+    Case("fngd-local-4", "fngd", "local", "mse", 2, (3, 2, 4, 1), 3,
+         dict(lr=0.1, damping=1e-2, coefficient_steps=2), ddp=True),
 ]

@@ -36,7 +36,12 @@ def run_case(case: Case, rank: int) -> dict:
     forward = DistributedDataParallel(model) if case.ddp else model
     opt = case.optimizer(forward, case.policy)
     losses = [train_step(case, forward, opt, *batches(case, t)[rank]) for t in range(case.steps)]
-    return {**snapshot(model, opt), "losses": losses, "traffic": opt.sync.traffic.total(), "calls": dict(opt.sync.traffic.calls)}
+    return {
+        **snapshot(model, opt),
+        "losses": losses,
+        "traffic": opt.sync.traffic.total(),
+        "calls": dict(opt.sync.traffic.calls),
+    }
 
 
 def mismatches(rank: int) -> dict[str, str]:
@@ -46,7 +51,9 @@ def mismatches(rank: int) -> dict[str, str]:
     variants = {
         "lr": lambda m: case.optimizer(m, "exact", lr=0.7 if rank == 0 else 0.5),
         "policy": lambda m: case.optimizer(m, "exact" if rank == 0 else "local"),
-        "type": lambda m: case.optimizer(m, "exact") if rank == 0 else gramopt.SENG(m, lr=0.1, damping=1.0, distributed="exact"),
+        "type": lambda m: (
+            case.optimizer(m, "exact") if rank == 0 else gramopt.SENG(m, lr=0.1, damping=1.0, distributed="exact")
+        ),
         "shapes": lambda m: case.optimizer(m if rank == 0 else Case(**{**case.__dict__, "out": 3}).model(), "exact"),
         "values": lambda m: case.optimizer(m if rank == 0 else m.apply(_nudge), "exact"),
     }
@@ -75,7 +82,7 @@ def loss_falls(rank: int, world: int) -> dict[str, tuple[float, float]]:
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(48, 5, generator=generator, dtype=torch.float64)
     y = torch.tanh(x @ torch.tensor([[0.5], [-0.3], [0.2], [0.0], [0.4]], dtype=torch.float64))
-    shards = list(zip(x.tensor_split(world), y.tensor_split(world)))
+    shards = list(zip(x.tensor_split(world), y.tensor_split(world), strict=True))
     settings = {
         "ggn": dict(lr=1.0, damping=0.1),
         "seng": dict(lr=0.5, damping=1.0, curvature_every=2, momentum=0.5),
@@ -160,7 +167,11 @@ def main() -> None:
     mode, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20)
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=20),
     )
     result: dict = {}
     try:

@@ -38,7 +38,9 @@ class TinyTransformer(nn.Module):
 
 
 def mlp(d_in: int = 5, hidden: int = 7, out: int = 1) -> nn.Module:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)
+    )
 
 
 def cnn(out: int = 3, channels: int = 1) -> nn.Module:

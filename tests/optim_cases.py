@@ -47,7 +47,9 @@ MODELS: dict[str, ModelSpec] = {
     "wide": ModelSpec(lambda k: models.mlp(hidden=32, out=k), lambda b, g: torch.randn(b, 5, generator=g)),
     "cnn": ModelSpec(lambda k: models.cnn(out=k), lambda b, g: torch.randn(b, 1, 8, 8, generator=g)),
     "transformer": ModelSpec(
-        lambda k: models.TinyTransformer(out=k), lambda b, g: torch.randint(0, 11, (b, 5), generator=g), float_inputs=False
+        lambda k: models.TinyTransformer(out=k),
+        lambda b, g: torch.randint(0, 11, (b, 5), generator=g),
+        float_inputs=False,
     ),
 }
 
@@ -89,7 +91,7 @@ class OptimizerCase:
         return 2 if self.loss == "mse" else 3
 
     @property
-    def method(self) -> "MethodInfo":
+    def method(self) -> MethodInfo:
         return METHODS[self.cls]
 
     @property
@@ -107,7 +109,9 @@ class OptimizerCase:
     def make(self, model: nn.Module, **overrides: Any) -> SampleSpaceOptimizer:
         return self.cls(model, **{**self.kwargs, "loss": self.loss, **overrides})
 
-    def data(self, generator: torch.Generator, batch: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    def data(
+        self, generator: torch.Generator, batch: int | None = None, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor]:
         b = self.batch if batch is None else batch
         x = MODELS[self.model].inputs(b, generator)
         if x.is_floating_point():
@@ -244,14 +248,19 @@ CASES: list[OptimizerCase] = [
         model="wide",
     ),
     OptimizerCase(
-        "ggn-nystrom-pcg-ce", GGN, dict(lr=0.5, damping=0.1, solver="nystrom-pcg", solver_options={"rank": 4}, divergence=None),
+        "ggn-nystrom-pcg-ce", GGN,
+        dict(lr=0.5, damping=0.1, solver="nystrom-pcg", solver_options={"rank": 4}, divergence=None),
         loss="cross_entropy",
     ),
     OptimizerCase("ggn-auto-mse-momentum", GGN, dict(lr=0.5, damping=0.1, solver="auto", momentum=0.5), model="wide"),
-    OptimizerCase("ggn-transformer-ce", GGN, dict(lr=0.5, damping=0.1, divergence=None), loss="cross_entropy", model="transformer"),
+    OptimizerCase(
+        "ggn-transformer-ce", GGN, dict(lr=0.5, damping=0.1, divergence=None),
+        loss="cross_entropy", model="transformer",
+    ),
     # SENG: exact, sketched, implicit layers, curvature_every > 1, damping schedule, both loops
     OptimizerCase(
-        "seng-exact-ce-momentum", SENG, dict(lr=0.1, damping=0.5, momentum=0.9), loss="cross_entropy", representative=True
+        "seng-exact-ce-momentum", SENG, dict(lr=0.1, damping=0.5, momentum=0.9),
+        loss="cross_entropy", representative=True,
     ),
     OptimizerCase(
         "seng-sketch-leverage-mse-every3", SENG,
@@ -275,7 +284,8 @@ CASES: list[OptimizerCase] = [
         loss="cross_entropy", model="cnn", loop="ordinary",
     ),
     OptimizerCase(
-        "seng-damping-schedule-ce", SENG, dict(lr=0.1, damping=gramopt.DampingDecay(0.5, 0.8, every=1)), loss="cross_entropy"
+        "seng-damping-schedule-ce", SENG, dict(lr=0.1, damping=gramopt.DampingDecay(0.5, 0.8, every=1)),
+        loss="cross_entropy",
     ),
     # FNGD: every step (no sharing), and crossing from estimation into sharing
     OptimizerCase("fngd-every-step-ce", FNGD, dict(lr=0.1, damping=0.05), loss="cross_entropy", representative=True),
@@ -288,9 +298,12 @@ CASES: list[OptimizerCase] = [
         model="cnn", loop="ordinary", permutation_invariant=False, representative=True,
     ),
     # the toy methods (tests/toy_method.py): the contract holds for a method written on it
-    OptimizerCase("toy-fisher-ce", DiagonalFisher, dict(lr=0.1, damping=0.05), loss="cross_entropy", representative=True),
     OptimizerCase(
-        "toy-fisher-cnn-mse-momentum-wd-ordinary", DiagonalFisher, dict(lr=0.05, damping=0.05, momentum=0.9, weight_decay=0.01),
+        "toy-fisher-ce", DiagonalFisher, dict(lr=0.1, damping=0.05), loss="cross_entropy", representative=True,
+    ),
+    OptimizerCase(
+        "toy-fisher-cnn-mse-momentum-wd-ordinary", DiagonalFisher,
+        dict(lr=0.05, damping=0.05, momentum=0.9, weight_decay=0.01),
         model="cnn", loop="ordinary",
     ),
     OptimizerCase("toy-gauss-newton-mse", DiagonalGaussNewton, dict(lr=0.5, damping=0.1), representative=True),
@@ -343,7 +356,7 @@ def hook_count(model: nn.Module) -> int:
 
 
 def assert_same_params(a: nn.Module, b: nn.Module) -> None:
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q), name
 
 

@@ -72,7 +72,6 @@ def ggn_delta(
     j = jacobian(model, x, params)
     with torch.no_grad():
         f = model(x)
-    b = f.shape[0]
     if loss == "mse":
         e = (f - y).reshape(-1)
         h = torch.eye(e.numel(), dtype=f.dtype)
@@ -161,7 +160,7 @@ def fngd_trajectory(
         sharing = steps is not None and t >= steps
         mean = None
         if sharing:
-            mean = [torch.stack(vs).mean(dim=0) for vs in zip(*estimates)]
+            mean = [torch.stack(vs).mean(dim=0) for vs in zip(*estimates, strict=True)]
         directions, used = fngd_directions(model, x, y, loss, damping, shared=mean)
         if not sharing and used and used[0].shape[0] == batches[0][0].shape[0]:
             estimates.append(used)
@@ -224,7 +223,7 @@ def residual_jacobian(
         rows = []
         for i in range(r.shape[0]):
             grads = torch.autograd.grad(r[i], targets, retain_graph=True, allow_unused=True)
-            full = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, targets)]
+            full = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, targets, strict=True)]
             rows.append(torch.cat([g.reshape(-1) for g in full]))
         return torch.stack(rows), r.detach()
     raise ValueError(f"method must be 'jacrev' or 'autograd', got {method!r}")

@@ -46,7 +46,11 @@ def _data(n: int, loss: str):
 
 
 def _loss_fn(loss: str):
-    return (lambda out, y: 0.5 * F.mse_loss(out, y, reduction="sum") / out.shape[0] * 0 + F.mse_loss(out, y)) if loss == "mse" else F.cross_entropy
+    return (
+        (lambda out, y: 0.5 * F.mse_loss(out, y, reduction="sum") / out.shape[0] * 0 + F.mse_loss(out, y))
+        if loss == "mse"
+        else F.cross_entropy
+    )
 
 
 CASES = [
@@ -92,7 +96,7 @@ def test_accumulated_step_is_the_concatenated_batch_step(method, loop, loss, spl
             opt_parts.step()
         unequal = [w for w in caught if "unequal sizes" in str(w.message)]
         assert bool(unequal) == (loop == "ordinary" and len(set(split)) > 1 and opt_parts.steps_taken == 1)
-        for (n, p), q in zip(whole.named_parameters(), parts.parameters()):
+        for (n, p), q in zip(whole.named_parameters(), parts.parameters(), strict=True):
             torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11, msg=n)
     if loop == "uniform":
         assert opt_parts.last_info.loss == pytest.approx(opt_whole.last_info.loss, rel=1e-12)
@@ -108,10 +112,10 @@ def test_equal_micro_batches_divided_by_their_number(method):
     opt_whole.step()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for xb, yb in zip(x.chunk(2), y.chunk(2)):
+        for xb, yb in zip(x.chunk(2), y.chunk(2), strict=True):
             (F.cross_entropy(parts(xb), yb) / 2).backward()
         opt_parts.step()
-    for p, q in zip(whole.parameters(), parts.parameters()):
+    for p, q in zip(whole.parameters(), parts.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
 
 

@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 import gramopt
-from gramopt.capture import CaptureEngine
-from gramopt.capture import attention
+from gramopt.capture import CaptureEngine, attention
 from gramopt.errors import CaptureError, UnsupportedModuleError
 from reference import per_sample_grads
 
@@ -77,8 +76,13 @@ CASES = {
     "self-bool-mask": ({}, _self({"attn_mask": torch.triu(torch.ones(4, 4, dtype=torch.bool), 1)})),
     "cross": ({}, _cross()),
     "cross-padding": ({}, _cross(key_padding_mask=PADDING, need_weights=False)),
-    "cross-padding-3d-mask": ({}, _cross(
-        key_padding_mask=PADDING.double() * -1e4, attn_mask=torch.randn(3 * H, 4, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64))),
+    "cross-padding-3d-mask": (
+        {},
+        _cross(
+            key_padding_mask=PADDING.double() * -1e4,
+            attn_mask=torch.randn(3 * H, 4, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
+        ),
+    ),
     "key-is-value": ({}, _kv_same),
     "kdim-vdim": ({"kdim": 3, "vdim": 6}, _cross(kdim=3, vdim=6)),
     "kdim-vdim-no-bias-no-weights": ({"kdim": 3, "vdim": 6, "bias": False}, _cross(kdim=3, vdim=6, need_weights=False)),
@@ -111,7 +115,7 @@ def test_capturing_forward_computes_the_module(case, batch_first):
         assert got_weights is None
     else:
         torch.testing.assert_close(got_weights, expected_weights, rtol=1e-12, atol=1e-12)
-    for g, e in zip(got_grads, expected_grads):
+    for g, e in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
     assert isinstance(proxy, attention.InProjection)
 
@@ -205,7 +209,10 @@ def test_separate_projection_rows_match_torch_func():
 def _encoder_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(6, 16), nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=True), nn.Flatten(), nn.Linear(16 * 5, 3)
+        nn.Linear(6, 16),
+        nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=True),
+        nn.Flatten(),
+        nn.Linear(16 * 5, 3),
     )
 
 
@@ -297,7 +304,7 @@ def test_unbatched_call_in_training_is_reported_and_changes_nothing():
     attn(x, x, x)[0].sum().backward()
     with pytest.raises(CaptureError, match="backward"):
         opt.step()
-    assert all(torch.equal(a, p) for a, p in zip(before, attn.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(before, attn.parameters(), strict=True))
 
 
 def test_two_optimizers_share_the_attachment():
@@ -317,7 +324,9 @@ def test_sequence_first_transformer_layers_fall_back_by_name():
     being preconditioned wrongly (silently so when T == b)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0))
-    with pytest.raises(UnsupportedModuleError, match=r"1 \(TransformerEncoderLayer\) is sequence-first.*batch_first=True"):
+    with pytest.raises(
+        UnsupportedModuleError, match=r"1 \(TransformerEncoderLayer\) is sequence-first.*batch_first=True"
+    ):
         gramopt.SENG(model, lr=0.1, damping=1.0, unsupported="error")
     with pytest.warns(RuntimeWarning, match=r"1\.self_attn\.in_proj_weight.*sequence-first.*batch_first=True"):
         opt = gramopt.SENG(model, lr=0.1, damping=1.0)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import math
 import re
-
 import warnings
 
 import pytest
@@ -23,7 +22,7 @@ representative = pytest.mark.parametrize("case", REPRESENTATIVE, ids=[c.id for c
 
 def _unchanged(model: nn.Module, opt, before: tuple[list[torch.Tensor], dict]) -> None:
     params, state = before
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), params))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), params, strict=True))
     now = opt.state_dict()
     assert now["param_groups"] == state["param_groups"]
     assert now["gramopt"]["step"] == state["gramopt"]["step"]
@@ -44,7 +43,11 @@ def test_invalid_hyper_parameters(case, kwargs, match):
         case.make(case.build_model(), **kwargs)
 
 
-GROUP_BAD = [("lr", -1.0, "lr must be"), ("momentum", 1.5, "momentum must be < 1"), ("damping", -1.0, "damping must be")]
+GROUP_BAD = [
+    ("lr", -1.0, "lr must be"),
+    ("momentum", 1.5, "momentum must be < 1"),
+    ("damping", -1.0, "damping must be"),
+]
 
 
 @representative
@@ -81,14 +84,16 @@ def test_add_param_group_after_construction(case):
     opt_late = case.make(late, params=list(late[0].parameters()))
     opt_late.add_param_group({"params": list(late[1].parameters())})
     torch.manual_seed(1)
-    opt_early = case.make(early, params=[{"params": list(early[0].parameters())}, {"params": list(early[1].parameters())}])
+    opt_early = case.make(
+        early, params=[{"params": list(early[0].parameters())}, {"params": list(early[1].parameters())}]
+    )
     assert len(opt_late.param_groups) == len(opt_early.param_groups) == 2
     assert [layer.name for layer in opt_late.engine.layers] == [layer.name for layer in opt_early.engine.layers]
     before = [p.detach().clone() for p in late[1].parameters()]
     case.step(opt_late, late, x, y)
     case.step(opt_early, early, x, y)
-    assert all(not torch.equal(p, q) for p, q in zip(late[1].parameters(), before))
-    for p, q in zip(late.parameters(), early.parameters()):
+    assert all(not torch.equal(p, q) for p, q in zip(late[1].parameters(), before, strict=True))
+    for p, q in zip(late.parameters(), early.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 
 
@@ -198,7 +203,9 @@ def test_unsupported_trainable_modules(case):
             return self.net(x) + self.pos
 
     model = WithPosition()
-    with pytest.raises(gramopt.UnsupportedModuleError, match=r"net\.1\.s: net\.1 \(Scale\) has no gramopt handler") as err:
+    with pytest.raises(
+        gramopt.UnsupportedModuleError, match=r"net\.1\.s: net\.1 \(Scale\) has no gramopt handler"
+    ) as err:
         case.make(model, unsupported="error")
     assert "pos: model (WithPosition)" in str(err.value)
     with warnings.catch_warnings(record=True) as caught:
@@ -305,7 +312,7 @@ UNIFORM = [case for case in REPRESENTATIVE if case.loop == "uniform"]
 
 def _bad_targets(case: OptimizerCase, b: int):
     if case.loss == "mse":
-        yield torch.randn(b), r"target shape \(%d,\) does not match output shape \(%d, 2\)" % (b, b)
+        yield torch.randn(b), rf"target shape \({b},\) does not match output shape \({b}, 2\)"
         yield torch.randn(b, 3), "does not match output shape"
         yield torch.randn(b, 2, dtype=torch.float64), "target of the output's dtype torch.float32"
     else:
@@ -402,7 +409,7 @@ def test_batch_of_one_sample(case):
     for x, y in case.batches(3):
         case.step(opt, model, x[:1], y[:1])
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
 @representative
@@ -424,7 +431,10 @@ def test_half_precision_models(case, dtype, monkeypatch):
     monkeypatch.setattr(torch.linalg, "cholesky_ex", spy)
     x, y = case.batches(1)[0]
     steps = []
-    for m, xx, yy in ((reference, x, y), (model, x.to(dtype) if x.is_floating_point() else x, y.to(dtype) if y.is_floating_point() else y)):
+    for m, xx, yy in (
+        (reference, x, y),
+        (model, x.to(dtype) if x.is_floating_point() else x, y.to(dtype) if y.is_floating_point() else y),
+    ):
         before = torch.cat([p.detach().float().reshape(-1) for p in m.parameters()])
         # (GGN: a fixed damping; its damping adaptation would undo a step this large if it raised the loss)
         fixed = {"damping_adaptation": None} if case.cls is gramopt.GGN else {}

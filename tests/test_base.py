@@ -33,7 +33,7 @@ def test_apply_directions_matches_the_per_tensor_formulas(float64):
             expected[i] = expected[i] - 0.5 * buffers[i]
         with torch.no_grad():
             opt.apply_directions(directions)
-    for p, e in zip(params, expected):
+    for p, e in zip(params, expected, strict=True):
         torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12)
     assert opt.steps_taken == 2
 
@@ -49,7 +49,7 @@ def test_apply_directions_refuses_nan_and_accepts_huge_finite():
     bad[params[2]][0, 0] = float("nan")
     with torch.no_grad(), pytest.raises(gramopt.NonFiniteError, match=r"shape \(7, 7\)"):
         opt.apply_directions(bad)
-    for p, q in zip(params, before):
+    for p, q in zip(params, before, strict=True):
         assert torch.equal(p, q)
     assert opt.steps_taken == 0 and not opt.state
     huge = {params[0]: torch.full_like(params[0], 1e30)}

@@ -4,17 +4,17 @@ torch.func references, and a user-registered handler opting into each of them.""
 
 from __future__ import annotations
 
-import models
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import jacobian
 from torch import Tensor, nn
 
 import gramopt
+import models
 from gramopt.capture import CaptureEngine, handler_for
 from gramopt.capture.handlers import linear_factors, weight_bias_layout
 from gramopt.capture.registry import _REGISTRY
+from reference import jacobian
 
 CASES = {
     "mlp": (lambda: models.mlp(out=3), lambda b: torch.randn(b, 5)),

@@ -85,9 +85,13 @@ def test_both_gram_strategies_agree(name, strategy, float64, monkeypatch):
 def test_strategy_choice_follows_cost():
     """A first conv layer on a large image is cheaper explicit; a short sequence of wide
     features is cheaper by position pairs."""
-    conv = SharedWeightFactors(nn.Conv2d(1, 8, 3), [], torch.zeros(8, 9), None, torch.zeros(16, 784, 9), torch.zeros(16, 1, 784, 8))
+    conv = SharedWeightFactors(
+        nn.Conv2d(1, 8, 3), [], torch.zeros(8, 9), None, torch.zeros(16, 784, 9), torch.zeros(16, 1, 784, 8)
+    )
     assert conv.gram_strategy() == "explicit"
-    seq = SharedWeightFactors(nn.Linear(512, 512), [], torch.zeros(512, 512), None, torch.zeros(16, 4, 512), torch.zeros(16, 1, 4, 512))
+    seq = SharedWeightFactors(
+        nn.Linear(512, 512), [], torch.zeros(512, 512), None, torch.zeros(16, 4, 512), torch.zeros(16, 1, 4, 512)
+    )
     assert seq.gram_strategy() == "pairs"
 
 

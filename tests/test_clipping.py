@@ -36,7 +36,7 @@ def _data():
 
 
 def _delta(model: nn.Module, before: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([(p.detach() - q).reshape(-1) for p, q in zip(model.parameters(), before)])
+    return torch.cat([(p.detach() - q).reshape(-1) for p, q in zip(model.parameters(), before, strict=True)])
 
 
 @pytest.mark.parametrize("method", ["ggn", "seng", "fngd"])
@@ -98,7 +98,9 @@ def test_clip_grad_norm_where_ignored_is_warned_about():
         opt.step()
 
 
-@pytest.mark.parametrize(("loss", "curvature"), [("cross_entropy", "top"), ("cross_entropy", "sampled"), ("mse", "exact")])
+@pytest.mark.parametrize(
+    ("loss", "curvature"), [("cross_entropy", "top"), ("cross_entropy", "sampled"), ("mse", "exact")]
+)
 def test_ggn_first_step_fills_grad_and_its_clipping_is_warned_about(loss, curvature):
     """GGN's step ignores .grad of the layers it preconditions; until its first step,
     backward fills it (the gradient of the mean loss, checked against torch.func) so that
@@ -115,7 +117,9 @@ def test_ggn_first_step_fills_grad_and_its_clipping_is_warned_about(loss, curvat
         return mean_loss(torch.func.functional_call(model, params, (x,)), y)
 
     reference = torch.func.grad(loss_of)({n: p.detach() for n, p in model.named_parameters()})
-    opt = gramopt.GGN(model, lr=0.5, damping=0.1, loss=loss, curvature=curvature, **({"seed": 0} if curvature == "sampled" else {}))
+    opt = gramopt.GGN(
+        model, lr=0.5, damping=0.1, loss=loss, curvature=curvature, **({"seed": 0} if curvature == "sampled" else {})
+    )
     opt.backward(model(x), y)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, reference[name], rtol=1e-10, atol=1e-12)
@@ -140,7 +144,7 @@ def test_ggn_first_step_grad_under_accumulation_and_unmodified_grad_is_quiet():
     opt = gramopt.GGN(model, lr=0.5, damping=0.1, loss="cross_entropy", damping_adaptation=None)
     opt.backward(model(x[:3]), y[:3])
     opt.backward(model(x[3:]), y[3:])
-    for p, q in zip(model.parameters(), whole.parameters()):
+    for p, q in zip(model.parameters(), whole.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
     with pytest.warns(RuntimeWarning, match=r"\.grad of 0\.weight.*GGN"):
@@ -164,7 +168,7 @@ def test_zero_grad_drops_the_captures_of_earlier_backward_passes():
     opt_twice.step()
     F.cross_entropy(once(x), y).backward()
     opt_once.step()
-    for p, q in zip(once.parameters(), twice.parameters()):
+    for p, q in zip(once.parameters(), twice.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
 
 
@@ -198,7 +202,7 @@ def _first_step(
         warnings.simplefilter("always")
         opt.step()
     layers = {id(p) for layer in opt.engine.layers for p in layer.params}
-    updates = [p.detach() - q for p, q in zip(model.parameters(), before)]
+    updates = [p.detach() - q for p, q in zip(model.parameters(), before, strict=True)]
     return updates, [id(p) in layers for p in model.parameters()], list(caught)
 
 
@@ -219,13 +223,15 @@ def test_clip_grad_norm_after_backward_changes_the_step_or_is_warned_about(case)
         with pytest.raises(CaptureError, match=r"needs opt\.backward"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (GGN also warns that its step would ignore the clipped .grad)
             opt.step()
-        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
         return
     free, _, quiet = _first_step(case, clip=False)
     clipped, preconditioned, caught = _first_step(case, clip=True)
     assert not [w for w in quiet if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in quiet]
     warned = [w for w in caught if issubclass(w.category, RuntimeWarning) and re.search(MODIFIED, str(w.message))]
-    changed = [i for i, (a, b) in enumerate(zip(free, clipped)) if not torch.allclose(a, b, rtol=1e-6, atol=1e-12)]
+    changed = [
+        i for i, (a, b) in enumerate(zip(free, clipped, strict=True)) if not torch.allclose(a, b, rtol=1e-6, atol=1e-12)
+    ]
     assert warned or changed, "clipping .grad changed nothing and was not warned about"
     if case.method.reads_grad:
         assert not warned and any(preconditioned[i] for i in changed)

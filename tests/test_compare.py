@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gramopt.cli import _parser, main
-from gramopt.compare import config as bench_config
+from gramopt.compare import config as compare_config
 from gramopt.compare.config import GRID_SIZE, GRID_SIZES, LADDERS, TARGETS, Target, grid
 from gramopt.compare.memory import AVAILABLE, peak_memory
 from gramopt.compare.plots import STYLES, _on_grid, style
@@ -50,7 +50,11 @@ def test_outputs_have_the_promised_contents(tmp_path):
         summary = method["summary"]
         for key in ("time_to_target", "final_train_loss", "final_metric", "step_time_ratio", "peak_memory_bytes"):
             assert {"median", "min", "max", "n", "of"} <= set(summary[key]) and summary[key]["of"] == 2
-        assert summary["final_train_loss"]["min"] <= summary["final_train_loss"]["median"] <= summary["final_train_loss"]["max"]
+        assert (
+            summary["final_train_loss"]["min"]
+            <= summary["final_train_loss"]["median"]
+            <= summary["final_train_loss"]["max"]
+        )
     # SGD is the timing reference: its ratio to itself is 1 in every round.
     assert task["optimizers"]["sgd"]["summary"]["step_time_ratio"]["median"] == 1.0
     assert saved["environment"]["versions"]["torch"] == torch.__version__ and saved["environment"]["threads"] == "1"
@@ -105,7 +109,9 @@ def test_ggn_grids_centre_on_the_constructors_per_loss_defaults(monkeypatch):
         settings = grid("ggn", task)
         middle = settings[GRID_SIZE // 2]
         assert (middle["lr"], middle["damping"]) == (DEFAULT_HYPER[loss]["lr"], DEFAULT_HYPER[loss]["damping"])
-        assert [s["damping"] for s in settings] == pytest.approx([DEFAULT_HYPER[loss]["damping"] * f for f in (0.1, 1, 10)])
+        assert [s["damping"] for s in settings] == pytest.approx(
+            [DEFAULT_HYPER[loss]["damping"] * f for f in (0.1, 1, 10)]
+        )
         model = torch.nn.Linear(3, 2)
         opt = build_optimizer("ggn", model, loss, {})
         assert (opt.param_groups[0]["lr"], opt.damping) == (DEFAULT_HYPER[loss]["lr"], DEFAULT_HYPER[loss]["damping"])
@@ -148,7 +154,9 @@ def _broken(model, loss, hyper):
 
 
 def test_diverging_and_failing_optimizers_are_reported_and_the_comparison_goes_on(monkeypatch, tmp_path):
-    monkeypatch.setitem(OPTIMIZERS, "sgd-huge", OptimizerSpec("sgd-huge", "SGD, huge lr", OPTIMIZERS["sgd"].build, dict(lr=1e6)))
+    monkeypatch.setitem(
+        OPTIMIZERS, "sgd-huge", OptimizerSpec("sgd-huge", "SGD, huge lr", OPTIMIZERS["sgd"].build, dict(lr=1e6))
+    )
     singular = OptimizerSpec("singular", "raises", lambda m, loss, h: _Singular(m.parameters(), **h), dict(lr=0.1))
     monkeypatch.setitem(OPTIMIZERS, "singular", singular)
     monkeypatch.setitem(OPTIMIZERS, "broken", OptimizerSpec("broken", "fails", _broken, dict(lr=0.1)))
@@ -185,10 +193,16 @@ def test_unknown_names_list_the_valid_ones(tmp_path, capsys):
 
 def test_default_arguments_parse_to_the_default_comparison():
     args = _parser().parse_args(["compare"])
-    assert (args.task, args.optimizers, args.seeds, args.budget_seconds, args.epochs) == ("teacher", None, 3, None, None)
+    assert (args.task, args.optimizers, args.seeds, args.budget_seconds, args.epochs) == (
+        "teacher",
+        None,
+        3,
+        None,
+        None,
+    )
     assert (args.out, args.threads, args.no_progress) == ("runs/compare", 1, False)
     config = CompareConfig().validated()
-    assert config.tasks == ("teacher",) and config.seeds == bench_config.DEFAULT_SEEDS
+    assert config.tasks == ("teacher",) and config.seeds == compare_config.DEFAULT_SEEDS
     assert {"ggn", "sgd", "adamw"} <= set(config.optimizers)
     assert all(OPTIMIZERS[name].source != "gramopt" or name in config.optimizers for name in OPTIMIZERS)
     with pytest.raises(SystemExit):
@@ -205,7 +219,9 @@ def test_cli_runs_a_tiny_comparison_and_prints_the_table(tmp_path, capsys):
     assert "…" not in out
     assert "diabetes: first per rung" in out and "| rung | first |" in out  # and who is first, as report.md has it
     assert {p.name for p in tmp_path.iterdir()} == {"report.md", "curves.png", "results.json"}
-    history = json.loads((tmp_path / "results.json").read_text())["tasks"]["diabetes"]["optimizers"]["sgd"]["settings"][0]["runs"][0]["history"]
+    history = json.loads((tmp_path / "results.json").read_text())["tasks"]["diabetes"]["optimizers"]["sgd"]["settings"][
+        0
+    ]["runs"][0]["history"]
     assert history[-1]["epoch"] == 1 and len(history) > 3  # evaluated inside the epoch, not only at its end
 
 
@@ -220,7 +236,7 @@ def test_time_to_target_and_selection():
     def setting(ttts, losses, low=(1.0, 1.0, 1.0)):
         """Validation times to two rungs (the loose one at ``low``, the tight one ``ttts``)."""
         return {"runs": [{"val_time_to_rungs": [a, t], "final_val_loss": x, "time_to_target": 0.0}
-                         for a, t, x in zip(low, ttts, losses)]}
+                         for a, t, x in zip(low, ttts, losses, strict=True)]}
 
     # median validation time to the tightest rung wins (a missed seed is infinitely slow) ...
     assert select([setting([1.0, None, None], [0.1] * 3), setting([3.0, 3.0, None], [0.9] * 3)]) == 1
@@ -299,7 +315,10 @@ def test_every_registered_optimizer_has_its_own_colour_and_marker():
 
 
 def test_curves_are_step_functions_that_stop_with_the_run():
-    histories = [[{"seconds": 0.0, "y": 4.0}, {"seconds": 1.0, "y": 2.0}], [{"seconds": 0.0, "y": 3.0}, {"seconds": 2.0, "y": 1.0}]]
+    histories = [
+        [{"seconds": 0.0, "y": 4.0}, {"seconds": 1.0, "y": 2.0}],
+        [{"seconds": 0.0, "y": 3.0}, {"seconds": 2.0, "y": 1.0}],
+    ]
     values = _on_grid(histories, "seconds", "y", torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0]).numpy())
     assert values[0].tolist()[:3] == [4.0, 4.0, 2.0] and all(math.isnan(v) for v in values[0].tolist()[3:])
     assert values[1].tolist() == [3.0, 3.0, 3.0, 3.0, 1.0]
@@ -310,7 +329,9 @@ def test_trainer_evaluates_on_a_step_or_clock_schedule_and_stops_on_its_clock():
     by_steps = Trainer(TrainConfig(epochs=2, eval_every_steps=2, **base), progress=False, verbose=False).run()
     assert [r["step"] for r in by_steps.epochs] == [0, 2, 4, 6, 8, 10, 12]  # 6 steps per epoch
     assert by_steps.epochs[-1]["epoch"] == 2
-    timed = Trainer(TrainConfig(epochs=10**6, max_seconds=0.05, eval_every_seconds=0.01, **base), progress=False, verbose=False)
+    timed = Trainer(
+        TrainConfig(epochs=10**6, max_seconds=0.05, eval_every_seconds=0.01, **base), progress=False, verbose=False
+    )
     result = timed.run()
     assert 0.05 <= timed.seconds and timed.seconds - result.step_seconds[-1] < 0.05  # stopped on the step that crossed
     # At most one evaluation per 0.01 s of the clock (a slow step may cross several marks),
@@ -349,8 +370,14 @@ def test_fngd_in_a_comparison_shares_its_coefficients_after_one_epoch():
     task = get_task("digits")
     for setting in grid("fngd", task):
         assert "coefficient_steps" not in setting
-        trainer = Trainer(TrainConfig(task="digits", optimizer="fngd", hyper=setting, save=False, epochs=1), progress=False, verbose=False)
-        assert trainer.config.hyper["coefficient_steps"] == math.ceil(trainer.split.train_x.shape[0] / trainer.config.batch_size)
+        trainer = Trainer(
+            TrainConfig(task="digits", optimizer="fngd", hyper=setting, save=False, epochs=1),
+            progress=False,
+            verbose=False,
+        )
+        assert trainer.config.hyper["coefficient_steps"] == math.ceil(
+            trainer.split.train_x.shape[0] / trainer.config.batch_size
+        )
 
 
 def _synthetic_task(times: dict[str, list[float | None]]) -> dict:
@@ -368,10 +395,18 @@ def _synthetic_task(times: dict[str, list[float | None]]) -> dict:
 def test_the_report_names_the_first_per_rung_its_margin_and_gramopts_best():
     from gramopt.compare.report import leader_rows
 
-    task = _synthetic_task({"sgd": [2.0, 4.0, 3.0], "adamw": [1.0, 5.0, 1.5], "seng": [6.0, 3.5, None], "ggn": [None, None, None]})
+    task = _synthetic_task(
+        {"sgd": [2.0, 4.0, 3.0], "adamw": [1.0, 5.0, 1.5], "seng": [6.0, 3.5, None], "ggn": [None, None, None]}
+    )
     (row,) = leader_rows(task)
     # medians: adamw 1.5, sgd 3.0, seng 6.0 (a missed seed counts as infinitely slow), ggn misses
-    assert row == ["test_accuracy >= 0.9", "adamw (1.5 s)", "sgd (3 s, 2.00x)", "adamw 2/3, seng 1/3", "seng (6 s, 4.00x the first)"]
+    assert row == [
+        "test_accuracy >= 0.9",
+        "adamw (1.5 s)",
+        "sgd (3 s, 2.00x)",
+        "adamw 2/3, seng 1/3",
+        "seng (6 s, 4.00x the first)",
+    ]
     first_is_ours = _synthetic_task({"sgd": [2.0, 2.0, 2.0], "fngd": [1.0, 1.0, 3.0]})
     assert leader_rows(first_is_ours)[0][1:] == ["fngd (1 s)", "sgd (2 s, 2.00x)", "fngd 2/3, sgd 1/3", "fngd (first)"]
     nobody = _synthetic_task({"sgd": [None, None, 2.0], "ggn": [None, None, None]})
@@ -403,10 +438,10 @@ SLOW_BF16 = {"fast": False, "bfloat16_ms": 37.0, "float32_ms": 0.6, "decided_by"
 def test_step_times_beyond_the_margin_over_the_expected_cost_are_flagged_with_their_likely_cause(monkeypatch):
     from gramopt.compare.flags import expected_step_cost, step_time_flags
 
-    monkeypatch.setattr(bench_config, "STEP_COST_MARGIN", 3.0)
+    monkeypatch.setattr(compare_config, "STEP_COST_MARGIN", 3.0)
     expected = {"sgd": 1.0, "adamw": 1.5, "ggn": 10.0, "muon": 5.0, "muon-f32": 5.0}
-    monkeypatch.setattr(bench_config, "EXPECTED_STEP_COST", expected)
-    monkeypatch.setattr(bench_config, "DEFAULT_EXPECTED_STEP_COST", 10.0)
+    monkeypatch.setattr(compare_config, "EXPECTED_STEP_COST", expected)
+    monkeypatch.setattr(compare_config, "DEFAULT_EXPECTED_STEP_COST", 10.0)
     assert expected_step_cost("ggn") == 10.0 and expected_step_cost("newly-registered") == 10.0
     ratios = {"sgd": 1.0, "adamw": 4.5, "ggn": 29.0, "muon": 141.0, "muon-f32": 3.1, "seng": None,
               "newly-registered": 31.0}
@@ -438,7 +473,7 @@ def test_a_slow_optimizer_is_flagged_in_the_console_the_report_and_the_json(monk
 
     monkeypatch.setitem(OPTIMIZERS, "slow-sgd", OptimizerSpec("slow-sgd", "SGD, timed as slow", OPTIMIZERS["sgd"].build,
                                                               dict(OPTIMIZERS["sgd"].defaults)))
-    monkeypatch.setitem(bench_config.EXPECTED_STEP_COST, "slow-sgd", 2.0)
+    monkeypatch.setitem(compare_config.EXPECTED_STEP_COST, "slow-sgd", 2.0)
     monkeypatch.setattr(compare_run, "interleaved_times", _synthetic_step_times("slow-sgd", 50.0))
     monkeypatch.setenv("GRAMOPT_FAST_BFLOAT16", "1")
     argv = ["compare", "--task", "diabetes", "--optimizers", "slow-sgd,sgd,adamw", "--seeds", "1", "--epochs", "1",

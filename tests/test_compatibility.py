@@ -44,11 +44,11 @@ def test_a_state_dict_of_0_1_resumes_exactly(saved, name):
         opt = make(net)
     opt.load_state_dict(copy.deepcopy(record["state_dict"]))
     assert opt.steps_taken == 3
-    for (x, y), expected in zip(record["batches"][3:], record["after"]):
+    for (x, y), expected in zip(record["batches"][3:], record["after"], strict=True):
         opt.zero_grad()
         opt.backward(net(x), y)
         opt.step()
-        for p, q in zip(net.parameters(), expected):
+        for p, q in zip(net.parameters(), expected, strict=True):
             assert torch.equal(p, q)
 
 
@@ -121,7 +121,7 @@ def test_positional_arguments_after_damping_are_deprecated(cls, args, names):
     assert all(f"{n}=" in str(seen[0].message) for n in names)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        new = cls(models.mlp(out=3), args[0], args[1], **dict(zip(names, args[2:])))
+        new = cls(models.mlp(out=3), args[0], args[1], **dict(zip(names, args[2:], strict=False)))
     assert old.param_groups[0].keys() == new.param_groups[0].keys()
     assert all(old.param_groups[0][k] == new.param_groups[0][k] for k in old.param_groups[0] if k != "params")
     assert old.loss.name == new.loss.name
@@ -150,7 +150,7 @@ def test_the_defaults_table_is_the_constructors():
         if line.startswith("| `")
     }
     methods = (gramopt.GGN, gramopt.SENG, gramopt.FNGD)
-    for cls, cell in zip(methods, rows["loss"]):
+    for cls, cell in zip(methods, rows["loss"], strict=True):
         assert cls(models.mlp(out=3)).loss.name == cell.strip('`"')
     for i, cls in enumerate(methods):
         for loss in ("mse", "cross_entropy"):

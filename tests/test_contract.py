@@ -76,9 +76,9 @@ def test_param_groups_scale_their_part_of_the_step(case):
         opt = case.make(m, params=two_groups(m, lr=scale * lr))
         before = snapshot(m)
         case.step(opt, m, x, y)
-        deltas.append([p.detach() - b for p, b in zip(m.parameters(), before)])
+        deltas.append([p.detach() - b for p, b in zip(m.parameters(), before, strict=True)])
     n_first = len(first_module_params(model))
-    for i, (d1, d3) in enumerate(zip(*deltas)):
+    for i, (d1, d3) in enumerate(zip(*deltas, strict=True)):
         expected = d1 if i < n_first else 3 * d1
         torch.testing.assert_close(d3, expected, rtol=1e-9, atol=1e-15)
         assert d1.abs().max() > 0
@@ -98,7 +98,7 @@ def test_group_with_lr_zero_from_a_scheduler_is_unchanged(case):
     for x, y in case.batches(3):
         case.step(opt, model, x, y)
         scheduler.step()
-    moved = [not torch.equal(p, b) for p, b in zip(model.parameters(), before)]
+    moved = [not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True)]
     assert moved[: len(first)] == [True] * len(first)
     assert not any(moved[len(first) :])
     with pytest.raises(ValueError, match="lr must be > 0"):
@@ -120,7 +120,7 @@ def test_group_with_tiny_lr_is_unchanged(case):
     before = snapshot(model)
     for x, y in case.batches(3):
         case.step(opt, model, x, y)
-    for i, (p, b) in enumerate(zip(model.parameters(), before)):
+    for i, (p, b) in enumerate(zip(model.parameters(), before, strict=True)):
         if i < len(first):
             assert not torch.equal(p, b)
         else:
@@ -163,7 +163,7 @@ def test_frozen_and_unused_parameters_are_untouched(case, when):
         case.step(ref_opt, reference, x, y)
         assert_same_params(model, reference)
     assert torch.equal(frozen, frozen_before)
-    assert all(torch.equal(p, b) for p, b in zip(model.spare.parameters(), spare_before))
+    assert all(torch.equal(p, b) for p, b in zip(model.spare.parameters(), spare_before, strict=True))
     assert frozen.grad is None
 
 
@@ -188,7 +188,7 @@ def test_lr_schedulers(case, name, recwarn):
     data = case.batches(6)
     lrs = []
     for t, (x, y) in enumerate(data):
-        for group, mine in zip(other.param_groups, opt.param_groups):
+        for group, mine in zip(other.param_groups, opt.param_groups, strict=True):
             group["lr"], group["momentum"] = mine["lr"], mine["momentum"]
         lrs.append(opt.param_groups[0]["lr"])
         case.step(opt, model, x, y)
@@ -333,7 +333,7 @@ def test_eval_mode_and_no_grad_capture_nothing(case):
     with pytest.raises(gramopt.CaptureError):
         case.step(opt, model, x, y)
     assert not any(opt.engine._calls.values())
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert opt.steps_taken == 0
     model.train()
     case.step(opt, model, x, y)
@@ -341,7 +341,9 @@ def test_eval_mode_and_no_grad_capture_nothing(case):
 
 
 @pytest.mark.parametrize(
-    "cls, lr, damping", [(gramopt.SENG, 0.1, 1.0), (gramopt.FNGD, 0.1, 1e-3), (gramopt.GGN, 0.3, 10.0)], ids=lambda v: getattr(v, "__name__", None)
+    "cls, lr, damping",
+    [(gramopt.SENG, 0.1, 1.0), (gramopt.FNGD, 0.1, 1e-3), (gramopt.GGN, 0.3, 10.0)],
+    ids=lambda v: getattr(v, "__name__", None),
 )
 def test_constructor_defaults_train_a_classifier(cls, lr, damping):
     """``cls(model, loss=...)`` needs no lr or damping (as torch.optim's optimizers): the

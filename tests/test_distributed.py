@@ -102,10 +102,10 @@ def global_batch(case: Case, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def assert_close(got: list, want: list, what: str) -> None:
     assert len(got) == len(want)
-    for i, (a, b) in enumerate(zip(got, want)):
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
         assert (a is None) == (b is None), f"{what} {i}: present on one side only"
         if a is not None:
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=lambda m: f"{what} {i}: {m}")
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=lambda m, i=i: f"{what} {i}: {m}")
 
 
 EXACT = [case for case in CASES_2 + CASES_4 if case.policy == "exact"]
@@ -152,23 +152,23 @@ def test_seng_local_eq26_applies_each_rank_block_to_the_global_gradient(case, re
     for step in range(case.steps):
         whole = case.model()
         with torch.no_grad():
-            for p, t in zip(whole.parameters(), theta):
+            for p, t in zip(whole.parameters(), theta, strict=True):
                 p.copy_(t)
         x_all, y_all = global_batch(case, step)
         g = torch.autograd.grad(loss.value(whole(x_all), y_all), list(whole.parameters()))
         direction = [torch.zeros_like(t) for t in theta]
-        for rank, (model, opt, (x, y)) in enumerate(zip(own, opts, batches(case, step))):
+        for rank, (model, opt, (x, y)) in enumerate(zip(own, opts, batches(case, step), strict=True)):
             with torch.no_grad():
-                for p, t in zip(model.parameters(), theta):
+                for p, t in zip(model.parameters(), theta, strict=True):
                     p.copy_(t)
             opt.zero_grad()
             loss.value(model(x), y).backward()  # rank r's per-sample gradients
-            for p, gp in zip(model.parameters(), g):
+            for p, gp in zip(model.parameters(), g, strict=True):
                 p.grad = gp.clone()
             opt.step()
-            for d, p, t in zip(direction, model.parameters(), theta):
+            for d, p, t in zip(direction, model.parameters(), theta, strict=True):
                 d += case.sizes[rank] / total * (t - p.detach()) / lr
-        theta = [t - lr * d for t, d in zip(theta, direction)]
+        theta = [t - lr * d for t, d in zip(theta, direction, strict=True)]
     assert_close(results[0]["params"], theta, "parameter")
 
 
@@ -183,14 +183,14 @@ def test_local_is_the_batch_weighted_mean_of_the_ranks_own_steps(case, request):
     theta = [p.detach().clone() for p in case.model().parameters()]
     for step in range(case.steps):
         direction = [torch.zeros_like(t) for t in theta]
-        for rank, (model, opt, (x, y)) in enumerate(zip(own, opts, batches(case, step))):
+        for rank, (model, opt, (x, y)) in enumerate(zip(own, opts, batches(case, step), strict=True)):
             with torch.no_grad():
-                for p, t in zip(model.parameters(), theta):
+                for p, t in zip(model.parameters(), theta, strict=True):
                     p.copy_(t)
             train_step(case, model, opt, x, y)
-            for d, p, t in zip(direction, model.parameters(), theta):
+            for d, p, t in zip(direction, model.parameters(), theta, strict=True):
                 d += case.sizes[rank] / total * (t - p.detach()) / lr
-        theta = [t - lr * d for t, d in zip(theta, direction)]
+        theta = [t - lr * d for t, d in zip(theta, direction, strict=True)]
     assert_close(results[0]["params"], theta, "parameter")
 
 
@@ -199,7 +199,7 @@ def test_every_rank_holds_the_same_parameters_and_momentum(case, request):
     results = results_of(case, request)
     for other in results[1:]:
         for key in ("params", "momentum"):
-            for a, b in zip(results[0][key], other[key]):
+            for a, b in zip(results[0][key], other[key], strict=True):
                 assert (a is None and b is None) or torch.equal(a, b)
 
 
@@ -245,9 +245,11 @@ def test_a_step_that_fails_on_one_rank_fails_on_every_rank_and_changes_nothing(r
         if name in ("lengths", "seed"):
             continue
         assert one[name]["error"].startswith("NonFiniteError") and "another rank" not in one[name]["error"], name
-        assert zero[name]["error"].startswith("NonFiniteError: another rank failed in this step (rank 1: NonFiniteError"), name
+        assert zero[name]["error"].startswith(
+            "NonFiniteError: another rank failed in this step (rank 1: NonFiniteError"
+        ), name
         assert zero[name]["steps"] == one[name]["steps"] == 1, name  # the failed step changed nothing
-        assert all(torch.equal(a, b) for a, b in zip(zero[name]["params"], one[name]["params"])), name
+        assert all(torch.equal(a, b) for a, b in zip(zero[name]["params"], one[name]["params"], strict=True)), name
     for rank in (zero, one):
         assert rank["lengths"]["error"].startswith("DistributedError") and "sequence" in rank["lengths"]["error"]
 
@@ -282,7 +284,11 @@ def cli(args: list[str], out: Path, processes: int) -> subprocess.CompletedProce
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                     f"--master_port={free_port()}", "-m", "gramopt"]
     result = subprocess.run(
-        launcher + args + ["--out", str(out), "--no-progress"], env=worker_env(), capture_output=True, text=True, timeout=TIMEOUT
+        launcher + args + ["--out", str(out), "--no-progress"],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import FASHION_MNIST, fashion_folder
 
 pytest.importorskip("sklearn", reason="the examples load scikit-learn's digits (compare extra)")

@@ -44,7 +44,7 @@ def test_iterations_bounded_as_the_condition_number_grows(float64):
             assert set(info.seconds) == {"sketch", "factorize", "iterate"}
             fast.append(info.iterations)
         if cond <= 1e6:  # plain CG: hundreds to thousands of iterations already
-            _, info = pcg(lambda v: a.T @ (a @ v), y, tol=1e-8, max_iter=3000)
+            _, info = pcg(lambda v, a=a: a.T @ (a @ v), y, tol=1e-8, max_iter=3000)
             plain.append(info.iterations if info.converged else math.inf)
     assert plain == sorted(plain) and plain[0] > 40 and plain[2] > 10 * max(fast), (plain, fast)
 
@@ -63,7 +63,9 @@ def test_gradient_iteration_of_the_paper(float64):
     """Algorithm 2, line 7, with a sketch accurate enough for its step size 1."""
     a = prescribed(16384, 48, 1e6, seed=5)
     y = a.T @ torch.randn(16384, generator=torch.Generator().manual_seed(6))
-    x, info = fast_regression(a, y, method="gradient", sketch="gaussian", oversampling=64, generator=torch.Generator().manual_seed(0))
+    x, info = fast_regression(
+        a, y, method="gradient", sketch="gaussian", oversampling=64, generator=torch.Generator().manual_seed(0)
+    )
     assert info.converged and info.method == "fast-regression-gradient"
     assert relative_residual(a, x, y) <= 1e-8
     # the error contracts geometrically (Lemma B.2: by a constant factor per iteration)
@@ -163,7 +165,7 @@ def test_sketched_newton_reaches_gradient_norm_1e8_like_dense_newton(float64):
     f = torch.nn.functional.softplus(-labels * (a @ x)).sum() + 0.5 * x.dot(x)
     (grad,) = torch.autograd.grad(f, x)
     assert float(grad.norm()) <= 1e-8
-    assert all(later <= earlier for earlier, later in zip(info_s.values, info_s.values[1:]))
+    assert all(later <= earlier for earlier, later in zip(info_s.values, info_s.values[1:], strict=False))
 
 
 def test_newton_bad_input():

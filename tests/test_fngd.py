@@ -99,7 +99,7 @@ def test_trajectory_from_estimation_into_sharing(name, float64):
     history = fngd_trajectory(reference, batches, "cross_entropy", lr=0.4, damping=0.03, steps=3)
     opt = gramopt.FNGD(model, lr=0.4, damping=0.03, coefficient_steps=3)
     phases = []
-    for (x, y), expected in zip(batches, history):
+    for (x, y), expected in zip(batches, history, strict=True):
         phases.append(opt.phase)
         uniform_step(opt, model, x, y)
         torch.testing.assert_close(params_vector(model), expected, rtol=1e-9, atol=1e-12)
@@ -121,7 +121,7 @@ def test_both_loops_give_identical_steps(name, float64):
         x, y = batch(name, b)
         uniform_step(uniform, uniform_model, x, y)
         ordinary_step(ordinary, ordinary_model, x, y)
-        for p, q in zip(uniform_model.parameters(), ordinary_model.parameters()):
+        for p, q in zip(uniform_model.parameters(), ordinary_model.parameters(), strict=True):
             assert torch.equal(p, q)
 
 
@@ -180,7 +180,7 @@ def test_backward_fills_grad_of_plain_parameters_and_of_the_layers_until_the_fir
     opt = gramopt.FNGD(model, lr=0.1, damping=0.05)
     opt.zero_grad()
     opt.backward(model(x), y)
-    for p, q in zip(model.parameters(), reference.parameters()):
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
     opt.step()
     reference.load_state_dict(model.state_dict())  # the parameters after the step
@@ -188,7 +188,7 @@ def test_backward_fills_grad_of_plain_parameters_and_of_the_layers_until_the_fir
     F.cross_entropy(reference(x), y).backward()
     opt.zero_grad()
     opt.backward(model(x), y)
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         if name.startswith(("embed", "norm")):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
         else:
@@ -232,7 +232,7 @@ def test_state_dict_round_trip_bit_for_bit(save_at, float64):
     for x, y in batches[save_at:]:
         uniform_step(opt, model, x, y)
         uniform_step(other, clone, x, y)
-        for p, q in zip(model.parameters(), clone.parameters()):
+        for p, q in zip(model.parameters(), clone.parameters(), strict=True):
             assert torch.equal(p, q)
     saved = opt.state_dict()["gramopt"]
     assert saved["coefficient_counts"] == {name: 2 for name in saved["coefficients"]}
@@ -245,7 +245,7 @@ def _snapshot(model: nn.Module, opt: gramopt.FNGD):
 
 def _assert_unchanged(model, opt, snapshot):
     params, state = snapshot
-    for p, q in zip(model.parameters(), params):
+    for p, q in zip(model.parameters(), params, strict=True):
         assert torch.equal(p, q)
     now = opt.state_dict()
     assert now["gramopt"].keys() == state["gramopt"].keys()

@@ -20,7 +20,12 @@ CASES = {
     "layernorm": (lambda: models.layernorm_net(out=2), lambda b: torch.randn(b, 6), "mse", 2),
     "mlp-ce": (lambda: models.mlp(out=4), lambda b: torch.randn(b, 5), "cross_entropy", 4),
     "cnn-ce": (lambda: models.cnn(out=3), lambda b: torch.randn(b, 1, 8, 8), "cross_entropy", 3),
-    "transformer-ce": (lambda: models.TinyTransformer(out=3), lambda b: torch.randint(0, 11, (b, 5)), "cross_entropy", 3),
+    "transformer-ce": (
+        lambda: models.TinyTransformer(out=3),
+        lambda b: torch.randint(0, 11, (b, 5)),
+        "cross_entropy",
+        3,
+    ),
 }
 
 
@@ -82,7 +87,7 @@ def test_backward_returns_the_loss_and_fills_grad(loss, float64):
     torch.testing.assert_close(model[1].s.grad, reference[1].s.grad, rtol=1e-10, atol=1e-12)
     # the preconditioned layers' .grad: filled until the first step (for the clipping check)
     for m, r in ((model[0], reference[0]), (model[3], reference[3])):
-        for p, q in zip(m.parameters(), r.parameters()):
+        for p, q in zip(m.parameters(), r.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
     opt.step()
     opt.zero_grad()
@@ -192,7 +197,7 @@ def test_state_dict_round_trip(float64):
             o.zero_grad()
             o.backward(m(x), y)
             o.step()
-        for p, q in zip(model.parameters(), clone.parameters()):
+        for p, q in zip(model.parameters(), clone.parameters(), strict=True):
             assert torch.equal(p, q)
 
 

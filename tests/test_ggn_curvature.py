@@ -48,7 +48,7 @@ def one_step(model, x, y, **kwargs):
 def top_columns(p, y, s):
     """Q~_i ``[k, s]``: ``sqrt(p_c) (1_c - p_i)`` for the label and the s-1 most probable others."""
     out = []
-    for pi, yi in zip(p, y):
+    for pi, yi in zip(p, y, strict=True):
         order = [int(c) for c in torch.argsort(pi, descending=True) if int(c) != int(yi)]
         chosen = [int(yi)] + order[: s - 1]
         eye = torch.eye(pi.numel(), dtype=pi.dtype)
@@ -83,7 +83,9 @@ def drawn_columns(loss, f, seed, draws, s):
     u = torch.rand(s, f.shape[0], 1, 1, generator=g, dtype=p.dtype)  # one uniform per draw: the inverse CDF
     cols = []
     for j in range(s):
-        drawn = torch.stack([torch.searchsorted(p[i].cumsum(0), u[j, i, 0] * p[i].sum(), right=True) for i in range(f.shape[0])])
+        drawn = torch.stack(
+            [torch.searchsorted(p[i].cumsum(0), u[j, i, 0] * p[i].sum(), right=True) for i in range(f.shape[0])]
+        )
         cols.append((F.one_hot(drawn.view(-1), f.shape[1]).to(p.dtype) - p) / math.sqrt(s))
     return cols
 
@@ -109,7 +111,9 @@ def test_every_solver_solves_the_sampled_system(solver, float64):
     model, x, y = models.mlp(out=4), torch.randn(8, 5), torch.randint(0, 4, (8,))
     kwargs = dict(lr=0.5, damping=0.3, loss="cross_entropy", curvature="sampled", samples=2, seed=3)
     reference, _ = one_step(copy.deepcopy(model), x, y, **kwargs)
-    delta, _ = one_step(model, x, y, solver=solver, solver_options={"tol": 1e-12} if solver != "auto" else None, **kwargs)
+    delta, _ = one_step(
+        model, x, y, solver=solver, solver_options={"tol": 1e-12} if solver != "auto" else None, **kwargs
+    )
     torch.testing.assert_close(delta, reference, rtol=1e-6, atol=1e-9)
 
 
@@ -180,7 +184,9 @@ def test_sequence_outputs_sampled_rows_stay_per_sample(float64):
     model = SequenceModel()
     x, y = torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))
     exact = per_position_reference(model, x, y, lr=1.0, damping=0.5 * 4)
-    delta, opt = one_step(model, x, y, lr=1.0, damping=0.5, loss="cross_entropy", curvature="sampled", samples=512, seed=1)
+    delta, opt = one_step(
+        model, x, y, lr=1.0, damping=0.5, loss="cross_entropy", curvature="sampled", samples=512, seed=1
+    )
     assert float((delta - exact).norm() / exact.norm()) < 0.3
 
 
@@ -191,9 +197,12 @@ def test_default_curvature_is_top_for_one_position_and_sampled_for_several(float
     from gramopt.optim.ggn.optimizer import DEFAULT_CURVATURE, DEFAULT_HYPER
 
     assert DEFAULT_CURVATURE["cross_entropy"] == "top"
-    model, x, y = models.mlp(out=3), torch.randn(6, 5), torch.randint(0, 3, (6,))
+    model, x = models.mlp(out=3), torch.randn(6, 5)
     opt = gramopt.GGN(model, loss="cross_entropy")
-    assert (opt.param_groups[0]["lr"], opt.damping) == (DEFAULT_HYPER["cross_entropy"]["lr"], DEFAULT_HYPER["cross_entropy"]["damping"])
+    assert (opt.param_groups[0]["lr"], opt.damping) == (
+        DEFAULT_HYPER["cross_entropy"]["lr"],
+        DEFAULT_HYPER["cross_entropy"]["damping"],
+    )
     assert opt.batch_curvature(model(x)) == "top" and opt.positions_per_sample(model(x)) == 1
     seq = SequenceModel()
     tokens, labels = torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3, 4))
@@ -208,7 +217,9 @@ def test_default_curvature_is_top_for_one_position_and_sampled_for_several(float
     assert default.curvature == "top" and default.last_info.curvature == "sampled"  # what the step used
     with torch.no_grad():
         seq_copy = copy.deepcopy(seq)
-        for p, d in zip(seq_copy.parameters(), torch.split(delta, [p.numel() for p in seq_copy.parameters()])):
+        for p, d in zip(
+            seq_copy.parameters(), torch.split(delta, [p.numel() for p in seq_copy.parameters()]), strict=True
+        ):
             p.sub_(d.view_as(p))  # back to the start
     same, _ = one_step(seq_copy, tokens, labels, loss="cross_entropy", curvature="sampled", seed=1)
     torch.testing.assert_close(same, delta, rtol=1e-9, atol=1e-12)
@@ -285,7 +296,9 @@ def test_a_step_that_raises_its_batchs_loss_is_undone(float64):
     opt.zero_grad()
     opt.backward(model(x), y)
     opt.step()
-    assert opt.last_info.rejected and opt.extra_state["damping_adaptation"]["rejected_steps"] == 1 and opt.steps_taken == 2
+    assert (
+        opt.last_info.rejected and opt.extra_state["damping_adaptation"]["rejected_steps"] == 1 and opt.steps_taken == 2
+    )
     assert opt.extra_state["damping_adaptation"]["last_ratio"] < 0
     assert torch.equal(params_vector(model), kept)
     assert torch.equal(opt.state[model.weight]["momentum_buffer"], buffer)
@@ -302,7 +315,9 @@ def test_a_step_that_raises_its_batchs_loss_is_undone(float64):
         torch.manual_seed(0)
         model = nn.Linear(4, 3, bias=False)
         before = params_vector(model)
-        opt = gramopt.GGN(model, lr=5.0, damping=0.5, momentum=0.5, damping_adaptation=gramopt.AdaptiveDamping(every=1, reject=reject))
+        opt = gramopt.GGN(
+            model, lr=5.0, damping=0.5, momentum=0.5, damping_adaptation=gramopt.AdaptiveDamping(every=1, reject=reject)
+        )
         opt.backward(model(x), y)
         opt.step()
         assert opt.last_info.rejected is reject
@@ -350,7 +365,9 @@ def test_checks_between_the_every_th_steps_follow_a_surge_or_a_failed_check(floa
     assert forwards(y) == 2  # step 0: every 100th
     assert [forwards(y) for _ in range(3)] == [1, 1, 1]
     assert forwards(10 * y) == 2  # the batch loss surged
-    assert opt.extra_state["damping_adaptation"]["last_ratio"] == pytest.approx(1.0)  # (a linear mse model is its own quadratic model)
+    assert opt.extra_state["damping_adaptation"]["last_ratio"] == pytest.approx(
+        1.0
+    )  # (a linear mse model is its own quadratic model)
     assert forwards(y) == 1
     assert forwards(100 * y, lr=5.0) == 2 and opt.last_info.rejected  # a surge, and a failed check ...
     assert forwards(y, lr=5.0) == 2 and opt.last_info.rejected  # ... calls the next check ...
@@ -359,7 +376,9 @@ def test_checks_between_the_every_th_steps_follow_a_surge_or_a_failed_check(floa
     state = opt.state_dict()
     other = gramopt.GGN(copy.deepcopy(model), damping_adaptation=rule)
     other.load_state_dict(state)
-    assert other.extra_state["damping_adaptation"]["loss_average"] == opt.extra_state["damping_adaptation"]["loss_average"]
+    assert (
+        other.extra_state["damping_adaptation"]["loss_average"] == opt.extra_state["damping_adaptation"]["loss_average"]
+    )
 
 
 def test_damping_rule_raises_on_a_failed_step():
@@ -381,7 +400,9 @@ def test_first_step_uses_the_constructors_damping_and_state_round_trips(float64)
     adaptive = copy.deepcopy(model)
     fixed, _ = one_step(model, x, y, lr=0.5, damping=0.7, loss="cross_entropy")
     before = params_vector(adaptive)
-    opt = gramopt.GGN(adaptive, lr=0.5, damping=0.7, loss="cross_entropy", damping_adaptation=gramopt.AdaptiveDamping(every=1))
+    opt = gramopt.GGN(
+        adaptive, lr=0.5, damping=0.7, loss="cross_entropy", damping_adaptation=gramopt.AdaptiveDamping(every=1)
+    )
     opt.backward(adaptive(x), y)
     opt.step()
     torch.testing.assert_close(params_vector(adaptive) - before, fixed)
@@ -438,7 +459,9 @@ def test_each_rank_draws_its_own_sampled_columns_reproducibly(monkeypatch, float
     cols = drawn_columns("cross_entropy", f, seed=7, draws=0, s=2)
     columns = block_columns([torch.stack([c[i] for c in cols], dim=1) for i in range(6)])
     e = torch.softmax(f, 1) - F.one_hot(y, 3).to(f.dtype)
-    torch.testing.assert_close(deltas[0][0], dense_step(model, x, columns, e.reshape(-1), lr=0.5, damping=0.4), rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(
+        deltas[0][0], dense_step(model, x, columns, e.reshape(-1), lr=0.5, damping=0.4), rtol=1e-7, atol=1e-10
+    )
 
 
 def test_divergence_is_reported_and_changes_nothing():
@@ -665,7 +688,9 @@ class _Wrapped(nn.Module):
 
     def forward(self, x, scale=1.0):
         logits = self.inner(x) * scale
-        return _Output(logits=logits, hidden=torch.tanh(logits)) if self.form == "logits" else (logits, torch.tanh(logits))
+        return (
+            _Output(logits=logits, hidden=torch.tanh(logits)) if self.form == "logits" else (logits, torch.tanh(logits))
+        )
 
 
 @pytest.mark.parametrize("form", ["logits", "tuple"])
@@ -688,7 +713,9 @@ def test_damping_adapts_when_the_model_returns_a_model_output(form, float64):
             out = wrapped(x, scale=1.0)  # a keyword argument travels to the re-run too
             opt.backward(out.logits if form == "logits" else out[0], y)
             opt.step()
-            assert opt.extra_state["damping_adaptation"]["last_ratio"] == pytest.approx(plain_opt.extra_state["damping_adaptation"]["last_ratio"], rel=1e-9)
+            assert opt.extra_state["damping_adaptation"]["last_ratio"] == pytest.approx(
+                plain_opt.extra_state["damping_adaptation"]["last_ratio"], rel=1e-9
+            )
             dampings.append((opt.damping, plain_opt.damping))
     assert all(a == pytest.approx(b) for a, b in dampings)
     assert len({a for a, _ in dampings}) > 1, dampings  # the damping did change

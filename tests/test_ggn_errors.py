@@ -80,7 +80,9 @@ def test_mse_target_shape_mismatch_shows_both_shapes(out_shape, target_shape):
     model = nn.Sequential(nn.Linear(3, k), nn.Flatten(0)) if len(out_shape) == 1 else nn.Linear(3, k)
     opt = gramopt.GGN(model)
     out = model(torch.randn(6, 3))
-    with pytest.raises(ValueError, match=rf"target shape \({', '.join(map(str, target_shape))},?\) does not match output shape"):
+    with pytest.raises(
+        ValueError, match=rf"target shape \({', '.join(map(str, target_shape))},?\) does not match output shape"
+    ):
         opt.backward(out, torch.randn(*target_shape))
 
 
@@ -148,7 +150,9 @@ def test_batchnorm_switched_to_training_later_is_refused():
 
 
 def test_unsupported_module_configurations_are_named():
-    with pytest.raises(gramopt.UnsupportedModuleError, match=r"0.weight: 0 \(Embedding\): Embedding\(sparse=True\): sparse gradients"):
+    with pytest.raises(
+        gramopt.UnsupportedModuleError, match=r"0.weight: 0 \(Embedding\): Embedding\(sparse=True\): sparse gradients"
+    ):
         gramopt.GGN(nn.Sequential(nn.Embedding(5, 2, sparse=True)), unsupported="error")
 
 

@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
+from tests.reference import flat_residual, gauss_newton_delta, gauss_newton_step, residual_jacobian
 from torch import nn
 
 from gramopt.pde import forward_laplacian
-from tests.reference import flat_residual, gauss_newton_delta, gauss_newton_step, residual_jacobian
 
 DT = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -110,7 +110,7 @@ def test_step_returns_the_loss_and_does_not_move_the_model():
     r = flat_residual(closure()).detach()
     torch.testing.assert_close(loss, 0.5 * r.pow(2).sum())
     assert delta.shape == (sum(p.numel() for p in model.parameters()),)
-    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
     with pytest.raises(ValueError, match="space"):
         gauss_newton_delta(torch.eye(2, dtype=DT), torch.ones(2, dtype=DT), 1.0, 0.0, space="dual")
     with pytest.raises(ValueError, match="method"):

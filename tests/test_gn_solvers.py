@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from torch import nn
 import gramopt
 import models
 from gramopt.capture import SharedWeightFactors
-from gramopt.capture.factors import LayerFactors
 from gramopt.optim.ggn import GaussNewtonSystem
 from reference import ggn_delta, params_vector
 
@@ -49,7 +47,9 @@ SOLVER_CASES = [
 def one_step(model, x, y, loss, damping, solver, options=None):
     """The step of one solver (a fixed damping: adaptation could undo the step)."""
     before = params_vector(model)
-    opt = gramopt.GGN(model, lr=0.7, damping=damping, loss=loss, solver=solver, solver_options=options, damping_adaptation=None)
+    opt = gramopt.GGN(
+        model, lr=0.7, damping=damping, loss=loss, solver=solver, solver_options=options, damping_adaptation=None
+    )
     opt.backward(model(x), y)
     opt.step()
     return params_vector(model) - before, opt.last_info
@@ -66,7 +66,9 @@ def test_same_step_as_cholesky_to_the_tolerance(name, solver, options, float64):
     damping = 1e-3 if loss == "mse" else 0.05
     expected = ggn_delta(model, x, y, loss, lr=0.7, damping=damping)
     reference, _ = one_step(copy.deepcopy(model), x, y, loss, damping, "cholesky")
-    delta, info = one_step(model, x, y, loss, damping, solver, {**options, "tol": 1e-11} if solver != "auto" else options)
+    delta, info = one_step(
+        model, x, y, loss, damping, solver, {**options, "tol": 1e-11} if solver != "auto" else options
+    )
     torch.testing.assert_close(reference, expected, rtol=1e-8, atol=1e-10)
     scale = float(expected.norm())
     assert float((delta - expected).norm()) <= 1e-6 * scale, (info.solve.method, info.solve.residuals[-1:])
@@ -99,7 +101,15 @@ def test_matrix_free_solvers_never_build_the_gram(solver, float64, monkeypatch):
 
     monkeypatch.setattr(SharedWeightFactors, "gram", forbidden)
     monkeypatch.setattr(GaussNewtonSystem, "dense", forbidden)
-    delta, info = one_step(model, x, y, "mse", 1e-2, solver, {"tol": 1e-11, "oversampling": 1.0} if solver == "sketch-pcg" else {"tol": 1e-11})
+    delta, info = one_step(
+        model,
+        x,
+        y,
+        "mse",
+        1e-2,
+        solver,
+        {"tol": 1e-11, "oversampling": 1.0} if solver == "sketch-pcg" else {"tol": 1e-11},
+    )
     torch.testing.assert_close(delta, expected, rtol=1e-7, atol=1e-10)
 
 
@@ -151,7 +161,7 @@ def test_randomized_solvers_are_reproducible_through_state_dict(float64):
             o.backward(m(x), y)
             o.step()
         assert opt.last_info.solve.residuals == other.last_info.solve.residuals
-    for p, q in zip(model.parameters(), clone.parameters()):
+    for p, q in zip(model.parameters(), clone.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -208,7 +218,7 @@ def test_algorithm1_halves_the_error_each_step(float64):
     e = errors["sketch-pcg"]
     assert all(e[t + 1] <= 0.5 * e[t] for t in range(6)), e
     assert e[-1] < 1e-3 * e[0]
-    for a, b in zip(e[:3], errors["cholesky"][:3]):
+    for a, b in zip(e[:3], errors["cholesky"][:3], strict=True):
         assert a == pytest.approx(b, rel=1e-2)
 
 
@@ -223,7 +233,12 @@ def test_gram_product_after_dense_is_the_factor_product(float64):
     factor = SharedWeightFactors(conv, [conv.weight, conv.bias], conv.weight, conv.bias, unfolded, z)
     rows = torch.cat(factor.explicit_rows(), dim=1)  # [b k, p]
     q = torch.randn(b, k, 1)
-    system = GaussNewtonSystem({"0": SharedWeightFactors(conv, [conv.weight, conv.bias], conv.weight, conv.bias, unfolded, z)}, q, torch.zeros(b), 0.1)
+    system = GaussNewtonSystem(
+        {"0": SharedWeightFactors(conv, [conv.weight, conv.bias], conv.weight, conv.bias, unfolded, z)},
+        q,
+        torch.zeros(b),
+        0.1,
+    )
     v = torch.randn(b * k)
     through_factors = system.gram_product(v)
     system.dense()
@@ -248,7 +263,9 @@ def test_auto_picks_by_size():
     cost = estimated_flops(big)
     assert cost["cholesky"] == pytest.approx(2 * 8192**2 * (2**17 + 17) + 8192**3 / 3)
     model, x, y = models.mlp(out=1), torch.randn(64, 5), torch.randn(64, 1)
-    opt = gramopt.GGN(model, damping=0.1, solver="auto")  # (at damping 0 this float32 Gram, cond ~1e7, is singular to working precision)
+    opt = gramopt.GGN(
+        model, damping=0.1, solver="auto"
+    )  # (at damping 0 this float32 Gram, cond ~1e7, is singular to working precision)
     opt.backward(model(x), y)
     opt.step()
     assert opt.last_info.solve.method == "cholesky"

@@ -174,7 +174,9 @@ def test_hugging_face_trainer_runs_the_optimizers_step(method, tmp_path):
         trainer_class = GramoptTrainer
     else:
         trainer_class = transformers.Trainer
-    trainer = trainer_class(model=trained, args=hf_args(transformers, tmp_path, 3), train_dataset=data, optimizers=(opt, None))
+    trainer = trainer_class(
+        model=trained, args=hf_args(transformers, tmp_path, 3), train_dataset=data, optimizers=(opt, None)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = trainer.train()
@@ -269,7 +271,9 @@ def test_gramopt_trainer_logs_the_real_gradient_norm_or_none(method, tmp_path):
         pytest.skip("this transformers logs grad_norm only when it clips .grad itself")
     batch = Sequences().batch()
     reference(**batch).loss.backward()
-    expected = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters() if p.grad is not None])))
+    expected = float(
+        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters() if p.grad is not None]))
+    )
     assert expected > 0 and steps[0]["grad_norm"] == pytest.approx(expected, rel=1e-6)
     assert steps[1]["grad_norm"] > 0 and steps[1]["grad_norm"] != steps[0]["grad_norm"]
     opt.close()
@@ -331,7 +335,9 @@ def test_gramopt_trainer_max_grad_norm_clips_the_update(tmp_path):
     assert_same_parameters(trained, reference, atol=1e-9)
     free_opt = HF_METHODS["ggn"](unclipped)
     plain_loop_steps(unclipped, free_opt, batch, 2)  # the clip took effect: without it, another result
-    moved = {n: (p - q).abs().max() for (n, p), q in zip(unclipped.named_parameters(), reference.parameters())}
+    moved = {
+        n: (p - q).abs().max() for (n, p), q in zip(unclipped.named_parameters(), reference.parameters(), strict=True)
+    }
     assert max(moved.values()) > 1e-6
     for o in (opt, ref_opt, free_opt):
         o.close()

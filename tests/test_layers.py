@@ -17,7 +17,8 @@ from gramopt.capture import CaptureEngine
 from reference import per_sample_grads
 
 CONVS = {
-    "conv1d-grouped-stride-reflect": (nn.Conv1d(4, 6, 3, groups=2, stride=2, padding=1, padding_mode="reflect"), (4, 9)),
+    "conv1d-grouped-stride-reflect": (
+        nn.Conv1d(4, 6, 3, groups=2, stride=2, padding=1, padding_mode="reflect"), (4, 9)),
     "conv1d-depthwise-dilation-same-circular": (
         nn.Conv1d(4, 4, 3, groups=4, dilation=2, padding="same", padding_mode="circular"), (4, 9)),
     "conv2d-grouped-stride-replicate": (
@@ -40,7 +41,9 @@ def _half_squared(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 0.5 * (out - y).pow(2).sum()
 
 
-def _rows_and_reference(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+def _rows_and_reference(
+    model: nn.Module, layer: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, object]:
     """(captured rows of ``layer`` for the summed per-sample losses, the torch.func rows, factors)."""
     torch.manual_seed(1)
     y = torch.randn_like(model(x))
@@ -77,7 +80,9 @@ def test_batchnorm_rows_sum_to_the_batch_gradient(kind):
     parameters and for every layer before and after it."""
     torch.manual_seed(0)
     if kind == "bn2d":
-        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 4))
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 4)
+        )
         x = torch.randn(5, 2, 4, 4)
     elif kind == "bn1d-sequence":
         model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 4))
@@ -94,7 +99,7 @@ def test_batchnorm_rows_sum_to_the_batch_gradient(kind):
     assert "1" in factors  # the BatchNorm layer is preconditioned
     for name, factor in factors.items():
         summed = factor.rmatvec(torch.ones(factor.num_rows, dtype=torch.float64))
-        for p, s in zip(factor.params, summed):
+        for p, s in zip(factor.params, summed, strict=True):
             torch.testing.assert_close(s, p.grad, rtol=1e-10, atol=1e-12, msg=name)
     engine.close()
 
@@ -131,5 +136,5 @@ def test_every_method_steps_grouped_and_transposed_convolutions(method):
         opt.backward(model(x), y)
         opt.step()
     assert len(opt.engine.layers) == 4
-    for p, q in zip(model.parameters(), before):
+    for p, q in zip(model.parameters(), before, strict=True):
         assert not torch.equal(p, q)

@@ -205,7 +205,7 @@ def test_grad_scaler_unscales_after_an_earlier_opt_backward_without_step():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     (x, y), (x2, y2) = batches(2)
     opts[0].backward(scaled(x), y)
-    for model, opt in zip((scaled, plain), opts):
+    for model, opt in zip((scaled, plain), opts, strict=True):
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x2), y2)
         if opt is opts[0]:

@@ -8,11 +8,11 @@ import json
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import gramopt
 from gramopt.console import COMPARE_EXTRA_MODULES, INSTALL_HINT
@@ -76,7 +76,9 @@ NEEDS = {
 def test_console_script_names_the_extra_when_a_package_is_missing(missing, tmp_path):
     # sys.modules[name] = None makes `import name` raise ModuleNotFoundError, as when absent.
     argv = NEEDS[missing] + (["--no-progress", "--out", str(tmp_path)] if NEEDS[missing][0] == "train" else [])
-    done = run_python(f"import sys; sys.modules[{missing!r}] = None\nfrom gramopt.console import main\nsys.exit(main({argv!r}))")
+    done = run_python(
+        f"import sys; sys.modules[{missing!r}] = None\nfrom gramopt.console import main\nsys.exit(main({argv!r}))"
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     assert INSTALL_HINT in done.stderr and COMPARE_EXTRA_MODULES[missing] in done.stderr
     assert "Traceback" not in done.stderr

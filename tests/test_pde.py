@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from tests.reference import input_derivatives, named_trainable
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
@@ -17,7 +18,6 @@ from gramopt.capture.channels import active_bias_positions, bias_positions
 from gramopt.errors import CaptureError, UnsupportedModuleError
 from gramopt.linalg.kernels import shared_weight_gram
 from gramopt.pde import Derivatives, Sin, activations, forward_laplacian, register_activation
-from tests.reference import input_derivatives, named_trainable
 
 DT = torch.float64
 # torch.func.hessian (forward-mode inside) loads a TorchScript decomposition that warns about torch.jit.script
@@ -291,7 +291,7 @@ def check_factors(factors: dict[str, LayerFactors], blocks, j: torch.Tensor) -> 
         v = torch.randn(u.shape[1], generator=gen, dtype=DT)
         shapes = [p.shape for p in f.params]
         parts = list(torch.split(v, [math.prod(s) for s in shapes]))
-        vectors = [p.reshape(s) for p, s in zip(parts, shapes)]
+        vectors = [p.reshape(s) for p, s in zip(parts, shapes, strict=True)]
         torch.testing.assert_close(f.matvec(vectors), u @ v, rtol=1e-10, atol=1e-12)
         index = torch.tensor([0, u.shape[1] - 1, u.shape[1] // 2])
         torch.testing.assert_close(f.columns(index), u[:, index], rtol=1e-10, atol=1e-12)

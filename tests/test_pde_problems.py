@@ -9,11 +9,11 @@ import math
 
 import pytest
 import torch
+from tests.reference import input_derivatives
 from torch import nn
 
 from gramopt.pde import Derivatives, Sin
 from gramopt.pde.problems import HEAT, HEAT_1D, POISSON_2D, POISSON_5D, PROBLEMS
-from tests.reference import input_derivatives
 
 DT = torch.float64
 # torch.func.hessian (forward-mode inside) loads a TorchScript decomposition that warns about torch.jit.script
@@ -58,7 +58,7 @@ def test_papers_networks_and_point_counts():
 def test_build_model_is_deterministic_given_a_generator():
     a, b = POISSON_2D.build_model(generator(3)), POISSON_2D.build_model(generator(3))
     c = POISSON_2D.build_model(generator(4))
-    for p, q, r in zip(a.parameters(), b.parameters(), c.parameters()):
+    for p, q, r in zip(a.parameters(), b.parameters(), c.parameters(), strict=True):
         assert torch.equal(p, q) and not torch.equal(p, r)
         bound = 1 / math.sqrt(p.shape[-1] if p.dim() == 2 else 1)
         if p.dim() == 2:  # PyTorch's default range

@@ -58,7 +58,10 @@ def test_chain_steps_each_optimizer_and_round_trips_its_state():
     scheduler.step()
     other = make()
     other.load_state_dict(chain.state_dict())
-    assert torch.equal(other.optimizers[0].state[model.weight]["momentum_buffer"], chain.optimizers[0].state[model.weight]["momentum_buffer"])
+    assert torch.equal(
+        other.optimizers[0].state[model.weight]["momentum_buffer"],
+        chain.optimizers[0].state[model.weight]["momentum_buffer"],
+    )
     with pytest.raises(ValueError, match="two optimizers"):
         Chain(torch.optim.SGD([model.weight], lr=0.1), torch.optim.SGD([model.weight], lr=0.1))
 
@@ -124,12 +127,12 @@ def test_float32_muon_is_torchs_update_with_its_orthogonalization_in_float32(
     for _ in range(3):
         grads = [torch.randn_like(p) for p in ours.param_groups[0]["params"]]
         for optimizer in (ours, torchs):
-            for p, g in zip(optimizer.param_groups[0]["params"], grads):
+            for p, g in zip(optimizer.param_groups[0]["params"], grads, strict=True):
                 p.grad = g.clone()
             optimizer.step()
-    for p, q in zip(ours.param_groups[0]["params"], torchs.param_groups[0]["params"]):
+    for p, q in zip(ours.param_groups[0]["params"], torchs.param_groups[0]["params"], strict=True):
         assert torch.equal(p, q)
-    for p, q in zip(ours.param_groups[0]["params"], torchs.param_groups[0]["params"]):
+    for p, q in zip(ours.param_groups[0]["params"], torchs.param_groups[0]["params"], strict=True):
         assert torch.equal(ours.state[p]["momentum_buffer"], torchs.state[q]["momentum_buffer"])
 
 
@@ -139,10 +142,12 @@ def test_float32_muons_step_is_the_float64_reference_and_torchs_is_its_bfloat16_
     starts = [p.detach().clone() for p in ours.param_groups[0]["params"]]
     grads = [torch.randn_like(p) for p in starts]
     for optimizer in (ours, torchs):
-        for p, g in zip(optimizer.param_groups[0]["params"], grads):
+        for p, g in zip(optimizer.param_groups[0]["params"], grads, strict=True):
             p.grad = g.clone()
         optimizer.step()
-    for start, g, p, q in zip(starts, grads, ours.param_groups[0]["params"], torchs.param_groups[0]["params"]):
+    for start, g, p, q in zip(
+        starts, grads, ours.param_groups[0]["params"], torchs.param_groups[0]["params"], strict=True
+    ):
         scale = max(1.0, start.shape[0] / start.shape[1]) ** 0.5
         expected_step = -0.05 * scale * _reference_newton_schulz(g)
         error = ((p.double() - start.double()) - expected_step).norm() / expected_step.norm()

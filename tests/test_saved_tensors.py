@@ -39,7 +39,7 @@ class TwinRanks:
         return nullcontext()
 
     def gather_rows(self, tensors: list[Tensor], scaled: list[bool], layout: str = "") -> list[Tensor]:
-        return [torch.cat([t * 0.5, t * 0.5]) if s else torch.cat([t, t]) for t, s in zip(tensors, scaled)]
+        return [torch.cat([t * 0.5, t * 0.5]) if s else torch.cat([t, t]) for t, s in zip(tensors, scaled, strict=True)]
 
     def synchronize_gradients(self, params: list[Tensor], samples: int) -> None:
         pass
@@ -164,7 +164,7 @@ class TupleScaleHandler(gramopt.LayerHandler):
 
     def factors(self, module, params, saved, grads):
         b, k = grads[0].shape[:2]
-        rows = sum(g * x.transpose(0, 1).to(g.dtype).unsqueeze(1) for (x, _), g in zip(saved, grads))
+        rows = sum(g * x.transpose(0, 1).to(g.dtype).unsqueeze(1) for (x, _), g in zip(saved, grads, strict=True))
         return gramopt.ExplicitFactors(module, params, rows.reshape(b * k, -1))
 
 
@@ -234,7 +234,7 @@ def test_a_user_handler_that_does_not_say_is_refused_by_name_and_changes_nothing
     refused = r"layer 1: TupleScaleHandler\.save kept a tuple.*saved_tensors.*restore_saved"
     with pytest.raises(CaptureError, match=refused):
         opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     single = _make("seng", model)  # one process, one micro-batch: nothing needs to travel
     single.backward(model(x), y)
     single.step()

@@ -8,14 +8,13 @@ import copy
 import io
 import statistics
 
-import models
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import params_vector, per_sample_grads
 from torch import nn
 
 import gramopt
+import models
 from gramopt.linalg.sketches import KroneckerSketch, RowSampleSketch
 from gramopt.optim.seng.implicit import (
     eq23_product,
@@ -29,13 +28,19 @@ from gramopt.training.registry import (
     task_hyper,
     training_step,
 )
+from reference import params_vector, per_sample_grads
 
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 CASES = {
     "mlp-ce": (lambda: models.mlp(out=3), lambda b: torch.randn(b, 5), "cross_entropy", 3),
     "mlp-mse": (lambda: models.mlp(out=2), lambda b: torch.randn(b, 5), "mse", 2),
     "cnn-ce": (lambda: models.cnn(out=3), lambda b: torch.randn(b, 1, 8, 8), "cross_entropy", 3),
-    "transformer-ce": (lambda: models.TinyTransformer(out=3), lambda b: torch.randint(0, 11, (b, 5)), "cross_entropy", 3),
+    "transformer-ce": (
+        lambda: models.TinyTransformer(out=3),
+        lambda b: torch.randint(0, 11, (b, 5)),
+        "cross_entropy",
+        3,
+    ),
 }
 
 
@@ -64,7 +69,7 @@ def per_sample_blocks(model, x, y, loss) -> list[torch.Tensor]:
 def reference_direction(us: list[torch.Tensor], gs: list[torch.Tensor], damping: float) -> torch.Tensor:
     """``d_l = (U_l^T U_l / b + damping I)^{-1} g_l``, concatenated in parameter order."""
     out = []
-    for u, g in zip(us, gs):
+    for u, g in zip(us, gs, strict=True):
         m = u.T @ u / u.shape[0] + damping * torch.eye(u.shape[1], dtype=u.dtype)
         out.append(torch.linalg.solve(m, g))
     return torch.cat(out)
@@ -121,8 +126,9 @@ def test_trajectory_with_curvature_every_2(name, float64):
         with torch.no_grad():
             torch.nn.utils.vector_to_parameters(params_vector(reference) - lr * d, reference.parameters())
         take_step(opt, model, x, y, loss)
-        torch.testing.assert_close(params_vector(model), params_vector(reference), rtol=1e-8, atol=1e-11, msg=f"step {t}")
-
+        torch.testing.assert_close(
+            params_vector(model), params_vector(reference), rtol=1e-8, atol=1e-11, msg=f"step {t}"
+        )
 
 
 def test_steps_between_refreshes_capture_nothing(float64):
@@ -140,7 +146,7 @@ def test_steps_between_refreshes_capture_nothing(float64):
     for t, (x, y) in enumerate(batches):
         if t == 4:  # between refreshes (3, 6): the layer's cached curvature covers the bias
             for m in (model, twin):
-                next(l for l in m.modules() if isinstance(l, nn.Linear)).bias.requires_grad_(False)
+                next(layer for layer in m.modules() if isinstance(layer, nn.Linear)).bias.requires_grad_(False)
         for o, m in ((opt, model), (full, twin)):
             o.zero_grad()
             o.backward(m(x), y)
@@ -176,7 +182,9 @@ def test_damping_schedule_is_evaluated_at_each_step(float64):
     for step in range(3):
         us = per_sample_blocks(model, x, y, "cross_entropy")
         expected = reference_direction(us, [u.mean(0) for u in us], 0.4 * 0.5**step)
-        torch.testing.assert_close(step_direction(model, opt, x, y, "cross_entropy", 0.3), expected, rtol=1e-8, atol=1e-11)
+        torch.testing.assert_close(
+            step_direction(model, opt, x, y, "cross_entropy", 0.3), expected, rtol=1e-8, atol=1e-11
+        )
         assert opt.param_groups[0]["damping"] == pytest.approx(0.4 * 0.5**step)
 
 
@@ -193,7 +201,9 @@ def test_implicit_without_sampling_at_full_rank_equals_explicit(name, rank, floa
     x, y = inputs(6), target(loss, 6, k)
     r = 5 if rank == "full" else None  # cnn: conv sides n_G = 4 and 5 (<= 5 < kappa)
     explicit = gramopt.SENG(model, 0.3, 0.1, loss=loss)
-    implicit = gramopt.SENG(twin, 0.3, 0.1, loss=loss, implicit=gramopt.ImplicitConfig(threshold=1, rank=r, exact_product=True))
+    implicit = gramopt.SENG(
+        twin, 0.3, 0.1, loss=loss, implicit=gramopt.ImplicitConfig(threshold=1, rank=r, exact_product=True)
+    )
     assert implicit.implicit_layers and not explicit.implicit_layers
     for _ in range(2):
         take_step(explicit, model, x, y, loss)
@@ -232,7 +242,7 @@ def test_implicit_direction_with_eq23_matches_its_formula(float64):
     with torch.no_grad():
         hidden = torch.tanh(model[0](x))
     expected = []
-    for index, (layer, u, xin) in enumerate(zip((model[0], model[2]), us, (x, hidden))):
+    for index, (layer, u, xin) in enumerate(zip((model[0], model[2]), us, (x, hidden), strict=True)):
         zs = []
         for i in range(b):
             out = layer(xin[i : i + 1])
@@ -240,7 +250,9 @@ def test_implicit_direction_with_eq23_matches_its_formula(float64):
             (z,) = torch.autograd.grad(F.cross_entropy(logits, y[i : i + 1]), out)
             zs.append(z[0])
         g_fac, a_fac = torch.stack(zs), torch.cat([xin, torch.ones(b, 1)], dim=1)  # [b, n_G], [b, n_A]
-        torch.testing.assert_close(torch.einsum("bg,ba->bga", g_fac, a_fac)[:, :, :-1].reshape(b, -1), u[:, : -layer.out_features])
+        torch.testing.assert_close(
+            torch.einsum("bg,ba->bga", g_fac, a_fac)[:, :, :-1].reshape(b, -1), u[:, : -layer.out_features]
+        )
         g = u.mean(0)
         beta = torch.linalg.solve(u @ u.T + b * lam * torch.eye(b), u @ g)
         root = beta.abs().sqrt()
@@ -264,7 +276,9 @@ def test_truncated_factors_are_the_svd_truncation(float64):
         best = qh[:2].T @ torch.diag(s[:2]) @ p[:, :2].T @ a[i]
         torch.testing.assert_close(g2[i].T @ a2[i], best, rtol=1e-10, atol=1e-12)
     g4, a4 = truncate(g, a, 4)
-    torch.testing.assert_close(torch.einsum("brg,bra->bga", g4, a4), torch.einsum("brg,bra->bga", g, a), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        torch.einsum("brg,bra->bga", g4, a4), torch.einsum("brg,bra->bga", g, a), rtol=1e-10, atol=1e-12
+    )
     gs, as_ = truncate(torch.randn(3, 9, 7), a, 3)  # A is the smaller side now
     assert gs.shape == (3, 3, 7) and as_.shape == (3, 3, 6)
 
@@ -294,7 +308,9 @@ def test_explicit_sketch_error_shrinks_with_size(sampling, float64):
     """Eq. 11-14: median direction error over 15 seeds falls as q grows; uniform
     sampling of every coordinate (q = p, a permutation) is exact."""
     sizes = [1 / 16, 1 / 4, 1.0]
-    medians = sketch_errors(lambda q, seed: gramopt.SketchConfig(size=q, sampling=sampling, seed=seed), sizes, range(15))
+    medians = sketch_errors(
+        lambda q, seed: gramopt.SketchConfig(size=q, sampling=sampling, seed=seed), sizes, range(15)
+    )
     assert medians[0] > medians[1] > medians[2], medians
     assert medians[0] > 0.05, medians  # the small sketch does change the direction
     if sampling == "uniform":
@@ -401,11 +417,14 @@ def test_both_loops_are_identical(name, config):
     model = build()
     twin = copy.deepcopy(model)
     batches = [(inputs(8), target(loss, 8, k)) for _ in range(3)]
-    opts = [gramopt.SENG(m, 0.2, 0.3, momentum=0.5, curvature_every=2, loss=loss, **LOOP_CONFIGS[config]) for m in (model, twin)]
+    opts = [
+        gramopt.SENG(m, 0.2, 0.3, momentum=0.5, curvature_every=2, loss=loss, **LOOP_CONFIGS[config])
+        for m in (model, twin)
+    ]
     for x, y in batches:
         take_step(opts[0], model, x, y, loss, "uniform")
         take_step(opts[1], twin, x, y, loss, "ordinary")
-    for p, q in zip(model.parameters(), twin.parameters()):
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -437,12 +456,16 @@ def test_state_dict_round_trip_bit_for_bit():
     assert torch.equal(saved["sketch_rng"], restored["sketch_rng"])
     for layer, state in saved["curvature"].items():
         for key, value in state.items():
-            same = torch.equal(value, restored["curvature"][layer][key]) if torch.is_tensor(value) else value == restored["curvature"][layer][key]
+            same = (
+                torch.equal(value, restored["curvature"][layer][key])
+                if torch.is_tensor(value)
+                else value == restored["curvature"][layer][key]
+            )
             assert same, (layer, key)
     for x, y in batches[2:]:
         take_step(opt, model, x, y, "cross_entropy")
         take_step(other, clone, x, y, "cross_entropy")
-        for p, q in zip(model.parameters(), clone.parameters()):
+        for p, q in zip(model.parameters(), clone.parameters(), strict=True):
             assert torch.equal(p, q)
 
 
@@ -466,11 +489,23 @@ def test_schedules():
     saved = scheduler.state_dict()["lr_lambdas"][0]  # a dataclass: its fields are saved
     assert saved == dict(warmup=5, total=60, power=6, start_factor=0.01 / 0.3)
     decay = gramopt.DampingDecay(0.17, 0.9, every=10, steps_per_epoch=4)
-    assert decay(3) == pytest.approx(0.17) and decay(40) == pytest.approx(0.17 * 0.9) and decay(200) == pytest.approx(0.17 * 0.9**5)
-    for bad in (dict(warmup=5, total=5, power=1), dict(warmup=0, total=10, power=-1), dict(warmup=0, total=10, power=1, start_factor=2)):
+    assert (
+        decay(3) == pytest.approx(0.17)
+        and decay(40) == pytest.approx(0.17 * 0.9)
+        and decay(200) == pytest.approx(0.17 * 0.9**5)
+    )
+    for bad in (
+        dict(warmup=5, total=5, power=1),
+        dict(warmup=0, total=10, power=-1),
+        dict(warmup=0, total=10, power=1, start_factor=2),
+    ):
         with pytest.raises(ValueError):
             gramopt.WarmupPolyDecay(**bad)
-    for bad in (dict(initial=0, factor=0.9), dict(initial=1, factor=1.5), dict(initial=1, factor=0.9, steps_per_epoch=0)):
+    for bad in (
+        dict(initial=0, factor=0.9),
+        dict(initial=1, factor=1.5),
+        dict(initial=1, factor=0.9, steps_per_epoch=0),
+    ):
         with pytest.raises(ValueError):
             gramopt.DampingDecay(**bad)
 
@@ -613,8 +648,10 @@ def test_unsupported_modules_left_to_the_gradient(float64):
     x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
     blocks = [[model[0].weight, model[0].bias], [model[3].weight, model[3].bias]]
     hookless = copy.deepcopy(model)
-    us = [per_sample_grads(hookless, x, y, F.cross_entropy, params=[dict(hookless.named_parameters())[n] for n in names])
-          for names in (["0.weight", "0.bias"], ["3.weight", "3.bias"])]
+    us = [
+        per_sample_grads(hookless, x, y, F.cross_entropy, params=[dict(hookless.named_parameters())[n] for n in names])
+        for names in (["0.weight", "0.bias"], ["3.weight", "3.bias"])
+    ]
     expected = reference_direction(us, [u.mean(0) for u in us], 0.1)
     opt = gramopt.SENG(model, 0.5, 0.1, unsupported="gradient")
     scale = model[1].s.detach().clone()

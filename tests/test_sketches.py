@@ -163,5 +163,7 @@ def test_sketch_of_the_embedding_dims():
     """Documented: delta ~ sqrt(k/m) for a Gaussian sketch (Marchenko-Pastur)."""
     k = 32
     u = orthonormal(2048, k, seed=2)
-    sv = torch.linalg.svdvals(make_sketch("gaussian", 16 * k, 2048, generator=torch.Generator().manual_seed(0)).apply(u))
+    sv = torch.linalg.svdvals(
+        make_sketch("gaussian", 16 * k, 2048, generator=torch.Generator().manual_seed(0)).apply(u)
+    )
     assert float(sv.max()) - 1 < 1.5 * math.sqrt(1 / 16) and 1 - float(sv.min()) < 1.5 * math.sqrt(1 / 16)

@@ -11,7 +11,9 @@ from gramopt.compare.memory import AVAILABLE, peak_memories
 def test_interleaved_times_synchronizes_each_turn(monkeypatch):
     calls: list[object] = []
     monkeypatch.setattr(timing, "synchronize", lambda device=None: calls.append(device))
-    samples = timing.interleaved_times({"a": lambda: None, "b": lambda: None}, rounds=3, steps_per_round=2, warmup=0, device="cpu")
+    samples = timing.interleaved_times(
+        {"a": lambda: None, "b": lambda: None}, rounds=3, steps_per_round=2, warmup=0, device="cpu"
+    )
     assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3}
     assert calls == ["cpu"] * 12  # before and after each of the 6 turns
 

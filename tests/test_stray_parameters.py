@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import gramopt
-from gramopt.errors import UnsupportedModuleError
 
 
 class EncoderClassifier(nn.Module):
@@ -113,7 +112,10 @@ def test_multihead_attention_is_covered_under_error(method):
     assert not opt.engine.unsupported_names
 
 
-@pytest.mark.parametrize("method,loop", [("fngd", "uniform"), ("fngd", "ordinary"), ("seng", "uniform"), ("seng", "ordinary"), ("ggn", "uniform")])
+@pytest.mark.parametrize(
+    "method,loop",
+    [("fngd", "uniform"), ("fngd", "ordinary"), ("seng", "uniform"), ("seng", "ordinary"), ("ggn", "uniform")],
+)
 def test_weights_used_without_calling_the_module_follow_the_plain_gradient(method, loop):
     torch.manual_seed(1)
     model = FunctionalUse()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXTERNAL_DATA
 
+from conftest import EXTERNAL_DATA
 from gramopt.cli import main
 from gramopt.tasks import TASKS, get_task
 from gramopt.training import build_optimizer, training_step
@@ -45,7 +45,7 @@ def test_model_init_depends_on_seed_only():
     a = task.build_model(0)
     torch.manual_seed(456)
     b = task.build_model(0)
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -92,7 +92,9 @@ def test_fashion_mnist_is_the_official_split():
     """The installed data set itself (skipped where it is not installed)."""
     split = get_task("fashion-mnist").load(0)
     assert split.train_x.shape == (60_000, 1, 28, 28) and split.test_x.shape == (10_000, 1, 28, 28)
-    assert torch.bincount(split.train_y).tolist() == [6000] * 10 and torch.bincount(split.test_y).tolist() == [1000] * 10
+    assert (
+        torch.bincount(split.train_y).tolist() == [6000] * 10 and torch.bincount(split.test_y).tolist() == [1000] * 10
+    )
     assert 0.0 <= float(split.train_x.min()) and float(split.train_x.max()) <= 1.0
 
 

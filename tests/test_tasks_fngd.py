@@ -12,8 +12,8 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import fashion_folder, task_batch, write_idx
 
+from conftest import fashion_folder, task_batch, write_idx
 from gramopt.cli import main
 from gramopt.losses import get_loss
 from gramopt.tasks import TASKS, get_task
@@ -24,7 +24,8 @@ from gramopt.training.registry import task_hyper
 
 @pytest.mark.parametrize("compress", [False, True])
 @pytest.mark.parametrize(
-    "dtype, code", [(np.uint8, 0x08), (np.int8, 0x09), (np.int16, 0x0B), (np.int32, 0x0C), (np.float32, 0x0D), (np.float64, 0x0E)]
+    "dtype, code",
+    [(np.uint8, 0x08), (np.int8, 0x09), (np.int16, 0x0B), (np.int32, 0x0C), (np.float32, 0x0D), (np.float64, 0x0E)],
 )
 def test_read_idx_round_trip(tmp_path, dtype, code, compress):
     rng = np.random.default_rng(0)
@@ -57,7 +58,9 @@ def test_load_fashion_mnist_from_idx_folder(tmp_path):
     split = load_fashion_mnist(0, directory=tmp_path)
     assert split.train_x.shape == (6, 1, 28, 28) and split.train_x.dtype == torch.float32
     assert split.test_x.shape == (4, 1, 28, 28)
-    torch.testing.assert_close(split.train_x[:, 0], torch.tensor(files["train-images-idx3-ubyte"], dtype=torch.float32) / 255)
+    torch.testing.assert_close(
+        split.train_x[:, 0], torch.tensor(files["train-images-idx3-ubyte"], dtype=torch.float32) / 255
+    )
     assert split.train_y.dtype == torch.int64
     assert split.test_y.tolist() == files["t10k-labels-idx1-ubyte"].tolist()
 
@@ -71,7 +74,9 @@ def test_fashion_tasks_read_the_folder_the_environment_names_at_call_time(name, 
     split = get_task(name).load(0)
     assert split.train_y.tolist() == files["train-labels-idx1-ubyte"].tolist()
     out = tmp_path / "run"
-    assert main(["train", "--task", name, "--optimizer", "sgd", "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        main(["train", "--task", name, "--optimizer", "sgd", "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    )
     assert json.loads((out / "metrics.json").read_text())["config"]["task"] == name
 
 
@@ -129,8 +134,38 @@ def test_cli_estimates_fngd_coefficients_during_the_first_epoch(tmp_path, one_th
     assert _train_cli(tmp_path, "--optimizer", "fngd", "--coefficient-steps", "5")["coefficient_steps"] == 5
     assert _train_cli(tmp_path, "--optimizer", "fngd", "--coefficient-steps", "none")["coefficient_steps"] is None
     assert "coefficient_steps" not in _train_cli(tmp_path, "--optimizer", "sgd")
-    assert main(["train", "--task", "digits", "--optimizer", "sgd", "--coefficient-steps", "3", "--out", str(tmp_path / "x")]) == 2
-    assert main(["train", "--task", "digits", "--optimizer", "fngd", "--coefficient-steps", "0", "--out", str(tmp_path / "y")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "digits",
+                "--optimizer",
+                "sgd",
+                "--coefficient-steps",
+                "3",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                "digits",
+                "--optimizer",
+                "fngd",
+                "--coefficient-steps",
+                "0",
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 2
+    )
 
 
 class _Interrupted(Exception):
@@ -153,10 +188,12 @@ def test_resume_across_the_switch_to_sharing_is_exact(tmp_path, one_thread):
     common = dict(task="digits", optimizer="fngd", batch_size=128, seed=3, epochs=2)
     full = Trainer(TrainConfig(**common, out=str(tmp_path / "full")), progress=False).run()
     with pytest.raises(_Interrupted):
-        _StopAfterCheckpoint(TrainConfig(**common, checkpoint_every=9, out=str(tmp_path / "part")), progress=False).run()
+        _StopAfterCheckpoint(
+            TrainConfig(**common, checkpoint_every=9, out=str(tmp_path / "part")), progress=False
+        ).run()
     state = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
     assert state["global_step"] == 9 and state["optimizer"]["gramopt"]["coefficient_counts"]
     resumed = Trainer.resume(tmp_path / "part", progress=False).run()
     assert resumed.epochs[-1]["step"] == full.epochs[-1]["step"] == 24
-    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+    for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(p, q)

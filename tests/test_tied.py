@@ -162,7 +162,7 @@ def test_seng_cached_curvature_of_a_tied_block_and_its_state_round_trip(name):
     resumed = gramopt.SENG(twin, lr=LR, damping=DAMPING, loss=loss, curvature_every=2)
     resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
     expected = {}
-    for u, block in zip(u0, case.blocks):
+    for u, block in zip(u0, case.blocks, strict=True):
         g = tc.block_rows(model, second_x, second_y, loss, block).mean(dim=0)
         d = torch.linalg.solve(u.T @ u / u.shape[0] + DAMPING * torch.eye(u.shape[1]), g)
         expected.update(tc._split(-LR * d, block))
@@ -433,7 +433,7 @@ def test_weights_used_outside_their_modules_calls_are_refused_under_error():
     for _ in range(2):  # refused at every forward until fixed, changing nothing
         with pytest.raises(gramopt.UnsupportedModuleError, match=r"tok\.weight: the model uses them outside"):
             model(idx)
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert not opt.engine.has_factors()
 
 

@@ -106,4 +106,4 @@ def test_ggn_refuses_batchnorm_in_training_mode(name):
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(gramopt.UnsupportedModuleError, match=r"BatchNorm2d ran in training mode under GGN.*eval"):
         opt.backward(model(x), y)
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))

@@ -73,7 +73,7 @@ class DiagonalFisher(SampleSpaceOptimizer):
         """``g / (diagonal + damping)`` per parameter (``diagonal``: ``[p]``, the
         parameters flattened in the order of ``factors.params``)."""
         out, start = {}, 0
-        for p, g in zip(factors.params, gradient):
+        for p, g in zip(factors.params, gradient, strict=True):
             d = diagonal[start : start + p.numel()].view_as(g)
             out[p] = g / (d + self.group_of(p)["damping"])
             start += p.numel()

@@ -97,7 +97,13 @@ def _finite(value: Any) -> Any:
 
 
 def train_epoch(
-    model: nn.Module, opt: torch.optim.Optimizer, task: Task, split: Split, epoch: int, seed: int, batch_size: int | None = None
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    task: Task,
+    split: Split,
+    epoch: int,
+    seed: int,
+    batch_size: int | None = None,
 ) -> dict[str, float]:
     """One epoch (shuffled by ``(seed, epoch)``, the last partial batch dropped), then the
     train loss (full training set), test loss and test metric. ``seconds`` is the time of
@@ -118,7 +124,14 @@ def train_epoch(
     seconds, cpu_seconds = time.perf_counter() - start, time.thread_time() - cpu_start
     train_loss, _ = evaluate(model, task, split.train_x, split.train_y)
     test_loss, metric = evaluate(model, task, split.test_x, split.test_y)
-    return {"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss, task.metric: metric, "seconds": seconds, "cpu_seconds": cpu_seconds}
+    return {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "test_loss": test_loss,
+        task.metric: metric,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+    }
 
 
 def train_task(
@@ -146,7 +159,12 @@ def steps_per_epoch(split: Split, batch_size: int) -> int:
 #: Constructor arguments a later gramopt may use to select FNGD's absolute damping (Theorem 1's
 #: lambda) instead of the relative lambda = damping ||K||_F of Eq. (14), with the value that
 #: selects it. The first one ``gramopt.FNGD`` accepts is used.
-ABSOLUTE_DAMPING_OPTIONS = (("damping_mode", "absolute"), ("damping_kind", "absolute"), ("damping_type", "absolute"), ("relative_damping", False))
+ABSOLUTE_DAMPING_OPTIONS = (
+    ("damping_mode", "absolute"),
+    ("damping_kind", "absolute"),
+    ("damping_type", "absolute"),
+    ("relative_damping", False),
+)
 
 
 def fngd_absolute_damping() -> dict[str, Any] | None:

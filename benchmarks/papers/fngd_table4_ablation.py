@@ -14,10 +14,11 @@ momentum 0.9), 8 epochs with the paper's schedule (lr x0.1 at 50% and 75% of the
 2 seeds. Arms: FNGD (sharing after one epoch of estimation, ``coefficient_steps`` = the steps
 of one epoch, as the paper), w/o sharing (``coefficient_steps=None``: a solve every step) and,
 where ``gramopt.FNGD`` offers an absolute damping (detected from its signature, see
-``common.ABSOLUTE_DAMPING_OPTIONS``: ``damping_mode="absolute"`` since issue 18), the
-constant-damping arms with lambda = 0.3 with and without sharing (1/lambda folded into lr
-as in the relative mode); without such an option those arms are reported as not available. The paper's "w/o acceleration" (hooks instead
-of autograd on module outputs) has no counterpart: gramopt has one implementation.
+``common.ABSOLUTE_DAMPING_OPTIONS``: ``damping_mode="absolute"``), the constant-damping
+arms with lambda = 0.3 with and without sharing (1/lambda folded into lr as in the relative
+mode); without such an option those arms are reported as not available. The paper's "w/o
+acceleration" (hooks instead of autograd on module outputs) has no counterpart: gramopt has
+one implementation.
 
 The arms are trained in turns, one epoch each per round, in one process; time per epoch is
 the training steps' time, reported relative to the FNGD arm of the same round, over the epochs
@@ -35,6 +36,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+import gramopt
 from common import (
     PAPERS,
     fngd_absolute_damping,
@@ -45,8 +48,6 @@ from common import (
     train_epoch,
     write,
 )
-
-import gramopt
 from gramopt.tasks import Split, get_task
 from gramopt.training.registry import task_hyper
 
@@ -62,7 +63,9 @@ def arms(task, split: Split, absolute: dict[str, Any] | None) -> dict[str, dict[
         "w/o sharing (relative damping)": dict(hyper, coefficient_steps=None),
     }
     if absolute is not None:
-        out["w/o damping rule (sharing, constant 0.3)"] = dict(hyper, damping=CONSTANT_DAMPING, coefficient_steps=share, **absolute)
+        out["w/o damping rule (sharing, constant 0.3)"] = dict(
+            hyper, damping=CONSTANT_DAMPING, coefficient_steps=share, **absolute
+        )
         out["w/o sharing, constant 0.3"] = dict(hyper, damping=CONSTANT_DAMPING, coefficient_steps=None, **absolute)
     return out
 
@@ -88,17 +91,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs // 2, (3 * epochs) // 4], gamma=0.1)
             live[name] = (model, opt, schedule, [])
         for epoch in range(epochs):
-            for name, (model, opt, schedule, records) in live.items():
+            for model, opt, schedule, records in live.values():
                 records.append(train_epoch(model, opt, task, split, epoch, seed))
                 schedule.step()
         reference = live["FNGD (sharing, relative damping)"][3]
-        for name, (model, opt, schedule, records) in live.items():
+        for name, (_, opt, _, records) in live.items():
             opt.close()
-            ratios = [r["cpu_seconds"] / ref["cpu_seconds"] for r, ref in zip(records, reference) if "cpu_seconds" in r and "cpu_seconds" in ref]
-            runs[name].append({"seed": seed, "records": records, "time_ratio_per_epoch": ratios, "final_test_accuracy": records[-1].get("test_accuracy", float("nan"))})
+            ratios = [
+                r["cpu_seconds"] / ref["cpu_seconds"]
+                for r, ref in zip(records, reference, strict=True)
+                if "cpu_seconds" in r and "cpu_seconds" in ref
+            ]
+            runs[name].append(
+                {
+                    "seed": seed,
+                    "records": records,
+                    "time_ratio_per_epoch": ratios,
+                    "final_test_accuracy": records[-1].get("test_accuracy", float("nan")),
+                }
+            )
     summary = {}
     for name, mine in runs.items():
-        after_first = [x for r in mine for x in r["time_ratio_per_epoch"][1:]] or [x for r in mine for x in r["time_ratio_per_epoch"]]
+        after_first = [x for r in mine for x in r["time_ratio_per_epoch"][1:]] or [
+            x for r in mine for x in r["time_ratio_per_epoch"]
+        ]
         summary[name] = {
             "final_test_accuracy": [r["final_test_accuracy"] for r in mine],
             "mean_final_test_accuracy": statistics.fmean(r["final_test_accuracy"] for r in mine),
@@ -109,21 +125,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sharing_faster = plain["time_per_epoch_ratio_after_first_epoch"] >= 1.8  # the paper: 2.0-2.1x
     sharing_accuracy_kept = fngd["mean_final_test_accuracy"] >= plain["mean_final_test_accuracy"] - 0.005
     constant = summary.get("w/o damping rule (sharing, constant 0.3)")
-    damping_rule_helps = None if constant is None else constant["mean_final_test_accuracy"] < fngd["mean_final_test_accuracy"]
+    damping_rule_helps = (
+        None if constant is None else constant["mean_final_test_accuracy"] < fngd["mean_final_test_accuracy"]
+    )
     payload = {
         "study": "FNGD Table IV analog: sharing and damping-rule ablation",
         "paper": PAPERS["fngd"],
-        "claim": "coefficient sharing halves the time per epoch (w/o sharing 2.0-2.1x) with equal or slightly better accuracy; a constant damping 0.3 instead of Eq. (14) loses accuracy (Table IV)",
-        "settings": {"task": "mnist", "epochs": epochs, "seeds": seeds, "schedule": "lr x0.1 at 50% and 75% of the epochs", "hyper": task_hyper(task, "fngd"), "coefficient_steps": steps_per_epoch(split, task.batch_size), "constant_damping": CONSTANT_DAMPING},
+        "claim": "coefficient sharing halves the time per epoch (w/o sharing 2.0-2.1x) with equal or slightly better "
+            "accuracy; a constant damping 0.3 instead of Eq. (14) loses accuracy (Table IV)",
+        "settings": {
+            "task": "mnist",
+            "epochs": epochs,
+            "seeds": seeds,
+            "schedule": "lr x0.1 at 50% and 75% of the epochs",
+            "hyper": task_hyper(task, "fngd"),
+            "coefficient_steps": steps_per_epoch(split, task.batch_size),
+            "constant_damping": CONSTANT_DAMPING,
+        },
         "absolute_damping_option": absolute,
-        "constant_damping_arms": "run" if absolute is not None else "not available: gramopt.FNGD has no absolute damping mode yet (the study runs these arms once it has one)",
+        "constant_damping_arms": "run"
+        if absolute is not None
+        else "not available: gramopt.FNGD has no absolute damping mode yet (the study runs these arms once it has one)",
         "summary": summary,
         "runs": runs,
         "held_sharing_saves_time": sharing_faster,
         "held_sharing_keeps_accuracy": sharing_accuracy_kept,
         "held_damping_rule_helps": damping_rule_helps,
         "held": sharing_faster and sharing_accuracy_kept and damping_rule_helps is not False,
-        "held_criterion": "w/o sharing costs at least 1.8x FNGD's time per epoch after the first epoch (the paper: 2.0-2.1x, 'by half'), FNGD's mean final accuracy at most 0.5 points below w/o sharing's, and (when run) constant damping below FNGD's accuracy",
+        "held_criterion": "w/o sharing costs at least 1.8x FNGD's time per epoch after the first epoch (the paper: "
+            "2.0-2.1x, 'by half'), FNGD's mean final accuracy at most 0.5 points below w/o sharing's, and (when run) "
+            "constant damping below FNGD's accuracy",
     }
     return write(args.out, "fngd_table4_ablation", payload, _figure(runs, summary))
 
@@ -135,13 +166,26 @@ def _figure(runs, summary):
     for i, (name, mine) in enumerate(runs.items()):
         for j, r in enumerate(mine):
             acc = [rec.get("test_accuracy", float("nan")) for rec in r["records"]]
-            left.plot(range(1, len(acc) + 1), acc, "-o" if j == 0 else ":", color=f"C{i}", label=name if j == 0 else None)
+            left.plot(
+                range(1, len(acc) + 1), acc, "-o" if j == 0 else ":", color=f"C{i}", label=name if j == 0 else None
+            )
     left.set(xlabel="epoch", ylabel="test accuracy", title="FNGD ablation on mnist (CNN)")
     left.legend(fontsize=7)
     names = list(summary)
-    right.bar(range(len(names)), [summary[n]["time_per_epoch_ratio_after_first_epoch"] for n in names], color=[f"C{i}" for i in range(len(names))])
+    right.bar(
+        range(len(names)),
+        [summary[n]["time_per_epoch_ratio_after_first_epoch"] for n in names],
+        color=[f"C{i}" for i in range(len(names))],
+    )
     for i, n in enumerate(names):
-        right.text(i, summary[n]["time_per_epoch_ratio_after_first_epoch"], f"acc {summary[n]['mean_final_test_accuracy']:.4f}", ha="center", va="bottom", fontsize=7)
+        right.text(
+            i,
+            summary[n]["time_per_epoch_ratio_after_first_epoch"],
+            f"acc {summary[n]['mean_final_test_accuracy']:.4f}",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     right.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
     right.set(ylabel="time per epoch / FNGD (epochs 2+)", title="Table IV analog")
     return fig

@@ -23,9 +23,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from common import PAPERS, load_split, parse_args, train_task, write
-
 import gramopt
+from common import PAPERS, load_split, parse_args, train_task, write
 from gramopt.tasks import Split, get_task
 
 LAMBDAS = [0.25, 0.5, 1.0, 2.0, 4.0]
@@ -43,7 +42,14 @@ def run(task, split: Split, lam: float, alpha: float, epochs: int, seeds: list[i
         curve = [r.get("train_loss", float("inf")) for r in records]
         curves.append(curve + [float("inf")] * (epochs - len(curve)))
     median = [statistics.median(c[e] for c in curves) for e in range(epochs)]
-    return {"lambda": lam, "alpha": alpha, "final_train_loss": median[-1], "curve": median, "curves": curves, "seconds": time.perf_counter() - start}
+    return {
+        "lambda": lam,
+        "alpha": alpha,
+        "final_train_loss": median[-1],
+        "curve": median,
+        "curves": curves,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -70,18 +76,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     payload = {
         "study": "GGN Fig. 2b/c: learning rate x damping sensitivity on the teacher task",
         "paper": PAPERS["ggn"],
-        "claim": "training loss at epoch 10 is lowest for lambda (= 1/lr) close to 1, and at lambda = 1 not sensitive to alpha (= damping/lr) (Section 4.2, Fig. 2b-c)",
-        "settings": {"task": "teacher", "lambdas": lambdas, "alphas": alphas, "epochs": epochs, "batch_size": task.batch_size, "seeds": seeds, "statistic": "median over seeds", "lr": "1/lambda", "damping": "alpha/lambda"},
+        "claim": "training loss at epoch 10 is lowest for lambda (= 1/lr) close to 1, and at lambda = 1 not sensitive "
+            "to alpha (= damping/lr) (Section 4.2, Fig. 2b-c)",
+        "settings": {
+            "task": "teacher",
+            "lambdas": lambdas,
+            "alphas": alphas,
+            "epochs": epochs,
+            "batch_size": task.batch_size,
+            "seeds": seeds,
+            "statistic": "median over seeds",
+            "lr": "1/lambda",
+            "damping": "alpha/lambda",
+        },
         "runs": runs,
         "best_alpha_by_lambda": best_by_lambda,
         "best_lambda": best_lambda,
-        "best_at_lambda_1_over_best_overall": best_by_lambda["1.0"]["train_loss"] / best_by_lambda[str(best_lambda)]["train_loss"],
+        "best_at_lambda_1_over_best_overall": best_by_lambda["1.0"]["train_loss"]
+        / best_by_lambda[str(best_lambda)]["train_loss"],
         "alphas_within_2x_of_best_at_lambda_1": within_2x,
         "decades_of_alpha_within_2x_at_lambda_1": decades_within_2x,
         "held_fastest_near_lambda_1": fastest_near_one,
         "held_insensitive_to_alpha_at_lambda_1": insensitive,
         "held": fastest_near_one and insensitive,
-        "held_criterion": "the best lambda (min over alpha) is in [0.5, 2], and at lambda = 1 the alphas within 2x of the best loss span at least one decade",
+        "held_criterion": "the best lambda (min over alpha) is in [0.5, 2], and at lambda = 1 the alphas within 2x of "
+            "the best loss span at least one decade",
     }
     return write(args.out, "ggn_fig2_sensitivity", payload, _figure(runs, lambdas, alphas, best_by_lambda))
 
@@ -91,14 +110,23 @@ def _figure(runs, lambdas, alphas, best_by_lambda):
     import numpy as np
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    grid = np.array([[next(r["final_train_loss"] for r in runs if r["lambda"] == lam and r["alpha"] == a) for lam in lambdas] for a in alphas])
+    grid = np.array(
+        [
+            [next(r["final_train_loss"] for r in runs if r["lambda"] == lam and r["alpha"] == a) for lam in lambdas]
+            for a in alphas
+        ]
+    )
     image = right.imshow(np.log10(np.clip(grid, 1e-12, 1e6)), origin="lower", cmap="gray", aspect="auto")
     right.set_xticks(range(len(lambdas)), [str(v) for v in lambdas])
     right.set_yticks(range(len(alphas)), [str(v) for v in alphas])
     for i in range(len(alphas)):
         for j in range(len(lambdas)):
             right.text(j, i, f"{grid[i, j]:.2g}", ha="center", va="center", color="red", fontsize=7)
-    right.set(xlabel="lambda (= 1 / lr)", ylabel="alpha (= damping / lr)", title="Fig. 2c analog: train loss at the last epoch (log10; lighter = higher)")
+    right.set(
+        xlabel="lambda (= 1 / lr)",
+        ylabel="alpha (= damping / lr)",
+        title="Fig. 2c analog: train loss at the last epoch (log10; lighter = higher)",
+    )
     fig.colorbar(image, ax=right)
     for lam in lambdas:
         alpha = best_by_lambda[str(lam)]["alpha"]

@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from common import PAPERS, load_split, parse_args, train_task, write
 
 import gramopt
+from common import PAPERS, load_split, parse_args, train_task, write
 from gramopt.tasks import Split, get_task
 from gramopt.training.registry import task_hyper
 
@@ -83,7 +83,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     curves = [run(task, split, setting, weight_decay, epochs, args.seed + s) for s in range(seeds)]
                     median = [statistics.median(c[e] for c in curves) for e in range(epochs)]
                     if best is None or median[-1] < best["median_curve"][-1]:
-                        best = {"setting": setting, "median_curve": median, "curves": curves, "final_test_loss": median[-1], "best_test_loss": min(median)}
+                        best = {
+                            "setting": setting,
+                            "median_curve": median,
+                            "curves": curves,
+                            "final_test_loss": median[-1],
+                            "best_test_loss": min(median),
+                        }
                 methods[f"{method}, wd={weight_decay:g}"] = best
         ggn = {k: v for k, v in methods.items() if k.startswith("ggn")}
         base = {k: v for k, v in methods.items() if not k.startswith("ggn")}
@@ -95,17 +101,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "best_ggn": best_ggn,
             "best_baseline": best_base,
             "ggn_lower_final_test_loss": ggn[best_ggn]["final_test_loss"] < base[best_base]["final_test_loss"],
-            "ggn_lower_test_loss_after_first_epoch": ggn[best_ggn]["median_curve"][0] < base[best_base]["median_curve"][0],
+            "ggn_lower_test_loss_after_first_epoch": ggn[best_ggn]["median_curve"][0]
+            < base[best_base]["median_curve"][0],
         }
     held = all(r["ggn_lower_final_test_loss"] and r["ggn_lower_test_loss_after_first_epoch"] for r in results.values())
     payload = {
         "study": "GGN Fig. 2a: test loss against SGD-momentum and Adam",
         "paper": PAPERS["ggn"],
-        "claim": "GGN's test loss decreases faster than SGD's (and Adam's, Appendix D) and ends lower (Section 4.2, Fig. 2a; Fig. 4)",
-        "settings": {"seeds": seeds, "weight_decays": WEIGHT_DECAYS, "ggn_weight_decay": "decoupled (gramopt's only form today)", "baselines_weight_decay": "L2 in the gradient (torch.optim SGD/Adam)", "selection": "best final median test loss of each grid"},
+        "claim": "GGN's test loss decreases faster than SGD's (and Adam's, Appendix D) and ends lower (Section 4.2, "
+            "Fig. 2a; Fig. 4)",
+        "settings": {
+            "seeds": seeds,
+            "weight_decays": WEIGHT_DECAYS,
+            "ggn_weight_decay": "decoupled (gramopt's only form today)",
+            "baselines_weight_decay": "L2 in the gradient (torch.optim SGD/Adam)",
+            "selection": "best final median test loss of each grid",
+        },
         "tasks": results,
         "held": held,
-        "held_criterion": "on every task the best GGN configuration has a lower median test loss than the best baseline both after the first epoch and at the end",
+        "held_criterion": "on every task the best GGN configuration has a lower median test loss than the best "
+            "baseline both after the first epoch and at the end",
     }
     return write(args.out, "ggn_fig2a_test_loss", payload, _figure(results))
 
@@ -114,7 +129,7 @@ def _figure(results):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(11, 4.2), constrained_layout=True)
-    for ax, (task_name, r) in zip(axes, results.items()):
+    for ax, (task_name, r) in zip(axes, results.items(), strict=False):
         for name, m in r["methods"].items():
             style = "-" if name.startswith("ggn") else "--"
             label = f"{name} {'' if name.startswith('ggn') else m['setting']['lr']}"

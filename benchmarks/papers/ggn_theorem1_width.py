@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from common import PAPERS, parse_args, write
 from torch import nn
 
 import gramopt
+from common import PAPERS, parse_args, write
 from gramopt.tasks.regression import load_teacher
 
 FLOOR = 1e-12  # e_{t+1} below this (absolute; e_0 is about 6) is near float64 round-off, not the quadratic regime
@@ -69,7 +69,14 @@ def run_width(x: torch.Tensor, y: torch.Tensor, width: int, seed: int, steps: in
     seconds = time.perf_counter() - start
     opt.close()
     ratios = [errors[t + 1] / errors[t] ** 2 for t in range(len(errors) - 1) if errors[t + 1] > FLOOR]
-    return {"width": width, "seed": seed, "errors": errors, "quadratic_ratios": ratios, "max_ratio": max(ratios), "seconds": seconds}
+    return {
+        "width": width,
+        "seed": seed,
+        "errors": errors,
+        "quadratic_ratios": ratios,
+        "max_ratio": max(ratios),
+        "seconds": seconds,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -82,8 +89,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for width in widths:
         maxima = [r["max_ratio"] for r in runs if r["width"] == width]
         median = statistics.median(maxima)
-        by_step = [statistics.median(r["quadratic_ratios"][t] for r in runs if r["width"] == width and len(r["quadratic_ratios"]) > t) for t in range(2)]
-        per_width.append({"width": width, "max_ratio_median": median, "constant_C_median": median * math.sqrt(width), "ratio_step0_median": by_step[0], "ratio_step1_median": by_step[1]})
+        by_step = [
+            statistics.median(
+                r["quadratic_ratios"][t] for r in runs if r["width"] == width and len(r["quadratic_ratios"]) > t
+            )
+            for t in range(2)
+        ]
+        per_width.append(
+            {
+                "width": width,
+                "max_ratio_median": median,
+                "constant_C_median": median * math.sqrt(width),
+                "ratio_step0_median": by_step[0],
+                "ratio_step1_median": by_step[1],
+            }
+        )
     logs_m = [math.log(w["width"]) for w in per_width]
     logs_q = [math.log(w["max_ratio_median"]) for w in per_width]
     slope = _slope(logs_m, logs_q)
@@ -96,7 +116,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "study": "GGN Theorem 1: quadratic-convergence constant against width",
         "paper": PAPERS["ggn"],
         "claim": "||f_{t+1} - y|| <= C / sqrt(M) ||f_t - y||^2 with C independent of M (Theorem 1, Eq. 14)",
-        "settings": {"n": n, "d": x.shape[1], "widths": widths, "seeds": seeds, "max_steps": steps, "lr": 1.0, "damping": 0.0, "activation": "tanh", "dtype": "float64", "floor": FLOOR},
+        "settings": {
+            "n": n,
+            "d": x.shape[1],
+            "widths": widths,
+            "seeds": seeds,
+            "max_steps": steps,
+            "lr": 1.0,
+            "damping": 0.0,
+            "activation": "tanh",
+            "dtype": "float64",
+            "floor": FLOOR,
+        },
         "per_width": per_width,
         "slope_log_max_ratio_vs_log_width": slope,
         "slope_by_step": slopes_by_step,
@@ -110,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _slope(xs: list[float], ys: list[float]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True)) / sum((a - mx) ** 2 for a in xs)
 
 
 def _figure(runs: list[dict[str, Any]], per_width: list[dict[str, Any]], slope: float):
@@ -118,10 +149,16 @@ def _figure(runs: list[dict[str, Any]], per_width: list[dict[str, Any]], slope: 
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     colours = plt.cm.viridis([i / max(1, len(per_width) - 1) for i in range(len(per_width))])
-    for colour, w in zip(colours, per_width):
+    for colour, w in zip(colours, per_width, strict=False):
         for r in (r for r in runs if r["width"] == w["width"]):
-            left.semilogy(r["errors"], color=colour, alpha=0.7, label=f"M={w['width']}" if r["seed"] == runs[0]["seed"] else None)
-    left.set(xlabel="GGN step (full batch, lr 1, damping 0)", ylabel="||f_t - y||_2", title="Full-batch GGN on the Eq. 12 network")
+            left.semilogy(
+                r["errors"], color=colour, alpha=0.7, label=f"M={w['width']}" if r["seed"] == runs[0]["seed"] else None
+            )
+    left.set(
+        xlabel="GGN step (full batch, lr 1, damping 0)",
+        ylabel="||f_t - y||_2",
+        title="Full-batch GGN on the Eq. 12 network",
+    )
     left.legend()
     widths = [w["width"] for w in per_width]
     ratios = [w["max_ratio_median"] for w in per_width]

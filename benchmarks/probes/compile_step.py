@@ -111,7 +111,9 @@ DAMPING = 1e-3
 Layer = tuple[nn.Module, list[nn.Parameter], type]
 
 
-def capture(model: nn.Module, batches: list[tuple[Tensor, Tensor]], count: int) -> tuple[list[Layer], list[list[Tensor]]]:
+def capture(
+    model: nn.Module, batches: list[tuple[Tensor, Tensor]], count: int
+) -> tuple[list[Layer], list[list[Tensor]]]:
     """The layers FNGD preconditions and, per batch, their factors' tensors flattened
     ``[X_1, Z_1, X_2, Z_2, ...]`` (a Linear layer: X ``[b, 1, d_in]``, Z ``[b, 1, 1, d_out]``;
     a convolution: its input ``[b, C, H, W]`` and output-gradients ``[b, 1, C', H', W']``)."""
@@ -261,7 +263,12 @@ def explain(fn: Callable, *args: object) -> dict:
     except Exception as exc:  # noqa: BLE001 (recorded, not hidden)
         return {"error": f"{type(exc).__name__}: {exc}"[:400]}
     reasons = sorted({f"{str(b.reason).splitlines()[0][:160]} @ {where(b)}" for b in ex.break_reasons})
-    return {"graphs": ex.graph_count, "graph_breaks": ex.graph_break_count, "ops": ex.op_count, "break_reasons": reasons}
+    return {
+        "graphs": ex.graph_count,
+        "graph_breaks": ex.graph_break_count,
+        "ops": ex.op_count,
+        "break_reasons": reasons,
+    }
 
 
 #: Calls after the first two before timing: recompiles (new float values, guards) happen
@@ -360,7 +367,10 @@ def bench_pieces(
     fns = piece_functions(layers)
     inputs = piece_inputs(layers, data)
     steps: dict[str, Callable[[], object]] = {"sgd": sgd_step(model, loss, batches)}
-    result: dict = {"layers": [f"{m.__class__.__name__}{tuple(p.shape for p in ps)[0]}" for m, ps, _ in layers], "pieces": {}}
+    result: dict = {
+        "layers": [f"{m.__class__.__name__}{tuple(p.shape for p in ps)[0]}" for m, ps, _ in layers],
+        "pieces": {},
+    }
     for piece in PIECES:
         fn, args = fns[piece], inputs[piece]
         eager = cycler(fn, args)
@@ -379,7 +389,9 @@ def bench_pieces(
             print(f"{name} {piece} {mode}: {info}", flush=True)
         result["pieces"][piece] = entry
     check = inputs["fngd_estimate"][0]
-    result["fngd_core_vs_fngd_estimate_max_relative_error"] = max_relative_error(fns["fngd_core"](*check), fns["fngd_estimate"](*check))
+    result["fngd_core_vs_fngd_estimate_max_relative_error"] = max_relative_error(
+        fns["fngd_core"](*check), fns["fngd_estimate"](*check)
+    )
     before = unique_graphs()
     wall, cpu, inner = interleaved(steps, rounds, seconds, device, warmup=3)
     result["recompiles_while_timed"] = unique_graphs() - before
@@ -474,7 +486,10 @@ def plot(results: dict, path: Path) -> None:
                 ax.bar([j + (i - (len(variants) - 1) / 2) * width for j in range(len(keys))], values, width, label=v)
             ax.set_xticks(range(len(keys)), keys, rotation=20, fontsize=8)
             ax.set_ylabel("time / eager SGD step (thread CPU)")
-            ax.set_title(f"{name}: {'per-step algebra pieces' if part == 'pieces' else 'whole training step, step() compiled'}", fontsize=9)
+            ax.set_title(
+                f"{name}: {'per-step algebra pieces' if part == 'pieces' else 'whole training step, step() compiled'}",
+                fontsize=9,
+            )
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -492,7 +507,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--pieces", nargs="+", default=list(PIECES), help="the pieces to compile (all run eagerly)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help="the methods whose step() to compile")
-    parser.add_argument("--backend", default="inductor", help="torch.compile's backend (other than inductor: --modes default)")
+    parser.add_argument(
+        "--backend", default="inductor", help="torch.compile's backend (other than inductor: --modes default)"
+    )
     parser.add_argument(
         "--warm-cache", action="store_true",
         help="keep inductor's on-disk cache (default: a fresh empty one, so compile_s is a cold start)",
@@ -512,7 +529,8 @@ def main() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = fresh_cache
     device = torch.device(args.device)
     results = {
-        "benchmark": "torch.compile of the per-step linear algebra and of optimizer.step(), eager vs compiled, batch 128",
+        "benchmark": "torch.compile of the per-step linear algebra and of optimizer.step(), eager vs compiled, batch "
+            "128",
         "environment": environment(device),
         "settings": vars(args),
         "models": {},
@@ -521,7 +539,9 @@ def main() -> None:
     if args.append and out.with_suffix(".json").exists():
         earlier = json.loads(out.with_suffix(".json").read_text())
         if earlier["settings"]["modes"] != args.modes:
-            raise SystemExit(f"--append: {out}.json was run with modes {earlier['settings']['modes']}, not {args.modes}")
+            raise SystemExit(
+                f"--append: {out}.json was run with modes {earlier['settings']['modes']}, not {args.modes}"
+            )
         results["models"] = earlier["models"]
         results["earlier_runs"] = earlier.get("earlier_runs", []) + [
             {"environment": earlier["environment"], "settings": earlier["settings"]}
@@ -534,7 +554,10 @@ def main() -> None:
         results["models"][name] = entry
         for part in ("pieces", "steps"):
             for key, t in entry.get(part, {}).get("timing", {}).items():
-                print(f"{name} {part} {key:40s} {t['ms_cpu']:8.3f} ms cpu  {t['ratio_cpu']['median']:.3f}x sgd", flush=True)
+                print(
+                    f"{name} {part} {key:40s} {t['ms_cpu']:8.3f} ms cpu  {t['ratio_cpu']['median']:.3f}x sgd",
+                    flush=True,
+                )
     write_results(results, out, plot)
     if fresh_cache is not None:
         shutil.rmtree(fresh_cache, ignore_errors=True)

@@ -54,9 +54,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for
 from bench_common import arguments, environment, write_json  # noqa: E402
 
 SEEDS = (0, 1)
-CURVATURES = {"exact": dict(curvature="exact"), "top3": dict(curvature="top", samples=3), "sampled1": dict(curvature="sampled", samples=1)}
+CURVATURES = {
+    "exact": dict(curvature="exact"),
+    "top3": dict(curvature="top", samples=3),
+    "sampled1": dict(curvature="sampled", samples=1),
+}
 BUDGET_SECONDS = {"digits": 3.0, "mnist": 15.0, "recall": 15.0}
-CHECK_SECONDS = {"digits": 3.0, "mnist": 10.0, "recall": 10.0, "fashion-mnist": 20.0, "charlm": 20.0, "teacher": 3.0, "diabetes": 2.0}
+CHECK_SECONDS = {
+    "digits": 3.0,
+    "mnist": 10.0,
+    "recall": 10.0,
+    "fashion-mnist": 20.0,
+    "charlm": 20.0,
+    "teacher": 3.0,
+    "diabetes": 2.0,
+}
 
 
 def run(task_name: str, hyper: dict[str, Any], seed: int, seconds: float) -> dict[str, Any]:
@@ -90,7 +102,8 @@ def median_or_none(values: list[float | None]) -> float | None:
 
 def curvatures(budgets: dict[str, float], seeds: tuple[int, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "what": "GGN at the constructor's cross-entropy defaults per curvature: optimizer seconds to the first and second rungs",
+        "what": "GGN at the constructor's cross-entropy defaults per curvature: optimizer seconds to the first and "
+            "second rungs",
         "defaults": dict(ggn_module.DEFAULT_HYPER["cross_entropy"]),
         "seeds": list(seeds),
         "tasks": {},
@@ -107,7 +120,8 @@ def curvatures(budgets: dict[str, float], seeds: tuple[int, ...]) -> dict[str, A
                 runs.append(record)
                 print(
                     f"{task_name:8s} {label:9s} seed {seed}: {record['status']:8s} rungs {record['time_to_rungs'][:2]} "
-                    f"final {record['final_metric']} best {record['best_metric']} ({time.perf_counter() - started:.0f} s wall)",
+                    f"final {record['final_metric']} best {record['best_metric']} ({time.perf_counter() - started:.0f} "
+                    "s wall)",
                     flush=True,
                 )
             entry["curvatures"][label] = {
@@ -122,7 +136,13 @@ def curvatures(budgets: dict[str, float], seeds: tuple[int, ...]) -> dict[str, A
 SWEEP = {"lr": (0.1, 0.3), "damping": (3.0, 10.0, 30.0)}
 #: The settings tried on the larger tasks (``sweep --candidates TASK...``): those the digits
 #: sweep left standing (no divergence, highest accuracy) per curvature.
-CANDIDATES = (("exact", 0.1, 3.0), ("top3", 0.1, 3.0), ("top3", 0.3, 10.0), ("sampled1", 0.1, 10.0), ("sampled1", 0.3, 30.0))
+CANDIDATES = (
+    ("exact", 0.1, 3.0),
+    ("top3", 0.1, 3.0),
+    ("top3", 0.3, 10.0),
+    ("sampled1", 0.1, 10.0),
+    ("sampled1", 0.3, 30.0),
+)
 
 
 def sweep_settings(candidates: bool) -> list[tuple[str, float, float]]:
@@ -135,26 +155,41 @@ def sweep(
     tasks: tuple[str, ...], candidates: bool, budgets: dict[str, float], seeds: tuple[int, ...]
 ) -> dict[str, Any]:
     """lr x damping per curvature (the defaults of part 1 diverged for top and sampled)."""
-    out: dict[str, Any] = {"what": "GGN lr x damping per curvature, seconds to the first two rungs", "seeds": list(seeds), "tasks": {}}
+    out: dict[str, Any] = {
+        "what": "GGN lr x damping per curvature, seconds to the first two rungs",
+        "seeds": list(seeds),
+        "tasks": {},
+    }
     for task_name in tasks:
         seconds = budgets[task_name]
-        entry: dict[str, Any] = {"rungs": [r.describe() for r in LADDERS[task_name][:2]], "budget_seconds": seconds, "settings": []}
+        entry: dict[str, Any] = {
+            "rungs": [r.describe() for r in LADDERS[task_name][:2]],
+            "budget_seconds": seconds,
+            "settings": [],
+        }
         for label, lr, damping in sweep_settings(candidates):
             options = CURVATURES[label]
             runs = [run(task_name, {"lr": lr, "damping": damping, **options}, seed, seconds) for seed in seeds]
             medians = [median_or_none([r["time_to_rungs"][i] for r in runs]) for i in range(2)]
             statuses = [r["status"] for r in runs]
-            entry["settings"].append({"curvature": label, "lr": lr, "damping": damping, "runs": runs, "median_seconds_to_rungs": medians})
+            entry["settings"].append(
+                {"curvature": label, "lr": lr, "damping": damping, "runs": runs, "median_seconds_to_rungs": medians}
+            )
             per_seed = [r["time_to_rungs"][:2] for r in runs]
             best = [r["best_metric"] for r in runs]
-            print(f"{task_name:8s} {label:9s} lr {lr:<4g} damping {damping:<4g}: {statuses} rungs per seed {per_seed} best {best}", flush=True)
+            print(
+                f"{task_name:8s} {label:9s} lr {lr:<4g} damping {damping:<4g}: {statuses} rungs per seed {per_seed} "
+                f"best {best}",
+                flush=True,
+            )
         out["tasks"][task_name] = entry
     return out
 
 
 def defaults(budgets: dict[str, float]) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "what": "GGN with the constructor's defaults only (lr, damping, curvature None) on every task, a short run each",
+        "what": "GGN with the constructor's defaults only (lr, damping, curvature None) on every task, "
+        "a short run each",
         "default_curvature": dict(ggn_module.DEFAULT_CURVATURE),
         "default_hyper": {k: dict(v) for k, v in ggn_module.DEFAULT_HYPER.items()},
         "tasks": {},
@@ -163,8 +198,12 @@ def defaults(budgets: dict[str, float]) -> dict[str, Any]:
         record = run(task_name, {"lr": None, "damping": None, "curvature": None, "samples": None}, 0, seconds)
         record["budget_seconds"] = seconds
         out["tasks"][task_name] = record
-        print(f"{task_name:14s} {record['status']:8s} final loss {record['final_train_loss']} metric {record['final_metric']} "
-              f"rungs {record['time_to_rungs']} {record['reason'][:80]}", flush=True)
+        print(
+            f"{task_name:14s} {record['status']:8s} final loss {record['final_train_loss']} metric "
+            f"{record['final_metric']} "
+            f"rungs {record['time_to_rungs']} {record['reason'][:80]}",
+            flush=True,
+        )
     return out
 
 
@@ -195,7 +234,9 @@ def main() -> None:
     for part, compute in parts.items():
         result = compute()
         if part == "sweep":
-            record.setdefault("sweep", {"what": result["what"], "seeds": result["seeds"], "tasks": {}})["tasks"].update(result["tasks"])
+            record.setdefault("sweep", {"what": result["what"], "seeds": result["seeds"], "tasks": {}})["tasks"].update(
+                result["tasks"]
+            )
         else:
             record[part] = result
     record["environment"] = environment()

@@ -17,9 +17,11 @@ SGD-momentum's digits winner and GGN with heavy-ball momentum, larger learning r
 damping and s = 2 columns; ``--settings`` takes others. Records the validation and test
 seconds to each rung.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/probes/ggn_settings_probe.py [--task digits --seconds 3 --seeds 3]
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/probes/ggn_settings_probe.py \\
+        [--task digits --seconds 3 --seeds 3]
     # other settings: a JSON list of [optimizer, hyper-parameters] pairs
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/probes/ggn_settings_probe.py --task mnist --seconds 15 --tag mnist \\
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/probes/ggn_settings_probe.py \\
+        --task mnist --seconds 15 --tag mnist \\
         --settings '[["sgd", {"lr": 0.05, "momentum": 0.9}], ["ggn", {"samples": 2}]]'
 """
 
@@ -96,7 +98,11 @@ def main() -> None:
                 "median_step_seconds": record.get("median_step_seconds"),
             }
             runs[i].append(summary)
-            print(f"seed {seed} {name} {hyper}: {summary['status']} val {summary['val_seconds_to_rungs']} test {summary['test_seconds_to_rungs']}", flush=True)
+            print(
+                f"seed {seed} {name} {hyper}: {summary['status']} val {summary['val_seconds_to_rungs']} test "
+                f"{summary['test_seconds_to_rungs']}",
+                flush=True,
+            )
     rungs = LADDERS[args.task]
     out = {
         "what": "SGD-momentum's winning setting and GGN variants, trained as gramopt compare trains a setting",
@@ -111,8 +117,12 @@ def main() -> None:
                 "optimizer": name,
                 "hyper": hyper,
                 "diverged": sum(r["status"] != "ok" for r in runs[i]),
-                "median_val_seconds_to_rungs": [median_seconds([r["val_seconds_to_rungs"][j] for r in runs[i]]) for j in range(len(rungs))],
-                "median_test_seconds_to_rungs": [median_seconds([r["test_seconds_to_rungs"][j] for r in runs[i]]) for j in range(len(rungs))],
+                "median_val_seconds_to_rungs": [
+                    median_seconds([r["val_seconds_to_rungs"][j] for r in runs[i]]) for j in range(len(rungs))
+                ],
+                "median_test_seconds_to_rungs": [
+                    median_seconds([r["test_seconds_to_rungs"][j] for r in runs[i]]) for j in range(len(rungs))
+                ],
                 "runs": runs[i],
             }
             for i, (name, hyper) in enumerate(settings)

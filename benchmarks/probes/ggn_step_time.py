@@ -43,7 +43,8 @@ def main() -> None:
     torch.set_num_threads(1)  # steadier on shared 2-core machines; recorded below
     record = {
         "what": f"seconds per step, MLP 64-W-W-1 (tanh), batch {batch}, mse; ratio to SGD-momentum per round",
-        "method": f"gramopt.compare.timing.interleaved_times: {rounds} rounds x 5 steps, rotating order, 3 warm-up steps",
+        "method": f"gramopt.compare.timing.interleaved_times: {rounds} rounds x 5 steps, rotating order, 3 warm-up "
+            "steps",
         "widths": {},
         "environment": environment(),
     }
@@ -51,14 +52,19 @@ def main() -> None:
         summary, samples = time_width(width, batch, rounds, naive=width <= 256)
         record["widths"][str(width)] = {"summary": summary, "samples": samples}
         for name, s in summary.items():
-            print(f"W={width:5d} {name:16s} {1e3 * s['median_seconds']:8.3f} ms  ratio {s['ratio_median']:.2f} [{s['ratio_min']:.2f}, {s['ratio_max']:.2f}]")
+            print(
+                f"W={width:5d} {name:16s} {1e3 * s['median_seconds']:8.3f} ms  ratio {s['ratio_median']:.2f} "
+                f"[{s['ratio_min']:.2f}, {s['ratio_max']:.2f}]"
+            )
     write_json(record, args.out / "ggn_step_time.json")
     plt = pyplot()
     fig, axes = plt.subplots(1, len(widths), figsize=(9, 3.2))
     for ax, (width, entry) in zip(axes, record["widths"].items(), strict=True):
         summary = entry["summary"]
         labels = list(summary)
-        ax.bar(labels, [summary[n]["ratio_median"] for n in labels], color=["gray", "tab:blue", "tab:red"][: len(labels)])
+        ax.bar(
+            labels, [summary[n]["ratio_median"] for n in labels], color=["gray", "tab:blue", "tab:red"][: len(labels)]
+        )
         ax.axhline(1.5, ls="--", color="k", lw=0.8, label="target 1.5x")
         ax.set_yscale("log")
         ax.set_title(f"MLP 64-{width}-{width}-1, b={batch}")

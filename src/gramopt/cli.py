@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gramopt.compare import config as bench_config
-from gramopt.compare.run import CompareConfig, run_comparison, write_outputs
+from gramopt.compare import config as compare_config
 from gramopt.compare.report import flag_lines, markdown_table, plain_leaders, plain_table, rich_leaders, rich_table
+from gramopt.compare.run import CompareConfig, run_comparison, write_outputs
 from gramopt.distributed import POLICIES, rank
 from gramopt.errors import GramoptError
 from gramopt.tasks import TASKS
@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         "ceil(n_train / batch size), as in the paper; 'none': estimate on every step)",
     )
     train.add_argument("--out", help="output folder (default: runs/TASK-OPTIMIZER-seedSEED)")
-    train.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: each epoch)")
+    train.add_argument(
+        "--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: each epoch)"
+    )
     train.add_argument(
         "--schedule", choices=SCHEDULES, default="constant",
         help="learning-rate schedule over the run's steps (default: %(default)s; see gramopt.training.schedules)",
@@ -70,22 +72,27 @@ def _parser() -> argparse.ArgumentParser:
         help="optimizers head to head: same budget, same grid size, several seeds; report.md, curves.png, results.json",
     )
     compare.add_argument(
-        "--task", default=bench_config.DEFAULT_TASK,
-        help=f"task(s) from `gramopt tasks`, comma-separated, or all (default: {bench_config.DEFAULT_TASK})",
+        "--task", default=compare_config.DEFAULT_TASK,
+        help=f"task(s) from `gramopt tasks`, comma-separated, or all (default: {compare_config.DEFAULT_TASK})",
     )
     compare.add_argument(
         "--optimizers", type=_names,
         help="comma-separated optimizer names, or all (default: the gramopt methods, sgd, adamw, "
-        f"{', '.join(bench_config.DEFAULT_PEERS)})",
+        f"{', '.join(compare_config.DEFAULT_PEERS)})",
     )
-    compare.add_argument("--seeds", type=int, default=bench_config.DEFAULT_SEEDS, help="seeds 0..N-1 per setting (default: %(default)s)")
+    compare.add_argument(
+        "--seeds", type=int, default=compare_config.DEFAULT_SEEDS,
+        help="seeds 0..N-1 per setting (default: %(default)s)",
+    )
     budget = compare.add_mutually_exclusive_group()
     budget.add_argument("--budget-seconds", type=float, help="optimizer-clock seconds per run (default: the task's)")
     budget.add_argument("--epochs", type=int, help="epochs per run, instead of a time budget")
     compare.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")
-    compare.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s, steadier timings)")
     compare.add_argument(
-        "--grid", choices=bench_config.GRIDS_BY_NAME, default=bench_config.DEFAULT_COMMAND_GRID,
+        "--threads", type=int, default=1, help="torch threads (default: %(default)s, steadier timings)"
+    )
+    compare.add_argument(
+        "--grid", choices=compare_config.GRIDS_BY_NAME, default=compare_config.DEFAULT_COMMAND_GRID,
         help="tuning grid per optimizer: quick (3 settings over one knob: damping for ggn, learning rate for the "
         "others) or full (3 x 3: learning rate x damping for second-order methods, x weight decay for AdamW, "
         "x momentum for SGD and Muon) (default: %(default)s)",
@@ -141,16 +148,28 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     if args.coefficient_steps is not None:
         hyper["coefficient_steps"] = None if args.coefficient_steps == "none" else args.coefficient_steps
     if args.resume:
-        given = [flag for flag, value in (("--task", args.task is not None), ("--optimizer", args.optimizer is not None),
-                 ("--batch-size", args.batch_size is not None), ("--seed", args.seed != 0), ("--out", args.out is not None),
-                 ("--schedule", args.schedule != "constant"), ("hyper-parameters", bool(hyper)),
-                 ("--distributed", args.distributed is not None)) if value]
+        given = [
+            flag
+            for flag, value in (
+                ("--task", args.task is not None),
+                ("--optimizer", args.optimizer is not None),
+                ("--batch-size", args.batch_size is not None),
+                ("--seed", args.seed != 0),
+                ("--out", args.out is not None),
+                ("--schedule", args.schedule != "constant"),
+                ("hyper-parameters", bool(hyper)),
+                ("--distributed", args.distributed is not None),
+            )
+            if value
+        ]
         if given:
             raise ValueError(f"--resume continues a saved run with its own settings; drop {', '.join(given)}")
         trainer = Trainer.resume(args.resume, console, not args.no_progress, epochs=args.epochs)
         done, total = trainer.epoch, trainer.config.epochs
         if trainer.diverged:
-            raise ValueError(f"the run in {args.resume} diverged ({trainer.diverged_reason}); there is nothing to continue")
+            raise ValueError(
+                f"the run in {args.resume} diverged ({trainer.diverged_reason}); there is nothing to continue"
+            )
         if done >= total:
             raise ValueError(
                 f"the run in {args.resume} has already trained its {total} epoch(s); nothing to do. "
@@ -158,7 +177,14 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             )
     else:
         config = TrainConfig(
-            args.task or "teacher", args.optimizer or "ggn", args.epochs, args.batch_size, args.seed, hyper, args.out, args.checkpoint_every,
+            args.task or "teacher",
+            args.optimizer or "ggn",
+            args.epochs,
+            args.batch_size,
+            args.seed,
+            hyper,
+            args.out,
+            args.checkpoint_every,
             distributed=args.distributed,
             schedule=args.schedule,
         )

@@ -92,9 +92,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from gramopt.errors import (
@@ -169,7 +167,11 @@ class Traffic:
         self.received[kind] += received
 
     def total(self) -> dict[str, int]:
-        return {"calls": sum(self.calls.values()), "sent": sum(self.sent.values()), "received": sum(self.received.values())}
+        return {
+            "calls": sum(self.calls.values()),
+            "sent": sum(self.sent.values()),
+            "received": sum(self.received.values()),
+        }
 
     def reset(self) -> None:
         self.calls.clear()
@@ -236,7 +238,9 @@ class DataParallel:
         """Rank 0's ``obj`` on every rank (e.g. a random seed drawn at construction)."""
         box = [obj]
         with self._collective("broadcast"):
-            dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
+            dist.broadcast_object_list(
+                box, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group
+            )
         self.traffic.add("broadcast", 0, 0)
         return box[0]
 
@@ -335,7 +339,8 @@ class DataParallel:
         problem = None
         if any(t.shape[0] != samples for t in tensors):
             problem = CaptureError(
-                f"the exact policy gathers tensors with one leading batch dimension, got {[tuple(t.shape) for t in tensors]}"
+                "the exact policy gathers tensors with one leading batch dimension, got "
+                f"{[tuple(t.shape) for t in tensors]}"
             )
         sizes = self._agree("gather", samples, layout + "|" + _tensor_layout(tensors), problem)
         total, most = sum(sizes), max(sizes)
@@ -345,13 +350,15 @@ class DataParallel:
             widths = [math.prod(tensors[i].shape[1:]) for i in index]
             rows = torch.zeros(most, sum(widths), dtype=dtype, device=self.device)
             if samples:
-                rows[:samples] = torch.cat([tensors[i].reshape(samples, w).to(self.device) for i, w in zip(index, widths)], dim=1)
-            parts = [chunk[:b].split(widths, dim=1) for chunk, b in zip(self._all_gather(rows), sizes)]
+                rows[:samples] = torch.cat(
+                    [tensors[i].reshape(samples, w).to(self.device) for i, w in zip(index, widths, strict=True)], dim=1
+                )
+            parts = [chunk[:b].split(widths, dim=1) for chunk, b in zip(self._all_gather(rows), sizes, strict=True)]
             home = tensors[index[0]].device
             for j, i in enumerate(index):
-                pieces = [p[j].reshape(b, *tensors[i].shape[1:]) for p, b in zip(parts, sizes)]
+                pieces = [p[j].reshape(b, *tensors[i].shape[1:]) for p, b in zip(parts, sizes, strict=True)]
                 if scaled[i]:
-                    pieces = [p * (b / total) for p, b in zip(pieces, sizes)]
+                    pieces = [p * (b / total) for p, b in zip(pieces, sizes, strict=True)]
                 out[i] = torch.cat(pieces).to(home)
         return out  # type: ignore[return-value]
 
@@ -389,7 +396,7 @@ class DataParallel:
     def synchronize_gradients(self, params: Sequence[Tensor], samples: int) -> None:
         """``"exact"``: each ``p.grad`` becomes ``sum_r (b_r / B) g_r`` (``samples``: b_r)."""
         if params:
-            for p, g in zip(params, self.mean([p.grad for p in params], params, samples)):
+            for p, g in zip(params, self.mean([p.grad for p in params], params, samples), strict=True):
                 p.grad = g
 
     def average_directions(
@@ -399,7 +406,7 @@ class DataParallel:
         (one all-reduce); ``samples``: b_r."""
         by_id = {id(p): d for p, d in directions.items()}
         means = self.mean([by_id.get(id(p)) for p in params], params, samples)
-        return {p: d for p, d in zip(params, means) if d is not None}
+        return {p: d for p, d in zip(params, means, strict=True) if d is not None}
 
     # -- construction ------------------------------------------------------------------------
     def check_consistent(self, fingerprint: dict[str, str]) -> None:
@@ -414,7 +421,8 @@ class DataParallel:
         if problems:
             raise DistributedError(
                 "the ranks' optimizers differ; every rank must build the same optimizer, with the same settings, "
-                "on the same model with the same initial parameters (DistributedDataParallel broadcasts rank 0's):\n  - "
+                "on the same model with the same initial parameters (DistributedDataParallel broadcasts rank 0's):\n  "
+                "- "
                 + "\n  - ".join(problems)
             )
 
@@ -483,7 +491,7 @@ def _agreed(error: Exception) -> Exception:
 
 def describe(value: Any) -> str:
     """A setting as text that is the same on every rank (no object addresses)."""
-    if hasattr(value, "name") and isinstance(getattr(value, "name"), str) and not isinstance(value, type):
+    if hasattr(value, "name") and isinstance(value.name, str) and not isinstance(value, type):
         return f"{type(value).__name__}({value.name})"
     if callable(value) and hasattr(value, "__qualname__"):
         return value.__qualname__

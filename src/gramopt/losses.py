@@ -57,7 +57,9 @@ class GaussNewtonLoss(ABC):
         """e, shaped like ``output``: the gradient of :meth:`total` with respect to it."""
 
     @abstractmethod
-    def sampled_directions(self, output: Tensor, target: Tensor, samples: int, generator: torch.Generator) -> list[Tensor]:
+    def sampled_directions(
+        self, output: Tensor, target: Tensor, samples: int, generator: torch.Generator
+    ) -> list[Tensor]:
         """``samples`` random directions shaped like ``output`` with
         ``E[sum_j q_j q_j^T] = H`` per position (independent between positions)."""
 
@@ -120,7 +122,9 @@ class MSELoss(GaussNewtonLoss):
     def gradient_direction(self, output: Tensor, target: Tensor) -> Tensor:
         return output - target
 
-    def sampled_directions(self, output: Tensor, target: Tensor, samples: int, generator: torch.Generator) -> list[Tensor]:
+    def sampled_directions(
+        self, output: Tensor, target: Tensor, samples: int, generator: torch.Generator
+    ) -> list[Tensor]:
         scale = samples**-0.5
         return [
             torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device) * scale
@@ -262,7 +266,9 @@ class CrossEntropyLoss(GaussNewtonLoss):
         w[:, :, 0] = -chosen[:, :, 0].clamp_min(self.PROB_FLOOR).rsqrt() * mask[:, :, 0]
         return directions, w.reshape(b, -1).to(output.dtype)
 
-    def sampled_directions(self, output: Tensor, target: Tensor, samples: int, generator: torch.Generator) -> list[Tensor]:
+    def sampled_directions(
+        self, output: Tensor, target: Tensor, samples: int, generator: torch.Generator
+    ) -> list[Tensor]:
         """``(onehot(y^) - p) / sqrt(s)``, ``y^ ~ Categorical(p)`` at every position (the
         Monte-Carlo Fisher: ``E[(1_y^ - p)(1_y^ - p)^T] = diag(p) - p p^T``), drawn by
         :meth:`draw_classes`."""

@@ -109,7 +109,7 @@ class InProjection(nn.Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         if self.is_packed_self(query, key, value):
             return F.linear(query, self.attention.in_proj_weight, self.attention.in_proj_bias)
-        parts = [F.linear(x, w, b) for x, w, b in zip((query, key, value), self.weights(), self.biases())]
+        parts = [F.linear(x, w, b) for x, w, b in zip((query, key, value), self.weights(), self.biases(), strict=True)]
         return torch.cat(parts, dim=1)
 
 
@@ -176,7 +176,12 @@ def captured_attention(
         attn_mask = None
     else:
         attn_mask = F._canonical_mask(
-            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=query.dtype, check_other=False
+            mask=attn_mask,
+            mask_name="attn_mask",
+            other_type=None,
+            other_name="",
+            target_type=query.dtype,
+            check_other=False,
         )
 
     packed_self = proxy.is_packed_self(query, key, value)
@@ -221,19 +226,24 @@ def _merged_mask(
     if attn_mask is not None:
         if attn_mask.dim() == 2:
             if attn_mask.shape != (tgt_len, src_len):
-                raise RuntimeError(f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be {(tgt_len, src_len)}.")
+                raise RuntimeError(
+                    f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be {(tgt_len, src_len)}."
+                )
             mask = attn_mask.view(1, 1, tgt_len, src_len)
         elif attn_mask.dim() == 3:
             if attn_mask.shape != (b * heads, tgt_len, src_len):
                 raise RuntimeError(
-                    f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be {(b * heads, tgt_len, src_len)}."
+                    f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be "
+                    f"{(b * heads, tgt_len, src_len)}."
                 )
             mask = attn_mask.view(b, heads, tgt_len, src_len)
         else:
             raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
     if key_padding_mask is not None:
         if key_padding_mask.shape != (b, src_len):
-            raise RuntimeError(f"expecting key_padding_mask shape of {(b, src_len)}, but got {tuple(key_padding_mask.shape)}")
+            raise RuntimeError(
+                f"expecting key_padding_mask shape of {(b, src_len)}, but got {tuple(key_padding_mask.shape)}"
+            )
         padding = key_padding_mask.view(b, 1, 1, src_len)
         mask = padding if mask is None else mask + padding
     return mask
@@ -266,7 +276,10 @@ def detach(module: nn.MultiheadAttention) -> None:
 
 
 def in_projection_factors(
-    proxy: InProjection, params: list[nn.Parameter], saved: list[tuple[Tensor, Tensor, Tensor, bool]], grads: list[Tensor]
+    proxy: InProjection,
+    params: list[nn.Parameter],
+    saved: list[tuple[Tensor, Tensor, Tensor, bool]],
+    grads: list[Tensor],
 ) -> LayerFactors:
     """The in-projection's factors from its calls this step.
 
@@ -283,14 +296,20 @@ def in_projection_factors(
         return linear_factors(proxy, params, m.in_proj_weight, m.in_proj_bias, [query for query, *_ in saved], grads)
     dtype = grads[0].dtype
     rows = None
-    for (query, key, value, packed), g in zip(saved, grads):
+    for (query, key, value, packed), g in zip(saved, grads, strict=True):
         part = _explicit_rows(m, params, query.to(dtype), key.to(dtype), value.to(dtype), packed, g)
         rows = part if rows is None else rows + part
     return ExplicitFactors(proxy, params, rows)
 
 
 def _explicit_rows(
-    m: nn.MultiheadAttention, params: list[nn.Parameter], query: Tensor, key: Tensor, value: Tensor, packed: bool, g: Tensor
+    m: nn.MultiheadAttention,
+    params: list[nn.Parameter],
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    packed: bool,
+    g: Tensor,
 ) -> Tensor:
     """Per-sample gradients of one call, ``[b k, p]`` with columns in ``params`` order."""
     b, k = g.shape[:2]
@@ -304,7 +323,7 @@ def _explicit_rows(
     if m._qkv_same_embed_dim:
         blocks[id(m.in_proj_weight)] = torch.cat(per_weight, dim=2)  # [b, k, 3E, E]
     else:
-        for weight, block in zip((m.q_proj_weight, m.k_proj_weight, m.v_proj_weight), per_weight):
+        for weight, block in zip((m.q_proj_weight, m.k_proj_weight, m.v_proj_weight), per_weight, strict=True):
             blocks[id(weight)] = block
     if m.in_proj_bias is not None:
         blocks[id(m.in_proj_bias)] = torch.cat([z.sum(dim=2) for z in (zq, zk, zv)], dim=-1)  # [b, k, 3E]

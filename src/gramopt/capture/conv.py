@@ -3,9 +3,8 @@
 A convolution is a Linear layer shared over output positions: with unfolded input
 patches x_is (im2col, ``[b, s, C_in * prod(kernel)]``) the per-sample gradient is
 ``sum_s z_is x_is^T`` (:mod:`gramopt.capture.shared_weight`). Unfolding costs memory
-and time (measured on 2 CPU cores, batch 128: 8-26 ms for ``U^T a`` of the small MNIST
-CNN's layers against 1.3-1.9 ms through the convolution's own weight-gradient routine),
-so :class:`ConvFactors` keeps the raw input and output-gradient and computes
+and time (several times the convolution's own weight-gradient routine; benchmarks/notes.md,
+"Capture costs"), so :class:`ConvFactors` keeps the raw input and output-gradient and computes
 
 - ``rmatvec(a) = U^T a``: ``aten.convolution_backward`` with the weighted output-gradient
   ``sum_c a_(i,c) z_(i,c)`` (one weight-gradient call, as an ordinary backward makes);
@@ -37,7 +36,7 @@ def conv_pads(module: nn.Module) -> list[tuple[int, int]]:
         return [(0, 0)] * len(module.kernel_size)
     if module.padding == "same":
         pads = []
-        for ksize, dil in zip(module.kernel_size, module.dilation):
+        for ksize, dil in zip(module.kernel_size, module.dilation, strict=True):
             total = dil * (ksize - 1)
             pads.append((total // 2, total - total // 2))
         return pads
@@ -81,7 +80,9 @@ class ConvFactors(SharedWeightFactors):
     :class:`SharedWeightFactors` view, built on first use only.
     """
 
-    def __init__(self, module: nn.Module, params: list[nn.Parameter], inputs: list[Tensor], grads: list[Tensor]) -> None:
+    def __init__(
+        self, module: nn.Module, params: list[nn.Parameter], inputs: list[Tensor], grads: list[Tensor]
+    ) -> None:
         self.module = module
         self.params = params
         weight, bias = module.weight, module.bias
@@ -107,7 +108,7 @@ class ConvFactors(SharedWeightFactors):
     def raw(self) -> list[tuple[Tensor, Tensor]]:
         """Per forward call, the input ``[b, C_in, *spatial]`` and the output-gradients
         ``[b, k, C_out, *spatial_out]`` the factors were built from."""
-        return list(zip(self.raw_inputs, self.raw_grads))
+        return list(zip(self.raw_inputs, self.raw_grads, strict=True))
 
     def gram_strategy(self) -> str:
         return gram_strategy(self.d_in, torch.Size((self.batch_size, self.passes, self.positions, self.d_out)))
@@ -147,7 +148,9 @@ class ConvFactors(SharedWeightFactors):
     def _weight(self, dtype: torch.dtype) -> Tensor:
         return self.module.weight.detach().to(dtype)
 
-    def _weight_grads(self, grad_out: Tensor, x: Tensor, padding: tuple[int, ...], weight: Tensor, groups: int, bias: bool) -> tuple[Tensor | None, Tensor | None]:
+    def _weight_grads(
+        self, grad_out: Tensor, x: Tensor, padding: tuple[int, ...], weight: Tensor, groups: int, bias: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
         """(weight gradient, bias gradient) of a convolution with output-gradient ``grad_out``."""
         m = self.module
         _, gw, gb = torch.ops.aten.convolution_backward(
@@ -168,7 +171,7 @@ class ConvFactors(SharedWeightFactors):
         weight = self._weight(dtype)
         coeffs = coeffs.to(dtype)
         gw_total = gb_total = None
-        for (x, padding), g in zip(self.calls, self.raw_grads):
+        for (x, padding), g in zip(self.calls, self.raw_grads, strict=True):
             if self.passes == 1 and weight_inputs(x.numel(), g.numel(), self.with_weight):
                 xw = x * coeffs.view(b, *([1] * (x.dim() - 1)))
                 gw, _ = self._weight_grads(g[:, 0], xw, padding, weight, 1, False)
@@ -188,7 +191,7 @@ class ConvFactors(SharedWeightFactors):
         rows = []
         if self.with_weight:
             total = None
-            for (x, padding), g in zip(self.calls, self.raw_grads):
+            for (x, padding), g in zip(self.calls, self.raw_grads, strict=True):
                 grouped = g.reshape(1, n * self.d_out, *g.shape[3:])
                 xg = x.reshape(1, b * x.shape[1], *x.shape[2:])
                 weight = x.new_empty(n * self.d_out, *self.weight_shape[1:])
@@ -215,7 +218,7 @@ class ConvFactors(SharedWeightFactors):
         weight = vectors[0] if self.with_weight else None
         bias = vectors[-1] if self.with_bias else None
         out = None
-        for (x, padding), g in zip(self.calls, self.raw_grads):
+        for (x, padding), g in zip(self.calls, self.raw_grads, strict=True):
             if weight is not None:
                 m = self.module
                 y = torch.convolution(x, weight, bias, m.stride, padding, m.dilation, False, [0] * len(padding), 1)

@@ -285,7 +285,8 @@ class CaptureEngine:
             raise UnsupportedModuleError(
                 "gramopt cannot precondition these parameters:\n  - "
                 + "\n  - ".join(problems)
-                + "\nSupported: Linear, Conv1d/2d/3d (any groups), ConvTranspose1d/2d/3d, Embedding, MultiheadAttention, "
+                + "\nSupported: Linear, Conv1d/2d/3d (any groups), ConvTranspose1d/2d/3d, Embedding, "
+                    "MultiheadAttention, "
                 "LayerNorm, GroupNorm, RMSNorm, BatchNorm (SENG, FNGD; eval mode for GGN); register "
                 "others with gramopt.register_handler, or pass unsupported='gradient' to update them "
                 "with the plain gradient (with a warning naming them)."
@@ -443,8 +444,8 @@ class CaptureEngine:
                 engine_ref._backward_seen = True
                 engine_ref.last_batch_size = grad.shape[0]
                 live.grads.append((engine_ref._pass if engine_ref._pass is not None else -1, grad.detach()))
-                # Holding the output while its gradient flows back made the backward pass of
-                # a small CNN ~1.6-2x slower (convolution and ReLU backward, measured on CPU);
+                # Holding the output while its gradient flows back slows the backward pass
+                # (convolution and ReLU backward; benchmarks/notes.md, "Capture costs");
                 # it is only needed as a target of backward_passes, which keep their own list.
                 live.output = None
 

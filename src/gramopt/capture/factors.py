@@ -249,7 +249,9 @@ class LayerFactors(ABC):
         raise NotImplementedError
 
     @staticmethod
-    def from_state(module: nn.Module, params: list[nn.Parameter], state: dict[str, Any], name: str = "?") -> LayerFactors:
+    def from_state(
+        module: nn.Module, params: list[nn.Parameter], state: dict[str, Any], name: str = "?"
+    ) -> LayerFactors:
         """The factors :meth:`state` saved, for ``module`` (``name``: for messages)."""
         cls = LayerFactors._forms.get(state["form"])
         if cls is None:

@@ -65,7 +65,9 @@ class LayerHandler(ABC):
     proxy_name: str | None = None
 
     def validate(self, module: nn.Module) -> None:
-        """Raise :class:`UnsupportedModuleError` for configurations the math can't handle."""
+        """Raise :class:`UnsupportedModuleError` for configurations the math can't handle
+        (default: every configuration is handled)."""
+        return None
 
     def low_rank_layout(self, module: nn.Module, params: list[nn.Parameter]) -> LowRankLayout | None:
         """How the layer's rows over ``params`` (its covered parameters) factor as
@@ -86,7 +88,8 @@ class LayerHandler(ABC):
         raise NotImplementedError(f"{type(self).__name__} sets proxy_name but defines no attach()")
 
     def detach(self, module: nn.Module) -> None:
-        """Undo one :meth:`attach`."""
+        """Undo one :meth:`attach` (default: nothing to undo)."""
+        return None
 
     def save(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Any:
         """What to keep from a forward call (default: the first input, detached)."""
@@ -135,7 +138,7 @@ class LayerHandler(ABC):
             raise CaptureError(
                 f"{type(self).__name__} saved {sorted(counts)} tensors in different micro-batches of one step"
             )
-        return self.restore_saved(saved[0], [torch.cat(group, dim=0) for group in zip(*parts)])
+        return self.restore_saved(saved[0], [torch.cat(group, dim=0) for group in zip(*parts, strict=True)])
 
     @abstractmethod
     def factors(
@@ -186,7 +189,12 @@ def weight_bias_layout(module: nn.Module, params: list[nn.Parameter]) -> LowRank
 
 
 def linear_factors(
-    module: nn.Module, params: list[nn.Parameter], weight: Tensor, bias: Tensor | None, inputs: list[Tensor], grads: list[Tensor]
+    module: nn.Module,
+    params: list[nn.Parameter],
+    weight: Tensor,
+    bias: Tensor | None,
+    inputs: list[Tensor],
+    grads: list[Tensor],
 ) -> SharedWeightFactors:
     """Factors of ``y = weight x + bias`` called once per entry of ``inputs`` (each
     ``[b, *, d_in]``) with output-gradients ``grads`` (each ``[b, k, *, d_out]``): the calls'
@@ -251,7 +259,7 @@ class ConvHandler(LayerHandler):
         if self.structured(module):
             return ConvFactors(module, params, [x.to(dtype) for x in saved], grads)
         rows = None
-        for x, g in zip(saved, grads):
+        for x, g in zip(saved, grads, strict=True):
             part = per_sample_rows(module, params, x.to(dtype), g)
             rows = part if rows is None else rows + part
         return ExplicitFactors(module, params, rows)
@@ -269,7 +277,9 @@ def per_sample_rows(module: nn.Module, params: list[nn.Parameter], x: Tensor, gr
     """
     b, k = grads.shape[:2]
     names = [n for n, p in module.named_parameters(recurse=False) if any(p is q for q in params)]
-    order = sorted(range(len(names)), key=lambda i: [j for j, q in enumerate(params) if q is getattr(module, names[i])][0])
+    order = sorted(
+        range(len(names)), key=lambda i: [j for j, q in enumerate(params) if q is getattr(module, names[i])][0]
+    )
     names = [names[i] for i in order]
     values = tuple(getattr(module, n).detach().to(grads.dtype) for n in names)
     kwargs: dict[str, Any] = {}
@@ -278,7 +288,9 @@ def per_sample_rows(module: nn.Module, params: list[nn.Parameter], x: Tensor, gr
 
     def one(x_i: Tensor, z_i: Tensor) -> Tensor:
         def forward(*weights: Tensor) -> Tensor:
-            return torch.func.functional_call(module, dict(zip(names, weights)), (x_i.unsqueeze(0),), kwargs)
+            return torch.func.functional_call(
+                module, dict(zip(names, weights, strict=True)), (x_i.unsqueeze(0),), kwargs
+            )
 
         _, pull = torch.func.vjp(forward, *values)
         return torch.cat([t.reshape(-1) for t in pull(z_i.unsqueeze(0))])
@@ -337,7 +349,7 @@ class _AffineNormHandler(LayerHandler):
     def factors(self, module, params, saved, grads):
         b, k = grads[0].shape[:2]
         rows = {id(p): 0.0 for p in params}
-        for x, g in zip(saved, grads):
+        for x, g in zip(saved, grads, strict=True):
             x = x.to(g.dtype)
             dims = self.reduce_dims(module, x)
             if getattr(module, "weight", None) is not None and id(module.weight) in rows:

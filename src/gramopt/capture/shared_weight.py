@@ -252,7 +252,9 @@ class SharedWeightFactors(LayerFactors):
         return bias_sum(self.grads, self.bias_positions)
 
     def _param_shapes(self) -> list[torch.Size]:
-        return ([self.weight_shape] if self.with_weight else []) + ([torch.Size([self.d_out])] if self.with_bias else [])
+        return ([self.weight_shape] if self.with_weight else []) + (
+            [torch.Size([self.d_out])] if self.with_bias else []
+        )
 
     def _rmatvec_explicit(self, coeffs: Tensor) -> list[Tensor] | None:
         """U^T a from the explicit rows if they were formed this step, else None."""
@@ -260,7 +262,7 @@ class SharedWeightFactors(LayerFactors):
         if rows is None:
             return None
         a = coeffs.to(rows[0].dtype)
-        return [(a @ u).view(shape) for u, shape in zip(rows, self._param_shapes())]
+        return [(a @ u).view(shape) for u, shape in zip(rows, self._param_shapes(), strict=True)]
 
     def gram_strategy(self) -> str:
         """``"pairs"`` or ``"explicit"``, whichever costs fewer flops (see module doc)."""

@@ -137,14 +137,16 @@ class TiedFactors(LayerFactors):
     # -- products ------------------------------------------------------------------------
     def rmatvec(self, coeffs: Tensor) -> list[Tensor]:
         out: list[Tensor | None] = [None] * len(self.params)
-        for member, slots in zip(self.members, self.slots):
-            for slot, part in zip(slots, member.rmatvec(coeffs)):
+        for member, slots in zip(self.members, self.slots, strict=True):
+            for slot, part in zip(slots, member.rmatvec(coeffs), strict=True):
                 out[slot] = part if out[slot] is None else out[slot] + part
-        return [t if t is not None else torch.zeros_like(p, dtype=self.dtype) for t, p in zip(out, self.params)]
+        return [
+            t if t is not None else torch.zeros_like(p, dtype=self.dtype) for t, p in zip(out, self.params, strict=True)
+        ]
 
     def matvec(self, vectors: Sequence[Tensor]) -> Tensor:
         out = None
-        for member, slots in zip(self.members, self.slots):
+        for member, slots in zip(self.members, self.slots, strict=True):
             part = member.matvec([vectors[s] for s in slots])
             out = part if out is None else out + part
         return out
@@ -153,9 +155,9 @@ class TiedFactors(LayerFactors):
     def _scatter_rows(self, parts: Sequence[Tensor]) -> Tensor:
         """``sum_l R_l E_l`` for per-member rows ``R_l`` ``[m, p_l]``, ``[m, p]``."""
         rows = parts[0].new_zeros(parts[0].shape[0], self.offsets[-1])
-        for part, member, slots in zip(parts, self.members, self.slots):
+        for part, member, slots in zip(parts, self.members, self.slots, strict=True):
             start = 0
-            for slot, p in zip(slots, member.params):
+            for slot, p in zip(slots, member.params, strict=True):
                 rows[:, self.offsets[slot] : self.offsets[slot + 1]] += part[:, start : start + p.numel()]
                 start += p.numel()
         return rows
@@ -169,9 +171,9 @@ class TiedFactors(LayerFactors):
     def columns(self, index: Tensor) -> Tensor:
         """``U[:, index]`` ``[n, q]``: each member's columns of the parameters it covers, summed."""
         out = torch.zeros(self.num_rows, index.numel(), dtype=self.dtype, device=index.device)
-        for member, slots in zip(self.members, self.slots):
+        for member, slots in zip(self.members, self.slots, strict=True):
             where, local, start = [], [], 0
-            for slot, p in zip(slots, member.params):
+            for slot, p in zip(slots, member.params, strict=True):
                 lo, hi = self.offsets[slot], self.offsets[slot + 1]
                 mask = (index >= lo) & (index < hi)
                 if mask.any():
@@ -197,7 +199,10 @@ class TiedFactors(LayerFactors):
         return TiedFactors(self.module, self.params, blocks, self.indices)
 
     def state(self) -> dict[str, Any]:
-        return {"form": "tied", "members": [{"member": i, **m.state()} for i, m in zip(self.indices, self.members)]}
+        return {
+            "form": "tied",
+            "members": [{"member": i, **m.state()} for i, m in zip(self.indices, self.members, strict=True)],
+        }
 
     @classmethod
     def _from_state(cls, module: nn.Module, params: list[nn.Parameter], state: dict[str, Any]) -> LayerFactors:

@@ -127,8 +127,14 @@ FULL_GRIDS: dict[str, tuple[Axis, ...]] = {
     "soap": (LR, Axis("eps", values=(1e-10, 1e-8, 1e-6))),
     "sgd": (LR, MOMENTUM),
     "adamw": (LR, WEIGHT_DECAY),
-    "muon": (Axis("lr", factors=(1 / 3, 1.0, 3.0), with_keys=("adamw_lr",)), Axis("momentum", values=(0.9, 0.95, 0.98))),
-    "muon-po": (Axis("lr", factors=(1 / 3, 1.0, 3.0), with_keys=("adamw_lr",)), Axis("momentum", values=(0.9, 0.95, 0.98))),
+    "muon": (
+        Axis("lr", factors=(1 / 3, 1.0, 3.0), with_keys=("adamw_lr",)),
+        Axis("momentum", values=(0.9, 0.95, 0.98)),
+    ),
+    "muon-po": (
+        Axis("lr", factors=(1 / 3, 1.0, 3.0), with_keys=("adamw_lr",)),
+        Axis("momentum", values=(0.9, 0.95, 0.98)),
+    ),
     "psgd-kron": (LR, WEIGHT_DECAY),
 }
 
@@ -231,5 +237,7 @@ def grid(name: str, task: Task, size: str = "quick") -> list[dict[str, Any]]:
             ) from None
         settings = [{**s, **c} for s in settings for c in changes]
     if len(settings) != GRID_SIZES[size]:
-        raise ValueError(f"the {size} grid of {name} has {len(settings)} settings; every {size} grid has {GRID_SIZES[size]}")
+        raise ValueError(
+            f"the {size} grid of {name} has {len(settings)} settings; every {size} grid has {GRID_SIZES[size]}"
+        )
     return settings

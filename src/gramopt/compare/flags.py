@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gramopt.compare import config as bench_config
+from gramopt.compare import config as compare_config
 
 #: Optimizers whose step runs matrix products in bfloat16 whatever the model's dtype:
 #: what they do in it, and the alternative ("" if none).
@@ -29,7 +29,7 @@ BFLOAT16_STEPS: dict[str, tuple[str, str]] = {
 
 def expected_step_cost(name: str) -> float:
     """The step cost of optimizer ``name`` its arithmetic predicts, in SGD-momentum steps."""
-    return bench_config.EXPECTED_STEP_COST.get(name, bench_config.DEFAULT_EXPECTED_STEP_COST)
+    return compare_config.EXPECTED_STEP_COST.get(name, compare_config.DEFAULT_EXPECTED_STEP_COST)
 
 
 def likely_cause(name: str, bfloat16: dict[str, Any]) -> str:
@@ -51,11 +51,11 @@ def step_time_flags(ratios: dict[str, float | None], bfloat16: dict[str, Any]) -
         if ratio is None:
             continue
         expected = expected_step_cost(name)
-        limit = bench_config.STEP_COST_MARGIN * expected
+        limit = compare_config.STEP_COST_MARGIN * expected
         if ratio <= limit:
             continue
         cause = likely_cause(name, bfloat16)
-        margin = bench_config.STEP_COST_MARGIN
+        margin = compare_config.STEP_COST_MARGIN
         text = (
             f"{name}'s step took {ratio:.3g}x SGD-momentum's, over {limit:g}x ({margin:g} x the {expected:g}x its "
             "arithmetic predicts): its seconds to each rung measure this machine more than the method. "

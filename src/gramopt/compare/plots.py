@@ -126,9 +126,18 @@ def _ladder_panel(ax: Any, task: dict[str, Any]) -> None:
         high = np.array([np.nan if s["max"] is None or s["n"] < s["of"] else s["max"] for s in spreads])
         if median.size == 0 or np.all(np.isnan(median)):
             continue
-        ax.errorbar(x, median, yerr=[np.clip(median - low, 0, None), np.clip(high - median, 0, None)], label=name,
-                    color=look["color"], linestyle=look["linestyle"], marker=look["marker"], linewidth=look["linewidth"],
-                    capsize=2, markersize=4)
+        ax.errorbar(
+            x,
+            median,
+            yerr=[np.clip(median - low, 0, None), np.clip(high - median, 0, None)],
+            label=name,
+            color=look["color"],
+            linestyle=look["linestyle"],
+            marker=look["marker"],
+            linewidth=look["linewidth"],
+            capsize=2,
+            markersize=4,
+        )
     ax.set_xticks(x, [f"{r['value']:g}" for r in rungs])
     ax.set_xlabel(f"rung ({rungs[0]['metric'].replace('_', ' ')})" if rungs else "rung")
     ax.set_ylabel("optimizer seconds to reach it")
@@ -142,7 +151,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     tasks = list(results["tasks"].values())
     fig = plt.figure(figsize=(15, 7.2 * len(tasks)), layout="constrained")
     blocks = fig.subfigures(len(tasks), 1, squeeze=False)[:, 0]
-    for block, task in zip(blocks, tasks):
+    for block, task in zip(blocks, tasks, strict=True):
         axes = block.subplots(2, 3)
         metric = task["task"]["metric"]
         metric_log = task["task"]["loss"] == "mse"

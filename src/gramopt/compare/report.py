@@ -82,7 +82,9 @@ def leader_rows(task: dict[str, Any]) -> list[list[str]]:
         medians = {n: _median_seconds(m["summary"]["time_to_rungs"][index]) for n, m in task["optimizers"].items()}
         ranked = sorted((v, n) for n, v in medians.items() if v != float("inf"))
         counts = _seed_leaders(task, index)
-        by_seed = ", ".join(f"{n} {c}/{seeds}" for n, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"
+        by_seed = (
+            ", ".join(f"{n} {c}/{seeds}" for n, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"
+        )
         if not ranked:
             out.append([rung["text"], "nobody (median seed)", "-", by_seed, "-"])
             continue
@@ -157,7 +159,7 @@ def rich_table(task: dict[str, Any]) -> Table:
     table = Table(title=f"{task['task']['name']}: seconds to each rung; budget {task['budget']['text']}")
     for header in _headers(task):
         table.add_column(header, overflow="fold")
-    for row, method in zip(rows(task), task["optimizers"].values()):
+    for row, method in zip(rows(task), task["optimizers"].values(), strict=True):
         row[-1] = _varied(method)
         table.add_row(*row)
     return table
@@ -166,7 +168,7 @@ def rich_table(task: dict[str, Any]) -> Table:
 def plain_table(task: dict[str, Any]) -> str:
     """The printed summary as a Markdown table (for a reader without a terminal)."""
     body = rows(task)
-    for row, method in zip(body, task["optimizers"].values()):
+    for row, method in zip(body, task["optimizers"].values(), strict=True):
         row[-1] = _varied(method)
     title = f"{task['task']['name']}: seconds to each rung; budget {task['budget']['text']}"
     return "\n".join([title, "", *markdown_table(_headers(task), body)])
@@ -263,12 +265,17 @@ def markdown(results: dict[str, Any]) -> str:
         "`(n/N)`: the number of seeds the value exists for (reached the rung, did not diverge). The test figures "
         "are those of the runs of the setting selected on validation.",
         f"- Each optimizer tried {results['grid_size']} settings ({results.get('grid', 'quick')} grid: "
-        + ("learning rate x damping for the second-order methods, x weight decay for AdamW, x momentum for SGD "
-           "and Muon; see below" if results.get("grid") == "full" else "one knob: the damping for GGN, the "
-           "learning rate for the others") + "), every seed each. "
+        + (
+            "learning rate x damping for the second-order methods, x weight decay for AdamW, x momentum for SGD "
+            "and Muon; see below"
+            if results.get("grid") == "full"
+            else "one knob: the damping for GGN, the learning rate for the others"
+        )
+        + "), every seed each. "
         f"Winner: {results['selection']}.",
         f"- Diverged: {results.get('divergence_rule', 'non-finite loss')}.",
-        "- Seconds to each rung: seconds of the optimizer clock (training steps only: forward, backward pass(es), update; "
+        "- Seconds to each rung: seconds of the optimizer clock (training steps only: forward, backward pass(es), "
+        "update; "
         "evaluation, data loading and the display are outside it) at the first evaluation that meets the rung. "
         f"Each run is evaluated at {results['evaluations_per_run']} evenly spaced points of its budget; "
         "a median counts a seed that missed the target as infinitely slow.",
@@ -291,24 +298,41 @@ def markdown(results: dict[str, Any]) -> str:
             f"## {info['name']}",
             "",
             f"{info['description']}. Loss: {info['loss']}; batch {info['batch_size']}; seeds {task['seeds']}. "
-            f"Rungs: {'; '.join(r['text'] for r in task.get('rungs', [])) or target}. Budget: {task['budget']['text']}. "
+            f"Rungs: {'; '.join(r['text'] for r in task.get('rungs', [])) or target}. Budget: "
+            f"{task['budget']['text']}. "
             f"Training on {info.get('train_samples', '?')} samples; validation set of {info.get('val_samples', '?')} "
             "carved from the training data (fixed per seed)."
-            + (f" Evaluated on fixed random subsets of {info['eval_samples']} train and test samples."
-               if info.get("eval_samples") else ""),
+            + (
+                f" Evaluated on fixed random subsets of {info['eval_samples']} train and test samples."
+                if info.get("eval_samples")
+                else ""
+            ),
             "",
         ]
         lines += markdown_table(_headers(task), rows(task))
         if task.get("flags"):
             lines += ["", "Flagged step times:", ""] + [f"- {text}" for text in flag_lines(task)]
         if task.get("rungs"):
-            lines += ["", "First per rung (median over seeds of each selected setting; margin: the runner-up's median over the first's):", ""]
+            lines += [
+                "",
+                "First per rung (median over seeds of each selected setting; margin: the runner-up's median over the "
+                "first's):",
+                "",
+            ]
             lines += markdown_table(list(LEADER_COLUMNS), leader_rows(task))
         for name, reason in task.get("skipped", {}).items():
             lines += ["", f"Skipped: {name}, which cannot train this task ({reason_line(reason)})."]
         lines += ["", "Grids (median over seeds per setting):", ""]
         lines += markdown_table(
-            ["optimizer", "setting", "validation s to each rung", "final val loss", "final train loss", "diverged", "failed"],
+            [
+                "optimizer",
+                "setting",
+                "validation s to each rung",
+                "final val loss",
+                "final train loss",
+                "diverged",
+                "failed",
+            ],
             _grid_rows(task),
         )
         lines.append("")

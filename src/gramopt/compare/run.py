@@ -45,7 +45,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from gramopt.compare import config as bench_config
+from gramopt.compare import config as compare_config
 from gramopt.compare.config import DIVERGENCE_FACTOR, GRID_SIZES, Target, grid
 from gramopt.compare.flags import step_time_flags
 from gramopt.compare.hardware import bfloat16_matmul, cpu_bfloat16_flags, cpu_model
@@ -53,10 +53,11 @@ from gramopt.compare.memory import peak_memories
 from gramopt.compare.plots import plot_curves
 from gramopt.compare.report import markdown, reason_line
 from gramopt.compare.timing import interleaved_times
+from gramopt.distributed import CollectiveError, rank, world_size
 from gramopt.tasks import TASKS, Split, Task, get_task, with_validation
 from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
 from gramopt.training.loop import environment, epoch_order
-from gramopt.distributed import CollectiveError, rank, world_size
+from gramopt.training.parallel import DataParallelRun, check_distributed
 from gramopt.training.registry import (
     DIVERGENCE_ERRORS,
     build_optimizer,
@@ -65,7 +66,6 @@ from gramopt.training.registry import (
     training_step,
     with_epoch_defaults,
 )
-from gramopt.training.parallel import DataParallelRun, check_distributed
 
 REFERENCE = "sgd"  # step times are reported as ratios to this optimizer's (task default setting)
 UNBOUNDED_EPOCHS = 10**9  # a time-budgeted run stops on its clock, not on epochs
@@ -76,18 +76,18 @@ class CompareConfig:
     """A comparison. ``optimizers=None``: :func:`default_optimizers`; ``budget_seconds``
     and ``epochs`` both None: each task's ``Task.budget_seconds``."""
 
-    tasks: tuple[str, ...] = (bench_config.DEFAULT_TASK,)
+    tasks: tuple[str, ...] = (compare_config.DEFAULT_TASK,)
     optimizers: tuple[str, ...] | None = None
-    seeds: int = bench_config.DEFAULT_SEEDS
+    seeds: int = compare_config.DEFAULT_SEEDS
     budget_seconds: float | None = None
     epochs: int | None = None
     out: str = "runs/compare"
     threads: int | None = 1
     progress: bool = True
     distributed: str | None = None  # under torchrun: "exact" (default) or "local"
-    grid: str = bench_config.DEFAULT_COMMAND_GRID  # "quick" (3 settings) or "full" (3 x 3)
+    grid: str = compare_config.DEFAULT_COMMAND_GRID  # "quick" (3 settings) or "full" (3 x 3)
 
-    def validated(self) -> "CompareConfig":
+    def validated(self) -> CompareConfig:
         """Check every name and number before anything runs (ValueError naming the problem)."""
         tasks = tuple(TASKS) if self.tasks == ("all",) else tuple(self.tasks)
         for name in tasks:
@@ -122,7 +122,15 @@ class CompareConfig:
             for optimizer in optimizers:
                 grid(optimizer, get_task(name), self.grid)
         return CompareConfig(
-            tasks, optimizers, self.seeds, self.budget_seconds, self.epochs, self.out, self.threads, self.progress, distributed,
+            tasks,
+            optimizers,
+            self.seeds,
+            self.budget_seconds,
+            self.epochs,
+            self.out,
+            self.threads,
+            self.progress,
+            distributed,
             self.grid,
         )
 
@@ -132,7 +140,7 @@ def default_optimizers() -> tuple[str, ...]:
     on a CPU without a fast bfloat16 matmul (``hardware.bfloat16_matmul``) also
     ``muon-f32`` beside torch's ``muon``, whose orthogonalization runs in bfloat16."""
     gramopt_methods = [name for name, spec in OPTIMIZERS.items() if spec.source == "gramopt"]
-    peers = [name for name in bench_config.DEFAULT_PEERS if name in OPTIMIZERS]
+    peers = [name for name in compare_config.DEFAULT_PEERS if name in OPTIMIZERS]
     if "muon" in peers and "muon-f32" in OPTIMIZERS and not bfloat16_matmul().fast:
         peers.insert(peers.index("muon") + 1, "muon-f32")
     return tuple(gramopt_methods + ["sgd", "adamw"] + peers)
@@ -196,8 +204,8 @@ def run_one(
         seed=seed,
         hyper=dict(hyper),
         max_seconds=budget.seconds,
-        eval_every_seconds=budget.seconds / bench_config.EVALUATIONS if budget.seconds else 0.0,
-        eval_every_steps=max(1, budget.epochs * steps_per_epoch // bench_config.EVALUATIONS) if budget.epochs else 0,
+        eval_every_seconds=budget.seconds / compare_config.EVALUATIONS if budget.seconds else 0.0,
+        eval_every_steps=max(1, budget.epochs * steps_per_epoch // compare_config.EVALUATIONS) if budget.epochs else 0,
         eval_samples=task.eval_samples or 0,
         save=False,
         distributed=distributed,
@@ -281,7 +289,13 @@ def spread(values: list[float | None]) -> dict[str, Any]:
     known = [v for v in values if v is not None]
     if not known:
         return {"median": None, "min": None, "max": None, "n": 0, "of": len(values)}
-    return {"median": statistics.median(known), "min": min(known), "max": max(known), "n": len(known), "of": len(values)}
+    return {
+        "median": statistics.median(known),
+        "min": min(known),
+        "max": max(known),
+        "n": len(known),
+        "of": len(values),
+    }
 
 
 def to_target_spread(values: list[float | None]) -> dict[str, Any]:
@@ -340,18 +354,20 @@ def step_time_ratios(
     built = {name: _try_stepper(task, name, hyper, split, seed, distributed) for name, hyper in winners.items()}
     steppers = {name: stepper for name, stepper in built.items() if stepper is not None}
     if REFERENCE not in steppers:
-        steppers[REFERENCE] = _stepper(task, REFERENCE, grid(REFERENCE, task)[GRID_SIZES["quick"] // 2], split, seed, distributed)
+        steppers[REFERENCE] = _stepper(
+            task, REFERENCE, grid(REFERENCE, task)[GRID_SIZES["quick"] // 2], split, seed, distributed
+        )
     samples = interleaved_times(
         {name: step for name, (step, _) in steppers.items()},
-        rounds=bench_config.TIMING_ROUNDS,
-        steps_per_round=bench_config.TIMING_STEPS,
+        rounds=compare_config.TIMING_ROUNDS,
+        steps_per_round=compare_config.TIMING_STEPS,
     )
     ratios: dict[str, float | None] = {}
     for name in winners:
         if name not in steppers or steppers[name][1]:
             ratios[name] = None  # cannot be built, or diverged while being timed
         else:
-            ratios[name] = statistics.median(t / b for t, b in zip(samples[name], samples[REFERENCE]))
+            ratios[name] = statistics.median(t / b for t, b in zip(samples[name], samples[REFERENCE], strict=True))
     return ratios
 
 
@@ -365,7 +381,7 @@ def peak_step_memory(
     if stepper is None:
         return None
     step, errors = stepper
-    peaks = peak_memories(lambda: [step() for _ in range(bench_config.MEMORY_STEPS)])
+    peaks = peak_memories(lambda: [step() for _ in range(compare_config.MEMORY_STEPS)])
     return None if errors else peaks
 
 
@@ -452,7 +468,7 @@ def compare_task(
         methods[name] = {
             "description": spec.description,
             "source": spec.source,
-            "knobs": [axis.key for axis in bench_config.axes(name, config.grid)],
+            "knobs": [axis.key for axis in compare_config.axes(name, config.grid)],
             "settings": [{"hyper": hyper, "runs": []} for hyper in grid(name, task, config.grid)],
         }
     for seed in seeds:
@@ -461,7 +477,9 @@ def compare_task(
                 setting = method["settings"][k]
                 status = f"{task.name}: {name} setting {k + 1}/{size} seed {seed}"
                 progress.update(overall, status=status)
-                record = run_one(task, name, setting["hyper"], splits[seed], seed, budget, console, progress, config.distributed)
+                record = run_one(
+                    task, name, setting["hyper"], splits[seed], seed, budget, console, progress, config.distributed
+                )
                 setting["runs"].append(record)
                 progress.advance(overall)
                 if plain is not None:
@@ -491,7 +509,8 @@ def compare_task(
             "time_to_target": to_target_spread([r.get("time_to_target") for r in runs]),
             "epochs_to_target": to_target_spread([r.get("epochs_to_target") for r in runs]),
             "time_to_rungs": [
-                to_target_spread([(r.get("time_to_rungs") or [None] * len(rungs))[k] for r in runs]) for k in range(len(rungs))
+                to_target_spread([(r.get("time_to_rungs") or [None] * len(rungs))[k] for r in runs])
+                for k in range(len(rungs))
             ],
             "final_train_loss": spread([r.get("final_train_loss") for r in runs]),
             "final_val_loss": spread([r.get("final_val_loss") for r in runs]),
@@ -542,7 +561,10 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     bfloat16 = bfloat16_matmul().as_dict()
-    started, started_at = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    started, started_at = (
+        time.perf_counter(),
+        datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
     try:
         progress = Progress(
             TextColumn("[progress.description]{task.description}"),
@@ -572,13 +594,20 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
         "config": asdict(config),
         "grid": config.grid,
         "grid_size": GRID_SIZES[config.grid],
-        "divergence_rule": f"non-finite loss, a divergence error, or final train loss > {DIVERGENCE_FACTOR:g} x the initial",
-        "evaluations_per_run": bench_config.EVALUATIONS,
-        "timing": {"reference": REFERENCE, "rounds": bench_config.TIMING_ROUNDS, "steps_per_round": bench_config.TIMING_STEPS},
-        "step_time_flags": {"expected_step_cost": dict(bench_config.EXPECTED_STEP_COST),
-                            "default_expected_step_cost": bench_config.DEFAULT_EXPECTED_STEP_COST,
-                            "margin": bench_config.STEP_COST_MARGIN},
-        "memory_steps": bench_config.MEMORY_STEPS,
+        "divergence_rule": f"non-finite loss, a divergence error, or final train loss > {DIVERGENCE_FACTOR:g} x the "
+            "initial",
+        "evaluations_per_run": compare_config.EVALUATIONS,
+        "timing": {
+            "reference": REFERENCE,
+            "rounds": compare_config.TIMING_ROUNDS,
+            "steps_per_round": compare_config.TIMING_STEPS,
+        },
+        "step_time_flags": {
+            "expected_step_cost": dict(compare_config.EXPECTED_STEP_COST),
+            "default_expected_step_cost": compare_config.DEFAULT_EXPECTED_STEP_COST,
+            "margin": compare_config.STEP_COST_MARGIN,
+        },
+        "memory_steps": compare_config.MEMORY_STEPS,
         "selection": "test-accuracy ladders: on the validation set carved from the training data, smallest median "
         "(over seeds) validation time to the highest rung (missed or diverged = infinite), ties by the next rung "
         "down, then by the smallest median final validation loss; train-loss ladders (optimization speed): the "

@@ -66,7 +66,7 @@ def ratio_summary(samples: dict[str, list[float]], baseline: str) -> dict[str, d
     base = samples[baseline]
     out = {}
     for name, values in samples.items():
-        ratios = [v / b for v, b in zip(values, base)]
+        ratios = [v / b for v, b in zip(values, base, strict=True)]
         out[name] = {
             "median_seconds": statistics.median(values),
             "ratio_median": statistics.median(ratios),

@@ -75,7 +75,9 @@ class SolveInfo:
     converged: bool = True
 
 
-def solve_damped_psd(gram: Tensor, rhs: Tensor, damping: float, *, what: str = "Gram matrix") -> tuple[Tensor, SolveInfo]:
+def solve_damped_psd(
+    gram: Tensor, rhs: Tensor, damping: float, *, what: str = "Gram matrix"
+) -> tuple[Tensor, SolveInfo]:
     """Solve ``(gram + damping I) x = rhs`` for symmetric PSD ``gram``.
 
     Args:
@@ -146,7 +148,10 @@ def solve_damped_psd(gram: Tensor, rhs: Tensor, damping: float, *, what: str = "
     floor = max(damping, n * eps * float(evals.abs().max()))
     evals = evals.clamp_min(floor)
     x = evecs @ ((evecs.T @ column) / evals.unsqueeze(-1))
-    message = f"Cholesky of the damped {what} failed even with jitter; used an eigen-solve (eigenvalues clamped at {floor:.2e})"
+    message = (
+        f"Cholesky of the damped {what} failed even with jitter; "
+        f"used an eigen-solve (eigenvalues clamped at {floor:.2e})"
+    )
     if not _CALLER_REPORTS.get():
         warnings.warn(
             f"Cholesky of the damped {what} failed even with jitter; used an eigen-solve",

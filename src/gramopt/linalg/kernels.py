@@ -57,7 +57,7 @@ def symmetric_gram(rows: Sequence[Tensor]) -> Tensor:
         return gram
     gram = torch.empty(n, n, dtype=rows[0].dtype, device=rows[0].device)
     edges = [round(i * n / parts) for i in range(parts + 1)]
-    for i0, i1 in zip(edges[:-1], edges[1:]):
+    for i0, i1 in zip(edges[:-1], edges[1:], strict=True):
         block = rows[0][i0:i1] @ rows[0][:i1].T  # rows i0:i1 against rows 0:i1
         for u in rows[1:]:
             block = block.addmm_(u[i0:i1], u[:i1].T)

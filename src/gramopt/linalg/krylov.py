@@ -2,15 +2,15 @@
 products only, and the randomized Nystrom preconditioner.
 
 Convergence is measured by the relative residual ``||rhs - H x|| / ||rhs||`` (the
-criterion of Lemma B.1 in
-Jan van den Brand, Binghui Peng, Zhao Song, Omri Weinstein, "Training
-(Overparametrized) Neural Networks in Near-Linear Time", ITCS 2021, arXiv:2006.11648: ``||A^T A x - y|| <= eps ||y||``). CG updates
-its residual recursively, which can drift from the true one; when the recursive residual
-reaches the tolerance, the true residual is recomputed and, if it is still too large, CG
-restarts from there (at most ``MAX_RESTARTS`` times). Out of iterations, it returns the
-iterate with the smallest true residual among the last one, the one of smallest
-recursive residual and x = 0: rounding (a float32 system with condition number beyond
-1/eps) can make later iterates diverge, and a step is never worse than no step.
+criterion of Lemma B.1 in Jan van den Brand, Binghui Peng, Zhao Song, Omri Weinstein,
+"Training (Overparametrized) Neural Networks in Near-Linear Time", ITCS 2021,
+arXiv:2006.11648: ``||A^T A x - y|| <= eps ||y||``). CG updates its residual
+recursively, which can drift from the true one; when the recursive residual reaches the
+tolerance, the true residual is recomputed and, if it is still too large, CG restarts
+from there (at most ``MAX_RESTARTS`` times). Out of iterations, it returns the iterate
+with the smallest true residual among the last one, the one of smallest recursive
+residual and x = 0: rounding (a float32 system with condition number beyond 1/eps) can
+make later iterates diverge, and a step is never worse than no step.
 """
 
 from __future__ import annotations

@@ -123,7 +123,14 @@ def fast_regression(
         return out + damping * v if damping else out
 
     if method == "cg":
-        x, info = pcg(matvec, y, precond=lambda v: _solve_r(r, _solve_rt(r, v)), tol=tol, max_iter=max_iter, method="fast-regression-cg")
+        x, info = pcg(
+            matvec,
+            y,
+            precond=lambda v: _solve_r(r, _solve_rt(r, v)),
+            tol=tol,
+            max_iter=max_iter,
+            method="fast-regression-cg",
+        )
     else:
         x, info = _gradient_iteration(matvec, y, r, tol, max_iter)
     info.seconds = {**seconds, "iterate": info.seconds.get("iterate", 0.0)}
@@ -132,7 +139,9 @@ def fast_regression(
 
 def _dense(a: Tensor) -> DenseOperator:
     if not isinstance(a, Tensor) or a.dim() != 2:
-        raise ValueError(f"A must be a [N, k] tensor or a LinearOperator, got {type(a).__name__} {getattr(a, 'shape', '')}")
+        raise ValueError(
+            f"A must be a [N, k] tensor or a LinearOperator, got {type(a).__name__} {getattr(a, 'shape', '')}"
+        )
     if not a.is_floating_point():
         raise TypeError(f"A must be floating point, got {a.dtype}")
     if not torch.isfinite(a).all():
@@ -142,7 +151,9 @@ def _dense(a: Tensor) -> DenseOperator:
 
 def _check_arguments(y, k, damping, tol, sketch, oversampling, method, max_iter, op) -> None:
     if not isinstance(y, Tensor) or y.shape != (k,):
-        raise ValueError(f"y must be a tensor of shape [{k}] (A has {k} columns), got {getattr(y, 'shape', type(y).__name__)}")
+        raise ValueError(
+            f"y must be a tensor of shape [{k}] (A has {k} columns), got {getattr(y, 'shape', type(y).__name__)}"
+        )
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping < 0:
         raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
@@ -178,7 +189,9 @@ def _cholesky_factor(gram: Tensor, damping: float) -> Tensor:
     chol, failed = torch.linalg.cholesky_ex(system)
     if failed:
         if damping == 0:
-            raise SingularSystemError("the sketched Gram (S A)^T (S A) is singular: A is rank-deficient; use damping > 0")
+            raise SingularSystemError(
+                "the sketched Gram (S A)^T (S A) is singular: A is rank-deficient; use damping > 0"
+            )
         jitter = 10 * k * torch.finfo(gram.dtype).eps * float(system.diagonal().max())
         chol = torch.linalg.cholesky(system + jitter * torch.eye(k, dtype=gram.dtype, device=gram.device))
     r = chol.mT

@@ -53,7 +53,14 @@ class Sketch(ABC):
         device: where the sketch's random state lives.
     """
 
-    def __init__(self, rows: int, cols: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         for name, value in (("rows", rows), ("cols", cols)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"sketch {name} must be a positive int, got {value!r}")
@@ -75,7 +82,9 @@ class Sketch(ABC):
         ``apply(A)`` for A ``[N, k]`` is ``S A`` ``[m, k]``; ``apply(X, dim=-1)`` for X
         ``[..., N]`` is ``X S^T``."""
         if a.shape[dim] != self.cols:
-            raise ValueError(f"this sketch maps dimension {self.cols}, got a tensor with {a.shape[dim]} along dim {dim}")
+            raise ValueError(
+                f"this sketch maps dimension {self.cols}, got a tensor with {a.shape[dim]} along dim {dim}"
+            )
         if not a.is_floating_point():
             raise TypeError(f"sketches apply to floating-point tensors, got {a.dtype}")
         return self._apply_last(a.movedim(dim, -1)).movedim(-1, dim)
@@ -89,7 +98,9 @@ class GaussianSketch(Sketch):
     """``S_ij ~ N(0, 1/m)``: the best embedding per row, at the cost of a dense matmul."""
 
     def _draw(self, generator: torch.Generator) -> None:
-        self.matrix = torch.randn(self.rows, self.cols, generator=generator, dtype=torch.float64, device=self.device) / math.sqrt(self.rows)
+        self.matrix = torch.randn(
+            self.rows, self.cols, generator=generator, dtype=torch.float64, device=self.device
+        ) / math.sqrt(self.rows)
 
     def _apply_last(self, a: Tensor) -> Tensor:
         return a @ self.matrix.to(a.dtype).T
@@ -105,7 +116,9 @@ class SRHTSketch(Sketch):
         self.padded = 1 << max(0, (self.cols - 1).bit_length())
         if self.rows > self.padded:
             raise ValueError(f"srht takes at most {self.padded} rows for dimension {self.cols}, got {self.rows}")
-        self.signs = torch.randint(0, 2, (self.cols,), generator=generator, device=self.device).to(torch.float64) * 2 - 1
+        self.signs = (
+            torch.randint(0, 2, (self.cols,), generator=generator, device=self.device).to(torch.float64) * 2 - 1
+        )
         self.index = torch.randperm(self.padded, generator=generator, device=self.device)[: self.rows]
 
     def _apply_last(self, a: Tensor) -> Tensor:
@@ -138,7 +151,15 @@ class SparseSignSketch(Sketch):
         zeta: nonzeros per column (default ``min(8, rows)``).
     """
 
-    def __init__(self, rows: int, cols: int, *, zeta: int | None = None, generator: torch.Generator | None = None, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        *,
+        zeta: int | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         self.zeta = min(8, rows) if zeta is None else zeta
         if isinstance(self.zeta, bool) or not isinstance(self.zeta, int) or self.zeta < 1:
             raise ValueError(f"zeta must be a positive int, got {zeta!r}")
@@ -146,8 +167,15 @@ class SparseSignSketch(Sketch):
 
     def _draw(self, generator: torch.Generator) -> None:
         rows = torch.randint(0, self.rows, (self.zeta, self.cols), generator=generator, device=self.device)
-        signs = torch.randint(0, 2, (self.zeta, self.cols), generator=generator, device=self.device).to(torch.float64) * 2 - 1
-        self._coo = (rows.reshape(-1), torch.arange(self.cols, device=self.device).repeat(self.zeta), signs.reshape(-1) / math.sqrt(self.zeta))
+        signs = (
+            torch.randint(0, 2, (self.zeta, self.cols), generator=generator, device=self.device).to(torch.float64) * 2
+            - 1
+        )
+        self._coo = (
+            rows.reshape(-1),
+            torch.arange(self.cols, device=self.device).repeat(self.zeta),
+            signs.reshape(-1) / math.sqrt(self.zeta),
+        )
         self._by_dtype: dict[torch.dtype, Tensor] = {}
 
     def _matrix(self, dtype: torch.dtype) -> Tensor:
@@ -176,7 +204,9 @@ class CountSketch(Sketch):
 
     def _draw(self, generator: torch.Generator) -> None:
         self.hash = torch.randint(0, self.rows, (self.cols,), generator=generator, device=self.device)
-        self.signs = torch.randint(0, 2, (self.cols,), generator=generator, device=self.device).to(torch.float64) * 2 - 1
+        self.signs = (
+            torch.randint(0, 2, (self.cols,), generator=generator, device=self.device).to(torch.float64) * 2 - 1
+        )
 
     def _apply_last(self, a: Tensor) -> Tensor:
         out = a.new_zeros(*a.shape[:-1], self.rows)
@@ -250,7 +280,14 @@ SKETCHES: dict[str, type[Sketch]] = {
 }
 
 
-def make_sketch(kind: str, rows: int, cols: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Sketch:
+def make_sketch(
+    kind: str,
+    rows: int,
+    cols: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Sketch:
     """The sketch ``kind`` (a key of :data:`SKETCHES`) of shape ``[rows, cols]``."""
     if kind not in SKETCHES:
         raise ValueError(f"unknown sketch {kind!r}; choose one of {sorted(SKETCHES)}")

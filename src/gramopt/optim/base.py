@@ -81,7 +81,8 @@ class MethodNeeds:
             raise ValueError('MethodNeeds: rows="jacobian" passes reach no weight, so reads_gradients must be "plain"')
         if not self.weight_decay_modes or set(self.weight_decay_modes) - {"decoupled", "l2"}:
             raise ValueError(
-                f"MethodNeeds.weight_decay_modes must be taken from ('decoupled', 'l2'), got {self.weight_decay_modes!r}"
+                "MethodNeeds.weight_decay_modes must be taken from ('decoupled', 'l2'), got "
+                f"{self.weight_decay_modes!r}"
             )
 
 
@@ -628,7 +629,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         their dtype), and remember ``.grad`` of ``probe`` as it is then, for the warning
         about a modified one. Returns the parameters that received a gradient."""
         received = []
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             if g is not None:
                 g = g if g.dtype == p.dtype else g.to(p.dtype)
                 p.grad = g if p.grad is None else p.grad + g
@@ -758,7 +759,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 params, ds, buffers, lr=group["lr"], momentum=group["momentum"],
                 weight_decay=group["weight_decay"], decoupled=self.weight_decay_mode == "decoupled",
             )
-            for p, buffer in zip(params, buffers):
+            for p, buffer in zip(params, buffers, strict=False):
                 self.state[p]["momentum_buffer"] = buffer
         self.extra_state["step"] += 1
 
@@ -841,7 +842,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
         flags = [g and self.needs.rows == "loss_gradients" for g in is_grad] + [False] * len(keys)
         gathered = self.sync.gather_rows(tensors + [batch.per_sample[key] for key in keys], flags, layout)
         self.engine.replace_capture_tensors(gathered[: len(tensors)])
-        batch.per_sample.update(zip(keys, gathered[len(tensors) :]))
+        batch.per_sample.update(zip(keys, gathered[len(tensors) :], strict=True))
 
     def _synchronize_gradients(self, batch: Batch) -> None:
         """Each ``.grad`` of :meth:`global_gradient_params` becomes ``sum_r (b_r / B) g_r``."""

@@ -23,7 +23,7 @@ def positional_deprecated(*names: str) -> Callable[[Callable[..., None]], Callab
                 if len(extra) > len(names):
                     raise TypeError(f"{owner}() takes model, lr and damping positionally, and at most {len(names)} "
                                     f"more (deprecated) positional arguments, got {len(args) + 1}")
-                given = dict(zip(names, extra))
+                given = dict(zip(names, extra, strict=False))
                 for name in given:
                     if name in kwargs:
                         raise TypeError(f"{owner}() got multiple values for argument {name!r}")

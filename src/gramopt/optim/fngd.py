@@ -97,7 +97,6 @@ from gramopt.losses import GaussNewtonLoss, get_loss
 from gramopt.optim.base import Batch, MethodNeeds, SampleSpaceOptimizer, check_hyper
 from gramopt.optim.compat import positional_deprecated
 
-
 #: Estimation steps before the coefficients are shared when none are given (see the
 #: module docstring: the paper estimates during one epoch, which the class cannot know).
 DEFAULT_COEFFICIENT_STEPS = 100
@@ -173,7 +172,9 @@ class FNGD(SampleSpaceOptimizer):
     """Fast natural gradient descent: ``delta_l = -lr * U_l^T v_l`` per Linear/Conv layer.
 
     Args:
-        model: the network; its Linear / Conv1d / Conv2d layers are hooked.
+        model: the network; its dense layers are preconditioned (Linear, every convolution and
+            transposed convolution, the projections of ``nn.MultiheadAttention``: the handlers
+            that set ``dense_layer``), every other parameter takes the plain gradient.
         lr: step size (the paper's eta with its 1/lam folded in), > 0. Default 0.1, with
             ``damping=1e-3`` the centre of ``gramopt compare``'s grids (docs/guides/tuning.md).
         damping: alpha of Eq. (14) (default 1e-3): lam_l = damping * ||K_l||_F, > 0 (at 0
@@ -315,7 +316,7 @@ class FNGD(SampleSpaceOptimizer):
             for name, factor in factors.items():
                 correction = corrections.get(name)
                 coeffs = weights[name] if correction is None else weights[name] - correction
-                for p, d in zip(factor.params, factor.rmatvec(coeffs)):
+                for p, d in zip(factor.params, factor.rmatvec(coeffs), strict=True):
                     l2 = self.l2_term(p)
                     directions[p] = d if l2 is None else d + l2.to(d.dtype)
         return directions
@@ -338,7 +339,7 @@ class FNGD(SampleSpaceOptimizer):
         if all(t is None for t in terms):
             return v, None
         lam = fngd_damping(gram, damping, self.damping_mode, what=what)
-        x = [torch.zeros_like(p) if t is None else t for p, t in zip(factor.params, terms)]
+        x = [torch.zeros_like(p) if t is None else t for p, t in zip(factor.params, terms, strict=True)]
         projected = factor.matvec(x).to(gram.dtype) * m  # U_l x, [M]
         if lam == 0.0:  # relative mode with K = 0: U_l = 0, no correction
             return v, torch.zeros_like(projected)

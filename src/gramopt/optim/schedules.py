@@ -95,7 +95,11 @@ class DampingDecay:
         if self.factor > 1:
             raise ValueError(f"factor must be <= 1 (a decay), got {self.factor}")
         _positive("every", self.every)
-        if isinstance(self.steps_per_epoch, bool) or not isinstance(self.steps_per_epoch, int) or self.steps_per_epoch < 1:
+        if (
+            isinstance(self.steps_per_epoch, bool)
+            or not isinstance(self.steps_per_epoch, int)
+            or self.steps_per_epoch < 1
+        ):
             raise ValueError(f"steps_per_epoch must be an int >= 1, got {self.steps_per_epoch!r}")
 
     def __call__(self, step: int) -> float:

@@ -93,7 +93,7 @@ class PINNProblem:
         """
         widths = (self.dim, *self.hidden, 1)
         layers: list[nn.Module] = []
-        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
             layers.append(nn.Linear(fan_in, fan_out, dtype=dtype))
             if i < len(widths) - 2:
                 layers.append(nn.Tanh())
@@ -144,7 +144,7 @@ class PINNProblem:
     def num_params(self) -> int:
         """Parameters of :meth:`build_model`'s network."""
         widths = (self.dim, *self.hidden, 1)
-        return sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
+        return sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:], strict=True))
 
 
 # -- samplers -----------------------------------------------------------------------------------

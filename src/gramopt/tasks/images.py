@@ -104,7 +104,9 @@ class SmallResNet(nn.Module):
 
     def __init__(self, classes: int = 10, width: int = 16, norm: str = "batch") -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, stride=2, padding=1, bias=False), norm_layer(norm, width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, width, 3, stride=2, padding=1, bias=False), norm_layer(norm, width), nn.ReLU()
+        )
         self.blocks = nn.Sequential(
             ResidualBlock(width, width, norm=norm),
             ResidualBlock(width, 2 * width, stride=2, norm=norm),
@@ -213,7 +215,8 @@ register_task(
 register_task(
     Task(
         name="fashion-resnet",
-        description="full Fashion-MNIST (60k+10k, 28x28) from Debian's dataset-fashion-mnist, small ResNet (BatchNorm; GGN refuses BatchNorm in training mode)",
+        description="full Fashion-MNIST (60k+10k, 28x28) from Debian's dataset-fashion-mnist, small ResNet (BatchNorm; "
+            "GGN refuses BatchNorm in training mode)",
         loss="cross_entropy",
         build_model=lambda seed: seeded(seed, SmallResNet),
         load=load_fashion_mnist,

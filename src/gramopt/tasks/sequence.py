@@ -37,7 +37,9 @@ class SelfAttention(nn.Module):
 class TinyTransformer(nn.Module):
     """Token + position embeddings, one pre-norm attention block and MLP, mean-pool head."""
 
-    def __init__(self, vocab: int = VOCAB, length: int = SEQ_LEN, d: int = 32, heads: int = 2, classes: int = 8) -> None:
+    def __init__(
+        self, vocab: int = VOCAB, length: int = SEQ_LEN, d: int = 32, heads: int = 2, classes: int = 8
+    ) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab, d)
         self.positions = nn.Embedding(length, d)

@@ -1,6 +1,7 @@
 """Training runs: optimizers by name (gramopt's, torch's and installed peers'), the loop
 behind ``gramopt train`` and ``gramopt compare``, checkpoints."""
 
+from gramopt.training import peers  # noqa: F401 - registers the installed peers in OPTIMIZERS
 from gramopt.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gramopt.training.loop import TrainConfig, Trainer, TrainResult, evaluate, train
 from gramopt.training.registry import (
@@ -10,7 +11,6 @@ from gramopt.training.registry import (
     training_step,
     with_epoch_defaults,
 )
-from gramopt.training import peers  # noqa: E402,F401 - registers the installed peers in OPTIMIZERS
 
 __all__ = [
     "CheckpointError",

@@ -66,8 +66,10 @@ class Chain(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         states = state_dict.get("optimizers")
         if not isinstance(states, list) or len(states) != len(self.optimizers):
-            raise ValueError(f"expected the states of {len(self.optimizers)} chained optimizers, got {state_dict!r:.80}")
-        for optimizer, state in zip(self.optimizers, states):
+            raise ValueError(
+                f"expected the states of {len(self.optimizers)} chained optimizers, got {state_dict!r:.80}"
+            )
+        for optimizer, state in zip(self.optimizers, states, strict=True):
             optimizer.load_state_dict(state)
 
     def __repr__(self) -> str:

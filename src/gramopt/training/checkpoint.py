@@ -26,7 +26,9 @@ class CheckpointError(GramoptError, RuntimeError):
 #: its curvature state), the run's config, the data order position (epoch, step in epoch,
 #: global step), the clock, the evaluations so far and the torch, numpy and python RNG
 #: states; also the scheduler's state ("scheduler", None without a schedule).
-REQUIRED = ("model", "optimizer", "config", "epoch", "step_in_epoch", "global_step", "seconds", "epochs", "diverged", "rng")
+REQUIRED = (
+    "model", "optimizer", "config", "epoch", "step_in_epoch", "global_step", "seconds", "epochs", "diverged", "rng",
+)
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -51,7 +53,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for damaged files
-        raise CheckpointError(f"{path} is truncated or corrupt and cannot be loaded ({type(err).__name__}: {err})") from err
+        raise CheckpointError(
+            f"{path} is truncated or corrupt and cannot be loaded ({type(err).__name__}: {err})"
+        ) from err
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} is not a gramopt training checkpoint (it holds a {type(payload).__name__})")
     missing = [key for key in REQUIRED if key not in payload]

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
-from gramopt.losses import get_loss
+from gramopt.distributed import world_size
 from gramopt.tasks import Split, Task, get_task
 from gramopt.training.checkpoint import (
     CheckpointError,
@@ -35,7 +35,7 @@ from gramopt.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from gramopt.distributed import world_size
+from gramopt.training.parallel import DataParallelRun, check_distributed
 from gramopt.training.registry import (
     DIVERGENCE_ERRORS,
     build_optimizer,
@@ -45,7 +45,6 @@ from gramopt.training.registry import (
     training_step,
     with_epoch_defaults,
 )
-from gramopt.training.parallel import DataParallelRun, check_distributed
 from gramopt.training.schedules import build_scheduler, check_schedule
 
 
@@ -73,7 +72,7 @@ class TrainConfig:
     distributed: str | None = None
     schedule: str = "constant"  # learning-rate schedule over the run's steps (gramopt.training.schedules)
 
-    def resolved(self, task: Task) -> "TrainConfig":
+    def resolved(self, task: Task) -> TrainConfig:
         spec = get_optimizer_spec(self.optimizer)
         unknown = set(self.hyper) - set(spec.hyper_names)
         if unknown:
@@ -204,7 +203,9 @@ class Trainer:
         self.split: Split = split if split is not None else _load(self.task, self.config.seed)
         if self.run_part is not None:
             self.run_part.check_batches(self.split.train_x.shape[0], self.config.batch_size)
-        self.eval_train = eval_subset(self.split.train_x, self.split.train_y, self.config.eval_samples, self.config.seed)
+        self.eval_train = eval_subset(
+            self.split.train_x, self.split.train_y, self.config.eval_samples, self.config.seed
+        )
         self.eval_test = eval_subset(self.split.test_x, self.split.test_y, self.config.eval_samples, self.config.seed)
         self.eval_val = (
             None if self.split.val_x is None or self.split.val_y is None
@@ -220,7 +221,9 @@ class Trainer:
             self.config.schedule, self.optimizer, self.config.epochs * steps_per_epoch, steps_per_epoch
         )
         # what the forward pass runs: DistributedDataParallel around the model for torch's optimizers
-        self.forward_model = self.model if self.run_part is None else self.run_part.model_for(self.model, self.optimizer)
+        self.forward_model = (
+            self.model if self.run_part is None else self.run_part.model_for(self.model, self.optimizer)
+        )
         self.epochs: list[dict[str, float]] = []
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.seconds = 0.0
@@ -260,7 +263,9 @@ class Trainer:
         )
 
     @classmethod
-    def resume(cls, out: str | Path, console: Console | None = None, progress: bool = True, epochs: int | None = None) -> "Trainer":
+    def resume(
+        cls, out: str | Path, console: Console | None = None, progress: bool = True, epochs: int | None = None
+    ) -> Trainer:
         """Continue the run saved in ``out`` (optionally with a new total of epochs)."""
         payload = load_checkpoint(Path(out) / "checkpoint.pt")
         try:
@@ -362,7 +367,9 @@ class Trainer:
                     loss = self._step(idx)
                     if time.perf_counter() - shown > 0.1:  # the display costs more than a small step
                         shown = time.perf_counter()
-                        progress.update(bar, completed=self._done(timed), status=f"epoch {self.epoch + 1} loss {loss:.4g}")
+                        progress.update(
+                            bar, completed=self._done(timed), status=f"epoch {self.epoch + 1} loss {loss:.4g}"
+                        )
                     if self.diverged:
                         break
                     if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:

@@ -75,7 +75,7 @@ class Float32Muon(torch.optim.Muon):
             buffers: list[Tensor] = []
             self._init_group(group, params, grads, buffers)
             lr, momentum = float(group["lr"]), group["momentum"]
-            for param, grad, buffer in zip(params, grads, buffers):
+            for param, grad, buffer in zip(params, grads, buffers, strict=True):
                 buffer.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
                 orthogonal = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])

@@ -71,7 +71,7 @@ class DataParallelRun:
     policy: str
 
     @classmethod
-    def current(cls, policy: str | None) -> "DataParallelRun | None":
+    def current(cls, policy: str | None) -> DataParallelRun | None:
         """The run of the joined process group, or None for a single process."""
         check_distributed(policy)
         if world_size() == 1:
@@ -105,7 +105,9 @@ class DataParallelRun:
             return model
         return DistributedDataParallel(model)
 
-    def step(self, optimizer: torch.optim.Optimizer, model: nn.Module, loss: str, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
+    def step(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module, loss: str, x: Tensor, y: Tensor, idx: Tensor
+    ) -> Tensor:
         """One step on this rank's slice of the global batch ``idx`` of ``(x, y)``;
         returns this rank's mean loss."""
         rows = self.rows(idx)

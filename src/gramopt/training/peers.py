@@ -37,10 +37,10 @@ documentation:
   every ``preconditioning_compute_steps`` = 20 steps from step ``start_preconditioning_step``
   = 10 (package defaults 1000 and 25 would never precondition in a short run), epsilon
   ``matrix_eps`` = 1e-6 (the package's). The plain ``Shampoo`` class used before
-  recomputed an SVD per dimension every step, without grafting: 6-28x an SGD step.
+  recomputed an SVD per dimension every step, without grafting (many times an SGD step).
 - ``psgd-kron``: heavyball's PSGDKron (Kronecker-factored PSGD). heavyball compiles its
-  update with ``torch.compile`` by default, which costs 10-170 s per optimizer on a CPU
-  (counted in the clock of a short run); the comparison runs it eagerly
+  update with ``torch.compile`` by default, which costs a long compilation per optimizer
+  on a CPU (counted in the clock of a short run); the comparison runs it eagerly
   (``heavyball.utils.compile_mode = None``, heavyball's switch).
 """
 
@@ -137,7 +137,10 @@ def _singd(kfac_like: bool) -> Callable[[nn.Module, str, dict[str, Any]], torch.
         params = [p for m in supported for p in m.parameters() if p.requires_grad]
         optimizers: list[torch.optim.Optimizer] = [
             # IKFAC has no Riemannian momentum (singd sets alpha1 to 0 for kfac_like, with a warning)
-            SINGD(model, params=params, kfac_like=kfac_like, warn_unsupported=False, **({"alpha1": 0.0} if kfac_like else {}), **hyper)
+            SINGD(
+                model, params=params, kfac_like=kfac_like, warn_unsupported=False,
+                **({"alpha1": 0.0} if kfac_like else {}), **hyper,
+            )
         ]
         if rest:
             sgd = {k: hyper[k] for k in ("lr", "momentum", "weight_decay") if k in hyper}
@@ -176,16 +179,21 @@ PEERS: tuple[tuple[str, OptimizerSpec], ...] = (
         "singd", "SINGD, dense structures (singd's default) + SGD for unsupported layers", _singd(False),
         dict(lr=0.05, momentum=0.9, damping=1e-3, weight_decay=0.0, T=5, lr_cov=0.01), source="singd",
     )),
-    ("pytorch_optimizer", OptimizerSpec("soap", "SOAP (pytorch-optimizer)", _soap, dict(lr=3e-3, eps=1e-8), source="pytorch-optimizer")),
+    ("pytorch_optimizer", OptimizerSpec(
+        "soap", "SOAP (pytorch-optimizer)", _soap, dict(lr=3e-3, eps=1e-8), source="pytorch-optimizer",
+    )),
     ("pytorch_optimizer", OptimizerSpec(
         "shampoo", "Shampoo with SGD grafting (pytorch-optimizer ScalableShampoo)", _shampoo,
-        dict(lr=0.1, preconditioning_compute_steps=20, start_preconditioning_step=10, matrix_eps=1e-6), source="pytorch-optimizer",
+        dict(lr=0.1, preconditioning_compute_steps=20, start_preconditioning_step=10, matrix_eps=1e-6),
+        source="pytorch-optimizer",
     )),
     ("pytorch_optimizer", OptimizerSpec(
         "muon-po", "Muon + AdamW for the rest (pytorch-optimizer; bfloat16 Newton-Schulz)", _muon_po,
         dict(lr=2e-2, momentum=0.95, adamw_lr=3e-4), source="pytorch-optimizer",
     )),
-    ("heavyball", OptimizerSpec("psgd-kron", "PSGD-Kron (heavyball, eager)", _psgd_kron, dict(lr=1e-3, weight_decay=0.0), source="heavyball")),
+    ("heavyball", OptimizerSpec(
+        "psgd-kron", "PSGD-Kron (heavyball, eager)", _psgd_kron, dict(lr=1e-3, weight_decay=0.0), source="heavyball",
+    )),
 )
 
 # Peers whose package is missing, by name: the extra of gramopt that installs them.

@@ -24,7 +24,6 @@ from gramopt.optim.ggn.optimizer import DEFAULT_HYPER as GGN_DEFAULT_HYPER
 from gramopt.optim.seng.optimizer import DEFAULT_DAMPING as SENG_DEFAULT_DAMPING
 from gramopt.optim.seng.optimizer import DEFAULT_LR as SENG_DEFAULT_LR
 
-
 # What a step may raise when the optimizer diverges: gramopt's NonFiniteError and
 # SingularSystemError (ArithmeticError), and torch's LinAlgError from a peer's
 # factorization of a non-finite or indefinite matrix.
@@ -55,11 +54,15 @@ class OptimizerSpec:
     def __post_init__(self) -> None:
         unknown = set(self.per_epoch) - set(self.defaults)
         if unknown:
-            raise ValueError(f"{self.name}: per_epoch names {sorted(unknown)}, which are not among its hyper-parameters")
+            raise ValueError(
+                f"{self.name}: per_epoch names {sorted(unknown)}, which are not among its hyper-parameters"
+            )
         for loss, values in self.per_loss.items():
             unknown = set(values) - set(self.defaults)
             if unknown:
-                raise ValueError(f"{self.name}: per_loss[{loss!r}] names {sorted(unknown)}, which are not among its hyper-parameters")
+                raise ValueError(
+                    f"{self.name}: per_loss[{loss!r}] names {sorted(unknown)}, which are not among its hyper-parameters"
+                )
 
     def loss_defaults(self, loss: str) -> dict[str, Any]:
         """The defaults with the per-loss values of ``loss`` filled in (the numbers the
@@ -103,7 +106,7 @@ def _adamw(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Op
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     # lr and damping: None, the constructor's per-loss defaults (GGN's DEFAULT_HYPER: mse lr 1,
-    # damping 0.3; cross-entropy lr 0.3, damping 3), which ``per_loss`` repeats for the grids;
+    # damping 0.3; cross-entropy lr 0.3, damping 10), which ``per_loss`` repeats for the grids;
     # curvature and samples: None, the constructor's defaults (DEFAULT_CURVATURE, DEFAULT_SAMPLES).
     "ggn": OptimizerSpec(
         "ggn",
@@ -117,7 +120,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "gramopt fast natural gradient (coefficients estimated in the first epoch, then shared)",
         _fngd,
         # the constructor's lr and damping, with the tuned momentum 0.9
-        dict(lr=FNGD_DEFAULT_LR, damping=FNGD_DEFAULT_DAMPING, momentum=0.9, weight_decay=0.0, coefficient_steps=DEFAULT_COEFFICIENT_STEPS),
+        dict(
+            lr=FNGD_DEFAULT_LR,
+            damping=FNGD_DEFAULT_DAMPING,
+            momentum=0.9,
+            weight_decay=0.0,
+            coefficient_steps=DEFAULT_COEFFICIENT_STEPS,
+        ),
         per_epoch=("coefficient_steps",),
     ),
     "seng": OptimizerSpec(

@@ -36,7 +36,9 @@ def lr_factor(name: str, total_steps: int, steps_per_epoch: int) -> Callable[[in
         return None
     if name == "cosine":
         return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps))
-    schedule = WarmupPolyDecay(warmup=min(steps_per_epoch, total_steps - 1), total=total_steps, power=2.0, start_factor=0.1)
+    schedule = WarmupPolyDecay(
+        warmup=min(steps_per_epoch, total_steps - 1), total=total_steps, power=2.0, start_factor=0.1
+    )
     return lambda t: schedule(t)
 
 

@@ -18,27 +18,15 @@ and the damping is raised when the model was too optimistic, lowered when it was
 clamped to ``[min_damping, max_damping]``. A step that raised the loss of its own batch
 (``L(w + delta) > L(w)``, or a non-finite loss) is also undone (``reject``, the acceptance
 test of More's Levenberg-Marquardt algorithm): the parameters and momentum buffers return
-to their values before it, so one bad step cannot start a cascade. Measured on the
-``recall`` Transformer (GGN's cross-entropy defaults, seed 1 of
-``benchmarks/results/ggn_settings_probe_recall.json``, 500 steps): checking every 5th
-step without rejection, the batch loss went from 0.48 to 2e4 in five steps (steps
-196-201) and the run ended in a DivergenceError; checking every step without rejection,
-four steps in a row raised their own batch's loss (0.08 -> 1.2 -> 4.0 -> 25 -> 117, steps
-273-277) while the damping rose 1.5x per step, and the network saturated (loss ~110
-from then on); checking every step with rejection it trained on (batch loss 0.005-0.02
-at steps 400-500). Every 5th step with rejection still diverged at step 202: the cascade
-fell between two checks. ``every=1`` costs a forward pass per step and, measured with
-``gramopt compare`` (``benchmarks/results/compare/after-reject``), made GGN slower to the
-first rung on mnist (4.9 vs 1.5 s), teacher and fashion-mnist. So checks stay every 5th
-step, except in a warm-up, and two signals that cost nothing call one in between
+to their values before it, so one bad step cannot start a cascade. Checking every step
+catches a cascade at its first step but costs a forward pass per step; checking every
+``every``-th step alone lets a cascade start between two checks. So checks stay every
+``every``-th step, except in a warm-up, and two signals that cost nothing call one in between
 (:meth:`AdaptiveDamping.due`):
 
 - the *warm-up*: each of the first ``warmup`` steps is checked. The first steps are the
-  dangerous ones: on the mnist CNN (cross-entropy defaults, 60 steps of batches of 128,
-  six seeds; ``benchmarks/ggn_warmup_probe.py``), without it one unchecked early step
-  (the loss of the next batch went from 2.3 to 9.7) left 3 seeds of 6 with a network that
-  predicts chance for good (test accuracy 0.08-0.10, and no error: the loss does not
-  grow), with ``warmup=20`` all 6 trained (test accuracy 0.89-0.96);
+  dangerous ones: one unchecked early step can leave a network that predicts chance for
+  good, with no error (the loss does not grow);
 - a *surge*: the batch loss the step starts from (computed anyway, for the step) is more
   than ``surge`` times the running mean of the recent batches' losses (an exponential
   mean, weight 0.1 on the newest). A cascade shows there one step after it starts: the
@@ -47,16 +35,19 @@ step, except in a warm-up, and two signals that cost nothing call one in between
   the quadratic model holds again (rejection and the damping rise act within the cascade,
   as with ``every=1``).
 
-By default ``min_damping`` is the damping given to the optimizer. That floor matters for mini-batches: the ratio is measured on
-the batch the step was fitted to, where a Gauss-Newton step almost always keeps its
-promise (rho near 1), so a rule free to lower the damping drives it towards the
-per-batch Newton step, which over-fits each batch and diverges across batches
-(measured on a memorisation task, 512 random inputs and 4 labels, MLP 20-64-64-4:
-unbounded, the loss reached 68 instead of 0.22). With the
-floor, adaptation is a safety net: it raises the damping where the quadratic model
-fails and lowers it back to the floor once the model is trusted again. Cost: one extra forward pass (no backward)
-on the step's batch every ``every`` steps (and on the warm-up's steps and those the two
-signals call), after the update, and a copy of the parameters before it (``reject``).
+By default ``min_damping`` is the damping given to the optimizer. That floor matters for
+mini-batches: the ratio is measured on the batch the step was fitted to, where a
+Gauss-Newton step almost always keeps its promise (rho near 1), so a rule free to lower the
+damping drives it towards the per-batch Newton step, which over-fits each batch and
+diverges across batches. With the floor, adaptation is a safety net: it raises the damping
+where the quadratic model fails and lowers it back to the floor once the model is trusted
+again. Cost: one extra forward pass (no backward) on the step's batch every ``every`` steps
+(and on the warm-up's steps and those the two signals call), after the update, and a copy
+of the parameters before it (``reject``).
+
+The measurements behind these choices (a cascade on the ``recall`` Transformer, the
+warm-up probe on the mnist CNN, the floor on a memorisation task) are in
+``benchmarks/notes.md``, "GGN's adaptive damping" and "GGN's damping warm-up".
 """
 
 from __future__ import annotations
@@ -72,9 +63,9 @@ class AdaptiveDamping:
 
     Attributes:
         every: adapt after every ``every``-th step (the first step is one), >= 1; the
-            warm-up, a surge and a failed check call checks in between. ``every=1`` made
-            GGN 1.4-3.2x slower to the targets of ``gramopt compare`` (mnist, teacher,
-            fashion-mnist: ``benchmarks/results/compare/after-reject``), so the default is 5.
+            warm-up, a surge and a failed check call checks in between. Each check costs a
+            forward pass, so the default is 5 (``every=1`` made GGN markedly slower to the
+            targets of ``gramopt compare``: ``benchmarks/notes.md``).
         warmup: check each of the first ``warmup`` steps, >= 0 (module doc).
         surge: also check a step whose batch loss (before it) exceeds ``surge`` times the
             running mean of recent batch losses, > 1 (None: only every ``every``-th step and
@@ -121,7 +112,8 @@ class AdaptiveDamping:
             raise ValueError(f"AdaptiveDamping.decrease must lie in (0, 1), got {self.decrease!r}")
         if not (0 < (self.min_damping or 1e-300) <= self.max_damping < math.inf):
             raise ValueError(
-                f"AdaptiveDamping needs 0 < min_damping <= max_damping < inf, got {self.min_damping!r}, {self.max_damping!r}"
+                f"AdaptiveDamping needs 0 < min_damping <= max_damping < inf, got {self.min_damping!r}, "
+                f"{self.max_damping!r}"
             )
         if not isinstance(self.reject, bool):
             raise ValueError(f"AdaptiveDamping.reject must be a bool, got {self.reject!r}")

@@ -15,7 +15,7 @@ i's own loss with respect to its outputs and H the per-sample output Hessian:
 Gauss-Newton, beyond the paper). The non-symmetric system is solved in the symmetric
 form of :mod:`gramopt.losses`: ``x = Q (Q^T G Q + damping I)^{-1} w``.
 
-Output curvature (``curvature=``; issue 16): H_i = Q_i Q_i^T is replaced by
+Output curvature (``curvature=``): H_i = Q_i Q_i^T is replaced by
 ``Q~_i Q~_i^T`` with s columns per sample, and the rows captured are those of
 ``M^T = Q~^T J`` (one backward pass per column, with ``grad_outputs = Q~[:, :, j]``):
 
@@ -56,24 +56,19 @@ from gramopt.optim.ggn.system import GaussNewtonSystem, is_selection
 from gramopt.optim.notices import user_stacklevel
 
 #: lr and damping when the constructor is given none, per loss. mse: the paper's lr = 1,
-#: damping 0.3; cross-entropy: the per-batch generalized Gauss-Newton step over-fits
-#: each batch at lr = 1 (the memorisation task of issue 16 went from loss 1.4 to 5.6e3).
-#: Cross-entropy lr 0.3, damping 10, measured with the default curvature ("top", s = 3)
-#: in benchmarks/results/ggn_ce_defaults.json (benchmarks/ggn_ce_defaults.py, 2 seeds,
-#: `gramopt compare`'s runs): at damping 3 "top" diverged on digits (seed 0) and stalled
-#: at 11% test accuracy on mnist (both seeds), "exact" diverged on mnist (seed 0); at
-#: damping 10 "top" trained digits, mnist and recall in every seed and reached mnist's
-#: 0.93 / 0.95 rungs in 1.9-2.6 s / 3.8-6.0 s, the fastest of the settings tried.
+#: damping 0.3; cross-entropy: the per-batch generalized Gauss-Newton step over-fits each
+#: batch at lr = 1, so lr 0.3 with damping 10, the setting (with the default curvature
+#: "top", s = 3) that trained digits, mnist and recall in every seed tried and reached
+#: mnist's rungs first (benchmarks/notes.md, "GGN cross-entropy curvature and defaults";
+#: benchmarks/probes/ggn_ce_defaults.py).
 DEFAULT_HYPER = {"mse": {"lr": 1.0, "damping": 0.3}, "cross_entropy": {"lr": 0.3, "damping": 10.0}}
 #: The default number of columns per sample (per position for "top").
 DEFAULT_SAMPLES = {"top": 3, "sampled": 1}
-#: The default output curvature per loss. Cross-entropy: "top" (s = 3), chosen by
-#: benchmarks/results/ggn_ce_defaults.json: at the defaults above it reached the mnist rungs
-#: first (exact: 0.93 in 3.9-7.9 s at lr 0.1, damping 3, and it diverged at lr 0.3, damping 3;
-#: sampled s = 1: 4.9-7.1 s at lr 0.1, damping 10, and it diverged at lr 0.3, damping <= 10),
-#: and its step costs 2.9x SGD-momentum's on the mnist CNN against 14x for "exact"
-#: (thread CPU time, benchmarks/results/ggn_curvature.json). With more than one position per sample
-#: ([b, C, T] logits) the default is "sampled": "top" needs b P s rows, "sampled" b (s + 1).
+#: The default output curvature per loss. Cross-entropy: "top" (s = 3), which reached the
+#: comparison's rungs before "exact" and "sampled" at a fraction of "exact"'s step cost
+#: (benchmarks/notes.md, as above; benchmarks/ggn_curvature.py). With more than one position
+#: per sample ([b, C, T] logits) the default is "sampled": "top" needs b P s rows, "sampled"
+#: b (s + 1).
 DEFAULT_CURVATURE = {"mse": "exact", "cross_entropy": "top"}
 _DEFAULT = object()
 #: How far apart the seeds of two ranks' draws lie (an odd constant, the golden-ratio
@@ -298,7 +293,9 @@ class GGN(SampleSpaceOptimizer):
             if not isinstance(damping_adaptation, AdaptiveDamping):
                 raise TypeError(f"damping_adaptation must be an AdaptiveDamping or None, got {damping_adaptation!r}")
             if distributed is not None:
-                raise ValueError("damping_adaptation is not supported with distributed=...; pass damping_adaptation=None")
+                raise ValueError(
+                    "damping_adaptation is not supported with distributed=...; pass damping_adaptation=None"
+                )
         self.damping_adaptation: AdaptiveDamping | None = damping_adaptation  # type: ignore[assignment]
         if divergence is not None and not (isinstance(divergence, (int, float)) and divergence > 1):
             raise ValueError(f"divergence must be None or a number > 1, got {divergence!r}")
@@ -348,7 +345,8 @@ class GGN(SampleSpaceOptimizer):
         values = {group["damping"] for group in self.param_groups}
         if len(values) != 1:
             raise ValueError(
-                f"GGN solves one system for all parameters: every param group needs the same damping, got {sorted(values)}"
+                "GGN solves one system for all parameters: every param group needs the same damping, got "
+                f"{sorted(values)}"
             )
         return values.pop()
 
@@ -487,7 +485,7 @@ class GGN(SampleSpaceOptimizer):
         with self._phase("direction"):
             x = system.coefficients(a)
             for factor in factors.values():
-                for p, d in zip(factor.params, factor.rmatvec(x)):
+                for p, d in zip(factor.params, factor.rmatvec(x), strict=True):
                     directions[p] = d
         if batch.adapt is not None:
             batch.predicted = self._predicted_change(system, x)
@@ -591,7 +589,7 @@ class GGN(SampleSpaceOptimizer):
         """Put back the parameters and momentum buffers of before the step (``batch.before``)."""
         params, values, buffers = batch.before
         torch._foreach_copy_(params, values)
-        for p, buffer in zip(params, buffers):
+        for p, buffer in zip(params, buffers, strict=True):
             if buffer is None:
                 self.state.get(p, {}).pop("momentum_buffer", None)
             else:
@@ -608,7 +606,7 @@ class GGN(SampleSpaceOptimizer):
         devices = [device] if device.type == "cuda" else []
         with torch.no_grad(), self.engine.paused(), torch.random.fork_rng(devices=devices):
             after = self.model(*args, **kwargs)
-        for b, saved in zip(self.model.buffers(), buffers):
+        for b, saved in zip(self.model.buffers(), buffers, strict=True):
             b.copy_(saved)
         after = dict(output_candidates(after)).get(batch.adapt["how"])
         if after is None or tuple(after.shape) != shape:

@@ -74,7 +74,8 @@ from gramopt.linalg.regression import fast_regression
 from gramopt.linalg.sketches import SKETCHES, KroneckerSketch, make_sketch
 from gramopt.optim.ggn.system import GaussNewtonSystem
 
-#: CG iterations auto budgets for sketch-pcg (measured 5-8 at float32's default tol).
+#: CG iterations auto budgets for sketch-pcg (about what its solves take at float32's
+#: default tol in benchmarks/gn_solvers.py).
 AUTO_PCG_ITERATIONS = 8
 #: Flop-rate ratios (large matmul / narrow matrix-free product, / sparse sketch).
 PRODUCT_PENALTY = 8.0
@@ -255,7 +256,9 @@ def _layer_flops(f: LayerFactors, n: int, oversampling: float) -> tuple[float, f
         target = math.ceil(oversampling * n * s)
         exact = shared_weight_gram_flops(n, s, d_in, d_out)
         m_g, m_a = min(target, d_out), min(target, d_in)
-        sketch = SKETCH_PENALTY * 2.0 * SPARSE_ZETA * n * s * ((d_out if m_g < d_out else 0) + (d_in if m_a < d_in else 0))
+        sketch = (
+            SKETCH_PENALTY * 2.0 * SPARSE_ZETA * n * s * ((d_out if m_g < d_out else 0) + (d_in if m_a < d_in else 0))
+        )
         sketched = exact if (m_g, m_a) == (d_out, d_in) else sketch + shared_weight_gram_flops(n, s, m_a, m_g)
         return exact, sketched, product
     p = f.num_params

@@ -99,9 +99,9 @@ class GaussNewtonSystem:
 
     def gram_product(self, x: Tensor) -> Tensor:
         """``R R^T x`` for ``x`` ``[n]``, ``[n]``: one product with the Gram if :meth:`dense`
-        formed it (damping adaptation's predicted reduction after a Cholesky solve; on the
-        mnist CNN the pass over the factors cost 14 ms of a 60 ms step), else two passes over
-        the factors, never forming it."""
+        formed it (damping adaptation's predicted reduction after a Cholesky solve, where two
+        passes over the factors would cost a sizeable part of the step: benchmarks/notes.md),
+        else two passes over the factors, never forming it."""
         if self._gram is not None:
             return self._gram @ x.to(self._gram.dtype)
         out = torch.zeros_like(x)
@@ -161,7 +161,9 @@ class GaussNewtonSystem:
         return self.outside if self.outside is not None else self.apply_q(self.rhs if w is None else w)
 
     @staticmethod
-    def sampled_rhs(factors: dict[str, LayerFactors], q: Tensor, outside: Tensor, selected: int | None = None) -> Tensor:
+    def sampled_rhs(
+        factors: dict[str, LayerFactors], q: Tensor, outside: Tensor, selected: int | None = None
+    ) -> Tensor:
         """``w = Q^T R R^T c`` ``[b m]`` of a sampled system (class doc); with ``selected``
         (``q`` = [I; 0]), the layers' ``U[S] U^T c`` (:meth:`LayerFactors.block_product`)."""
         if selected is not None:
@@ -173,7 +175,9 @@ class GaussNewtonSystem:
                 part = factor.block_product(b, r, m, outside)
                 w = part if w is None else w + part
             return w if w is not None else torch.zeros(b * m, dtype=outside.dtype, device=outside.device)
-        probe = GaussNewtonSystem(factors, q, torch.zeros(q.shape[0] * q.shape[2], dtype=outside.dtype, device=outside.device), 0.0)
+        probe = GaussNewtonSystem(
+            factors, q, torch.zeros(q.shape[0] * q.shape[2], dtype=outside.dtype, device=outside.device), 0.0
+        )
         return probe.apply_qt(probe.gram_product(outside))
 
 

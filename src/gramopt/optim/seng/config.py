@@ -61,7 +61,10 @@ class SketchConfig:
         _check_size("SketchConfig.size", self.size)
         _check_size("SketchConfig.factor_size", self.factor_size)
         if self.size is None and self.factor_size is None:
-            raise ValueError("SketchConfig needs size (explicit layers) and/or factor_size (implicit layers); use sketch=None for no sketching")
+            raise ValueError(
+                "SketchConfig needs size (explicit layers) and/or factor_size (implicit layers); use sketch=None for "
+                "no sketching"
+            )
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"SketchConfig.sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):

@@ -101,7 +101,12 @@ class ExplicitCurvature:
         return cls(layer.name, factors, state.get("gram"), state.get("weights"), kept_factor(state))
 
     def coefficients(
-        self, grads: Sequence[Tensor], damping: float, rows: int | None, sampling: str, generator: torch.Generator | None
+        self,
+        grads: Sequence[Tensor],
+        damping: float,
+        rows: int | None,
+        sampling: str,
+        generator: torch.Generator | None,
     ) -> tuple[Tensor, SolveInfo]:
         """beta of Eq. 9 (``rows=None``) or of the sketched Eq. 12 with q = ``rows``."""
         what = f"SENG Gram matrix of layer {self.name}"
@@ -109,13 +114,17 @@ class ExplicitCurvature:
             if self.gram is None:
                 self.gram = self.factors.gram()  # U U^T
             rhs = self.factors.matvec(grads)  # U g
-            beta, info, self.chol = solve_shifted(self.gram, rhs.to(self.gram.dtype), self.batch * damping, self.chol, what)
+            beta, info, self.chol = solve_shifted(
+                self.gram, rhs.to(self.gram.dtype), self.batch * damping, self.chol, what
+            )
             return beta, info
         else:
             weights = self.weights
             if weights is None and sampling == "leverage":
                 weights = self.factors.column_norms()
-            omega = RowSampleSketch(rows, self.factors.num_params, sampling=sampling, weights=weights, generator=generator)
+            omega = RowSampleSketch(
+                rows, self.factors.num_params, sampling=sampling, weights=weights, generator=generator
+            )
             index = omega.index.to(grads[0].device)
             scale = omega.scale.to(grads[0].device, self.factors.dtype)
             xi = self.factors.columns(index) * scale  # U Omega^T, [b, q]

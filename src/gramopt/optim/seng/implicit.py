@@ -188,7 +188,9 @@ class ImplicitCurvature:
             raise ValueError(f"internal: layer {name} has no low-rank factors; it cannot be implicit")
         layout, g, a = low_rank.layout, low_rank.g, low_rank.a
         if not (all_finite(g) and all_finite(a)):
-            raise NonFiniteError(f"the per-sample gradients of layer {name} have NaN or inf entries; nothing was changed")
+            raise NonFiniteError(
+                f"the per-sample gradients of layer {name} have NaN or inf entries; nothing was changed"
+            )
         g, a = truncate(g, a, rank)
         gram = None if sketched else factor_gram(a, g)  # Eq. 20
         weights = (g.pow(2).sum(dim=(0, 1)), a.pow(2).sum(dim=(0, 1))) if sketched and leverage else None
@@ -227,7 +229,9 @@ class ImplicitCurvature:
             if self.gram is None:
                 self.gram = factor_gram(self.a, self.g)  # Eq. 20
             rhs = (m.times_factor(self.a) * self.g).sum(dim=(1, 2))  # Eq. 18: exact U g
-            beta, info, self.chol = solve_shifted(self.gram, rhs.to(self.gram.dtype), self.batch * damping, self.chol, what)
+            beta, info, self.chol = solve_shifted(
+                self.gram, rhs.to(self.gram.dtype), self.batch * damping, self.chol, what
+            )
             return beta, info
         else:
             w_g, w_a = self.weights if self.weights is not None else (None, None)

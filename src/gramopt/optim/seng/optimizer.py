@@ -124,10 +124,10 @@ class SENG(SampleSpaceOptimizer):
             ``distributed="local"`` it has no effect.
         weight_decay_mode: ``"l2"`` (default) or ``"decoupled"``. ``"l2"`` is the paper's
             setting (its experiments tune weight decay in {5e-4, 2e-4, 1e-4}, the scale
-            of an L2 term of the loss, the form of ``torch.optim.SGD``'s weight_decay): d = (M_l + lam I)^{-1} (g_l + wd p_l), the
-            curvature M_l being the empirical Fisher of the data loss (the per-sample
-            gradients do not include the regularizer). ``"decoupled"``:
-            ``p <- p - lr * wd * p`` next to the step.
+            of an L2 term of the loss, the form of ``torch.optim.SGD``'s weight_decay):
+            d = (M_l + lam I)^{-1} (g_l + wd p_l), the curvature M_l being the empirical
+            Fisher of the data loss (the per-sample gradients do not include the
+            regularizer). ``"decoupled"``: ``p <- p - lr * wd * p`` next to the step.
 
     ``last_info`` tells what the last step did; ``extra_state["curvature"]`` holds the
     cached curvature per layer (see :mod:`gramopt.optim.seng.explicit` and
@@ -239,7 +239,8 @@ class SENG(SampleSpaceOptimizer):
                     if sketch.factor_size > min(n_g, n_a):
                         raise ValueError(
                             f"SketchConfig.factor_size={sketch.factor_size} is larger than implicit layer "
-                            f"{layer.name} (factor sides n_G={n_g}, n_A={n_a}); use at most {min(n_g, n_a)} or a fraction"
+                            f"{layer.name} (factor sides n_G={n_g}, n_A={n_a}); use at most {min(n_g, n_a)} or a "
+                            "fraction"
                         )
             elif isinstance(sketch.size, int):
                 n = sum(p.numel() for p in layer.params)
@@ -258,7 +259,8 @@ class SENG(SampleSpaceOptimizer):
             for p in params:  # a rank's NaN would reach every rank's g: fail here, where it arose
                 if p.grad is not None and not all_finite(p.grad):
                     raise NonFiniteError(
-                        f"the gradient of parameter {self._name(p)} has NaN or inf (is the loss finite?); nothing was changed"
+                        f"the gradient of parameter {self._name(p)} has NaN or inf (is the loss finite?); nothing was "
+                        "changed"
                     )
             return params
         return super().global_gradient_params(batch)
@@ -269,7 +271,9 @@ class SENG(SampleSpaceOptimizer):
             self._scheduled_damping(step) if self.damping_schedule is not None else float(group["damping"])
             for group in self.param_groups
         ]
-        by_param = {id(p): lam for group, lam in zip(self.param_groups, per_group) for p in group["params"]}
+        by_param = {
+            id(p): lam for group, lam in zip(self.param_groups, per_group, strict=True) for p in group["params"]
+        }
         return by_param, per_group
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -294,7 +298,10 @@ class SENG(SampleSpaceOptimizer):
             layers[layer.name] = replace(layer, params=params)
             covered[layer.name] = [p.requires_grad for p in layer.params]
             # NaN/inf in g surfaces in U g (or, sketched, in the direction): both are refused
-            grads[layer.name] = [torch.zeros_like(p) if g is None else self._regularized(p, g) for p, g in zip(params, present)]
+            grads[layer.name] = [
+                torch.zeros_like(p) if g is None else self._regularized(p, g)
+                for p, g in zip(params, present, strict=True)
+            ]
         stray = self.engine.stray_params()  # (they follow the plain gradient, warned about by the base)
         for p in stray:
             for name in [n for n, layer in layers.items() if any(p is q for q in layer.params)]:
@@ -327,7 +334,9 @@ class SENG(SampleSpaceOptimizer):
                 layer = layers[name]
                 lams = {damping_of[id(p)] for p in layer.params}
                 if len(lams) != 1:
-                    raise ValueError(f"layer {name} has parameters in param groups with different damping {sorted(lams)}")
+                    raise ValueError(
+                        f"layer {name} has parameters in param groups with different damping {sorted(lams)}"
+                    )
                 lam = lams.pop()
                 curvature = self._curvature(layer, cache[name])
                 rows = curvature.sketch_rows(self.sketch)
@@ -341,7 +350,7 @@ class SENG(SampleSpaceOptimizer):
                 # a fallback's jitter j raised b lam to b lam + j: Eq. 9 holds with that lam
                 shift = lam + info.jitter / curvature.batch
             with self._phase("direction"):
-                for p, g, t in zip(curvature.params, layer_grads, curvature.combine(beta)):
+                for p, g, t in zip(curvature.params, layer_grads, curvature.combine(beta), strict=True):
                     directions[p] = t
                     combined.append(t)
                     subtracted.append(g if g.dtype == t.dtype else g.to(t.dtype))
@@ -367,7 +376,7 @@ class SENG(SampleSpaceOptimizer):
         if batch.sketch_generator is not None:
             self.extra_state["sketch_rng"] = batch.sketch_generator.get_state()
         if self.damping_schedule is not None:
-            for group, lam in zip(self.param_groups, batch.dampings):
+            for group, lam in zip(self.param_groups, batch.dampings, strict=True):
                 group["damping"] = lam
 
     def _refresh(self, batch: Batch, cache: dict[str, Any], names: list[str], covered: dict[str, list[bool]]) -> None:
@@ -385,7 +394,9 @@ class SENG(SampleSpaceOptimizer):
         leverage = sketch is not None and sketch.sampling == "leverage"
         for name in names:
             if name not in factors:
-                raise CaptureError(f"layer {name} has a gradient but no captured per-sample gradients" + self._skipped_hint())
+                raise CaptureError(
+                    f"layer {name} has a gradient but no captured per-sample gradients" + self._skipped_hint()
+                )
             if name in self.implicit_layers:
                 sketched = sketch is not None and sketch.factor_size is not None
                 built = ImplicitCurvature.build(
