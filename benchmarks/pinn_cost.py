@@ -41,9 +41,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_common import arguments, environment, pyplot, write_results  # noqa: E402
-
 import gramopt  # noqa: E402
+from bench_common import arguments, environment, pyplot, write_results  # noqa: E402
 from gramopt.pde.problems import POISSON_2D, PINNProblem  # noqa: E402
 
 PAPER_N = POISSON_2D.interior_points + POISSON_2D.boundary_points  # 1020

@@ -7,14 +7,14 @@ import math
 
 import pytest
 import torch
+from tests.reference import flat_residual, gauss_newton_delta, params_vector, residual_jacobian
+from tests.test_gn_reference import autograd_closure, pinn_closure, small_model
 from torch import nn
 
 import gramopt
 from gramopt.optim.gauss_newton import jacobian as jac_mod
 from gramopt.optim.gauss_newton.residuals import evaluate
 from gramopt.pde import forward_laplacian
-from tests.reference import flat_residual, gauss_newton_delta, params_vector, residual_jacobian
-from tests.test_gn_reference import autograd_closure, pinn_closure, small_model
 
 DT = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

@@ -7,11 +7,11 @@ import copy
 
 import pytest
 import torch
+from tests.reference import params_vector
+from tests.test_gn_reference import pinn_closure, small_model
 from torch import nn
 
 import gramopt
-from tests.reference import params_vector
-from tests.test_gn_reference import pinn_closure, small_model
 
 DT = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

@@ -9,12 +9,12 @@ import warnings
 
 import pytest
 import torch
+from tests.reference import flat_residual, gauss_newton_delta, params_vector, residual_jacobian
+from tests.test_gn_reference import pinn_closure, small_model
 
 import gramopt
 from gramopt.optim.gauss_newton import jacobian as jac_mod
 from gramopt.pde import forward_laplacian
-from tests.reference import flat_residual, gauss_newton_delta, params_vector, residual_jacobian
-from tests.test_gn_reference import pinn_closure, small_model
 
 DT = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
