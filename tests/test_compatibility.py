@@ -144,11 +144,7 @@ def test_the_defaults_table_is_the_constructors():
     """docs/api.md's table of defaults: lr, damping, momentum, weight_decay and loss as
     the constructors set them (GGN's lr and damping per loss)."""
     api = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
-    rows = {
-        line.split("|")[1].strip(" `"): [cell.strip() for cell in line.split("|")[2:5]]
-        for line in api.splitlines()
-        if line.startswith("| `")
-    }
+    rows = _table_rows(api.split("`GaussNewton` minimizes", 1)[0])
     methods = (gramopt.GGN, gramopt.SENG, gramopt.FNGD)
     for cls, cell in zip(methods, rows["loss"], strict=True):
         assert cls(models.mlp(out=3)).loss.name == cell.strip('`"')
@@ -159,3 +155,28 @@ def test_the_defaults_table_is_the_constructors():
                 numbers = [float(v) for v in re.findall(r"(?<![\w^])\d+\.\d+(?:e-?\d+)?", rows[name][i])]
                 expected = numbers[0 if loss == "mse" else 1] if "for `loss=" in rows[name][i] else numbers[0]
                 assert group[name] == expected, (cls.__name__, loss, name, rows[name][i])
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """The rows ``| `name` | cell | ... |`` of a markdown text, by name."""
+    return {
+        line.split("|")[1].strip(" `"): [cell.strip() for cell in line.split("|")[2:5]]
+        for line in text.splitlines()
+        if line.startswith("| `")
+    }
+
+
+def test_the_gauss_newton_defaults_table_is_its_constructor():
+    """docs/api.md's GaussNewton table: the numbers it gives are the constructor's."""
+    api = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    rows = _table_rows(api.split("`GaussNewton` minimizes", 1)[1])
+    opt = gramopt.GaussNewton(models.mlp(out=1).double())
+    group = opt.param_groups[0]
+    for name in ("lr", "damping", "momentum", "weight_decay"):
+        assert group[name] == float(rows[name][0].split()[0]), (name, rows[name][0])
+    trials = re.search(r"line_search_trials=(\d+)", rows["line_search"][0])
+    assert trials is not None and opt.line_search_trials == int(trials.group(1))
+    assert f'"{opt.line_search}"' in rows["line_search"][0] and f'"{opt.jacobian}"' in rows["jacobian"][0]
+    every = re.search(r"check_every=(\d+)", rows["jacobian"][0])
+    assert every is not None and opt.check_every == int(every.group(1))
+
