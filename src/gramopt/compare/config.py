@@ -16,11 +16,16 @@ always the base. The knobs (:data:`FULL_GRIDS`):
 - sgd: learning rate x momentum; muon (both: Muon and its AdamW group's rates move
   together): learning rate x momentum;
 - adamw, psgd-kron and any newly registered optimizer with a weight decay: learning
-  rate x weight decay; without one: 9 learning rates.
+  rate x weight decay; without one: 9 learning rates;
+- residual tasks: gauss-newton and engd (Gauss-Newton steps whose grid line search starts
+  at lr): damping, and learning rate x damping; adam: learning rate, and learning rate x
+  beta2; lbfgs: learning rate (the first trial of its line search), and learning rate x
+  history size.
 
 Targets. Per task a ladder of rungs on one metric (``Task.ladder``): train loss for
 the regression tasks (targets are standardized, so 0.01 is 1% of the target variance),
-test accuracy for classification. Time-to-target is reported per rung.
+test accuracy for classification, the relative L2 error for residual tasks.
+Time-to-target is reported per rung.
 
 Selection (never on the reported test figures). Every run trains on the task's
 training data less a validation set (:func:`gramopt.tasks.with_validation`, fixed per
@@ -112,6 +117,8 @@ QUICK_GRIDS: dict[str, tuple[Axis, ...]] = {
     # Gauss-Newton steps are scale-aware (lr = 1 is the undamped Newton step on the
     # linearized model): their one knob is the damping.
     "ggn": (DAMPING,),
+    "gauss-newton": (DAMPING,),
+    "engd": (DAMPING,),
     "muon": (Axis("lr", factors=(1 / 3, 1.0, 3.0), with_keys=("adamw_lr",)),),
     "muon-po": (Axis("lr", factors=(1 / 3, 1.0, 3.0), with_keys=("adamw_lr",)),),
 }
@@ -130,6 +137,10 @@ FULL_GRIDS: dict[str, tuple[Axis, ...]] = {
     "muon": (Axis("lr", factors=(1 / 3, 1.0, 3.0), with_keys=("adamw_lr",)), Axis("momentum", values=(0.9, 0.95, 0.98))),
     "muon-po": (Axis("lr", factors=(1 / 3, 1.0, 3.0), with_keys=("adamw_lr",)), Axis("momentum", values=(0.9, 0.95, 0.98))),
     "psgd-kron": (LR, WEIGHT_DECAY),
+    "gauss-newton": (LR, DAMPING),
+    "engd": (LR, DAMPING),
+    "adam": (LR, Axis("beta2", values=(0.99, 0.999, 0.9999))),
+    "lbfgs": (LR, Axis("history_size", values=(20, 100, 300))),
 }
 
 
@@ -195,6 +206,13 @@ DEFAULT_EXPECTED_STEP_COST = 10.0  # an optimizer registered without an entry ab
 STEP_COST_MARGIN = 3.0
 TIMING_ROUNDS, TIMING_STEPS = 10, 3  # interleaved step timing: rounds x steps per optimizer
 MEMORY_STEPS = 10  # steps of a fresh model and optimizer measured for peak memory
+# Residual tasks' steps are full batch and alike, and a parameter-space step (engd) takes
+# seconds: fewer rounds of one step each, and fewer steps for the peak memory.
+RESIDUAL_TIMING = (3, 1, 1)  # rounds, steps per round, warm-up steps
+#: Per task kind: (rounds, steps per round, warm-up steps) of the interleaved step timing.
+TIMING_BY_KIND: dict[str, tuple[int, int, int]] = {"supervised": (TIMING_ROUNDS, TIMING_STEPS, 3), "residual": RESIDUAL_TIMING}
+#: Per task kind: steps of a fresh model and optimizer measured for peak memory.
+MEMORY_STEPS_BY_KIND: dict[str, int] = {"supervised": MEMORY_STEPS, "residual": 2}
 
 
 def axes(name: str, size: str) -> tuple[Axis, ...]:

@@ -10,11 +10,13 @@ from gramopt.training.registry import (
     training_step,
     with_epoch_defaults,
 )
+from gramopt.training.residual import ResidualTrainer, make_trainer, resume_trainer
 from gramopt.training import peers  # noqa: E402,F401 - registers the installed peers in OPTIMIZERS
 
 __all__ = [
     "CheckpointError",
     "OPTIMIZERS",
+    "ResidualTrainer",
     "TrainConfig",
     "TrainResult",
     "Trainer",
@@ -22,6 +24,8 @@ __all__ = [
     "evaluate",
     "get_optimizer_spec",
     "load_checkpoint",
+    "make_trainer",
+    "resume_trainer",
     "save_checkpoint",
     "train",
     "training_step",
