@@ -10,6 +10,8 @@ Optimizers
                 schedules WarmupPolyDecay, DampingDecay)
     FNGD        inverse-free fast natural gradient (per-layer weighted per-sample gradients,
                 coefficients shared after an estimation phase)
+    GaussNewton Gauss-Newton for any least-squares residual: loss = opt.step(residuals)
+                (physics-informed networks and other residual problems)
 
 Physics-informed residuals (gramopt.pde)
     pde.forward_laplacian (value, gradient and Laplacian through the model's own modules),
@@ -45,6 +47,7 @@ from gramopt.optim import (
     SENG,
     AdaptiveDamping,
     DampingDecay,
+    GaussNewton,
     ImplicitConfig,
     SketchConfig,
     StepInfo,
@@ -64,6 +67,7 @@ __all__ = [
     "DistributedError",
     "DivergenceError",
     "ExplicitFactors",
+    "GaussNewton",
     "GramoptError",
     "ImplicitConfig",
     "LayerFactors",

@@ -586,6 +586,35 @@ class CaptureEngine:
                 out[block.name] = TiedFactors(block.module, params, parts, indices)
         return out
 
+    def factors_per_call(self, passes: int) -> dict[str, list[LayerFactors]]:
+        """One :class:`LayerFactors` per forward call that received output-gradients since
+        the last clear, built from that call alone (:meth:`factors` joins a layer's calls
+        as positions of one sample), per untied block with a trainable parameter. Each
+        call's output-gradients of the ``passes`` passes of the last
+        :meth:`backward_passes` are stacked ``[b, passes, ...]`` (zeros for a pass that did
+        not reach it), so row ``i * passes + j`` of its factors is sample i's row in pass j.
+        Tied blocks are left out (their rows join their members' calls). For methods whose
+        rows belong to calls of different batch sizes (residual groups of a least-squares
+        closure)."""
+        out: dict[str, list[LayerFactors]] = {}
+        for block in self.blocks:
+            params = trainable(block)
+            if block.members or not params:
+                continue
+            parts = []
+            for call in self._grad_calls(block):
+                if any(index < 0 or index >= passes for index, _ in call.grads):
+                    raise CaptureError("internal: factors_per_call needs the captures of one backward_passes call")
+                first = call.grads[0][1]
+                grads = first.new_zeros((first.shape[0], passes, *first.shape[1:]))
+                for index, g in call.grads:
+                    grads[:, index] += g
+                grads = grads.to(_compute_dtype(grads.dtype))
+                parts.append(block.handler.factors(block.module, params, [call.saved], [grads]))
+            if parts:
+                out[block.name] = parts
+        return out
+
     def _grad_calls(self, layer: Layer) -> list[_Call]:
         return [c for c in self._calls[id(layer.module)] if c.grads]
 

@@ -3,6 +3,7 @@ of ``update.py`` and the warnings of ``notices.py``), one module or package per 
 
 from gramopt.optim.base import Batch, MethodNeeds, SampleSpaceOptimizer, StepInfo
 from gramopt.optim.fngd import FNGD
+from gramopt.optim.gauss_newton import GaussNewton, GaussNewtonStepInfo
 from gramopt.optim.ggn import (
     GGN,
     SOLVERS,
@@ -26,6 +27,8 @@ __all__ = [
     "SOLVERS",
     "AdaptiveDamping",
     "DampingDecay",
+    "GaussNewton",
+    "GaussNewtonStepInfo",
     "GaussNewtonOperator",
     "GaussNewtonSystem",
     "ImplicitConfig",

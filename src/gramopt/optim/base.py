@@ -294,6 +294,8 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
     needs: ClassVar[MethodNeeds] = MethodNeeds()
     #: The record the method's hooks receive: :class:`Batch` or a subclass.
     batch_type: ClassVar[type[Batch]] = Batch
+    #: The warnings about parameters and calls (a method whose step treats them otherwise words them its way).
+    notices_type: ClassVar[type[Notices]] = Notices
     loss: GaussNewtonLoss  # the loss backward(output, target) computes, set by each method
 
     def __init__(
@@ -337,7 +339,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             batchnorm_training=self.needs.batchnorm_training,
         )
         self._finalizer = weakref.finalize(self, self.engine.close)
-        self._notices = Notices(type(self).__name__, self._names)
+        self._notices = self.notices_type(type(self).__name__, self._names)
         self.engine.on_escaped = self._notices.escaped_parameters
         # Until the first step succeeds, the backward of a method whose step ignores .grad of
         # its layers fills that .grad too (_probe_params), so that a change to it is reported.

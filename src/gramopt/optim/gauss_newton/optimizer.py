@@ -1,0 +1,418 @@
+"""Gauss-Newton for any least-squares residual: ``opt.step(residuals)``.
+
+For residual rows r(theta) ``[M]`` (every group of the closure, :mod:`.residuals`) and
+``L(theta) = 1/2 ||r||^2``, one step is
+
+1. r and its Jacobian ``J = d r / d theta`` ``[M, p]`` (:mod:`.jacobian`);
+2. the direction ``delta = -(J^T J + damping I)^{-1} J^T r`` in sample or parameter
+   space (:mod:`.solve`), with SPRING's momentum (Goldshlager, Abrahamsen, Lin, "A
+   Kaczmarz-inspired approach to accelerate the optimization of neural network
+   wavefunctions", J. Comput. Phys. 2024, arXiv:2401.10190, Section 3)
+   ``delta_k = mu delta_{k-1} - (J^T J + damping I)^{-1} J^T (r + mu J delta_{k-1})``;
+3. ``max_update_norm``: delta scaled to at most that norm;
+4. the line search over ``theta + t delta`` (:mod:`.line_search`), decoupled weight decay
+   ``theta <- (1 - t wd) theta`` inside each trial;
+5. the update at the chosen t.
+
+Each phase's seconds go to ``last_info.seconds`` (``jacobian`` with the closure call and
+the check, ``gram``, ``solve``, ``line_search``, ``update``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gramopt.errors import NonFiniteError, UnsupportedModuleError
+from gramopt.optim.base import MethodNeeds, SampleSpaceOptimizer, StepInfo, check_hyper, user_stacklevel
+from gramopt.optim.gauss_newton import jacobian as jac_mod
+from gramopt.optim.gauss_newton.line_search import LINE_SEARCHES, armijo_search, grid_search
+from gramopt.optim.gauss_newton.residuals import (
+    GroupShape,
+    ResidualClosure,
+    Residuals,
+    check_same_shapes,
+    evaluate,
+    evaluate_loss,
+)
+from gramopt.optim.gauss_newton.solve import SPACES, choose_solver, choose_space, solve_direction
+from gramopt.optim.ggn.solvers import check_solver_options
+from gramopt.optim.notices import Notices
+
+JACOBIANS = ("auto", "hooks", "functional")
+UNSUPPORTED = ("warn", "error")
+
+
+@dataclass
+class GaussNewtonStepInfo(StepInfo):
+    """What the last :meth:`GaussNewton.step` did.
+
+    Attributes (besides ``step``, ``loss`` (L before the step), ``solve``, ``seconds``):
+        loss_after: L at the point taken (None without a line search).
+        lr_taken: the step length t (``lr * 2^-j`` of the first param group; 0: no step).
+        space: ``"sample"`` or ``"parameter"``.
+        solver: the solver used.
+        jacobian: ``"hooks"`` or ``"functional"``.
+        rows: M, the residual rows.
+        damping: the damping of the system.
+        trials: L at each line-search trial, in the order tried.
+        checked: whether the hooks' Jacobian was checked against autograd this step.
+    """
+
+    loss_after: float | None = None
+    lr_taken: float = 0.0
+    space: str = ""
+    solver: str = ""
+    jacobian: str = ""
+    rows: int = 0
+    damping: float = 0.0
+    trials: list[float] = field(default_factory=list)
+    checked: bool = False
+
+
+class GaussNewtonNotices(Notices):
+    """The parameters no hooked layer covers get exact Jacobian columns from autograd
+    (slower), not the plain gradient: say so."""
+
+    def uncovered(self, engine: Any, names: Sequence[str], tied: Sequence[str], has_params: bool) -> None:
+        names = [*names, *tied]
+        if names:
+            warnings.warn(
+                f"gramopt: {self.owner}'s hooks cover no layer of these parameters; their Jacobian columns come "
+                f"from autograd (exact, slower): {'; '.join(names)} (pass unsupported='error' to refuse them)",
+                RuntimeWarning,
+                stacklevel=user_stacklevel(),
+            )
+
+    def escaped_parameters(self, names: str) -> None:
+        warnings.warn(
+            f"gramopt: {self.owner}: the model uses {names} outside the calls of the modules that own them; their "
+            "Jacobian columns come from autograd from now on (exact, slower)",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
+class GaussNewton(SampleSpaceOptimizer):
+    """Gauss-Newton for ``L(theta) = 1/2 sum_g ||r_g(theta)||^2`` (module doc).
+
+    ``opt.step(residuals)`` calls ``residuals()`` (a tensor ``[N]`` or ``[N, k]``, or a
+    list of them: the residual groups, points first) and returns ``L`` before the step as
+    a detached 0-dim tensor. The closure is called once with autograd for the Jacobian and
+    once per line-search trial under ``no_grad``; it must give groups of the same shapes
+    every time, in the parameters' dtype and device.
+
+    Args:
+        model: the network the residuals use (its layers are hooked).
+        lr: the largest step length (the line search's first trial); torch's LR
+            schedulers change it.
+        damping: Levenberg-Marquardt damping of ``J^T J`` (>= 0). The default 1e-10 suits
+            float64 PINN problems; it is below float32's resolution (warned about).
+        line_search: ``"grid"``, ``"armijo"`` or None (:mod:`.line_search`).
+        line_search_trials: the grid's trials ``lr 2^-j``, ``j < line_search_trials``.
+        solver: ``"auto"`` (cholesky), ``"cholesky"``, ``"cg"``, ``"sketch-pcg"`` or
+            ``"nystrom-pcg"`` (GGN's solvers, options in ``solver_options``).
+        jacobian: ``"hooks"`` (the capture engine's per-point rows: residuals built from
+            the model's own modules, a plain forward or :func:`gramopt.pde.forward_laplacian`),
+            ``"functional"`` (autograd's vector-Jacobian products through the closure's
+            graph: any residual, e.g. derivatives taken with ``torch.autograd.grad``), or
+            ``"auto"`` (hooks, checked; functional after a mismatch). The hooks' J is
+            checked against autograd (``J^T r`` must be the gradient of L) on the first
+            step and every ``check_every`` steps: under ``"hooks"`` a mismatch raises,
+            under ``"auto"`` it warns once and switches to ``"functional"``.
+        momentum: SPRING's mu in [0, 1) (0: off).
+        max_update_norm: None, or c > 0: delta is scaled to norm at most c.
+        weight_decay: decoupled weight decay (``theta <- (1 - t wd) theta`` with the step).
+        params: optional parameters or param groups (default: the model's trainable
+            ones); every group must have the same damping and momentum.
+        unsupported: ``"warn"``: parameters no hooked layer covers get their columns
+            from autograd, with one warning; ``"error"``: refuse them.
+        check_every: steps between checks of the hooks' Jacobian.
+        space: ``"auto"`` (sample space when M <= p), ``"sample"`` or ``"parameter"``.
+        solver_options: keyword options of the solver (tol, max_iter, rank, seed, ...).
+    """
+
+    needs = MethodNeeds(rows="jacobian", batchnorm_training=False)
+    notices_type = GaussNewtonNotices
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1.0,
+        damping: float = 1e-10,
+        line_search: str | None = "grid",
+        line_search_trials: int = 8,
+        solver: str = "auto",
+        jacobian: str = "auto",
+        momentum: float = 0.0,
+        max_update_norm: float | None = None,
+        weight_decay: float = 0.0,
+        params: Iterable[Any] | None = None,
+        unsupported: str = "warn",
+        check_every: int = 50,
+        *,
+        space: str = "auto",
+        solver_options: dict[str, Any] | None = None,
+    ) -> None:
+        if line_search not in LINE_SEARCHES:
+            raise ValueError(f"line_search must be one of {LINE_SEARCHES}, got {line_search!r}")
+        if not _positive_int(line_search_trials):
+            raise ValueError(f"line_search_trials must be a positive int, got {line_search_trials!r}")
+        if jacobian not in JACOBIANS:
+            raise ValueError(f"jacobian must be one of {JACOBIANS}, got {jacobian!r}")
+        if unsupported not in UNSUPPORTED:
+            raise ValueError(f"unsupported must be one of {UNSUPPORTED}, got {unsupported!r}")
+        if not _positive_int(check_every):
+            raise ValueError(f"check_every must be a positive int, got {check_every!r}")
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        self.solver_options = check_solver_options(solver, solver_options)
+        if solver == "auto" and self.solver_options:
+            raise ValueError("solver='auto' takes no solver_options (it uses cholesky); name the solver")
+        self.line_search = line_search
+        self.line_search_trials = int(line_search_trials)
+        self.solver = solver
+        self.jacobian = jacobian
+        self.check_every = int(check_every)
+        self.space = space
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(
+            model,
+            params,
+            defaults,
+            "gradient" if unsupported == "warn" else "error",
+            max_update_norm=max_update_norm,
+        )
+        self.extra_state.update(jacobian=None if jacobian == "auto" else jacobian, shapes=None, previous=None)
+        self._warned_precision = False
+        self._warn_precision()
+
+    # -- hyper-parameters ------------------------------------------------------------------
+    def validate_group(self, group: dict[str, Any]) -> None:
+        super().validate_group(group)
+        check_hyper("damping", group["damping"])
+
+    def _shared(self, name: str) -> float:
+        values = {group[name] for group in self.param_groups}
+        if len(values) != 1:
+            raise ValueError(
+                f"GaussNewton solves one system for all parameters: every param group needs the same {name}, "
+                f"got {sorted(values)}; nothing was changed"
+            )
+        return float(values.pop())
+
+    @property
+    def damping(self) -> float:
+        """The damping (every param group's)."""
+        return self._shared("damping")
+
+    def _warn_precision(self) -> None:
+        params = self._params()
+        if self._warned_precision or not params or params[0].dtype == torch.float64:
+            return
+        eps = torch.finfo(params[0].dtype).eps
+        damping = min(group["damping"] for group in self.param_groups)
+        if damping < eps:
+            self._warned_precision = True
+            warnings.warn(
+                f"gramopt: GaussNewton with {params[0].dtype} parameters and damping {damping:g}, below "
+                f"{params[0].dtype}'s resolution ({eps:.1e} relative): the damping changes nothing in the Gram "
+                "matrix, whose solve is then as ill-conditioned as J. Least-squares problems such as PINNs need "
+                "float64 (model.double() and float64 points); or raise the damping",
+                RuntimeWarning,
+                stacklevel=user_stacklevel(),
+            )
+
+    # -- the contract's entry points that a closure method does not use ---------------------
+    def backward(self, output: Tensor, target: Tensor) -> Tensor:
+        raise TypeError("GaussNewton takes its residuals in the step: loss = opt.step(residuals)")
+
+    def directions(self, batch: Any) -> dict[Tensor, Tensor]:
+        raise TypeError("GaussNewton takes its residuals in the step: loss = opt.step(residuals)")
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self, closure: ResidualClosure | None = None) -> Tensor:  # type: ignore[override]
+        """One Gauss-Newton step on ``closure``'s residuals (class doc); returns L before
+        the step. On an error nothing is changed (parameters and state)."""
+        if closure is None or not callable(closure):
+            raise TypeError("GaussNewton.step(residuals) needs the residual closure: loss = opt.step(residuals)")
+        self._require_open()
+        damping, mu = self.damping, self._shared("momentum")
+        self._warn_precision()
+        params = self._params()
+        self._seconds = {}
+        self.engine.clear()  # (captures of passes outside the step, e.g. torch.func on the model, are not its)
+        try:
+            with self._phase("jacobian"):
+                res = evaluate(closure, params[0].dtype, params[0].device)
+                shapes = self._check_shapes(res.shapes)
+                jac, mode, checked = self._jacobian(res, params)
+                r = res.flat.detach()
+                del res  # the graph
+            self.engine.clear()
+            loss = 0.5 * float(r @ r)
+            delta, space, solver, info = self._direction(jac, r, damping, mu)
+            with self._phase("line_search"):
+                t, loss_after, trials = self._search(closure, shapes, params, delta, jac, r, loss)
+            with self._phase("update"):
+                if t:
+                    self._move(params, delta, t)
+        finally:
+            self.engine.clear()
+        self.extra_state["step"] += 1
+        self.extra_state["shapes"] = [[s.points, s.columns, s.matrix] for s in shapes]
+        self.extra_state["previous"] = delta.clone() if mu else None
+        if self.jacobian == "auto":
+            self.extra_state["jacobian"] = mode
+        self.last_info = GaussNewtonStepInfo(
+            step=self.steps_taken,
+            loss=loss,
+            solve=info,
+            seconds=self._seconds,
+            loss_after=loss_after,
+            lr_taken=t * self.param_groups[0]["lr"],
+            space=space,
+            solver=solver,
+            jacobian=mode,
+            rows=r.shape[0],
+            damping=damping,
+            trials=trials,
+            checked=checked,
+        )
+        return torch.tensor(loss, dtype=r.dtype)
+
+    def _check_shapes(self, shapes: list[GroupShape]) -> list[GroupShape]:
+        saved = self.extra_state.get("shapes")
+        check_same_shapes(shapes, None if saved is None else [GroupShape(*s) for s in saved])
+        return shapes
+
+    def _jacobian(self, res: Residuals, params: list[nn.Parameter]) -> tuple[Tensor, str, bool]:
+        """``(J, "hooks" | "functional", whether the hooks were checked)``; the auto
+        fallback and the check (class doc). Raises on a residual group independent of the
+        parameters."""
+        mode = self.extra_state["jacobian"] or "hooks"
+        checked = False
+        if mode == "functional":
+            jac, _ = jac_mod.functional_jacobian(self.engine, res, params)
+        else:
+            checked = self.steps_taken % self.check_every == 0
+            why = None
+            try:
+                jac, rest = jac_mod.hooks_jacobian(self.engine, res, params)
+            except jac_mod.JacobianMismatch as mismatch:
+                why = str(mismatch)
+            else:
+                if checked and len(rest) < len(params):
+                    gradient = jac_mod.loss_gradient(self.engine, res, params)
+                    why = jac_mod.gradient_mismatch(jac, res.flat, gradient)
+            if why is not None:
+                if self.jacobian == "hooks":
+                    raise UnsupportedModuleError(
+                        f"GaussNewton(jacobian='hooks'): {why}. Pass jacobian='functional' for such residuals; "
+                        "nothing was changed"
+                    )
+                warnings.warn(
+                    f"gramopt: GaussNewton switches to jacobian='functional' for good: {why}",
+                    RuntimeWarning,
+                    stacklevel=user_stacklevel(),
+                )
+                mode = "functional"
+                jac, _ = jac_mod.functional_jacobian(self.engine, res, params)
+        for index, ((start, end), shape) in enumerate(zip(res.group_rows(), res.shapes, strict=True)):
+            if self.steps_taken == 0 and not bool(jac[start:end].any()):
+                raise ValueError(
+                    f"residual group {index} ({shape.describe()}) does not depend on the parameters (its Jacobian "
+                    "is zero at the first step); nothing was changed"
+                )
+        return jac, mode, checked
+
+    def _direction(self, jac: Tensor, r: Tensor, damping: float, mu: float) -> tuple[Tensor, str, str, Any]:
+        """``(delta [p], space, solver, SolveInfo)``: step 2 and 3 of the module doc."""
+        previous = self.extra_state.get("previous")
+        spring = mu and previous is not None
+        w = r + mu * (jac @ previous) if spring else r
+        space = choose_space(self.space, jac.shape[0], jac.shape[1])
+        solver = choose_solver(self.solver)
+        with self._phase("solve"):
+            d, info = solve_direction(jac, w, damping, space, solver, self.solver_options, self.steps_taken)
+        gram = info.seconds.get("gram", 0.0)
+        if gram:
+            self._seconds["gram"] = gram
+            self._seconds["solve"] -= gram
+        delta = -d if not spring else mu * previous - d
+        if not bool(torch.isfinite(delta).all()):
+            raise NonFiniteError("the Gauss-Newton direction has NaN or inf; nothing was changed")
+        if self.max_update_norm is not None:
+            norm = float(torch.linalg.vector_norm(delta))
+            if norm > self.max_update_norm:
+                delta = delta * (self.max_update_norm / norm)
+        return delta, space, solver, info
+
+    def _search(
+        self,
+        closure: ResidualClosure,
+        shapes: list[GroupShape],
+        params: list[nn.Parameter],
+        delta: Tensor,
+        jac: Tensor,
+        r: Tensor,
+        loss: float,
+    ) -> tuple[float, float | None, list[float]]:
+        """``(t, L there, the trials' L)``; the parameters are back at theta afterwards."""
+        if self.line_search is None:
+            return 1.0, None, []
+        saved = [p.detach().clone() for p in params]
+        dtype = params[0].dtype
+
+        def trial(t: float) -> float:
+            self._move(params, delta, t, saved)
+            with self.engine.paused():
+                return evaluate_loss(closure, shapes, dtype)
+
+        try:
+            if self.line_search == "grid":
+                t, value, values = grid_search(trial, 1.0, self.line_search_trials)
+            else:
+                slope = float((r @ jac) @ self._scaled(delta))
+                t, value, values = armijo_search(trial, 1.0, loss, slope)
+        finally:
+            with torch.no_grad():
+                for p, p0 in zip(params, saved, strict=True):
+                    p.copy_(p0)
+        return t, value, values
+
+    def _scaled(self, delta: Tensor) -> Tensor:
+        """delta with each parameter's part times its group's lr (the step at t = 1)."""
+        parts, start = [], 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                parts.append(delta[start : start + p.numel()] * group["lr"])
+                start += p.numel()
+        return torch.cat(parts) if parts else delta
+
+    def _move(self, params: list[nn.Parameter], delta: Tensor, t: float, start: list[Tensor] | None = None) -> None:
+        """``theta <- (1 - s wd) theta_0 + s delta`` with ``s = t lr`` of each parameter's group
+        (``theta_0``: ``start``, or the parameters as they are)."""
+        offset = 0
+        with torch.no_grad():
+            index = 0
+            for group in self.param_groups:
+                s = t * group["lr"]
+                for p in group["params"]:
+                    base = p if start is None else start[index]
+                    part = delta[offset : offset + p.numel()].view_as(p).to(p.dtype)
+                    value = base * (1 - s * group["weight_decay"]) if group["weight_decay"] else base
+                    p.copy_(value + s * part)
+                    offset += p.numel()
+                    index += 1
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
