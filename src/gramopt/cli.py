@@ -92,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--grid", choices=bench_config.GRIDS_BY_NAME, default=bench_config.DEFAULT_COMMAND_GRID,
         help="tuning grid per optimizer: quick (3 settings over one knob: damping for ggn, learning rate for the "
-        "others) or full (3 x 3: learning rate x damping for second-order methods, x weight decay for AdamW, "
-        "x momentum for SGD and Muon) (default: %(default)s)",
+        "others), full (3 x 3: learning rate x damping for second-order methods, x weight decay for AdamW, "
+        "x momentum for SGD and Muon) or base (the task's setting alone, untuned) (default: %(default)s)",
     )
     compare.add_argument("--no-progress", action="store_true", help="no progress display or progress lines")
     _distributed_flags(compare)

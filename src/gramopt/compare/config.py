@@ -4,8 +4,9 @@ Everything that belongs to one task (its ladder of targets, its budget, how much
 data each evaluation reads, the hyper-parameters tuned for it) is in its record,
 :class:`gramopt.tasks.Task`.
 
-Grids. Two sizes, the same for every optimizer: ``full`` (3 x 3 = 9 settings over two
-knobs) and ``quick`` (3 settings over one knob, the default command's). A knob is an
+Grids. Three sizes, the same for every optimizer: ``full`` (3 x 3 = 9 settings over two
+knobs), ``quick`` (3 settings over one knob, the default command's) and ``base`` (the
+base setting alone: no tuning, for budgets too long to run a grid). A knob is an
 :class:`Axis`: factors applied to the *base* value (the task's defaults for the
 optimizer: ``Task.tuned`` over the optimizer's own defaults for the task's loss,
 ``gramopt.training.registry.task_hyper``) or absolute values. The middle setting is
@@ -81,10 +82,10 @@ from typing import Any, Generic, TypeVar
 from gramopt.tasks import TASKS, Target, Task
 from gramopt.training.registry import get_optimizer_spec, task_hyper
 
-GRIDS_BY_NAME = ("full", "quick")
+GRIDS_BY_NAME = ("full", "quick", "base")
 DEFAULT_GRID = "full"  # `gramopt compare` without options uses "quick" (see DEFAULT_COMMAND_GRID)
 DEFAULT_COMMAND_GRID = "quick"
-GRID_SIZES = {"full": 9, "quick": 3}
+GRID_SIZES = {"full": 9, "quick": 3, "base": 1}
 GRID_SIZE = GRID_SIZES["quick"]  # kept for code that reads the quick grid's size
 
 
@@ -208,11 +209,11 @@ TIMING_ROUNDS, TIMING_STEPS = 10, 3  # interleaved step timing: rounds x steps p
 MEMORY_STEPS = 10  # steps of a fresh model and optimizer measured for peak memory
 # Residual tasks' steps are full batch and alike, and a parameter-space step (engd) takes
 # seconds: fewer rounds of one step each, and fewer steps for the peak memory.
-RESIDUAL_TIMING = (3, 1, 1)  # rounds, steps per round, warm-up steps
+RESIDUAL_TIMING = (2, 1, 1)  # rounds, steps per round, warm-up steps
 #: Per task kind: (rounds, steps per round, warm-up steps) of the interleaved step timing.
 TIMING_BY_KIND: dict[str, tuple[int, int, int]] = {"supervised": (TIMING_ROUNDS, TIMING_STEPS, 3), "residual": RESIDUAL_TIMING}
 #: Per task kind: steps of a fresh model and optimizer measured for peak memory.
-MEMORY_STEPS_BY_KIND: dict[str, int] = {"supervised": MEMORY_STEPS, "residual": 2}
+MEMORY_STEPS_BY_KIND: dict[str, int] = {"supervised": MEMORY_STEPS, "residual": 1}
 
 
 def axes(name: str, size: str) -> tuple[Axis, ...]:
@@ -221,6 +222,8 @@ def axes(name: str, size: str) -> tuple[Axis, ...]:
         raise ValueError(f"unknown grid {size!r}; choose one of {', '.join(GRIDS_BY_NAME)}")
     spec = get_optimizer_spec(name)
     name = spec.tuned_as or name
+    if size == "base":
+        return ()
     if size == "quick":
         return QUICK_GRIDS.get(name, (LR,))
     if name in FULL_GRIDS:

@@ -295,10 +295,11 @@ def markdown(results: dict[str, Any]) -> str:
         "- Every cell is the median over seeds and `[min-max]` over seeds, for each optimizer's winning setting; "
         "`(n/N)`: the number of seeds the value exists for (reached the rung, did not diverge). The test figures "
         "are those of the runs of the setting selected on validation.",
-        f"- Each optimizer tried {results['grid_size']} settings ({results.get('grid', 'quick')} grid: "
-        + ("learning rate x damping for the second-order methods, x weight decay for AdamW, x momentum for SGD "
-           "and Muon; see below" if results.get("grid") == "full" else "one knob: the damping for GGN, the "
-           "learning rate for the others") + "), every seed each. "
+        f"- Each optimizer tried {results['grid_size']} setting(s) ({results.get('grid', 'quick')} grid: "
+        + {"full": "learning rate x damping for the second-order methods, x weight decay for AdamW, x momentum for SGD "
+           "and Muon; see below", "base": "the task's setting for the optimizer alone, untuned in this run"}.get(
+            results.get("grid", "quick"), "one knob: the damping for GGN and Gauss-Newton, the learning rate for the "
+            "others") + "), every seed each. "
         f"Winner: {results['selection']}.",
         f"- Diverged: {results.get('divergence_rule', 'non-finite loss')}.",
         "- Seconds to each rung: seconds of the optimizer clock (training steps only: forward, backward pass(es), update; "

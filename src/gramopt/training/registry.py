@@ -111,6 +111,22 @@ def _adam(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Opt
     return torch.optim.Adam(model.parameters(), betas=(0.9, hyper.pop("beta2")), **hyper)
 
 
+def _gauss_newton(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
+    return gramopt.GaussNewton(model, **hyper)
+
+
+#: Müller & Zeinhofer's energy natural gradient step (ICML 2023, arXiv:2302.13163, Section 3 and
+#: Algorithm 1): the p x p Gramian of the residuals' parameter Jacobian, solved in parameter
+#: space, and their line search, the best of lr * 2^-j for j = 0..30 (31 trials).
+ENGD_LINE_SEARCH_TRIALS = 31
+
+
+def _engd(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
+    return gramopt.GaussNewton(
+        model, line_search="grid", line_search_trials=ENGD_LINE_SEARCH_TRIALS, space="parameter", **hyper
+    )
+
+
 def _lbfgs(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
     # tolerances 0: the run's budget ends it, never a gradient or change below torch's default thresholds
     return torch.optim.LBFGS(
@@ -147,7 +163,22 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "sgd", "torch SGD with momentum", _sgd, dict(lr=0.1, momentum=0.9, weight_decay=0.0), source="torch"
     ),
     "adamw": OptimizerSpec("adamw", "torch AdamW", _adamw, dict(lr=1e-3, weight_decay=0.01), source="torch"),
-    # Residual tasks (L = 1/2 sum ||r||^2, full batch; residual_step).
+    # Residual tasks (L = 1/2 sum ||r||^2, full batch; residual_step). gauss-newton: GaussNewton's own
+    # defaults (tests/test_residual_tasks.py checks that they are its constructor's).
+    "gauss-newton": OptimizerSpec(
+        "gauss-newton",
+        "gramopt Gauss-Newton for least-squares residuals (sample space, grid line search)",
+        _gauss_newton,
+        dict(lr=1.0, damping=1e-10, line_search_trials=8, momentum=0.0, weight_decay=0.0),
+        kinds=("residual",),
+    ),
+    "engd": OptimizerSpec(
+        "engd",
+        "energy natural gradient (Müller & Zeinhofer 2023): parameter-space Gauss-Newton, 31-trial grid line search",
+        _engd,
+        dict(lr=1.0, damping=1e-10),
+        kinds=("residual",),
+    ),
     "adam": OptimizerSpec(
         "adam", "torch Adam on 1/2 sum ||r||^2", _adam, dict(lr=1e-3, beta2=0.999), source="torch", kinds=("residual",)
     ),
@@ -250,8 +281,7 @@ def residual_step(optimizer: torch.optim.Optimizer, residuals: Callable[[], Tens
     list of groups, each ``[N_g]`` or ``[N_g, k]``): Gauss-Newton methods take the closure
     itself; L-BFGS a closure of L and its gradient, evaluated as often as its line search
     needs; the others one gradient of L. Returns L before the step (detached)."""
-    gauss_newton = getattr(gramopt, "GaussNewton", None)
-    if gauss_newton is not None and isinstance(optimizer, gauss_newton):
+    if isinstance(optimizer, gramopt.GaussNewton):
         return optimizer.step(residuals).detach()
 
     def closure() -> Tensor:
