@@ -147,8 +147,9 @@ def test_every_module_of_the_package_is_imported_with_it():
 
     for module in pkgutil.iter_modules(gramopt.tasks.__path__):
         assert f"gramopt.tasks.{module.name}" in sys.modules, module.name
-    embedded = ["teacher", "diabetes", "digits", "mnist", "fashion-mnist", "fashion-resnet", "recall", "charlm"]
-    assert list(TASKS)[:8] == embedded  # the order of `gramopt tasks`: FAMILIES first
+    embedded = ["teacher", "diabetes", "digits", "mnist", "fashion-mnist", "fashion-resnet", "recall", "charlm",
+                "poisson2d", "poisson5d", "heat"]
+    assert list(TASKS)[:11] == embedded  # the order of `gramopt tasks`: FAMILIES first
 
 
 def test_standardized_uses_the_training_statistics():

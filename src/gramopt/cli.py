@@ -163,7 +163,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             )
     else:
         config = TrainConfig(
-            args.task or "teacher", args.optimizer or DEFAULT_OPTIMIZERS[get_task(args.task or "teacher").kind], args.epochs, args.batch_size, args.seed, hyper, args.out, args.checkpoint_every,
+            args.task or "teacher", args.optimizer or DEFAULT_OPTIMIZERS[get_task(args.task or "teacher").kind],
+            args.epochs, args.batch_size, args.seed, hyper, args.out, args.checkpoint_every,
             distributed=args.distributed,
             schedule=args.schedule,
         )

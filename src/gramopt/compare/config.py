@@ -211,7 +211,10 @@ MEMORY_STEPS = 10  # steps of a fresh model and optimizer measured for peak memo
 # seconds: fewer rounds of one step each, and fewer steps for the peak memory.
 RESIDUAL_TIMING = (2, 1, 1)  # rounds, steps per round, warm-up steps
 #: Per task kind: (rounds, steps per round, warm-up steps) of the interleaved step timing.
-TIMING_BY_KIND: dict[str, tuple[int, int, int]] = {"supervised": (TIMING_ROUNDS, TIMING_STEPS, 3), "residual": RESIDUAL_TIMING}
+TIMING_BY_KIND: dict[str, tuple[int, int, int]] = {
+    "supervised": (TIMING_ROUNDS, TIMING_STEPS, 3),
+    "residual": RESIDUAL_TIMING,
+}
 #: Per task kind: steps of a fresh model and optimizer measured for peak memory.
 MEMORY_STEPS_BY_KIND: dict[str, int] = {"supervised": MEMORY_STEPS, "residual": 1}
 

@@ -411,7 +411,8 @@ def step_time_ratios(
     built = {name: _try_stepper(task, name, hyper, split, seed, distributed) for name, hyper in winners.items()}
     steppers = {name: stepper for name, stepper in built.items() if stepper is not None}
     if reference not in steppers:
-        steppers[reference] = _stepper(task, reference, grid(reference, task)[GRID_SIZES["quick"] // 2], split, seed, distributed)
+        middle = grid(reference, task)[GRID_SIZES["quick"] // 2]
+        steppers[reference] = _stepper(task, reference, middle, split, seed, distributed)
     rounds, steps, warmup = bench_config.TIMING_BY_KIND[task.kind]
     samples = interleaved_times(
         {name: step for name, (step, _) in steppers.items()}, rounds=rounds, steps_per_round=steps, warmup=warmup
@@ -421,7 +422,7 @@ def step_time_ratios(
         if name not in steppers or steppers[name][1]:
             ratios[name] = None  # cannot be built, or diverged while being timed
         else:
-            ratios[name] = statistics.median(t / b for t, b in zip(samples[name], samples[reference]))
+            ratios[name] = statistics.median(t / b for t, b in zip(samples[name], samples[reference], strict=True))
     return ratios
 
 
@@ -668,7 +669,8 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
         "grid_size": GRID_SIZES[config.grid],
         "divergence_rule": f"non-finite loss, a divergence error, or final train loss > {DIVERGENCE_FACTOR:g} x the initial",
         "evaluations_per_run": bench_config.EVALUATIONS,
-        "timing": {"reference": REFERENCE, "rounds": bench_config.TIMING_ROUNDS, "steps_per_round": bench_config.TIMING_STEPS,
+        "timing": {"reference": REFERENCE, "rounds": bench_config.TIMING_ROUNDS,
+                   "steps_per_round": bench_config.TIMING_STEPS,
                    "by_kind": {kind: {"reference": REFERENCES[kind], "rounds": rounds, "steps_per_round": steps,
                                       "warmup": warmup, "memory_steps": bench_config.MEMORY_STEPS_BY_KIND[kind]}
                                for kind, (rounds, steps, warmup) in bench_config.TIMING_BY_KIND.items()}},

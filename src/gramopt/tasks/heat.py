@@ -26,7 +26,8 @@ from gramopt.tasks.residual import residual_task
 register_task(
     residual_task(
         HEAT,
-        description="(4+1)-D heat equation PINN (3000 + 500 points drawn every step), tanh MLP 5-64-64-48-48-1, float64",
+        description="(4+1)-D heat equation PINN (3000 + 500 points drawn every step), "
+        "tanh MLP 5-64-64-48-48-1, float64",
         ladder=ladder(RESIDUAL_METRIC, (1e-2, 1e-3, 1e-5), below=True),
         budget_seconds=300.0,
         steps=200,

@@ -197,7 +197,9 @@ class Trainer:
     ) -> None:
         self.task = get_task(config.task)
         if self.task.kind != "supervised":
-            raise ValueError(f"task {self.task.name!r} is {self.task.kind}; train it with gramopt.training.make_trainer")
+            raise ValueError(
+                f"task {self.task.name!r} is {self.task.kind}; train it with gramopt.training.make_trainer"
+            )
         self.config = config.resolved(self.task)
         self.run_part = DataParallelRun.current(self.config.distributed)
         self.main = self.run_part is None or self.run_part.main

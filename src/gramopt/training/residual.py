@@ -211,7 +211,8 @@ class ResidualTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         record = {
             "config": asdict(self.config),
-            "task": {"name": self.task.name, "kind": self.task.kind, "loss": self.task.loss, "metric": self.task.metric},
+            "task": {"name": self.task.name, "kind": self.task.kind, "loss": self.task.loss,
+                     "metric": self.task.metric},
             "epochs": self.epochs,
             "diverged": self.diverged,
             "environment": environment(),
