@@ -58,13 +58,39 @@ def test_hooks_jacobian_rows_match_jacrev(k):
     assert jac_mod.gradient_mismatch(jac, r, expected.T @ r) is None
 
 
-def test_functional_jacobian_of_an_autograd_derivative_residual_matches_jacrev():
+@pytest.mark.parametrize("closure_kind", ["autograd", "forward_laplacian"])
+def test_functional_jacobian_matches_jacrev(closure_kind):
+    """jacrev through the closure where torch.func runs it; batched vector-Jacobian products
+    through the step's graph where it does not (torch.autograd.grad inside)."""
     model = small_model()
     with_autograd, with_forward_laplacian = autograd_closure(model, 6)
     expected, _ = residual_jacobian(model, with_forward_laplacian)
     opt = gramopt.GaussNewton(model, jacobian="functional")
-    res = evaluate(with_autograd, DT, torch.device("cpu"))
-    jac, _ = jac_mod.functional_jacobian(opt.engine, res, opt._params())
+    closure = with_autograd if closure_kind == "autograd" else with_forward_laplacian
+    res = evaluate(closure, DT, torch.device("cpu"))
+    jac, by_jacrev = jac_mod.functional_jacobian(opt.engine, res, opt._params(), closure)
+    assert by_jacrev == (closure_kind == "forward_laplacian")
+    torch.testing.assert_close(jac, expected, rtol=1e-10, atol=1e-12)
+    jac, by_jacrev = jac_mod.functional_jacobian(opt.engine, res, opt._params())
+    assert not by_jacrev
+    torch.testing.assert_close(jac, expected, rtol=1e-10, atol=1e-12)
+    assert not opt.engine.has_factors()
+
+
+def test_functional_jacobian_of_a_closure_that_changes_is_that_of_the_steps_rows():
+    model = small_model()
+    x = torch.rand(12, 2, dtype=DT, generator=torch.Generator().manual_seed(5))
+    calls = []
+
+    def closure():  # new points at every call (as if resampled inside the closure)
+        calls.append(1)
+        return model(x[:6] if len(calls) % 2 else x[6:])[:, 0]
+
+    opt = gramopt.GaussNewton(model, jacobian="functional")
+    res = evaluate(closure, DT, torch.device("cpu"))
+    jac, by_jacrev = jac_mod.functional_jacobian(opt.engine, res, opt._params(), closure)
+    assert not by_jacrev
+    expected, _ = residual_jacobian(model, lambda: model(x[:6])[:, 0])  # the rows of the step's own call
     torch.testing.assert_close(jac, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -133,3 +159,157 @@ def test_a_short_poisson_run_lowers_the_error_by_orders_of_magnitude():
     for _ in range(20):
         opt.step(residuals)
     assert error() < 1e-3 * first
+
+
+@pytest.mark.parametrize("space", ["sample", "parameter"])
+@pytest.mark.parametrize("solver", ["cg", "sketch-pcg", "nystrom-pcg"])
+def test_iterative_solvers_reach_the_dense_step(space, solver):
+    model = small_model(2, width=6)  # p = 74
+    closure = multi_group_closure(model, 2, n=7 if space == "sample" else 80)
+    delta, _ = dense_step(model, closure, lr=1.0, damping=1e-2, space=space)
+    before = params_vector(model)
+    opt = gramopt.GaussNewton(
+        model, damping=1e-2, line_search=None, solver=solver, space=space, solver_options={"tol": 1e-12}
+    )
+    opt.step(closure)
+    info = opt.last_info
+    assert info.solver == solver and info.solve.converged and info.solve.iterations > 0
+    step = params_vector(model) - before
+    assert float((step - delta).norm()) <= 1e-8 * float(delta.norm())
+
+
+def test_auto_solver_and_space_follow_the_system_size():
+    model = small_model(1, width=6)  # p = 67
+    for n, space in [(7, "sample"), (80, "parameter")]:
+        opt = gramopt.GaussNewton(model, line_search=None, damping=1e-2)
+        opt.step(multi_group_closure(model, 1, n=n))
+        assert (opt.last_info.space, opt.last_info.solver) == (space, "cholesky")
+        opt.close()
+
+
+# -- the hooks' check ----------------------------------------------------------------------------
+def test_auto_jacobian_falls_back_once_on_an_autograd_derivative_residual():
+    model = small_model()
+    with_autograd, _ = autograd_closure(model, 6)
+    twin = small_model()
+    twin_closure, _ = autograd_closure(twin, 6)
+    expected = gramopt.GaussNewton(twin, damping=1e-3, jacobian="functional")
+    opt = gramopt.GaussNewton(model, damping=1e-3)  # jacobian="auto"
+    with pytest.warns(RuntimeWarning, match="jacobian='functional'") as caught:
+        for _ in range(2):
+            torch.testing.assert_close(opt.step(with_autograd), expected.step(twin_closure), rtol=1e-12, atol=0)
+            assert opt.last_info.jacobian == "functional"
+            torch.testing.assert_close(params_vector(model), params_vector(twin), rtol=1e-10, atol=1e-13)
+    assert len([w for w in caught if "jacobian='functional'" in str(w.message)]) == 1
+    assert opt.state_dict()["gramopt"]["jacobian"] == "functional"
+
+
+@pytest.mark.parametrize("coupled", ["autograd", "mean"])
+def test_hooks_jacobian_refuses_a_residual_that_is_not_per_point_and_changes_nothing(coupled):
+    model = small_model()
+    if coupled == "autograd":
+        closure, _ = autograd_closure(model, 6)
+    else:  # every row depends on every point through the mean
+        x = torch.rand(6, 2, dtype=DT, generator=torch.Generator().manual_seed(3))
+
+        def closure():
+            u = model(x)[:, 0]
+            return u - u.mean()
+
+    opt = gramopt.GaussNewton(model, jacobian="hooks")
+    before, state = params_vector(model), opt.state_dict()
+    with pytest.raises(gramopt.UnsupportedModuleError, match="jacobian='functional'"):
+        opt.step(closure)
+    assert torch.equal(params_vector(model), before)
+    assert opt.state_dict()["gramopt"] == state["gramopt"] and opt.last_info is None
+
+
+def test_the_check_runs_on_the_first_step_and_every_check_every_steps():
+    model = small_model(width=6)
+    closure = pinn_closure(model, 8, 4)
+    opt = gramopt.GaussNewton(model, damping=1e-3, check_every=3)
+    checked = []
+    for _ in range(7):
+        opt.step(closure)
+        checked.append(opt.last_info.checked)
+        assert opt.last_info.jacobian == "hooks"
+    assert checked == [True, False, False, True, False, False, True]
+
+
+# -- parameters no hooked layer covers -----------------------------------------------------------
+class Scaled(nn.Module):
+    """A Linear stack whose output a bare parameter scales (no handler covers it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = small_model(1, width=5)
+        self.scale = nn.Parameter(torch.tensor([1.5], dtype=DT))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) * self.scale
+
+
+def test_uncovered_parameters_get_exact_columns():
+    model = Scaled()
+    x = torch.rand(9, 2, dtype=DT, generator=torch.Generator().manual_seed(4))
+
+    def closure():
+        return model(x)[:, 0] - 0.3
+
+    delta, _ = dense_step(model, closure, lr=1.0, damping=1e-3)
+    before = params_vector(model)
+    with pytest.warns(RuntimeWarning, match="scale"):
+        opt = gramopt.GaussNewton(model, damping=1e-3, line_search=None, jacobian="hooks")
+    opt.step(closure)
+    assert opt.last_info.jacobian == "hooks" and opt.last_info.checked
+    torch.testing.assert_close(params_vector(model) - before, delta, rtol=1e-9, atol=1e-12)
+    with pytest.raises(gramopt.UnsupportedModuleError, match="scale"):
+        gramopt.GaussNewton(Scaled(), unsupported="error")
+
+
+# -- momentum, the Armijo search, max_update_norm ----------------------------------------------------
+def test_spring_momentum_matches_its_formula():
+    model = small_model(width=6)
+    closure = pinn_closure(model, 8, 4)
+    mu, damping = 0.6, 1e-3
+    opt = gramopt.GaussNewton(model, damping=damping, momentum=mu, line_search=None, lr=0.5)
+    previous = None
+    for _ in range(3):
+        j, r = residual_jacobian(model, closure)
+        w = r if previous is None else r + mu * (j @ previous)
+        direction = -j.T @ torch.linalg.solve(j @ j.T + damping * torch.eye(j.shape[0], dtype=DT), w)
+        expected = direction if previous is None else mu * previous + direction
+        before = params_vector(model)
+        opt.step(closure)
+        torch.testing.assert_close(params_vector(model) - before, 0.5 * expected, rtol=1e-8, atol=1e-12)
+        previous = expected
+
+
+def test_armijo_takes_the_first_halving_with_sufficient_decrease():
+    model = small_model(width=6)
+    closure = pinn_closure(model, 8, 4)
+    j, r = residual_jacobian(model, closure)
+    delta, loss = dense_step(model, closure, lr=4.0, damping=1e-6)
+    theta = params_vector(model)
+    opt = gramopt.GaussNewton(model, lr=4.0, damping=1e-6, line_search="armijo")
+    opt.step(closure)
+    info = opt.last_info
+    slope = float((j.T @ r) @ (delta / 4.0))
+    j_taken = round(-math.log2(info.lr_taken / 4.0))
+    assert len(info.trials) == j_taken + 1
+    for i, value in enumerate(info.trials):
+        t = 4.0 * 2.0**-i
+        assert (value <= float(loss) + 1e-4 * t * slope) == (i == j_taken)
+    torch.testing.assert_close(params_vector(model), theta + info.lr_taken * delta / 4.0, rtol=1e-9, atol=1e-12)
+
+
+def test_max_update_norm_scales_the_step():
+    model = small_model(width=6)
+    closure = pinn_closure(model, 8, 4)
+    delta, _ = dense_step(model, closure, lr=1.0, damping=1e-3)
+    before = params_vector(model)
+    cap = 0.1 * float(delta.norm())
+    opt = gramopt.GaussNewton(model, damping=1e-3, line_search=None, max_update_norm=cap)
+    opt.step(closure)
+    expected = delta * (cap / float(delta.norm()))
+    torch.testing.assert_close(params_vector(model) - before, expected, rtol=1e-9, atol=1e-12)

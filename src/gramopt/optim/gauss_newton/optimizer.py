@@ -103,9 +103,11 @@ class GaussNewton(SampleSpaceOptimizer):
 
     ``opt.step(residuals)`` calls ``residuals()`` (a tensor ``[N]`` or ``[N, k]``, or a
     list of them: the residual groups, points first) and returns ``L`` before the step as
-    a detached 0-dim tensor. The closure is called once with autograd for the Jacobian and
-    once per line-search trial under ``no_grad``; it must give groups of the same shapes
-    every time, in the parameters' dtype and device.
+    a detached 0-dim tensor. The closure is called once with autograd for the Jacobian
+    (twice for the functional Jacobian by jacrev) and once per line-search trial under
+    ``no_grad``; it must be deterministic (the same rows at the same parameters: draw new
+    points between steps, not inside it) and give groups of the same shapes every time, in
+    the parameters' dtype and device.
 
     Args:
         model: the network the residuals use (its layers are hooked).
@@ -119,8 +121,9 @@ class GaussNewton(SampleSpaceOptimizer):
             ``"nystrom-pcg"`` (GGN's solvers, options in ``solver_options``).
         jacobian: ``"hooks"`` (the capture engine's per-point rows: residuals built from
             the model's own modules, a plain forward or :func:`gramopt.pde.forward_laplacian`),
-            ``"functional"`` (autograd's vector-Jacobian products through the closure's
-            graph: any residual, e.g. derivatives taken with ``torch.autograd.grad``), or
+            ``"functional"`` (``torch.func.jacrev`` through the closure, or autograd's
+            vector-Jacobian products through its graph: any residual, e.g. derivatives taken
+            with ``torch.autograd.grad``; it costs about M gradients of L a step), or
             ``"auto"`` (hooks, checked; functional after a mismatch). The hooks' J is
             checked against autograd (``J^T r`` must be the gradient of L) on the first
             step and every ``check_every`` steps: under ``"hooks"`` a mismatch raises,
@@ -190,6 +193,8 @@ class GaussNewton(SampleSpaceOptimizer):
         )
         self.extra_state.update(jacobian=None if jacobian == "auto" else jacobian, shapes=None, previous=None)
         self._warned_precision = False
+        self._jacrev_works = True  # torch.func can run the closure (until it fails once)
+        self._trials_need_graph = False  # the closure fails under no_grad (it differentiates itself)
         self._warn_precision()
 
     # -- hyper-parameters ------------------------------------------------------------------
@@ -251,7 +256,7 @@ class GaussNewton(SampleSpaceOptimizer):
             with self._phase("jacobian"):
                 res = evaluate(closure, params[0].dtype, params[0].device)
                 shapes = self._check_shapes(res.shapes)
-                jac, mode, checked = self._jacobian(res, params)
+                jac, mode, checked = self._jacobian(res, params, closure)
                 r = res.flat.detach()
                 del res  # the graph
             self.engine.clear()
@@ -291,14 +296,16 @@ class GaussNewton(SampleSpaceOptimizer):
         check_same_shapes(shapes, None if saved is None else [GroupShape(*s) for s in saved])
         return shapes
 
-    def _jacobian(self, res: Residuals, params: list[nn.Parameter]) -> tuple[Tensor, str, bool]:
+    def _jacobian(
+        self, res: Residuals, params: list[nn.Parameter], closure: ResidualClosure
+    ) -> tuple[Tensor, str, bool]:
         """``(J, "hooks" | "functional", whether the hooks were checked)``; the auto
         fallback and the check (class doc). Raises on a residual group independent of the
         parameters."""
         mode = self.extra_state["jacobian"] or "hooks"
         checked = False
         if mode == "functional":
-            jac, _ = jac_mod.functional_jacobian(self.engine, res, params)
+            jac = self._functional(res, params, closure)
         else:
             checked = self.steps_taken % self.check_every == 0
             why = None
@@ -322,14 +329,23 @@ class GaussNewton(SampleSpaceOptimizer):
                     stacklevel=user_stacklevel(),
                 )
                 mode = "functional"
-                jac, _ = jac_mod.functional_jacobian(self.engine, res, params)
+                jac = self._functional(res, params, closure)
         for index, ((start, end), shape) in enumerate(zip(res.group_rows(), res.shapes, strict=True)):
-            if self.steps_taken == 0 and not bool(jac[start:end].any()):
+            if not bool(jac[start:end].any()) and not _reaches(res.groups[index], params, self.engine):
                 raise ValueError(
-                    f"residual group {index} ({shape.describe()}) does not depend on the parameters (its Jacobian "
-                    "is zero at the first step); nothing was changed"
+                    f"residual group {index} ({shape.describe()}) does not depend on the parameters (no autograd "
+                    "path leads from it to them); nothing was changed"
                 )
         return jac, mode, checked
+
+    def _functional(self, res: Residuals, params: list[nn.Parameter], closure: ResidualClosure) -> Tensor:
+        """The functional J: by jacrev until the closure turns out to need autograd (then
+        batched vector-Jacobian products through its graph, for good)."""
+        jac, by_jacrev = jac_mod.functional_jacobian(
+            self.engine, res, params, closure if self._jacrev_works else None
+        )
+        self._jacrev_works = by_jacrev
+        return jac
 
     def _direction(self, jac: Tensor, r: Tensor, damping: float, mu: float) -> tuple[Tensor, str, str, Any]:
         """``(delta [p], space, solver, SolveInfo)``: step 2 and 3 of the module doc."""
@@ -372,7 +388,15 @@ class GaussNewton(SampleSpaceOptimizer):
         def trial(t: float) -> float:
             self._move(params, delta, t, saved)
             with self.engine.paused():
-                return evaluate_loss(closure, shapes, dtype)
+                if not self._trials_need_graph:
+                    try:
+                        return evaluate_loss(closure, shapes, dtype)
+                    except RuntimeError:  # e.g. torch.autograd.grad inside the closure, under no_grad
+                        self._trials_need_graph = True
+                try:
+                    return evaluate_loss(closure, shapes, dtype, graph=True)
+                finally:
+                    self.engine.clear()
 
         try:
             if self.line_search == "grid":
@@ -410,6 +434,16 @@ class GaussNewton(SampleSpaceOptimizer):
                     p.copy_(value + s * part)
                     offset += p.numel()
                     index += 1
+
+
+def _reaches(residual: Tensor, params: list[nn.Parameter], engine: Any) -> bool:
+    """Whether an autograd path leads from ``residual`` to one of ``params`` (a group whose
+    Jacobian is zero may merely sit where the model saturates)."""
+    with engine.paused():
+        grads = torch.autograd.grad(
+            residual, params, grad_outputs=torch.ones_like(residual), retain_graph=True, allow_unused=True
+        )
+    return any(g is not None for g in grads)
 
 
 def _positive_int(value: Any) -> bool:

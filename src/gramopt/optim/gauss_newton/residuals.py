@@ -143,10 +143,11 @@ def evaluate(closure: ResidualClosure, dtype: torch.dtype, device: torch.device)
     return Residuals(matrices, shapes, flat)
 
 
-def evaluate_loss(closure: ResidualClosure, shapes: list[GroupShape], dtype: torch.dtype) -> float:
-    """``L`` at the current parameters without a graph (a line search's trial); inf when a
-    residual is not finite. Shapes must be those of the step's own call."""
-    with torch.no_grad():
+def evaluate_loss(closure: ResidualClosure, shapes: list[GroupShape], dtype: torch.dtype, graph: bool = False) -> float:
+    """``L`` at the current parameters (a line search's trial); inf when a residual is not
+    finite. Shapes must be those of the step's own call. Runs under ``no_grad`` unless
+    ``graph`` (a closure that takes derivatives with ``torch.autograd.grad`` needs autograd)."""
+    with torch.enable_grad() if graph else torch.no_grad():
         groups = as_groups(closure())
     check_same_shapes([shape_of(r) for r in groups], shapes)
     value = 0.5 * float(sum(r.detach().to(dtype).pow(2).sum() for r in groups))
