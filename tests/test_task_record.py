@@ -4,6 +4,7 @@ what differs from the registry, and `gramopt compare` reads everything per task 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -65,7 +66,7 @@ def toy(**fields) -> Task:
         (dict(ladder=ladder("test_accuracy", (0.9,), below=False)), "rungs are on train_loss or on the task's metric"),
         (dict(metric="test_accuracy", ladder=ladder("test_accuracy", (0.9,), False)), "is evaluated on test_mse"),
         (dict(loss="hinge"), "loss 'hinge' is not one of"),
-        (dict(kind="residual"), "kind 'residual' has no training loop"),
+        (dict(kind="variational"), "kind 'variational' has no training loop"),
         (dict(tuned={"sgd": 0.1}), "tuned['sgd'] must be a dict"),
     ],
 )
@@ -85,12 +86,15 @@ def test_a_name_registers_once(registry):
 
 def test_the_record_expresses_a_residual_task_whose_metric_falls():
     """A physics-informed task (full-batch residuals, relative L2 error, lower is better)
-    fits the record; only its kind waits for a training loop."""
+    fits the record (tests/test_residual_tasks.py trains such tasks)."""
     pinn = toy(
-        name="poisson", kind="residual", loss="residual", metric="test_rel_l2", batch_size=1020,
+        name="poisson", kind="residual", loss="least_squares", metric="test_rel_l2", batch_size=1020,
         ladder=ladder("test_rel_l2", (1e-2, 1e-4, 1e-6), below=True), budget_seconds=120.0,
     )
-    assert pinn.problems() == ["kind 'residual' has no training loop; known kinds: supervised"]
+    assert pinn.problems() == []
+    assert replace(pinn, loss="residual").problems() == [
+        "a residual task's loss is 'least_squares' (1/2 sum of squared residuals), not 'residual'"
+    ]
     assert [rung.reached({"test_rel_l2": 5e-5}) for rung in pinn.ladder] == [True, True, False]
 
 
@@ -147,8 +151,9 @@ def test_every_module_of_the_package_is_imported_with_it():
 
     for module in pkgutil.iter_modules(gramopt.tasks.__path__):
         assert f"gramopt.tasks.{module.name}" in sys.modules, module.name
-    embedded = ["teacher", "diabetes", "digits", "mnist", "fashion-mnist", "fashion-resnet", "recall", "charlm"]
-    assert list(TASKS)[:8] == embedded  # the order of `gramopt tasks`: FAMILIES first
+    embedded = ["teacher", "diabetes", "digits", "mnist", "fashion-mnist", "fashion-resnet", "recall", "charlm",
+                "poisson2d", "poisson5d", "heat"]
+    assert list(TASKS)[:11] == embedded  # the order of `gramopt tasks`: FAMILIES first
 
 
 def test_standardized_uses_the_training_statistics():

@@ -21,12 +21,14 @@ from gramopt.compare.report import flag_lines, markdown_table, plain_leaders, pl
 from gramopt.compare.run import CompareConfig, run_comparison, write_outputs
 from gramopt.distributed import POLICIES, rank
 from gramopt.errors import GramoptError
-from gramopt.tasks import TASKS
-from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
+from gramopt.tasks import TASKS, get_task
+from gramopt.training import OPTIMIZERS, TrainConfig, make_trainer, resume_trainer
 from gramopt.training.parallel import DEFAULT_TIMEOUT_SECONDS, init_from_environment
 from gramopt.training.schedules import SCHEDULES
 
 HYPER_FLAGS = ("lr", "damping", "momentum", "weight_decay")
+#: ``gramopt train``'s optimizer without --optimizer, per task kind.
+DEFAULT_OPTIMIZERS = {"supervised": "ggn", "residual": "gauss-newton"}
 INT_HYPER_FLAGS = ("curvature_every",)
 
 
@@ -38,8 +40,11 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train one optimizer on one task")
     train.add_argument("--task", help="a task from `gramopt tasks` (default: teacher)")
-    train.add_argument("--optimizer", help=f"one of {', '.join(sorted(OPTIMIZERS))} (default: ggn)")
-    train.add_argument("--epochs", type=int, help="number of epochs (default: the task's)")
+    train.add_argument(
+        "--optimizer",
+        help=f"one of {', '.join(sorted(OPTIMIZERS))} (default: ggn; gauss-newton on residual tasks)",
+    )
+    train.add_argument("--epochs", type=int, help="number of epochs (default: the task's; residual tasks: steps)")
     train.add_argument("--batch-size", type=int, help="mini-batch size (default: the task's)")
     train.add_argument("--seed", type=int, default=0, help="seed of the split, the initialization and the data order")
     for name in HYPER_FLAGS:
@@ -77,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     compare.add_argument(
         "--optimizers", type=_names,
-        help="comma-separated optimizer names, or all (default: the gramopt methods, sgd, adamw, "
-        f"{', '.join(compare_config.DEFAULT_PEERS)})",
+        help="comma-separated optimizer names, or all (default: on supervised tasks the gramopt methods, sgd, "
+        f"adamw, {', '.join(compare_config.DEFAULT_PEERS)}; on residual tasks every optimizer for them)",
     )
     compare.add_argument(
         "--seeds", type=int, default=compare_config.DEFAULT_SEEDS,
@@ -94,8 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--grid", choices=compare_config.GRIDS_BY_NAME, default=compare_config.DEFAULT_COMMAND_GRID,
         help="tuning grid per optimizer: quick (3 settings over one knob: damping for ggn, learning rate for the "
-        "others) or full (3 x 3: learning rate x damping for second-order methods, x weight decay for AdamW, "
-        "x momentum for SGD and Muon) (default: %(default)s)",
+        "others), full (3 x 3: learning rate x damping for second-order methods, x weight decay for AdamW, "
+        "x momentum for SGD and Muon) or base (the task's setting alone, untuned) (default: %(default)s)",
     )
     compare.add_argument("--no-progress", action="store_true", help="no progress display or progress lines")
     _distributed_flags(compare)
@@ -126,12 +131,12 @@ def _coefficient_steps(text: str) -> int | str:
 
 
 def _tasks(console: Console) -> int:
-    headers = ["task", "loss", "metric", "epochs", "batch", "description"]
-    body = [[t.name, t.loss, t.metric, str(t.epochs), str(t.batch_size), t.description] for t in TASKS.values()]
+    headers = ["task", "kind", "loss", "metric", "epochs", "batch", "description"]
+    body = [[t.name, t.kind, t.loss, t.metric, str(t.epochs), str(t.batch_size), t.description] for t in TASKS.values()]
     if console.is_terminal:  # names whole, the descriptions folded to the terminal's width
         table = Table(title="gramopt tasks")
         for i, header in enumerate(headers):
-            names = i < 3
+            names = i < 4
             table.add_column(header, overflow="fold", no_wrap=names,
                              min_width=max(len(row[i]) for row in body) if names else None)
         for row in body:
@@ -164,7 +169,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         ]
         if given:
             raise ValueError(f"--resume continues a saved run with its own settings; drop {', '.join(given)}")
-        trainer = Trainer.resume(args.resume, console, not args.no_progress, epochs=args.epochs)
+        trainer = resume_trainer(args.resume, console, not args.no_progress, epochs=args.epochs)
         done, total = trainer.epoch, trainer.config.epochs
         if trainer.diverged:
             raise ValueError(
@@ -178,7 +183,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     else:
         config = TrainConfig(
             args.task or "teacher",
-            args.optimizer or "ggn",
+            args.optimizer or DEFAULT_OPTIMIZERS[get_task(args.task or "teacher").kind],
             args.epochs,
             args.batch_size,
             args.seed,
@@ -188,7 +193,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             distributed=args.distributed,
             schedule=args.schedule,
         )
-        trainer = Trainer(config, console, not args.no_progress)
+        trainer = make_trainer(config, console, not args.no_progress)
     result = trainer.run()
     if result.diverged:
         console.print("[red]the run diverged[/]")

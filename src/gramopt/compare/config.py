@@ -4,8 +4,9 @@ Everything that belongs to one task (its ladder of targets, its budget, how much
 data each evaluation reads, the hyper-parameters tuned for it) is in its record,
 :class:`gramopt.tasks.Task`.
 
-Grids. Two sizes, the same for every optimizer: ``full`` (3 x 3 = 9 settings over two
-knobs) and ``quick`` (3 settings over one knob, the default command's). A knob is an
+Grids. Three sizes, the same for every optimizer: ``full`` (3 x 3 = 9 settings over two
+knobs), ``quick`` (3 settings over one knob, the default command's) and ``base`` (the
+base setting alone: no tuning, for budgets too long to run a grid). A knob is an
 :class:`Axis`: factors applied to the *base* value (the task's defaults for the
 optimizer: ``Task.tuned`` over the optimizer's own defaults for the task's loss,
 ``gramopt.training.registry.task_hyper``) or absolute values. The middle setting is
@@ -16,11 +17,16 @@ always the base. The knobs (:data:`FULL_GRIDS`):
 - sgd: learning rate x momentum; muon (both: Muon and its AdamW group's rates move
   together): learning rate x momentum;
 - adamw, psgd-kron and any newly registered optimizer with a weight decay: learning
-  rate x weight decay; without one: 9 learning rates.
+  rate x weight decay; without one: 9 learning rates;
+- residual tasks: gauss-newton and engd (Gauss-Newton steps whose grid line search starts
+  at lr): damping, and learning rate x damping; adam: learning rate, and learning rate x
+  beta2; lbfgs: learning rate (the first trial of its line search), and learning rate x
+  history size.
 
 Targets. Per task a ladder of rungs on one metric (``Task.ladder``): train loss for
 the regression tasks (targets are standardized, so 0.01 is 1% of the target variance),
-test accuracy for classification. Time-to-target is reported per rung.
+test accuracy for classification, the relative L2 error for residual tasks.
+Time-to-target is reported per rung.
 
 Selection (never on the reported test figures). Every run trains on the task's
 training data less a validation set (:func:`gramopt.tasks.with_validation`, fixed per
@@ -76,10 +82,10 @@ from typing import Any, Generic, TypeVar
 from gramopt.tasks import TASKS, Target, Task
 from gramopt.training.registry import get_optimizer_spec, task_hyper
 
-GRIDS_BY_NAME = ("full", "quick")
+GRIDS_BY_NAME = ("full", "quick", "base")
 DEFAULT_GRID = "full"  # `gramopt compare` without options uses "quick" (see DEFAULT_COMMAND_GRID)
 DEFAULT_COMMAND_GRID = "quick"
-GRID_SIZES = {"full": 9, "quick": 3}
+GRID_SIZES = {"full": 9, "quick": 3, "base": 1}
 GRID_SIZE = GRID_SIZES["quick"]  # kept for code that reads the quick grid's size
 
 
@@ -112,6 +118,8 @@ QUICK_GRIDS: dict[str, tuple[Axis, ...]] = {
     # Gauss-Newton steps are scale-aware (lr = 1 is the undamped Newton step on the
     # linearized model): their one knob is the damping.
     "ggn": (DAMPING,),
+    "gauss-newton": (DAMPING,),
+    "engd": (DAMPING,),
     "muon": (Axis("lr", factors=(1 / 3, 1.0, 3.0), with_keys=("adamw_lr",)),),
     "muon-po": (Axis("lr", factors=(1 / 3, 1.0, 3.0), with_keys=("adamw_lr",)),),
 }
@@ -136,6 +144,10 @@ FULL_GRIDS: dict[str, tuple[Axis, ...]] = {
         Axis("momentum", values=(0.9, 0.95, 0.98)),
     ),
     "psgd-kron": (LR, WEIGHT_DECAY),
+    "gauss-newton": (LR, DAMPING),
+    "engd": (LR, DAMPING),
+    "adam": (LR, Axis("beta2", values=(0.99, 0.999, 0.9999))),
+    "lbfgs": (LR, Axis("history_size", values=(20, 100, 300))),
 }
 
 
@@ -201,6 +213,16 @@ DEFAULT_EXPECTED_STEP_COST = 10.0  # an optimizer registered without an entry ab
 STEP_COST_MARGIN = 3.0
 TIMING_ROUNDS, TIMING_STEPS = 10, 3  # interleaved step timing: rounds x steps per optimizer
 MEMORY_STEPS = 10  # steps of a fresh model and optimizer measured for peak memory
+# Residual tasks' steps are full batch and alike, and a parameter-space step (engd) takes
+# seconds: fewer rounds of one step each, and fewer steps for the peak memory.
+RESIDUAL_TIMING = (2, 1, 1)  # rounds, steps per round, warm-up steps
+#: Per task kind: (rounds, steps per round, warm-up steps) of the interleaved step timing.
+TIMING_BY_KIND: dict[str, tuple[int, int, int]] = {
+    "supervised": (TIMING_ROUNDS, TIMING_STEPS, 3),
+    "residual": RESIDUAL_TIMING,
+}
+#: Per task kind: steps of a fresh model and optimizer measured for peak memory.
+MEMORY_STEPS_BY_KIND: dict[str, int] = {"supervised": MEMORY_STEPS, "residual": 1}
 
 
 def axes(name: str, size: str) -> tuple[Axis, ...]:
@@ -209,6 +231,8 @@ def axes(name: str, size: str) -> tuple[Axis, ...]:
         raise ValueError(f"unknown grid {size!r}; choose one of {', '.join(GRIDS_BY_NAME)}")
     spec = get_optimizer_spec(name)
     name = spec.tuned_as or name
+    if size == "base":
+        return ()
     if size == "quick":
         return QUICK_GRIDS.get(name, (LR,))
     if name in FULL_GRIDS:

@@ -30,7 +30,7 @@ POINTS = 200
 # checks that both are one-to-one over the registry). Colours: the Okabe-Ito palette
 # (Okabe & Ito, "Color Universal Design", 2008; distinguishable under the common
 # colour-vision deficiencies; its yellow, too pale on white, left out) with its grey,
-# extended by five of Paul Tol's "muted" colours (Tol, "Colour Schemes", SRON technical
+# extended by nine of Paul Tol's "muted" colours (Tol, "Colour Schemes", SRON technical
 # note SRON/EPS/TN/09-002, issue 3.2, 2021). gramopt's methods are solid and thicker, torch's dashed, the other peers
 # dotted or dash-dotted.
 STYLES: dict[str, tuple[str, str, str]] = {
@@ -47,6 +47,10 @@ STYLES: dict[str, tuple[str, str, str]] = {
     "muon-po": ("#882255", ":", "<"),  # wine (Tol)
     "psgd-kron": ("#44AA99", ":", ">"),  # teal (Tol)
     "muon-f32": ("#AA4499", "-.", "8"),  # purple (Tol)
+    "gauss-newton": ("#117733", "-", "H"),  # green (Tol)
+    "engd": ("#CC6677", ":", "1"),  # rose (Tol)
+    "adam": ("#DDCC77", "--", "x"),  # sand (Tol)
+    "lbfgs": ("#88CCEE", "--", "+"),  # cyan (Tol)
 }
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#999999")
 RUNG_COLOUR = "#BBBBBB"
@@ -60,7 +64,7 @@ def style(name: str) -> dict[str, Any]:
     else:
         slot = sum(name.encode())
         colour, linestyle, marker = PALETTE[slot % len(PALETTE)], ("-.", (0, (3, 1, 1, 1)))[slot % 2], "d"
-    thick = name in ("ggn", "seng", "fngd")
+    thick = name in ("ggn", "seng", "fngd", "gauss-newton")
     return {"color": colour, "linestyle": linestyle, "marker": marker, "linewidth": 2.0 if thick else 1.4}
 
 
@@ -108,7 +112,8 @@ def _panel(ax: Any, task: dict[str, Any], x_key: str, y_key: str, log_y: bool) -
         ax.axhline(target["value"], color=RUNG_COLOUR, linewidth=1.6, zorder=0)
     if log_y:
         ax.set_yscale("log")
-    ax.set_xlabel("optimizer seconds" if x_key == "seconds" else "epochs")
+    steps = task["task"].get("kind") == "residual"  # an epoch is one full-batch step
+    ax.set_xlabel("optimizer seconds" if x_key == "seconds" else ("steps" if steps else "epochs"))
     ax.set_ylabel(y_key.replace("_", " "))
     ax.set_title(f"{task['task']['name']}: {y_key.replace('_', ' ')}", fontsize=9)
     ax.grid(alpha=0.3)
@@ -154,7 +159,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     for block, task in zip(blocks, tasks, strict=True):
         axes = block.subplots(2, 3)
         metric = task["task"]["metric"]
-        metric_log = task["task"]["loss"] == "mse"
+        metric_log = task["task"]["loss"] == "mse" or task["task"].get("kind") == "residual"
         _panel(axes[0, 0], task, "seconds", "train_loss", True)
         _panel(axes[0, 1], task, "seconds", metric, metric_log)
         _ladder_panel(axes[0, 2], task)

@@ -15,7 +15,7 @@ COLUMNS = (
     "optimizer",
     "final train loss",
     "final {metric}",
-    "step time / SGD",
+    "step time / {reference}",
     "peak memory (MiB)",
     "winning setting",
 )
@@ -44,7 +44,7 @@ def _to_target(summary: dict[str, Any]) -> str:
 
 
 #: The library's own methods, named beside the leader of each rung.
-GRAMOPT_METHODS = ("ggn", "seng", "fngd")
+GRAMOPT_METHODS = ("ggn", "seng", "fngd", "gauss-newton")
 #: The columns of :func:`leader_rows`.
 LEADER_COLUMNS = ("rung", "first", "runner-up (margin)", "first seed by seed", "fastest gramopt method")
 
@@ -140,7 +140,8 @@ def rows(task: dict[str, Any]) -> list[list[str]]:
 def _headers(task: dict[str, Any]) -> list[str]:
     rungs = [f"s to {rung['metric'].replace('_', ' ')} {'<=' if rung['below'] else '>='} {rung['value']:g}"
              for rung in task.get("rungs", [])]
-    columns = [c.format(metric=task["task"]["metric"]) for c in COLUMNS]
+    reference = {"sgd": "SGD", "adam": "Adam"}.get(task.get("timing_reference", "sgd"), task.get("timing_reference"))
+    columns = [c.format(metric=task["task"]["metric"], reference=reference) for c in COLUMNS]
     return [columns[0], *rungs, *columns[1:]]
 
 
@@ -250,6 +251,37 @@ def _flag_rule(results: dict[str, Any]) -> str:
     )
 
 
+def _load(env: dict[str, Any]) -> str:
+    """The machine's load average at the start and the end, where the results record it."""
+    load = env.get("load_average")
+    if not load or not load.get("start"):
+        return ""
+    text = "/".join(f"{v:g}" for v in load["start"])
+    if load.get("end"):
+        text += " at the start, " + "/".join(f"{v:g}" for v in load["end"]) + " at the end"
+    return f" Load average (1/5/15 min): {text}."
+
+
+def _task_line(info: dict[str, Any], task: dict[str, Any], target: str) -> str:
+    rungs = "; ".join(r["text"] for r in task.get("rungs", [])) or target
+    if info.get("kind") == "residual":
+        reference = task.get("timing_reference", "adam")
+        return (
+            f"{info['description']}. Residual task: full batch, loss 1/2 sum of squared residuals; {info['points']}; "
+            f"seeds {task['seeds']}. Rungs: {rungs}. Budget: {task['budget']['text']}. An epoch is one step. Step "
+            f"times are ratios to {reference}'s step and are not flagged (the expected costs are those of "
+            "supervised steps)."
+        )
+    return (
+        f"{info['description']}. Loss: {info['loss']}; batch {info['batch_size']}; seeds {task['seeds']}. "
+        f"Rungs: {rungs}. Budget: {task['budget']['text']}. "
+        f"Training on {info.get('train_samples', '?')} samples; validation set of {info.get('val_samples', '?')} "
+        "carved from the training data (fixed per seed)."
+        + (f" Evaluated on fixed random subsets of {info['eval_samples']} train and test samples."
+           if info.get("eval_samples") else "")
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
@@ -257,21 +289,19 @@ def markdown(results: dict[str, Any]) -> str:
         "# gramopt compare",
         "",
         f"Machine: {env['platform']}, {_cpu(env)}, {env['cpu_count']} CPUs, {env['threads']} torch thread(s); "
-        f"Python {env['python']}; {versions}. Whole comparison: {results['wall_seconds']:.0f} s of wall-clock time.",
+        f"Python {env['python']}; {versions}. Whole comparison: {results['wall_seconds']:.0f} s of wall-clock time."
+        + _load(env),
         "",
         "How to read it:",
         "",
         "- Every cell is the median over seeds and `[min-max]` over seeds, for each optimizer's winning setting; "
         "`(n/N)`: the number of seeds the value exists for (reached the rung, did not diverge). The test figures "
         "are those of the runs of the setting selected on validation.",
-        f"- Each optimizer tried {results['grid_size']} settings ({results.get('grid', 'quick')} grid: "
-        + (
-            "learning rate x damping for the second-order methods, x weight decay for AdamW, x momentum for SGD "
-            "and Muon; see below"
-            if results.get("grid") == "full"
-            else "one knob: the damping for GGN, the learning rate for the others"
-        )
-        + "), every seed each. "
+        f"- Each optimizer tried {results['grid_size']} setting(s) ({results.get('grid', 'quick')} grid: "
+        + {"full": "learning rate x damping for the second-order methods, x weight decay for AdamW, x momentum for SGD "
+           "and Muon; see below", "base": "the task's setting for the optimizer alone, untuned in this run"}.get(
+            results.get("grid", "quick"), "one knob: the damping for GGN and Gauss-Newton, the learning rate for the "
+            "others") + "), every seed each. "
         f"Winner: {results['selection']}.",
         f"- Diverged: {results.get('divergence_rule', 'non-finite loss')}.",
         "- Seconds to each rung: seconds of the optimizer clock (training steps only: forward, backward pass(es), "
@@ -297,16 +327,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             f"## {info['name']}",
             "",
-            f"{info['description']}. Loss: {info['loss']}; batch {info['batch_size']}; seeds {task['seeds']}. "
-            f"Rungs: {'; '.join(r['text'] for r in task.get('rungs', [])) or target}. Budget: "
-            f"{task['budget']['text']}. "
-            f"Training on {info.get('train_samples', '?')} samples; validation set of {info.get('val_samples', '?')} "
-            "carved from the training data (fixed per seed)."
-            + (
-                f" Evaluated on fixed random subsets of {info['eval_samples']} train and test samples."
-                if info.get("eval_samples")
-                else ""
-            ),
+            _task_line(info, task, target),
             "",
         ]
         lines += markdown_table(_headers(task), rows(task))

@@ -22,6 +22,13 @@ Then, for each optimizer's winning setting (``config`` module docstring):
 A diverged setting (NaN, or a divergence error) is reported as such and the comparison
 goes on; so is a setting that fails for another reason (with the error).
 
+Residual tasks (``Task.kind == "residual"``, e.g. the PINN problems) run the same way with
+the optimizers that train them (``OptimizerSpec.kinds``; by default all of them) through
+``training.residual``: their data is the seed's points (``tasks.residual.ResidualData``, with
+its own validation points), an epoch is one full-batch step, the step-time reference is
+Adam (:data:`REFERENCES`), timed over fewer, longer steps (``config.RESIDUAL_TIMING``), and
+step times are not flagged (the expected costs are those of supervised steps).
+
 Under torchrun (``--distributed``), every rank runs every run on its slice of each batch
 (``training.parallel``), the step timings and memory are rank 0's, and rank 0 writes.
 """
@@ -55,26 +62,34 @@ from gramopt.compare.report import markdown, reason_line
 from gramopt.compare.timing import interleaved_times
 from gramopt.distributed import CollectiveError, rank, world_size
 from gramopt.tasks import TASKS, Split, Task, get_task, with_validation
-from gramopt.training import OPTIMIZERS, TrainConfig, Trainer
+from gramopt.tasks.residual import ResidualData
+from gramopt.training import OPTIMIZERS, TrainConfig, make_trainer
 from gramopt.training.loop import environment, epoch_order
 from gramopt.training.parallel import DataParallelRun, check_distributed
 from gramopt.training.registry import (
     DIVERGENCE_ERRORS,
     build_optimizer,
     get_optimizer_spec,
+    optimizers_for,
+    residual_step,
     task_hyper,
     training_step,
     with_epoch_defaults,
 )
 
 REFERENCE = "sgd"  # step times are reported as ratios to this optimizer's (task default setting)
+#: The step-time reference per task kind.
+REFERENCES = {"supervised": REFERENCE, "residual": "adam"}
 UNBOUNDED_EPOCHS = 10**9  # a time-budgeted run stops on its clock, not on epochs
 
 
 @dataclass
 class CompareConfig:
-    """A comparison. ``optimizers=None``: :func:`default_optimizers`; ``budget_seconds``
-    and ``epochs`` both None: each task's ``Task.budget_seconds``."""
+    """A comparison. ``optimizers=None``: :func:`default_optimizers` of each task's kind;
+    ``("all",)``: every optimizer of each task's kind; ``budget_seconds`` and ``epochs``
+    both None: each task's ``Task.budget_seconds``. After :meth:`validated`, ``optimizers``
+    lists every optimizer of the comparison; each task runs those of its kind
+    (:func:`task_optimizers`)."""
 
     tasks: tuple[str, ...] = (compare_config.DEFAULT_TASK,)
     optimizers: tuple[str, ...] | None = None
@@ -94,14 +109,21 @@ class CompareConfig:
             get_task(name)
         if not tasks:
             raise ValueError(f"no task given; choose from {', '.join(sorted(TASKS))} or all")
+        kinds = tuple(dict.fromkeys(get_task(name).kind for name in tasks))
         if self.optimizers is None:
-            optimizers = default_optimizers()
+            optimizers = tuple(dict.fromkeys(name for kind in kinds for name in default_optimizers(kind)))
         elif tuple(self.optimizers) == ("all",):
-            optimizers = tuple(OPTIMIZERS)
+            optimizers = tuple(dict.fromkeys(name for kind in kinds for name in optimizers_for(kind)))
         else:
             optimizers = tuple(dict.fromkeys(self.optimizers))
         for name in optimizers:
-            get_optimizer_spec(name)
+            spec = get_optimizer_spec(name)
+            if not set(spec.kinds) & set(kinds):
+                raise ValueError(
+                    f"optimizer {name!r} trains {' and '.join(spec.kinds)} tasks, and task(s) {', '.join(tasks)} "
+                    f"are {' and '.join(kinds)}; the optimizers for "
+                    + "; for ".join(f"{kind} tasks: {', '.join(optimizers_for(kind))}" for kind in kinds)
+                )
         if not optimizers:
             raise ValueError(f"no optimizer given; choose from {', '.join(sorted(OPTIMIZERS))} or all")
         if self.seeds < 1:
@@ -119,7 +141,7 @@ class CompareConfig:
         check_distributed(self.distributed)
         distributed = None if world_size() == 1 else self.distributed or "exact"
         for name in tasks:
-            for optimizer in optimizers:
+            for optimizer in task_optimizers(optimizers, get_task(name)):
                 grid(optimizer, get_task(name), self.grid)
         return CompareConfig(
             tasks,
@@ -135,11 +157,21 @@ class CompareConfig:
         )
 
 
-def default_optimizers() -> tuple[str, ...]:
-    """Every gramopt method, torch's SGD-momentum and AdamW, and the installed default peers;
-    on a CPU without a fast bfloat16 matmul (``hardware.bfloat16_matmul``) also
-    ``muon-f32`` beside torch's ``muon``, whose orthogonalization runs in bfloat16."""
-    gramopt_methods = [name for name, spec in OPTIMIZERS.items() if spec.source == "gramopt"]
+def task_optimizers(optimizers: tuple[str, ...], task: Task) -> tuple[str, ...]:
+    """Those of ``optimizers`` that train ``task``'s kind."""
+    return tuple(name for name in optimizers if task.kind in get_optimizer_spec(name).kinds)
+
+
+def default_optimizers(kind: str = "supervised") -> tuple[str, ...]:
+    """Supervised tasks: every gramopt method, torch's SGD-momentum and AdamW, and the
+    installed default peers; on a CPU without a fast bfloat16 matmul
+    (``hardware.bfloat16_matmul``) also ``muon-f32`` beside torch's ``muon``, whose
+    orthogonalization runs in bfloat16. Other kinds: every optimizer of the kind."""
+    if kind != "supervised":
+        return optimizers_for(kind)
+    gramopt_methods = [
+        name for name, spec in OPTIMIZERS.items() if spec.source == "gramopt" and "supervised" in spec.kinds
+    ]
     peers = [name for name in compare_config.DEFAULT_PEERS if name in OPTIMIZERS]
     if "muon" in peers and "muon-f32" in OPTIMIZERS and not bfloat16_matmul().fast:
         peers.insert(peers.index("muon") + 1, "muon-f32")
@@ -182,11 +214,18 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def steps_per_epoch(task: Task, split: Split | ResidualData) -> int:
+    """Optimizer steps in one epoch: the training set in batches, or one (a residual task's full batch)."""
+    if task.kind == "residual":
+        return 1
+    return math.ceil(split.train_x.shape[0] / task.batch_size)  # type: ignore[union-attr]
+
+
 def run_one(
     task: Task,
     optimizer: str,
     hyper: dict[str, Any],
-    split: Split,
+    split: Split | ResidualData,
     seed: int,
     budget: Budget,
     console: Console,
@@ -196,7 +235,7 @@ def run_one(
     """Train one setting for one seed on ``split`` (the task's data for ``seed``); a
     record of what happened (never raises for a diverging or failing optimizer; a
     failed collective of a data-parallel run ends the comparison)."""
-    steps_per_epoch = math.ceil(split.train_x.shape[0] / task.batch_size)
+    epoch_steps = steps_per_epoch(task, split)
     config = TrainConfig(
         task.name,
         optimizer,
@@ -205,14 +244,14 @@ def run_one(
         hyper=dict(hyper),
         max_seconds=budget.seconds,
         eval_every_seconds=budget.seconds / compare_config.EVALUATIONS if budget.seconds else 0.0,
-        eval_every_steps=max(1, budget.epochs * steps_per_epoch // compare_config.EVALUATIONS) if budget.epochs else 0,
+        eval_every_steps=max(1, budget.epochs * epoch_steps // compare_config.EVALUATIONS) if budget.epochs else 0,
         eval_samples=task.eval_samples or 0,
         save=False,
         distributed=distributed,
     )
     record: dict[str, Any] = {"seed": seed, "status": "ok", "reason": "", "history": [], "steps": 0}
     try:
-        trainer = Trainer(config, console, progress, verbose=False, split=split)
+        trainer = make_trainer(config, console, progress, verbose=False, data=split)
         result = trainer.run()
     except CollectiveError:
         raise
@@ -244,8 +283,17 @@ def run_one(
         final_selection_loss=None if diverged or not rungs else _finite(last.get(rungs[0].selection_loss)),
         final_metric=None if diverged else _finite(last.get(task.metric)),
         median_step_seconds=statistics.median(result.step_seconds) if result.step_seconds else None,
+        load_average=_load_average(),
     )
     return record
+
+
+def _load_average() -> list[float] | None:
+    """The machine's load average over 1, 5 and 15 minutes (None where the system has none)."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def blew_up(history: list[dict[str, float]]) -> tuple[bool, str]:
@@ -308,8 +356,11 @@ def to_target_spread(values: list[float | None]) -> dict[str, Any]:
 def _stepper(
     task: Task, name: str, hyper: dict[str, Any], split: Split, seed: int, distributed: str | None = None
 ) -> tuple[Callable[[], None], list[str]]:
-    """A step function of a fresh model and optimizer cycling through the epoch-0 batches;
-    the list collects a divergence error's message if one happens."""
+    """A step function of a fresh model and optimizer cycling through the epoch-0 batches
+    (a residual task: its training points, drawn anew per step where it resamples); the
+    list collects a divergence error's message if one happens."""
+    if task.kind == "residual":
+        return _residual_stepper(task, name, hyper, split, seed)  # type: ignore[arg-type]
     run = DataParallelRun.current(distributed)
     if run is not None:
         run.check_batches(split.train_x.shape[0], task.batch_size)
@@ -335,6 +386,24 @@ def _stepper(
     return step, errors
 
 
+def _residual_stepper(
+    task: Task, name: str, hyper: dict[str, Any], data: ResidualData, seed: int
+) -> tuple[Callable[[], None], list[str]]:
+    model = task.build_model(seed)
+    optimizer = build_optimizer(name, model, task.loss, dict(hyper))
+    stream = data.stream()
+    errors: list[str] = []
+
+    def step() -> None:
+        points = stream.next()
+        try:
+            residual_step(optimizer, lambda: data.problem.residuals(model, points))
+        except DIVERGENCE_ERRORS as err:
+            errors.append(f"{type(err).__name__}: {err}")
+
+    return step, errors
+
+
 def _try_stepper(
     task: Task, name: str, hyper: dict[str, Any], split: Split, seed: int, distributed: str | None = None
 ) -> tuple[Callable[[], None], list[str]] | None:
@@ -349,25 +418,25 @@ def _try_stepper(
 def step_time_ratios(
     task: Task, winners: dict[str, dict[str, Any]], split: Split, seed: int, distributed: str | None = None
 ) -> dict[str, float | None]:
-    """Per method, median over rounds of (its seconds per step / SGD's in the same round);
-    None for a method that cannot be built or diverges while timed."""
+    """Per method, median over rounds of (its seconds per step / the reference's in the same
+    round: SGD's, or Adam's on a residual task, :data:`REFERENCES`); None for a method that
+    cannot be built or diverges while timed."""
+    reference = REFERENCES[task.kind]
     built = {name: _try_stepper(task, name, hyper, split, seed, distributed) for name, hyper in winners.items()}
     steppers = {name: stepper for name, stepper in built.items() if stepper is not None}
-    if REFERENCE not in steppers:
-        steppers[REFERENCE] = _stepper(
-            task, REFERENCE, grid(REFERENCE, task)[GRID_SIZES["quick"] // 2], split, seed, distributed
-        )
+    if reference not in steppers:
+        middle = grid(reference, task)[GRID_SIZES["quick"] // 2]
+        steppers[reference] = _stepper(task, reference, middle, split, seed, distributed)
+    rounds, steps, warmup = compare_config.TIMING_BY_KIND[task.kind]
     samples = interleaved_times(
-        {name: step for name, (step, _) in steppers.items()},
-        rounds=compare_config.TIMING_ROUNDS,
-        steps_per_round=compare_config.TIMING_STEPS,
+        {name: step for name, (step, _) in steppers.items()}, rounds=rounds, steps_per_round=steps, warmup=warmup
     )
     ratios: dict[str, float | None] = {}
     for name in winners:
         if name not in steppers or steppers[name][1]:
             ratios[name] = None  # cannot be built, or diverged while being timed
         else:
-            ratios[name] = statistics.median(t / b for t, b in zip(samples[name], samples[REFERENCE], strict=True))
+            ratios[name] = statistics.median(t / b for t, b in zip(samples[name], samples[reference], strict=True))
     return ratios
 
 
@@ -381,16 +450,19 @@ def peak_step_memory(
     if stepper is None:
         return None
     step, errors = stepper
-    peaks = peak_memories(lambda: [step() for _ in range(compare_config.MEMORY_STEPS)])
+    peaks = peak_memories(lambda: [step() for _ in range(compare_config.MEMORY_STEPS_BY_KIND[task.kind])])
     return None if errors else peaks
 
 
 # -- a task -------------------------------------------------------------------------------
-def load_splits(task: Task, seeds: int) -> dict[int, Split]:
+def load_splits(task: Task, seeds: int) -> dict[int, Split | ResidualData]:
     """The task's data for each seed, loaded once for all runs, with its validation set
     carved from the training data (``with_validation``; a missing data set is a
-    ValueError saying how to install it, raised before anything runs)."""
+    ValueError saying how to install it, raised before anything runs). A residual task's
+    points come with validation points of their own."""
     try:
+        if task.kind == "residual":
+            return {seed: task.load(seed) for seed in range(seeds)}
         return {seed: with_validation(task.load(seed), seed) for seed in range(seeds)}
     except FileNotFoundError as err:
         raise ValueError(str(err)) from err
@@ -400,8 +472,17 @@ def supports(task: Task, name: str, split: Split) -> str | None:
     """None if optimizer ``name`` can take a step on ``task`` (two training samples, a
     fresh model), else why not: the ValueError or NotImplementedError it raises (e.g. a
     peer that refuses the model's layers, or an output shape a method does not take).
-    Other errors are left to the runs, which report them as failed."""
+    Other errors are left to the runs, which report them as failed. On a residual task the
+    optimizer is only built (a step of a parameter-space method costs seconds)."""
     model = task.build_model(0)
+    if task.kind == "residual":
+        try:
+            build_optimizer(name, model, task.loss, task_hyper(task, name))
+        except (ValueError, NotImplementedError) as err:
+            return f"{type(err).__name__}: {err}"
+        except Exception:  # noqa: BLE001 - reported by the runs
+            return None
+        return None
     try:
         optimizer = build_optimizer(name, model, task.loss, with_epoch_defaults(name, task_hyper(task, name), 1))
         training_step(optimizer, model, task.loss, split.train_x[:2], split.train_y[:2])
@@ -456,6 +537,10 @@ def compare_task(
     methods: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for name in config.optimizers:
+        if name not in task_optimizers(config.optimizers, task):
+            kinds = " and ".join(get_optimizer_spec(name).kinds)
+            skipped[name] = f"it trains {kinds} tasks; {task.name} is a {task.kind} task"
+            continue
         reason = supports(task, name, splits[seeds[0]])
         if reason is not None:
             skipped[name] = reason
@@ -523,15 +608,21 @@ def compare_task(
             "failed": sum(r["status"] == "failed" for r in runs),
         }
     target = rungs[0] if rungs else None
-    flags = step_time_flags(
+    # The expected step costs are those of supervised steps: residual tasks are not flagged.
+    flags = [] if task.kind != "supervised" else step_time_flags(
         {name: method["summary"]["step_time_ratio"]["median"] for name, method in methods.items()},
         bfloat16 if bfloat16 is not None else bfloat16_matmul().as_dict(),
     )
+    first = next(iter(splits.values()))
+    if isinstance(first, ResidualData):
+        sizes = {"train_samples": first.points_per_step, "val_samples": first.validation_x.shape[0],
+                 "points": first.describe()}
+    else:
+        sizes = {"train_samples": int(first.train_x.shape[0]), "val_samples": int(first.val_x.shape[0])}  # type: ignore[union-attr]
     return {
-        "task": {"name": task.name, "description": task.description, "loss": task.loss, "metric": task.metric,
-                 "batch_size": task.batch_size, "eval_samples": task.eval_samples or 0,
-                 "train_samples": int(next(iter(splits.values())).train_x.shape[0]),
-                 "val_samples": int(next(iter(splits.values())).val_x.shape[0])},  # type: ignore[union-attr]
+        "task": {"name": task.name, "description": task.description, "kind": task.kind, "loss": task.loss,
+                 "metric": task.metric, "batch_size": task.batch_size, "eval_samples": task.eval_samples or 0, **sizes},
+        "timing_reference": REFERENCES[task.kind],
         "target": None if target is None else {**asdict(target), "text": target.describe()},
         "rungs": [{**asdict(rung), "text": rung.describe()} for rung in rungs],
         "budget": {"seconds": budget.seconds, "epochs": budget.epochs, "text": budget.describe()},
@@ -577,7 +668,9 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
             transient=True,
         )
         data = {name: load_splits(get_task(name), config.seeds) for name in config.tasks}
-        total = len(config.tasks) * len(config.optimizers) * GRID_SIZES[config.grid] * config.seeds
+        load_at_start = _load_average()
+        per_task = [len(task_optimizers(config.optimizers, get_task(name))) for name in config.tasks]
+        total = sum(per_task) * GRID_SIZES[config.grid] * config.seeds
         plain = PlainProgress(console, total, config.progress and rank() == 0 and not console.is_terminal)
         plain.note(f"{total} runs: {len(config.optimizers)} optimizers x {GRID_SIZES[config.grid]} settings "
                    f"({config.grid} grid) x {config.seeds} seeds x {len(config.tasks)} task(s)")
@@ -595,18 +688,16 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
         "grid": config.grid,
         "grid_size": GRID_SIZES[config.grid],
         "divergence_rule": f"non-finite loss, a divergence error, or final train loss > {DIVERGENCE_FACTOR:g} x the "
-            "initial",
+        "initial",
         "evaluations_per_run": compare_config.EVALUATIONS,
-        "timing": {
-            "reference": REFERENCE,
-            "rounds": compare_config.TIMING_ROUNDS,
-            "steps_per_round": compare_config.TIMING_STEPS,
-        },
-        "step_time_flags": {
-            "expected_step_cost": dict(compare_config.EXPECTED_STEP_COST),
-            "default_expected_step_cost": compare_config.DEFAULT_EXPECTED_STEP_COST,
-            "margin": compare_config.STEP_COST_MARGIN,
-        },
+        "timing": {"reference": REFERENCE, "rounds": compare_config.TIMING_ROUNDS,
+                   "steps_per_round": compare_config.TIMING_STEPS,
+                   "by_kind": {kind: {"reference": REFERENCES[kind], "rounds": rounds, "steps_per_round": steps,
+                                      "warmup": warmup, "memory_steps": compare_config.MEMORY_STEPS_BY_KIND[kind]}
+                               for kind, (rounds, steps, warmup) in compare_config.TIMING_BY_KIND.items()}},
+        "step_time_flags": {"expected_step_cost": dict(compare_config.EXPECTED_STEP_COST),
+                            "default_expected_step_cost": compare_config.DEFAULT_EXPECTED_STEP_COST,
+                            "margin": compare_config.STEP_COST_MARGIN},
         "memory_steps": compare_config.MEMORY_STEPS,
         "selection": "test-accuracy ladders: on the validation set carved from the training data, smallest median "
         "(over seeds) validation time to the highest rung (missed or diverged = infinite), ties by the next rung "
@@ -623,6 +714,7 @@ def run_comparison(config: CompareConfig, console: Console | None = None) -> dic
             "cpu_bfloat16_flags": cpu_bfloat16_flags(),
             "bfloat16_matmul": bfloat16,
             "cpu_count": str(os.cpu_count()),
+            "load_average": {"start": load_at_start, "end": _load_average()},
             "versions": _versions(),
         },
     }

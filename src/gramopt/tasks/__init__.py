@@ -22,7 +22,7 @@ from gramopt.tasks.models import mlp, seeded
 from gramopt.tasks.record import KINDS, TASKS, Target, Task, get_task, ladder, register_task
 
 #: The task files whose tasks come first, in this order.
-FAMILIES = ("regression", "classification", "images", "sequence", "language")
+FAMILIES = ("regression", "classification", "images", "sequence", "language", "poisson2d", "poisson5d", "heat")
 
 
 def _import_task_files() -> None:

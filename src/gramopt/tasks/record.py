@@ -12,12 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from gramopt.losses import LOSSES
 from gramopt.tasks.data import Split
+
+if TYPE_CHECKING:
+    from gramopt.tasks.residual import ResidualData
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,16 @@ def ladder(metric: str, values: tuple[float, ...], below: bool) -> tuple[Target,
 #: How a task trains. "supervised": mini-batches of ``(x, y)`` from ``Task.load``, each
 #: step forward, the loss, the method's backward pass(es) and the update
 #: (``gramopt.training.registry.training_step``); the metric follows the loss
-#: (:func:`supervised_metric`). A task that trains another way (e.g. the residual groups
-#: of a ``gramopt.pde.problems.PINNProblem`` handed full-batch to ``opt.step(residuals)``,
-#: its metric the relative L2 error, its ladder ``below=True``) needs its kind added here
-#: and a loop for it in ``gramopt.training``.
-KINDS = ("supervised",)
+#: (:func:`supervised_metric`). "residual": ``Task.load`` gives the points of a
+#: ``gramopt.pde.problems.PINNProblem`` (``gramopt.tasks.residual.ResidualData``); each step
+#: hands the residual groups of that step's points full batch to the optimizer
+#: (``gramopt.training.residual``); the loss is ``RESIDUAL_LOSS``, the metric
+#: ``RESIDUAL_METRIC`` (the relative L2 error, lower is better), an epoch is one step.
+#: Which optimizers train which kind: ``OptimizerSpec.kinds`` in ``gramopt.training.registry``.
+KINDS = ("supervised", "residual")
+#: A residual task's objective, 1/2 sum_g ||r_g||^2, and its metric.
+RESIDUAL_LOSS = "least_squares"
+RESIDUAL_METRIC = "test_rel_l2"
 
 
 def supervised_metric(loss: str) -> str:
@@ -79,10 +87,12 @@ class Task:
     Attributes:
         name: what ``--task`` takes.
         description: one line for ``gramopt tasks``.
-        loss: ``"mse"`` or ``"cross_entropy"``.
+        loss: ``"mse"`` or ``"cross_entropy"``; a residual task's ``RESIDUAL_LOSS``.
         build_model: ``seed -> model`` (the seed fixes the initialization).
-        load: ``seed -> Split`` (the seed fixes the split).
-        epochs, batch_size: defaults of ``gramopt train``.
+        load: ``seed -> Split`` (the seed fixes the split); for a residual task
+            ``seed -> ResidualData`` (``gramopt.tasks.residual``).
+        epochs, batch_size: defaults of ``gramopt train`` (a residual task: its steps, each
+            one full batch, and the points of one step).
         ladder: the targets ``gramopt compare`` times, loosest first (:func:`ladder`), on
             ``train_loss`` or on the task's metric; required to register.
         budget_seconds: optimizer-clock seconds per run of ``gramopt compare`` without
@@ -101,7 +111,7 @@ class Task:
     description: str
     loss: str
     build_model: Callable[[int], nn.Module]
-    load: Callable[[int], Split]
+    load: Callable[[int], Split | ResidualData]
     epochs: int
     batch_size: int
     ladder: tuple[Target, ...] = ()
@@ -116,7 +126,7 @@ class Task:
         # a copy of its own: tasks may be built from one shared table
         self.tuned = {name: dict(v) if isinstance(v, Mapping) else v for name, v in self.tuned.items()}
         if not self.metric:
-            self.metric = supervised_metric(self.loss)
+            self.metric = RESIDUAL_METRIC if self.kind == "residual" else supervised_metric(self.loss)
 
     def problems(self) -> list[str]:
         """What keeps this task from being registered (empty when nothing does)."""
@@ -130,6 +140,14 @@ class Task:
             if self.metric != expected:
                 found.append(f"a supervised task with loss {self.loss!r} is evaluated on {expected}, "
                              f"not {self.metric!r}")
+        if self.kind == "residual":
+            if self.loss != RESIDUAL_LOSS:
+                found.append(f"a residual task's loss is {RESIDUAL_LOSS!r} (1/2 sum of squared residuals), "
+                             f"not {self.loss!r}")
+            if self.metric != RESIDUAL_METRIC:
+                found.append(f"a residual task is evaluated on {RESIDUAL_METRIC}, not {self.metric!r}")
+            if self.ladder and all(isinstance(rung, Target) for rung in self.ladder) and not self.ladder[0].below:
+                found.append("a residual task's ladder goes down (below=True): its loss and error fall")
         for key in ("epochs", "batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:

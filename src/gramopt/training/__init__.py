@@ -11,10 +11,12 @@ from gramopt.training.registry import (
     training_step,
     with_epoch_defaults,
 )
+from gramopt.training.residual import ResidualTrainer, make_trainer, resume_trainer
 
 __all__ = [
     "CheckpointError",
     "OPTIMIZERS",
+    "ResidualTrainer",
     "TrainConfig",
     "TrainResult",
     "Trainer",
@@ -22,6 +24,8 @@ __all__ = [
     "evaluate",
     "get_optimizer_spec",
     "load_checkpoint",
+    "make_trainer",
+    "resume_trainer",
     "save_checkpoint",
     "train",
     "training_step",

@@ -39,6 +39,7 @@ from gramopt.training.parallel import DataParallelRun, check_distributed
 from gramopt.training.registry import (
     DIVERGENCE_ERRORS,
     build_optimizer,
+    check_applies,
     get_optimizer_spec,
     loss_value,
     task_hyper,
@@ -74,6 +75,7 @@ class TrainConfig:
 
     def resolved(self, task: Task) -> TrainConfig:
         spec = get_optimizer_spec(self.optimizer)
+        check_applies(self.optimizer, task)
         unknown = set(self.hyper) - set(spec.hyper_names)
         if unknown:
             raise ValueError(
@@ -193,6 +195,10 @@ class Trainer:
         split: Split | None = None,
     ) -> None:
         self.task = get_task(config.task)
+        if self.task.kind != "supervised":
+            raise ValueError(
+                f"task {self.task.name!r} is {self.task.kind}; train it with gramopt.training.make_trainer"
+            )
         self.config = config.resolved(self.task)
         self.run_part = DataParallelRun.current(self.config.distributed)
         self.main = self.run_part is None or self.run_part.main
@@ -487,5 +493,9 @@ class Trainer:
 
 
 def train(config: TrainConfig, console: Console | None = None, progress: bool = True) -> TrainResult:
-    """Train ``config`` from scratch."""
+    """Train ``config`` from scratch (a residual task with ``training.residual``'s trainer)."""
+    if get_task(config.task).kind == "residual":
+        from gramopt.training.residual import ResidualTrainer
+
+        return ResidualTrainer(config, console, progress).run()
     return Trainer(config, console, progress).run()

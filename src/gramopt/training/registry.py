@@ -1,13 +1,16 @@
 """Optimizers by name, for the command line and the comparison harness.
 
-gramopt's methods and first-order baselines run through one step function,
-:func:`training_step`, so they are timed doing the same work: forward, the backward
-pass(es) the method needs, the update.
+Each optimizer trains tasks of some kinds (``OptimizerSpec.kinds``, the kinds of
+``gramopt.tasks.KINDS``). On supervised tasks, gramopt's methods and the first-order
+baselines run through one step function, :func:`training_step`, so they are timed doing
+the same work: forward, the backward pass(es) the method needs, the update. On residual
+tasks they run through :func:`residual_step`: each optimizer gets the closure of the step's
+residual groups and evaluates it as often as its method needs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +43,8 @@ class OptimizerSpec:
     the optimizer's constructor picks the same value itself); ``source`` says where the
     method comes from ("gramopt", "torch" or the peer package); ``tuned_as`` names the
     optimizer whose per-task settings (``Task.tuned``) and tuning grids this one shares
-    (another implementation of the same method, e.g. ``muon-f32`` of ``muon``)."""
+    (another implementation of the same method, e.g. ``muon-f32`` of ``muon``); ``kinds``
+    are the kinds of task it trains (``gramopt.tasks.KINDS``)."""
 
     name: str
     description: str
@@ -50,6 +54,7 @@ class OptimizerSpec:
     per_loss: dict[str, dict[str, Any]] = field(default_factory=dict, kw_only=True)
     source: str = field(default="gramopt", kw_only=True)
     tuned_as: str | None = field(default=None, kw_only=True)
+    kinds: tuple[str, ...] = field(default=("supervised",), kw_only=True)
 
     def __post_init__(self) -> None:
         unknown = set(self.per_epoch) - set(self.defaults)
@@ -104,6 +109,34 @@ def _adamw(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Op
     return torch.optim.AdamW(model.parameters(), **hyper)
 
 
+def _adam(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
+    hyper = dict(hyper)
+    return torch.optim.Adam(model.parameters(), betas=(0.9, hyper.pop("beta2")), **hyper)
+
+
+def _gauss_newton(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
+    return gramopt.GaussNewton(model, **hyper)
+
+
+#: Müller & Zeinhofer's energy natural gradient step (ICML 2023, arXiv:2302.13163, Section 3 and
+#: Algorithm 1): the p x p Gramian of the residuals' parameter Jacobian, solved in parameter
+#: space, and their line search, the best of lr * 2^-j for j = 0..30 (31 trials).
+ENGD_LINE_SEARCH_TRIALS = 31
+
+
+def _engd(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
+    return gramopt.GaussNewton(
+        model, line_search="grid", line_search_trials=ENGD_LINE_SEARCH_TRIALS, space="parameter", **hyper
+    )
+
+
+def _lbfgs(model: nn.Module, loss: str, hyper: dict[str, Any]) -> torch.optim.Optimizer:
+    # tolerances 0: the run's budget ends it, never a gradient or change below torch's default thresholds
+    return torch.optim.LBFGS(
+        model.parameters(), line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0, **hyper
+    )
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     # lr and damping: None, the constructor's per-loss defaults (GGN's DEFAULT_HYPER: mse lr 1,
     # damping 0.3; cross-entropy lr 0.3, damping 10), which ``per_loss`` repeats for the grids;
@@ -139,11 +172,55 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "sgd", "torch SGD with momentum", _sgd, dict(lr=0.1, momentum=0.9, weight_decay=0.0), source="torch"
     ),
     "adamw": OptimizerSpec("adamw", "torch AdamW", _adamw, dict(lr=1e-3, weight_decay=0.01), source="torch"),
+    # Residual tasks (L = 1/2 sum ||r||^2, full batch; residual_step). gauss-newton: GaussNewton's own
+    # defaults (tests/test_residual_tasks.py checks that they are its constructor's).
+    "gauss-newton": OptimizerSpec(
+        "gauss-newton",
+        "gramopt Gauss-Newton for least-squares residuals (sample space, grid line search)",
+        _gauss_newton,
+        dict(lr=1.0, damping=1e-10, line_search_trials=8, momentum=0.0, weight_decay=0.0),
+        kinds=("residual",),
+    ),
+    "engd": OptimizerSpec(
+        "engd",
+        "energy natural gradient (Müller & Zeinhofer 2023): parameter-space Gauss-Newton, 31-trial grid line search",
+        _engd,
+        dict(lr=1.0, damping=1e-10),
+        kinds=("residual",),
+    ),
+    "adam": OptimizerSpec(
+        "adam", "torch Adam on 1/2 sum ||r||^2", _adam, dict(lr=1e-3, beta2=0.999), source="torch", kinds=("residual",)
+    ),
+    # One step: one call of LBFGS.step, up to max_iter iterations (torch's default 20) on the step's points,
+    # each with a strong-Wolfe line search; curvature pairs of the last history_size iterations.
+    "lbfgs": OptimizerSpec(
+        "lbfgs",
+        "torch L-BFGS (strong Wolfe line search) on 1/2 sum ||r||^2",
+        _lbfgs,
+        dict(lr=1.0, history_size=100, max_iter=20),
+        source="torch",
+        kinds=("residual",),
+    ),
 }
 
 
 # Peers whose package is not installed: name -> what installs them (filled by ``peers``).
 MISSING_PEERS: dict[str, str] = {}
+
+
+def optimizers_for(kind: str) -> tuple[str, ...]:
+    """The registered optimizers that train tasks of ``kind``, in registry order."""
+    return tuple(name for name, spec in OPTIMIZERS.items() if kind in spec.kinds)
+
+
+def check_applies(name: str, task: Any) -> None:
+    """A ValueError if optimizer ``name`` cannot train ``task``'s kind, naming those that can."""
+    spec = get_optimizer_spec(name)
+    if task.kind not in spec.kinds:
+        raise ValueError(
+            f"optimizer {name!r} trains {' and '.join(spec.kinds)} tasks, not task {task.name!r} (kind {task.kind!r}); "
+            f"the optimizers for {task.kind} tasks: {', '.join(optimizers_for(task.kind))}"
+        )
 
 
 def get_optimizer_spec(name: str) -> OptimizerSpec:
@@ -200,6 +277,33 @@ def loss_value(loss: str, output: Tensor, y: Tensor) -> Tensor:
     ``F.cross_entropy`` does: sequence logits ``[b, V, T]`` with targets ``[b, T]`` (a
     language model) give the mean over the ``b * T`` positions."""
     return get_loss(loss).value(output, y)
+
+
+def residual_loss(groups: Tensor | Sequence[Tensor]) -> Tensor:
+    """``L = 1/2 sum_g ||r_g||^2`` of a residual tensor or a list of residual groups."""
+    groups = [groups] if isinstance(groups, Tensor) else list(groups)
+    return 0.5 * sum(r.pow(2).sum() for r in groups)
+
+
+def residual_step(optimizer: torch.optim.Optimizer, residuals: Callable[[], Tensor | Sequence[Tensor]]) -> Tensor:
+    """One step on ``L = 1/2 sum_g ||r_g||^2`` of the closure ``residuals`` (a tensor or a
+    list of groups, each ``[N_g]`` or ``[N_g, k]``): Gauss-Newton methods take the closure
+    itself; L-BFGS a closure of L and its gradient, evaluated as often as its line search
+    needs; the others one gradient of L. Returns L before the step (detached)."""
+    if isinstance(optimizer, gramopt.GaussNewton):
+        return optimizer.step(residuals).detach()
+
+    def closure() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        value = residual_loss(residuals())
+        value.backward()
+        return value
+
+    if isinstance(optimizer, torch.optim.LBFGS):
+        return optimizer.step(closure).detach()
+    value = closure()
+    optimizer.step()
+    return value.detach()
 
 
 def training_step(
