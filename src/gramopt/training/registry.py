@@ -178,7 +178,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "gauss-newton",
         "gramopt Gauss-Newton for least-squares residuals (sample space, grid line search)",
         _gauss_newton,
-        dict(lr=1.0, damping=1e-10, line_search_trials=8, momentum=0.0, weight_decay=0.0),
+        dict(lr=1.0, damping=1e-10, line_search_trials=16, momentum=0.0, weight_decay=0.0),
         kinds=("residual",),
     ),
     "engd": OptimizerSpec(
