@@ -14,11 +14,9 @@ Both are GGN's systems (:class:`~gramopt.optim.ggn.system.GaussNewtonSystem`) wi
 rows (J in sample space, J^T in parameter space), solved by GGN's solvers
 (:data:`~gramopt.optim.ggn.solvers.SOLVERS`: ``cholesky``, ``cg``, ``sketch-pcg``,
 ``nystrom-pcg``). ``space="auto"`` takes the smaller system (sample space when M <= p);
-``solver="auto"`` takes ``cholesky`` there: on the 2-D Poisson problem (M = 1,020,
-p = 9,873, float64, one CPU thread) the Gram and its Cholesky solve took 0.70 s, rank-200
-Nyström-PCG 0.66 s and sketch-PCG 1.43 s to the same direction (tol 1e-10), and plain CG
-15.5 s (949 iterations): the PINN systems (damping 1e-10) are too ill-conditioned for the
-iterative solvers to gain.
+``solver="auto"`` takes ``cholesky`` there: with the small damping PINNs need, the
+systems are too ill-conditioned for the iterative solvers to gain (plain CG needs
+hundreds of iterations; the figures are in benchmarks/notes.md, "PINN Gauss-Newton probe").
 """
 
 from __future__ import annotations
