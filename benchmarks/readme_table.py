@@ -40,8 +40,10 @@ regenerates in place (and tests/test_docs.py checks):
   "miss" when the median seed missed), ``<!-- w TASK RUNG OPT -->`` the work to the rung,
   ``<!-- n TASK RUNG OPT -->`` the seeds that reached it, ``<!-- x TASK OPT -->`` the step
   time over SGD-momentum's, ``<!-- d TASK[,TASK...] OPT -->`` "D of N": the runs of every
-  setting of its grid that diverged; each closed by ``<!-- /s -->`` (``/w``, ``/n``, ``/x``,
-  ``/d``). RUNG is
+  setting of its grid that diverged, ``<!-- f TASK OPT -->`` the final test metric, median
+  (min to max) over seeds, in scientific notation (DIGITS: significant digits after the
+  first, default 1); each closed by ``<!-- /s -->`` (``/w``, ``/n``, ``/x``, ``/d``,
+  ``/f``). RUNG is
   the rung's threshold as its text gives it (``0.95``, ``3e-3`` for 0.003); an optional
   DIGITS (decimals; default 2 for s and x, 0 for w) and ``from=DIR`` (one directory under
   benchmarks/results/compare instead of :data:`COMMITTED`, e.g. a ``--grid full`` run).
@@ -231,7 +233,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _TABLE = re.compile(r"(<!-- results-table(?: ([^>]*?))? -->\n)(?:.*?\n)??(<!-- /results-table -->)", re.S)
 _WORK_TABLE = re.compile(r"(<!-- results-work-table ([^>]*?) -->\n)(?:.*?\n)??(<!-- /results-work-table -->)", re.S)
 _SUMMARY = re.compile(r"(<!-- results-summary(?: ([^>]*?))? -->\n)(?:.*?\n)??(<!-- /results-summary -->)", re.S)
-_FIGURE = re.compile(r"(<!-- (s|w|n|x|d) ([^>\n]*?) -->)([^<\n]*)(<!-- /\2 -->)")
+_FIGURE = re.compile(r"(<!-- (s|w|n|x|d|f) ([^>\n]*?) -->)([^<\n]*)(<!-- /\2 -->)")
 
 
 def load(directories: tuple[str, ...] = COMMITTED, root: Path = COMPARE_DIR) -> dict[str, Any]:
@@ -259,10 +261,10 @@ def figure(kind: str, args: list[str], results: dict[str, Any], root: Path = COM
     args = [a for a in args if not a.startswith("from=")]
     if source is not None:
         results = load((source,), root)
-    positional = 2 if kind in ("x", "d") else 3
+    positional = 2 if kind in ("x", "d", "f") else 3
     if len(args) not in (positional, positional + 1):
         raise ValueError(f"<!-- {kind} ... --> takes {positional} names and optional digits, got {args}")
-    digits = int(args[positional]) if len(args) > positional else (0 if kind in ("w", "n") else 2)
+    digits = int(args[positional]) if len(args) > positional else {"w": 0, "n": 0, "f": 1}.get(kind, 2)
     task_name, optimizer = args[0], args[positional - 1]
     if kind == "d":
         statuses = [
@@ -274,6 +276,9 @@ def figure(kind: str, args: list[str], results: dict[str, Any], root: Path = COM
     task = results["tasks"][task_name]
     if kind == "x":
         return f"{float(task['optimizers'][optimizer]['summary']['step_time_ratio']['median']):.{digits}f}x"
+    if kind == "f":
+        final = task["optimizers"][optimizer]["summary"]["final_metric"]
+        return f"{final['median']:.{digits}e} ({final['min']:.{digits}e} to {final['max']:.{digits}e})"
     index = _rung_index(task, args[1])
     if kind == "w":
         names, table = work_rows({"tasks": {task_name: task}})

@@ -4,6 +4,8 @@ results the README and the guides quote are those of the committed comparison.""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import subprocess
@@ -82,7 +84,7 @@ def test_every_python_block_of_a_page_runs(page, tmp_path):
 
 # -- results quoted from the committed comparison ------------------------------------------
 MARKED = [ROOT / "README.md", *PAGES]
-_OPENING = re.compile(r"<!-- (?:s|w|n|x|d) [^>]*-->")
+_OPENING = re.compile(r"<!-- (?:s|w|n|x|d|f) [^>]*-->")
 _UNMARKED_FIGURE = re.compile(r"\b\d+\.\d+ ?s\b|\b\d+(?:\.\d+)?x\b")
 
 
@@ -206,3 +208,15 @@ def test_a_figure_that_disagrees_with_the_json_is_regenerated(tables, committed_
     assert f"-->{expected['step_time_ratio']['median']:.2f}x<!--" in rendered
     with pytest.raises(ValueError, match="no rung 0.96"):
         tables.render("<!-- s mnist 0.96 fngd -->?<!-- /s -->", committed_results)
+
+
+def test_the_final_metric_figure_is_the_json_median_and_range(tables):
+    """``<!-- f TASK OPT -->``: the final test metric's median [min-max] over seeds, as the
+    committed results.json of the residual task poisson2d has them."""
+    path = ROOT / "benchmarks" / "results" / "compare" / "poisson2d" / "results.json"
+    final = json.loads(path.read_text())["tasks"]["poisson2d"]["optimizers"]["adam"]["summary"]["final_metric"]
+    text = tables.render("<!-- f poisson2d adam from=poisson2d 2 -->?<!-- /f -->")
+    shown = re.fullmatch(r"<!-- f poisson2d adam from=poisson2d 2 -->(\S+) \((\S+) to (\S+)\)<!-- /f -->", text)
+    assert shown is not None, text
+    for value, key in zip(shown.groups(), ("median", "min", "max"), strict=True):
+        assert math.isclose(float(value), final[key], rel_tol=1e-2), (key, value, final[key])
