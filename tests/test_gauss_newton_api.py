@@ -41,9 +41,10 @@ def bad_closures(model: nn.Module):
     yield "shape", lambda: model(x).unsqueeze(0), ValueError
     yield "must return", lambda: 3.0, TypeError
     yield "must return", lambda: [], TypeError
+    yield "not the loss", lambda: [model(x).pow(2).sum(), model(xb)], ValueError
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(9))
 def test_bad_residuals_raise_and_change_nothing(case):
     model = small_model()
     opt = gramopt.GaussNewton(model, damping=1e-3, momentum=0.5)

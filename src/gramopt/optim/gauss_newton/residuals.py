@@ -98,6 +98,11 @@ def check_groups(groups: list[Tensor], dtype: torch.dtype, device: torch.device)
     shapes = []
     for index, r in enumerate(groups):
         name = f"residual group {index}"
+        if r.dim() == 0:
+            raise ValueError(
+                f"{name} is a scalar: GaussNewton needs the residual rows ([N] or [N, k]), not the loss; "
+                "return r itself, not r.pow(2).sum() or a mean"
+            )
         if r.dim() not in (1, 2) or r.shape[0] == 0 or (r.dim() == 2 and r.shape[1] == 0):
             raise ValueError(f"{name} has shape {tuple(r.shape)}: each group must be [N] or [N, k] with N, k >= 1")
         if r.dtype != dtype or r.device != device:
