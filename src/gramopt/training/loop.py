@@ -270,18 +270,17 @@ class Trainer:
 
     @classmethod
     def resume(
-        cls, out: str | Path, console: Console | None = None, progress: bool = True, epochs: int | None = None
+        cls,
+        out: str | Path,
+        console: Console | None = None,
+        progress: bool = True,
+        epochs: int | None = None,
+        payload: dict[str, Any] | None = None,
     ) -> Trainer:
-        """Continue the run saved in ``out`` (optionally with a new total of epochs)."""
-        payload = load_checkpoint(Path(out) / "checkpoint.pt")
-        try:
-            config = TrainConfig(**payload["config"])
-        except TypeError as err:
-            raise CheckpointError(f"{out}/checkpoint.pt has an unreadable config: {err}") from err
-        config.out = str(out)
-        if epochs is not None:
-            config.epochs = epochs
-        trainer = cls(config, console, progress)
+        """Continue the run saved in ``out`` (optionally with a new total of epochs);
+        ``payload``: its checkpoint, when the caller has read it already."""
+        payload = load_checkpoint(Path(out) / "checkpoint.pt") if payload is None else payload
+        trainer = cls(checkpoint_config(payload, out, epochs), console, progress)
         trainer.model.load_state_dict(payload["model"])
         ranks = payload.get("optimizer_ranks")
         if ranks is not None and trainer.run_part is not None:
@@ -298,18 +297,9 @@ class Trainer:
             )
         else:
             trainer.optimizer.load_state_dict(payload["optimizer"])
-        if trainer.scheduler is not None:
-            if payload.get("scheduler") is None:
-                raise CheckpointError(f"{out}/checkpoint.pt has no state of its {config.schedule} schedule")
-            trainer.scheduler.load_state_dict(payload["scheduler"])
         trainer.epoch = payload["epoch"]
         trainer.step_in_epoch = payload["step_in_epoch"]
-        trainer.global_step = payload["global_step"]
-        trainer.seconds = payload["seconds"]
-        trainer.epochs = list(payload["epochs"])
-        trainer.diverged = payload["diverged"]
-        trainer.diverged_reason = payload.get("diverged_reason", "")
-        set_rng_state(payload["rng"])
+        restore_progress(trainer, payload, out)
         return trainer
 
     def write_metrics(self) -> None:
@@ -499,3 +489,32 @@ def train(config: TrainConfig, console: Console | None = None, progress: bool = 
 
         return ResidualTrainer(config, console, progress).run()
     return Trainer(config, console, progress).run()
+
+
+def checkpoint_config(payload: dict[str, Any], out: str | Path, epochs: int | None) -> TrainConfig:
+    """The run's config from its checkpoint, writing to ``out``, optionally with a new
+    total of epochs (steps, for a residual task)."""
+    try:
+        config = TrainConfig(**payload["config"])
+    except TypeError as err:
+        raise CheckpointError(f"{out}/checkpoint.pt has an unreadable config: {err}") from err
+    config.out = str(out)
+    if epochs is not None:
+        config.epochs = epochs
+    return config
+
+
+def restore_progress(trainer: Any, payload: dict[str, Any], out: str | Path) -> None:
+    """What every trainer saves besides its model, optimizer and data position: the
+    schedule, the step count and clock, the per-epoch records, divergence, the RNGs."""
+    if trainer.scheduler is not None:
+        if payload.get("scheduler") is None:
+            raise CheckpointError(f"{out}/checkpoint.pt has no state of its {trainer.config.schedule} schedule")
+        trainer.scheduler.load_state_dict(payload["scheduler"])
+    trainer.global_step = payload["global_step"]
+    trainer.seconds = payload["seconds"]
+    trainer.epochs = list(payload["epochs"])
+    trainer.diverged = payload["diverged"]
+    trainer.diverged_reason = payload.get("diverged_reason", "")
+    set_rng_state(payload["rng"])
+

@@ -31,8 +31,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from gramopt.tasks import TASKS, Split, get_task
 from gramopt.tasks.residual import ResidualData
-from gramopt.training.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from gramopt.training.loop import TrainConfig, Trainer, TrainResult, environment
+from gramopt.training.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint
+from gramopt.training.loop import TrainConfig, Trainer, TrainResult, checkpoint_config, environment, restore_progress
 from gramopt.training.registry import DIVERGENCE_ERRORS, build_optimizer, residual_step
 from gramopt.training.schedules import build_scheduler
 
@@ -246,33 +246,24 @@ class ResidualTrainer:
 
     @classmethod
     def resume(
-        cls, out: str | Path, console: Console | None = None, progress: bool = True, epochs: int | None = None
+        cls,
+        out: str | Path,
+        console: Console | None = None,
+        progress: bool = True,
+        epochs: int | None = None,
+        payload: dict[str, Any] | None = None,
     ) -> ResidualTrainer:
-        """Continue the run saved in ``out`` (optionally up to a new total of steps)."""
-        payload = load_checkpoint(Path(out) / "checkpoint.pt")
-        try:
-            config = TrainConfig(**payload["config"])
-        except TypeError as err:
-            raise CheckpointError(f"{out}/checkpoint.pt has an unreadable config: {err}") from err
+        """Continue the run saved in ``out`` (optionally up to a new total of steps);
+        ``payload``: its checkpoint, when the caller has read it already."""
+        payload = load_checkpoint(Path(out) / "checkpoint.pt") if payload is None else payload
+        config = checkpoint_config(payload, out, epochs)
         if "points" not in payload:
             raise CheckpointError(f"{out}/checkpoint.pt holds no state of its training points")
-        config.out = str(out)
-        if epochs is not None:
-            config.epochs = epochs
         trainer = cls(config, console, progress)
         trainer.model.load_state_dict(payload["model"])
         trainer.optimizer.load_state_dict(payload["optimizer"])
-        if trainer.scheduler is not None:
-            if payload.get("scheduler") is None:
-                raise CheckpointError(f"{out}/checkpoint.pt has no state of its {config.schedule} schedule")
-            trainer.scheduler.load_state_dict(payload["scheduler"])
         trainer.stream.load_state_dict(payload["points"])
-        trainer.global_step = payload["global_step"]
-        trainer.seconds = payload["seconds"]
-        trainer.epochs = list(payload["epochs"])
-        trainer.diverged = payload["diverged"]
-        trainer.diverged_reason = payload.get("diverged_reason", "")
-        set_rng_state(payload["rng"])
+        restore_progress(trainer, payload, out)
         return trainer
 
 
@@ -297,5 +288,5 @@ def resume_trainer(out: str | Path, console: Console | None = None, progress: bo
     payload: dict[str, Any] = load_checkpoint(Path(out) / "checkpoint.pt")
     task = (payload.get("config") or {}).get("task")
     if isinstance(task, str) and task in TASKS and TASKS[task].kind == "residual":
-        return ResidualTrainer.resume(out, console, progress, epochs)
-    return Trainer.resume(out, console, progress, epochs)
+        return ResidualTrainer.resume(out, console, progress, epochs, payload)
+    return Trainer.resume(out, console, progress, epochs, payload)
