@@ -9,32 +9,16 @@ from __future__ import annotations
 
 import math
 import re
-import runpy
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import FASHION_MNIST, fashion_folder
+from example_runner import run_example
 
 pytest.importorskip("sklearn", reason="the examples load scikit-learn's digits (compare extra)")
 pytestmark = pytest.mark.filterwarnings("ignore:.*cannot precondition.*:RuntimeWarning")
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
 SCRIPTS = ["vit_digits.py", "mobilenet_digits.py", "conv_autoencoder_digits.py"]
-
-
-def run_example(script: str, capsys, *argv: str) -> str:
-    """Runs ``examples/script`` as ``__main__`` with ``argv`` in this process; its stdout."""
-    previous = sys.argv, torch.get_num_threads()
-    sys.argv = [script, *argv]
-    try:
-        runpy.run_path(str(EXAMPLES / script), run_name="__main__")
-    finally:
-        sys.argv = previous[0]
-        torch.set_num_threads(previous[1])
-    return capsys.readouterr().out
 
 
 def losses(out: str) -> list[float]:

@@ -8,27 +8,13 @@ from __future__ import annotations
 
 import math
 import re
-import runpy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+from example_runner import run_example
+
 SMALL = ["--hidden", "32", "32", "32", "--interior", "100", "--boundary", "40"]
-
-
-def run_example(script: str, capsys, *argv: str) -> str:
-    """Runs ``examples/script`` as ``__main__`` with ``argv`` in this process; its stdout."""
-    previous = sys.argv, torch.get_num_threads()
-    sys.argv = [script, *argv]
-    try:
-        runpy.run_path(str(EXAMPLES / script), run_name="__main__")
-    finally:
-        sys.argv = previous[0]
-        torch.set_num_threads(previous[1])
-    return capsys.readouterr().out
 
 
 def logged(out: str, name: str) -> list[float]:
