@@ -430,6 +430,17 @@ def test_the_printed_first_per_rung_table_on_a_terminal():
     assert all(cell in text for cell in leader_rows(task)[0])
 
 
+def test_the_printed_setting_column_shows_what_the_grid_varies_or_the_whole_setting_of_a_single_one():
+    """The console names the winning values of the knobs the grid varies; under
+    ``--grid base`` (one setting, nothing varies) it shows that setting whole, not an empty cell."""
+    from gramopt.compare.report import _varied
+
+    base = {"lr": 0.1, "momentum": 0.9}
+    assert _varied({"settings": [{"hyper": base}], "winner": 0}) == "lr=0.1, momentum=0.9"
+    grid = [{"hyper": {**base, "lr": lr}} for lr in (0.01, 0.1, 1.0)]
+    assert _varied({"settings": grid, "winner": 1}) == "lr=0.1"
+
+
 # -- step times far outside the optimizers' arithmetic ------------------------------------
 FAST_BF16 = {"fast": True, "bfloat16_ms": 0.2, "float32_ms": 0.4, "decided_by": "measured",
              "text": "fast bfloat16 matmul"}

@@ -146,9 +146,12 @@ def _headers(task: dict[str, Any]) -> list[str]:
 
 
 def _varied(method: dict[str, Any]) -> str:
-    """The winning values of the hyper-parameters that the grid varies."""
+    """The winning values of the hyper-parameters that the grid varies; the whole setting
+    where the grid has one setting only (``--grid base``: nothing varies, all is the task's)."""
     settings = [s["hyper"] for s in method["settings"]]
     winner = settings[method["winner"]]
+    if len(settings) == 1:
+        return _setting(winner)
     keys = [k for k in winner if len({repr(s.get(k)) for s in settings}) > 1]
     return _setting({k: winner[k] for k in keys})
 
