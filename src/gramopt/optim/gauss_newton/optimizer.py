@@ -182,6 +182,7 @@ class GaussNewton(SampleSpaceOptimizer):
 
     needs = MethodNeeds(rows="jacobian", batchnorm_training=False)
     notices_type = GaussNewtonNotices
+    unsupported_fallback = "unsupported='warn' to take their Jacobian columns from autograd, exact but slower"
 
     def __init__(
         self,
