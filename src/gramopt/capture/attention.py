@@ -58,8 +58,7 @@ def validate(module: nn.MultiheadAttention) -> None:
     if module.bias_k is not None or module.bias_v is not None:
         raise UnsupportedModuleError(
             "MultiheadAttention(add_bias_kv=True) appends learned key/value biases that are not a "
-            "Linear layer's parameters; build it without add_bias_kv, or keep unsupported='gradient' "
-            "so that the whole attention module follows the plain gradient"
+            "Linear layer's parameters; build it without add_bias_kv"
         )
 
 

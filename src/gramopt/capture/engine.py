@@ -33,6 +33,7 @@ garbage-collected.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -55,6 +56,28 @@ UNSUPPORTED_POLICIES = ("error", "gradient")
 #: Layers whose feed-forward Linear layers see ``[T, b, d]`` unless built with
 #: ``batch_first=True``: covered as a whole by the unsupported-parameter policy then.
 _SEQUENCE_FIRST_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+#: What makes a model's BatchNorm layers per-sample exact, for the methods that refuse them in training mode.
+_COUPLING_REMEDY = (
+    "use SENG or FNGD, nn.GroupNorm / nn.LayerNorm, or keep BatchNorm layers in eval mode (module.eval())"
+)
+
+
+@dataclass(frozen=True)
+class Wording:
+    """How the engine's refusals address the user of the method that owns it.
+
+    Attributes:
+        method: the method's name (``"GGN"``), for the messages that say whose choice a
+            refusal is.
+        fallback: the method's own ``unsupported`` value that lets the parameters the
+            engine cannot cover go on without it, and what then happens to them, worded to
+            follow ``"pass"``: ``"unsupported='gradient' to update them with the plain
+            gradient"``. A refusal names it only where it is not in force already and would
+            help (never for BatchNorm in training mode under GGN).
+    """
+
+    method: str = "this method"
+    fallback: str = "unsupported='gradient' to update them with the plain gradient"
 
 
 @dataclass
@@ -132,6 +155,8 @@ class CaptureEngine:
         batchnorm_training: whether BatchNorm layers may run in training mode (SENG, FNGD:
             per-sample rows whose sum is the batch gradient); False (GGN) refuses them
             at construction and at every training-mode forward.
+        wording: the owning method's name and ``unsupported`` vocabulary, for the
+            refusals' hints (:class:`Wording`).
     """
 
     def __init__(
@@ -141,6 +166,7 @@ class CaptureEngine:
         unsupported: str = "gradient",
         layer_filter: Callable[[nn.Module], bool] | None = None,
         batchnorm_training: bool = True,
+        wording: Wording | None = None,
     ) -> None:
         if unsupported not in UNSUPPORTED_POLICIES:
             raise ValueError(f"unsupported must be one of {UNSUPPORTED_POLICIES}, got {unsupported!r}")
@@ -148,6 +174,7 @@ class CaptureEngine:
         self.unsupported = unsupported
         self.layer_filter = layer_filter
         self.batchnorm_training = batchnorm_training
+        self.wording = wording or Wording()
         self.layers: list[Layer] = []
         #: The units the methods precondition: each hooked layer, except that layers sharing
         #: a parameter (weight tying) are joined into one block (:class:`Layer` with members).
@@ -194,11 +221,16 @@ class CaptureEngine:
         self._audit_pending = True  # audit_uses at the next training forward of the model
         self.closed = False
         self._handles.append(model.register_forward_hook(self._make_audit_hook()))
-        self.add_params(params)
+        try:
+            self.add_params(params)
+        except BaseException:  # a refusal leaves no hook on the model
+            self.close()
+            raise
         if not batchnorm_training:
+            refuse = functools.partial(_refuse_batchnorm_training, self.wording.method)
             for module in model.modules():
                 if _couples_samples(module):
-                    self._handles.append(module.register_forward_pre_hook(_refuse_batchnorm_training))
+                    self._handles.append(module.register_forward_pre_hook(refuse))
 
     def add_params(self, params: Iterable[nn.Parameter]) -> list[str]:
         """Cover ``params`` too (``add_param_group``): hook the layers they belong to.
@@ -224,6 +256,7 @@ class CaptureEngine:
         unsupported: list[str] = []
         reasons: dict[str, str] = {}  # of the unsupported ones
         problems: list[str] = []
+        fallback_helps = False  # whether the policy's fallback would take some of the problems
         inside: list[str] = []  # prefixes of modules refused as a whole (their submodules are skipped)
         proxies: list[tuple[nn.Module, LayerHandler, nn.Module]] = []  # attached once nothing was refused
         uses: dict[int, list[_Use]] = {}  # id(p) -> the modules owning p (weight tying when several)
@@ -261,12 +294,14 @@ class CaptureEngine:
             used(own, _Use(module, label, "hooked" if reason is None else "refused"))
             if reason is not None:
                 full = [names.get(id(p), "?") for p in own]
-                if self.unsupported == "gradient" and not reason.startswith(f"{label} is in training mode"):
+                coupled = self._coupled_in_training(module)  # refused under either policy
+                if self.unsupported == "gradient" and not coupled:
                     plain.extend(own)
                     unsupported.extend(full)
                     reasons.update(dict.fromkeys(full, reason))
                 else:
                     problems.append(f"{', '.join(full)}: {reason}")
+                    fallback_helps = fallback_helps or not coupled
                 continue
             target, owner, layer_name = module, None, name or type(module).__name__
             if proxied:  # the layer is the proxy, named after the module
@@ -281,15 +316,20 @@ class CaptureEngine:
         tied_plain, tied_notes = self._resolve_ties(uses, owned, names, new_layers, extended, plain, known)
         if self.unsupported == "error":
             problems.extend(f"{note}: tied parameters need every use hooked" for note in tied_notes)
+            fallback_helps = fallback_helps or bool(tied_notes)
         if problems:
+            remedy = ""  # (BatchNorm in training mode: its own line says what helps)
+            if fallback_helps:
+                remedy = (
+                    f"; register others with gramopt.register_handler, or pass {self.wording.fallback} "
+                    "(with a warning naming them)"
+                )
             raise UnsupportedModuleError(
                 "gramopt cannot precondition these parameters:\n  - "
                 + "\n  - ".join(problems)
                 + "\nSupported: Linear, Conv1d/2d/3d (any groups), ConvTranspose1d/2d/3d, Embedding, "
-                    "MultiheadAttention, "
-                "LayerNorm, GroupNorm, RMSNorm, BatchNorm (SENG, FNGD; eval mode for GGN); register "
-                "others with gramopt.register_handler, or pass unsupported='gradient' to update them "
-                "with the plain gradient (with a warning naming them)."
+                "MultiheadAttention, LayerNorm, GroupNorm, RMSNorm, BatchNorm (training mode: SENG, FNGD, "
+                f"GaussNewton; eval mode: every method){remedy}."
             )
         for layer, own in extended:
             layer.params.extend(p for p in own if all(p is not q for q in layer.params))
@@ -387,17 +427,21 @@ class CaptureEngine:
         """Why ``module``'s own parameters cannot be preconditioned, or None."""
         if handler is None:
             return f"{label} has no gramopt handler"
-        if handler.couples_samples and module.training and not self.batchnorm_training:
+        if self._coupled_in_training(module):
             return (
-                f"{label} is in training mode: this method treats its batch statistics as coupling "
-                "the samples and refuses it; use SENG or FNGD, nn.GroupNorm / nn.LayerNorm, or keep "
-                "BatchNorm layers in eval mode (module.eval())"
+                f"{label} is in training mode: {self.wording.method} treats its batch statistics as coupling "
+                f"the samples and refuses it; {_COUPLING_REMEDY}"
             )
         try:
             handler.validate(module)
         except UnsupportedModuleError as err:
             return f"{label}: {err}"
         return None
+
+    def _coupled_in_training(self, module: nn.Module) -> bool:
+        """Whether the method refuses ``module`` as it is: in training mode, its handler
+        coupling the samples (BatchNorm), and the method needing per-sample rows."""
+        return not self.batchnorm_training and module.training and _couples_samples(module)
 
     # -- hooks --------------------------------------------------------------------------
     def _make_hook(self, layer: Layer):
@@ -503,7 +547,7 @@ class CaptureEngine:
                 f"gramopt cannot precondition {listed}: the model uses them outside the calls of the modules that "
                 "own them (e.g. F.linear(h, tok.weight) for a tied head), and the hooks see the modules' calls only; "
                 "tie weights by sharing the parameter between modules (head.weight = tok.weight) and call the modules, "
-                "or pass unsupported='gradient' to update them with the plain gradient"
+                f"or pass {self.wording.fallback}"
             )
         for layer in self.layers:
             layer.params[:] = [q for q in layer.params if all(q is not p for p in escaped)]
@@ -957,6 +1001,17 @@ def _couples_samples(module: nn.Module) -> bool:
     return handler is not None and handler.couples_samples
 
 
+def coupled_in_training(model: nn.Module) -> list[str]:
+    """The modules of ``model`` that run in training mode now and whose handler says they
+    couple the samples there (BatchNorm: its batch statistics make every sample's output
+    depend on the whole batch), as ``"name (Type)"``."""
+    return [
+        f"{name or 'model'} ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if module.training and _couples_samples(module)
+    ]
+
+
 def _canonical_order(layer: Layer) -> Callable[[nn.Parameter], int]:
     """Sort key putting a layer's parameters in the order its module (for a proxy: the
     module it stands for) declares them (weight before bias), whatever order the
@@ -995,10 +1050,10 @@ def trainable(layer: Layer) -> list[nn.Parameter]:
     return [p for p in layer.params if p.requires_grad]
 
 
-def _refuse_batchnorm_training(module: nn.Module, args: tuple) -> None:
+def _refuse_batchnorm_training(method: str, module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a method that refuses BatchNorm in training mode (``method``: its name)."""
     if module.training and torch.is_grad_enabled():
         raise UnsupportedModuleError(
-            f"{type(module).__name__} ran in training mode under GGN: its batch statistics couple the "
-            "samples of a batch, which breaks the Gauss-Newton Jacobian rows. Use SENG or FNGD, replace "
-            "it with nn.GroupNorm / nn.LayerNorm, or keep BatchNorm layers in eval mode (module.eval())"
+            f"{type(module).__name__} ran in training mode under {method}: its batch statistics couple the "
+            f"samples of a batch, which breaks the per-sample Jacobian rows; {_COUPLING_REMEDY}"
         )

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from gramopt import distributed as dp
-from gramopt.capture.engine import CaptureEngine
+from gramopt.capture.engine import CaptureEngine, Wording
 from gramopt.capture.factors import LayerFactors
 from gramopt.errors import CaptureError, NonFiniteError
 from gramopt.linalg.dense import SolveInfo, all_finite
@@ -297,6 +297,9 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
     batch_type: ClassVar[type[Batch]] = Batch
     #: The warnings about parameters and calls (a method whose step treats them otherwise words them its way).
     notices_type: ClassVar[type[Notices]] = Notices
+    #: The method's ``unsupported`` value that keeps its uncovered parameters going, and what
+    #: then happens to them, for the capture engine's refusals (:class:`~gramopt.capture.engine.Wording`).
+    unsupported_fallback: ClassVar[str] = Wording.fallback
     loss: GaussNewtonLoss  # the loss backward(output, target) computes, set by each method
 
     def __init__(
@@ -338,6 +341,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             unsupported,
             layer_filter,
             batchnorm_training=self.needs.batchnorm_training,
+            wording=Wording(type(self).__name__, self.unsupported_fallback),
         )
         self._finalizer = weakref.finalize(self, self.engine.close)
         self._notices = self.notices_type(type(self).__name__, self._names)

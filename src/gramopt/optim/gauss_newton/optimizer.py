@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gramopt.capture.engine import coupled_in_training
 from gramopt.errors import NonFiniteError, UnsupportedModuleError
 from gramopt.linalg.dense import NumericalWarning, SolveInfo, fallbacks_reported_by_caller
 from gramopt.optim.base import MethodNeeds, SampleSpaceOptimizer, StepInfo, check_hyper, user_stacklevel
@@ -141,7 +142,8 @@ class GaussNewton(SampleSpaceOptimizer):
             ``"auto"`` (hooks, checked; functional after a mismatch). The hooks' J is
             checked against autograd (``J^T r`` must be the gradient of L) on the first
             step and every ``check_every`` steps: under ``"hooks"`` a mismatch raises,
-            under ``"auto"`` it warns once and switches to ``"functional"``.
+            under ``"auto"`` it warns once and switches to ``"functional"``. So does a
+            BatchNorm layer in training mode (below), found before the closure runs.
         momentum: SPRING's mu in [0, 1) (0: off).
         max_update_norm: None, or c > 0: delta is scaled to norm at most c.
         weight_decay: decoupled weight decay (``theta <- (1 - t wd) theta`` with the step).
@@ -160,8 +162,15 @@ class GaussNewton(SampleSpaceOptimizer):
             the damping given), its state is ``extra_state["damping_adaptation"]``.
 
     The hooks record the closure's forward passes whatever the modules' training flag (a
-    model in eval mode gets the hooks' Jacobian too; BatchNorm in training mode stays
-    refused: its batch statistics couple the points). A solve that needs a fallback
+    model in eval mode gets the hooks' Jacobian too; BatchNorm in eval mode is a fixed
+    affine map per point). BatchNorm in training mode couples the points through its batch
+    statistics, so every residual row depends on every point's call and the hooks' rows are
+    not J; the residual is still a least-squares residual whose J autograd gives exactly:
+    ``jacobian="auto"`` switches to ``"functional"`` for good (one warning naming the
+    layer), ``"hooks"`` and ``unsupported="error"`` refuse it (at construction, and at a
+    step when a layer was switched to training mode later), changing nothing. Its running
+    statistics are updated at every call of the closure in training mode, line-search
+    trials included. A solve that needs a fallback
     (jitter added to the damping, an eigen-solve, an iterative solver short of its
     tolerance) is warned about once per optimizer (a :class:`~gramopt.NumericalWarning`);
     every step's is in ``last_info.solve`` (``jitter``, ``fallback``, ``converged``).
@@ -180,8 +189,9 @@ class GaussNewton(SampleSpaceOptimizer):
     bounds the step).
     """
 
-    needs = MethodNeeds(rows="jacobian", batchnorm_training=False)
+    needs = MethodNeeds(rows="jacobian")  # (BatchNorm in training mode: the functional Jacobian, see _jacobian_mode)
     notices_type = GaussNewtonNotices
+    unsupported_fallback = "unsupported='warn' to take their Jacobian columns from autograd, exact but slower"
 
     def __init__(
         self,
@@ -223,6 +233,8 @@ class GaussNewton(SampleSpaceOptimizer):
             raise ValueError(f"check_every must be a positive int, got {check_every!r}")
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        if isinstance(model, nn.Module):  # (the base class names anything else)
+            _refuse_coupled(_coupling(model), jacobian, unsupported)
         self.solver_options = check_solver_options(solver, solver_options)
         if solver == "auto" and self.solver_options:
             raise ValueError("solver='auto' takes no solver_options (it uses cholesky); name the solver")
@@ -311,9 +323,10 @@ class GaussNewton(SampleSpaceOptimizer):
         self.engine.capture_in_eval = True
         try:
             with self._phase("jacobian"):
+                mode = self._jacobian_mode()
                 res = evaluate(closure, params[0].dtype, params[0].device)
                 shapes = self._check_shapes(res.shapes)
-                jac, mode, checked = self._jacobian(res, params, closure)
+                jac, mode, checked = self._jacobian(res, params, closure, mode)
                 r = res.flat.detach()
                 del res  # the graph
             self.engine.clear()
@@ -364,13 +377,40 @@ class GaussNewton(SampleSpaceOptimizer):
         check_same_shapes(shapes, None if saved is None else [GroupShape(*s) for s in saved])
         return shapes
 
-    def _jacobian(
-        self, res: Residuals, params: list[nn.Parameter], closure: ResidualClosure
-    ) -> tuple[Tensor, str, bool]:
-        """``(J, "hooks" | "functional", whether the hooks were checked)``; the auto
-        fallback and the check (class doc). Raises on a residual group independent of the
-        parameters."""
+    def _jacobian_mode(self) -> str:
+        """The Jacobian this step starts from, ``"hooks"`` or ``"functional"``, before the
+        closure runs: BatchNorm layers in training mode (class doc) are refused under
+        ``jacobian="hooks"`` or ``unsupported="error"``, changing nothing, and switch
+        ``"auto"`` to the functional Jacobian."""
         mode = self.extra_state["jacobian"] or "hooks"
+        if mode == "hooks":
+            why = _coupling(self.model)
+            if why is not None:
+                _refuse_coupled(why, self.jacobian, self.engine.unsupported)
+                mode = self._switch_to_functional(why)
+        return mode
+
+    def _switch_to_functional(self, why: str) -> str:
+        """The hooks cannot give J (``why``): refused under ``jacobian="hooks"`` (nothing
+        changed), else one warning; returns ``"functional"`` (kept from this step on)."""
+        if self.jacobian == "hooks":
+            raise UnsupportedModuleError(
+                f"GaussNewton(jacobian='hooks'): {why}. Pass jacobian='functional' for such residuals; "
+                "nothing was changed"
+            )
+        warnings.warn(
+            f"gramopt: GaussNewton switches to jacobian='functional' for good: {why}",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+        return "functional"
+
+    def _jacobian(
+        self, res: Residuals, params: list[nn.Parameter], closure: ResidualClosure, mode: str
+    ) -> tuple[Tensor, str, bool]:
+        """``(J, "hooks" | "functional", whether the hooks were checked)`` starting from
+        ``mode``; the auto fallback and the check (class doc). Raises on a residual group
+        independent of the parameters."""
         checked = False
         if mode == "functional":
             jac = self._functional(res, params, closure)
@@ -386,17 +426,7 @@ class GaussNewton(SampleSpaceOptimizer):
                     gradient = jac_mod.loss_gradient(self.engine, res, params)
                     why = jac_mod.gradient_mismatch(jac, res.flat, gradient)
             if why is not None:
-                if self.jacobian == "hooks":
-                    raise UnsupportedModuleError(
-                        f"GaussNewton(jacobian='hooks'): {why}. Pass jacobian='functional' for such residuals; "
-                        "nothing was changed"
-                    )
-                warnings.warn(
-                    f"gramopt: GaussNewton switches to jacobian='functional' for good: {why}",
-                    RuntimeWarning,
-                    stacklevel=user_stacklevel(),
-                )
-                mode = "functional"
+                mode = self._switch_to_functional(why)
                 jac = self._functional(res, params, closure)
         for index, ((start, end), shape) in enumerate(zip(res.group_rows(), res.shapes, strict=True)):
             if not _any_nonzero(jac[start:end]) and not _reaches(res.groups[index], params, self.engine):
@@ -576,6 +606,38 @@ def _reaches(residual: Tensor, params: list[nn.Parameter], engine: Any) -> bool:
             residual, params, grad_outputs=torch.ones_like(residual), retain_graph=True, allow_unused=True
         )
     return any(g is not None for g in grads)
+
+
+def _coupling(model: nn.Module) -> str | None:
+    """Why the hooks' rows are not J while ``model`` has layers in training mode whose
+    batch statistics couple the points (BatchNorm), or None."""
+    layers = coupled_in_training(model)
+    if not layers:
+        return None
+    return (
+        f"{', '.join(layers)} {'is' if len(layers) == 1 else 'are'} in training mode: batch statistics couple the "
+        "points, so every residual row depends on every point's call (nn.GroupNorm / nn.LayerNorm, or BatchNorm "
+        "in eval mode, keep the rows per point)"
+    )
+
+
+def _refuse_coupled(why: str | None, jacobian: str, unsupported: str) -> None:
+    """UnsupportedModuleError for BatchNorm layers in training mode (``why``: :func:`_coupling`,
+    None: there are none) under ``unsupported="error"`` or ``jacobian="hooks"``, naming
+    what takes them: the functional Jacobian."""
+    if why is None:
+        return
+    if unsupported == "error":
+        also = " and jacobian='functional'" if jacobian == "hooks" else ""
+        raise UnsupportedModuleError(
+            f"GaussNewton(unsupported='error'): {why}. Pass unsupported='warn'{also} to take the Jacobian "
+            "from autograd (exact, slower); nothing was changed"
+        )
+    if jacobian == "hooks":
+        raise UnsupportedModuleError(
+            f"GaussNewton(jacobian='hooks'): {why}. Pass jacobian='functional' (or 'auto') to take the Jacobian "
+            "from autograd (exact, slower); nothing was changed"
+        )
 
 
 def _positive_int(value: Any) -> bool:
