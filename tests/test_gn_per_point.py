@@ -14,6 +14,7 @@ import torch
 from tests.reference import gauss_newton_delta, params_vector, residual_jacobian
 from tests.test_gn_reference import small_model
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call, hessian, jacrev, vmap
 
 import gramopt
@@ -235,3 +236,28 @@ def test_rows_and_columns_of_the_row_route_are_the_reference(coefficient):
     by_columns = jac_mod.columns_by_double_vjp(flat, params)
     torch.testing.assert_close(by_rows, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(by_columns, expected, rtol=1e-10, atol=1e-12)
+
+
+class SquareOnce(torch.autograd.Function):
+    """``x^2`` whose backward cannot be differentiated again (autograd drops such a path
+    from a derivative of the backward without an error)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def test_columns_through_a_once_differentiable_backward_fall_back_to_rows():
+    scale = nn.Parameter(torch.tensor(0.8, dtype=DT))
+    x = points(9, 8)[:, 0]
+    flat = SquareOnce.apply(scale * x)
+    expected = (2 * scale.detach() * x.pow(2)).unsqueeze(1)  # d (scale x)^2 / d scale
+    assert not jac_mod._agrees_with_a_vjp(jac_mod.columns_by_double_vjp(flat, [scale]), flat, [scale])
+    torch.testing.assert_close(jac_mod.functional_columns(flat, [scale]), expected, rtol=1e-12, atol=0)

@@ -185,8 +185,28 @@ def functional_columns(flat: Tensor, params: Sequence[nn.Parameter]) -> Tensor:
     of them, else by rows (:func:`rows_by_vjp`)."""
     width = sum(p.numel() for p in params)
     if width * COLUMN_PASS_COST < flat.shape[0]:
-        return columns_by_double_vjp(flat, params)
+        try:
+            columns = columns_by_double_vjp(flat, params)
+        except RuntimeError:  # an operation without a derivative of its backward
+            pass
+        else:
+            if _agrees_with_a_vjp(columns, flat, params):
+                return columns
     return rows_by_vjp(flat, params)
+
+
+def _agrees_with_a_vjp(jac: Tensor, flat: Tensor, params: Sequence[nn.Parameter]) -> bool:
+    """Whether ``u^T jac`` is autograd's ``u^T (d flat / d params)`` for random ``u``
+    (to ``sqrt(eps)`` of the terms' size): catches columns a backward that cannot be
+    differentiated again (``once_differentiable``) left out silently."""
+    generator = torch.Generator(device=flat.device).manual_seed(0)
+    u = torch.randn(flat.shape, generator=generator, dtype=flat.dtype, device=flat.device)
+    grads = torch.autograd.grad(flat, list(params), grad_outputs=u, retain_graph=True, allow_unused=True)
+    parts = [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)]
+    expected = torch.cat(parts)
+    error = float(torch.linalg.vector_norm(u @ jac - expected))
+    scale = max(float(torch.linalg.vector_norm(u.abs() @ jac.abs())), float(torch.linalg.vector_norm(expected)))
+    return error <= mismatch_tolerance(flat.dtype) * max(scale, torch.finfo(flat.dtype).tiny)
 
 
 def rows_by_vjp(flat: Tensor, params: Sequence[nn.Parameter]) -> Tensor:
@@ -210,7 +230,8 @@ def columns_by_double_vjp(flat: Tensor, params: Sequence[nn.Parameter]) -> Tenso
     ``g(v) = J^T v`` with ``create_graph`` at ``v = 0`` (a function linear in v), then
     ``d g_j / d v = J[:, j]``, a block of columns per batched pass. Costs about one pass
     through the graph per column: for a few columns (a PDE coefficient, a layer the hooks do
-    not cover) instead of one per row."""
+    not cover) instead of one per row. RuntimeError where a backward cannot be differentiated
+    (:func:`functional_columns` checks the result besides)."""
     m = flat.shape[0]
     width = sum(p.numel() for p in params)
     out = flat.new_zeros(m, width)
@@ -218,7 +239,9 @@ def columns_by_double_vjp(flat: Tensor, params: Sequence[nn.Parameter]) -> Tenso
     grads = torch.autograd.grad(flat, list(params), grad_outputs=v, create_graph=True, allow_unused=True)
     offset = 0
     for p, g in zip(params, grads, strict=True):
-        if g is not None and g.requires_grad:  # (else d flat / d p is zero)
+        if g is not None and not g.requires_grad:
+            raise RuntimeError("a backward of the graph cannot be differentiated (it detaches its result)")
+        if g is not None:  # (None: d flat / d p is zero)
             g = g.reshape(-1)
             eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
             chunk = max(1, min(g.shape[0], ROWS_PER_PASS))

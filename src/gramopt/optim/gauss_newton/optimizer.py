@@ -122,7 +122,8 @@ class GaussNewton(SampleSpaceOptimizer):
     ``opt.step(residuals)`` calls ``residuals()`` (a tensor ``[N]`` or ``[N, k]``, or a
     list of them: the residual groups, points first) and returns ``L`` before the step as
     a detached 0-dim tensor. The closure is called once with autograd for the Jacobian
-    (twice for the functional Jacobian's per-point and jacrev routes) and once per line-search trial under
+    (once more for each of the functional Jacobian's per-point and jacrev routes that it
+    tries) and once per line-search trial under
     ``no_grad`` (a closure that fails there, e.g. one that takes derivatives with
     ``torch.autograd.grad``, is run with autograd from then on; no wrapping needed); it
     must be deterministic (the same rows at the same parameters: draw new
