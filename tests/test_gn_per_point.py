@@ -261,3 +261,29 @@ def test_columns_through_a_once_differentiable_backward_fall_back_to_rows():
     expected = (2 * scale.detach() * x.pow(2)).unsqueeze(1)  # d (scale x)^2 / d scale
     assert not jac_mod._agrees_with_a_vjp(jac_mod.columns_by_double_vjp(flat, [scale]), flat, [scale])
     torch.testing.assert_close(jac_mod.functional_columns(flat, [scale]), expected, rtol=1e-12, atol=0)
+
+
+def test_batchnorm_in_training_mode_keeps_the_per_point_route_off_until_eval_mode():
+    """Batch statistics couple the points: the route is not tried in training mode (nor
+    dropped for good); in eval mode BatchNorm is per point and the route gives the dense J
+    (BatchNorm's own parameters by columns)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 1)).to(DT)
+    x = points(8, 9)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return model(x)[:, 0] - 0.5
+
+    opt = gramopt.GaussNewton(model, jacobian="functional", line_search=None, damping=1e-3)
+    opt.step(closure)
+    assert opt.last_info.jacobian_route == "rows" and len(calls) == 2  # the step's call and jacrev's (refused)
+    model.eval()
+    expected, _ = residual_jacobian(model, closure)
+    res = evaluate(closure, DT, CPU)
+    jac, route = jac_mod.functional_jacobian(opt.engine, res, opt._params(), closure)
+    assert route == "per-point"
+    torch.testing.assert_close(jac, expected, rtol=1e-10, atol=1e-12)
+    opt.step(closure)
+    assert opt.last_info.jacobian_route == "per-point"
