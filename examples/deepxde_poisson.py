@@ -23,8 +23,9 @@ Two ways to the Jacobian (``--jacobian``):
 
 - ``functional``: DeepXDE's PDE function as written, with ``dde.grad.hessian``
   (``torch.autograd.grad`` with ``create_graph``), which gramopt's hooks cannot see through; J's
-  rows come from vector-Jacobian products through the closure's graph. Any DeepXDE problem
-  works so, but each step costs about one backward pass per residual row.
+  rows come without hooks: by per-point copies of the ``Linear`` layers' parameters where each
+  row depends on its own point (a few backward passes a step), else by vector-Jacobian products
+  through the closure's graph, one per residual row (``opt.last_info.jacobian_route`` says which).
 - ``hooks`` (the default): the same points, boundary condition and network, with the PDE's
   Laplacian taken by :func:`gramopt.pde.forward_laplacian` on an ``nn.Sequential`` view of
   DeepXDE's ``FNN`` (its own ``Linear`` modules, so the same parameters): gramopt's hooks give J

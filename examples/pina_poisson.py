@@ -18,7 +18,8 @@ the conditions' ``evaluate``, outside Lightning's loop.
 Two ways to the Jacobian (``--jacobian``):
 
 - ``functional``: PINA's equations as written (their derivatives go through
-  ``torch.autograd.grad``); J's rows by vector-Jacobian products, about one backward pass per row.
+  ``torch.autograd.grad``); J's rows by per-point copies of the ``Linear`` layers' parameters
+  where each row depends on its own point, else by vector-Jacobian products, one per row.
 - ``hooks`` (the default): the same points and network with the interior residual written on
   :func:`gramopt.pde.forward_laplacian` (``Lap u - f``, PINA's sign), the boundary residual the
   plain forward; one backward pass per residual group.

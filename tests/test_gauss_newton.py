@@ -124,37 +124,41 @@ def test_a_group_on_a_call_of_another_size_is_refused_by_the_hooks(jacobian):
 
 @pytest.mark.parametrize("closure_kind", ["autograd", "forward_laplacian"])
 def test_functional_jacobian_matches_jacrev(closure_kind):
-    """jacrev through the closure where torch.func runs it; batched vector-Jacobian products
-    through the step's graph where it does not (torch.autograd.grad inside)."""
+    """Per-point copies where each row depends on its own point (torch.autograd.grad inside
+    included); jacrev through the closure where torch.func runs it (forward_laplacian uses
+    the bias outside the layer's call, which the copies refuse); batched vector-Jacobian
+    products through the step's graph without the closure, or by route."""
     model = small_model()
     with_autograd, with_forward_laplacian = autograd_closure(model, 6)
     expected, _ = residual_jacobian(model, with_forward_laplacian)
     opt = gramopt.GaussNewton(model, jacobian="functional")
     closure = with_autograd if closure_kind == "autograd" else with_forward_laplacian
     res = evaluate(closure, DT, torch.device("cpu"))
-    jac, by_jacrev = jac_mod.functional_jacobian(opt.engine, res, opt._params(), closure)
-    assert by_jacrev == (closure_kind == "forward_laplacian")
+    jac, route = jac_mod.functional_jacobian(opt.engine, res, opt._params(), closure)
+    assert route == ("per-point" if closure_kind == "autograd" else "jacrev")
     torch.testing.assert_close(jac, expected, rtol=1e-10, atol=1e-12)
-    jac, by_jacrev = jac_mod.functional_jacobian(opt.engine, res, opt._params())
-    assert not by_jacrev
-    torch.testing.assert_close(jac, expected, rtol=1e-10, atol=1e-12)
+    for routes in [("rows",), jac_mod.FUNCTIONAL_ROUTES]:
+        jac, route = jac_mod.functional_jacobian(opt.engine, res, opt._params(), None, routes)
+        assert route == "rows"
+        torch.testing.assert_close(jac, expected, rtol=1e-10, atol=1e-12)
     assert not opt.engine.has_factors()
+    assert not any(m._forward_hooks and len(m._forward_hooks) > 1 for m in model.modules())  # the copies' hooks went
 
 
 def test_functional_jacobian_of_a_closure_that_changes_is_that_of_the_steps_rows():
     model = small_model()
-    x = torch.rand(12, 2, dtype=DT, generator=torch.Generator().manual_seed(5))
-    calls = []
+    gen = torch.Generator().manual_seed(5)
+    drawn = []
 
     def closure():  # new points at every call (as if resampled inside the closure)
-        calls.append(1)
-        return model(x[:6] if len(calls) % 2 else x[6:])[:, 0]
+        drawn.append(torch.rand(6, 2, dtype=DT, generator=gen))
+        return model(drawn[-1])[:, 0]
 
     opt = gramopt.GaussNewton(model, jacobian="functional")
     res = evaluate(closure, DT, torch.device("cpu"))
-    jac, by_jacrev = jac_mod.functional_jacobian(opt.engine, res, opt._params(), closure)
-    assert not by_jacrev
-    expected, _ = residual_jacobian(model, lambda: model(x[:6])[:, 0])  # the rows of the step's own call
+    jac, route = jac_mod.functional_jacobian(opt.engine, res, opt._params(), closure)
+    assert route == "rows" and len(drawn) == 3  # the step's call, per-point's and jacrev's (both refused)
+    expected, _ = residual_jacobian(model, lambda: model(drawn[0])[:, 0])  # the rows of the step's own call
     torch.testing.assert_close(jac, expected, rtol=1e-10, atol=1e-12)
 
 

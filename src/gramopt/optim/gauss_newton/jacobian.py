@@ -14,14 +14,22 @@ Two ways to the same matrix:
   only when residual row i depends on point i's forward call alone (what a plain forward
   or ``forward_laplacian`` gives); :func:`gradient_mismatch` checks it. Parameters that no
   hooked layer covers get their columns from autograd (below).
-- **functional** (:func:`functional_columns`): rows of J by vector-Jacobian products
-  through the closure's own graph, ``torch.autograd.grad(r, params, grad_outputs=E,
-  is_grads_batched=True)`` with E a block of rows of the identity, in blocks of at most
-  :data:`JACOBIAN_CHUNK_ELEMENTS` entries of J. Any closure, including derivatives taken
-  with ``torch.autograd.grad(create_graph=True)``. Where torch.func can run the closure,
-  ``torch.func.jacrev`` through a second call of it (:func:`jacrev_jacobian`) gives the same
-  matrix. Either way J costs M vector-Jacobian products through the whole closure: for
-  per-point residuals about M times a gradient of L, against about one for the hooks.
+- **functional** (:func:`functional_jacobian`): without hooks, for any closure, including
+  derivatives taken with ``torch.autograd.grad(create_graph=True)``; the first route that
+  applies, fastest first:
+
+  1. ``"per-point"`` (:func:`per_point_route`): another call of the closure with per-point
+     copies of the Linear layers' parameters (:mod:`.per_point`): where each row depends on
+     its own point only (checked), one backward pass per (group, column), as the hooks;
+  2. ``"jacrev"`` (:func:`jacrev_jacobian`): ``torch.func.jacrev`` through another call of
+     the closure, where torch.func can run it;
+  3. ``"rows"`` (:func:`group_columns`): J's rows by vector-Jacobian products through the
+     step's own graph, each group through its own part, ``torch.autograd.grad(r, params,
+     grad_outputs=E, is_grads_batched=True)`` with E a block of :data:`ROWS_PER_PASS` rows of
+     the identity: M products, each through a graph that grows with the points, so for
+     per-point residuals about M times a gradient of L. Where J has fewer columns than rows
+     (a PDE coefficient, a layer no route covers) its columns come by a double
+     vector-Jacobian product instead (:func:`columns_by_double_vjp`), a pass per column.
 """
 
 from __future__ import annotations
@@ -37,10 +45,17 @@ from torch.func import functional_call
 from gramopt.capture.engine import CaptureEngine
 from gramopt.capture.factors import LayerFactors
 from gramopt.errors import CaptureError
-from gramopt.optim.gauss_newton.residuals import Residuals
+from gramopt.optim.gauss_newton.per_point import NotPerPoint, per_point_copies, per_point_jacobian
+from gramopt.optim.gauss_newton.residuals import Residuals, evaluate
 
 #: A block of rows of J computed at once by the functional path holds at most this many entries.
 JACOBIAN_CHUNK_ELEMENTS = 2**22
+#: Rows (or columns) per batched vector-Jacobian product: larger blocks run slower on a CPU,
+#: their intermediate tensors (block x graph) no longer fit the caches (benchmarks/notes.md).
+ROWS_PER_PASS = 16
+#: J's columns come by :func:`columns_by_double_vjp` when fewer than the rows over this
+#: (a column's pass goes through a graph of the graph's derivative: dearer than a row's).
+COLUMN_PASS_COST = 2
 
 
 class JacobianMismatch(Exception):
@@ -115,7 +130,7 @@ def hooks_jacobian(
     rest = [p for p in params if id(p) not in covered]
     if rest:
         with engine.paused():
-            columns = functional_columns(residuals.flat, rest)
+            columns = group_columns(residuals, rest)
         offset = 0
         for p in rest:
             jac[:, starts[id(p)] : starts[id(p)] + p.numel()] = columns[:, offset : offset + p.numel()]
@@ -165,31 +180,102 @@ def parameter_blocks(factors: LayerFactors) -> list[Tensor]:
 
 
 def functional_columns(flat: Tensor, params: Sequence[nn.Parameter]) -> Tensor:
-    """``d flat / d params`` ``[M, sum numel]`` through ``flat``'s graph (kept), by batched
-    vector-Jacobian products with blocks of rows of the identity (module doc); a row at a
-    time where an operation has no batching rule."""
+    """``d flat / d params`` ``[M, sum numel]`` through ``flat``'s graph (kept): by columns
+    (:func:`columns_by_double_vjp`) when there are fewer than ``M /`` :data:`COLUMN_PASS_COST`
+    of them, else by rows (:func:`rows_by_vjp`)."""
+    width = sum(p.numel() for p in params)
+    if width * COLUMN_PASS_COST < flat.shape[0]:
+        try:
+            columns = columns_by_double_vjp(flat, params)
+        except RuntimeError:  # an operation without a derivative of its backward
+            pass
+        else:
+            if _agrees_with_a_vjp(columns, flat, params):
+                return columns
+    return rows_by_vjp(flat, params)
+
+
+def _agrees_with_a_vjp(jac: Tensor, flat: Tensor, params: Sequence[nn.Parameter]) -> bool:
+    """Whether ``u^T jac`` is autograd's ``u^T (d flat / d params)`` for random ``u``
+    (to ``sqrt(eps)`` of the terms' size): catches columns a backward that cannot be
+    differentiated again (``once_differentiable``) left out silently."""
+    generator = torch.Generator(device=flat.device).manual_seed(0)
+    u = torch.randn(flat.shape, generator=generator, dtype=flat.dtype, device=flat.device)
+    grads = torch.autograd.grad(flat, list(params), grad_outputs=u, retain_graph=True, allow_unused=True)
+    parts = [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)]
+    expected = torch.cat(parts)
+    error = float(torch.linalg.vector_norm(u @ jac - expected))
+    scale = max(float(torch.linalg.vector_norm(u.abs() @ jac.abs())), float(torch.linalg.vector_norm(expected)))
+    return error <= mismatch_tolerance(flat.dtype) * max(scale, torch.finfo(flat.dtype).tiny)
+
+
+def rows_by_vjp(flat: Tensor, params: Sequence[nn.Parameter]) -> Tensor:
+    """J's rows by batched vector-Jacobian products ``torch.autograd.grad(flat, params,
+    grad_outputs=E, is_grads_batched=True)``, E a block of :data:`ROWS_PER_PASS` rows of the
+    identity (fewer where J's block would exceed :data:`JACOBIAN_CHUNK_ELEMENTS` entries); a
+    row at a time where an operation has no batching rule."""
     m = flat.shape[0]
     width = sum(p.numel() for p in params)
     out = flat.new_zeros(m, width)
-    chunk = max(1, min(m, JACOBIAN_CHUNK_ELEMENTS // max(1, width)))
+    chunk = max(1, min(m, ROWS_PER_PASS, JACOBIAN_CHUNK_ELEMENTS // max(1, width)))
     eye = torch.eye(m, dtype=flat.dtype, device=flat.device)
     for i0 in range(0, m, chunk):
         i1 = min(m, i0 + chunk)
-        try:
-            grads = torch.autograd.grad(
-                flat, list(params), grad_outputs=eye[i0:i1], is_grads_batched=True, retain_graph=True, allow_unused=True
-            )
-        except RuntimeError:  # an operation without a batching rule: one row at a time
-            grads = _row_by_row(flat, params, eye[i0:i1])
-        offset = 0
-        for p, g in zip(params, grads, strict=True):
-            if g is not None:
-                out[i0:i1, offset : offset + p.numel()] = g.reshape(i1 - i0, -1)
-            offset += p.numel()
+        _write_block(out[i0:i1], params, _batched_grad(flat, list(params), eye[i0:i1]))
     return out
 
 
-def _row_by_row(flat: Tensor, params: Sequence[nn.Parameter], rows: Tensor) -> list[Tensor | None]:
+def columns_by_double_vjp(flat: Tensor, params: Sequence[nn.Parameter]) -> Tensor:
+    """J's columns through ``flat``'s graph by the double-vector-Jacobian-product trick:
+    ``g(v) = J^T v`` with ``create_graph`` at ``v = 0`` (a function linear in v), then
+    ``d g_j / d v = J[:, j]``, a block of columns per batched pass. Costs about one pass
+    through the graph per column: for a few columns (a PDE coefficient, a layer the hooks do
+    not cover) instead of one per row. RuntimeError where a backward cannot be differentiated
+    (:func:`functional_columns` checks the result besides)."""
+    m = flat.shape[0]
+    width = sum(p.numel() for p in params)
+    out = flat.new_zeros(m, width)
+    v = torch.zeros_like(flat, requires_grad=True)
+    grads = torch.autograd.grad(flat, list(params), grad_outputs=v, create_graph=True, allow_unused=True)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        if g is not None and not g.requires_grad:
+            raise RuntimeError("a backward of the graph cannot be differentiated (it detaches its result)")
+        if g is not None:  # (None: d flat / d p is zero)
+            g = g.reshape(-1)
+            eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+            chunk = max(1, min(g.shape[0], ROWS_PER_PASS))
+            for j0 in range(0, g.shape[0], chunk):
+                j1 = min(g.shape[0], j0 + chunk)
+                (columns,) = _batched_grad(g, [v], eye[j0:j1])
+                if columns is not None:
+                    out[:, offset + j0 : offset + j1] = columns.T
+        offset += p.numel()
+    return out
+
+
+def _batched_grad(output: Tensor, inputs: list[Tensor], rows: Tensor) -> list[Tensor | None]:
+    """``[d (rows @ output) / d input]`` for each row of ``rows`` (stacked first), the graph kept."""
+    try:
+        return list(
+            torch.autograd.grad(
+                output, inputs, grad_outputs=rows, is_grads_batched=True, retain_graph=True, allow_unused=True
+            )
+        )
+    except RuntimeError:  # an operation without a batching rule: one row at a time
+        return _row_by_row(output, inputs, rows)
+
+
+def _write_block(block: Tensor, params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) -> None:
+    """Write per-parameter gradients ``[rows, *shape]`` (None: zero) into ``block [rows, sum numel]``."""
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        if g is not None:
+            block[:, offset : offset + p.numel()] = g.reshape(block.shape[0], -1)
+        offset += p.numel()
+
+
+def _row_by_row(flat: Tensor, params: Sequence[Tensor], rows: Tensor) -> list[Tensor | None]:
     per_row = [
         torch.autograd.grad(flat, list(params), grad_outputs=row, retain_graph=True, allow_unused=True) for row in rows
     ]
@@ -201,6 +287,12 @@ def _row_by_row(flat: Tensor, params: Sequence[nn.Parameter], rows: Tensor) -> l
         else:
             out.append(torch.stack([torch.zeros_like(p) if g is None else g for g in parts]))
     return out
+
+
+def group_columns(residuals: Residuals, params: Sequence[nn.Parameter]) -> Tensor:
+    """:func:`functional_columns` of each residual group through its own part of the graph
+    (rows of one group do not run through the others' operations), stacked: ``[M, sum numel]``."""
+    return torch.cat([functional_columns(r.reshape(-1), params) for r in residuals.groups])
 
 
 class _ClosureModule(nn.Module):
@@ -239,28 +331,74 @@ def jacrev_jacobian(
     return torch.cat([jac[name].reshape(r.shape[0], -1) for name in theta], dim=1), r
 
 
+#: The functional routes, fastest first (module doc); "rows" always applies.
+FUNCTIONAL_ROUTES = ("per-point", "jacrev", "rows")
+
+
 def functional_jacobian(
     engine: CaptureEngine,
     residuals: Residuals,
     params: Sequence[nn.Parameter],
     closure: Callable[[], Any] | None = None,
-) -> tuple[Tensor, bool]:
-    """``(J [M, p], whether jacrev gave it)``, hooks paused: :func:`jacrev_jacobian` when
-    ``closure`` is given and torch.func can run it (much faster than batched
-    vector-Jacobian products through a graph of derivatives), else every column by
-    :func:`functional_columns` through the step's own graph."""
+    routes: Sequence[str] = FUNCTIONAL_ROUTES,
+    check: bool = True,
+) -> tuple[Tensor, str]:
+    """``(J [M, p], the route that gave it)``, hooks paused: the first of ``routes`` that
+    applies (``"rows"`` always does; the others need ``closure``, which they call again and
+    whose rows must be the step's): ``"per-point"`` (:func:`per_point_route`; ``check``: with
+    its random pass), ``"jacrev"`` (:func:`jacrev_jacobian`, where torch.func can run the
+    closure), ``"rows"`` (every row by :func:`functional_columns` through the step's own graph)."""
     with engine.paused():
-        if closure is not None:
+        if closure is not None and "per-point" in routes:
+            try:
+                return per_point_route(engine.model, closure, residuals, params, check), "per-point"
+            except NotPerPoint:
+                pass
+            finally:
+                engine.clear()
+        if closure is not None and "jacrev" in routes:
             try:
                 jac, r = jacrev_jacobian(engine.model, closure, params)
             except RuntimeError:
                 pass
             else:  # (a closure that is not deterministic: J of the step's own rows below)
                 if r.shape == residuals.flat.shape and same_rows(r, residuals.flat.detach()):
-                    return jac, True
+                    return jac, "jacrev"
             finally:
                 engine.clear()  # (the forward hooks record under torch.func too)
-        return functional_columns(residuals.flat, params), False
+        return group_columns(residuals, params), "rows"
+
+
+def per_point_route(
+    model: nn.Module,
+    closure: Callable[[], Any],
+    residuals: Residuals,
+    params: Sequence[nn.Parameter],
+    check: bool = True,
+) -> Tensor:
+    """J ``[M, p]`` by per-point copies of the Linear layers' parameters through another call
+    of the closure (:mod:`.per_point`, checked there when ``check``); the columns of parameters that no Linear
+    call covers by :func:`functional_columns` through the step's own graph. Raises
+    :class:`~.per_point.NotPerPoint` where the route does not apply (the reason in the message),
+    also for a closure whose rows differ from the step's."""
+    with per_point_copies(model, params) as record:
+        try:
+            again = evaluate(closure, residuals.flat.dtype, residuals.flat.device)
+        except (RuntimeError, ValueError) as error:
+            raise NotPerPoint(f"the closure failed with per-point copies: {error}") from error
+    if again.shapes != residuals.shapes or not same_rows(again.flat.detach(), residuals.flat.detach()):
+        raise NotPerPoint("the closure's rows differ from the step's (a closure that is not deterministic)")
+    starts = column_starts(params)
+    jac, covered = per_point_jacobian(record, again, params, starts, check)
+    del again  # (its graph)
+    rest = [p for p in params if id(p) not in covered]
+    if rest:
+        columns = group_columns(residuals, rest)
+        offset = 0
+        for p in rest:
+            jac[:, starts[id(p)] : starts[id(p)] + p.numel()] = columns[:, offset : offset + p.numel()]
+            offset += p.numel()
+    return jac
 
 
 def same_rows(first: Tensor, second: Tensor) -> bool:

@@ -65,12 +65,16 @@ class GaussNewtonStepInfo(StepInfo):
         space: ``"sample"`` or ``"parameter"``.
         solver: the solver used.
         jacobian: ``"hooks"`` or ``"functional"``.
+        jacobian_route: how the functional J was taken: ``"per-point"`` (per-point copies of
+            the Linear layers' parameters, one backward pass per residual column), ``"jacrev"``
+            or ``"rows"`` (one vector-Jacobian product per row: slow); ``""`` for the hooks.
         rows: M, the residual rows.
         damping: the damping of the system.
         trials: L at each line-search trial, in the order tried. Trials that all equal
             ``loss`` to many digits mean the direction changes nothing any more (see
             :class:`GaussNewton`, "A grid step that raises L").
-        checked: whether the hooks' Jacobian was checked against autograd this step.
+        checked: whether this step's Jacobian was checked: the hooks' against autograd's
+            gradient of L, the functional per-point route's by its random pass.
         ratio: the adaptive damping's reduction ratio rho (None: not checked this step).
         rejected: whether the adaptive damping refused the step (it raised L; no step taken).
     """
@@ -80,6 +84,7 @@ class GaussNewtonStepInfo(StepInfo):
     space: str = ""
     solver: str = ""
     jacobian: str = ""
+    jacobian_route: str = ""
     rows: int = 0
     damping: float = 0.0
     trials: list[float] = field(default_factory=list)
@@ -117,7 +122,8 @@ class GaussNewton(SampleSpaceOptimizer):
     ``opt.step(residuals)`` calls ``residuals()`` (a tensor ``[N]`` or ``[N, k]``, or a
     list of them: the residual groups, points first) and returns ``L`` before the step as
     a detached 0-dim tensor. The closure is called once with autograd for the Jacobian
-    (twice for the functional Jacobian by jacrev) and once per line-search trial under
+    (once more for each of the functional Jacobian's per-point and jacrev routes that it
+    tries) and once per line-search trial under
     ``no_grad`` (a closure that fails there, e.g. one that takes derivatives with
     ``torch.autograd.grad``, is run with autograd from then on; no wrapping needed); it
     must be deterministic (the same rows at the same parameters: draw new
@@ -136,9 +142,11 @@ class GaussNewton(SampleSpaceOptimizer):
             ``"nystrom-pcg"`` (GGN's solvers, options in ``solver_options``).
         jacobian: ``"hooks"`` (the capture engine's per-point rows: residuals built from
             the model's own modules, a plain forward or :func:`gramopt.pde.forward_laplacian`),
-            ``"functional"`` (``torch.func.jacrev`` through the closure, or autograd's
-            vector-Jacobian products through its graph: any residual, e.g. derivatives taken
-            with ``torch.autograd.grad``; it costs about M gradients of L a step), or
+            ``"functional"`` (any residual, e.g. derivatives taken with ``torch.autograd.grad``:
+            per-point copies of the Linear layers' parameters where each row depends on its own
+            point, a few gradients of L a step, checked like the hooks; else ``torch.func.jacrev``
+            through the closure or autograd's vector-Jacobian products through its graph, about
+            M gradients of L a step; ``last_info.jacobian_route`` says which), or
             ``"auto"`` (hooks, checked; functional after a mismatch). The hooks' J is
             checked against autograd (``J^T r`` must be the gradient of L) on the first
             step and every ``check_every`` steps: under ``"hooks"`` a mismatch raises,
@@ -151,7 +159,7 @@ class GaussNewton(SampleSpaceOptimizer):
             ones); every group must have the same damping and momentum.
         unsupported: ``"warn"``: parameters no hooked layer covers get their columns
             from autograd, with one warning; ``"error"``: refuse them.
-        check_every: steps between checks of the hooks' Jacobian.
+        check_every: steps between checks of the hooks' (and the per-point route's) Jacobian.
         space: ``"auto"`` (sample space when M <= p), ``"sample"`` or ``"parameter"``.
         solver_options: keyword options of the solver (tol, max_iter, rank, seed, ...).
         damping_adaptation: None (fixed damping), or with ``line_search=None`` GGN's
@@ -257,7 +265,9 @@ class GaussNewton(SampleSpaceOptimizer):
         if damping_adaptation is not None:
             self.extra_state["damping_adaptation"] = damping_adaptation.initial_state(damping)
         self._warned_precision = False
-        self._jacrev_works = True  # torch.func can run the closure (until it fails once)
+        self._functional_routes = jac_mod.FUNCTIONAL_ROUTES  # those still worth trying (a failed one is not)
+        self._route = ""  # the functional route of this step's J ("": the hooks')
+        self._per_point_checked = False  # the per-point route passed its check once
         self._trials_need_graph = False  # the closure fails under no_grad (it differentiates itself)
         self._warned_fallback = False  # the solve's first fallback (jitter, eigen-solve) was warned about
         self._warn_precision()
@@ -317,6 +327,7 @@ class GaussNewton(SampleSpaceOptimizer):
         params = self._params()
         self._seconds = {}
         self.engine.clear()  # (captures of passes outside the step, e.g. torch.func on the model, are not its)
+        self._route = ""
         # The step runs the closure's forward passes itself: the hooks record them whatever the
         # modules' training flag (no batch statistics to protect: BatchNorm in training mode stays
         # refused, in eval mode its rows are per point); passes outside the step stay unrecorded.
@@ -363,6 +374,7 @@ class GaussNewton(SampleSpaceOptimizer):
             space=space,
             solver=solver,
             jacobian=mode,
+            jacobian_route=self._route,
             rows=r.shape[0],
             damping=damping,
             trials=trials,
@@ -408,12 +420,12 @@ class GaussNewton(SampleSpaceOptimizer):
     def _jacobian(
         self, res: Residuals, params: list[nn.Parameter], closure: ResidualClosure, mode: str
     ) -> tuple[Tensor, str, bool]:
-        """``(J, "hooks" | "functional", whether the hooks were checked)`` starting from
+        """``(J, "hooks" | "functional", whether J was checked)`` starting from
         ``mode``; the auto fallback and the check (class doc). Raises on a residual group
         independent of the parameters."""
         checked = False
         if mode == "functional":
-            jac = self._functional(res, params, closure)
+            jac, checked = self._functional(res, params, closure)
         else:
             checked = self.steps_taken % self.check_every == 0
             why = None
@@ -427,7 +439,7 @@ class GaussNewton(SampleSpaceOptimizer):
                     why = jac_mod.gradient_mismatch(jac, res.flat, gradient)
             if why is not None:
                 mode = self._switch_to_functional(why)
-                jac = self._functional(res, params, closure)
+                jac, _ = self._functional(res, params, closure)
         for index, ((start, end), shape) in enumerate(zip(res.group_rows(), res.shapes, strict=True)):
             if not _any_nonzero(jac[start:end]) and not _reaches(res.groups[index], params, self.engine):
                 raise ValueError(
@@ -436,14 +448,24 @@ class GaussNewton(SampleSpaceOptimizer):
                 )
         return jac, mode, checked
 
-    def _functional(self, res: Residuals, params: list[nn.Parameter], closure: ResidualClosure) -> Tensor:
-        """The functional J: by jacrev until the closure turns out to need autograd (then
-        batched vector-Jacobian products through its graph, for good)."""
-        jac, by_jacrev = jac_mod.functional_jacobian(
-            self.engine, res, params, closure if self._jacrev_works else None
-        )
-        self._jacrev_works = by_jacrev
-        return jac
+    def _functional(self, res: Residuals, params: list[nn.Parameter], closure: ResidualClosure) -> tuple[Tensor, bool]:
+        """``(J, whether it was checked)``: the functional J by the fastest route that applies
+        (:func:`.jacobian.functional_jacobian`); the routes tried before it are not tried again
+        (they failed for this closure). The per-point route is checked on its first step and
+        every ``check_every`` steps, as the hooks are, and not tried while BatchNorm layers are
+        in training mode (their batch statistics couple the points: a model switched to
+        training mode between checks must not reach it)."""
+        routes = self._functional_routes
+        if _coupling(self.model) is not None:
+            routes = tuple(r for r in routes if r != "per-point")
+        check = not self._per_point_checked or self.steps_taken % self.check_every == 0
+        jac, route = jac_mod.functional_jacobian(self.engine, res, params, closure, routes, check)
+        failed = routes[: routes.index(route)]
+        self._functional_routes = tuple(r for r in self._functional_routes if r not in failed)
+        self._route = route
+        checked = route == "per-point" and check
+        self._per_point_checked = self._per_point_checked or checked
+        return jac, checked
 
     def _direction(self, jac: Tensor, r: Tensor, damping: float, mu: float) -> tuple[Tensor, str, str, Any]:
         """``(delta [p], space, solver, SolveInfo)``: step 2 and 3 of the module doc."""
