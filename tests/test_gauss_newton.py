@@ -360,19 +360,27 @@ def test_the_check_runs_on_the_first_step_and_every_check_every_steps():
 
 # -- parameters no hooked layer covers -----------------------------------------------------------
 class Scaled(nn.Module):
-    """A Linear stack whose output a bare parameter scales (no handler covers it)."""
+    """A Linear stack whose output a bare parameter of ``size`` entries scales (by their mean;
+    no handler covers it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int = 1) -> None:
         super().__init__()
         self.body = small_model(1, width=5)
-        self.scale = nn.Parameter(torch.tensor([1.5], dtype=DT))
+        self.scale = nn.Parameter(torch.full((size,), 1.5, dtype=DT))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x) * self.scale
+        return self.body(x) * self.scale.mean()
 
 
-def test_uncovered_parameters_get_exact_columns():
-    model = Scaled()
+@pytest.mark.parametrize("size", [1, 40])
+def test_uncovered_parameters_get_exact_columns_and_a_warning_where_they_cost(size):
+    """A few entries outside every hooked layer (a PDE coefficient) pass quietly; more than
+    QUIET_AUTOGRAD_ENTRIES are named in a warning. Either way their columns are exact."""
+    import warnings
+
+    from gramopt.optim.gauss_newton.optimizer import QUIET_AUTOGRAD_ENTRIES
+
+    model = Scaled(size)
     x = torch.rand(9, 2, dtype=DT, generator=torch.Generator().manual_seed(4))
 
     def closure():
@@ -380,13 +388,26 @@ def test_uncovered_parameters_get_exact_columns():
 
     delta, _ = dense_step(model, closure, lr=1.0, damping=1e-3)
     before = params_vector(model)
-    with pytest.warns(RuntimeWarning, match="scale"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         opt = gramopt.GaussNewton(model, damping=1e-3, line_search=None, jacobian="hooks")
+    named = [w for w in caught if "scale" in str(w.message)]
+    assert len(named) == (1 if size > QUIET_AUTOGRAD_ENTRIES else 0), [str(w.message) for w in caught]
     opt.step(closure)
     assert opt.last_info.jacobian == "hooks" and opt.last_info.checked
     torch.testing.assert_close(params_vector(model) - before, delta, rtol=1e-9, atol=1e-12)
     with pytest.raises(gramopt.UnsupportedModuleError, match="scale"):
-        gramopt.GaussNewton(Scaled(), unsupported="error")
+        gramopt.GaussNewton(Scaled(size), unsupported="error")
+    with warnings.catch_warnings():  # every column comes from autograd there: nothing to say
+        warnings.simplefilter("error")
+        gramopt.GaussNewton(Scaled(size), jacobian="functional")
+
+
+def test_a_parameter_outside_the_model_is_refused_saying_how_to_register_it():
+    model = small_model(1, width=5)
+    kappa = nn.Parameter(torch.tensor(0.5, dtype=DT))
+    with pytest.raises(ValueError, match=r"must belong to the model.*register it on a module"):
+        gramopt.GaussNewton(model, params=[*model.parameters(), kappa])
 
 
 # -- momentum, the Armijo search, max_update_norm ----------------------------------------------------

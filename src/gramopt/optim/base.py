@@ -295,8 +295,6 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
     needs: ClassVar[MethodNeeds] = MethodNeeds()
     #: The record the method's hooks receive: :class:`Batch` or a subclass.
     batch_type: ClassVar[type[Batch]] = Batch
-    #: The warnings about parameters and calls (a method whose step treats them otherwise words them its way).
-    notices_type: ClassVar[type[Notices]] = Notices
     #: The method's ``unsupported`` value that keeps its uncovered parameters going, and what
     #: then happens to them, for the capture engine's refusals (:class:`~gramopt.capture.engine.Wording`).
     unsupported_fallback: ClassVar[str] = Wording.fallback
@@ -344,7 +342,7 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
             wording=Wording(type(self).__name__, self.unsupported_fallback),
         )
         self._finalizer = weakref.finalize(self, self.engine.close)
-        self._notices = self.notices_type(type(self).__name__, self._names)
+        self._notices = self.new_notices()
         self.engine.on_escaped = self._notices.escaped_parameters
         # Until the first step succeeds, the backward of a method whose step ignores .grad of
         # its layers fills that .grad too (_probe_params), so that a change to it is reported.
@@ -374,6 +372,12 @@ class SampleSpaceOptimizer(torch.optim.Optimizer):
                 wrapper.require_backward_grad_sync = False  # the optimizer communicates itself
 
     # -- the method's hooks ----------------------------------------------------------------
+    def new_notices(self) -> Notices:
+        """The warnings about parameters and calls, made once at construction (after the
+        method's own settings): a method whose step treats them otherwise returns a
+        :class:`~gramopt.optim.notices.Notices` subclass that words them its way."""
+        return Notices(type(self).__name__, self._names)
+
     def row_directions(self, output: Tensor, target: Tensor, batch: Batch) -> list[Tensor]:
         """``rows="jacobian"``: the ``grad_outputs`` of this micro-batch's backward passes,
         one per captured row, each shaped like ``output`` (the captured rows of sample i
@@ -900,7 +904,12 @@ def _check_params(names: dict[int, str], params: list[Tensor]) -> None:
     kinds: dict[tuple[torch.dtype, torch.device], str] = {}
     for p in params:
         if id(p) not in names:
-            raise ValueError("every parameter given to the optimizer must belong to the model")
+            raise ValueError(
+                f"every parameter given to the optimizer must belong to the model: a parameter of shape "
+                f"{tuple(p.shape)} is not among model.parameters(); register it on a module of the model "
+                "(model.log_kappa = nn.Parameter(...)), or wrap the network and it in one nn.Module, and pass "
+                "that module as the model"
+            )
         name = names[id(p)]
         if p.is_complex():
             raise ValueError(f"complex parameters are not supported ({name} is {p.dtype})")

@@ -93,13 +93,27 @@ class GaussNewtonStepInfo(StepInfo):
     rejected: bool = False
 
 
+#: Entries (all such parameters together) up to which the Jacobian columns of parameters that no
+#: hooked layer covers come from autograd without a warning: a PDE coefficient's column costs a
+#: couple of backward passes (:func:`.jacobian.functional_columns`), a small share of a step.
+QUIET_AUTOGRAD_ENTRIES = 32
+
+
 class GaussNewtonNotices(Notices):
-    """The parameters no hooked layer covers get exact Jacobian columns from autograd
-    (slower), not the plain gradient: say so."""
+    """The parameters no hooked layer covers get exact Jacobian columns from autograd, not
+    the plain gradient: said in a warning where they cost (more than
+    :data:`QUIET_AUTOGRAD_ENTRIES` entries) and the hooks serve the rest (not under
+    ``jacobian="functional"``, which takes every column from autograd)."""
+
+    def __init__(self, owner: str, names: dict[int, str], *, functional: bool = False) -> None:
+        super().__init__(owner, names)
+        self.functional = functional
 
     def uncovered(self, engine: Any, names: Sequence[str], tied: Sequence[str], has_params: bool) -> None:
         names = [*names, *tied]
-        if names:
+        sizes = {name: p.numel() for name, p in engine.model.named_parameters()}
+        entries = sum(sizes.get(name, QUIET_AUTOGRAD_ENTRIES + 1) for name in names)
+        if names and not self.functional and entries > QUIET_AUTOGRAD_ENTRIES:
             warnings.warn(
                 f"gramopt: {self.owner}'s hooks cover no layer of these parameters; their Jacobian columns come "
                 f"from autograd (exact, slower): {'; '.join(names)} (pass unsupported='error' to refuse them)",
@@ -198,7 +212,6 @@ class GaussNewton(SampleSpaceOptimizer):
     """
 
     needs = MethodNeeds(rows="jacobian")  # (BatchNorm in training mode: the functional Jacobian, see _jacobian_mode)
-    notices_type = GaussNewtonNotices
     unsupported_fallback = "unsupported='warn' to take their Jacobian columns from autograd, exact but slower"
 
     def __init__(
@@ -271,6 +284,9 @@ class GaussNewton(SampleSpaceOptimizer):
         self._trials_need_graph = False  # the closure fails under no_grad (it differentiates itself)
         self._warned_fallback = False  # the solve's first fallback (jitter, eigen-solve) was warned about
         self._warn_precision()
+
+    def new_notices(self) -> GaussNewtonNotices:
+        return GaussNewtonNotices(type(self).__name__, self._names, functional=self.jacobian == "functional")
 
     # -- hyper-parameters ------------------------------------------------------------------
     def validate_group(self, group: dict[str, Any]) -> None:
