@@ -220,7 +220,7 @@ COMMITTED = (
     "teacher", "diabetes", "digits", "mnist", "recall", "recall-ggn-sgd", "charlm", "charlm-ggn-sgd",
     "fashion-mnist-ggn-sgd", "fashion-mnist-fngd-adamw", "fashion-mnist-seng-soap",
     "fashion-mnist-muon-ikfac-singd-shampoo-muonpo", "fashion-resnet-fngd-seng", "fashion-resnet-sgd-adamw-soap",
-    "fashion-resnet-muon-ikfac-singd", "fashion-resnet-shampoo-muonpo-ggn",
+    "fashion-resnet-muon-ikfac-singd", "fashion-resnet-shampoo-muonpo-ggn", "poisson2d", "heat",
 )
 
 #: The pages whose marked tables and figures ``--update`` regenerates by default, relative
