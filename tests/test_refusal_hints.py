@@ -88,7 +88,8 @@ def test_a_module_without_handler_refused_names_the_methods_own_fallback(method)
     """``unsupported="error"`` and a module without a handler: the hint names the method's
     own value that would take it (``"gradient"`` / GaussNewton's ``"warn"``), and that value
     does take it."""
-    model = nn.Sequential(nn.Linear(3, 3), Scale(3), nn.Linear(3, 2)).double()
+    # 40 entries: above GaussNewton's QUIET_AUTOGRAD_ENTRIES, so its fallback warns as the others' do
+    model = nn.Sequential(nn.Linear(3, 40), Scale(40), nn.Linear(40, 2)).double()
     before = snapshot(model)
     with pytest.raises(gramopt.UnsupportedModuleError, match=r"1\.s: 1 \(Scale\) has no gramopt handler") as refused:
         method(model, unsupported="error")
