@@ -75,11 +75,21 @@ def test_every_python_block_of_a_page_runs(page, tmp_path):
     # A page's blocks build on each other: they run in order, as one script.
     script = tmp_path / "page.py"
     script.write_text("\n\n".join(PYTHON_BLOCK.findall(page.read_text())))
-    done = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=240,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"},
-    )
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"},
+        )
+        if done.returncode == 0 or GLOO_TEARDOWN not in done.stderr:
+            break
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+#: A gloo worker process that sometimes aborts while its process group is torn down, after
+#: the guide's work is done (torch 2.13, one process in about five on this machine; the guide
+#: closes the optimizer, drops what uses the group and meets at a barrier first): such a run
+#: is repeated, up to three in all; any other failure fails at once.
+GLOO_TEARDOWN = "terminate called without an active exception"
 
 
 # -- results quoted from the committed comparison ------------------------------------------
