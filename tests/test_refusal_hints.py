@@ -11,23 +11,13 @@ import warnings
 
 import pytest
 import torch
+from tests.test_bad_inputs import Scale  # a trainable module without a gramopt handler
 from torch import nn
 
 import gramopt
 
 SAMPLE_SPACE = [gramopt.GGN, gramopt.SENG, gramopt.FNGD]
 FALLBACK = {gramopt.GGN: "gradient", gramopt.SENG: "gradient", gramopt.FNGD: "gradient", gramopt.GaussNewton: "warn"}
-
-
-class Scale(nn.Module):
-    """A trainable module without a gramopt handler."""
-
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.s = nn.Parameter(torch.ones(k))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.s
 
 
 class ReusedWeight(nn.Module):
